@@ -1,0 +1,132 @@
+"""``python -m gateway [serve|up|check-config|token]``: the one place that reads the environment."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .app import create_app
+from .devauth import mint_token
+from .logs import configure_logging
+from .server import Listener, run, run_workers, serve
+from .settings import Settings, SettingsError, load_settings
+
+log = logging.getLogger("gateway")
+
+
+def _settings(environ: dict[str, str] | None = None) -> Settings:
+    try:
+        return load_settings(environ)
+    except SettingsError as exc:
+        print(f"gateway: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _warn_about(settings: Settings) -> None:
+    if not settings.auth.enabled:
+        log.warning("AUTH_ENABLED=false: requests are NOT authenticated")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings()
+    configure_logging(settings.log_level, settings.log_format)
+    _warn_about(settings)
+
+    def worker() -> None:
+        configure_logging(settings.log_level, settings.log_format)
+        app = create_app(settings)
+        run(
+            serve(
+                [Listener(app, settings.host, settings.port, "gateway")],
+                shutdown_timeout=settings.shutdown_timeout,
+                reuse_port=settings.workers > 1,
+            )
+        )
+
+    if settings.workers == 1:
+        worker()
+        return 0
+    log.info("starting workers", extra={"workers": settings.workers})
+    return run_workers(settings.workers, worker)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from .up import run_up
+
+    return run_up(_settings())
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    environ = dict(os.environ)
+    if args.file:
+        environ["GATEWAY_CONFIG"] = args.file
+    settings = _settings(environ)
+    source = settings.config_file or "built-in default table"
+    print(f"configuration OK ({source})\n")
+    print("services:")
+    for service in settings.services.values():
+        t = service.timeout
+        print(
+            f"  {service.name:<26} {', '.join(service.urls)}  (health {service.health_path}, connect {t.connect:g}s, read {t.read:g}s)"
+        )
+    print("\nroutes (longest prefix wins):")
+    header = f"  {'prefix':<22} {'service':<26} {'max_body':>9} {'rate_limit':>12} {'auth':<9} {'scopes':<16} strip"
+    print(header)
+    for route in sorted(settings.routes, key=lambda r: r.prefix):
+        max_body = "unlimited" if route.max_body is None else _human(route.max_body)
+        rate = str(route.rate_limit) if route.rate_limit else f"{settings.rate_limit_default} (default)"
+        print(
+            f"  {route.prefix:<22} {route.service:<26} {max_body:>9} {rate:>12} {route.auth:<9} "
+            f"{','.join(route.scopes) or '-':<16} {'yes' if route.strip_prefix else 'no'}"
+        )
+    return 0
+
+
+def _human(size: int) -> str:
+    for unit, factor in (("GB", 1024**3), ("MB", 1024**2), ("KB", 1024)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return f"{size}B"
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    settings = _settings()
+    if args.ttl <= 0:
+        print("gateway: --ttl must be a positive number of seconds", file=sys.stderr)
+        return 2
+    scopes = [s for value in args.scope for s in value.replace(",", " ").split()]
+    print(mint_token(settings, subject=args.sub, scopes=scopes, ttl=args.ttl))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gateway", description="The platform's API gateway.")
+    parser.add_argument("--version", action="version", version=f"gateway {__version__}")
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("serve", help="serve the gateway (the default)")
+    commands.add_parser("up", help="gateway + intelligence app + database in one process, for trying it out")
+    check = commands.add_parser("check-config", help="validate the config file and print the route table")
+    check.add_argument("file", nargs="?", help="YAML config file (default: $GATEWAY_CONFIG)")
+    token = commands.add_parser("token", help="mint a signed development token (HS256)")
+    token.add_argument("--sub", required=True, help="the token's subject (user id)")
+    token.add_argument(
+        "--scope", action="append", default=[], help="a granted scope; repeat or space-separate"
+    )
+    token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
+    args = parser.parse_args(argv)
+    handlers = {
+        "serve": cmd_serve,
+        None: cmd_serve,
+        "up": cmd_up,
+        "check-config": cmd_check_config,
+        "token": cmd_token,
+    }
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

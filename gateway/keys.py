@@ -1,0 +1,32 @@
+"""Typed keys for state kept on the application and on each request, gathered in one place."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import web
+
+if TYPE_CHECKING:
+    pass
+
+settings_key = web.AppKey("settings", "Settings")
+route_table_key = web.AppKey("route_table", "RouteTable")
+upstreams_key = web.AppKey("upstreams", "dict[str, Upstream]")
+http_client_key = web.AppKey("http_client", aiohttp.ClientSession)
+lifecycle_key = web.AppKey("lifecycle", "Lifecycle")
+
+route_key = web.RequestKey("route", "Route | None")
+target_key = web.RequestKey("target", "Target")
+request_id_key = web.RequestKey("request_id", str)
+
+__all__ = [
+    "http_client_key",
+    "lifecycle_key",
+    "request_id_key",
+    "route_key",
+    "route_table_key",
+    "settings_key",
+    "target_key",
+    "upstreams_key",
+]

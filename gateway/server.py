@@ -1,0 +1,141 @@
+"""Running apps: event loop, listening sockets, signals, graceful drain, worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from .keys import lifecycle_key
+from .logs import JsonAccessLogger
+
+__all__ = ["Listener", "run", "run_workers", "serve"]
+
+log = logging.getLogger("gateway.server")
+
+
+@dataclass(frozen=True)
+class Listener:
+    app: web.Application
+    host: str
+    port: int
+    name: str
+
+
+def run(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` on uvloop when it is installed, on asyncio's loop otherwise."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        loop_factory = None
+    else:
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(main)
+
+
+async def serve(
+    listeners: Sequence[Listener],
+    *,
+    shutdown_timeout: float,
+    reuse_port: bool = False,
+    on_started: Callable[[Sequence[tuple[Listener, int]]], None] | None = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT, then drain.
+
+    Draining: readiness turns 503, listening sockets close, in-flight requests get up to
+    ``shutdown_timeout`` seconds to finish, then connections are closed and resources released.
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    runners: list[web.AppRunner] = []
+    bound: list[tuple[Listener, int]] = []
+    try:
+        for listener in listeners:
+            runner = web.AppRunner(
+                listener.app,
+                handle_signals=False,
+                access_log_class=JsonAccessLogger,
+                access_log=logging.getLogger(f"{listener.name}.access"),
+                handler_cancellation=True,
+                shutdown_timeout=shutdown_timeout,
+            )
+            await runner.setup()
+            runners.append(runner)
+            site = web.TCPSite(runner, listener.host, listener.port, reuse_port=reuse_port, backlog=1024)
+            await site.start()
+            server = site._server
+            port = server.sockets[0].getsockname()[1] if server and server.sockets else listener.port
+            bound.append((listener, port))
+            log.info("listening", extra={"app": listener.name, "host": listener.host, "port": port})
+        if on_started is not None:
+            on_started(bound)
+        await stop.wait()
+        log.info("draining", extra={"timeout_s": shutdown_timeout})
+    finally:
+        for listener in listeners:
+            if lifecycle_key in listener.app:
+                listener.app[lifecycle_key].draining = True
+        for runner in reversed(runners):
+            await runner.cleanup()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    log.info("stopped")
+
+
+def run_workers(count: int, target: Callable[[], None]) -> int:
+    """Fork ``count`` processes that each bind the port with SO_REUSEPORT; supervise them.
+
+    A worker that dies unexpectedly is replaced (at most once a second); SIGTERM and SIGINT are
+    passed on to every worker, and the supervisor returns when all of them have drained.
+    """
+    context = multiprocessing.get_context("fork")
+    workers: list[multiprocessing.process.BaseProcess] = []
+    stopping = False
+
+    def start_worker() -> multiprocessing.process.BaseProcess:
+        process = context.Process(target=target, name="gateway-worker", daemon=False)
+        process.start()
+        return process
+
+    def forward(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for process in workers:
+            if process.pid and process.is_alive():
+                os.kill(process.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    workers.extend(start_worker() for _ in range(count))
+    last_restart = 0.0
+    while True:
+        for index, process in enumerate(workers):
+            process.join(timeout=0.2)
+            if process.exitcode is None or stopping:
+                continue
+            if time.monotonic() - last_restart < 1.0:
+                continue
+            log.warning("worker exited; restarting", extra={"pid": process.pid, "exitcode": process.exitcode})
+            last_restart = time.monotonic()
+            workers[index] = start_worker()
+        if stopping and all(p.exitcode is not None for p in workers):
+            break
+    failed = [p.exitcode for p in workers if p.exitcode not in (0, -signal.SIGTERM, -signal.SIGINT)]
+    return 1 if failed else 0
+
+
+def fail(message: str) -> None:
+    print(f"gateway: {message}", file=sys.stderr)
+    raise SystemExit(2)

@@ -1,0 +1,511 @@
+"""Settings: the environment and the optional YAML file, parsed once into typed objects.
+
+Everything is validated here so that a bad value stops the start with one line naming the key,
+instead of surfacing on the first request. ``create_app`` never reads the environment.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+from yarl import URL
+
+__all__ = [
+    "AuthSettings",
+    "RateLimit",
+    "Route",
+    "ServiceSettings",
+    "Settings",
+    "SettingsError",
+    "Timeouts",
+    "load_settings",
+    "parse_rate",
+    "parse_size",
+]
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the message names the key and the problem."""
+
+
+DEFAULT_SERVICE_URLS: Mapping[str, str] = {
+    "cluster-registry": "http://127.0.0.1:9001",
+    "observability-collector": "http://127.0.0.1:9002",
+    "intelligence-engine": "http://127.0.0.1:8081",
+    "realtime-streaming": "http://127.0.0.1:9004",
+}
+
+DEFAULT_ROUTES: Sequence[tuple[str, str]] = (
+    ("/api/v1/clusters", "cluster-registry"),
+    ("/api/v1/metrics", "observability-collector"),
+    ("/api/v1/logs", "observability-collector"),
+    ("/api/v1/traces", "observability-collector"),
+    ("/api/v1/alerts", "observability-collector"),
+    ("/api/v1/chat", "intelligence-engine"),
+    ("/api/v1/reports", "intelligence-engine"),
+    ("/api/v1/stream", "realtime-streaming"),
+    ("/ws", "realtime-streaming"),
+)
+
+# The seed's per-endpoint limits; they apply to any route whose prefix lies under one of these.
+DEFAULT_BODY_LIMITS: Sequence[tuple[str, int]] = (
+    ("/api/v1/chat", 64 * 1024),
+    ("/api/v1/reports", 16 * 1024),
+    ("/api/v1/clusters", 128 * 1024),
+)
+DEFAULT_MAX_BODY = 1024 * 1024
+
+# Long-lived streams (SSE, chunked feeds) may sit quiet between events for longer than an API call.
+STREAMING_SERVICES = frozenset({"realtime-streaming"})
+STREAMING_READ_TIMEOUT = 300.0
+
+AUTH_MODES = ("required", "optional", "none")
+JSON_CONTENT_TYPES: tuple[str, ...] = ("application/json",)
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+_RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*([a-z]+)\s*$", re.IGNORECASE)
+_PERIODS = {
+    "s": 1, "sec": 1, "second": 1, "seconds": 1,
+    "m": 60, "min": 60, "minute": 60, "minutes": 60,
+    "h": 3600, "hour": 3600, "hours": 3600,
+    "d": 86400, "day": 86400, "days": 86400,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect: float = 2.0
+    read: float = 30.0
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    name: str
+    urls: tuple[str, ...]
+    health_path: str = "/health"
+    timeout: Timeouts = Timeouts()
+    # Passive health: how long a target that refused or timed out is left out of the rotation.
+    eject_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    limit: int
+    period: float  # seconds
+
+    def __str__(self) -> str:
+        return f"{self.limit}/{self.period:g}s"
+
+
+@dataclass(frozen=True)
+class Route:
+    prefix: str
+    service: str
+    max_body: int | None = DEFAULT_MAX_BODY  # None: unlimited
+    rate_limit: RateLimit | None = None
+    auth: str = "required"
+    scopes: tuple[str, ...] = ()
+    content_types: tuple[str, ...] = JSON_CONTENT_TYPES
+    strip_prefix: bool = False
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    enabled: bool = True
+    jwks_url: str | None = None
+    issuer: str | None = None
+    audience: str | None = None
+    algorithms: tuple[str, ...] = ("RS256", "ES256")
+    jwt_secret: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    services: Mapping[str, ServiceSettings] = field(default_factory=dict)
+    routes: tuple[Route, ...] = ()
+    config_file: str | None = None
+    workers: int = 1
+    redis_url: str | None = field(default=None, repr=False)
+    postgres_dsn: str | None = field(default=None, repr=False)
+    zipkin_url: str | None = None
+    trace_sample_rate: float = 1.0
+    auth: AuthSettings = AuthSettings()
+    rate_limit_default: RateLimit = RateLimit(600, 60.0)
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    cors_allow_origins: tuple[str, ...] = ()
+    data_dir: str = "./.data"
+    intelligence_host: str = "127.0.0.1"
+    intelligence_port: int = 8081
+    log_format: str = "json"
+    log_level: str = "INFO"
+    shutdown_timeout: float = 30.0
+
+
+# -- small parsers, shared with the config file ------------------------------------------------
+
+
+def parse_size(value: Any, key: str) -> int | None:
+    """``64KB`` -> 65536. Units are binary (K = 1024), as in nginx; ``unlimited`` -> None."""
+    if isinstance(value, bool):
+        raise SettingsError(f"{key}: expected a size such as 64KB or 1MB, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise SettingsError(f"{key}: size must not be negative, got {value}")
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("unlimited", "none"):
+        return None
+    match = _SIZE_RE.match(str(value)) if isinstance(value, (str, float)) else None
+    if not match:
+        raise SettingsError(f"{key}: expected a size such as 64KB or 1MB, got {value!r}")
+    number, unit = match.groups()
+    return int(float(number) * _SIZE_UNITS[(unit or "")[:1].lower()])
+
+
+def parse_rate(value: Any, key: str) -> RateLimit:
+    """``100/minute``, ``10/s``, ``1000/5m``."""
+    match = _RATE_RE.match(value) if isinstance(value, str) else None
+    if not match or match.group(3).lower() not in _PERIODS:
+        raise SettingsError(f"{key}: expected a rate such as 100/minute or 10/second, got {value!r}")
+    count, multiplier, unit = match.groups()
+    period = _PERIODS[unit.lower()] * (int(multiplier) if multiplier else 1)
+    if int(count) < 1 or period < 1:
+        raise SettingsError(f"{key}: rate must allow at least one request, got {value!r}")
+    return RateLimit(int(count), float(period))
+
+
+def _url(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise SettingsError(f"{key}: expected an http(s) URL, got {value!r}")
+    try:
+        url = URL(value.strip())
+    except ValueError as exc:
+        raise SettingsError(f"{key}: not a valid URL: {value!r}") from exc
+    if url.scheme not in ("http", "https") or not url.host:
+        raise SettingsError(f"{key}: expected an http:// or https:// URL with a host, got {value!r}")
+    if url.query_string or url.fragment:
+        raise SettingsError(f"{key}: a service URL takes no query or fragment, got {value!r}")
+    return str(url).rstrip("/")
+
+
+def _url_list(value: Any, key: str) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not items:
+        raise SettingsError(f"{key}: expected one URL or a list of URLs, got {value!r}")
+    urls = tuple(_url(item, f"{key}[{i}]") for i, item in enumerate(items))
+    if len(set(urls)) != len(urls):
+        raise SettingsError(f"{key}: the same target is listed twice")
+    return urls
+
+
+def _number(value: Any, key: str, *, minimum: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise SettingsError(f"{key}: expected a number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError as exc:
+        raise SettingsError(f"{key}: expected a number, got {value!r}") from exc
+    if number != number or number < minimum:  # NaN or too small
+        raise SettingsError(f"{key}: must be a number >= {minimum:g}, got {value!r}")
+    return number
+
+
+def _int(value: Any, key: str, *, minimum: int, maximum: int) -> int:
+    try:
+        number = int(str(value).strip())
+    except ValueError as exc:
+        raise SettingsError(f"{key}: expected a whole number, got {value!r}") from exc
+    if not minimum <= number <= maximum:
+        raise SettingsError(f"{key}: must be between {minimum} and {maximum}, got {number}")
+    return number
+
+
+def _bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{key}: expected true or false, got {value!r}")
+
+
+def _csv(value: str | None) -> tuple[str, ...]:
+    return tuple(item.strip() for item in (value or "").split(",") if item.strip())
+
+
+def _prefix(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise SettingsError(f"{key}: a prefix is a path starting with '/', got {value!r}")
+    if "?" in value or "#" in value or any(seg in (".", "..") for seg in value.split("/")):
+        raise SettingsError(f"{key}: a prefix is a plain path, got {value!r}")
+    return value.rstrip("/") or "/"
+
+
+def _check_keys(raw: Mapping[str, Any], allowed: set[str], key: str) -> None:
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise SettingsError(
+            f"{key}: unknown key {unknown[0]!r} (expected one of: {', '.join(sorted(allowed))})"
+        )
+
+
+def default_max_body(prefix: str) -> int:
+    for limited, size in DEFAULT_BODY_LIMITS:
+        if prefix == limited or prefix.startswith(limited + "/"):
+            return size
+    return DEFAULT_MAX_BODY
+
+
+# -- the config file ----------------------------------------------------------------------------
+
+_SERVICE_KEYS = {"url", "urls", "health_path", "timeout", "eject_seconds"}
+_ROUTE_KEYS = {
+    "prefix", "service", "max_body", "rate_limit", "auth", "scopes", "content_types",
+    "strip_prefix",
+}  # fmt: skip
+
+
+def _parse_service(name: str, raw: Any) -> ServiceSettings:
+    key = f"services.{name}"
+    if not isinstance(raw, Mapping):
+        raise SettingsError(f"{key}: expected a mapping with url or urls")
+    _check_keys(raw, _SERVICE_KEYS, key)
+    if ("url" in raw) == ("urls" in raw):
+        raise SettingsError(f"{key}: give exactly one of url or urls")
+    urls = _url_list(
+        raw["url"] if "url" in raw else raw["urls"], f"{key}.{'url' if 'url' in raw else 'urls'}"
+    )
+    health_path = raw.get("health_path", "/health")
+    if not isinstance(health_path, str) or not health_path.startswith("/"):
+        raise SettingsError(f"{key}.health_path: expected a path starting with '/', got {health_path!r}")
+    default_read = STREAMING_READ_TIMEOUT if name in STREAMING_SERVICES else Timeouts.read
+    timeout_raw = raw.get("timeout", {})
+    if not isinstance(timeout_raw, Mapping):
+        raise SettingsError(f"{key}.timeout: expected {{connect: SECONDS, read: SECONDS}}")
+    _check_keys(timeout_raw, {"connect", "read"}, f"{key}.timeout")
+    timeout = Timeouts(
+        connect=_number(
+            timeout_raw.get("connect", Timeouts.connect), f"{key}.timeout.connect", minimum=0.001
+        ),
+        read=_number(timeout_raw.get("read", default_read), f"{key}.timeout.read", minimum=0.001),
+    )
+    eject = _number(raw.get("eject_seconds", 5.0), f"{key}.eject_seconds")
+    return ServiceSettings(name, urls, health_path, timeout, eject)
+
+
+def _parse_route(index: int, raw: Any, services: Mapping[str, ServiceSettings]) -> Route:
+    key = f"routes[{index}]"
+    if not isinstance(raw, Mapping):
+        raise SettingsError(f"{key}: expected a mapping with prefix and service")
+    _check_keys(raw, _ROUTE_KEYS, key)
+    for required in ("prefix", "service"):
+        if required not in raw:
+            raise SettingsError(f"{key}.{required}: missing")
+    prefix = _prefix(raw["prefix"], f"{key}.prefix")
+    service = raw["service"]
+    if service not in services:
+        known = ", ".join(sorted(services)) or "none"
+        raise SettingsError(f"{key}.service: unknown service {service!r} (defined: {known})")
+    auth = raw.get("auth", "required")
+    if auth not in AUTH_MODES:
+        raise SettingsError(f"{key}.auth: expected one of {', '.join(AUTH_MODES)}, got {auth!r}")
+    scopes = raw.get("scopes", [])
+    if not isinstance(scopes, list) or not all(isinstance(s, str) and s for s in scopes):
+        raise SettingsError(f"{key}.scopes: expected a list of scope names")
+    content_types = raw.get("content_types", list(JSON_CONTENT_TYPES))
+    if (
+        not isinstance(content_types, list)
+        or not content_types
+        or not all(isinstance(c, str) and "/" in c for c in content_types)
+    ):
+        raise SettingsError(f"{key}.content_types: expected a list of media types such as application/json")
+    return Route(
+        prefix=prefix,
+        service=service,
+        max_body=(
+            parse_size(raw["max_body"], f"{key}.max_body") if "max_body" in raw else default_max_body(prefix)
+        ),
+        rate_limit=parse_rate(raw["rate_limit"], f"{key}.rate_limit") if "rate_limit" in raw else None,
+        auth=auth,
+        scopes=tuple(scopes),
+        content_types=tuple(c.strip().lower() for c in content_types),
+        strip_prefix=_bool(raw.get("strip_prefix", False), f"{key}.strip_prefix"),
+    )
+
+
+def load_config_file(path: str) -> tuple[dict[str, ServiceSettings], tuple[Route, ...]]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SettingsError(f"GATEWAY_CONFIG: cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SettingsError(f"{path}: not valid YAML{where}: {problem}") from exc
+    if not isinstance(raw, Mapping):
+        raise SettingsError(f"{path}: expected a mapping with 'services' and 'routes'")
+    _check_keys(raw, {"services", "routes"}, path)
+    services_raw = raw.get("services") or {}
+    if not isinstance(services_raw, Mapping):
+        raise SettingsError("services: expected a mapping of service name to settings")
+    services = {}
+    for name, service_raw in services_raw.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name):
+            raise SettingsError(
+                f"services: {name!r} is not a valid name (lowercase letters, digits, - and _)"
+            )
+        services[name] = _parse_service(name, service_raw)
+    routes_raw = raw.get("routes")
+    if not isinstance(routes_raw, list) or not routes_raw:
+        raise SettingsError("routes: expected a non-empty list of routes")
+    routes = tuple(_parse_route(i, r, services) for i, r in enumerate(routes_raw))
+    seen: set[str] = set()
+    for i, route in enumerate(routes):
+        if route.prefix in seen:
+            raise SettingsError(f"routes[{i}].prefix: {route.prefix!r} is listed twice")
+        seen.add(route.prefix)
+    return services, routes
+
+
+def _default_table() -> tuple[dict[str, ServiceSettings], tuple[Route, ...]]:
+    services = {name: _parse_service(name, {"url": url}) for name, url in DEFAULT_SERVICE_URLS.items()}
+    routes = tuple(
+        Route(prefix=prefix, service=service, max_body=default_max_body(prefix))
+        for prefix, service in DEFAULT_ROUTES
+    )
+    return services, routes
+
+
+def service_env_name(service: str) -> str:
+    return "SERVICE_" + re.sub(r"[^A-Z0-9]", "_", service.upper()) + "_URL"
+
+
+# -- the environment ----------------------------------------------------------------------------
+
+
+def _redis_url(env: Mapping[str, str]) -> str | None:
+    if env.get("REDIS_URL"):
+        url = env["REDIS_URL"].strip()
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise SettingsError("REDIS_URL: expected redis://, rediss:// or unix://")
+        return url
+    if not env.get("REDIS_HOST"):
+        return None
+    port = _int(env.get("REDIS_PORT", "6379"), "REDIS_PORT", minimum=1, maximum=65535)
+    db = _int(env.get("REDIS_DB", "0"), "REDIS_DB", minimum=0, maximum=1024)
+    url = URL.build(
+        scheme="redis", host=env["REDIS_HOST"], port=port, path=f"/{db}",
+        password=env.get("REDIS_PASSWORD") or None,
+    )  # fmt: skip
+    return str(url)
+
+
+def postgres_dsn(env: Mapping[str, str]) -> str | None:
+    """``POSTGRES_DSN`` as given, or one built from the ``POSTGRES_*`` parts; None when unset."""
+    if env.get("POSTGRES_DSN"):
+        return env["POSTGRES_DSN"]
+    parts = {
+        "host": env.get("POSTGRES_HOST"),
+        "port": env.get("POSTGRES_PORT"),
+        "user": env.get("POSTGRES_USER"),
+        "password": env.get("POSTGRES_PASSWORD"),
+        "dbname": env.get("POSTGRES_DB"),
+    }
+    if not any(parts.values()):
+        return None
+    if parts["port"]:
+        _int(parts["port"], "POSTGRES_PORT", minimum=1, maximum=65535)
+
+    def quote(value: str) -> str:
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+    return " ".join(f"{k}={quote(v)}" for k, v in parts.items() if v)
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the environment (and ``GATEWAY_CONFIG``) once; raise SettingsError on any bad value."""
+    env = os.environ if environ is None else environ
+    config_file = env.get("GATEWAY_CONFIG") or None
+    services, routes = load_config_file(config_file) if config_file else _default_table()
+    for name, service in list(services.items()):
+        override = env.get(service_env_name(name))
+        if override:
+            services[name] = replace(service, urls=_url_list(override, service_env_name(name)))
+
+    log_format = env.get("LOG_FORMAT", "json").strip().lower()
+    if log_format not in ("json", "text"):
+        raise SettingsError(f"LOG_FORMAT: expected json or text, got {log_format!r}")
+    log_level = env.get("LOG_LEVEL", "INFO").strip().upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise SettingsError(f"LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+
+    sample_rate = _number(env.get("TRACE_SAMPLE_RATE", "1.0"), "TRACE_SAMPLE_RATE")
+    if sample_rate > 1:
+        raise SettingsError(f"TRACE_SAMPLE_RATE: must be between 0 and 1, got {sample_rate:g}")
+
+    trusted = []
+    for item in _csv(env.get("TRUSTED_PROXIES")):
+        try:
+            trusted.append(ipaddress.ip_network(item, strict=False))
+        except ValueError as exc:
+            raise SettingsError(f"TRUSTED_PROXIES: {item!r} is not an address or CIDR") from exc
+
+    origins = _csv(env.get("CORS_ALLOW_ORIGINS"))
+    for origin in origins:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise SettingsError(
+                f"CORS_ALLOW_ORIGINS: {origin!r} is not an origin (scheme://host[:port], no path)"
+            )
+
+    algorithms = _csv(env.get("AUTH_ALGORITHMS", "RS256,ES256"))
+    allowed_algs = {"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "HS256", "HS384", "HS512", "EdDSA"}  # fmt: skip
+    for alg in algorithms:
+        if alg not in allowed_algs:
+            raise SettingsError(f"AUTH_ALGORITHMS: {alg!r} is not a supported signing algorithm")
+    auth = AuthSettings(
+        enabled=_bool(env.get("AUTH_ENABLED", "true"), "AUTH_ENABLED"),
+        jwks_url=_url(env["AUTH_JWKS_URL"], "AUTH_JWKS_URL") if env.get("AUTH_JWKS_URL") else None,
+        issuer=env.get("AUTH_ISSUER") or None,
+        audience=env.get("AUTH_AUDIENCE") or None,
+        algorithms=algorithms,
+        jwt_secret=env.get("AUTH_JWT_SECRET") or None,
+    )
+
+    return Settings(
+        host=env.get("GATEWAY_HOST", "127.0.0.1"),
+        port=_int(env.get("GATEWAY_PORT", "8080"), "GATEWAY_PORT", minimum=0, maximum=65535),
+        services=services,
+        routes=routes,
+        config_file=config_file,
+        workers=_int(env.get("GATEWAY_WORKERS", "1"), "GATEWAY_WORKERS", minimum=1, maximum=256),
+        redis_url=_redis_url(env),
+        postgres_dsn=postgres_dsn(env),
+        zipkin_url=_url(env["ZIPKIN_URL"], "ZIPKIN_URL") if env.get("ZIPKIN_URL") else None,
+        trace_sample_rate=sample_rate,
+        auth=auth,
+        rate_limit_default=parse_rate(env.get("RATE_LIMIT_DEFAULT", "600/minute"), "RATE_LIMIT_DEFAULT"),
+        trusted_proxies=tuple(trusted),
+        cors_allow_origins=origins,
+        data_dir=env.get("GATEWAY_DATA_DIR", "./.data"),
+        intelligence_host=env.get("INTELLIGENCE_HOST", "127.0.0.1"),
+        intelligence_port=_int(
+            env.get("INTELLIGENCE_PORT", "8081"), "INTELLIGENCE_PORT", minimum=0, maximum=65535
+        ),
+        log_format=log_format,
+        log_level=log_level,
+        shutdown_timeout=_number(env.get("GATEWAY_SHUTDOWN_TIMEOUT", "30"), "GATEWAY_SHUTDOWN_TIMEOUT"),
+    )
