@@ -9,16 +9,19 @@ from __future__ import annotations
 import atexit
 import json
 import logging
-import logging.handlers
 import queue
 import sys
+import threading
 import time
+import traceback
 from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from .keys import request_id_key, route_key, target_key
+
+_now = time.time
 
 __all__ = ["JsonAccessLogger", "JsonFormatter", "configure_logging"]
 
@@ -27,11 +30,17 @@ _RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctim
 _SECRET_WORDS = ("authorization", "password", "secret", "token", "cookie", "dsn")
 
 
+def _timestamp(created: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created * 1000) % 1000:03d}Z"
+
+
 class JsonFormatter(logging.Formatter):
+    def format_entry(self, entry: dict[str, Any]) -> str:
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": _timestamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -45,6 +54,10 @@ class JsonFormatter(logging.Formatter):
 
 
 class _TextFormatter(logging.Formatter):
+    def format_entry(self, entry: dict[str, Any]) -> str:
+        head = f"{entry.pop('ts')} {entry.pop('level').upper()} {entry.pop('logger')}: {entry.pop('msg')}"
+        return head + " " + " ".join(f"{k}={v}" for k, v in entry.items())
+
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         extras = {
@@ -58,43 +71,96 @@ class _TextFormatter(logging.Formatter):
         return line
 
 
-_listener: logging.handlers.QueueListener | None = None
+class _Writer:
+    """One thread that owns stderr: formats log records and access entries off the event loop.
+
+    The loop thread only enqueues: a LogRecord, or for the access log a plain dict (building a
+    LogRecord per request costs more than the rest of the log line put together).
+    """
+
+    def __init__(self, handler: logging.Handler) -> None:
+        self.handler = handler
+        self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        handler, get = self.handler, self.queue.get
+        while (item := get()) is not None:
+            try:
+                if isinstance(item, dict):
+                    item["ts"] = _timestamp(item["ts"])
+                    handler.stream.write(handler.formatter.format_entry(item) + "\n")  # type: ignore[attr-defined]
+                    if self.queue.empty():
+                        handler.flush()
+                else:
+                    handler.handle(item)
+            except Exception:  # a log line must never take the writer down
+                traceback.print_exc(file=sys.stderr)
+
+    def stop(self) -> None:
+        self.queue.put(None)
+        self._thread.join(timeout=5)
+
+
+class _EnqueueHandler(logging.Handler):
+    def __init__(self, writer: _Writer) -> None:
+        super().__init__()
+        self._put = writer.queue.put
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # Formatting happens on the writer thread; only the message args are resolved here so a
+        # mutable argument cannot change before it is written.
+        record.msg, record.args = record.getMessage(), None
+        self._put(record)
+
+
+_writer: _Writer | None = None
+access_entries: queue.SimpleQueue[Any] | None = None
 
 
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
-    """Route every logger through a queue to one stderr handler with the chosen format."""
-    global _listener
-    if _listener is not None:
-        _listener.stop()
+    """Route every logger through one writer thread to stderr, in the chosen format."""
+    global _writer, access_entries
+    if _writer is not None:
+        _writer.stop()
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(
         JsonFormatter()
         if fmt == "json"
         else _TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    _listener = logging.handlers.QueueListener(records, stream, respect_handler_level=False)
-    _listener.start()
-    atexit.register(_listener.stop)
+    _writer = _Writer(stream)
+    access_entries = _writer.queue
+    atexit.register(_writer.stop)
     root = logging.getLogger()
-    root.handlers[:] = [logging.handlers.QueueHandler(records)]
+    root.handlers[:] = [_EnqueueHandler(_writer)]
     root.setLevel(level)
-    # aiohttp's own access logger is replaced by JsonAccessLogger.
-    logging.getLogger("aiohttp.access").propagate = True
+    # Per-record bookkeeping nobody reads.
+    logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
 
 
 class JsonAccessLogger(AbstractAccessLogger):
     """One line per request: what an operator greps for, never the Authorization header."""
 
+    @property
+    def enabled(self) -> bool:
+        return access_entries is not None and self.logger.isEnabledFor(logging.INFO)
+
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         route = request.get(route_key)
         target = request.get(target_key)
         content = request.content
-        self.logger.info(
-            "request",
-            extra={
+        assert access_entries is not None  # guarded by ``enabled``
+        access_entries.put(
+            {
+                "ts": _now(),  # formatted on the writer thread
+                "level": "info",
+                "logger": self.logger.name,
+                "msg": "request",
                 "method": request.method,
-                "path": request.path,
+                # The query string may carry tokens; the path alone identifies the call.
+                "path": request.raw_path.partition("?")[0],
                 "route": route.prefix if route is not None else None,
                 "service": route.service if route is not None else None,
                 "upstream": target.url if target is not None else None,
@@ -104,5 +170,5 @@ class JsonAccessLogger(AbstractAccessLogger):
                 "duration_ms": round(time * 1000, 3),
                 "request_id": request.get(request_id_key),
                 "remote": request.remote,
-            },
+            }
         )

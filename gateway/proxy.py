@@ -27,7 +27,8 @@ from yarl import URL
 
 from .errors import ApiError
 from .headers import response_headers, upstream_headers
-from .keys import http_client_key, route_key, route_table_key, target_key, upstreams_key
+from .keys import http_client_key, request_id_key, route_key, route_table_key, target_key, upstreams_key
+from .middleware.request_id import REQUEST_ID_HEADER
 from .routing import strip_route_prefix
 from .settings import Route
 from .upstream import Upstream
@@ -113,6 +114,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     headers = upstream_headers(
         request.headers, remote=request.remote, scheme=request.scheme, host=request.host
     )
+    headers[REQUEST_ID_HEADER] = request[request_id_key]
     if request.headers.get("Upgrade", "").lower() == "websocket":
         return await _proxy_websocket(request, upstream, path, headers)
     return await _proxy_http(request, upstream, path, headers)
@@ -164,7 +166,6 @@ async def _proxy_http(
                 data=body,
                 allow_redirects=False,
                 timeout=upstream.timeout,
-                skip_auto_headers=SKIP_AUTO_HEADERS,
             )
             break
         except _CONNECT_ERRORS as exc:

@@ -1,0 +1,29 @@
+# The gateway image. `python -m intelligence` runs the chat API from the same image.
+FROM python:3.12-slim AS base
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    GATEWAY_HOST=0.0.0.0 \
+    INTELLIGENCE_HOST=0.0.0.0
+
+WORKDIR /app
+
+# Dependencies first: this layer is rebuilt only when setup.cfg changes.
+COPY pyproject.toml setup.cfg README.md ./
+RUN mkdir gateway intelligence migrations \
+    && touch gateway/__init__.py intelligence/__init__.py \
+    && pip install . \
+    && pip uninstall -y k8s-platform-gateway \
+    && rm -rf gateway intelligence
+
+COPY gateway ./gateway
+COPY intelligence ./intelligence
+COPY migrations ./migrations
+RUN pip install --no-deps . \
+    && useradd --system --uid 10001 --no-create-home gateway
+
+USER 10001
+EXPOSE 8080 8081
+CMD ["python", "-m", "gateway"]
