@@ -19,8 +19,11 @@ lifecycle_key = web.AppKey("lifecycle", "Lifecycle")
 route_key = web.RequestKey("route", "Route | None")
 target_key = web.RequestKey("target", "Target")
 request_id_key = web.RequestKey("request_id", str)
+# The request body, already read and validated, to forward as it is.
+body_key = web.RequestKey("body", bytes)
 
 __all__ = [
+    "body_key",
     "http_client_key",
     "lifecycle_key",
     "request_id_key",

@@ -27,13 +27,29 @@ from yarl import URL
 
 from .errors import ApiError
 from .headers import response_headers, upstream_headers
-from .keys import http_client_key, request_id_key, route_key, route_table_key, target_key, upstreams_key
+from .keys import (
+    body_key,
+    http_client_key,
+    request_id_key,
+    route_key,
+    route_table_key,
+    target_key,
+    upstreams_key,
+)
 from .middleware.request_id import REQUEST_ID_HEADER
 from .routing import strip_route_prefix
 from .settings import Route
-from .upstream import Upstream
+from .upstream import Target, Upstream
 
-__all__ = ["BUFFER_LIMIT", "CHUNK_SIZE", "http_client_ctx", "proxy_handler", "routing_middleware"]
+__all__ = [
+    "BUFFER_LIMIT",
+    "CHUNK_SIZE",
+    "BodyTooLarge",
+    "body_too_large",
+    "http_client_ctx",
+    "proxy_handler",
+    "routing_middleware",
+]
 
 log = logging.getLogger("gateway.proxy")
 
@@ -124,32 +140,55 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
 
 
 class _Body:
-    """The request body as the client sends it; remembers whether any of it was consumed."""
+    """The request body as the client sends it, counted against the route's limit as it streams.
 
-    __slots__ = ("_content", "started")
+    The chunk that would cross the limit is never forwarded: the upstream sees at most ``limit``
+    bytes, then a connection that ends, and the client gets 413.
+    """
 
-    def __init__(self, content: aiohttp.StreamReader) -> None:
+    __slots__ = ("_content", "_limit", "exceeded", "started")
+
+    def __init__(self, content: aiohttp.StreamReader, limit: int | None) -> None:
         self._content = content
+        self._limit = limit
         self.started = False
+        self.exceeded = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         self.started = True
-        content = self._content
+        content, limit, sent = self._content, self._limit, 0
         while chunk := await content.readany():
+            sent += len(chunk)
+            if limit is not None and sent > limit:
+                self.exceeded = True
+                raise BodyTooLarge(limit)
             yield chunk
+
+
+class BodyTooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"body exceeds {limit} bytes")
+        self.limit = limit
+
+
+def body_too_large(limit: int) -> ApiError:
+    return ApiError(413, f"Request body exceeds the limit of {limit} bytes for this route")
 
 
 async def _proxy_http(
     request: web.Request, upstream: Upstream, path: str, headers: CIMultiDict[str]
 ) -> web.StreamResponse:
     method = request.method
-    body: bytes | _Body | None = None
-    if request.body_exists:
+    body: bytes | _Body | None = request.get(body_key)
+    if body is None and request.body_exists:
         length = request.content_length
+        limit = request[route_key].max_body
+        if length is not None and limit is not None and length > limit:
+            raise body_too_large(limit)
         if length is not None and length <= BUFFER_LIMIT:
             body = await request.read()
         else:
-            body = _Body(request.content)
+            body = _Body(request.content, limit)
 
     session = request.app[http_client_key]
     target = upstream.pick()
@@ -168,24 +207,12 @@ async def _proxy_http(
                 timeout=upstream.timeout,
             )
             break
-        except _CONNECT_ERRORS as exc:
-            upstream.eject(target)
-            error = _connect_error(upstream, exc)
-        except aiohttp.SocketTimeoutError:
-            upstream.eject(target)
-            raise ApiError(504, f"Upstream '{upstream.name}' timed out") from None
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            # Often a pooled keep-alive connection the upstream had just closed: not ejected.
-            error = ApiError(502, f"Upstream '{upstream.name}' closed the connection")
-            log.info(
-                "upstream disconnected",
-                extra={"service": upstream.name, "target": target.url, "error": repr(exc)},
-            )
         except aiohttp.ClientError as exc:
-            log.warning(
-                "upstream error", extra={"service": upstream.name, "target": target.url, "error": repr(exc)}
-            )
-            raise ApiError(502, f"Upstream '{upstream.name}' sent an invalid response") from None
+            if isinstance(body, _Body) and body.exceeded:
+                raise body_too_large(request[route_key].max_body or 0) from None
+            error, retryable = _upstream_failure(upstream, target, exc)
+            if not retryable:
+                raise error from None
         attempts -= 1
         if attempts <= 0 or (isinstance(body, _Body) and body.started):
             raise error
@@ -198,6 +225,27 @@ async def _proxy_http(
         return await _relay_response(request, upstream_response)
     finally:
         upstream_response.release()
+
+
+def _upstream_failure(upstream: Upstream, target: Target, exc: aiohttp.ClientError) -> tuple[ApiError, bool]:
+    """Translate a failure before the response headers: the error, and whether a retry is safe."""
+    if isinstance(exc, _CONNECT_ERRORS):
+        # Nothing reached the upstream: safe to retry, and the target is likely down.
+        upstream.eject(target)
+        return _connect_error(upstream, exc), True
+    if isinstance(exc, aiohttp.SocketTimeoutError):
+        upstream.eject(target)
+        return ApiError(504, f"Upstream '{upstream.name}' timed out"), False
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+        # Often a pooled keep-alive connection the upstream had just closed: not ejected, and
+        # retried (idempotent methods only) since the upstream did not answer.
+        log.info(
+            "upstream disconnected",
+            extra={"service": upstream.name, "target": target.url, "error": repr(exc)},
+        )
+        return ApiError(502, f"Upstream '{upstream.name}' closed the connection"), True
+    log.warning("upstream error", extra={"service": upstream.name, "target": target.url, "error": repr(exc)})
+    return ApiError(502, f"Upstream '{upstream.name}' sent an invalid response"), False
 
 
 def _connect_error(upstream: Upstream, exc: Exception) -> ApiError:
