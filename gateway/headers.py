@@ -13,6 +13,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 __all__ = [
     "GATEWAY_OWNED",
     "HOP_BY_HOP",
+    "TRACE_HEADERS",
     "VIA",
     "response_headers",
     "upstream_headers",
@@ -37,8 +38,15 @@ HOP_BY_HOP = frozenset(
 # Set only by the gateway: whatever a client sends under these names is dropped first.
 GATEWAY_OWNED = frozenset({"x-auth-subject", "x-auth-scopes"})
 
+# Trace context is re-issued by the gateway for its own span: a client's stale ``b3`` must not
+# sit next to the new ``x-b3-*`` set (a backend would prefer the single header).
+TRACE_HEADERS = frozenset(
+    {"traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid",
+     "x-b3-sampled", "x-b3-flags"}
+)  # fmt: skip
+
 # The gateway answered ``Expect: 100-continue`` itself; Host is the target's.
-_REQUEST_DROP = HOP_BY_HOP | GATEWAY_OWNED | {"host", "expect"}
+_REQUEST_DROP = HOP_BY_HOP | GATEWAY_OWNED | TRACE_HEADERS | {"host", "expect"}
 # aiohttp recomputes the framing of what it sends.
 _RESPONSE_DROP = HOP_BY_HOP
 

@@ -10,6 +10,7 @@ import aiohttp
 from aiohttp import web
 
 from .keys import http_client_key, lifecycle_key, upstreams_key
+from .middleware.tracing import inject_trace_headers
 from .upstream import Target, Upstream
 
 __all__ = ["CHECK_TIMEOUT", "setup_health_routes"]
@@ -35,7 +36,7 @@ async def _check_target(session: aiohttp.ClientSession, upstream: Upstream, targ
     url = target.url + upstream.service.health_path
     try:
         async with asyncio.timeout(CHECK_TIMEOUT):
-            async with session.get(url, allow_redirects=False) as response:
+            async with session.get(url, allow_redirects=False, headers=inject_trace_headers()) as response:
                 await response.read()
                 status = response.status
     except TimeoutError:

@@ -15,6 +15,7 @@ route_table_key = web.AppKey("route_table", "RouteTable")
 upstreams_key = web.AppKey("upstreams", "dict[str, Upstream]")
 http_client_key = web.AppKey("http_client", aiohttp.ClientSession)
 lifecycle_key = web.AppKey("lifecycle", "Lifecycle")
+tracing_key = web.AppKey("tracing", "Tracing")
 
 route_key = web.RequestKey("route", "Route | None")
 target_key = web.RequestKey("target", "Target")
@@ -31,5 +32,6 @@ __all__ = [
     "route_table_key",
     "settings_key",
     "target_key",
+    "tracing_key",
     "upstreams_key",
 ]

@@ -34,9 +34,11 @@ from .keys import (
     route_key,
     route_table_key,
     target_key,
+    tracing_key,
     upstreams_key,
 )
 from .middleware.request_id import REQUEST_ID_HEADER
+from .middleware.tracing import client_span, inject_trace_headers
 from .routing import strip_route_prefix
 from .settings import Route
 from .upstream import Target, Upstream
@@ -132,6 +134,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     )
     headers[REQUEST_ID_HEADER] = request[request_id_key]
     if request.headers.get("Upgrade", "").lower() == "websocket":
+        headers.update(inject_trace_headers())
         return await _proxy_websocket(request, upstream, path, headers)
     return await _proxy_http(request, upstream, path, headers)
 
@@ -190,7 +193,30 @@ async def _proxy_http(
         else:
             body = _Body(request.content, limit)
 
+    with client_span(
+        request.app[tracing_key], name=f"{method} {request[route_key].prefix}", service=upstream.name
+    ) as span:
+        headers.update(inject_trace_headers())
+        upstream_response = await _send(request, upstream, path, headers, body)
+        if span is not None and span.record is not None:
+            span.record.tag("http.status_code", str(upstream_response.status))
+            span.record.tag("peer.target", request[target_key].url)
+        try:
+            return await _relay_response(request, upstream_response)
+        finally:
+            upstream_response.release()
+
+
+async def _send(
+    request: web.Request,
+    upstream: Upstream,
+    path: str,
+    headers: CIMultiDict[str],
+    body: bytes | _Body | None,
+) -> aiohttp.ClientResponse:
+    """Send the request to a healthy target, retrying once elsewhere when that is safe."""
     session = request.app[http_client_key]
+    method = request.method
     target = upstream.pick()
     attempts = 2 if method in IDEMPOTENT else 1
     while True:
@@ -206,25 +232,19 @@ async def _proxy_http(
                 allow_redirects=False,
                 timeout=upstream.timeout,
             )
-            break
         except aiohttp.ClientError as exc:
             if isinstance(body, _Body) and body.exceeded:
                 raise body_too_large(request[route_key].max_body or 0) from None
             error, retryable = _upstream_failure(upstream, target, exc)
-            if not retryable:
+            attempts -= 1
+            if not retryable or attempts <= 0 or (isinstance(body, _Body) and body.started):
                 raise error from None
-        attempts -= 1
-        if attempts <= 0 or (isinstance(body, _Body) and body.started):
-            raise error
-        target = upstream.pick(exclude=target)
-        if target is None:
-            raise error
-
-    upstream.succeeded(target)
-    try:
-        return await _relay_response(request, upstream_response)
-    finally:
-        upstream_response.release()
+            target = upstream.pick(exclude=target)
+            if target is None:
+                raise error from None
+            continue
+        upstream.succeeded(target)
+        return upstream_response
 
 
 def _upstream_failure(upstream: Upstream, target: Target, exc: aiohttp.ClientError) -> tuple[ApiError, bool]:

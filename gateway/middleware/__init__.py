@@ -1,5 +1,5 @@
 """The gateway's middlewares; ``gateway.app`` composes them in order."""
 
-from .request_id import request_id_middleware
+from .tracing import inject_trace_headers, tracing_middleware
 
-__all__ = ["request_id_middleware"]
+__all__ = ["inject_trace_headers", "tracing_middleware"]

@@ -1,4 +1,7 @@
-"""Request correlation id: kept when the client's is sane, generated otherwise, echoed always."""
+"""Request correlation id: kept when the client's is sane, generated otherwise, echoed always.
+
+The tracing middleware, outermost, assigns it; ``stamp_request_id`` puts it on every response.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +10,10 @@ import os
 import re
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from ..keys import request_id_key
 
-__all__ = ["REQUEST_ID_HEADER", "new_request_id", "request_id_middleware", "stamp_request_id"]
+__all__ = ["REQUEST_ID_HEADER", "new_request_id", "request_id_for", "stamp_request_id"]
 
 REQUEST_ID_HEADER = "X-Request-ID"
 # Long or odd ids are log-injection and cardinality hazards; such ids are replaced, not trusted.
@@ -20,25 +22,27 @@ _VALID = re.compile(r"[A-Za-z0-9._:+=/-]{1,128}")
 
 # A random per-process prefix and a counter: unique across processes and restarts, and far cheaper
 # per request than reading the OS's random source.
-_PREFIX = os.urandom(8).hex()
+_prefix = os.urandom(8).hex()
 _counter = itertools.count(1)
 
 
+def _reseed() -> None:
+    # Forked workers must not hand out the same ids as their parent and siblings.
+    global _prefix, _counter
+    _prefix, _counter = os.urandom(8).hex(), itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_reseed)
+
+
 def new_request_id() -> str:
-    return f"{_PREFIX}{next(_counter):016x}"
+    return f"{_prefix}{next(_counter):016x}"
 
 
-def request_id_middleware() -> web.middleware:  # type: ignore[valid-type]
-    """Give every request an id before anything else can fail, so every answer carries it."""
-    fullmatch = _VALID.fullmatch
-
-    @web.middleware
-    async def request_id(request: web.Request, handler: Handler) -> web.StreamResponse:
-        incoming = request.headers.get(REQUEST_ID_HEADER)
-        request[request_id_key] = incoming if incoming and fullmatch(incoming) else new_request_id()
-        return await handler(request)
-
-    return request_id
+def request_id_for(request: web.Request) -> str:
+    """The client's ``x-request-id`` when it is sane, a new one otherwise."""
+    incoming = request.headers.get(REQUEST_ID_HEADER)
+    return incoming if incoming and _VALID.fullmatch(incoming) else new_request_id()
 
 
 async def stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:

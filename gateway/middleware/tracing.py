@@ -1,0 +1,195 @@
+"""Distributed tracing: W3C Trace Context and B3 in, both out, spans reported through aiozipkin.
+
+Every request gets a SERVER span, a child of the caller's span when the caller sent a valid
+context (``traceparent`` first, then ``b3``, then ``x-b3-*``; see ``gateway.tracecontext``).
+The span in progress lives in a contextvar, so ``inject_trace_headers()`` works anywhere in the
+request's task without the request object, exactly as the seed's usage shows::
+
+    headers = inject_trace_headers(existing_headers)
+    response = await http_client.get(url, headers=headers)
+
+Without ``ZIPKIN_URL`` nothing is recorded, but ids are still made and propagated, so the
+backends' traces join up with whatever the caller started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
+from typing import Any
+
+import aiozipkin as az
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from aiozipkin.helpers import TraceContext as ZipkinContext
+from aiozipkin.span import SpanAbc
+
+from ..keys import request_id_key, route_key
+from ..tracecontext import SamplingOnly, TraceContext, child_headers, extract, new_root, new_span_id
+from ..zipkin import ZipkinReporter
+from .request_id import request_id_for
+
+__all__ = [
+    "Tracing",
+    "client_span",
+    "current_trace",
+    "inject_trace_headers",
+    "tracing_ctx",
+    "tracing_middleware",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class SpanRef:
+    """The span in progress: ``parent.span_id`` is its parent's id, ``span_id`` its own."""
+
+    parent: TraceContext
+    span_id: str
+    record: SpanAbc | None
+    request_id: str | None = None
+
+    @property
+    def trace_id(self) -> str:
+        return self.parent.trace_id
+
+
+_current: ContextVar[SpanRef | None] = ContextVar("gateway_current_span", default=None)
+
+
+def current_trace() -> SpanRef | None:
+    return _current.get()
+
+
+def inject_trace_headers(headers: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``headers`` plus the trace context of the current span, for a call made from it.
+
+    Outside a traced request the headers come back unchanged (as a new dict).
+    """
+    out = dict(headers) if headers else {}
+    ref = _current.get()
+    if ref is not None:
+        out.update(child_headers(ref.parent, ref.span_id))
+        if ref.request_id:
+            out["x-request-id"] = ref.request_id
+    return out
+
+
+class Tracing:
+    """The tracer and the sampling policy, built once from the settings."""
+
+    def __init__(self, *, service_name: str, zipkin_url: str | None, sample_rate: float) -> None:
+        self.sample_rate = sample_rate
+        self.reporter = ZipkinReporter(zipkin_url) if zipkin_url else None
+        self.tracer = (
+            az.Tracer(self.reporter, az.Sampler(sample_rate=sample_rate), az.create_endpoint(service_name))
+            if self.reporter is not None
+            else None
+        )
+
+    def context_for(self, headers: Mapping[str, str]) -> TraceContext:
+        """The caller's context with a sampling decision: theirs when they made one, ours otherwise."""
+        incoming = extract(headers)
+        if isinstance(incoming, TraceContext):
+            if incoming.sampled is None:
+                return replace(incoming, sampled=random.random() < self.sample_rate)
+            return incoming
+        if isinstance(incoming, SamplingOnly):
+            return new_root(sampled=incoming.sampled, debug=incoming.debug)
+        return new_root(sampled=random.random() < self.sample_rate)
+
+    def start(self, parent: TraceContext, *, kind: str, name: str, request_id: str | None) -> SpanRef:
+        span_id = new_span_id()
+        record = None
+        if self.tracer is not None and parent.sampled:
+            record = self.tracer.to_span(
+                ZipkinContext(
+                    trace_id=parent.trace_id,
+                    parent_id=parent.span_id,
+                    span_id=span_id,
+                    sampled=True,
+                    debug=parent.debug,
+                    shared=False,
+                )
+            )
+            record.kind(kind).name(name).start()
+        return SpanRef(parent, span_id, record, request_id)
+
+
+async def tracing_ctx(app: web.Application, tracing: Tracing) -> AsyncIterator[None]:
+    if tracing.reporter is not None:
+        await tracing.reporter.start()
+    try:
+        yield
+    finally:
+        if tracing.reporter is not None:
+            await tracing.reporter.close()
+
+
+def tracing_middleware(tracing: Tracing) -> Any:
+    """The outermost layer: every answer, including the gateway's own errors, gets a span and
+    carries the request id (kept from the client when sane, generated otherwise)."""
+
+    @web.middleware
+    async def trace(request: web.Request, handler: Handler) -> web.StreamResponse:
+        request_id = request[request_id_key] = request_id_for(request)
+        parent = tracing.context_for(request.headers)
+        ref = tracing.start(parent, kind=az.SERVER, name=request.method, request_id=request_id)
+        token = _current.set(ref)
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            _current.reset(token)
+            if ref.record is not None:
+                _finish_server_span(ref.record, request, status)
+
+    return trace
+
+
+def _finish_server_span(span: SpanAbc, request: web.Request, status: int) -> None:
+    route = request.get(route_key)
+    pattern = route.prefix if route is not None else request.path
+    span.name(f"{request.method} {pattern}")
+    span.tag("http.method", request.method)
+    span.tag("http.path", request.path)
+    span.tag("http.route", pattern)
+    span.tag("http.status_code", str(status))
+    span.tag("request_id", request[request_id_key])
+    if status >= 500:
+        span.tag("error", str(status))
+    span.finish()
+
+
+@contextlib.contextmanager
+def client_span(tracing: Tracing, *, name: str, service: str) -> Iterator[SpanRef | None]:
+    """A CLIENT child of the current span around one downstream call; yields None when untraced.
+
+    While it is open, ``inject_trace_headers()`` names it as the caller.
+    """
+    server = _current.get()
+    if server is None:
+        yield None
+        return
+    parent = replace(server.parent, span_id=server.span_id)
+    ref = tracing.start(parent, kind=az.CLIENT, name=name, request_id=server.request_id)
+    if ref.record is not None:
+        ref.record.remote_endpoint(service)
+    token = _current.set(ref)
+    try:
+        yield ref
+    except BaseException as exc:
+        if ref.record is not None:
+            ref.record.tag("error", type(exc).__name__)
+        raise
+    finally:
+        _current.reset(token)
+        if ref.record is not None:
+            ref.record.finish()

@@ -1,0 +1,290 @@
+"""Tracing end to end: client -> gateway -> upstream, spans checked at a real Zipkin-API collector."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway.app import create_app
+from gateway.keys import tracing_key
+from gateway.middleware.tracing import inject_trace_headers
+from gateway.settings import load_settings
+
+INCOMING_TRACE = "0af7651916cd43dd8448eb211c80319c"
+INCOMING_PARENT = "b7ad6b7169203331"
+
+
+def _zipkin_validator() -> jsonschema.Draft4Validator:
+    spec = yaml.safe_load((Path(__file__).parent / "data" / "zipkin2-api.yaml").read_text())
+    definitions = spec["definitions"]
+
+    def anchor(node: Any) -> None:
+        # The official patterns are unanchored ("[a-f0-9]{16,32}" matches inside any string).
+        if isinstance(node, dict):
+            if isinstance(node.get("pattern"), str):
+                node["pattern"] = "^(?:" + node["pattern"] + ")$"
+            for value in node.values():
+                anchor(value)
+        elif isinstance(node, list):
+            for value in node:
+                anchor(value)
+
+    anchor(definitions)
+    schema = {"definitions": definitions, "$ref": "#/definitions/ListOfSpans"}
+    return jsonschema.Draft4Validator(schema, format_checker=jsonschema.FormatChecker())
+
+
+VALIDATOR = _zipkin_validator()
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.spans: list[dict[str, Any]] = []
+        self.posts = 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = json.loads(await request.read())
+        errors = sorted(VALIDATOR.iter_errors(body), key=str)
+        assert not errors, f"spans do not match the Zipkin v2 schema: {errors[0]}"
+        self.posts += 1
+        self.spans.extend(body)
+        return web.Response(status=202)
+
+    def by_kind(self, kind: str) -> list[dict[str, Any]]:
+        return [s for s in self.spans if s.get("kind") == kind]
+
+
+@pytest.fixture
+async def collector(aiohttp_server: Any) -> tuple[Collector, str]:
+    collector = Collector()
+    app = web.Application()
+    app.router.add_post("/api/v2/spans", collector.handle)
+    server = await aiohttp_server(app)
+    return collector, str(server.make_url("/api/v2/spans"))
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: Any) -> tuple[list[dict[str, str]], str]:
+    seen: list[dict[str, str]] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append({k.lower(): v for k, v in request.headers.items()})
+        status = int(request.query.get("status", "200"))
+        return web.json_response({"ok": True}, status=status)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", record)
+    server = await aiohttp_server(app)
+    return seen, str(server.make_url("")).rstrip("/")
+
+
+async def _gateway(tmp_path: Path, upstream_url: str, **env: str) -> TestClient:
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "services": {"backend": {"url": upstream_url}},
+                "routes": [{"prefix": "/api/v1/clusters", "service": "backend", "auth": "none"}],
+            }
+        )
+    )
+    app = create_app(load_settings({"GATEWAY_CONFIG": str(config), **env}))
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    return client
+
+
+@pytest.fixture
+async def traced(tmp_path: Path, collector: Any, upstream: Any) -> Any:
+    clients: list[TestClient] = []
+
+    async def make(**env: str) -> TestClient:
+        env.setdefault("ZIPKIN_URL", collector[1])
+        client = await _gateway(tmp_path, upstream[1], **env)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.close()
+
+
+async def _flush(client: TestClient) -> None:
+    reporter = client.app[tracing_key].reporter
+    assert reporter is not None
+    await reporter.flush()
+
+
+async def test_traceparent_reaches_backend_with_same_trace_and_new_parent(traced: Any, upstream: Any) -> None:
+    client = await traced()
+    traceparent = f"00-{INCOMING_TRACE}-{INCOMING_PARENT}-01"
+    response = await client.get("/api/v1/clusters", headers={"traceparent": traceparent})
+    assert response.status == 200
+    seen = upstream[0][-1]
+    version, trace_id, parent_id, flags = seen["traceparent"].split("-")
+    assert (version, trace_id, flags) == ("00", INCOMING_TRACE, "01")
+    assert parent_id != INCOMING_PARENT and re.fullmatch(r"[0-9a-f]{16}", parent_id)
+    # B3 agrees with W3C: same trace, the calling span is the traceparent's parent.
+    assert seen["x-b3-traceid"] == INCOMING_TRACE
+    assert seen["x-b3-spanid"] == parent_id
+    assert seen["x-b3-sampled"] == "1"
+    assert "b3" not in seen
+
+
+async def test_server_and_client_spans_form_parent_and_child(traced: Any, collector: Any, upstream: Any) -> None:
+    client = await traced()
+    await client.get(
+        "/api/v1/clusters/abc", headers={"traceparent": f"00-{INCOMING_TRACE}-{INCOMING_PARENT}-01"}
+    )
+    await _flush(client)
+    spans = collector[0]
+    (server,) = spans.by_kind("SERVER")
+    (child,) = spans.by_kind("CLIENT")
+    assert server["traceId"] == child["traceId"] == INCOMING_TRACE
+    assert server["parentId"] == INCOMING_PARENT
+    assert child["parentId"] == server["id"]
+    # The backend was told that the CLIENT span called it.
+    assert upstream[0][-1]["traceparent"].split("-")[2] == child["id"]
+    assert upstream[0][-1]["x-b3-parentspanid"] == server["id"]
+    assert server["name"] == "GET /api/v1/clusters"
+    assert server["tags"]["http.route"] == "/api/v1/clusters"
+    assert server["tags"]["http.path"] == "/api/v1/clusters/abc"
+    assert server["tags"]["http.status_code"] == "200"
+    assert child["remoteEndpoint"]["serviceName"] == "backend"
+    # The client span lies within the server span.
+    assert server["timestamp"] <= child["timestamp"]
+    assert child["timestamp"] + child["duration"] <= server["timestamp"] + server["duration"]
+
+
+async def test_request_without_context_starts_a_new_trace(traced: Any, collector: Any, upstream: Any) -> None:
+    client = await traced()
+    await client.get("/api/v1/clusters")
+    await _flush(client)
+    (server,) = collector[0].by_kind("SERVER")
+    assert "parentId" not in server
+    assert re.fullmatch(r"[0-9a-f]{32}", server["traceId"])
+    assert upstream[0][-1]["traceparent"].split("-")[1] == server["traceId"]
+
+
+async def test_rejected_request_still_gets_a_span_with_its_status(traced: Any, collector: Any) -> None:
+    client = await traced()
+    response = await client.get("/nowhere")
+    assert response.status == 404
+    await _flush(client)
+    (server,) = collector[0].by_kind("SERVER")
+    assert server["tags"]["http.status_code"] == "404"
+    assert "error" not in server["tags"]
+
+
+async def test_upstream_5xx_marks_the_span_as_error(traced: Any, collector: Any) -> None:
+    client = await traced()
+    response = await client.get("/api/v1/clusters?status=503")
+    assert response.status == 503
+    await _flush(client)
+    (server,) = collector[0].by_kind("SERVER")
+    assert server["tags"]["error"] == "503"
+
+
+async def test_incoming_not_sampled_is_honoured(traced: Any, collector: Any, upstream: Any) -> None:
+    client = await traced(TRACE_SAMPLE_RATE="1.0")
+    await client.get("/api/v1/clusters", headers={"traceparent": f"00-{INCOMING_TRACE}-{INCOMING_PARENT}-00"})
+    await _flush(client)
+    assert collector[0].spans == []
+    seen = upstream[0][-1]
+    assert seen["traceparent"].endswith("-00")
+    assert seen["x-b3-sampled"] == "0"
+
+
+async def test_sample_rate_zero_reports_nothing_but_still_propagates(traced: Any, collector: Any, upstream: Any) -> None:
+    client = await traced(TRACE_SAMPLE_RATE="0")
+    await client.get("/api/v1/clusters")
+    await _flush(client)
+    assert collector[0].spans == []
+    assert upstream[0][-1]["traceparent"].endswith("-00")
+
+
+async def test_b3_debug_is_propagated_as_flags(traced: Any, upstream: Any) -> None:
+    client = await traced()
+    await client.get("/api/v1/clusters", headers={"b3": f"{INCOMING_TRACE}-{INCOMING_PARENT}-d"})
+    seen = upstream[0][-1]
+    assert seen["x-b3-flags"] == "1"
+    assert "x-b3-sampled" not in seen
+    assert seen["traceparent"].endswith("-01")
+
+
+async def test_tracestate_passes_on_unchanged(traced: Any, upstream: Any) -> None:
+    client = await traced()
+    await client.get(
+        "/api/v1/clusters",
+        headers={"traceparent": f"00-{INCOMING_TRACE}-{INCOMING_PARENT}-01", "tracestate": "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"},
+    )
+    assert upstream[0][-1]["tracestate"] == "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [
+        ("abc-123", True),
+        ("0f9c2e1a-5b7d-4c1e-9a3f-2b8d6e4c1a7f", True),
+        ("x" * 129, False),
+        ("bad id with spaces", False),
+        ("evil\u00e9", False),
+    ],
+)
+async def test_request_id_is_kept_when_sane_and_echoed_upstream_and_on_span(
+    traced: Any, collector: Any, upstream: Any, sent: str, kept: bool
+) -> None:
+    client = await traced()
+    response = await client.get("/api/v1/clusters", headers={"x-request-id": sent.encode("utf-8").decode("latin-1")})
+    request_id = response.headers["x-request-id"]
+    assert (request_id == sent) is kept
+    assert upstream[0][-1]["x-request-id"] == request_id
+    await _flush(client)
+    (server,) = collector[0].by_kind("SERVER")
+    assert server["tags"]["request_id"] == request_id
+
+
+async def test_every_gateway_error_carries_a_request_id(traced: Any) -> None:
+    client = await traced()
+    response = await client.get("/nowhere")
+    assert response.status == 404
+    assert response.content_type == "application/json"
+    assert len(response.headers["x-request-id"]) >= 16
+
+
+async def test_collector_down_never_fails_a_request(tmp_path: Path, upstream: Any, unused_tcp_port: int) -> None:
+    client = await _gateway(tmp_path, upstream[1], ZIPKIN_URL=f"http://127.0.0.1:{unused_tcp_port}/api/v2/spans")
+    try:
+        for _ in range(3):
+            response = await client.get("/api/v1/clusters")
+            assert response.status == 200
+        reporter = client.app[tracing_key].reporter
+        await reporter.flush()
+        assert reporter.dropped == 6  # 3 requests x (SERVER + CLIENT)
+        assert reporter.sent == 0
+    finally:
+        await client.close()
+
+
+async def test_span_buffer_is_bounded_and_counts_drops(traced: Any) -> None:
+    client = await traced()
+    reporter = client.app[tracing_key].reporter
+    reporter.max_buffer = 4
+    reporter.batch_size = 1000  # no early flush
+    for _ in range(5):
+        await client.get("/api/v1/clusters")
+    assert len(reporter.buffer) == 4
+    assert reporter.dropped == 6
+
+
+def test_inject_trace_headers_outside_a_request_returns_headers_unchanged() -> None:
+    assert inject_trace_headers({"a": "b"}) == {"a": "b"}
+    assert inject_trace_headers() == {}
