@@ -47,10 +47,11 @@ Decisions where the specs leave room:
   ``X-B3-Flags: 1`` is debug, which implies sampled whatever ``X-B3-Sampled`` says.
 - Repeated B3 headers: the first value wins (the B3 spec says so for multiple headers; the same
   is applied to ``b3``).
-- A ``b3`` holding only a sampling state wins over complete ``X-B3-*`` ids, as in Brave: the
-  single header takes precedence. An invalid ``b3`` falls back to ``X-B3-*``.
+- A ``b3`` holding only a sampling state wins over complete ``X-B3-*`` ids: the spec gives the
+  single header precedence without exception. An invalid ``b3`` falls back to ``X-B3-*``.
 - 64-bit B3 trace ids are kept as received, so ``X-B3-TraceId`` goes on unchanged; ``traceparent``
-  needs 32 hex, so it gets the id left-padded with zeros (Zipkin treats the two as one trace).
+  needs 32 hex, so it gets the id left-padded with zeros (Zipkin joins the two halves of such a
+  trace only with ``STRICT_TRACE_ID=false``; a 64-bit caller reading B3 sees its own id).
 - :func:`child_headers` writes ``traceparent``/``tracestate`` and the multi-header B3 set named in
   the contract. The single ``b3`` header is off by default: every B3 reader understands the
   multi form, and sending both only doubles the bytes; ``b3_single=True`` adds it for receivers
@@ -67,8 +68,8 @@ Why not aiozipkin's helpers (``aiozipkin.helpers`` 1.1.1, checked against its so
   request; ``b3: 1`` and ``b3: d`` (sampling state only) are lost the same way.
 - ``X-B3-*`` wins over ``b3`` when both are present, the reverse of the spec.
 - No id is validated (its own TODO): ``b3: foo-bar`` yields trace_id ``foo``, all-zero ids pass,
-  a bad sampling state in ``b3`` silently becomes "defer", extra ``-`` fields are ignored, and the
-  single header is lower-cased so uppercase ids pass there but not in ``X-B3-*``.
+  a bad sampling state in ``b3`` silently becomes "defer", extra ``-`` fields are ignored, and
+  uppercase ids pass everywhere (lower-cased in ``b3``, kept verbatim in ``X-B3-*``).
 - ``X-B3-Sampled: true`` is read as not sampled (only ``"1"`` counts), as is any junk value.
 - Repeated headers: the last value wins; B3 says the first.
 - It knows nothing of W3C ``traceparent``/``tracestate``.
