@@ -7,16 +7,20 @@ import re
 from pathlib import Path
 from typing import Any
 
+import aiozipkin as az
 import jsonschema
 import pytest
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from aiozipkin.helpers import TraceContext as ZipkinContext
+from aiozipkin.record import Record
 
 from gateway.app import create_app
 from gateway.keys import tracing_key
 from gateway.middleware.tracing import inject_trace_headers
 from gateway.settings import load_settings
+from gateway.zipkin import ZipkinReporter
 
 INCOMING_TRACE = "0af7651916cd43dd8448eb211c80319c"
 INCOMING_PARENT = "b7ad6b7169203331"
@@ -139,7 +143,9 @@ async def test_traceparent_reaches_backend_with_same_trace_and_new_parent(traced
     assert "b3" not in seen
 
 
-async def test_server_and_client_spans_form_parent_and_child(traced: Any, collector: Any, upstream: Any) -> None:
+async def test_server_and_client_spans_form_parent_and_child(
+    traced: Any, collector: Any, upstream: Any
+) -> None:
     client = await traced()
     await client.get(
         "/api/v1/clusters/abc", headers={"traceparent": f"00-{INCOMING_TRACE}-{INCOMING_PARENT}-01"}
@@ -203,7 +209,9 @@ async def test_incoming_not_sampled_is_honoured(traced: Any, collector: Any, ups
     assert seen["x-b3-sampled"] == "0"
 
 
-async def test_sample_rate_zero_reports_nothing_but_still_propagates(traced: Any, collector: Any, upstream: Any) -> None:
+async def test_sample_rate_zero_reports_nothing_but_still_propagates(
+    traced: Any, collector: Any, upstream: Any
+) -> None:
     client = await traced(TRACE_SAMPLE_RATE="0")
     await client.get("/api/v1/clusters")
     await _flush(client)
@@ -224,7 +232,10 @@ async def test_tracestate_passes_on_unchanged(traced: Any, upstream: Any) -> Non
     client = await traced()
     await client.get(
         "/api/v1/clusters",
-        headers={"traceparent": f"00-{INCOMING_TRACE}-{INCOMING_PARENT}-01", "tracestate": "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"},
+        headers={
+            "traceparent": f"00-{INCOMING_TRACE}-{INCOMING_PARENT}-01",
+            "tracestate": "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7",
+        },
     )
     assert upstream[0][-1]["tracestate"] == "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
 
@@ -243,7 +254,9 @@ async def test_request_id_is_kept_when_sane_and_echoed_upstream_and_on_span(
     traced: Any, collector: Any, upstream: Any, sent: str, kept: bool
 ) -> None:
     client = await traced()
-    response = await client.get("/api/v1/clusters", headers={"x-request-id": sent.encode("utf-8").decode("latin-1")})
+    response = await client.get(
+        "/api/v1/clusters", headers={"x-request-id": sent.encode("utf-8").decode("latin-1")}
+    )
     request_id = response.headers["x-request-id"]
     assert (request_id == sent) is kept
     assert upstream[0][-1]["x-request-id"] == request_id
@@ -260,8 +273,12 @@ async def test_every_gateway_error_carries_a_request_id(traced: Any) -> None:
     assert len(response.headers["x-request-id"]) >= 16
 
 
-async def test_collector_down_never_fails_a_request(tmp_path: Path, upstream: Any, unused_tcp_port: int) -> None:
-    client = await _gateway(tmp_path, upstream[1], ZIPKIN_URL=f"http://127.0.0.1:{unused_tcp_port}/api/v2/spans")
+async def test_collector_down_never_fails_a_request(
+    tmp_path: Path, upstream: Any, unused_tcp_port: int
+) -> None:
+    client = await _gateway(
+        tmp_path, upstream[1], ZIPKIN_URL=f"http://127.0.0.1:{unused_tcp_port}/api/v2/spans"
+    )
     try:
         for _ in range(3):
             response = await client.get("/api/v1/clusters")
@@ -274,13 +291,11 @@ async def test_collector_down_never_fails_a_request(tmp_path: Path, upstream: An
         await client.close()
 
 
-async def test_span_buffer_is_bounded_and_counts_drops(traced: Any) -> None:
-    client = await traced()
-    reporter = client.app[tracing_key].reporter
-    reporter.max_buffer = 4
-    reporter.batch_size = 1000  # no early flush
-    for _ in range(5):
-        await client.get("/api/v1/clusters")
+def test_span_buffer_is_bounded_and_counts_drops() -> None:
+    reporter = ZipkinReporter("http://127.0.0.1:9/api/v2/spans", max_buffer=4, batch_size=1000)
+    for n in range(10):
+        context = ZipkinContext(INCOMING_TRACE, None, f"{n + 1:016x}", True, False, False)
+        reporter.send(Record(context, az.create_endpoint("gateway")).start(1).finish(2))
     assert len(reporter.buffer) == 4
     assert reporter.dropped == 6
 
