@@ -124,6 +124,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     global _writer, access_entries
     if _writer is not None:
         _writer.stop()
+        atexit.unregister(_writer.stop)
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(
         JsonFormatter()

@@ -21,8 +21,12 @@ from typing import Any
 
 import aiohttp
 from aiohttp import WSMsgType, web
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.http import RawResponseMessage
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.streams import StreamReader
 from aiohttp.typedefs import Handler
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .errors import ApiError
@@ -39,6 +43,7 @@ from .keys import (
 )
 from .middleware.request_id import REQUEST_ID_HEADER
 from .middleware.tracing import client_span, inject_trace_headers
+from .pool import ConnectFailed, ConnectTimeout, exchange
 from .routing import strip_route_prefix
 from .settings import Route
 from .upstream import Target, Upstream
@@ -192,19 +197,27 @@ async def _proxy_http(
             body = await request.read()
         else:
             body = _Body(request.content, limit)
+    if isinstance(body, bytes):
+        headers["Content-Length"] = str(len(body))
 
     with client_span(
         request.app[tracing_key], name=f"{method} {request[route_key].prefix}", service=upstream.name
     ) as span:
         headers.update(inject_trace_headers())
-        upstream_response = await _send(request, upstream, path, headers, body)
+        target, protocol, message, payload = await _send(request, upstream, path, headers, body)
         if span is not None and span.record is not None:
-            span.record.tag("http.status_code", str(upstream_response.status))
-            span.record.tag("peer.target", request[target_key].url)
+            span.record.tag("http.status_code", str(message.code))
+            span.record.tag("peer.target", target.url)
         try:
-            return await _relay_response(request, upstream_response)
-        finally:
-            upstream_response.release()
+            response = await _relay_response(request, message, payload)
+        except BaseException:
+            protocol.close()
+            raise
+        if payload.is_eof():
+            target.pool.release(protocol)
+        else:
+            protocol.close()
+        return response
 
 
 async def _send(
@@ -213,26 +226,34 @@ async def _send(
     path: str,
     headers: CIMultiDict[str],
     body: bytes | _Body | None,
-) -> aiohttp.ClientResponse:
+) -> tuple[Target, ResponseHandler, RawResponseMessage, StreamReader]:
     """Send the request to a healthy target, retrying once elsewhere when that is safe."""
-    session = request.app[http_client_key]
     method = request.method
+    # A stream of unknown length goes upstream chunked; a declared length is kept as sent.
+    chunked = isinstance(body, _Body) and request.content_length is None
+    timeout = upstream.service.timeout
     target = upstream.pick()
     attempts = 2 if method in IDEMPOTENT else 1
     while True:
         if target is None:
             raise ApiError(503, f"No healthy target for service '{upstream.name}'")
         request[target_key] = target
+        headers["Host"] = target.pool.host_header
+        protocol: ResponseHandler | None = None
         try:
-            upstream_response = await session.request(
-                method,
-                URL(target.url + path, encoded=True),
+            protocol = await target.pool.acquire(timeout.connect)
+            message, payload = await exchange(
+                protocol,
+                method=method,
+                target=target.base_path + path,
                 headers=headers,
-                data=body,
-                allow_redirects=False,
-                timeout=upstream.timeout,
+                body=body,
+                chunked=chunked,
+                read_timeout=timeout.read,
             )
-        except aiohttp.ClientError as exc:
+        except (OSError, TimeoutError, aiohttp.ClientError, HttpProcessingError, BodyTooLarge) as exc:
+            if protocol is not None:
+                protocol.close()
             if isinstance(body, _Body) and body.exceeded:
                 raise body_too_large(request[route_key].max_body or 0) from None
             error, retryable = _upstream_failure(upstream, target, exc)
@@ -244,55 +265,51 @@ async def _send(
                 raise error from None
             continue
         upstream.succeeded(target)
-        return upstream_response
+        return target, protocol, message, payload
 
 
-def _upstream_failure(upstream: Upstream, target: Target, exc: aiohttp.ClientError) -> tuple[ApiError, bool]:
-    """Translate a failure before the response headers: the error, and whether a retry is safe."""
-    if isinstance(exc, _CONNECT_ERRORS):
+def _upstream_failure(upstream: Upstream, target: Target, exc: BaseException) -> tuple[ApiError, bool]:
+    """Translate a failure before the response head: the error, and whether a retry is safe."""
+    name = upstream.name
+    if isinstance(exc, ConnectTimeout):
         # Nothing reached the upstream: safe to retry, and the target is likely down.
         upstream.eject(target)
-        return _connect_error(upstream, exc), True
-    if isinstance(exc, aiohttp.SocketTimeoutError):
+        return ApiError(504, f"Upstream '{name}' timed out"), True
+    if isinstance(exc, ConnectFailed):
         upstream.eject(target)
-        return ApiError(504, f"Upstream '{upstream.name}' timed out"), False
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+        return ApiError(502, f"Upstream '{name}' is unreachable"), True
+    if isinstance(exc, aiohttp.SocketTimeoutError | TimeoutError):
+        upstream.eject(target)
+        return ApiError(504, f"Upstream '{name}' timed out"), False
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError | ConnectionError):
         # Often a pooled keep-alive connection the upstream had just closed: not ejected, and
-        # retried (idempotent methods only) since the upstream did not answer.
-        log.info(
-            "upstream disconnected",
-            extra={"service": upstream.name, "target": target.url, "error": repr(exc)},
-        )
-        return ApiError(502, f"Upstream '{upstream.name}' closed the connection"), True
-    log.warning("upstream error", extra={"service": upstream.name, "target": target.url, "error": repr(exc)})
-    return ApiError(502, f"Upstream '{upstream.name}' sent an invalid response"), False
-
-
-def _connect_error(upstream: Upstream, exc: Exception) -> ApiError:
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return ApiError(504, f"Upstream '{upstream.name}' timed out")
-    return ApiError(502, f"Upstream '{upstream.name}' is unreachable")
+        # retried (idempotent methods only, nothing streamed yet) since the upstream did not answer.
+        log.info("upstream disconnected", extra={"service": name, "target": target.url, "error": repr(exc)})
+        return ApiError(502, f"Upstream '{name}' closed the connection"), True
+    log.warning("upstream error", extra={"service": name, "target": target.url, "error": repr(exc)})
+    return ApiError(502, f"Upstream '{name}' sent an invalid response"), False
 
 
 async def _relay_response(
-    request: web.Request, upstream_response: aiohttp.ClientResponse
+    request: web.Request, message: RawResponseMessage, payload: StreamReader
 ) -> web.StreamResponse:
-    headers = response_headers(upstream_response.headers)
-    status = upstream_response.status
-    length = upstream_response.content_length
+    headers = response_headers(message.headers)
+    status = message.code
+    length = _content_length(message.headers)
     if (
         length is not None
         and length <= BUFFER_LIMIT
         and request.method != "HEAD"
         and status not in (204, 304)
-        and status >= 200
     ):
         try:
-            body = await upstream_response.read()
-        except (TimeoutError, aiohttp.ClientError) as exc:
+            body = await payload.read() if length else b""
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             log.warning("upstream body failed", extra={"error": repr(exc)})
             raise ApiError(502, "Upstream closed the connection mid-response") from None
-        response = web.Response(status=status, reason=upstream_response.reason, body=body)
+        if len(body) != length:
+            raise ApiError(502, "Upstream closed the connection mid-response")
+        response = web.Response(status=status, reason=message.reason, body=body)
         # web.Response sets Content-Length itself; setting the copied headers afterwards keeps
         # the upstream's Content-Type (or its absence) untouched.
         del headers["Content-Length"]
@@ -301,24 +318,29 @@ async def _relay_response(
             response.headers.pop("Content-Type", None)
         return response
 
-    response = web.StreamResponse(status=status, reason=upstream_response.reason, headers=headers)
+    response = web.StreamResponse(status=status, reason=message.reason, headers=headers)
     await response.prepare(request)
-    content = upstream_response.content
     try:
-        while chunk := await content.read(CHUNK_SIZE):
+        while chunk := await payload.read(CHUNK_SIZE):
             await response.write(chunk)
-    except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-        if isinstance(exc, aiohttp.ClientConnectionResetError) and request.transport is None:
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        transport = request.transport
+        if transport is None or transport.is_closing():
             return response  # the client left; nothing to cut
         # Headers are gone already: the only honest signal left is to cut the connection, so
         # the client sees a short body (or no final chunk) instead of a clean end.
         log.warning("upstream failed mid-body", extra={"error": repr(exc)})
-        transport = request.transport
-        if transport is not None:
-            transport.close()
+        transport.close()
         return response
     await response.write_eof()
     return response
+
+
+def _content_length(headers: CIMultiDictProxy[str]) -> int | None:
+    value = headers.get("Content-Length")
+    if value is None or not value.isdigit():
+        return None
+    return int(value)
 
 
 # -- WebSocket ---------------------------------------------------------------------------------
@@ -362,7 +384,9 @@ async def _proxy_websocket(
         ) from None
     except _CONNECT_ERRORS as exc:
         upstream.eject(target)
-        raise _connect_error(upstream, exc) from None
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            raise ApiError(504, f"Upstream '{upstream.name}' timed out") from None
+        raise ApiError(502, f"Upstream '{upstream.name}' is unreachable") from None
     except TimeoutError:
         upstream.eject(target)
         raise ApiError(504, f"Upstream '{upstream.name}' timed out") from None

@@ -8,7 +8,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
+from yarl import URL
 
+from .pool import TargetPool
 from .settings import ServiceSettings
 
 __all__ = ["Target", "Upstream"]
@@ -19,10 +21,12 @@ class Target:
     url: str  # base URL without a trailing slash; the request's raw path is appended
     ejected_until: float = 0.0
     consecutive_failures: int = 0
-    label: str = field(init=False)
+    pool: TargetPool = field(init=False)
+    base_path: str = field(init=False)  # a target URL may carry a path prefix: http://h/prefix
 
     def __post_init__(self) -> None:
-        self.label = self.url
+        self.pool = TargetPool(self.url)
+        self.base_path = URL(self.url).raw_path.rstrip("/")
 
 
 class Upstream:
@@ -63,6 +67,10 @@ class Upstream:
         if target.consecutive_failures:
             target.consecutive_failures = 0
             target.ejected_until = 0.0
+
+    def close(self) -> None:
+        for target in self.targets:
+            target.pool.close()
 
     def healthy(self, target: Target) -> bool:
         return target.ejected_until <= self._clock()
