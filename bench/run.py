@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,7 +209,9 @@ def parse_wrk(output: str) -> dict[str, Any]:
             continue
         m = re.fullmatch(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", line)
         if m:
-            result["socket_errors"] = dict(zip(("connect", "read", "write", "timeout"), map(int, m.groups())))
+            result["socket_errors"] = dict(
+                zip(("connect", "read", "write", "timeout"), map(int, m.groups()), strict=True)
+            )
             continue
         m = re.fullmatch(r"Non-2xx or 3xx responses: (\d+)", line)
         if m:
@@ -376,6 +379,17 @@ class Bench:
     def gateway_alive(self) -> bool:
         return self.gateway is not None and self.gateway.poll() is None
 
+    def require_gateway(self, during: str) -> None:
+        if self.gateway is None or self.gateway.poll() is None:
+            return
+        code = self.gateway.returncode
+        why = (
+            "it drained and stopped: something sent it SIGTERM/SIGINT"
+            if code in (0, -signal.SIGTERM, -signal.SIGINT)
+            else "it crashed; rerun with --gateway-stderr FILE to see why"
+        )
+        raise BenchError(f"the gateway exited with code {code} during {during} ({why})")
+
     # -- measuring ------------------------------------------------------------------------------
 
     def preflight(self) -> list[str]:
@@ -396,7 +410,7 @@ class Bench:
         return failures
 
     def wrk(self, target: str, path: str, conns: int, seconds: int, script: Path | None) -> dict[str, Any]:
-        argv = [TASKSET, "-c", LOAD_CPU, WRK, "-t1", f"-c{conns}", f"-d{seconds}s", "--timeout", "5s", "--latency"]
+        argv = [TASKSET, "-c", LOAD_CPU, WRK, *f"-t1 -c{conns} -d{seconds}s --timeout 5s --latency".split()]
         if script is not None:
             argv += ["-s", str(script)]
         argv.append(f"http://127.0.0.1:{self.ports[target]}{path}")
@@ -415,44 +429,48 @@ class Bench:
         parsed["raw"] = text
         return parsed
 
+    def measure(self, key: str, case: str, target: str, path: str, conns: int, script: Path | None) -> None:
+        r = self.wrk(target, path, conns, self.args.duration, script)
+        self.results.setdefault(key, []).append({"case": case, "connections": conns, "target": target, **r})
+        if target == "gateway":
+            self.require_gateway(f"{case} c={conns}")
+        time.sleep(0.3)
+
     def warm_up(self) -> None:
         for target in TARGETS:
             self.wrk(target, "/1k", 128, 1, None)
             self.wrk(target, "/post", 32, 1, BENCH / "wrk_post.lua")
 
-    def throughput(self) -> list[dict[str, Any]]:
-        rows = []
+    def throughput(self) -> None:
         for name, path, _size, script in CASES:
             for conns in (32, 128):
                 for target in TARGETS:
                     log(f"{name} c={conns} -> {target}")
-                    r = self.wrk(target, path, conns, self.args.duration, script)
-                    rows.append({"case": name, "connections": conns, "target": target, **r})
-                    time.sleep(0.3)
-        return rows
+                    self.measure("throughput", name, target, path, conns, script)
 
-    def latency(self) -> list[dict[str, Any]]:
-        rows = []
+    def latency(self) -> None:
         for name, path in (("GET 1KiB", "/1k"), ("GET 1MiB", "/1m")):
             for target in TARGETS:
                 log(f"latency {name} c=1 -> {target}")
-                r = self.wrk(target, path, 1, self.args.duration, None)
-                rows.append({"case": name, "connections": 1, "target": target, **r})
-                time.sleep(0.3)
-        return rows
+                self.measure("latency", name, target, path, 1, None)
 
-    def memory(self) -> dict[str, Any]:
+    def memory(self) -> None:
         size = self.args.mem_mib * 1024 * 1024
-        out = {"size_bytes": size}
+        out: dict[str, Any] = {"size_bytes": size}
+        self.results["memory"] = out
         for mode, path in (("download", "/big"), ("upload", "/upload/sink")):
             log(f"memory: {self.args.mem_mib} MiB {mode} through the gateway")
+            self.require_gateway(f"memory {mode}")
             out[mode] = self.transfer(mode, f"http://127.0.0.1:{self.ports['gateway']}{path}", size)
-        return out
+            self.require_gateway(f"memory {mode}")
 
     def transfer(self, mode: str, url: str, size: int) -> dict[str, Any]:
         assert self.gateway is not None
         pid = self.gateway.pid  # with one worker the serving process is the gateway itself
-        before = rss_kib(pid)
+        try:
+            before = rss_kib(pid)
+        except OSError as exc:
+            raise BenchError(f"cannot read the gateway's RSS: {exc}") from None
         peak = before["VmRSS"]
         client = self.procs.start(
             f"{mode}-client",
@@ -512,7 +530,7 @@ class Bench:
 
     # -- the whole run --------------------------------------------------------------------------
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> None:
         self.setup()
         self.start_gateway(1)
         failures = self.preflight()
@@ -520,9 +538,10 @@ class Bench:
             raise BenchError("preflight failed:\n  " + "\n  ".join(failures))
         log("warm-up")
         self.warm_up()
-        self.results["throughput"] = self.throughput()
-        self.results["latency"] = self.latency()
-        self.results["memory"] = self.memory()
+        self.require_gateway("warm-up")
+        self.throughput()
+        self.latency()
+        self.memory()
         self.stop_gateway()
 
         log(f"GATEWAY_WORKERS=2, GET 1KiB c=128 (not pinned: CPUs {all_cpus()})")
@@ -531,8 +550,8 @@ class Bench:
         self.wrk("gateway", "/1k", 128, 1, None)  # warm-up
         r = self.wrk("gateway", "/1k", 128, self.args.duration, None)
         self.results["workers2"] = {"worker_pids": workers, "cpus": all_cpus(), **r}
+        self.require_gateway("the GATEWAY_WORKERS=2 run")
         self.stop_gateway()
-        return self.results
 
 
 def all_cpus() -> str:
@@ -581,7 +600,9 @@ def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
                     continue
                 notes = "!! " + "; ".join(r["problems"]) if r["problems"] else ""
                 rps = f"{r['rps']:.0f}" if r["rps"] is not None else "-"
-                add(f"{case:<11} {conns:>5}  {target:<8} {rps:>10} {ms(r['p50_us']):>9} {ms(r['p99_us']):>9}  {notes}")
+                add(
+                    f"{case:<11} {conns:>5}  {target:<8} {rps:>10} {ms(r['p50_us']):>9} {ms(r['p99_us']):>9}  {notes}"
+                )
             g, n = find(rows, case, conns, "gateway"), find(rows, case, conns, "nginx")
             if g and n:
                 add(
@@ -594,15 +615,26 @@ def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
     if lat:
         add("single connection (wrk -c1 -t1)")
         d1, d2 = find(lat, "GET 1KiB", 1, "direct"), find(lat, "GET 1MiB", 1, "direct")
-        add(f"  {'target':<8} {'1KiB p50':>9} {'added':>9} {'1KiB p99':>9}   {'1MiB p50':>9} {'1MiB p99':>9} {'added p99':>9}")
+        add(
+            f"  {'target':<8} {'1KiB p50':>9} {'added':>9} {'1KiB p99':>9}   {'1MiB p50':>9} {'1MiB p99':>9} {'added p99':>9}"
+        )
         for target in TARGETS:
             a, b = find(lat, "GET 1KiB", 1, target), find(lat, "GET 1MiB", 1, target)
-            added = ms(a["p50_us"] - d1["p50_us"]) if target != "direct" and a.get("p50_us") and d1.get("p50_us") else ""
-            added99 = ms(b["p99_us"] - d2["p99_us"]) if target != "direct" and b.get("p99_us") and d2.get("p99_us") else ""
+            added = (
+                ms(a["p50_us"] - d1["p50_us"])
+                if target != "direct" and a.get("p50_us") and d1.get("p50_us")
+                else ""
+            )
+            added99 = (
+                ms(b["p99_us"] - d2["p99_us"])
+                if target != "direct" and b.get("p99_us") and d2.get("p99_us")
+                else ""
+            )
             notes = "; ".join(a.get("problems", []) + b.get("problems", []))
             add(
                 f"  {target:<8} {ms(a.get('p50_us')):>9} {added:>9} {ms(a.get('p99_us')):>9}   "
-                f"{ms(b.get('p50_us')):>9} {ms(b.get('p99_us')):>9} {added99:>9}" + (f"  !! {notes}" if notes else "")
+                f"{ms(b.get('p50_us')):>9} {ms(b.get('p99_us')):>9} {added99:>9}"
+                + (f"  !! {notes}" if notes else "")
             )
         add("")
 
@@ -623,7 +655,9 @@ def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
 
     mem = results.get("memory")
     if mem:
-        add(f"memory: {mem['size_bytes'] // 1024**2} MiB through the gateway (GATEWAY_WORKERS=1), RSS of the gateway process")
+        add(
+            f"memory: {mem['size_bytes'] // 1024**2} MiB through the gateway (GATEWAY_WORKERS=1), RSS of the gateway process"
+        )
         for mode in ("download", "upload"):
             m = mem.get(mode) or {}
             if not m:
@@ -655,15 +689,21 @@ def tool_version(argv: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run (default 10)")
     parser.add_argument("--quick", action="store_true", help="1 s runs and 256 MiB memory transfers")
-    parser.add_argument("--mem-mib", type=int, default=None, help="size of the memory-test transfers (default 1024)")
+    parser.add_argument(
+        "--mem-mib", type=int, default=None, help="size of the memory-test transfers (default 1024)"
+    )
     parser.add_argument("--log-level", default="INFO", help="the gateway's LOG_LEVEL (default INFO)")
     parser.add_argument(
         "--gateway-stderr", default=os.devnull, help="where the gateway's logs go (default /dev/null)"
     )
-    parser.add_argument("--keep-tmp", action="store_true", help="keep the temporary directory (configs, nginx logs)")
+    parser.add_argument(
+        "--keep-tmp", action="store_true", help="keep the temporary directory (configs, nginx logs)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.duration = 1 if args.duration == 10 else args.duration
@@ -706,6 +746,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log("interrupted")
         status = 130
+    except Exception:
+        log("FAILED with an unexpected error:\n" + traceback.format_exc())
+        status = 1
     finally:
         bench.procs.stop_all()
         if bench.tmp != Path() and not args.keep_tmp:
@@ -715,7 +758,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if bench.results:
         meta["loadavg_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        meta["completed"] = status == 0
         print(report(bench.results, meta))
+        if status:
+            print("\n!! PARTIAL RESULTS: the run did not finish (see the message above)")
         RESULTS.mkdir(exist_ok=True)
         path = RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
         path.write_text(json.dumps({"meta": meta, **bench.results}, indent=2))

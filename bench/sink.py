@@ -1,6 +1,6 @@
 """Upload sink for the memory test: reads any request body in chunks, discards it, answers its size.
 
-    python bench/sink.py PORT
+python bench/sink.py PORT
 """
 
 from __future__ import annotations
