@@ -48,6 +48,7 @@ CASES = (
     ("POST 64KiB", "/post", None, BENCH / "wrk_post.lua"),
 )
 TARGETS = ("direct", "nginx", "gateway")
+SECTIONS = ("throughput", "latency", "memory", "workers")
 
 # The gateway's environment is built from scratch for these; the caller's values must not leak in.
 _GATEWAY_ENV_PREFIXES = (
@@ -458,19 +459,28 @@ class Bench:
         size = self.args.mem_mib * 1024 * 1024
         out: dict[str, Any] = {"size_bytes": size}
         self.results["memory"] = out
-        for mode, path in (("download", "/big"), ("upload", "/upload/sink")):
+        for mode, path, direct in (
+            ("download", "/big", f"http://127.0.0.1:{self.ports['direct']}/big"),
+            ("upload", "/upload/sink", f"http://127.0.0.1:{self.ports['sink']}/upload/sink"),
+        ):
             log(f"memory: {self.args.mem_mib} MiB {mode} through the gateway")
             self.require_gateway(f"memory {mode}")
             out[mode] = self.transfer(mode, f"http://127.0.0.1:{self.ports['gateway']}{path}", size)
             self.require_gateway(f"memory {mode}")
+            # The same transfer without the gateway: the client's and the upstream's own ceiling.
+            reference = self.transfer(mode, direct, size, sample_gateway=False)
+            out[mode]["direct_mib_per_s"] = reference.get("mib_per_s")
+            out[mode]["problems"] += [f"direct: {p}" for p in reference["problems"]]
 
-    def transfer(self, mode: str, url: str, size: int) -> dict[str, Any]:
+    def transfer(self, mode: str, url: str, size: int, sample_gateway: bool = True) -> dict[str, Any]:
         assert self.gateway is not None
         pid = self.gateway.pid  # with one worker the serving process is the gateway itself
         try:
             before = rss_kib(pid)
         except OSError as exc:
             raise BenchError(f"cannot read the gateway's RSS: {exc}") from None
+        if not sample_gateway:
+            pid = -1  # the sampler stops at once
         peak = before["VmRSS"]
         client = self.procs.start(
             f"{mode}-client",
@@ -524,7 +534,7 @@ class Bench:
                 if received != size:
                     result["problems"].append(f"sink received {received} bytes, expected {size}")
             result["mib_per_s"] = size / 1024**2 / report["seconds"] if report.get("seconds") else None
-        if not self.gateway_alive():
+        if sample_gateway and not self.gateway_alive():
             result["problems"].append("GATEWAY DIED")
         return result
 
@@ -536,13 +546,20 @@ class Bench:
         failures = self.preflight()
         if failures:
             raise BenchError("preflight failed:\n  " + "\n  ".join(failures))
-        log("warm-up")
-        self.warm_up()
-        self.require_gateway("warm-up")
-        self.throughput()
-        self.latency()
-        self.memory()
+        only = set(self.args.only or SECTIONS)
+        if only & {"throughput", "latency"}:
+            log("warm-up")
+            self.warm_up()
+            self.require_gateway("warm-up")
+        if "throughput" in only:
+            self.throughput()
+        if "latency" in only:
+            self.latency()
+        if "memory" in only:
+            self.memory()
         self.stop_gateway()
+        if "workers" not in only:
+            return
 
         log(f"GATEWAY_WORKERS=2, GET 1KiB c=128 (not pinned: CPUs {all_cpus()})")
         self.start_gateway(2)
@@ -590,8 +607,9 @@ def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
         f"1 process) on CPU {PROXY_CPU}"
     )
     add("")
-    add(f"{'case':<11} {'conns':>5}  {'target':<8} {'req/s':>10} {'p50':>9} {'p99':>9}  notes")
     rows = results.get("throughput", [])
+    if rows:
+        add(f"{'case':<11} {'conns':>5}  {'target':<8} {'req/s':>10} {'p50':>9} {'p99':>9}  notes")
     for case, _path, _size, _script in CASES:
         for conns in (32, 128):
             for target in TARGETS:
@@ -609,7 +627,8 @@ def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
                     f"{'':<11} {'':>5}  gw/nginx {ratio(g['rps'], n['rps']):>10} "
                     f"{ratio(g['p50_us'], n['p50_us']):>9} {ratio(g['p99_us'], n['p99_us']):>9}"
                 )
-            add("")
+            if find(rows, case, conns, "direct"):
+                add("")
 
     lat = results.get("latency", [])
     if lat:
@@ -663,6 +682,8 @@ def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
             if not m:
                 continue
             speed = f"{m['mib_per_s']:.0f} MiB/s" if m.get("mib_per_s") else "-"
+            if m.get("direct_mib_per_s"):
+                speed += f" (without the gateway: {m['direct_mib_per_s']:.0f} MiB/s)"
             notes = "  !! " + "; ".join(m["problems"]) if m["problems"] else ""
             add(
                 f"  {mode:<8} RSS before {m['rss_before_kib'] / 1024:.1f} MiB, peak {m['rss_peak_kib'] / 1024:.1f} MiB, "
@@ -697,6 +718,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--mem-mib", type=int, default=None, help="size of the memory-test transfers (default 1024)"
     )
+    parser.add_argument(
+        "--only", action="append", choices=SECTIONS, help="run only this section (repeatable; default all)"
+    )
     parser.add_argument("--log-level", default="INFO", help="the gateway's LOG_LEVEL (default INFO)")
     parser.add_argument(
         "--gateway-stderr", default=os.devnull, help="where the gateway's logs go (default /dev/null)"
@@ -721,6 +745,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "duration_s": args.duration,
+        "sections": args.only or list(SECTIONS),
         "mem_mib": args.mem_mib,
         "log_level": args.log_level,
         "loadavg_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
