@@ -1,0 +1,805 @@
+#!/usr/bin/env python3
+"""Benchmark: the gateway against nginx as a reverse proxy, both in front of the same nginx upstream.
+
+    python bench/run.py                 # 10 s per wrk run (about 6 minutes in all)
+    python bench/run.py --quick         # 1 s per run, 256 MiB memory transfers: a smoke test
+
+Stdlib only (plus aiohttp for bench/sink.py, which the gateway needs anyway). Everything it starts
+runs on 127.0.0.1 under a temporary directory and is stopped again, also on Ctrl-C.
+See bench/README.md for what the numbers mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+RESULTS = BENCH / "results"
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+WRK = shutil.which("wrk") or "/usr/bin/wrk"
+TASKSET = shutil.which("taskset") or "/usr/bin/taskset"
+
+LOAD_CPU = "0"  # wrk, the upstream nginx, the upload sink and the memory-test client
+PROXY_CPU = "1"  # the proxy under test: nginx proxy or the gateway
+
+CASES = (
+    # name, path, expected body size (None: don't check), wrk script
+    ("GET 1KiB", "/1k", 1024, None),
+    ("GET 1MiB", "/1m", 1024 * 1024, None),
+    ("POST 64KiB", "/post", None, BENCH / "wrk_post.lua"),
+)
+TARGETS = ("direct", "nginx", "gateway")
+SECTIONS = ("throughput", "latency", "memory", "workers")
+
+# The gateway's environment is built from scratch for these; the caller's values must not leak in.
+_GATEWAY_ENV_PREFIXES = (
+    "GATEWAY_", "SERVICE_", "AUTH_", "REDIS_", "POSTGRES_", "ZIPKIN_", "RATE_LIMIT_", "TRACE_",
+    "TRUSTED_PROXIES", "CORS_", "LOG_", "INTELLIGENCE_",
+)  # fmt: skip
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# -- processes ----------------------------------------------------------------------------------
+
+
+class Processes:
+    """Every child runs in its own session, so stopping it stops its workers too (by group id)."""
+
+    def __init__(self) -> None:
+        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        kwargs.setdefault("stdin", subprocess.DEVNULL)
+        kwargs.setdefault("stdout", subprocess.DEVNULL)
+        proc = subprocess.Popen(argv, start_new_session=True, **kwargs)
+        self.children.append((name, proc))
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log(f"pid {proc.pid} did not stop on signal {sig}; killing its group")
+        # The leader may be gone while forked workers linger: always sweep the group.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if proc.poll() is None:
+            proc.wait(5)
+        self.children = [(n, p) for n, p in self.children if p is not proc]
+
+    def stop_all(self) -> None:
+        for _name, proc in reversed(list(self.children)):
+            self.stop(proc)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(port: int, path: str, proc: subprocess.Popen[bytes], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"{what} exited with code {proc.returncode} before it was ready")
+        try:
+            status, _ = http_get(port, path, timeout=1.0)
+            if status == 200:
+                return
+            last = f"status {status}"
+        except OSError as exc:
+            last = repr(exc)
+        time.sleep(0.1)
+    raise BenchError(f"{what} not ready on port {port} after {timeout:g}s ({last})")
+
+
+def http_get(port: int, path: str, method: str = "GET", body: bytes | None = None, timeout: float = 10.0):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        headers = {"Content-Type": "application/octet-stream"} if body is not None else {}
+        conn.request(method, path, body=body, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def rss_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak) of one process, in KiB, from /proc."""
+    out = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, value = line.split(":", 1)
+                out[key] = int(value.split()[0])
+    return out
+
+
+def child_pids(pid: int) -> list[int]:
+    children = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        # the command may contain spaces and parentheses: fields start after the last ')'
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid:
+            children.append(int(entry))
+    return children
+
+
+# -- wrk ----------------------------------------------------------------------------------------
+
+_TIME_UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6, "m": 60e6, "h": 3600e6}
+_SIZE_UNITS = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
+_TIME_RE = r"([0-9]+(?:\.[0-9]+)?)(us|ms|s|m|h)"
+
+
+def parse_time_us(text: str) -> float | None:
+    """``'320.50us'`` -> 320.5, ``'1.20ms'`` -> 1200.0, ``'2.00s'`` -> 2e6 (wrk's own units)."""
+    match = re.fullmatch(_TIME_RE, text.strip())
+    if not match:
+        return None
+    return float(match.group(1)) * _TIME_UNITS[match.group(2)]
+
+
+def parse_wrk(output: str) -> dict[str, Any]:
+    """The numbers from ``wrk --latency`` text output. Missing values are None, never guessed."""
+    result: dict[str, Any] = {
+        "requests": None, "seconds": None, "bytes_read": None, "rps": None,
+        "latency_avg_us": None, "latency_max_us": None, "percentiles_us": {},
+        "socket_errors": {"connect": 0, "read": 0, "write": 0, "timeout": 0}, "non_2xx_3xx": 0,
+    }  # fmt: skip
+    for line in output.splitlines():
+        line = line.strip()
+        if line.startswith("Latency") and "Distribution" not in line:
+            parts = line.split()
+            if len(parts) >= 4:
+                result["latency_avg_us"] = parse_time_us(parts[1])
+                result["latency_max_us"] = parse_time_us(parts[3])
+            continue
+        m = re.fullmatch(r"([0-9.]+)%\s+" + _TIME_RE, line)
+        if m:
+            pct = float(m.group(1))
+            result["percentiles_us"][f"{pct:g}"] = float(m.group(2)) * _TIME_UNITS[m.group(3)]
+            continue
+        m = re.fullmatch(r"([0-9]+) requests in " + _TIME_RE + r", ([0-9.]+)([KMGT]?B) read", line)
+        if m:
+            result["requests"] = int(m.group(1))
+            result["seconds"] = float(m.group(2)) * _TIME_UNITS[m.group(3)] / 1e6
+            result["bytes_read"] = int(float(m.group(4)) * _SIZE_UNITS[m.group(5)])
+            continue
+        m = re.fullmatch(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", line)
+        if m:
+            result["socket_errors"] = dict(
+                zip(("connect", "read", "write", "timeout"), map(int, m.groups()), strict=True)
+            )
+            continue
+        m = re.fullmatch(r"Non-2xx or 3xx responses: (\d+)", line)
+        if m:
+            result["non_2xx_3xx"] = int(m.group(1))
+            continue
+        m = re.fullmatch(r"Requests/sec:\s+([0-9.]+)", line)
+        if m:
+            result["rps"] = float(m.group(1))
+    result["p50_us"] = result["percentiles_us"].get("50")
+    result["p99_us"] = result["percentiles_us"].get("99")
+    return result
+
+
+def problems(parsed: dict[str, Any]) -> list[str]:
+    out = []
+    if parsed["non_2xx_3xx"]:
+        out.append(f"{parsed['non_2xx_3xx']} non-2xx/3xx")
+    errors = {k: v for k, v in parsed["socket_errors"].items() if v}
+    if errors:
+        out.append("socket errors " + ", ".join(f"{k} {v}" for k, v in errors.items()))
+    if not parsed["requests"]:
+        out.append("no completed requests")
+    if parsed["rps"] is None or parsed["p50_us"] is None or parsed["p99_us"] is None:
+        out.append("could not parse wrk output")
+    return out
+
+
+def _selftest_parser() -> None:
+    sample = """Running 2s test @ http://127.0.0.1:1/1k
+  1 threads and 32 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   340.15us  100.23us   1.05s    90.00%
+    Req/Sec    45.00k     2.00k   50.00k    80.00%
+  Latency Distribution
+     50%  320.00us
+     75%    1.50ms
+     90%    2.00s
+     99%    1.00m
+  90000 requests in 2.00s, 100.50MB read
+  Socket errors: connect 0, read 3, write 0, timeout 1
+  Non-2xx or 3xx responses: 5
+Requests/sec:  45000.25
+Transfer/sec:     50.00MB
+"""
+    r = parse_wrk(sample)
+    assert r["percentiles_us"] == {"50": 320.0, "75": 1500.0, "90": 2e6, "99": 60e6}, r
+    assert (r["requests"], r["seconds"], r["rps"], r["non_2xx_3xx"]) == (90000, 2.0, 45000.25, 5), r
+    assert r["latency_avg_us"] == 340.15 and r["latency_max_us"] == 1.05e6, r
+    assert r["socket_errors"] == {"connect": 0, "read": 3, "write": 0, "timeout": 1}, r
+    assert r["bytes_read"] == int(100.5 * 1024**2)
+    assert len(problems(r)) == 2
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    procs: Processes = field(default_factory=Processes)
+    tmp: Path = Path()
+    ports: dict[str, int] = field(default_factory=dict)
+    gateway: subprocess.Popen[bytes] | None = None
+    gateway_workers: int = 1
+    results: dict[str, Any] = field(default_factory=dict)
+
+    # -- setup ----------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
+        os.chmod(self.tmp, 0o755)  # nginx workers may run as nobody
+        docroot = self.tmp / "www"
+        docroot.mkdir(mode=0o755)
+        (docroot / "1k").write_bytes(b"k" * 1024)
+        (docroot / "1m").write_bytes(b"m" * 1024 * 1024)
+        with open(docroot / "big", "wb") as fh:  # sparse: reads as zeros, costs no disk
+            fh.truncate(self.args.mem_mib * 1024 * 1024)
+        for path in docroot.iterdir():
+            os.chmod(path, 0o644)
+        self.ports = {name: free_port() for name in ("direct", "nginx", "gateway", "sink")}
+
+        self.start_nginx("upstream", LOAD_CPU, {"PORT": self.ports["direct"], "DOCROOT": docroot})
+        self.start_nginx(
+            "proxy", PROXY_CPU, {"PORT": self.ports["nginx"], "UPSTREAM_PORT": self.ports["direct"]}
+        )
+        sink = self.procs.start(
+            "sink",
+            [TASKSET, "-c", LOAD_CPU, sys.executable, str(BENCH / "sink.py"), str(self.ports["sink"])],
+            stderr=subprocess.DEVNULL,
+        )
+        wait_http(self.ports["sink"], "/", sink, "upload sink")
+        self.write_gateway_config()
+
+    def start_nginx(self, name: str, cpu: str, values: dict[str, Any]) -> None:
+        prefix = self.tmp / f"nginx-{name}"
+        prefix.mkdir(mode=0o755)
+        text = (BENCH / "nginx" / f"{name}.conf").read_text()
+        for key, value in {"PREFIX": prefix, **values}.items():
+            text = text.replace(f"@{key}@", str(value))
+        if "@" in re.sub(r"#.*", "", text):
+            raise BenchError(f"nginx/{name}.conf: unfilled placeholder")
+        conf = prefix / "nginx.conf"
+        conf.write_text(text)
+        check = subprocess.run([NGINX, "-t", "-q", "-p", str(prefix), "-c", str(conf)], capture_output=True)
+        if check.returncode:
+            raise BenchError(f"nginx {name} config: {check.stderr.decode(errors='replace').strip()}")
+        proc = self.procs.start(
+            f"nginx-{name}",
+            [TASKSET, "-c", cpu, NGINX, "-p", str(prefix), "-c", str(conf)],
+            stderr=open(prefix / "stderr.log", "wb"),
+        )
+        wait_http(values["PORT"], "/health", proc, f"nginx {name}")
+
+    def write_gateway_config(self) -> None:
+        # auth none and a limit nobody reaches: the benchmark measures the proxy path, but with
+        # the middleware chain present (and production logging on).
+        common = "max_body: unlimited, auth: none, rate_limit: 1000000000/second, content_types: ['*/*']"
+        (self.tmp / "gateway.yaml").write_text(
+            "services:\n"
+            f"  bench: {{url: 'http://127.0.0.1:{self.ports['direct']}'}}\n"
+            f"  sink: {{url: 'http://127.0.0.1:{self.ports['sink']}', timeout: {{connect: 2, read: 300}}}}\n"
+            "routes:\n"
+            f"  - {{prefix: /, service: bench, {common}}}\n"
+            f"  - {{prefix: /upload, service: sink, {common}}}\n"
+        )
+
+    def gateway_env(self, workers: int) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(_GATEWAY_ENV_PREFIXES)}
+        env.update(
+            GATEWAY_HOST="127.0.0.1",
+            GATEWAY_PORT=str(self.ports["gateway"]),
+            GATEWAY_CONFIG=str(self.tmp / "gateway.yaml"),
+            GATEWAY_WORKERS=str(workers),
+            GATEWAY_SHUTDOWN_TIMEOUT="2",
+            RATE_LIMIT_DEFAULT="1000000000/second",
+            LOG_LEVEL=self.args.log_level,
+            LOG_FORMAT="json",
+        )
+        return env
+
+    def start_gateway(self, workers: int) -> None:
+        env = self.gateway_env(workers)
+        check = subprocess.run(
+            [sys.executable, "-m", "gateway", "check-config"], cwd=ROOT, env=env, capture_output=True
+        )
+        if check.returncode:
+            raise BenchError("gateway check-config failed:\n" + (check.stdout + check.stderr).decode())
+        # One worker: pinned to its own CPU like nginx. Several: free to use every CPU.
+        pin = [TASKSET, "-c", PROXY_CPU] if workers == 1 else [TASKSET, "-c", all_cpus()]
+        stderr = open(self.args.gateway_stderr, "ab")
+        self.gateway = self.procs.start(
+            "gateway", [*pin, sys.executable, "-m", "gateway"], cwd=ROOT, env=env, stderr=stderr
+        )
+        stderr.close()
+        self.gateway_workers = workers
+        wait_http(self.ports["gateway"], "/health/ready", self.gateway, "gateway")
+        if workers > 1:
+            deadline = time.monotonic() + 10
+            while len(child_pids(self.gateway.pid)) < workers and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(0.5)  # the last worker to fork may still be binding its socket
+
+    def stop_gateway(self) -> None:
+        if self.gateway is not None:
+            self.procs.stop(self.gateway)
+            self.gateway = None
+
+    def gateway_alive(self) -> bool:
+        return self.gateway is not None and self.gateway.poll() is None
+
+    def require_gateway(self, during: str) -> None:
+        if self.gateway is None or self.gateway.poll() is None:
+            return
+        code = self.gateway.returncode
+        why = (
+            "it drained and stopped: something sent it SIGTERM/SIGINT"
+            if code in (0, -signal.SIGTERM, -signal.SIGINT)
+            else "it crashed; rerun with --gateway-stderr FILE to see why"
+        )
+        raise BenchError(f"the gateway exited with code {code} during {during} ({why})")
+
+    # -- measuring ------------------------------------------------------------------------------
+
+    def preflight(self) -> list[str]:
+        """One request per (case, target): the right status and the right body, before any load."""
+        failures = []
+        for name, path, size, _script in CASES:
+            for target in TARGETS:
+                body = b"x" * 65536 if name.startswith("POST") else None
+                try:
+                    status, data = http_get(
+                        self.ports[target], path, method="POST" if body else "GET", body=body
+                    )
+                except OSError as exc:
+                    failures.append(f"{name} via {target}: {exc!r}")
+                    continue
+                if status != 200 or (size is not None and len(data) != size):
+                    failures.append(f"{name} via {target}: status {status}, {len(data)} bytes")
+        return failures
+
+    def wrk(self, target: str, path: str, conns: int, seconds: int, script: Path | None) -> dict[str, Any]:
+        argv = [TASKSET, "-c", LOAD_CPU, WRK, *f"-t1 -c{conns} -d{seconds}s --timeout 5s --latency".split()]
+        if script is not None:
+            argv += ["-s", str(script)]
+        argv.append(f"http://127.0.0.1:{self.ports[target]}{path}")
+        proc = self.procs.start("wrk", argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            out, _ = proc.communicate(timeout=seconds + 30)
+        finally:
+            self.procs.stop(proc)
+        text = out.decode(errors="replace")
+        parsed = parse_wrk(text)
+        if proc.returncode:
+            parsed.setdefault("problems", []).append(f"wrk exited {proc.returncode}")
+        parsed["problems"] = parsed.get("problems", []) + problems(parsed)
+        if target == "gateway" and not self.gateway_alive():
+            parsed["problems"].append("GATEWAY DIED")
+        parsed["raw"] = text
+        return parsed
+
+    def measure(self, key: str, case: str, target: str, path: str, conns: int, script: Path | None) -> None:
+        r = self.wrk(target, path, conns, self.args.duration, script)
+        self.results.setdefault(key, []).append({"case": case, "connections": conns, "target": target, **r})
+        if target == "gateway":
+            self.require_gateway(f"{case} c={conns}")
+        time.sleep(0.3)
+
+    def warm_up(self) -> None:
+        for target in TARGETS:
+            self.wrk(target, "/1k", 128, 1, None)
+            self.wrk(target, "/post", 32, 1, BENCH / "wrk_post.lua")
+
+    def throughput(self) -> None:
+        for name, path, _size, script in CASES:
+            for conns in (32, 128):
+                for target in TARGETS:
+                    log(f"{name} c={conns} -> {target}")
+                    self.measure("throughput", name, target, path, conns, script)
+
+    def latency(self) -> None:
+        for name, path in (("GET 1KiB", "/1k"), ("GET 1MiB", "/1m")):
+            for target in TARGETS:
+                log(f"latency {name} c=1 -> {target}")
+                self.measure("latency", name, target, path, 1, None)
+
+    def memory(self) -> None:
+        size = self.args.mem_mib * 1024 * 1024
+        out: dict[str, Any] = {"size_bytes": size}
+        self.results["memory"] = out
+        for mode, path, direct in (
+            ("download", "/big", f"http://127.0.0.1:{self.ports['direct']}/big"),
+            ("upload", "/upload/sink", f"http://127.0.0.1:{self.ports['sink']}/upload/sink"),
+        ):
+            log(f"memory: {self.args.mem_mib} MiB {mode} through the gateway")
+            self.require_gateway(f"memory {mode}")
+            out[mode] = self.transfer(mode, f"http://127.0.0.1:{self.ports['gateway']}{path}", size)
+            self.require_gateway(f"memory {mode}")
+            # The same transfer without the gateway: the client's and the upstream's own ceiling.
+            reference = self.transfer(mode, direct, size, sample_gateway=False)
+            out[mode]["direct_mib_per_s"] = reference.get("mib_per_s")
+            out[mode]["problems"] += [f"direct: {p}" for p in reference["problems"]]
+
+    def transfer(self, mode: str, url: str, size: int, sample_gateway: bool = True) -> dict[str, Any]:
+        assert self.gateway is not None
+        pid = self.gateway.pid  # with one worker the serving process is the gateway itself
+        try:
+            before = rss_kib(pid)
+        except OSError as exc:
+            raise BenchError(f"cannot read the gateway's RSS: {exc}") from None
+        if not sample_gateway:
+            pid = -1  # the sampler stops at once
+        peak = before["VmRSS"]
+        client = self.procs.start(
+            f"{mode}-client",
+            [TASKSET, "-c", LOAD_CPU, sys.executable, str(BENCH / "transfer.py"), mode, url, str(size)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        samples = 0
+        stop = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak, samples
+            while not stop.is_set():
+                try:
+                    peak = max(peak, rss_kib(pid)["VmRSS"])
+                    samples += 1
+                except (OSError, KeyError):
+                    return
+                stop.wait(0.02)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            stdout, stderr = client.communicate(timeout=600)
+        finally:
+            stop.set()
+            sampler.join()
+            self.procs.stop(client)
+        try:
+            after = rss_kib(pid)
+        except OSError:
+            after = {}
+        result: dict[str, Any] = {
+            "rss_before_kib": before["VmRSS"], "rss_peak_kib": peak, "rss_after_kib": after.get("VmRSS"),
+            "rss_growth_mib": (peak - before["VmRSS"]) / 1024, "samples": samples, "problems": [],
+        }  # fmt: skip
+        try:
+            report = json.loads(stdout.decode().strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            report = {}
+            result["problems"].append("client failed: " + stderr.decode(errors="replace").strip()[-300:])
+        result.update(report)
+        if report:
+            if report.get("status") != 200 or report.get("bytes") != size:
+                result["problems"].append(f"status {report.get('status')}, {report.get('bytes')} bytes")
+            if mode == "upload":
+                try:
+                    received = json.loads(report.get("response") or "{}").get("bytes")
+                except ValueError:
+                    received = None
+                if received != size:
+                    result["problems"].append(f"sink received {received} bytes, expected {size}")
+            result["mib_per_s"] = size / 1024**2 / report["seconds"] if report.get("seconds") else None
+        if sample_gateway and not self.gateway_alive():
+            result["problems"].append("GATEWAY DIED")
+        return result
+
+    # -- the whole run --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.setup()
+        self.start_gateway(1)
+        failures = self.preflight()
+        if failures:
+            raise BenchError("preflight failed:\n  " + "\n  ".join(failures))
+        only = set(self.args.only or SECTIONS)
+        if only & {"throughput", "latency"}:
+            log("warm-up")
+            self.warm_up()
+            self.require_gateway("warm-up")
+        if "throughput" in only:
+            self.throughput()
+        if "latency" in only:
+            self.latency()
+        if "memory" in only:
+            self.memory()
+        self.stop_gateway()
+        if "workers" not in only:
+            return
+
+        log(f"GATEWAY_WORKERS=2, GET 1KiB c=128 (not pinned: CPUs {all_cpus()})")
+        self.start_gateway(2)
+        workers = child_pids(self.gateway.pid) if self.gateway else []
+        self.wrk("gateway", "/1k", 128, 1, None)  # warm-up
+        r = self.wrk("gateway", "/1k", 128, self.args.duration, None)
+        self.results["workers2"] = {"worker_pids": workers, "cpus": all_cpus(), **r}
+        self.require_gateway("the GATEWAY_WORKERS=2 run")
+        self.stop_gateway()
+
+
+def all_cpus() -> str:
+    return ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+def ms(us: float | None) -> str:
+    if us is None:
+        return "-"
+    return f"{us / 1000:.2f}ms" if abs(us) >= 1000 else f"{us:.0f}us"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def find(rows: list[dict[str, Any]], case: str, conns: int, target: str) -> dict[str, Any]:
+    for row in rows:
+        if (row["case"], row["connections"], row["target"]) == (case, conns, target):
+            return row
+    return {}
+
+
+def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
+    lines = []
+    add = lines.append
+    add(
+        f"gateway benchmark {meta['time']}  duration {meta['duration_s']}s per run  "
+        f"gateway LOG_LEVEL={meta['log_level']}  load before: {meta['loadavg_before']}"
+    )
+    add(
+        f"pinning: wrk + upstream nginx on CPU {LOAD_CPU}; proxy under test (nginx, 1 worker / gateway, "
+        f"1 process) on CPU {PROXY_CPU}"
+    )
+    add("")
+    rows = results.get("throughput", [])
+    if rows:
+        add(f"{'case':<11} {'conns':>5}  {'target':<8} {'req/s':>10} {'p50':>9} {'p99':>9}  notes")
+    for case, _path, _size, _script in CASES:
+        for conns in (32, 128):
+            for target in TARGETS:
+                r = find(rows, case, conns, target)
+                if not r:
+                    continue
+                notes = "!! " + "; ".join(r["problems"]) if r["problems"] else ""
+                rps = f"{r['rps']:.0f}" if r["rps"] is not None else "-"
+                add(
+                    f"{case:<11} {conns:>5}  {target:<8} {rps:>10} {ms(r['p50_us']):>9} {ms(r['p99_us']):>9}  {notes}"
+                )
+            g, n = find(rows, case, conns, "gateway"), find(rows, case, conns, "nginx")
+            if g and n:
+                add(
+                    f"{'':<11} {'':>5}  gw/nginx {ratio(g['rps'], n['rps']):>10} "
+                    f"{ratio(g['p50_us'], n['p50_us']):>9} {ratio(g['p99_us'], n['p99_us']):>9}"
+                )
+            if find(rows, case, conns, "direct"):
+                add("")
+
+    lat = results.get("latency", [])
+    if lat:
+        add("single connection (wrk -c1 -t1)")
+        d1, d2 = find(lat, "GET 1KiB", 1, "direct"), find(lat, "GET 1MiB", 1, "direct")
+        add(
+            f"  {'target':<8} {'1KiB p50':>9} {'added':>9} {'1KiB p99':>9}   {'1MiB p50':>9} {'1MiB p99':>9} {'added p99':>9}"
+        )
+        for target in TARGETS:
+            a, b = find(lat, "GET 1KiB", 1, target), find(lat, "GET 1MiB", 1, target)
+            added = (
+                ms(a["p50_us"] - d1["p50_us"])
+                if target != "direct" and a.get("p50_us") and d1.get("p50_us")
+                else ""
+            )
+            added99 = (
+                ms(b["p99_us"] - d2["p99_us"])
+                if target != "direct" and b.get("p99_us") and d2.get("p99_us")
+                else ""
+            )
+            notes = "; ".join(a.get("problems", []) + b.get("problems", []))
+            add(
+                f"  {target:<8} {ms(a.get('p50_us')):>9} {added:>9} {ms(a.get('p99_us')):>9}   "
+                f"{ms(b.get('p50_us')):>9} {ms(b.get('p99_us')):>9} {added99:>9}"
+                + (f"  !! {notes}" if notes else "")
+            )
+        add("")
+
+    w = results.get("workers2")
+    if w:
+        one = find(rows, "GET 1KiB", 128, "gateway")
+        notes = "  !! " + "; ".join(w["problems"]) if w["problems"] else ""
+        rps = f"{w['rps']:.0f}" if w["rps"] is not None else "-"
+        add(
+            f"GATEWAY_WORKERS=2 (NOT pinned: CPUs {w['cpus']}, shared with wrk and the upstream; "
+            f"{len(w['worker_pids'])} workers seen), GET 1KiB c=128"
+        )
+        add(
+            f"  {rps} req/s  p50 {ms(w['p50_us'])}  p99 {ms(w['p99_us'])}  "
+            f"= {ratio(w['rps'], one.get('rps'))} the single pinned process{notes}"
+        )
+        add("")
+
+    mem = results.get("memory")
+    if mem:
+        add(
+            f"memory: {mem['size_bytes'] // 1024**2} MiB through the gateway (GATEWAY_WORKERS=1), RSS of the gateway process"
+        )
+        for mode in ("download", "upload"):
+            m = mem.get(mode) or {}
+            if not m:
+                continue
+            speed = f"{m['mib_per_s']:.0f} MiB/s" if m.get("mib_per_s") else "-"
+            if m.get("direct_mib_per_s"):
+                speed += f" (without the gateway: {m['direct_mib_per_s']:.0f} MiB/s)"
+            notes = "  !! " + "; ".join(m["problems"]) if m["problems"] else ""
+            add(
+                f"  {mode:<8} RSS before {m['rss_before_kib'] / 1024:.1f} MiB, peak {m['rss_peak_kib'] / 1024:.1f} MiB, "
+                f"growth {m['rss_growth_mib']:+.1f} MiB ({m['samples']} samples); {speed}{notes}"
+            )
+    return "\n".join(lines)
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def tool_version(argv: list[str]) -> str:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return ((proc.stdout + proc.stderr).strip().splitlines() or ["?"])[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run (default 10)")
+    parser.add_argument("--quick", action="store_true", help="1 s runs and 256 MiB memory transfers")
+    parser.add_argument(
+        "--mem-mib", type=int, default=None, help="size of the memory-test transfers (default 1024)"
+    )
+    parser.add_argument(
+        "--only", action="append", choices=SECTIONS, help="run only this section (repeatable; default all)"
+    )
+    parser.add_argument("--log-level", default="INFO", help="the gateway's LOG_LEVEL (default INFO)")
+    parser.add_argument(
+        "--gateway-stderr", default=os.devnull, help="where the gateway's logs go (default /dev/null)"
+    )
+    parser.add_argument(
+        "--keep-tmp", action="store_true", help="keep the temporary directory (configs, nginx logs)"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration = 1 if args.duration == 10 else args.duration
+        args.mem_mib = args.mem_mib or 256
+    args.mem_mib = args.mem_mib or 1024
+    if args.duration < 1:
+        parser.error("--duration must be at least 1 (wrk takes whole seconds)")
+    _selftest_parser()
+    for tool in (NGINX, WRK, TASKSET):
+        if not os.access(tool, os.X_OK):
+            parser.error(f"{tool} not found")
+    if len(os.sched_getaffinity(0)) < 2:
+        parser.error("needs at least 2 CPUs (load on CPU 0, the proxy under test on CPU 1)")
+
+    meta = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "duration_s": args.duration,
+        "sections": args.only or list(SECTIONS),
+        "mem_mib": args.mem_mib,
+        "log_level": args.log_level,
+        "loadavg_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "cpus": all_cpus(),
+        "git_commit": git_commit(),
+        "python": platform.python_version(),
+        "nginx": tool_version([NGINX, "-v"]),
+        "wrk": tool_version([WRK, "--version"]),
+        "pinning": {"load": LOAD_CPU, "proxy_under_test": PROXY_CPU, "workers2": "not pinned"},
+    }
+    bench = Bench(args)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    status = 0
+    try:
+        bench.run()
+    except BenchError as exc:
+        log(f"FAILED: {exc}")
+        status = 1
+    except KeyboardInterrupt:
+        log("interrupted")
+        status = 130
+    except Exception:
+        log("FAILED with an unexpected error:\n" + traceback.format_exc())
+        status = 1
+    finally:
+        bench.procs.stop_all()
+        if bench.tmp != Path() and not args.keep_tmp:
+            shutil.rmtree(bench.tmp, ignore_errors=True)
+        elif args.keep_tmp:
+            log(f"kept {bench.tmp}")
+
+    if bench.results:
+        meta["loadavg_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        meta["completed"] = status == 0
+        print(report(bench.results, meta))
+        if status:
+            print("\n!! PARTIAL RESULTS: the run did not finish (see the message above)")
+        RESULTS.mkdir(exist_ok=True)
+        path = RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        path.write_text(json.dumps({"meta": meta, **bench.results}, indent=2))
+        print(f"\nwrote {path.relative_to(ROOT)}")
+        runs = bench.results.get("throughput", []) + bench.results.get("latency", [])
+        runs += [bench.results[k] for k in ("workers2",) if k in bench.results]
+        runs += [v for v in bench.results.get("memory", {}).values() if isinstance(v, dict)]
+        flagged = [r for r in runs if r["problems"]]
+        if flagged:
+            print(f"!! {len(flagged)} run(s) had errors; see the notes above")
+            status = status or 1
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
