@@ -133,6 +133,8 @@ async def exchange(
         protocol.start_timeout()
     else:
         sending = asyncio.create_task(_send_body(protocol, writer, body))
+        # Its failure surfaces through the response (the connection is dropped); mark it seen.
+        sending.add_done_callback(_retrieve)
     try:
         while True:
             message, payload = await protocol.read()
@@ -148,6 +150,11 @@ async def exchange(
         protocol.force_close()
         sending.cancel()
     return message, payload
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 async def _send_body(protocol: ResponseHandler, writer: StreamWriter, body: AsyncIterable[bytes]) -> None:

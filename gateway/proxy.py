@@ -286,7 +286,7 @@ def _upstream_failure(upstream: Upstream, target: Target, exc: BaseException) ->
         # retried (idempotent methods only, nothing streamed yet) since the upstream did not answer.
         log.info("upstream disconnected", extra={"service": name, "target": target.url, "error": repr(exc)})
         return ApiError(502, f"Upstream '{name}' closed the connection"), True
-    log.warning("upstream error", extra={"service": name, "target": target.url, "error": repr(exc)})
+    log.warning("upstream error", extra={"service": name, "target": target.url, "error": repr(exc)}, exc_info=exc)
     return ApiError(502, f"Upstream '{name}' sent an invalid response"), False
 
 
