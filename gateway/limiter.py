@@ -13,8 +13,9 @@ which it would be empty again. A request at ``now`` is allowed when
 ``max(TAT, now) + interval - period <= now`` and then moves TAT forward by one interval.
 
 Burst semantics: an idle client may send the whole ``limit`` at once (burst = limit); after that
-it gets one request every ``interval`` (100/minute: one every 0.6 s), never more than ``limit``
-in any window of ``period`` seconds. There is no fixed-window edge at which 2 x limit passes.
+it gets one request every ``interval`` (100/minute: one every 0.6 s). In any span of ``W``
+seconds at most ``limit + W / interval`` requests pass: the sustained rate is exactly
+``limit / period``, and credit comes back continuously instead of at a fixed-window edge.
 
     remaining    whole requests that would pass right now
     reset_after  seconds until the bucket is full again (TAT - now)

@@ -266,7 +266,7 @@ def auth_middleware(settings: AuthSettings, *, verifier: TokenVerifier | None = 
 
         return auth_disabled
 
-    verifier = verifier or TokenVerifier(settings)
+    verifier = TokenVerifier(settings) if verifier is None else verifier
     verify = verifier.verify
 
     @web.middleware

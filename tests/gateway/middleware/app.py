@@ -24,6 +24,8 @@ ROUTES = (
     Route(prefix="/api/limited", service="s", auth="none", rate_limit=RateLimit(3, 10.0)),
 )
 
+DEFAULT_LIMIT = RateLimit(1000, 60.0)
+
 
 async def echo(request: web.Request) -> web.StreamResponse:
     identity = request.get(auth_key)
@@ -47,12 +49,12 @@ def make_app(
     auth: AuthSettings | None = None,
     verifier: TokenVerifier | None = None,
     limiter: Limiter | None = None,
-    default: RateLimit = RateLimit(1000, 60.0),
+    default: RateLimit = DEFAULT_LIMIT,
     trusted: Sequence[IPNetwork] = (),
     routes: Sequence[Route] = ROUTES,
 ) -> web.Application:
     auth = auth or AuthSettings(enabled=False)
-    limiter = limiter or MemoryLimiter()
+    limiter = MemoryLimiter() if limiter is None else limiter
     app = web.Application(
         middlewares=[
             error_middleware,

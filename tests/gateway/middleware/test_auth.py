@@ -359,7 +359,7 @@ def test_enabled_auth_without_any_key_source_fails_at_build_time():
 
 
 async def test_concurrent_cold_start_fetches_the_jwks_once(gateway, keys, issuer):
-    client, _, jwks, _ = await gateway()
+    client, *_ = await gateway()
     token = mint(keys["rsa"])
     responses = await asyncio.gather(*(client.get("/api/required", headers=bearer(token)) for _ in range(20)))
     assert [r.status for r in responses] == [200] * 20
@@ -367,7 +367,7 @@ async def test_concurrent_cold_start_fetches_the_jwks_once(gateway, keys, issuer
 
 
 async def test_rotation_new_kid_is_accepted_after_a_refetch(gateway, keys, issuer):
-    client, _, jwks, clock = await gateway()
+    client, _, _, clock = await gateway()
     assert (await client.get("/api/required", headers=bearer(mint(keys["rsa"])))).status == 200
     issuer["keys"].append(_jwk(keys["rsa2"], "rsa-2"))
     new_token = mint(keys["rsa2"], kid="rsa-2", sub="bob")
@@ -379,7 +379,7 @@ async def test_rotation_new_kid_is_accepted_after_a_refetch(gateway, keys, issue
 
 
 async def test_unknown_kid_storm_fetches_at_most_once_per_interval(gateway, keys, issuer):
-    client, _, jwks, clock = await gateway()
+    client, _, _, clock = await gateway()
     assert (await client.get("/api/required", headers=bearer(mint(keys["rsa"])))).status == 200
     clock.now += 31
     storm = [mint(keys["attacker"], kid=f"k-{uuid.uuid4()}") for _ in range(30)]
