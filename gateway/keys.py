@@ -22,11 +22,19 @@ target_key = web.RequestKey("target", "Target")
 request_id_key = web.RequestKey("request_id", str)
 # The request body, already read and validated, to forward as it is.
 body_key = web.RequestKey("body", bytes)
+# Set by gateway.middleware.auth after a token is verified; absent for anonymous requests.
+auth_key = web.RequestKey("auth", "Identity")
+client_ip_key = web.RequestKey("client_ip", str)
+# The rate-limit headers for this request's response, written by on_response_prepare.
+ratelimit_headers_key = web.RequestKey("ratelimit_headers", "dict[str, str]")
 
 __all__ = [
+    "auth_key",
     "body_key",
+    "client_ip_key",
     "http_client_key",
     "lifecycle_key",
+    "ratelimit_headers_key",
     "request_id_key",
     "route_key",
     "route_table_key",

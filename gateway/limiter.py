@@ -1,0 +1,255 @@
+"""Rate-limit algorithm behind one tiny interface: ``await limiter.hit(key, limit) -> Decision``.
+
+    Limiter            the protocol the middleware sees
+    MemoryLimiter      in-process; per process, bounded memory
+    RedisLimiter       shared by every gateway process; one EVALSHA per hit
+    FailoverLimiter    Redis while it answers, the in-process limiter while it does not
+    LimiterUnavailable raised by RedisLimiter when Redis is down or slow (only FailoverLimiter sees it)
+
+The algorithm is GCRA (generic cell rate algorithm), identical in both stores. For a limit of
+``limit`` requests per ``period`` seconds, each request is worth ``interval = period / limit``
+seconds of credit. A bucket keeps one number, its theoretical arrival time (TAT): the time at
+which it would be empty again. A request at ``now`` is allowed when
+``max(TAT, now) + interval - period <= now`` and then moves TAT forward by one interval.
+
+Burst semantics: an idle client may send the whole ``limit`` at once (burst = limit); after that
+it gets one request every ``interval`` (100/minute: one every 0.6 s). In any span of ``W``
+seconds at most ``limit + W / interval`` requests pass: the sustained rate is exactly
+``limit / period``, and credit comes back continuously instead of at a fixed-window edge.
+
+    remaining    whole requests that would pass right now
+    reset_after  seconds until the bucket is full again (TAT - now)
+    retry_after  0 when allowed; otherwise seconds until the next request passes
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from .settings import RateLimit
+
+__all__ = [
+    "Decision",
+    "FailoverLimiter",
+    "Limiter",
+    "LimiterUnavailable",
+    "MemoryLimiter",
+    "RedisLimiter",
+    "create_limiter",
+]
+
+log = logging.getLogger("gateway.ratelimit")
+
+# Guards against float noise in ``(period - ahead) / interval`` (2.9999999 must count as 3): a
+# ten-thousandth of a request is far below anything a client could observe.
+_EPSILON = 1e-4
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_after: float
+    retry_after: float
+
+
+class Limiter(Protocol):
+    async def hit(self, key: str, limit: RateLimit) -> Decision: ...
+
+    async def close(self) -> None: ...
+
+
+class LimiterUnavailable(Exception):
+    """The shared store did not answer in time; the caller decides what to do instead."""
+
+
+def _decide(limit: RateLimit, allowed: bool, ahead: float, retry_after: float) -> Decision:
+    """``ahead`` is TAT - now after this hit (before it, when denied)."""
+    interval = limit.period / limit.limit
+    remaining = math.floor((limit.period - ahead) / interval + _EPSILON) if allowed else 0
+    return Decision(
+        allowed=allowed,
+        limit=limit.limit,
+        remaining=max(0, min(limit.limit, remaining)),
+        reset_after=max(0.0, ahead),
+        retry_after=max(0.0, retry_after),
+    )
+
+
+class MemoryLimiter:
+    """GCRA in a dict. Idle buckets (TAT in the past) hold nothing and are swept every
+    ``sweep_every`` seconds; beyond ``max_keys`` the least recently used bucket is dropped, which
+    forgets that client's debt: size ``max_keys`` above the number of clients active per period.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        max_keys: int = 100_000,
+        sweep_every: float = 10.0,
+    ) -> None:
+        if max_keys < 1:
+            raise ValueError("max_keys must be at least 1")
+        self._clock = clock
+        self._max_keys = max_keys
+        self._sweep_every = sweep_every
+        self._next_sweep = clock() + sweep_every
+        self._tat: dict[str, float] = {}  # insertion order = least recently used first
+
+    def __len__(self) -> int:
+        return len(self._tat)
+
+    async def hit(self, key: str, limit: RateLimit) -> Decision:
+        return self.hit_now(key, limit)
+
+    def hit_now(self, key: str, limit: RateLimit) -> Decision:
+        now = self._clock()
+        if now >= self._next_sweep:
+            self._sweep(now)
+        buckets = self._tat
+        tat = max(buckets.pop(key, now), now)
+        new_tat = tat + limit.period / limit.limit
+        allow_at = new_tat - limit.period
+        if now < allow_at:
+            buckets[key] = tat
+            return _decide(limit, False, tat - now, allow_at - now)
+        buckets[key] = new_tat
+        if len(buckets) > self._max_keys:
+            del buckets[next(iter(buckets))]
+        return _decide(limit, True, new_tat - now, 0.0)
+
+    def _sweep(self, now: float) -> None:
+        self._next_sweep = now + self._sweep_every
+        for key in [key for key, tat in self._tat.items() if tat <= now]:
+            del self._tat[key]
+
+    async def close(self) -> None:
+        self._tat.clear()
+
+
+# KEYS[1] bucket; ARGV[1] limit, ARGV[2] period in seconds. Redis's own clock is used, so
+# gateways with skewed clocks still share one timeline. TAT is stored with full double
+# precision ("%.17g") and counted from 2023-11-14 rather than 1970, which keeps sub-microsecond
+# resolution in a double; the key expires when the bucket is full again, so idle keys cost nothing.
+# Numbers go back as strings: Redis would truncate Lua numbers to integers.
+_GCRA_LUA = """
+local limit = tonumber(ARGV[1])
+local period = tonumber(ARGV[2])
+local clock = redis.call('TIME')
+local now = (tonumber(clock[1]) - 1700000000) + tonumber(clock[2]) / 1000000
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+if tat < now then tat = now end
+local new_tat = tat + period / limit
+local allow_at = new_tat - period
+if now < allow_at then
+  return {0, string.format('%.17g', tat - now), string.format('%.17g', allow_at - now)}
+end
+redis.call('SET', KEYS[1], string.format('%.17g', new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 1)
+return {1, string.format('%.17g', new_tat - now), '0'}
+"""
+
+
+class RedisLimiter:
+    """GCRA in Redis: one atomic script call per hit, shared by every gateway process."""
+
+    def __init__(self, client: aioredis.Redis, *, prefix: str = "gateway:rl:", timeout: float = 0.1) -> None:
+        self._client = client
+        self._prefix = prefix
+        self._timeout = timeout
+        self._script = client.register_script(_GCRA_LUA)
+
+    @classmethod
+    def from_url(cls, url: str, *, prefix: str = "gateway:rl:", timeout: float = 0.1) -> RedisLimiter:
+        # No retries and short socket timeouts: a slow Redis must cost a request ~timeout, not
+        # redis-py's default ten retries with exponential backoff.
+        client = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+        )
+        return cls(client, prefix=prefix, timeout=timeout)
+
+    async def hit(self, key: str, limit: RateLimit) -> Decision:
+        try:
+            # The outer bound also covers a connect that succeeds but a server that never answers.
+            async with asyncio.timeout(self._timeout * 2):
+                allowed, ahead, retry_after = await self._script(
+                    keys=[self._prefix + key], args=[limit.limit, repr(float(limit.period))]
+                )
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise LimiterUnavailable(f"redis: {exc!r}") from exc
+        return _decide(limit, allowed == 1, float(ahead), float(retry_after))
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+class FailoverLimiter:
+    """Redis first; while it fails, the in-process limiter with the same limits.
+
+    The switch is logged once each way. While on the fallback, one request per
+    ``probe_interval`` tries Redis again (the others do not wait for it); the first answer
+    switches back. Buckets are not carried across a switch: each store keeps its own.
+    """
+
+    def __init__(
+        self,
+        primary: Limiter,
+        fallback: Limiter,
+        *,
+        probe_interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._primary = primary
+        self._fallback = fallback
+        self._probe_interval = probe_interval
+        self._clock = clock
+        self._next_probe = 0.0
+        self.fallback_active = False
+
+    async def hit(self, key: str, limit: RateLimit) -> Decision:
+        if self.fallback_active:
+            now = self._clock()
+            if now < self._next_probe:
+                return await self._fallback.hit(key, limit)
+            self._next_probe = now + self._probe_interval  # before awaiting: one prober at a time
+        try:
+            decision = await self._primary.hit(key, limit)
+        except LimiterUnavailable as exc:
+            if not self.fallback_active:
+                self.fallback_active = True
+                self._next_probe = self._clock() + self._probe_interval
+                log.warning(
+                    "rate limits: Redis unavailable, using in-process limits", extra={"error": str(exc)}
+                )
+            return await self._fallback.hit(key, limit)
+        if self.fallback_active:
+            self.fallback_active = False
+            log.warning("rate limits: Redis is back, shared limits restored")
+        return decision
+
+    async def close(self) -> None:
+        await self._primary.close()
+        await self._fallback.close()
+
+
+def create_limiter(redis_url: str | None, *, prefix: str = "gateway:rl:") -> Limiter:
+    """Redis with the in-process fallback when ``redis_url`` is set, otherwise in-process only."""
+    if not redis_url:
+        return MemoryLimiter()
+    return FailoverLimiter(RedisLimiter.from_url(redis_url, prefix=prefix), MemoryLimiter())

@@ -1,0 +1,323 @@
+"""OAuth 2.0 bearer tokens (RFC 6750): JWTs verified against the issuer's JWKS or a dev secret.
+
+Which key verifies a token is decided by the key, never by the token alone:
+
+- ``HS*`` tokens verify only against ``AUTH_JWT_SECRET``; an HMAC secret never comes from the
+  JWKS, so a token "signed" with an RSA public key's PEM can find nothing to verify against.
+- every other ``alg`` verifies only against a JWKS key whose type fits it (RSA: RS*/PS*, EC:
+  ES* on its curve, OKP: EdDSA), and against the key's own ``alg`` when it declares one.
+- ``alg`` must be in ``AUTH_ALGORITHMS``; ``none`` never is. ``jku``, ``jwk``, ``x5u``, ``x5c``
+  headers are ignored: keys come from ``AUTH_JWKS_URL`` only.
+- ``exp`` and ``sub`` are required; ``exp``/``nbf``/``iat`` get ``LEEWAY`` seconds of clock skew;
+  ``iss`` and ``aud`` are checked when configured.
+
+Verified tokens are cached by their raw text (LRU, ``CACHE_SIZE`` entries) until their ``exp``.
+A cached token is accepted only while its ``kid`` is still in the current JWKS, so a key removed
+from the JWKS stops being accepted at the JWKS refresh (``JwksCache.max_age``), cached or not.
+
+Route modes: ``required`` (no token: 401 ``WWW-Authenticate: Bearer``), ``optional`` (no token:
+anonymous; a bad token is still a 401), ``none`` (the Authorization header is not looked at).
+``scopes`` must all be granted (``scope``: space-separated, ``scp``: list or string); on
+``optional`` routes they are checked whenever a token is presented.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import jwt
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from ..errors import ApiError
+from ..jwks import JwksCache
+from ..keys import auth_key, route_key
+from ..settings import AuthSettings
+
+__all__ = [
+    "AuthError",
+    "Identity",
+    "TokenVerifier",
+    "auth_middleware",
+    "identity_headers",
+]
+
+log = logging.getLogger("gateway.auth")
+
+LEEWAY = 30.0
+CACHE_SIZE = 10_000
+SUBJECT_HEADER = "x-auth-subject"
+SCOPES_HEADER = "x-auth-scopes"
+
+_KEY_TYPE_ALGS = {
+    "RSA": frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}),
+    "EC": frozenset({"ES256", "ES384", "ES512"}),
+    "OKP": frozenset({"EdDSA"}),
+}
+_CURVE_ALGS = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
+_HMAC_ALGS = frozenset({"HS256", "HS384", "HS512"})
+# RFC 6749 section 3.3 scope-token; anything else in a scope claim is not a grant.
+_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+# The subject travels upstream in a header: printable, no control characters, bounded.
+_SUBJECT = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    subject: str
+    scopes: frozenset[str]
+    claims: Mapping[str, Any] = field(repr=False, compare=False)
+
+
+class AuthError(Exception):
+    """A token was rejected; ``description`` is safe to show to the client."""
+
+    def __init__(self, description: str) -> None:
+        super().__init__(description)
+        self.description = description
+
+
+@dataclass(slots=True)
+class _Cached:
+    identity: Identity
+    expires: float  # the token's exp, wall clock
+    kid: str | None  # JWKS key it verified with; None for the HMAC secret
+
+
+class TokenVerifier:
+    """Verify raw bearer tokens into an Identity (or raise AuthError)."""
+
+    def __init__(
+        self,
+        settings: AuthSettings,
+        *,
+        jwks: JwksCache | None = None,
+        leeway: float = LEEWAY,
+        cache_size: int = CACHE_SIZE,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        algorithms = frozenset(settings.algorithms) - {"none"}
+        if not algorithms:
+            raise ValueError("AUTH_ALGORITHMS: no signing algorithm allowed")
+        if jwks is None and settings.jwks_url:
+            jwks = JwksCache(settings.jwks_url)
+        if settings.enabled and jwks is None and not settings.jwt_secret:
+            raise ValueError("auth is enabled but neither AUTH_JWKS_URL nor AUTH_JWT_SECRET is set")
+        self._algorithms = algorithms
+        self._secret = settings.jwt_secret
+        self._jwks = jwks
+        self._issuer = settings.issuer
+        self._audience = settings.audience
+        self._leeway = leeway
+        self._cache: OrderedDict[str, _Cached] = OrderedDict()
+        self._cache_size = cache_size
+        self._clock = clock
+        self._options: Any = {
+            "require": ["exp", "sub"],
+            "verify_iss": bool(self._issuer),
+            # Without AUTH_AUDIENCE a token's aud is not ours to judge (PyJWT would reject it).
+            "verify_aud": bool(self._audience),
+        }
+
+    async def verify(self, token: str) -> Identity:
+        cached = self._cache.get(token)
+        if cached is not None:
+            if self._jwks is not None:
+                self._jwks.touch()
+            if cached.expires > self._clock() and (cached.kid is None or self._jwks_has(cached.kid)):
+                self._cache.move_to_end(token)
+                return cached.identity
+            del self._cache[token]
+
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.DecodeError:
+            raise AuthError("The token is malformed") from None
+        alg, kid = header.get("alg"), header.get("kid")
+        if not isinstance(alg, str) or alg not in self._algorithms:
+            raise AuthError("The token's signing algorithm is not accepted")
+        if kid is not None and not isinstance(kid, str):
+            raise AuthError("The token's key id is malformed")
+
+        key: Any
+        if alg in _HMAC_ALGS:
+            if not self._secret:
+                raise AuthError("The token's signing algorithm is not accepted")
+            key, used_kid = self._secret, None
+        else:
+            if self._jwks is None:
+                raise AuthError("The token's signing algorithm is not accepted")
+            key = await self._jwks.get(kid)
+            if key is None:
+                raise AuthError("The token's signing key is unknown")
+            if not _fits(key, alg):
+                raise AuthError("The token's signing algorithm does not match its key")
+            used_kid = kid if kid is not None else _kid_of(self._jwks, key)
+
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[alg],
+                audience=self._audience,
+                issuer=self._issuer,
+                leeway=self._leeway,
+                options=self._options,
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError("The token has expired") from None
+        except jwt.ImmatureSignatureError:
+            raise AuthError("The token is not valid yet") from None
+        except jwt.InvalidAudienceError:
+            raise AuthError("The token is not meant for this audience") from None
+        except jwt.InvalidIssuerError:
+            raise AuthError("The token has the wrong issuer") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise AuthError(f"The token has no '{exc.claim}' claim") from None
+        except jwt.InvalidSignatureError:
+            raise AuthError("The token's signature is invalid") from None
+        except (jwt.PyJWTError, ValueError, TypeError):
+            raise AuthError("The token is invalid") from None
+
+        identity = _identity(claims)
+        exp = claims["exp"]
+        if isinstance(exp, int | float):
+            self._cache[token] = _Cached(identity, float(exp), used_kid)
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return identity
+
+    def _jwks_has(self, kid: str) -> bool:
+        return self._jwks is not None and self._jwks.has(kid)
+
+    async def close(self) -> None:
+        if self._jwks is not None:
+            await self._jwks.close()
+
+
+def _fits(key: jwt.PyJWK, alg: str) -> bool:
+    data = key._jwk_data
+    kty = data.get("kty")
+    if alg not in _KEY_TYPE_ALGS.get(kty, ()):
+        return False
+    if kty == "EC" and _CURVE_ALGS.get(data.get("crv")) != alg:
+        return False
+    declared = data.get("alg")
+    return declared is None or declared == alg
+
+
+def _kid_of(jwks: JwksCache, key: jwt.PyJWK) -> str | None:
+    for kid, candidate in jwks.keys.items():
+        if candidate is key:
+            return kid
+    return None
+
+
+def _identity(claims: Mapping[str, Any]) -> Identity:
+    subject = claims.get("sub")
+    if not isinstance(subject, str) or not _SUBJECT.fullmatch(subject):
+        raise AuthError("The token's subject is malformed")
+    scopes: set[str] = set()
+    scope = claims.get("scope")
+    if isinstance(scope, str):
+        scopes.update(scope.split())
+    scp = claims.get("scp")
+    if isinstance(scp, str):
+        scopes.update(scp.split())
+    elif isinstance(scp, list):
+        scopes.update(s for s in scp if isinstance(s, str))
+    return Identity(subject, frozenset(s for s in scopes if _SCOPE_TOKEN.fullmatch(s)), claims)
+
+
+def _challenge(error: str | None = None, description: str | None = None, scope: str | None = None) -> str:
+    if error is None:
+        return "Bearer"
+    parts = [f'error="{error}"']
+    if description:
+        parts.append(f'error_description="{description}"')
+    if scope:
+        parts.append(f'scope="{scope}"')
+    return "Bearer " + ", ".join(parts)
+
+
+def _missing() -> ApiError:
+    # A new error each time: layers on the way out add their own headers to it.
+    return ApiError(401, "Authentication required", headers={"WWW-Authenticate": _challenge()})
+
+
+def auth_middleware(settings: AuthSettings, *, verifier: TokenVerifier | None = None) -> Any:
+    """Authenticate routed requests per their route's ``auth`` and ``scopes``.
+
+    Sets ``request[auth_key]`` to the Identity when a token was verified. With
+    ``settings.enabled`` false every request passes anonymously. The verifier owns an HTTP
+    session for the JWKS: close it on cleanup (``app.on_cleanup``) with ``verifier.close()``.
+    """
+    if not settings.enabled:
+
+        @web.middleware
+        async def auth_disabled(request: web.Request, handler: Handler) -> web.StreamResponse:
+            return await handler(request)
+
+        return auth_disabled
+
+    verifier = TokenVerifier(settings) if verifier is None else verifier
+    verify = verifier.verify
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        route = request.get(route_key)
+        if route is None or route.auth == "none":
+            return await handler(request)
+        values = request.headers.getall("Authorization", ())
+        if len(values) > 1:
+            raise ApiError(
+                400,
+                "Only one Authorization header is allowed",
+                headers={"WWW-Authenticate": _challenge("invalid_request", "Only one Authorization header")},
+            )
+        scheme, _, token = values[0].strip().partition(" ") if values else ("", "", "")
+        if scheme.lower() != "bearer":
+            if route.auth == "optional" and not values:
+                return await handler(request)
+            raise _missing()
+        token = token.strip()
+        try:
+            identity = await verify(token)
+        except AuthError as exc:
+            raise ApiError(
+                401,
+                "Invalid token",
+                headers={"WWW-Authenticate": _challenge("invalid_token", exc.description)},
+            ) from None
+        if route.scopes and not identity.scopes.issuperset(route.scopes):
+            needed = " ".join(route.scopes)
+            raise ApiError(
+                403,
+                "Insufficient scope",
+                headers={
+                    "WWW-Authenticate": _challenge(
+                        "insufficient_scope", "The token lacks a required scope", needed
+                    )
+                },
+            )
+        request[auth_key] = identity
+        return await handler(request)
+
+    return auth
+
+
+def identity_headers(request: web.Request) -> dict[str, str]:
+    """Headers the proxy adds upstream for an authenticated request (empty when anonymous).
+
+    Client-sent copies of these are already removed by ``gateway.headers.upstream_headers``.
+    """
+    identity = request.get(auth_key)
+    if identity is None:
+        return {}
+    return {SUBJECT_HEADER: identity.subject, SCOPES_HEADER: " ".join(sorted(identity.scopes))}

@@ -1,0 +1,206 @@
+"""Rate limits, in two stages around authentication.
+
+    ... routing -> ratelimit_middleware(stage="ip") -> auth -> ratelimit_middleware(stage="subject") ...
+
+Every routed request is charged to exactly one bucket per route prefix:
+
+- anonymous requests (no ``Authorization`` header, ``auth: none`` routes, auth disabled): the client
+  address's bucket, charged by the ``ip`` stage before anything else runs;
+- requests that carry a token: the ``ip`` stage lets them through uncharged; if authentication
+  fails (any error before an identity is set) the failure is charged to the address's bucket afterwards, and once that bucket
+  is empty the ``ip`` stage answers 429 *before* verifying further tokens from that address (a
+  flood of bad tokens costs one dict lookup each); if authentication succeeds, the ``subject``
+  stage charges the token subject's bucket.
+
+So a user behind a shared NAT is limited as themself, not as the whole NAT; an address sending
+bad tokens is limited like an anonymous client. IPv6 clients are bucketed by their /64: one host
+usually owns a whole /64 and could otherwise rotate addresses at will.
+
+Headers: each stage stores the headers in ``request[ratelimit_headers_key]`` and sets them on the
+response it gets back (or on the ApiError passing through). A streamed response is already sent by
+then, so ``stamp_ratelimit_headers`` must be registered in ``app.on_response_prepare``::
+
+    RateLimit-Policy: "default";q=100;w=60           (IETF draft-ietf-httpapi-ratelimit-headers-11)
+    RateLimit: "default";r=99;t=1                    r: remaining, t: seconds until full again
+    X-RateLimit-Limit: 100  X-RateLimit-Remaining: 99  X-RateLimit-Reset: 1 (delta seconds)
+    Retry-After: 1                                   on 429 only; rounded up, never early
+
+The policy is named ``"default"`` when ``RATE_LIMIT_DEFAULT`` applies and ``"route"`` when the
+route sets its own ``rate_limit``. On a 429 the ``t`` of ``RateLimit`` equals ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import time
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from ..clientip import IPNetwork, client_ip
+from ..errors import ApiError
+from ..keys import auth_key, client_ip_key, ratelimit_headers_key, route_key
+from ..limiter import Decision, Limiter
+from ..settings import RateLimit, Route
+
+__all__ = ["ratelimit_headers", "ratelimit_middleware", "request_client_ip", "stamp_ratelimit_headers"]
+
+STAGES = ("ip", "subject")
+# Bounds the "address is over its limit" memo of the ip stage; it only saves work, so losing it
+# costs a token verification and a limiter call, never correctness.
+_MAX_BLOCKED = 10_000
+
+
+def ratelimit_headers(policy: str, limit: RateLimit, decision: Decision) -> dict[str, str]:
+    """The response headers for one decision (see the module docstring)."""
+    reset = math.ceil(decision.reset_after)
+    headers = {
+        "RateLimit-Policy": f'"{policy}";q={limit.limit};w={math.ceil(limit.period)}',
+        "RateLimit": f'"{policy}";r={decision.remaining};t={reset}',
+        "X-RateLimit-Limit": str(limit.limit),
+        "X-RateLimit-Remaining": str(decision.remaining),
+        "X-RateLimit-Reset": str(reset),
+    }
+    if not decision.allowed:
+        retry = str(max(1, math.ceil(decision.retry_after)))
+        headers["Retry-After"] = retry
+        headers["RateLimit"] = f'"{policy}";r=0;t={retry}'
+    return headers
+
+
+def request_client_ip(request: web.Request, trusted: Sequence[IPNetwork]) -> str:
+    """The client address of ``request``, resolved once and kept in ``request[client_ip_key]``."""
+    ip = request.get(client_ip_key)
+    if ip is None:
+        ip = request[client_ip_key] = client_ip(
+            request.remote, request.headers.getall("X-Forwarded-For", ()), trusted
+        )
+    return ip
+
+
+def _ip_bucket(ip: str) -> str:
+    if ":" not in ip:
+        return ip
+    try:
+        return str(ipaddress.IPv6Network(f"{ip}/64", strict=False))
+    except ValueError:
+        return ip
+
+
+def ratelimit_middleware(
+    *,
+    limiter: Limiter,
+    default: RateLimit,
+    stage: Literal["ip", "subject"],
+    trusted_proxies: Sequence[IPNetwork] = (),
+    auth_enabled: bool = True,
+) -> Any:
+    """Limit routed requests per route prefix; ``stage`` picks the bucket (see module docstring).
+
+    ``limiter`` is shared by both stages. ``trusted_proxies`` and ``auth_enabled`` matter to the
+    ``ip`` stage only: with auth disabled every request is anonymous and charged up front.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    trusted = tuple(trusted_proxies)
+    policies: dict[str, tuple[RateLimit, str]] = {}
+    blocked: dict[str, tuple[float, dict[str, str]]] = {}
+
+    def policy_for(route: Route) -> tuple[RateLimit, str]:
+        policy = policies.get(route.prefix)
+        if policy is None:
+            policy = policies[route.prefix] = (
+                (route.rate_limit, "route") if route.rate_limit else (default, "default")
+            )
+        return policy
+
+    async def charge(request: web.Request, key: str, route: Route) -> dict[str, str]:
+        limit, name = policy_for(route)
+        decision = await limiter.hit(key, limit)
+        headers = request[ratelimit_headers_key] = ratelimit_headers(name, limit, decision)
+        if not decision.allowed:
+            if stage == "ip":
+                if len(blocked) >= _MAX_BLOCKED:
+                    blocked.clear()
+                blocked[key] = (time.monotonic() + decision.retry_after, headers)
+            raise ApiError(429, "Too Many Requests", headers=headers)
+        return headers
+
+    async def call(request: web.Request, handler: Handler, headers: dict[str, str]) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+        except ApiError as exc:
+            exc.headers = {**headers, **(exc.headers or {})}
+            raise
+        if not response.prepared:
+            response.headers.update(headers)
+        return response
+
+    if stage == "subject":
+
+        @web.middleware
+        async def ratelimit_subject(request: web.Request, handler: Handler) -> web.StreamResponse:
+            route = request.get(route_key)
+            identity = request.get(auth_key)
+            if route is None or identity is None:
+                return await handler(request)  # not routed, or anonymous: the ip stage charged it
+            headers = await charge(request, f"sub:{identity.subject}:{route.prefix}", route)
+            return await call(request, handler, headers)
+
+        return ratelimit_subject
+
+    @web.middleware
+    async def ratelimit_ip(request: web.Request, handler: Handler) -> web.StreamResponse:
+        route = request.get(route_key)
+        if route is None:
+            return await handler(request)
+        key = f"ip:{_ip_bucket(request_client_ip(request, trusted))}:{route.prefix}"
+        if not (auth_enabled and route.auth != "none" and "Authorization" in request.headers):
+            headers = await charge(request, key, route)
+            return await call(request, handler, headers)
+
+        # A token to verify: charged here only if it turns out bad.
+        memo = blocked.get(key)
+        if memo is not None:
+            until, headers = memo
+            left = until - time.monotonic()
+            if left > 0:
+                raise ApiError(429, "Too Many Requests", headers=_with_retry(headers, left))
+            del blocked[key]
+        try:
+            response = await handler(request)
+        except ApiError as exc:
+            if auth_key in request or ratelimit_headers_key in request:
+                raise  # authenticated (the subject stage charged it) or already charged
+            headers = await charge(request, key, route)  # raises 429 when this was one too many
+            exc.headers = {**headers, **(exc.headers or {})}
+            raise
+        if auth_key not in request and ratelimit_headers_key not in request:
+            # Not authenticated yet answered: the auth layer let it pass anonymously. Charge it
+            # late rather than not at all (the next one over the limit is stopped up front).
+            try:
+                headers = await charge(request, key, route)
+            except ApiError:
+                return response
+            if not response.prepared:
+                response.headers.update(headers)
+        return response
+
+    return ratelimit_ip
+
+
+def _with_retry(headers: dict[str, str], left: float) -> dict[str, str]:
+    retry = str(max(1, math.ceil(left)))
+    policy = headers["RateLimit"].partition(";")[0]
+    return {**headers, "Retry-After": retry, "RateLimit": f"{policy};r=0;t={retry}"}
+
+
+async def stamp_ratelimit_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: the rate-limit headers also reach streamed responses."""
+    headers = request.get(ratelimit_headers_key)
+    if headers:
+        for name, value in headers.items():
+            response.headers.setdefault(name, value)
