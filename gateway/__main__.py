@@ -29,6 +29,11 @@ def _settings(environ: dict[str, str] | None = None) -> Settings:
 def _warn_about(settings: Settings) -> None:
     if not settings.auth.enabled:
         log.warning("AUTH_ENABLED=false: requests are NOT authenticated")
+    elif not (settings.auth.jwks_url or settings.auth.jwt_secret):
+        log.warning(
+            "no AUTH_JWKS_URL or AUTH_JWT_SECRET: every route with auth: required answers 401 "
+            "(set one, or use `python -m gateway up` for a development secret)"
+        )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

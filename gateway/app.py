@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import AsyncIterator
 from functools import partial
 
 from aiohttp import web
@@ -9,6 +11,10 @@ from aiohttp import web
 from .errors import error_middleware
 from .health import setup_health_routes
 from .keys import lifecycle_key, route_table_key, settings_key, tracing_key, upstreams_key
+from .limiter import Limiter, create_limiter
+from .middleware.auth import TokenVerifier, auth_middleware
+from .middleware.cors import cors_middleware, stamp_cors_headers
+from .middleware.ratelimit import ratelimit_middleware, stamp_ratelimit_headers
 from .middleware.request_id import stamp_request_id
 from .middleware.tracing import Tracing, tracing_ctx, tracing_middleware
 from .proxy import http_client_ctx, proxy_handler, routing_middleware
@@ -17,22 +23,46 @@ from .settings import Settings
 from .state import Lifecycle
 from .upstream import Upstream
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "limiter_key"]
+
+log = logging.getLogger("gateway")
+
+limiter_key = web.AppKey("limiter", Limiter)
 
 
 def create_app(settings: Settings) -> web.Application:
     tracing = Tracing(
         service_name="gateway", zipkin_url=settings.zipkin_url, sample_rate=settings.trace_sample_rate
     )
-    # Outer to inner. Why each sits where it does:
-    #   tracing     first, so that every answer, even an error from a later layer, has a span and
-    #               a request id, and the span's duration is the whole request;
-    #   errors      renders ApiError and anything unexpected in the contract's JSON envelope;
-    #   routing     resolves the route once; every later layer reads request[route_key].
+    limiter = create_limiter(settings.redis_url)
+    verifier = TokenVerifier(settings.auth) if settings.auth.enabled else None
+    # Outer to inner, and why each sits where it does:
+    #   tracing      first: every answer, even an error from a later layer, has a span and a
+    #                request id, and the span's duration is the whole request;
+    #   errors       renders ApiError and anything unexpected in the contract's JSON envelope;
+    #   cors         a preflight is answered here, before routing, limits and authentication (a
+    #                browser never sends a token with one), and every answer gets CORS headers;
+    #   routing      resolves the route once; every later layer reads request[route_key];
+    #   ratelimit/ip anonymous requests, and requests whose token turns out bad, are charged to
+    #                the client address before any work is done for them, so floods of bad
+    #                tokens are limited too;
+    #   auth         verifies the bearer token against the route's mode and scopes;
+    #   ratelimit/sub  a verified subject is limited as itself, wherever it comes from.
+    # The proxy checks declared sizes before reading a byte and counts streamed bodies.
     middlewares = [
         tracing_middleware(tracing),
         error_middleware,
+        cors_middleware(settings.cors_allow_origins),
         routing_middleware(proxy=proxy_handler),
+        ratelimit_middleware(
+            limiter=limiter,
+            default=settings.rate_limit_default,
+            stage="ip",
+            trusted_proxies=settings.trusted_proxies,
+            auth_enabled=settings.auth.enabled,
+        ),
+        auth_middleware(settings.auth, verifier=verifier),
+        ratelimit_middleware(limiter=limiter, default=settings.rate_limit_default, stage="subject"),
     ]
     # client_max_size only limits request.read(); the proxy streams, and reads whole bodies only
     # when they are declared small.
@@ -42,15 +72,27 @@ def create_app(settings: Settings) -> web.Application:
     app[upstreams_key] = {name: Upstream(service) for name, service in settings.services.items()}
     app[lifecycle_key] = Lifecycle()
     app[tracing_key] = tracing
+    app[limiter_key] = limiter
     app.cleanup_ctx.append(http_client_ctx)
     app.cleanup_ctx.append(partial(tracing_ctx, tracing=tracing))
-    app.on_response_prepare.append(stamp_request_id)
+    app.cleanup_ctx.append(partial(_close_on_cleanup, limiter=limiter, verifier=verifier))
+    for stamp in (stamp_request_id, stamp_cors_headers, stamp_ratelimit_headers):
+        app.on_response_prepare.append(stamp)
     app.on_startup.append(_mark_ready)
     app.on_shutdown.append(_mark_draining)
 
     setup_health_routes(app)
     app.router.add_route("*", "/{tail:.*}", proxy_handler)
     return app
+
+
+async def _close_on_cleanup(
+    app: web.Application, *, limiter: Limiter, verifier: TokenVerifier | None
+) -> AsyncIterator[None]:
+    yield
+    await limiter.close()
+    if verifier is not None:
+        await verifier.close()
 
 
 async def _mark_ready(app: web.Application) -> None:

@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import aiohttp
 from aiohttp import web
-
-if TYPE_CHECKING:
-    pass
 
 settings_key = web.AppKey("settings", "Settings")
 route_table_key = web.AppKey("route_table", "RouteTable")

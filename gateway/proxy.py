@@ -41,6 +41,7 @@ from .keys import (
     tracing_key,
     upstreams_key,
 )
+from .middleware.auth import identity_headers
 from .middleware.request_id import REQUEST_ID_HEADER
 from .middleware.tracing import client_span, inject_trace_headers
 from .pool import ConnectFailed, ConnectTimeout, exchange
@@ -138,6 +139,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         request.headers, remote=request.remote, scheme=request.scheme, host=request.host
     )
     headers[REQUEST_ID_HEADER] = request[request_id_key]
+    headers.update(identity_headers(request))
     if request.headers.get("Upgrade", "").lower() == "websocket":
         headers.update(inject_trace_headers())
         return await _proxy_websocket(request, upstream, path, headers)
@@ -286,7 +288,9 @@ def _upstream_failure(upstream: Upstream, target: Target, exc: BaseException) ->
         # retried (idempotent methods only, nothing streamed yet) since the upstream did not answer.
         log.info("upstream disconnected", extra={"service": name, "target": target.url, "error": repr(exc)})
         return ApiError(502, f"Upstream '{name}' closed the connection"), True
-    log.warning("upstream error", extra={"service": name, "target": target.url, "error": repr(exc)}, exc_info=exc)
+    log.warning(
+        "upstream error", extra={"service": name, "target": target.url, "error": repr(exc)}, exc_info=exc
+    )
     return ApiError(502, f"Upstream '{name}' sent an invalid response"), False
 
 

@@ -465,6 +465,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             raise SettingsError(f"TRUSTED_PROXIES: {item!r} is not an address or CIDR") from exc
 
     origins = _csv(env.get("CORS_ALLOW_ORIGINS"))
+    if "*" in origins and len(origins) > 1:
+        raise SettingsError("CORS_ALLOW_ORIGINS: '*' cannot be combined with explicit origins")
     for origin in origins:
         if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
             raise SettingsError(
@@ -476,6 +478,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     for alg in algorithms:
         if alg not in allowed_algs:
             raise SettingsError(f"AUTH_ALGORITHMS: {alg!r} is not a supported signing algorithm")
+    if env.get("AUTH_JWT_SECRET") and "HS256" not in algorithms:
+        # The shared secret is explicit intent; HS256 tokens verify only against it, never
+        # against a JWKS key, so accepting them opens no RS/HS confusion.
+        algorithms = (*algorithms, "HS256")
     auth = AuthSettings(
         enabled=_bool(env.get("AUTH_ENABLED", "true"), "AUTH_ENABLED"),
         jwks_url=_url(env["AUTH_JWKS_URL"], "AUTH_JWKS_URL") if env.get("AUTH_JWKS_URL") else None,

@@ -107,8 +107,8 @@ class TokenVerifier:
             raise ValueError("AUTH_ALGORITHMS: no signing algorithm allowed")
         if jwks is None and settings.jwks_url:
             jwks = JwksCache(settings.jwks_url)
-        if settings.enabled and jwks is None and not settings.jwt_secret:
-            raise ValueError("auth is enabled but neither AUTH_JWKS_URL nor AUTH_JWT_SECRET is set")
+        # Enabled with no key source at all is allowed (and warned about at start): every token
+        # is then refused, which is the safe reading of that configuration.
         self._algorithms = algorithms
         self._secret = settings.jwt_secret
         self._jwks = jwks

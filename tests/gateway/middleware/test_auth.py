@@ -350,9 +350,12 @@ def test_client_sent_identity_headers_never_reach_upstream():
     assert out["Accept"] == "a/b"
 
 
-def test_enabled_auth_without_any_key_source_fails_at_build_time():
-    with pytest.raises(ValueError, match="AUTH_JWKS_URL"):
-        TokenVerifier(AuthSettings(enabled=True))
+async def test_enabled_auth_without_any_key_source_refuses_every_token():
+    verifier = TokenVerifier(AuthSettings(enabled=True, algorithms=("HS256", "RS256")))
+    token = jwt.encode({"sub": "u", "exp": int(time.time()) + 60}, SECRET, algorithm="HS256")
+    with pytest.raises(AuthError):
+        await verifier.verify(token)
+    await verifier.close()
 
 
 # -- JWKS fetching, rotation, caching ----------------------------------------------------------

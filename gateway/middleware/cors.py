@@ -1,0 +1,102 @@
+"""CORS: preflights answered at the door, CORS headers on every answer, errors included.
+
+Why not aiohttp-cors: it attaches its policy to routes and answers preflights from a route
+handler. The gateway has one catch-all route (aiohttp-cors refuses ``*`` routes), a preflight
+answered by a route handler would first pass authentication and rate limiting (a browser's
+preflight never carries a token), and it would swallow plain ``OPTIONS`` requests meant for a
+backend. This middleware keeps aiohttp-cors's semantics and sits before those layers.
+
+Policy (fixed): origins from ``CORS_ALLOW_ORIGINS``; with explicit origins credentials are
+allowed and ``Vary: Origin`` is sent; with ``*`` every origin is allowed without credentials.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from ..errors import ApiError
+
+__all__ = ["EXPOSED_HEADERS", "cors_headers_key", "cors_middleware", "stamp_cors_headers"]
+
+# What a browser script may read from any answer: correlation and rate-limit state above all.
+EXPOSED_HEADERS = (
+    "X-Request-ID",
+    "RateLimit",
+    "RateLimit-Policy",
+    "X-RateLimit-Limit",
+    "X-RateLimit-Remaining",
+    "X-RateLimit-Reset",
+    "Retry-After",
+    "WWW-Authenticate",
+    "traceparent",
+)
+ALLOWED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+PREFLIGHT_MAX_AGE = "600"
+
+cors_headers_key = web.RequestKey("cors_headers", "dict[str, str]")
+
+
+def cors_middleware(allow_origins: Sequence[str]) -> Any:
+    """Answer CORS preflights and mark actual requests from allowed origins for ``stamp_cors_headers``."""
+    any_origin = "*" in allow_origins
+    if any_origin and len(allow_origins) > 1:
+        raise ValueError("CORS_ALLOW_ORIGINS: '*' cannot be combined with explicit origins")
+    origins = frozenset(allow_origins)
+    exposed = ", ".join(EXPOSED_HEADERS)
+    methods = ", ".join(ALLOWED_METHODS)
+
+    def headers_for(origin: str) -> dict[str, str]:
+        if any_origin:
+            return {"Access-Control-Allow-Origin": "*", "Access-Control-Expose-Headers": exposed}
+        return {
+            "Access-Control-Allow-Origin": origin,
+            "Access-Control-Allow-Credentials": "true",
+            "Access-Control-Expose-Headers": exposed,
+            "Vary": "Origin",
+        }
+
+    @web.middleware
+    async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        if origin is None or not origins:
+            return await handler(request)
+        allowed = any_origin or origin in origins
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            if not allowed:
+                raise ApiError(403, f"CORS: origin {origin!r} is not allowed")
+            headers = headers_for(origin)
+            del headers["Access-Control-Expose-Headers"]  # meaningless on a preflight
+            headers["Access-Control-Allow-Methods"] = methods
+            requested = request.headers.get("Access-Control-Request-Headers")
+            if requested:
+                # The gateway forwards any request header, so it allows what the page asks for.
+                headers["Access-Control-Allow-Headers"] = requested
+            headers["Access-Control-Max-Age"] = PREFLIGHT_MAX_AGE
+            if not any_origin:
+                headers["Vary"] = "Origin, Access-Control-Request-Method, Access-Control-Request-Headers"
+            return web.Response(status=204, headers=headers)
+        if allowed:
+            request[cors_headers_key] = headers_for(origin)
+        return await handler(request)
+
+    return cors
+
+
+async def stamp_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: the gateway's CORS answer replaces whatever a backend sent."""
+    headers = request.get(cors_headers_key)
+    if headers is None:
+        return
+    out = response.headers
+    for name in [n for n in out if n.lower().startswith("access-control-")]:
+        del out[name]
+    for name, value in headers.items():
+        if name == "Vary":
+            vary = out.get("Vary")
+            out["Vary"] = f"{vary}, Origin" if vary and "origin" not in vary.lower() else (vary or value)
+        else:
+            out[name] = value
