@@ -218,14 +218,16 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        where = _position(raw[: exc.start].decode("utf-8"), exc.start)
+        before = raw[: exc.start].decode("utf-8")
+        where = _position(before, len(before))
         raise _body_error(f"Invalid UTF-8 at {where} (byte {exc.start}): JSON must be UTF-8.") from None
     if not text.strip():
         raise _body_error("Invalid JSON at line 1, column 1: the body is empty; expected a JSON object.")
     try:
         value = _decoder.decode(text)
     except json.JSONDecodeError as exc:
-        raise _body_error(f"Invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}.") from None
+        reason = exc.msg.removesuffix(" at")  # "Invalid control character at"
+        raise _body_error(f"Invalid JSON at line {exc.lineno}, column {exc.colno}: {reason}.") from None
     except RecursionError:
         where = _position(text, _too_deep_at(text))
         raise _body_error(f"Invalid JSON at {where}: nested deeper than {MAX_DEPTH} levels.") from None

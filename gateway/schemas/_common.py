@@ -124,7 +124,7 @@ def dns_label(**kwargs: Any) -> fields.String:
 
 
 def text(max_length: int, *, min_length: int = 0, **kwargs: Any) -> fields.String:
-    return fields.String(validate=validate.Length(min=min_length, max=max_length), **kwargs)
+    return fields.String(validate=validate.Length(min=min_length or None, max=max_length), **kwargs)
 
 
 def one_of(choices: tuple[str, ...], **kwargs: Any) -> fields.String:
