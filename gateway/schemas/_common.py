@@ -89,8 +89,8 @@ def patch_schema(full: type[Schema], name: str) -> type[PatchSchema]:
         optional = copy.deepcopy(field)
         optional.allow_none = not field.required
         optional.required = False
-        if isinstance(optional, LabelMap):
-            optional.null_values = True
+        if isinstance(optional, LabelMap) and optional.value_field is not None:
+            optional.value_field.allow_none = True
         declared[field_name] = optional
     return PatchSchema.from_dict(declared, name=name)  # type: ignore[return-value]
 
@@ -235,10 +235,10 @@ class LabelMap(_CheckedMap):
             },
             **kwargs,
         )
-        self.null_values = False  # in a merge patch, ``"env": null`` removes the label
 
     def check_entry(self, key: str, value: Any) -> str | None:
-        if value is None and self.null_values:
+        # In a merge patch (see patch_schema), ``"env": null`` removes the label.
+        if value is None and self.value_field is not None and self.value_field.allow_none:
             return label_key_problem(key)
         return label_key_problem(key) or label_value_problem(value)
 
