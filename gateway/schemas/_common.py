@@ -86,10 +86,12 @@ def patch_schema(full: type[Schema], name: str) -> type[PatchSchema]:
     Nested objects are replaced whole, so their own required fields stay required."""
     declared: dict[str, fields.Field] = {}
     for field_name, field in full._declared_fields.items():
-        optional = copy.deepcopy(field)
+        optional = copy.copy(field)  # marshmallow's own deepcopy of a field is shallow too
         optional.allow_none = not field.required
         optional.required = False
         if isinstance(optional, LabelMap) and optional.value_field is not None:
+            # A copy: the value field is shared with ``full``, where null stays invalid.
+            optional.value_field = copy.copy(optional.value_field)
             optional.value_field.allow_none = True
         declared[field_name] = optional
     return PatchSchema.from_dict(declared, name=name)  # type: ignore[return-value]

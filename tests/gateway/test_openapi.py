@@ -126,6 +126,10 @@ def test_partial_updates_require_nothing_and_accept_null_for_optional_fields(
     assert update["properties"]["description"]["nullable"] is True
     assert not update["properties"]["name"].get("nullable", False)
     assert update["additionalProperties"] is False
+    assert update["properties"]["labels"]["additionalProperties"]["nullable"] is True
+    create = document["components"]["schemas"]["ClusterCreate"]
+    assert "nullable" not in create["properties"]["description"]
+    assert "nullable" not in create["properties"]["labels"]["additionalProperties"]
 
 
 def test_the_test_tables_cover_every_schema() -> None:

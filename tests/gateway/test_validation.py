@@ -168,6 +168,8 @@ INVALID = [
     (CLUSTERS, {**CLUSTER, "labels": {"env": "bad value!"}}, {"labels.env": "Invalid label value"}),
     (CLUSTERS, {**CLUSTER, "labels": {"env": "v" * 64}}, {"labels.env": "at most 63"}),
     (CLUSTERS, {**CLUSTER, "labels": {"env": 3}}, {"labels.env": "must be a string"}),
+    (CLUSTERS, {**CLUSTER, "labels": {"env": None}}, {"labels.env": "must be a string"}),
+    (CLUSTER_PUT, {**CLUSTER, "description": None}, {"description": "may not be null"}),
     (CLUSTERS, {**CLUSTER, "labels": {"env": "prod-"}}, {"labels.env": "starting and ending"}),
     (CLUSTERS, {**CLUSTER, "labels": {"Bad Key": "x"}}, {"labels.Bad Key": "Invalid label key"}),
     (CLUSTERS, {**CLUSTER, "labels": {"n" * 70: "x"}}, {"labels." + "n" * 61 + "...": "at most 63"}),
