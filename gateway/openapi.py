@@ -1,0 +1,195 @@
+"""The OpenAPI 3 document served at ``GET /openapi.json``: the gateway's own endpoints, and every
+body the gateway validates, per (method, path), with the errors the gateway itself answers."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from apispec import APISpec
+from apispec.ext.marshmallow import MarshmallowPlugin
+from marshmallow import Schema, fields
+
+from . import __version__
+from .schemas import SCHEMAS, SUMMARIES
+
+__all__ = ["ERROR_RESPONSES", "OPENAPI_VERSION", "ErrorSchema", "FieldErrorSchema", "build_openapi"]
+
+OPENAPI_VERSION = "3.0.3"
+
+
+class FieldErrorSchema(Schema):
+    field = fields.String(required=True, metadata={"description": "Dotted path: labels.env, tool_calls.2.id"})
+    message = fields.String(required=True)
+    value = fields.Raw(
+        metadata={"description": "The offending value; only short scalars, never for secret-looking fields."}
+    )
+
+
+class ErrorSchema(Schema):
+    """The body of every error the gateway returns itself (upstream errors pass through untouched)."""
+
+    detail = fields.String(required=True, metadata={"example": "Validation Error"})
+    errors = fields.List(
+        fields.Nested(FieldErrorSchema), metadata={"description": "Absent when not per field."}
+    )
+
+
+def _error(description: str, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": "Error"}},
+        "headers": {"x-request-id": {"$ref": "#/components/headers/RequestId"}},
+    }
+    for name, text in (headers or {}).items():
+        response["headers"][name] = {"description": text, "schema": {"type": "string"}}
+    return response
+
+
+# Name -> (status, response). Referenced by every proxied operation that has a body schema.
+ERROR_RESPONSES: Mapping[str, tuple[str, dict[str, Any]]] = {
+    "Unauthorized": (
+        "401",
+        _error("Missing or invalid bearer token.", {"WWW-Authenticate": "Bearer realm=..., error=..."}),
+    ),
+    "Forbidden": ("403", _error("The token lacks a scope the route requires.")),
+    "PayloadTooLarge": (
+        "413",
+        _error("Body over the route's max_body (chat 64KB, reports 16KB, clusters 128KB, else 1MB)."),
+    ),
+    "UnsupportedMediaType": ("415", _error("Content-Type not accepted by the route (default: JSON).")),
+    "ValidationError": (
+        "422",
+        _error("The body is not JSON, not an object, or fails the schema; every problem listed."),
+    ),
+    "TooManyRequests": (
+        "429",
+        _error(
+            "Rate limited.",
+            {
+                "Retry-After": "Seconds until a request may succeed.",
+                "RateLimit-Limit": "Requests allowed per window.",
+                "RateLimit-Remaining": "Requests left in the window.",
+                "RateLimit-Reset": "Seconds until the window resets.",
+            },
+        ),
+    ),
+}
+
+
+def _status(
+    status: str, description: str, schema: Any = None, media: str = "application/json"
+) -> dict[str, Any]:
+    response: dict[str, Any] = {"description": description}
+    if schema is not None:
+        response["content"] = {media: {"schema": schema}}
+    return {status: response}
+
+
+_HEALTH = {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}}
+_COMPONENT = {
+    "type": "object",
+    "required": ["status", "latency_ms"],
+    "properties": {
+        "status": {"type": "string", "enum": ["healthy", "unhealthy"]},
+        "latency_ms": {"type": "number"},
+        "error": {"type": "string"},
+    },
+}
+_DETAILED = {
+    "type": "object",
+    "required": ["status", "components", "uptime_seconds"],
+    "properties": {
+        "status": {"type": "string", "enum": ["healthy", "degraded"]},
+        "components": {"type": "object", "additionalProperties": _COMPONENT},
+        "uptime_seconds": {"type": "number"},
+    },
+}
+
+_PARAM_RE = re.compile(r"\{([^}]+)\}")
+
+
+def build_openapi() -> dict[str, Any]:
+    """The whole document, as a JSON-ready dict; cheap enough to build once at start."""
+    spec = APISpec(
+        title="Platform API gateway",
+        version=__version__,
+        openapi_version=OPENAPI_VERSION,
+        plugins=[MarshmallowPlugin()],
+        info={
+            "description": "The gateway's own endpoints, and the request bodies it validates before "
+            "proxying. A validated body is forwarded byte for byte; backends' responses pass through."
+        },
+    )
+    spec.components.schema("Error", schema=ErrorSchema)
+    spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"})
+    spec.components.header("RequestId", {"description": "Correlation id.", "schema": {"type": "string"}})
+    spec.components.response("Error", _error("An error the gateway returned itself."))
+    for name, (_, response) in ERROR_RESPONSES.items():
+        spec.components.response(name, response)
+    _gateway_paths(spec)
+    _validated_paths(spec)
+    return spec.to_dict()
+
+
+def _gateway_paths(spec: APISpec) -> None:
+    def get(summary: str, responses: dict[str, Any]) -> dict[str, Any]:
+        # Probes and scrapers call these without a token.
+        return {"get": {"summary": summary, "tags": ["gateway"], "security": [], "responses": responses}}
+
+    spec.path("/health", operations=get("Liveness", _status("200", "Alive.", _HEALTH)))
+    spec.path(
+        "/health/ready",
+        operations=get(
+            "Readiness",
+            {**_status("200", "Ready.", _HEALTH), **_status("503", "Starting or draining.", _HEALTH)},
+        ),
+    )
+    spec.path(
+        "/health/detailed",
+        operations=get(
+            "Every backend, Redis and PostgreSQL, with latencies", _status("200", "Status.", _DETAILED)
+        ),
+    )
+    spec.path(
+        "/metrics",
+        operations=get(
+            "Prometheus metrics", _status("200", "Prometheus text format.", {"type": "string"}, "text/plain")
+        ),
+    )
+    spec.path(
+        "/openapi.json",
+        operations=get("This document", _status("200", "OpenAPI 3 document.", {"type": "object"})),
+    )
+
+
+def _validated_paths(spec: APISpec) -> None:
+    by_path: dict[str, dict[str, Any]] = {}
+    for (method, path), schema in SCHEMAS.items():
+        responses: dict[str, Any] = {
+            "default": {"description": "The backend's response, passed through untouched."},
+        }
+        for name, (status, _) in ERROR_RESPONSES.items():
+            responses[status] = name
+        by_path.setdefault(path, {})[method.lower()] = {
+            "summary": SUMMARIES.get((method, path), ""),
+            "tags": [path.split("/")[3]],
+            "security": [{"bearer": []}],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": type(schema)}},
+            },
+            "responses": responses,
+        }
+    for path, operations in by_path.items():
+        parameters = [
+            {
+                "name": name,
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string", "format": "uuid"},
+            }
+            for name in _PARAM_RE.findall(path)
+        ]
+        spec.path(path, operations=operations, parameters=parameters or None)

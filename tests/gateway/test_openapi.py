@@ -1,0 +1,138 @@
+"""The OpenAPI document: valid OpenAPI 3, complete, and in agreement with what the gateway does."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from openapi_schema_validator import OAS30Validator
+from openapi_spec_validator import validate as validate_spec
+
+from gateway.openapi import ERROR_RESPONSES, build_openapi
+from gateway.schemas import SCHEMAS
+from gateway.validation import validate_body
+
+from .test_validation import CLUSTER, CLUSTER_ID, INVALID, REPORT, TOOL_CALL, VALID
+
+
+@pytest.fixture(scope="module")
+def document() -> dict[str, Any]:
+    return build_openapi()
+
+
+def validator(document: dict[str, Any], ref: str) -> OAS30Validator:
+    # The component schemas refer to each other with "#/components/...": keep them in the root.
+    return OAS30Validator({"$ref": ref, "components": document["components"]})
+
+
+def body_ref(document: dict[str, Any], method: str, path: str) -> str:
+    operation = document["paths"][path][method.lower()]
+    return operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+
+
+def test_document_is_valid_openapi_3(document: dict[str, Any]) -> None:
+    assert document["openapi"].startswith("3.")
+    validate_spec(document)  # raises on any violation of the OpenAPI 3.0 schema and its rules
+
+
+def test_document_is_plain_json(document: dict[str, Any]) -> None:
+    assert json.loads(json.dumps(document)) == document
+
+
+@pytest.mark.parametrize(
+    "path", ["/health", "/health/ready", "/health/detailed", "/metrics", "/openapi.json"]
+)
+def test_gateway_endpoints_are_described_without_auth(document: dict[str, Any], path: str) -> None:
+    operation = document["paths"][path]["get"]
+    assert operation["security"] == []
+    assert "200" in operation["responses"]
+
+
+@pytest.mark.parametrize(("method", "path"), sorted(SCHEMAS))
+def test_every_validated_body_is_described_with_the_gateway_errors(
+    document: dict[str, Any], method: str, path: str
+) -> None:
+    operation = document["paths"][path][method.lower()]
+    assert operation["requestBody"]["required"] is True
+    assert body_ref(document, method, path).startswith("#/components/schemas/")
+    for status in ("401", "403", "413", "415", "422", "429"):
+        ref = operation["responses"][status]["$ref"]
+        response = document["components"]["responses"][ref.rsplit("/", 1)[1]]
+        schema = response["content"]["application/json"]["schema"]
+        assert schema == {"$ref": "#/components/schemas/Error"}
+    names = {p["name"] for p in document["paths"][path].get("parameters", [])}
+    assert names == {segment[1:-1] for segment in path.split("/") if segment.startswith("{")}
+
+
+def test_rate_limit_and_auth_responses_document_their_headers(document: dict[str, Any]) -> None:
+    responses = document["components"]["responses"]
+    assert {"Retry-After", "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset"} <= set(
+        responses["TooManyRequests"]["headers"]
+    )
+    assert "WWW-Authenticate" in responses["Unauthorized"]["headers"]
+    assert {status for status, _ in ERROR_RESPONSES.values()} == {"401", "403", "413", "415", "422", "429"}
+
+
+def test_error_schema_matches_the_contract_envelope(document: dict[str, Any]) -> None:
+    check = validator(document, "#/components/schemas/Error")
+    errors = validate_body(
+        json.dumps({**CLUSTER, "name": "BAD", "x": 1}).encode(), SCHEMAS[("POST", "/api/v1/clusters")]
+    )
+    assert errors
+    check.validate({"detail": "Validation Error", "errors": errors})
+    check.validate({"detail": "Payload Too Large"})  # errors may be absent
+    assert not check.is_valid({"errors": errors})  # detail is required
+    assert not check.is_valid({"detail": "x", "errors": [{"field": "name"}]})  # message is required
+
+
+@pytest.mark.parametrize(("key", "body"), [(k, b) for k, b in VALID if not isinstance(b, bytes)])
+def test_bodies_the_gateway_accepts_are_valid_by_the_document(
+    document: dict[str, Any], key: tuple[str, str], body: Any
+) -> None:
+    validator(document, body_ref(document, *key)).validate(body)
+
+
+DOCUMENTED_REJECTIONS = [
+    (("POST", "/api/v1/clusters"), {**CLUSTER, "enviroment": "qa"}),
+    (("POST", "/api/v1/clusters"), {k: v for k, v in CLUSTER.items() if k != "name"}),
+    (("POST", "/api/v1/clusters"), {**CLUSTER, "provider": "EKS"}),
+    (("POST", "/api/v1/clusters"), {**CLUSTER, "name": "x" * 64}),
+    (("POST", "/api/v1/clusters"), {**CLUSTER, "labels": {"env": "bad value!"}}),
+    (("POST", "/api/v1/reports"), {**REPORT, "cluster_ids": ["nope"]}),
+    (("POST", "/api/v1/reports"), {**REPORT, "time_range": {"start": "2025-01-01T00:00:00Z"}}),
+    (("POST", "/api/v1/chat/sessions/{session_id}/messages"), {"role": "robot", "content": "x"}),
+    (
+        ("POST", "/api/v1/chat/sessions/{session_id}/messages"),
+        {"role": "assistant", "tool_calls": [{**TOOL_CALL, "type": "retrieval"}], "id": CLUSTER_ID},
+    ),
+]
+
+
+@pytest.mark.parametrize(("key", "body"), DOCUMENTED_REJECTIONS)
+def test_the_document_also_rejects_what_the_gateway_rejects(
+    document: dict[str, Any], key: tuple[str, str], body: Any
+) -> None:
+    # Not every rule can be said in OpenAPI 3.0 (start < end, role-dependent fields), but these can.
+    assert validate_body(json.dumps(body).encode(), SCHEMAS[key])
+    assert not validator(document, body_ref(document, *key)).is_valid(body)
+
+
+def test_partial_updates_require_nothing_and_accept_null_for_optional_fields(
+    document: dict[str, Any],
+) -> None:
+    update = document["components"]["schemas"]["ClusterUpdate"]
+    assert "required" not in update
+    assert update["properties"]["description"]["nullable"] is True
+    assert not update["properties"]["name"].get("nullable", False)
+    assert update["additionalProperties"] is False
+    assert update["properties"]["labels"]["additionalProperties"]["nullable"] is True
+    create = document["components"]["schemas"]["ClusterCreate"]
+    assert "nullable" not in create["properties"]["description"]
+    assert "nullable" not in create["properties"]["labels"]["additionalProperties"]
+
+
+def test_the_test_tables_cover_every_schema() -> None:
+    # Keeps the validation tests honest as schemas are added.
+    assert {key for key, _, _ in INVALID} == set(SCHEMAS)
+    assert {key for key, _ in VALID} == set(SCHEMAS)
