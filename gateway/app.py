@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator
 from functools import partial
+from typing import Any
 
 from aiohttp import web
 
@@ -17,6 +19,8 @@ from .middleware.cors import cors_middleware, stamp_cors_headers
 from .middleware.ratelimit import ratelimit_middleware, stamp_ratelimit_headers
 from .middleware.request_id import stamp_request_id
 from .middleware.tracing import Tracing, tracing_ctx, tracing_middleware
+from .middleware.validation import body_checks_middleware, schema_validation_middleware
+from .openapi import build_openapi
 from .proxy import http_client_ctx, proxy_handler, routing_middleware
 from .routing import RouteTable
 from .settings import Settings
@@ -43,17 +47,21 @@ def create_app(settings: Settings) -> web.Application:
     #   cors         a preflight is answered here, before routing, limits and authentication (a
     #                browser never sends a token with one), and every answer gets CORS headers;
     #   routing      resolves the route once; every later layer reads request[route_key];
+    #   body checks  a declared size over the route's limit (413) or a body type the route does
+    #                not take (415) is refused before anything is read or verified;
     #   ratelimit/ip anonymous requests, and requests whose token turns out bad, are charged to
     #                the client address before any work is done for them, so floods of bad
     #                tokens are limited too;
     #   auth         verifies the bearer token against the route's mode and scopes;
-    #   ratelimit/sub  a verified subject is limited as itself, wherever it comes from.
-    # The proxy checks declared sizes before reading a byte and counts streamed bodies.
+    #   ratelimit/sub  a verified subject is limited as itself, wherever it comes from;
+    #   schema       only now, for admitted requests, is a body with a schema read and checked.
+    # The proxy counts streamed bodies against the same limit as they pass.
     middlewares = [
         tracing_middleware(tracing),
         error_middleware,
         cors_middleware(settings.cors_allow_origins),
         routing_middleware(proxy=proxy_handler),
+        body_checks_middleware(),
         ratelimit_middleware(
             limiter=limiter,
             default=settings.rate_limit_default,
@@ -63,6 +71,7 @@ def create_app(settings: Settings) -> web.Application:
         ),
         auth_middleware(settings.auth, verifier=verifier),
         ratelimit_middleware(limiter=limiter, default=settings.rate_limit_default, stage="subject"),
+        schema_validation_middleware(),
     ]
     # client_max_size only limits request.read(); the proxy streams, and reads whole bodies only
     # when they are declared small.
@@ -82,8 +91,18 @@ def create_app(settings: Settings) -> web.Application:
     app.on_shutdown.append(_mark_draining)
 
     setup_health_routes(app)
+    app.router.add_get("/openapi.json", openapi_document)
     app.router.add_route("*", "/{tail:.*}", proxy_handler)
     return app
+
+
+async def openapi_document(request: web.Request) -> web.Response:
+    return web.json_response(_openapi())
+
+
+@functools.cache
+def _openapi() -> dict[str, Any]:
+    return build_openapi()
 
 
 async def _close_on_cleanup(

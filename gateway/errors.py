@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-__all__ = ["ApiError", "error_middleware", "error_response"]
+__all__ = ["ApiError", "body_too_large", "error_middleware", "error_response"]
 
 log = logging.getLogger("gateway")
 
@@ -37,6 +37,10 @@ class ApiError(Exception):
         self.detail = detail
         self.errors = errors
         self.headers = headers
+
+
+def body_too_large(limit: int) -> ApiError:
+    return ApiError(413, f"Request body exceeds the limit of {limit} bytes for this route")
 
 
 def error_response(

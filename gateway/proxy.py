@@ -29,7 +29,7 @@ from aiohttp.typedefs import Handler
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from .errors import ApiError
+from .errors import ApiError, body_too_large
 from .headers import response_headers, upstream_headers
 from .keys import (
     body_key,
@@ -53,7 +53,6 @@ __all__ = [
     "BUFFER_LIMIT",
     "CHUNK_SIZE",
     "BodyTooLarge",
-    "body_too_large",
     "http_client_ctx",
     "proxy_handler",
     "routing_middleware",
@@ -179,10 +178,6 @@ class BodyTooLarge(Exception):
     def __init__(self, limit: int) -> None:
         super().__init__(f"body exceeds {limit} bytes")
         self.limit = limit
-
-
-def body_too_large(limit: int) -> ApiError:
-    return ApiError(413, f"Request body exceeds the limit of {limit} bytes for this route")
 
 
 async def _proxy_http(
