@@ -12,7 +12,7 @@ from aiohttp import web
 
 from .errors import error_middleware
 from .health import setup_health_routes
-from .keys import lifecycle_key, route_table_key, settings_key, tracing_key, upstreams_key
+from .keys import lifecycle_key, limiter_key, route_table_key, settings_key, tracing_key, upstreams_key
 from .limiter import Limiter, create_limiter
 from .middleware.auth import TokenVerifier, auth_middleware
 from .middleware.cors import cors_middleware, stamp_cors_headers
@@ -27,11 +27,9 @@ from .settings import Settings
 from .state import Lifecycle
 from .upstream import Upstream
 
-__all__ = ["create_app", "limiter_key"]
+__all__ = ["create_app"]
 
 log = logging.getLogger("gateway")
-
-limiter_key = web.AppKey("limiter", Limiter)
 
 
 def create_app(settings: Settings) -> web.Application:

@@ -1,21 +1,199 @@
-"""The gateway's own endpoints for probes: liveness, readiness and the aggregated view."""
+"""The gateway's own endpoints for probes: liveness, readiness and the aggregated view.
+
+``/health/detailed`` checks every backend (each target of each), Redis (PING) and PostgreSQL
+(through the intelligence engine's ``/health/db``) concurrently, each under its own timeout, so
+the answer comes within ~2 s even when something hangs; a check never raises. Callers arriving
+together share one round of probes (single flight), and an answer is reused for
+``CACHE_SECONDS``: a burst of a thousand callers costs one probe per component. ``age_seconds``
+says how old the answer is.
+
+Status code: 200 for ``healthy`` and ``degraded`` alike. A load balancer or Kubernetes probe
+pointed here must not take the gateway out of rotation because one backend is down (that would
+turn a partial outage into a total one); ``/health/ready`` is the endpoint for that. Clients that
+ask for ``application/health+json`` (IETF draft-inadarei-api-health-check) get that format.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import redis.asyncio as aioredis
 from aiohttp import web
 
-from .keys import http_client_key, lifecycle_key, upstreams_key
+from .keys import http_client_key, lifecycle_key, limiter_key, settings_key, upstreams_key
 from .middleware.tracing import inject_trace_headers
 from .upstream import Target, Upstream
 
-__all__ = ["CHECK_TIMEOUT", "setup_health_routes"]
+__all__ = ["CACHE_SECONDS", "CHECK_TIMEOUT", "HealthChecker", "health_checker_key", "setup_health_routes"]
 
 CHECK_TIMEOUT = 1.5  # per component; the whole answer stays within ~2 s
+CACHE_SECONDS = 1.0
+POSTGRES_VIA = "intelligence-engine"
+HEALTH_JSON = "application/health+json"
+
+Component = dict[str, Any]
+
+
+def _component(status: str, started: float, error: str | None = None) -> Component:
+    entry: Component = {"status": status, "latency_ms": round((time.perf_counter() - started) * 1000, 1)}
+    if error:
+        entry["error"] = error
+    return entry
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect: {exc.os_error.strerror or exc.os_error}"
+    return type(exc).__name__ + (f": {exc}" if str(exc) else "")
+
+
+async def _timed(check: Callable[[], Awaitable[Component | None]]) -> Component:
+    """Run one check under the timeout; whatever happens, come back with a component entry."""
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT):
+            result = await check()
+    except TimeoutError:
+        return _component("unhealthy", started, f"timed out after {CHECK_TIMEOUT:g}s")
+    except Exception as exc:  # a check must never take the endpoint down
+        return _component("unhealthy", started, _describe(exc))
+    entry = _component("healthy", started)
+    if result:
+        entry.update(result)
+    return entry
+
+
+class HealthChecker:
+    def __init__(self, app: web.Application, *, redis: aioredis.Redis | None) -> None:
+        self._app = app
+        self._redis = redis
+        self._cached: tuple[float, dict[str, Any]] | None = None
+        self._inflight: asyncio.Future[dict[str, Any]] | None = None
+
+    async def report(self) -> tuple[dict[str, Any], float]:
+        """The latest report and its age in seconds; at most one round of probes at a time."""
+        now = time.monotonic()
+        if self._cached is not None and now - self._cached[0] < CACHE_SECONDS:
+            return self._cached[1], now - self._cached[0]
+        if self._inflight is None:
+            self._inflight = asyncio.ensure_future(self._probe())
+            self._inflight.add_done_callback(self._done)
+        report = await asyncio.shield(self._inflight)
+        return report, 0.0
+
+    def _done(self, future: asyncio.Future[dict[str, Any]]) -> None:
+        self._inflight = None
+        if not future.cancelled() and future.exception() is None:
+            self._cached = (time.monotonic(), future.result())
+
+    async def _probe(self) -> dict[str, Any]:
+        upstreams = self._app[upstreams_key]
+        names = list(upstreams)
+        checks = [self._check_service(upstreams[name]) for name in names]
+        checks.append(self._check_redis())
+        checks.append(self._check_postgres(upstreams.get(POSTGRES_VIA)))
+        results = await asyncio.gather(*checks)
+        return dict(zip([*names, "redis", "postgresql"], results, strict=True))
+
+    async def _get(self, url: str) -> int:
+        session = self._app[http_client_key]
+        async with session.get(url, allow_redirects=False, headers=inject_trace_headers()) as response:
+            await response.read()
+            return response.status
+
+    async def _check_target(self, upstream: Upstream, target: Target) -> Component:
+        async def check() -> None:
+            status = await self._get(target.url + upstream.service.health_path)
+            if status >= 500:
+                raise RuntimeError(f"health check returned HTTP {status}")
+
+        entry = await _timed(check)
+        if not upstream.healthy(target):
+            entry["ejected"] = True  # passive health took it out of the rotation for now
+        return entry
+
+    async def _check_service(self, upstream: Upstream) -> Component:
+        results = await asyncio.gather(*(self._check_target(upstream, t) for t in upstream.targets))
+        if len(results) == 1:
+            return results[0]
+        healthy = [r for r in results if r["status"] == "healthy"]
+        entry: Component = {
+            "status": "healthy" if healthy else "unhealthy",
+            "latency_ms": min(
+                (r["latency_ms"] for r in healthy), default=max(r["latency_ms"] for r in results)
+            ),
+            "targets": {t.url: r for t, r in zip(upstream.targets, results, strict=True)},
+        }
+        if not healthy:
+            entry["error"] = "no target is healthy"
+        return entry
+
+    async def _check_redis(self) -> Component:
+        redis = self._redis
+        if redis is None:
+            return {
+                "status": "disabled",
+                "latency_ms": 0.0,
+                "note": "REDIS_URL is not set: in-process limits",
+            }
+
+        async def check() -> Component:
+            await redis.ping()
+            return self._fallback_state()
+
+        entry = await _timed(check)
+        entry.update(self._fallback_state())
+        return entry
+
+    def _fallback_state(self) -> Component:
+        limiter = self._app.get(limiter_key)
+        return {"rate_limit_fallback": bool(getattr(limiter, "fallback_active", False))}
+
+    async def _check_postgres(self, upstream: Upstream | None) -> Component:
+        if upstream is None:
+            return {
+                "status": "unhealthy",
+                "latency_ms": 0.0,
+                "error": f"no {POSTGRES_VIA} service configured",
+            }
+        target = upstream.targets[0]
+
+        async def check() -> Component | None:
+            session = self._app[http_client_key]
+            url = target.url + "/health/db"
+            async with session.get(url, allow_redirects=False, headers=inject_trace_headers()) as response:
+                body = await response.json(content_type=None) if response.status < 500 else None
+                if response.status >= 300:
+                    raise RuntimeError(f"{POSTGRES_VIA} /health/db returned HTTP {response.status}")
+            if isinstance(body, dict) and isinstance(body.get("latency_ms"), int | float):
+                return {"database_latency_ms": body["latency_ms"]}
+            return None
+
+        return await _timed(check)
+
+
+health_checker_key = web.AppKey("health_checker", HealthChecker)
+
+
+async def health_ctx(app: web.Application) -> AsyncIterator[None]:
+    url = app[settings_key].redis_url
+    redis = (
+        aioredis.Redis.from_url(
+            url, socket_timeout=CHECK_TIMEOUT, socket_connect_timeout=CHECK_TIMEOUT, retry=None
+        )
+        if url
+        else None
+    )
+    app[health_checker_key] = HealthChecker(app, redis=redis)
+    try:
+        yield
+    finally:
+        if redis is not None:
+            await redis.aclose()
 
 
 async def health(request: web.Request) -> web.Response:
@@ -31,68 +209,42 @@ async def ready(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready"})
 
 
-async def _check_target(session: aiohttp.ClientSession, upstream: Upstream, target: Target) -> dict[str, Any]:
-    started = time.perf_counter()
-    url = target.url + upstream.service.health_path
-    try:
-        async with asyncio.timeout(CHECK_TIMEOUT):
-            async with session.get(url, allow_redirects=False, headers=inject_trace_headers()) as response:
-                await response.read()
-                status = response.status
-    except TimeoutError:
-        return _component("unhealthy", started, f"timed out after {CHECK_TIMEOUT:g}s")
-    except aiohttp.ClientError as exc:
-        return _component("unhealthy", started, _describe(exc))
-    if status >= 500:
-        return _component("unhealthy", started, f"health check returned HTTP {status}")
-    return _component("healthy", started)
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"cannot connect: {exc.os_error.strerror or exc.os_error}"
-    return type(exc).__name__ + (f": {exc}" if str(exc) else "")
-
-
-def _component(status: str, started: float, error: str | None = None) -> dict[str, Any]:
-    entry: dict[str, Any] = {"status": status, "latency_ms": round((time.perf_counter() - started) * 1000, 1)}
-    if error:
-        entry["error"] = error
-    return entry
-
-
-async def _check_service(session: aiohttp.ClientSession, upstream: Upstream) -> dict[str, Any]:
-    results = await asyncio.gather(*(_check_target(session, upstream, t) for t in upstream.targets))
-    if len(results) == 1:
-        return results[0]
-    healthy = [r for r in results if r["status"] == "healthy"]
-    entry: dict[str, Any] = {
-        "status": "healthy" if healthy else "unhealthy",
-        "latency_ms": min((r["latency_ms"] for r in healthy), default=max(r["latency_ms"] for r in results)),
-        "targets": {t.url: r for t, r in zip(upstream.targets, results, strict=True)},
-    }
-    if not healthy:
-        entry["error"] = "no target is healthy"
-    return entry
-
-
 async def detailed(request: web.Request) -> web.Response:
-    session = request.app[http_client_key]
-    upstreams = request.app[upstreams_key]
-    names = list(upstreams)
-    results = await asyncio.gather(*(_check_service(session, upstreams[n]) for n in names))
-    components = dict(zip(names, results, strict=True))
-    overall = "healthy" if all(c["status"] == "healthy" for c in components.values()) else "degraded"
+    components, age = await request.app[health_checker_key].report()
+    bad = [c for c in components.values() if c["status"] == "unhealthy"]
+    overall = "degraded" if bad else "healthy"
+    uptime = int(request.app[lifecycle_key].uptime)
+    if HEALTH_JSON in request.headers.get("Accept", ""):
+        return web.json_response(_health_json(overall, components, uptime), content_type=HEALTH_JSON)
     return web.json_response(
-        {
-            "status": overall,
-            "components": components,
-            "uptime_seconds": int(request.app[lifecycle_key].uptime),
-        }
+        {"status": overall, "components": components, "uptime_seconds": uptime, "age_seconds": round(age, 3)}
     )
 
 
+def _health_json(overall: str, components: dict[str, Any], uptime: int) -> dict[str, Any]:
+    status = {"healthy": "pass", "degraded": "warn", "unhealthy": "fail", "disabled": "pass"}
+    checks: dict[str, list[dict[str, Any]]] = {}
+    for name, entry in components.items():
+        check = {
+            "componentType": "datastore" if name in ("redis", "postgresql") else "component",
+            "observedValue": entry.get("latency_ms"),
+            "observedUnit": "ms",
+            "status": status[entry["status"]],
+        }
+        if "error" in entry:
+            check["output"] = entry["error"]
+        checks[f"{name}:responseTime"] = [check]
+    return {
+        "status": status[overall],
+        "serviceId": "gateway",
+        "description": "platform API gateway",
+        "checks": checks,
+        "uptime": uptime,
+    }
+
+
 def setup_health_routes(app: web.Application) -> None:
+    app.cleanup_ctx.append(health_ctx)
     app.router.add_get("/health", health)
     app.router.add_get("/health/ready", ready)
     app.router.add_get("/health/detailed", detailed)

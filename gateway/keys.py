@@ -11,6 +11,7 @@ upstreams_key = web.AppKey("upstreams", "dict[str, Upstream]")
 http_client_key = web.AppKey("http_client", aiohttp.ClientSession)
 lifecycle_key = web.AppKey("lifecycle", "Lifecycle")
 tracing_key = web.AppKey("tracing", "Tracing")
+limiter_key = web.AppKey("limiter", "Limiter")
 
 route_key = web.RequestKey("route", "Route | None")
 target_key = web.RequestKey("target", "Target")
@@ -29,6 +30,7 @@ __all__ = [
     "client_ip_key",
     "http_client_key",
     "lifecycle_key",
+    "limiter_key",
     "ratelimit_headers_key",
     "request_id_key",
     "route_key",
