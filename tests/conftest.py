@@ -1,12 +1,170 @@
-"""Shared fixtures: real services on loopback, never mocks of them."""
+"""Shared fixtures: real upstream servers on loopback and a gateway built from a YAML config.
+
+make_upstream(handler=None)   an aiohttp server that records every request it receives
+make_raw_upstream(handler)    an asyncio socket server for byte-level misbehaviour
+make_gateway(config, env)     the gateway app for ``config`` behind an aiohttp test client
+refused_url                   a loopback URL whose port is bound but not listening
+redis_client                  the local Redis (fails, never skips, when it is down)
+"""
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway.app import create_app
+from gateway.settings import load_settings
+
+UpstreamHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@dataclass
+class Received:
+    """What one request looked like when it reached an upstream."""
+
+    method: str
+    raw_path: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def values(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+    def names(self) -> set[str]:
+        return {k.lower() for k, _ in self.headers}
+
+
+@dataclass
+class Upstream:
+    server: TestServer
+    requests: list[Received] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}"
+
+
+async def _default_reply(request: web.Request) -> web.StreamResponse:
+    return web.json_response({"ok": True})
+
+
+def record_of(request: web.Request, body: bytes) -> Received:
+    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers]
+    return Received(request.method, request.raw_path, headers, body)
+
+
+@pytest.fixture
+async def make_upstream(aiohttp_server: Any) -> Callable[..., Awaitable[Upstream]]:
+    """An upstream that records each request, then answers with ``handler`` (JSON ok by default).
+
+    With ``read_body=False`` the handler gets the request unread and records nothing itself.
+    """
+
+    async def make(handler: UpstreamHandler | None = None, *, read_body: bool = True) -> Upstream:
+        reply = handler or _default_reply
+        upstream: Upstream
+
+        async def recording(request: web.Request) -> web.StreamResponse:
+            if read_body:
+                upstream.requests.append(record_of(request, await request.read()))
+            return await reply(request)
+
+        app = web.Application(client_max_size=16 * 1024**2)
+        app.router.add_route("*", "/{tail:.*}", recording)
+        upstream = Upstream(await aiohttp_server(app))
+        return upstream
+
+    return make
+
+
+@pytest.fixture
+async def make_raw_upstream() -> AsyncIterator[Callable[[RawHandler], Awaitable[str]]]:
+    servers: list[asyncio.Server] = []
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def make(handler: RawHandler) -> str:
+        async def guarded(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            tasks.add(asyncio.current_task())  # type: ignore[arg-type]
+            try:
+                await handler(reader, writer)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(guarded, "127.0.0.1", 0)
+        servers.append(server)
+        return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+    yield make
+    for server in servers:
+        server.close()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for server in servers:
+        await server.wait_closed()
+
+
+@pytest.fixture
+def bound_socket() -> Iterator[Callable[[], socket.socket]]:
+    """Loopback sockets bound to a port but not listening: connecting to them is refused."""
+    sockets: list[socket.socket] = []
+
+    def make() -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        sockets.append(sock)
+        return sock
+
+    yield make
+    for sock in sockets:
+        sock.close()
+
+
+@pytest.fixture
+def refused_url(bound_socket: Callable[[], socket.socket]) -> str:
+    return f"http://127.0.0.1:{bound_socket().getsockname()[1]}"
+
+
+@pytest.fixture
+async def make_gateway(
+    aiohttp_client: Any, tmp_path: Path
+) -> Callable[..., Awaitable[TestClient[web.Request, web.Application]]]:
+    """Write ``config`` as the YAML file, build the real app and return a client for it.
+
+    ``env`` adds environment variables (SERVICE_*_URL and the like); extra keyword arguments go
+    to the client session (``auto_decompress=False``, ...).
+    """
+    count = 0
+
+    async def make(
+        config: dict[str, Any], env: dict[str, str] | None = None, **client_kwargs: Any
+    ) -> TestClient[web.Request, web.Application]:
+        nonlocal count
+        count += 1
+        path = tmp_path / f"gateway-{count}.yaml"
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        settings = load_settings({"GATEWAY_CONFIG": str(path), **(env or {})})
+        # TestServer.start_server runs the app with handler_cancellation=True, as server.py does:
+        # a client that goes away cancels its handler.
+        server = TestServer(create_app(settings))
+        return await aiohttp_client(server, **client_kwargs)
+
+    return make
+
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 REDIS_START = (

@@ -1,0 +1,284 @@
+"""Header rules in both directions: hop-by-hop never crosses, forwarding headers are the gateway's."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from tests.helpers import one_service, raw_exchange
+
+# (headers the client sends, header names the upstream must not see)
+REQUEST_HOP_BY_HOP = [
+    pytest.param([("Keep-Alive", "timeout=5, max=100")], ["keep-alive"], id="keep-alive"),
+    pytest.param([("TE", "trailers")], ["te"], id="te"),
+    pytest.param([("Trailer", "X-Checksum")], ["trailer"], id="trailer"),
+    pytest.param([("Upgrade", "h2c")], ["upgrade"], id="upgrade"),
+    pytest.param([("Proxy-Connection", "keep-alive")], ["proxy-connection"], id="proxy-connection"),
+    pytest.param([("Proxy-Authorization", "Basic dTpw")], ["proxy-authorization"], id="proxy-authorization"),
+    pytest.param([("Proxy-Authenticate", "Basic")], ["proxy-authenticate"], id="proxy-authenticate"),
+    pytest.param([("HTTP2-Settings", "AAMAAABkAAQAAP__")], ["http2-settings"], id="http2-settings"),
+    pytest.param([("Connection", "keep-alive")], ["connection"], id="connection"),
+    pytest.param(
+        [("Connection", "X-Hop-Secret"), ("X-Hop-Secret", "1")],
+        ["connection", "x-hop-secret"],
+        id="header-named-by-connection",
+    ),
+    pytest.param(
+        [("Connection", "x-a ,X-B"), ("X-A", "1"), ("X-B", "2")],
+        ["connection", "x-a", "x-b"],
+        id="several-named-by-connection",
+    ),
+    pytest.param(
+        [("Connection", "X-A"), ("Connection", "X-B"), ("X-A", "1"), ("X-B", "2")],
+        ["connection", "x-a", "x-b"],
+        id="repeated-connection-headers",
+    ),
+    pytest.param(
+        [("X-Auth-Subject", "admin"), ("X-Auth-Scopes", "everything")],
+        ["x-auth-subject", "x-auth-scopes"],
+        id="client-sent-identity",
+    ),
+    pytest.param(
+        [("x-auth-subject", "admin"), ("X-AUTH-SCOPES", "everything"), ("X-Auth-Subject", "root")],
+        ["x-auth-subject", "x-auth-scopes"],
+        id="client-sent-identity-any-case-repeated",
+    ),
+]
+
+# (header lines the upstream answers with, header names the client must not see)
+RESPONSE_HOP_BY_HOP = [
+    pytest.param([("Keep-Alive", "timeout=5")], ["keep-alive"], id="keep-alive"),
+    pytest.param([("TE", "trailers")], ["te"], id="te"),
+    pytest.param([("Trailer", "X-Checksum")], ["trailer"], id="trailer"),
+    pytest.param([("Upgrade", "h2c")], ["upgrade"], id="upgrade"),
+    pytest.param([("Proxy-Connection", "keep-alive")], ["proxy-connection"], id="proxy-connection"),
+    pytest.param([("Proxy-Authenticate", "Basic realm=x")], ["proxy-authenticate"], id="proxy-authenticate"),
+    pytest.param([("Proxy-Authorization", "Basic dTpw")], ["proxy-authorization"], id="proxy-authorization"),
+    pytest.param([("Connection", "keep-alive")], ["connection"], id="connection"),
+    pytest.param(
+        [("Connection", "X-Hop-Secret"), ("X-Hop-Secret", "1")],
+        ["connection", "x-hop-secret"],
+        id="header-named-by-connection",
+    ),
+    pytest.param(
+        [("Connection", "X-A, x-b"), ("X-A", "1"), ("X-B", "2")],
+        ["connection", "x-a", "x-b"],
+        id="several-named-by-connection",
+    ),
+]
+
+
+def header_names(raw: bytes) -> dict[str, list[str]]:
+    head = raw.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")[1:]
+    found: dict[str, list[str]] = {}
+    for line in head:
+        name, _, value = line.partition(":")
+        found.setdefault(name.strip().lower(), []).append(value.strip())
+    return found
+
+
+@pytest.fixture
+async def recording_gateway(make_gateway: Any, make_upstream: Any) -> tuple[Any, Any]:
+    upstream = await make_upstream()
+    return await make_gateway(one_service(upstream.url)), upstream
+
+
+@pytest.mark.parametrize(("sent", "absent"), REQUEST_HOP_BY_HOP)
+async def test_hop_by_hop_request_headers_do_not_reach_the_upstream(
+    recording_gateway: tuple[Any, Any], sent: list[tuple[str, str]], absent: list[str]
+) -> None:
+    client, upstream = recording_gateway
+    lines = "".join(f"{name}: {value}\r\n" for name, value in sent)
+    # Raw bytes: aiohttp's client would add or merge some of these itself.
+    request = f"GET /x HTTP/1.1\r\nHost: gw.test\r\n{lines}X-Kept: yes\r\nConnection: close\r\n\r\n"
+
+    raw = await raw_exchange(client.port, request.encode())
+
+    assert raw.startswith(b"HTTP/1.1 200 ")
+    [received] = upstream.requests
+    assert received.names().isdisjoint(absent)
+    assert received.values("X-Kept") == ["yes"]
+
+
+@pytest.mark.parametrize("body_size", [10, 200_000], ids=["buffered", "streamed"])
+@pytest.mark.parametrize(("sent", "absent"), RESPONSE_HOP_BY_HOP)
+async def test_hop_by_hop_response_headers_do_not_reach_the_client(
+    make_gateway: Any,
+    make_raw_upstream: Callable[..., Awaitable[str]],
+    sent: list[tuple[str, str]],
+    absent: list[str],
+    body_size: int,
+) -> None:
+    lines = "".join(f"{name}: {value}\r\n" for name, value in sent)
+    response = f"HTTP/1.1 200 OK\r\nContent-Length: {body_size}\r\n{lines}X-Kept: yes\r\n\r\n"
+
+    async def answer(reader: Any, writer: Any) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(response.encode() + b"b" * body_size)
+        await writer.drain()
+
+    client = await make_gateway(one_service(await make_raw_upstream(answer)))
+
+    # HTTP/1.1 without Connection: close, so the gateway has no reason to add a Connection header.
+    async with client.session.get(client.make_url("/x")) as reply:
+        body = await reply.read()
+
+    assert reply.status == 200
+    assert len(body) == body_size
+    assert {name.lower() for name in reply.headers}.isdisjoint(absent)
+    assert reply.headers.getall("X-Kept") == ["yes"]
+
+
+async def test_x_forwarded_for_is_set_to_the_client_address(recording_gateway: tuple[Any, Any]) -> None:
+    client, upstream = recording_gateway
+    await client.get("/x")
+    assert upstream.requests[0].values("X-Forwarded-For") == ["127.0.0.1"]
+
+
+@pytest.mark.parametrize(
+    ("sent", "expected"),
+    [
+        pytest.param([("X-Forwarded-For", "203.0.113.7")], "203.0.113.7, 127.0.0.1", id="one"),
+        pytest.param(
+            [("X-Forwarded-For", "203.0.113.7, 198.51.100.2")],
+            "203.0.113.7, 198.51.100.2, 127.0.0.1",
+            id="list",
+        ),
+        pytest.param(
+            [("X-Forwarded-For", "203.0.113.7"), ("X-Forwarded-For", "198.51.100.2")],
+            "203.0.113.7, 198.51.100.2, 127.0.0.1",
+            id="repeated-header",
+        ),
+    ],
+)
+async def test_x_forwarded_for_is_appended_to_the_existing_chain(
+    recording_gateway: tuple[Any, Any], sent: list[tuple[str, str]], expected: str
+) -> None:
+    client, upstream = recording_gateway
+    lines = "".join(f"{name}: {value}\r\n" for name, value in sent)
+
+    await raw_exchange(
+        client.port, f"GET /x HTTP/1.1\r\nHost: a\r\n{lines}Connection: close\r\n\r\n".encode()
+    )
+
+    assert upstream.requests[0].values("X-Forwarded-For") == [expected]
+
+
+@pytest.mark.parametrize(
+    "named",
+    ["X-Forwarded-For", "x-forwarded-proto", "X-Forwarded-Host", "Via", "X-Forwarded-For, Via, X-Other"],
+)
+async def test_connection_header_cannot_remove_forwarding_headers(
+    recording_gateway: tuple[Any, Any], named: str
+) -> None:
+    client, upstream = recording_gateway
+    request = (
+        f"GET /x HTTP/1.1\r\nHost: gw.test\r\nX-Forwarded-For: 203.0.113.7\r\nVia: 1.0 edge\r\n"
+        f"Connection: {named}\r\nConnection: close\r\n\r\n"
+    )
+
+    await raw_exchange(client.port, request.encode())
+
+    [received] = upstream.requests
+    assert received.values("X-Forwarded-For") == ["203.0.113.7, 127.0.0.1"]
+    assert received.values("X-Forwarded-Proto") == ["http"]
+    assert received.values("X-Forwarded-Host") == ["gw.test"]
+    assert received.values("Via") == ["1.0 edge, 1.1 gateway"]
+
+
+async def test_x_forwarded_proto_and_host_describe_the_client_request(
+    recording_gateway: tuple[Any, Any],
+) -> None:
+    client, upstream = recording_gateway
+    await client.get("/x", headers={"Host": "api.example.test:8443"})
+
+    [received] = upstream.requests
+    assert received.values("X-Forwarded-Proto") == ["http"]
+    assert received.values("X-Forwarded-Host") == ["api.example.test:8443"]
+
+
+async def test_client_sent_x_forwarded_proto_and_host_are_replaced(
+    recording_gateway: tuple[Any, Any],
+) -> None:
+    client, upstream = recording_gateway
+    await client.get(
+        "/x",
+        headers={"Host": "real.test", "X-Forwarded-Proto": "https", "X-Forwarded-Host": "spoofed.test"},
+    )
+
+    [received] = upstream.requests
+    assert received.values("X-Forwarded-Proto") == ["http"]
+    assert received.values("X-Forwarded-Host") == ["real.test"]
+
+
+async def test_host_header_names_the_target(recording_gateway: tuple[Any, Any]) -> None:
+    client, upstream = recording_gateway
+    await client.get("/x", headers={"Host": "api.example.test"})
+    assert upstream.requests[0].values("Host") == [upstream.url.removeprefix("http://")]
+
+
+@pytest.mark.parametrize(
+    ("sent", "expected"),
+    [
+        (None, "1.1 gateway"),
+        ("1.0 edge", "1.0 edge, 1.1 gateway"),
+        ("1.1 a, 1.1 b", "1.1 a, 1.1 b, 1.1 gateway"),
+    ],
+)
+async def test_via_is_added(recording_gateway: tuple[Any, Any], sent: str | None, expected: str) -> None:
+    client, upstream = recording_gateway
+    await client.get("/x", headers={"Via": sent} if sent else {})
+    assert upstream.requests[0].values("Via") == [expected]
+
+
+async def test_end_to_end_headers_reach_the_upstream_unchanged(recording_gateway: tuple[Any, Any]) -> None:
+    client, upstream = recording_gateway
+    sent = [
+        ("Authorization", "Bearer abc.def"),
+        ("Accept", "application/json"),
+        ("Cookie", "a=1; b=2"),
+        ("X-Custom", "one"),
+        ("X-Custom", "two"),
+    ]
+    lines = "".join(f"{name}: {value}\r\n" for name, value in sent)
+
+    await raw_exchange(
+        client.port, f"GET /x HTTP/1.1\r\nHost: a\r\n{lines}Connection: close\r\n\r\n".encode()
+    )
+
+    [received] = upstream.requests
+    for name, _ in sent:
+        assert received.values(name) == [v for n, v in sent if n == name]
+
+
+async def test_expect_100_continue_is_answered_by_the_gateway_not_forwarded(
+    recording_gateway: tuple[Any, Any],
+) -> None:
+    client, upstream = recording_gateway
+    response = await client.post("/x", data=b"payload", headers={"Expect": "100-continue"})
+
+    assert response.status == 200
+    [received] = upstream.requests
+    assert "expect" not in received.names()
+    assert received.body == b"payload"
+
+
+async def test_upstream_end_to_end_response_headers_reach_the_client(
+    make_gateway: Any, make_upstream: Any
+) -> None:
+    async def reply(request: web.Request) -> web.Response:
+        response = web.Response(text="ok", headers={"Cache-Control": "max-age=60", "ETag": '"v1"'})
+        response.headers.add("X-Multi", "1")
+        response.headers.add("X-Multi", "2")
+        return response
+
+    client = await make_gateway(one_service((await make_upstream(reply)).url))
+
+    response = await client.get("/x")
+
+    assert response.headers["Cache-Control"] == "max-age=60"
+    assert response.headers["ETag"] == '"v1"'
+    assert response.headers.getall("X-Multi") == ["1", "2"]

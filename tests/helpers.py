@@ -1,0 +1,59 @@
+"""Plain helpers for the tests: config builders, polling with a deadline, raw HTTP exchanges."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+def one_service(url: str | list[str], prefix: str = "/", **route: Any) -> dict[str, Any]:
+    """A config with one service ``svc`` and one route to it: auth off, any body type or size
+    (the proxy's own behaviour; validation and limits have their own tests)."""
+    route.setdefault("content_types", ["*/*"])
+    route.setdefault("max_body", "unlimited")
+    service: dict[str, Any] = {"urls": url} if isinstance(url, list) else {"url": url}
+    for key in ("timeout", "eject_seconds"):
+        if key in route:
+            service[key] = route.pop(key)
+    return {
+        "services": {"svc": service},
+        "routes": [{"prefix": prefix, "service": "svc", "auth": "none", **route}],
+    }
+
+
+async def wait_for(predicate: Callable[[], bool], deadline_s: float = 5.0, what: str = "condition") -> None:
+    """Poll ``predicate`` until it holds; fail the test after ``deadline_s`` seconds."""
+    deadline = time.monotonic() + deadline_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {deadline_s:g}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def raw_exchange(port: int, request: bytes, deadline_s: float = 5.0) -> bytes:
+    """Send ``request`` bytes (which should say ``Connection: close``) and read until EOF."""
+    async with asyncio.timeout(deadline_s):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(request)
+            await writer.drain()
+            return await reader.read()
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+
+def raw_url(client: Any, raw_path: str) -> Any:
+    """An absolute URL for ``raw_path`` that the client sends byte for byte (no normalisation)."""
+    from yarl import URL
+
+    return URL(f"http://{client.host}:{client.port}{raw_path}", encoded=True)
+
+
+async def send_raw_path(client: Any, raw_path: str, method: str = "GET", **kwargs: Any) -> Any:
+    """Request ``raw_path`` exactly as written; the response comes back already read."""
+    async with client.session.request(method, raw_url(client, raw_path), **kwargs) as response:
+        await response.read()
+    return response
