@@ -1,0 +1,143 @@
+"""Helpers shared by the chat tests (not fixtures: those are in conftest.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from intelligence.keys import cache_key, pool_key, service_key
+
+ROOT = Path(__file__).resolve().parents[2]
+
+Client = TestClient[web.Request, web.Application]
+
+
+def service(client: Client) -> Any:
+    return client.app[service_key]
+
+
+def cache(client: Client) -> Any:
+    return client.app[cache_key]
+
+
+def pool(client: Client) -> Any:
+    return client.app[pool_key]
+
+
+def headers(user: str) -> dict[str, str]:
+    return {"x-auth-subject": user}
+
+
+async def wait_until(
+    check: Callable[[], Awaitable[bool]] | Callable[[], bool],
+    *,
+    timeout: float = 10.0,  # noqa: ASYNC109 - a polling deadline, not an operation timeout
+    what: str = "condition",
+) -> None:
+    """Poll ``check`` until it is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class PrivateRedis:
+    """A redis-server of this test's own on a free port, which the test may stop and start."""
+
+    def __init__(self) -> None:
+        if shutil.which("redis-server") is None:
+            pytest.fail("redis-server is not installed (apt-get install redis-server)", pytrace=False)
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="chat-redis-")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.dir],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = redis.Redis(port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except (redis.RedisError, OSError):
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    pytest.fail(f"private redis-server on port {self.port} did not start")
+                time.sleep(0.02)
+        client.close()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+        self.process = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=2)
+
+
+class Service:
+    """``python -m intelligence`` as a subprocess of the test, on a free port."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.env = {
+            **os.environ, **env, "INTELLIGENCE_PORT": str(self.port), "LOG_FORMAT": "text",
+            "PYTHONPATH": str(ROOT),
+        }  # fmt: skip
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> subprocess.Popen[bytes]:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "intelligence"], cwd=ROOT, env=self.env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        return self.process
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def run(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "intelligence", *args], cwd=ROOT, env=self.env,
+            capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
