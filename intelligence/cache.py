@@ -176,13 +176,13 @@ class ChatCache:
         self._stale = False
         self._failures = 0
         self._op_timeout = settings.socket_timeout * 3
-        if redis is not None:
-            self._get = redis.register_script(_GET)
-            self._put = redis.register_script(_PUT)
-            self._read_messages = redis.register_script(_READ_MESSAGES)
-            self._fill_messages = redis.register_script(_FILL_MESSAGES)
-            self._append_message = redis.register_script(_APPEND_MESSAGE)
-            self._tombstone = redis.register_script(_TOMBSTONE)
+        script = redis.register_script if redis is not None else (lambda _: None)
+        self._get: Any = script(_GET)
+        self._put: Any = script(_PUT)
+        self._read_messages: Any = script(_READ_MESSAGES)
+        self._fill_messages: Any = script(_FILL_MESSAGES)
+        self._append_message: Any = script(_APPEND_MESSAGE)
+        self._tombstone: Any = script(_TOMBSTONE)
 
     @property
     def enabled(self) -> bool:
