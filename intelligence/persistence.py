@@ -24,6 +24,8 @@ from typing import Any, Final, TypeVar
 
 import aiopg
 import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
 from psycopg2.extras import Json
 
 from .cache import ChatCache
@@ -88,23 +90,27 @@ RETURNING {SESSION_COLUMNS}
 """
 DELETE_SESSION = "DELETE FROM chat_sessions WHERE id = %(id)s AND user_id = %(user_id)s RETURNING id"
 DELETE_SESSION_ANY_OWNER = "DELETE FROM chat_sessions WHERE id = %(id)s RETURNING id"
-# Takes the session's row lock until COMMIT: writers to one session queue here, in seq order.
-NEXT_SEQ = f"""
-UPDATE chat_sessions SET
-    message_count = message_count + 1,
-    version = version + 1,
-    last_message_at = now(),
-    updated_at = now()
-WHERE id = %(session_id)s AND (%(user_id)s::text IS NULL OR user_id = %(user_id)s)
-RETURNING {SESSION_COLUMNS}
-"""
-INSERT_MESSAGE = f"""
-INSERT INTO chat_messages
-    (id, session_id, seq, role, content, tool_calls, tool_results, tool_call_id, metadata)
-VALUES (%(id)s, %(session_id)s, %(seq)s, %(role)s, %(content)s, %(tool_calls)s, %(tool_results)s,
-        %(tool_call_id)s, %(metadata)s)
-ON CONFLICT (id) DO NOTHING
-RETURNING {MESSAGE_COLUMNS}
+# One statement, so one transaction: take the next seq under the session's row lock (writers to
+# a session queue here, and commit in seq order) and insert the message with it. A duplicate id
+# aborts the whole statement, so the seq it took is never used: the sequence stays gapless.
+APPEND_MESSAGE = f"""
+WITH s AS (
+    UPDATE chat_sessions SET
+        message_count = message_count + 1,
+        version = version + 1,
+        last_message_at = now(),
+        updated_at = now()
+    WHERE id = %(session_id)s AND (%(user_id)s::text IS NULL OR user_id = %(user_id)s)
+    RETURNING {SESSION_COLUMNS}
+), m AS (
+    INSERT INTO chat_messages
+        (id, session_id, seq, role, content, tool_calls, tool_results, tool_call_id, metadata)
+    SELECT %(id)s, s.id, s.message_count, %(role)s, %(content)s, %(tool_calls)s::json,
+           %(tool_results)s::json, %(tool_call_id)s, %(metadata)s::jsonb
+    FROM s
+    RETURNING {MESSAGE_COLUMNS}
+)
+SELECT s.*, m.* FROM s JOIN m ON true
 """
 SELECT_MESSAGE = f"""
 SELECT {", ".join("m." + c.strip() for c in MESSAGE_COLUMNS.split(","))}, s.user_id
@@ -135,10 +141,6 @@ async def create_pool(settings: PostgresSettings) -> aiopg.Pool:
         options=f"-c statement_timeout={int(settings.statement_timeout * 1000)} -c timezone=UTC",
         application_name="intelligence",
     )
-
-
-class _Duplicate(Exception):
-    """The message id exists already: roll back (returning the seq) and look at the stored one."""
 
 
 class ChatPersistenceService:
@@ -295,24 +297,22 @@ class ChatPersistenceService:
             "metadata": Json(message.metadata),
         }
 
-        async def insert(cur: aiopg.Cursor) -> tuple[ChatSession, ChatMessage]:
-            await cur.execute(NEXT_SEQ, params)
+        async def append(cur: aiopg.Cursor) -> tuple[ChatSession, ChatMessage]:
+            await cur.execute(APPEND_MESSAGE, params)
             row = await cur.fetchone()
             if row is None:
                 raise SessionNotFound(str(message.session_id))
-            session = _session(row)
-            await cur.execute(INSERT_MESSAGE, {**params, "seq": session.message_count})
-            inserted = await cur.fetchone()
-            if inserted is None:
-                raise _Duplicate  # a concurrent retry won; rolling back returns our seq
-            return session, _message(inserted)
+            return _session(row[:9]), _message(row[9:])
 
         try:
-            session, stored = await self._run(insert, begin="BEGIN")
-        except _Duplicate:
+            session, stored = await self._run(append)
+        except psycopg2.errors.UniqueViolation as exc:
+            if exc.diag.constraint_name != "chat_messages_pkey":
+                raise
+            # A retry of a message already stored (perhaps by a concurrent twin of this request).
             existing = await self._existing_message(message, user_id)
-            if existing is None:  # pragma: no cover - the winner was rolled back meanwhile
-                raise IdConflict(f"message {message.id} is being written concurrently") from None
+            if existing is None:  # pragma: no cover - the id was deleted with its session meanwhile
+                raise IdConflict(f"message {message.id} was written and deleted concurrently") from None
             return existing, False
         assert stored.seq is not None
         await self._cache.put_session(epoch, str(session.id), session.version, _dump_session(session))
