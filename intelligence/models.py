@@ -121,7 +121,11 @@ class IdConflict(PersistenceError):
 
 
 class DatabaseUnavailable(PersistenceError):
-    """PostgreSQL is down, unreachable or too slow; nothing was written."""
+    """PostgreSQL is down, unreachable or too slow.
+
+    The write was rolled back, except in the one ambiguous case of a connection lost while the
+    server committed: then it may have been stored, and retrying with the same id is safe.
+    """
 
 
 class MigrationError(PersistenceError):

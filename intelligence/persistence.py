@@ -10,8 +10,9 @@ the database, not from this process, so they hold across replicas:
   message, another body raises IdConflict; a duplicate insert rolls back its seq.
 
 PostgreSQL failures become DatabaseUnavailable; a transaction that fails is rolled back, and a
-connection that broke is thrown away (one retry when it broke before COMMIT was sent, so the
-first call after a database restart does not fail on a dead pooled connection).
+connection that broke is thrown away. Reads and the id-idempotent writes are retried once on a
+fresh connection when theirs broke (a pooled connection may have died with a database restart);
+an explicit transaction only if it broke before COMMIT was sent.
 """
 
 from __future__ import annotations
@@ -98,15 +99,16 @@ WITH s AS (
     UPDATE chat_sessions SET
         message_count = message_count + 1,
         version = version + 1,
-        last_message_at = now(),
-        updated_at = now()
+        -- the clock after the lock was granted, so created_at follows seq order
+        last_message_at = clock_timestamp(),
+        updated_at = clock_timestamp()
     WHERE id = %(session_id)s AND (%(user_id)s::text IS NULL OR user_id = %(user_id)s)
     RETURNING {SESSION_COLUMNS}
 ), m AS (
     INSERT INTO chat_messages
-        (id, session_id, seq, role, content, tool_calls, tool_results, tool_call_id, metadata)
+        (id, session_id, seq, role, content, tool_calls, tool_results, tool_call_id, metadata, created_at)
     SELECT %(id)s, s.id, s.message_count, %(role)s, %(content)s, %(tool_calls)s::json,
-           %(tool_results)s::json, %(tool_call_id)s, %(metadata)s::jsonb
+           %(tool_results)s::json, %(tool_call_id)s, %(metadata)s::jsonb, s.last_message_at
     FROM s
     RETURNING {MESSAGE_COLUMNS}
 )
@@ -270,7 +272,9 @@ class ChatPersistenceService:
             await cur.execute(sql, {"id": session_id, "user_id": user_id})
             return await cur.fetchone() is not None
 
-        deleted = await self._run(delete)
+        # No retry: if the connection broke after the delete committed, a second attempt would
+        # find nothing and report a missing session.
+        deleted = await self._run(delete, retry=False)
         if deleted:
             await self._cache.forget_session(epoch, str(session_id))
         return deleted

@@ -110,14 +110,15 @@ class PrivateRedis:
 
 
 class Service:
-    """``python -m intelligence`` as a subprocess of the test, on a free port."""
+    """``python -m intelligence`` as a subprocess of the test, on a free port, logging to a file."""
 
     def __init__(self, env: dict[str, str]) -> None:
         self.port = free_port()
         self.env = {
-            **os.environ, **env, "INTELLIGENCE_PORT": str(self.port), "LOG_FORMAT": "text",
-            "PYTHONPATH": str(ROOT),
+            **{k: v for k, v in os.environ.items() if not k.startswith(("POSTGRES_", "REDIS_"))},
+            **env, "INTELLIGENCE_PORT": str(self.port), "LOG_FORMAT": "text", "PYTHONPATH": str(ROOT),
         }  # fmt: skip
+        self.log = tempfile.NamedTemporaryFile(prefix="chat-service-", suffix=".log", delete=False)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -127,17 +128,20 @@ class Service:
     def start(self) -> subprocess.Popen[bytes]:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "intelligence"], cwd=ROOT, env=self.env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdout=self.log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         return self.process
 
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
     def kill(self) -> None:
+        """SIGKILL, and reap it."""
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
 
-    def run(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "intelligence", *args], cwd=ROOT, env=self.env,
-            capture_output=True, text=True, timeout=timeout,
-        )  # fmt: skip
+    def close(self) -> None:
+        self.kill()
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)

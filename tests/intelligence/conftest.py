@@ -172,7 +172,4 @@ def service_process() -> Iterator[Callable[[dict[str, str]], Service]]:
 
     yield factory
     for svc in started:
-        svc.kill()
-        for stream in (svc.process.stdout, svc.process.stderr) if svc.process else ():
-            if stream is not None:
-                stream.close()
+        svc.close()
