@@ -23,6 +23,19 @@ from intelligence.keys import cache_key, pool_key, service_key
 
 ROOT = Path(__file__).resolve().parents[2]
 
+PG_ADMIN_DSN = os.environ.get("TEST_POSTGRES_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=test")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+PG_HINT = (
+    "PostgreSQL is needed at 127.0.0.1:5432 (user postgres, database test). Start it with:\n"
+    "    pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
+)
+REDIS_HINT = (
+    "Redis is needed at 127.0.0.1:6379. Start it with:\n"
+    '    redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no '
+    "--dir /var/lib/redis --logfile /var/log/redis/ci.log"
+)
+
+
 Client = TestClient[web.Request, web.Application]
 
 
@@ -145,3 +158,12 @@ class Service:
         self.kill()
         self.log.close()
         Path(self.log.name).unlink(missing_ok=True)
+
+
+def redis_sync(url: str = REDIS_URL) -> redis.Redis:
+    client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except (redis.RedisError, OSError) as exc:
+        pytest.fail(f"{REDIS_HINT}\n({exc})", pytrace=False)
+    return client

@@ -7,7 +7,6 @@ to start it; private servers for fault tests (redis-server, pgserver) are starte
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import shutil
 from collections.abc import Awaitable, Callable, Iterator
@@ -16,24 +15,11 @@ from typing import Any
 
 import psycopg2
 import pytest
-import redis
-from chat_helpers import Client, PrivateRedis, Service
+from chat_helpers import PG_ADMIN_DSN, PG_HINT, REDIS_URL, Client, PrivateRedis, Service, redis_sync
 
 from intelligence.app import create_app
 from intelligence.schema import apply_migrations
 from intelligence.settings import CacheSettings, IntelligenceSettings, PostgresSettings
-
-PG_ADMIN_DSN = os.environ.get("TEST_POSTGRES_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=test")
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-PG_HINT = (
-    "PostgreSQL is needed at 127.0.0.1:5432 (user postgres, database test). Start it with:\n"
-    "    pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
-)
-REDIS_HINT = (
-    "Redis is needed at 127.0.0.1:6379. Start it with:\n"
-    '    redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no '
-    "--dir /var/lib/redis --logfile /var/log/redis/ci.log"
-)
 
 
 def _admin() -> Any:
@@ -94,15 +80,6 @@ def database(databases: Databases) -> str:
 @pytest.fixture
 def empty_database(databases: Databases) -> str:
     return databases.create()
-
-
-def redis_sync(url: str = REDIS_URL) -> redis.Redis:
-    client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-    try:
-        client.ping()
-    except (redis.RedisError, OSError) as exc:
-        pytest.fail(f"{REDIS_HINT}\n({exc})", pytrace=False)
-    return client
 
 
 @pytest.fixture
