@@ -11,7 +11,7 @@ from gateway.server import Listener, run, serve
 
 from .app import create_app
 from .models import DatabaseUnavailable, MigrationError
-from .schema import apply_migrations, load_migrations
+from .schema import apply_migrations, load_migrations, one_line
 from .settings import SettingsError, load_settings
 
 
@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
             applied = asyncio.run(apply_migrations(settings.postgres.dsn, load_migrations()))
         except MigrationError as exc:
             return _fail(str(exc))
-        except (OSError, Exception) as exc:  # psycopg2 errors: name the problem, no traceback
-            return _fail(f"migration failed: {str(exc).strip() or type(exc).__name__}")
+        except Exception as exc:  # psycopg2's errors: name the problem, no traceback
+            return _fail(f"migration failed: {one_line(exc)}")
         print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
         return 0
 

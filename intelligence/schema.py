@@ -23,7 +23,14 @@ import psycopg2
 
 from .models import DatabaseUnavailable, MigrationError, MigrationsPending
 
-__all__ = ["Migration", "apply_migrations", "check_migrations", "load_migrations", "pending_migrations"]
+__all__ = [
+    "Migration",
+    "apply_migrations",
+    "check_migrations",
+    "load_migrations",
+    "one_line",
+    "pending_migrations",
+]
 
 log = logging.getLogger("intelligence.migrate")
 
@@ -50,6 +57,11 @@ class Migration:
     @property
     def checksum(self) -> str:
         return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def one_line(exc: BaseException) -> str:
+    """psycopg2's messages span lines (with hints); one line for a log or a terminal."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def load_migrations(directory: str | Path | None = None) -> tuple[Migration, ...]:
@@ -106,7 +118,7 @@ async def check_migrations(pool: aiopg.Pool, migrations: tuple[Migration, ...] |
         async with pool.acquire() as conn, conn.cursor() as cur:
             pending = await pending_migrations(cur, migrations)
     except (psycopg2.OperationalError, psycopg2.InterfaceError, OSError, TimeoutError) as exc:
-        raise DatabaseUnavailable(f"cannot reach PostgreSQL: {str(exc).strip()}") from exc
+        raise DatabaseUnavailable(f"cannot reach PostgreSQL: {one_line(exc)}") from exc
     if pending:
         names = ", ".join(m.name for m in pending)
         raise MigrationsPending(
