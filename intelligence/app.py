@@ -1,17 +1,54 @@
-"""The chat API application factory (persistence arrives with its own issue)."""
+"""The chat API application: ``create_app(settings)`` builds it, the resources live in cleanup_ctx."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 from aiohttp import web
+
+from gateway.errors import error_middleware
+
+from .api import domain_errors_middleware, setup_api_routes
+from .cache import ChatCache, redis_client
+from .health import setup_health_routes
+from .keys import cache_key, pool_key, service_key, settings_key
+from .persistence import ChatPersistenceService, create_pool
+from .schema import check_migrations
+from .settings import IntelligenceSettings
 
 __all__ = ["create_app"]
 
 
-async def health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "healthy"})
+async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The pool; the app refuses to start while migrations are pending (or PostgreSQL is down)."""
+    pool = await create_pool(app[settings_key].postgres)
+    try:
+        await check_migrations(pool)
+        app[pool_key] = pool
+        yield
+    finally:
+        pool.close()
+        await pool.wait_closed()
 
 
-def create_app() -> web.Application:
-    app = web.Application()
-    app.router.add_get("/health", health)
+async def cache_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[settings_key].cache
+    async with redis_client(settings) as client:
+        app[cache_key] = ChatCache(client, settings)
+        yield
+
+
+async def service_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[service_key] = ChatPersistenceService(app[pool_key], app[cache_key])
+    yield
+
+
+def create_app(settings: IntelligenceSettings) -> web.Application:
+    # Outer to inner: error_middleware renders every ApiError (and hides unexpected ones behind a
+    # 500); domain_errors_middleware turns the persistence layer's errors into ApiErrors.
+    app = web.Application(middlewares=[error_middleware, domain_errors_middleware])
+    app[settings_key] = settings
+    app.cleanup_ctx.extend([postgres_ctx, cache_ctx, service_ctx])
+    setup_health_routes(app)
+    setup_api_routes(app)
     return app

@@ -1,0 +1,362 @@
+"""The chat HTTP API (CONTRACT.md, "Intelligence engine HTTP surface").
+
+Handlers validate input, call ChatPersistenceService and render its values; domain errors become
+the contract's error body in ``domain_errors_middleware``. The owner of everything is the
+``x-auth-subject`` header the gateway sets after authentication.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import uuid
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from gateway.errors import ApiError
+
+from .keys import service_key
+from .models import (
+    ROLES,
+    ChatMessage,
+    ChatSession,
+    DatabaseUnavailable,
+    IdConflict,
+    SessionCursor,
+    SessionNotFound,
+)
+from .persistence import UNSET
+
+__all__ = ["domain_errors_middleware", "setup_api_routes"]
+
+PREFIX = "/api/v1/chat"
+SUBJECT_HEADER = "x-auth-subject"
+SESSIONS_LIMIT = (50, 200)  # default, maximum
+MESSAGES_LIMIT = (100, 1000)
+MAX_TITLE = 1000
+MAX_SUBJECT = 256
+
+SESSION_FIELDS = frozenset({"id", "title", "metadata"})
+SESSION_PATCH_FIELDS = frozenset({"title", "metadata"})
+MESSAGE_FIELDS = frozenset(
+    {"id", "role", "content", "tool_calls", "tool_results", "tool_call_id", "metadata"}
+)
+
+
+@web.middleware
+async def domain_errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Persistence errors to HTTP: missing or foreign session 404, id conflict 409, database 503."""
+    try:
+        return await handler(request)
+    except SessionNotFound as exc:
+        raise ApiError(404, "Session not found") from exc
+    except IdConflict as exc:
+        raise ApiError(409, "Conflict", [{"field": "id", "message": str(exc)}]) from exc
+    except DatabaseUnavailable as exc:
+        request.app.logger.warning("database unavailable: %s", exc)
+        raise ApiError(
+            503,
+            "The chat database is unavailable; nothing was stored. Try again shortly.",
+            headers={"Retry-After": "1"},
+        ) from exc
+
+
+# -- input ------------------------------------------------------------------------------------
+
+
+def _subject(request: web.Request) -> str:
+    subject = request.headers.get(SUBJECT_HEADER, "").strip()
+    if not subject:
+        raise ApiError(
+            401, "Not authenticated: no x-auth-subject", headers={"WWW-Authenticate": 'Bearer realm="chat"'}
+        )
+    if len(subject) > MAX_SUBJECT or "\x00" in subject:
+        raise ApiError(401, "Not authenticated: malformed x-auth-subject")
+    return subject
+
+
+def _session_id(request: web.Request) -> uuid.UUID:
+    try:
+        return uuid.UUID(request.match_info["session_id"])
+    except ValueError:
+        raise ApiError(404, "Session not found") from None  # not a session id, so no such session
+
+
+def _limit(request: web.Request, bounds: tuple[int, int]) -> int:
+    default, maximum = bounds
+    raw = request.query.get("limit")
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= maximum or not raw.strip().isdigit():
+        raise ApiError(
+            422, "Validation Error",
+            [{"field": "limit", "message": f"expected a whole number from 1 to {maximum}", "value": raw}],
+        )  # fmt: skip
+    return value
+
+
+def _bad_value(*_: Any) -> None:
+    raise ValueError("NaN and Infinity are not JSON")
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    try:
+        data = json.loads(raw, parse_constant=_bad_value)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(
+            422, "Validation Error", [{"field": "body", "message": f"invalid JSON: {exc}"}]
+        ) from None
+    if not isinstance(data, dict):
+        raise ApiError(422, "Validation Error", [{"field": "body", "message": "expected a JSON object"}])
+    if _has_nul(data):
+        raise ApiError(
+            422, "Validation Error", [{"field": "body", "message": "text must not contain NUL (\\u0000)"}]
+        )
+    return data
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any("\x00" in k or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+class _Errors:
+    def __init__(self) -> None:
+        self.items: list[dict[str, Any]] = []
+
+    def add(self, field: str, message: str) -> None:
+        self.items.append({"field": field, "message": message})
+
+    def raise_any(self) -> None:
+        if self.items:
+            raise ApiError(422, "Validation Error", self.items)
+
+
+def _check_unknown(data: Mapping[str, Any], allowed: frozenset[str], errors: _Errors) -> None:
+    for name in sorted(set(data) - allowed):
+        errors.add(name, f"unknown field (expected: {', '.join(sorted(allowed))})")
+
+
+def _optional_id(data: Mapping[str, Any], errors: _Errors) -> uuid.UUID:
+    raw = data.get("id")
+    if raw is None:
+        return uuid.uuid4()
+    try:
+        if isinstance(raw, str):
+            return uuid.UUID(raw)
+    except ValueError:
+        pass
+    errors.add("id", "expected a UUID")
+    return uuid.uuid4()
+
+
+def _title(data: Mapping[str, Any], errors: _Errors) -> str | None:
+    title = data.get("title")
+    if title is not None and not isinstance(title, str):
+        errors.add("title", "expected a string or null")
+        return None
+    if title is not None and len(title) > MAX_TITLE:
+        errors.add("title", f"at most {MAX_TITLE} characters")
+    return title
+
+
+def _metadata(data: Mapping[str, Any], errors: _Errors) -> dict[str, Any]:
+    metadata = data.get("metadata")
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        errors.add("metadata", "expected an object")
+        return {}
+    return metadata
+
+
+# -- output -----------------------------------------------------------------------------------
+
+
+def _encode_cursor(value: Mapping[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value, separators=(",", ":")).encode()).decode().rstrip("=")
+
+
+def _decode_cursor(request: web.Request) -> dict[str, Any] | None:
+    raw = request.query.get("after")
+    if raw is None or raw == "":
+        return None
+    try:
+        data = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
+        if isinstance(data, dict):
+            return data
+    except (ValueError, binascii.Error):
+        pass
+    raise ApiError(
+        422, "Validation Error", [{"field": "after", "message": "not a cursor from a previous page"}]
+    )
+
+
+def _page(items: list[dict[str, Any]], has_more: bool, cursor: str | None) -> web.Response:
+    return web.json_response(
+        {"data": items, "has_more": has_more, "next": cursor if has_more else None},
+        dumps=_dumps,
+    )
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _json(value: Any, status: int = 200) -> web.Response:
+    return web.json_response(value, status=status, dumps=_dumps)
+
+
+# -- handlers ---------------------------------------------------------------------------------
+
+
+async def create_session(request: web.Request) -> web.Response:
+    user_id = _subject(request)
+    data = await _body(request)
+    errors = _Errors()
+    _check_unknown(data, SESSION_FIELDS, errors)
+    session = ChatSession(
+        id=_optional_id(data, errors), user_id=user_id, title=_title(data, errors),
+        metadata=_metadata(data, errors),
+    )  # fmt: skip
+    errors.raise_any()
+    stored, created = await request.app[service_key].create_session(session)
+    return _json(stored.to_json(), 201 if created else 200)
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    user_id = _subject(request)
+    limit = _limit(request, SESSIONS_LIMIT)
+    raw = _decode_cursor(request)
+    after = None
+    if raw is not None:
+        try:
+            after = SessionCursor(datetime.fromisoformat(raw["t"]), uuid.UUID(raw["id"]))
+        except (KeyError, TypeError, ValueError):
+            raise ApiError(
+                422, "Validation Error", [{"field": "after", "message": "not a cursor from a previous page"}]
+            ) from None
+    sessions = await request.app[service_key].list_sessions(user_id, limit + 1, after=after)
+    page, has_more = sessions[:limit], len(sessions) > limit
+    cursor = None
+    if has_more:
+        last = page[-1]
+        assert last.created_at is not None
+        cursor = _encode_cursor({"t": last.created_at.isoformat(), "id": str(last.id)})
+    return _page([s.to_json() for s in page], has_more, cursor)
+
+
+async def get_session(request: web.Request) -> web.Response:
+    user_id = _subject(request)
+    session = await request.app[service_key].get_session(_session_id(request), user_id=user_id)
+    if session is None:
+        raise SessionNotFound
+    return _json(session.to_json())
+
+
+async def update_session(request: web.Request) -> web.Response:
+    user_id = _subject(request)
+    session_id = _session_id(request)
+    data = await _body(request)
+    errors = _Errors()
+    _check_unknown(data, SESSION_PATCH_FIELDS, errors)
+    title = _title(data, errors) if "title" in data else UNSET
+    metadata = _metadata(data, errors) if "metadata" in data else UNSET
+    if "metadata" in data and data["metadata"] is None:
+        errors.add("metadata", "expected an object")
+    errors.raise_any()
+    session = await request.app[service_key].update_session(
+        session_id, user_id=user_id, title=title, metadata=metadata
+    )
+    return _json(session.to_json())
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    user_id = _subject(request)
+    if not await request.app[service_key].delete_session(_session_id(request), user_id=user_id):
+        raise SessionNotFound
+    return web.Response(status=204)
+
+
+async def create_message(request: web.Request) -> web.Response:
+    user_id = _subject(request)
+    session_id = _session_id(request)
+    data = await _body(request)
+    errors = _Errors()
+    _check_unknown(data, MESSAGE_FIELDS, errors)
+    role = data.get("role")
+    if role not in ROLES:
+        errors.add("role", f"expected one of: {', '.join(ROLES)}")
+    content = data.get("content")
+    if content is not None and not isinstance(content, str):
+        errors.add("content", "expected a string or null")
+    tool_calls = data.get("tool_calls")
+    if tool_calls is not None:
+        if not isinstance(tool_calls, list) or not all(isinstance(c, dict) for c in tool_calls):
+            errors.add("tool_calls", "expected a list of objects")
+        elif role != "assistant":
+            errors.add("tool_calls", "only an assistant message makes tool calls")
+    tool_results = data.get("tool_results")
+    tool_call_id = data.get("tool_call_id")
+    if tool_call_id is not None and not isinstance(tool_call_id, str):
+        errors.add("tool_call_id", "expected a string or null")
+    if (tool_results is not None or tool_call_id is not None) and role != "tool":
+        field = "tool_results" if tool_results is not None else "tool_call_id"
+        errors.add(field, "only a tool message carries tool results")
+    if content is None and tool_calls is None and tool_results is None:
+        errors.add("content", "Field 'content' is required (or tool_calls / tool_results)")
+    message = ChatMessage(
+        id=_optional_id(data, errors), session_id=session_id, role=str(role), content=content,
+        tool_calls=tool_calls, tool_results=tool_results, tool_call_id=tool_call_id,
+        metadata=_metadata(data, errors),
+    )  # fmt: skip
+    errors.raise_any()
+    stored, created = await request.app[service_key].add_message(message, user_id=user_id)
+    return _json(stored.to_json(), 201 if created else 200)
+
+
+async def list_messages(request: web.Request) -> web.Response:
+    user_id = _subject(request)
+    session_id = _session_id(request)
+    limit = _limit(request, MESSAGES_LIMIT)
+    raw = _decode_cursor(request)
+    after = 0
+    if raw is not None:
+        seq = raw.get("seq")
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0 or not math.isfinite(seq):
+            raise ApiError(
+                422, "Validation Error", [{"field": "after", "message": "not a cursor from a previous page"}]
+            )
+        after = seq
+    messages = await request.app[service_key].get_messages(
+        session_id, limit + 1, after=after, user_id=user_id
+    )
+    page, has_more = messages[:limit], len(messages) > limit
+    cursor = _encode_cursor({"seq": page[-1].seq}) if has_more else None
+    return _page([m.to_json() for m in page], has_more, cursor)
+
+
+def setup_api_routes(app: web.Application) -> None:
+    app.router.add_post(f"{PREFIX}/sessions", create_session)
+    app.router.add_get(f"{PREFIX}/sessions", list_sessions)
+    app.router.add_get(f"{PREFIX}/sessions/{{session_id}}", get_session)
+    app.router.add_patch(f"{PREFIX}/sessions/{{session_id}}", update_session)
+    app.router.add_delete(f"{PREFIX}/sessions/{{session_id}}", delete_session)
+    app.router.add_post(f"{PREFIX}/sessions/{{session_id}}/messages", create_message)
+    app.router.add_get(f"{PREFIX}/sessions/{{session_id}}/messages", list_messages)

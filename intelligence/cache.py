@@ -1,0 +1,372 @@
+"""Redis as a write-through cache of sessions and of each session's newest messages.
+
+This module knows keys, versions and TTLs, nothing else: values are opaque strings.
+
+Correctness rules, all enforced inside Lua scripts so they hold across replicas:
+
+* Versioned writes: an entry carries the version of the row it was made from (a session's
+  ``version`` column, a message list's last ``seq``) and a write only lands if it is newer, so a
+  slow, older write can never overwrite a newer entry. A deleted session leaves a tombstone with
+  an infinite version for the TTL, so a late write-through cannot resurrect it.
+* Generations: every key lives under ``<prefix><gen>:``, where ``gen`` is a counter in Redis. A
+  process that failed (or skipped) a write while Redis was down or slow knows the cache may be
+  stale; before it uses Redis again it increments ``gen``, which retires every older entry at
+  once for all replicas (the old keys just expire). Writers and filling readers observe ``gen``
+  before they read PostgreSQL and their write is dropped if it changed in between, so nothing
+  read before the repair can land after it.
+* Redis must never make a call fail or slow: short socket timeouts, no retries, and after a
+  failure the cache is left alone for ``retry_after`` seconds; PostgreSQL answers meanwhile.
+
+Known window: a replica that did *not* see the outage may serve an entry that a failed write on
+another replica left stale until that replica repairs (its next cache use, or the TTL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from .settings import CacheSettings
+
+__all__ = ["ChatCache", "Epoch", "RecentMessages", "redis_client"]
+
+log = logging.getLogger("intelligence.cache")
+
+# Larger than any real version: marks a deleted session. A float in Lua, still exact.
+TOMBSTONE = 2**52
+
+Epoch = str  # the generation observed before reading PostgreSQL; None when Redis is unusable
+
+# KEYS: gen; ARGV: prefix, suffix -> {gen, version|false, data|false}
+_GET = """
+local g = redis.call('GET', KEYS[1]) or '0'
+local h = redis.call('HMGET', ARGV[1] .. g .. ARGV[2], 'v', 'd')
+return {g, h[1], h[2]}
+"""
+
+# KEYS: gen; ARGV: epoch, prefix, suffix, version, data, ttl -> 1 set, 0 older, -1 epoch gone
+_PUT = """
+local g = redis.call('GET', KEYS[1]) or '0'
+if g ~= ARGV[1] then return -1 end
+local key = ARGV[2] .. g .. ARGV[3]
+local cur = tonumber(redis.call('HGET', key, 'v') or '-1')
+if cur >= tonumber(ARGV[4]) then return 0 end
+redis.call('HSET', key, 'v', ARGV[4], 'd', ARGV[5])
+redis.call('EXPIRE', key, tonumber(ARGV[6]))
+return 1
+"""
+
+# Recent messages: one hash per session, fields v (last seq), n (how many of the newest are
+# held: seqs v-n+1 .. v) and one field per held seq.
+# KEYS: gen; ARGV: prefix, suffix, after, limit -> {gen} on a miss, else {gen, v, items...}
+_READ_MESSAGES = """
+local g = redis.call('GET', KEYS[1]) or '0'
+local key = ARGV[1] .. g .. ARGV[2]
+local h = redis.call('HMGET', key, 'v', 'n')
+if not h[1] then return {g} end
+local v, n = tonumber(h[1]), tonumber(h[2])
+if v >= TOMB then return {g} end
+local lo, hi = tonumber(ARGV[3]) + 1, math.min(tonumber(ARGV[3]) + tonumber(ARGV[4]), v)
+if lo > v then return {g, h[1]} end
+if lo < v - n + 1 then return {g} end
+local fields = {}
+for s = lo, hi do fields[#fields + 1] = tostring(s) end
+local items = redis.call('HMGET', key, unpack(fields))
+local out = {g, h[1]}
+for i = 1, #items do
+  if not items[i] then return {g} end
+  out[#out + 1] = items[i]
+end
+return out
+""".replace("TOMB", str(TOMBSTONE))
+
+# KEYS: gen; ARGV: epoch, prefix, suffix, version, ttl, first_seq, items... -> 1 / 0 / -1
+_FILL_MESSAGES = """
+local g = redis.call('GET', KEYS[1]) or '0'
+if g ~= ARGV[1] then return -1 end
+local key = ARGV[2] .. g .. ARGV[3]
+local v = tonumber(ARGV[4])
+local n = #ARGV - 6
+local h = redis.call('HMGET', key, 'v', 'n')
+local cv, cn = tonumber(h[1] or '-1'), tonumber(h[2] or '0')
+if cv > v or (cv == v and cn >= n) then return 0 end
+redis.call('DEL', key)
+redis.call('HSET', key, 'v', v, 'n', n)
+local first = tonumber(ARGV[6])
+for i = 7, #ARGV do redis.call('HSET', key, tostring(first + i - 7), ARGV[i]) end
+redis.call('EXPIRE', key, tonumber(ARGV[5]))
+return 1
+"""
+
+# KEYS: gen; ARGV: epoch, prefix, suffix, seq, item, ttl, keep -> 1 appended, 0 not, -1 epoch gone
+# Out of order (a concurrent writer's append is late or lost): keep the high-water mark but drop
+# the held messages, so a reader refills from PostgreSQL and no older fill can land.
+_APPEND_MESSAGE = """
+local g = redis.call('GET', KEYS[1]) or '0'
+if g ~= ARGV[1] then return -1 end
+local key = ARGV[2] .. g .. ARGV[3]
+local seq = tonumber(ARGV[4])
+local h = redis.call('HMGET', key, 'v', 'n')
+if not h[1] then return 0 end
+local v, n = tonumber(h[1]), tonumber(h[2])
+if v >= seq then return 0 end
+if v ~= seq - 1 then
+  redis.call('DEL', key)
+  redis.call('HSET', key, 'v', seq, 'n', 0)
+  redis.call('EXPIRE', key, tonumber(ARGV[6]))
+  return 0
+end
+local keep = tonumber(ARGV[7])
+redis.call('HSET', key, tostring(seq), ARGV[5], 'v', seq)
+if n + 1 > keep then
+  redis.call('HDEL', key, tostring(seq - keep))
+else
+  n = n + 1
+end
+redis.call('HSET', key, 'n', n)
+redis.call('EXPIRE', key, tonumber(ARGV[6]))
+return 1
+"""
+
+# KEYS: gen; ARGV: epoch, prefix, session suffix, messages suffix, ttl
+_TOMBSTONE = """
+local g = redis.call('GET', KEYS[1]) or '0'
+if g ~= ARGV[1] then return -1 end
+local s, m = ARGV[2] .. g .. ARGV[3], ARGV[2] .. g .. ARGV[4]
+redis.call('DEL', s, m)
+redis.call('HSET', s, 'v', TOMB, 'd', '')
+redis.call('HSET', m, 'v', TOMB, 'n', 0)
+redis.call('EXPIRE', s, tonumber(ARGV[5]))
+redis.call('EXPIRE', m, tonumber(ARGV[5]))
+return 1
+""".replace("TOMB", str(TOMBSTONE))
+
+
+@dataclass(frozen=True)
+class RecentMessages:
+    """A page served from the cache: the session's last seq when cached, and the items asked for."""
+
+    last_seq: int
+    items: tuple[str, ...]
+
+
+class ChatCache:
+    """The cache as the persistence layer sees it; every method swallows Redis failures.
+
+    A method that reads returns ``(epoch, value)``; a write passes the epoch it observed before
+    it touched PostgreSQL back in. An epoch of None means the write could not reach Redis, which
+    marks the cache as possibly stale until the generation is bumped.
+    """
+
+    def __init__(self, redis: Redis | None, settings: CacheSettings) -> None:
+        self._redis = redis
+        self._cfg = settings
+        self._gen_key = f"{settings.prefix}gen"
+        self._down_until = 0.0
+        self._stale = False
+        self._failures = 0
+        self._op_timeout = settings.socket_timeout * 3
+        script = redis.register_script if redis is not None else (lambda _: None)
+        self._get: Any = script(_GET)
+        self._put: Any = script(_PUT)
+        self._read_messages: Any = script(_READ_MESSAGES)
+        self._fill_messages: Any = script(_FILL_MESSAGES)
+        self._append_message: Any = script(_APPEND_MESSAGE)
+        self._tombstone: Any = script(_TOMBSTONE)
+
+    @property
+    def enabled(self) -> bool:
+        return self._redis is not None
+
+    @property
+    def window(self) -> int:
+        """How many of a session's newest messages are held; 0 without a cache."""
+        return self._cfg.recent_messages if self._redis is not None else 0
+
+    @property
+    def usable(self) -> bool:
+        """Redis is configured, not in a pause after a failure, and not known to be stale."""
+        return self._redis is not None and not self._stale and time.monotonic() >= self._down_until
+
+    # -- failure handling ---------------------------------------------------------------------
+
+    def _failed(self, exc: BaseException | None, *, wrote: bool) -> None:
+        if wrote:
+            # The entry this write should have replaced may now be older than PostgreSQL.
+            if not self._stale:
+                log.warning("cache write lost; cache marked stale until Redis answers again")
+            self._stale = True
+            self._failures += 1
+        if exc is not None:
+            if time.monotonic() >= self._down_until:
+                log.warning("redis unavailable; serving from PostgreSQL", extra={"error": repr(exc)})
+            self._down_until = time.monotonic() + self._cfg.retry_after
+
+    async def _ready(self) -> bool:
+        if self._redis is None or time.monotonic() < self._down_until:
+            return False
+        if self._stale:
+            failures = self._failures
+            try:
+                async with asyncio.timeout(self._op_timeout):
+                    gen = await self._redis.incr(self._gen_key)
+            except (RedisError, OSError, TimeoutError) as exc:
+                self._failed(exc, wrote=False)
+                return False
+            if self._failures == failures:  # no write was lost while the bump was on its way
+                self._stale = False
+            log.info("cache generation bumped after an outage", extra={"generation": gen})
+        return True
+
+    async def _call(self, script: Any, args: Sequence[Any], *, wrote: bool) -> Any:
+        if not await self._ready():
+            if wrote:
+                self._failed(None, wrote=True)
+            return None
+        try:
+            async with asyncio.timeout(self._op_timeout):
+                return await script(keys=[self._gen_key], args=list(args))
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed(exc, wrote=wrote)
+            return None
+
+    # -- keys ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _session_suffix(session_id: str) -> str:
+        return f":s:{session_id}"
+
+    @staticmethod
+    def _messages_suffix(session_id: str) -> str:
+        return f":m:{session_id}"
+
+    # -- operations ---------------------------------------------------------------------------
+
+    async def epoch(self) -> Epoch | None:
+        """The generation now, observed before a write touches PostgreSQL."""
+        if not await self._ready():
+            return None
+        assert self._redis is not None
+        try:
+            async with asyncio.timeout(self._op_timeout):
+                value = await self._redis.get(self._gen_key)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed(exc, wrote=False)
+            return None
+        return _text(value) if value is not None else "0"
+
+    async def get_session(self, session_id: str) -> tuple[Epoch | None, str | None]:
+        found = await self._call(self._get, [self._cfg.prefix, self._session_suffix(session_id)], wrote=False)
+        if not found:
+            return None, None
+        gen, version, data = found
+        if version is None or data is None or int(version) >= TOMBSTONE or not data:
+            return _text(gen), None
+        return _text(gen), _text(data)
+
+    async def put_session(
+        self, epoch: Epoch | None, session_id: str, version: int, data: str, *, fill: bool = False
+    ) -> None:
+        """Store a session at ``version``. ``fill``: a reader's copy, whose loss makes nothing stale."""
+        if epoch is None:
+            if not fill:
+                self._failed(None, wrote=True)
+            return
+        await self._call(
+            self._put,
+            [epoch, self._cfg.prefix, self._session_suffix(session_id), version, data, self._cfg.session_ttl],
+            wrote=not fill,
+        )
+
+    async def get_messages(
+        self, session_id: str, *, after: int, limit: int
+    ) -> tuple[Epoch | None, RecentMessages | None]:
+        found = await self._call(
+            self._read_messages,
+            [self._cfg.prefix, self._messages_suffix(session_id), after, limit],
+            wrote=False,
+        )
+        if not found:
+            return None, None
+        if len(found) == 1:
+            return _text(found[0]), None
+        return _text(found[0]), RecentMessages(int(found[1]), tuple(_text(i) for i in found[2:]))
+
+    async def put_messages(
+        self, epoch: Epoch | None, session_id: str, last_seq: int, items: Sequence[str], *, fill: bool = False
+    ) -> None:
+        """Replace the held messages with ``items``, the newest ones up to ``last_seq``."""
+        if epoch is None:
+            if not fill:
+                self._failed(None, wrote=True)
+            return
+        items = list(items)[-self._cfg.recent_messages :] if self._cfg.recent_messages else []
+        first = last_seq - len(items) + 1
+        await self._call(
+            self._fill_messages,
+            [epoch, self._cfg.prefix, self._messages_suffix(session_id), last_seq,
+             self._cfg.messages_ttl, first, *items],
+            wrote=not fill,
+        )  # fmt: skip
+
+    async def append_message(self, epoch: Epoch | None, session_id: str, seq: int, item: str) -> None:
+        if epoch is None:
+            self._failed(None, wrote=True)
+            return
+        await self._call(
+            self._append_message,
+            [epoch, self._cfg.prefix, self._messages_suffix(session_id), seq, item,
+             self._cfg.messages_ttl, self._cfg.recent_messages],
+            wrote=True,
+        )  # fmt: skip
+
+    async def forget_session(self, epoch: Epoch | None, session_id: str) -> None:
+        if epoch is None:
+            self._failed(None, wrote=True)
+            return
+        await self._call(
+            self._tombstone,
+            [epoch, self._cfg.prefix, self._session_suffix(session_id),
+             self._messages_suffix(session_id), max(self._cfg.session_ttl, self._cfg.messages_ttl)],
+            wrote=True,
+        )  # fmt: skip
+
+    async def ping(self) -> None:
+        """Raise unless Redis answers now (for health checks; does not touch the failure state)."""
+        if self._redis is None:
+            raise RuntimeError("no cache configured")
+        async with asyncio.timeout(self._op_timeout):
+            await self._redis.ping()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@asynccontextmanager
+async def redis_client(settings: CacheSettings) -> AsyncIterator[Redis | None]:
+    """A client with short timeouts and no retries: the cache gives up fast and PostgreSQL answers."""
+    if not settings.url:
+        yield None
+        return
+    client = Redis.from_url(
+        settings.url,
+        socket_timeout=settings.socket_timeout,
+        socket_connect_timeout=settings.socket_timeout,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+    )
+    try:
+        yield client
+    finally:
+        await client.aclose()

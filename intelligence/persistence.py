@@ -1,0 +1,502 @@
+"""Chat sessions and messages in PostgreSQL, written through to the cache after each commit.
+
+Plain SQL with named parameters, one transaction per logical write. Ordering guarantees come from
+the database, not from this process, so they hold across replicas:
+
+* a message's ``seq`` is taken from ``chat_sessions.message_count`` under the session's row lock
+  in the same transaction as the insert, so seqs are strictly increasing and gapless and commit
+  in seq order (a reader paging by seq never skips a message that commits later);
+* a client-chosen message id makes a retried write idempotent: the same body returns the stored
+  message, another body raises IdConflict; a duplicate insert rolls back its seq.
+
+PostgreSQL failures become DatabaseUnavailable; a transaction that fails is rolled back, and a
+connection that broke is thrown away. Reads and the id-idempotent writes are retried once on a
+fresh connection when theirs broke (a pooled connection may have died with a database restart);
+an explicit transaction only if it broke before COMMIT was sent.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, Final, TypeVar
+
+import aiopg
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
+from psycopg2.extras import Json
+
+from .cache import ChatCache
+from .models import (
+    ChatMessage,
+    ChatSession,
+    DatabaseUnavailable,
+    IdConflict,
+    SessionCursor,
+    SessionNotFound,
+)
+from .settings import PostgresSettings
+
+__all__ = ["UNSET", "ChatPersistenceService", "create_pool"]
+
+T = TypeVar("T")
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Final = _Unset()
+
+_CONNECTION_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError, OSError, TimeoutError)
+
+SESSION_COLUMNS = (
+    "id, user_id, title, metadata, created_at, updated_at, last_message_at, message_count, version"
+)
+MESSAGE_COLUMNS = (
+    "id, session_id, seq, role, content, tool_calls, tool_results, tool_call_id, metadata, created_at"
+)
+
+INSERT_SESSION = f"""
+INSERT INTO chat_sessions (id, user_id, title, metadata)
+VALUES (%(id)s, %(user_id)s, %(title)s, %(metadata)s)
+ON CONFLICT (id) DO NOTHING
+RETURNING {SESSION_COLUMNS}
+"""
+SELECT_SESSION = f"SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE id = %(id)s"
+LIST_SESSIONS = f"""
+SELECT {SESSION_COLUMNS} FROM chat_sessions
+WHERE user_id = %(user_id)s
+ORDER BY created_at DESC, id DESC
+LIMIT %(limit)s
+"""
+LIST_SESSIONS_AFTER = f"""
+SELECT {SESSION_COLUMNS} FROM chat_sessions
+WHERE user_id = %(user_id)s AND (created_at, id) < (%(created_at)s, %(id)s)
+ORDER BY created_at DESC, id DESC
+LIMIT %(limit)s
+"""
+UPDATE_SESSION = f"""
+UPDATE chat_sessions SET
+    title = CASE WHEN %(set_title)s THEN %(title)s ELSE title END,
+    metadata = CASE WHEN %(set_metadata)s THEN %(metadata)s::jsonb ELSE metadata END,
+    updated_at = now(),
+    version = version + 1
+WHERE id = %(id)s AND user_id = %(user_id)s
+RETURNING {SESSION_COLUMNS}
+"""
+DELETE_SESSION = "DELETE FROM chat_sessions WHERE id = %(id)s AND user_id = %(user_id)s RETURNING id"
+DELETE_SESSION_ANY_OWNER = "DELETE FROM chat_sessions WHERE id = %(id)s RETURNING id"
+# One statement, so one transaction: take the next seq under the session's row lock (writers to
+# a session queue here, and commit in seq order) and insert the message with it. A duplicate id
+# aborts the whole statement, so the seq it took is never used: the sequence stays gapless.
+APPEND_MESSAGE = f"""
+WITH s AS (
+    UPDATE chat_sessions SET
+        message_count = message_count + 1,
+        version = version + 1,
+        -- the clock after the lock was granted, so created_at follows seq order
+        last_message_at = clock_timestamp(),
+        updated_at = clock_timestamp()
+    WHERE id = %(session_id)s AND (%(user_id)s::text IS NULL OR user_id = %(user_id)s)
+    RETURNING {SESSION_COLUMNS}
+), m AS (
+    INSERT INTO chat_messages
+        (id, session_id, seq, role, content, tool_calls, tool_results, tool_call_id, metadata, created_at)
+    SELECT %(id)s, s.id, s.message_count, %(role)s, %(content)s, %(tool_calls)s::json,
+           %(tool_results)s::json, %(tool_call_id)s, %(metadata)s::jsonb, s.last_message_at
+    FROM s
+    RETURNING {MESSAGE_COLUMNS}
+)
+SELECT s.*, m.* FROM s JOIN m ON true
+"""
+SELECT_MESSAGE = f"""
+SELECT {", ".join("m." + c.strip() for c in MESSAGE_COLUMNS.split(","))}, s.user_id
+FROM chat_messages m JOIN chat_sessions s ON s.id = m.session_id
+WHERE m.id = %(id)s
+"""
+SESSION_MESSAGE_COUNT = (
+    "SELECT message_count FROM chat_sessions WHERE id = %(session_id)s"
+    " AND (%(user_id)s::text IS NULL OR user_id = %(user_id)s)"
+)
+SELECT_MESSAGES = f"""
+SELECT {MESSAGE_COLUMNS} FROM chat_messages
+WHERE session_id = %(session_id)s AND seq > %(after)s
+ORDER BY seq
+LIMIT %(limit)s
+"""
+PING = "SELECT 1"
+
+
+async def create_pool(settings: PostgresSettings) -> aiopg.Pool:
+    """A pool that connects lazily, so the service starts (and recovers) whenever PostgreSQL is up."""
+    return await aiopg.create_pool(
+        settings.dsn,
+        minsize=0,
+        maxsize=settings.pool_max,
+        timeout=settings.statement_timeout + settings.connect_timeout,
+        connect_timeout=max(1, int(settings.connect_timeout)),
+        options=f"-c statement_timeout={int(settings.statement_timeout * 1000)} -c timezone=UTC",
+        application_name="intelligence",
+    )
+
+
+class ChatPersistenceService:
+    """Sessions and messages: PostgreSQL is the truth, the cache is written through after commit.
+
+    ``user_id`` arguments restrict an operation to the owner's sessions; without it (internal
+    callers) any session is reachable. Another user's session behaves exactly like a missing one.
+    """
+
+    def __init__(self, pool: aiopg.Pool, cache: ChatCache) -> None:
+        self._pool = pool
+        self._cache = cache
+
+    # -- sessions -----------------------------------------------------------------------------
+
+    async def save_session(self, session: ChatSession) -> ChatSession:
+        return (await self.create_session(session))[0]
+
+    async def create_session(self, session: ChatSession) -> tuple[ChatSession, bool]:
+        """Insert; returns (stored, created). Re-sending the same id and body is not an error."""
+        epoch = await self._cache.epoch()
+        params = {
+            "id": session.id,
+            "user_id": session.user_id,
+            "title": session.title,
+            "metadata": Json(session.metadata),
+        }
+
+        async def insert(cur: aiopg.Cursor) -> tuple[ChatSession, bool]:
+            await cur.execute(INSERT_SESSION, params)
+            row = await cur.fetchone()
+            if row is not None:
+                return _session(row), True
+            await cur.execute(SELECT_SESSION, {"id": session.id})
+            existing = _session(await cur.fetchone())
+            if (existing.user_id, existing.title, existing.metadata) != (
+                session.user_id, session.title, session.metadata,
+            ):  # fmt: skip
+                raise IdConflict(f"session {session.id} already exists with different content")
+            return existing, False
+
+        stored, created = await self._run(insert, begin="BEGIN")
+        if created:
+            await self._cache.put_session(epoch, str(stored.id), stored.version, _dump_session(stored))
+            await self._cache.put_messages(epoch, str(stored.id), 0, [])
+        return stored, created
+
+    async def get_session(self, session_id: uuid.UUID, *, user_id: str | None = None) -> ChatSession | None:
+        epoch, cached = await self._cache.get_session(str(session_id))
+        if cached is not None:
+            session = _load_session(cached)
+        else:
+
+            async def select(cur: aiopg.Cursor) -> ChatSession | None:
+                await cur.execute(SELECT_SESSION, {"id": session_id})
+                row = await cur.fetchone()
+                return _session(row) if row is not None else None
+
+            found = await self._run(select)
+            if found is None:
+                return None
+            session = found
+            await self._cache.put_session(
+                epoch, str(session.id), session.version, _dump_session(session), fill=True
+            )
+        if user_id is not None and session.user_id != user_id:
+            return None
+        return session
+
+    async def list_sessions(
+        self, user_id: str, limit: int = 50, *, after: SessionCursor | None = None
+    ) -> list[ChatSession]:
+        """The user's sessions, newest first; ``after`` continues from a previous page's last one."""
+        if after is None:
+            sql, params = LIST_SESSIONS, {"user_id": user_id, "limit": limit}
+        else:
+            sql = LIST_SESSIONS_AFTER
+            params = {"user_id": user_id, "limit": limit, "created_at": after.created_at, "id": after.id}
+
+        async def select(cur: aiopg.Cursor) -> list[ChatSession]:
+            await cur.execute(sql, params)
+            return [_session(row) for row in await cur.fetchall()]
+
+        return await self._run(select)
+
+    async def update_session(
+        self,
+        session_id: uuid.UUID,
+        *,
+        user_id: str,
+        title: str | _Unset | None = UNSET,
+        metadata: dict[str, Any] | _Unset = UNSET,
+    ) -> ChatSession:
+        """Change title and/or replace metadata; raises SessionNotFound."""
+        if isinstance(title, _Unset) and isinstance(metadata, _Unset):
+            session = await self.get_session(session_id, user_id=user_id)
+            if session is None:
+                raise SessionNotFound(str(session_id))
+            return session
+        epoch = await self._cache.epoch()
+        params = {
+            "id": session_id,
+            "user_id": user_id,
+            "set_title": not isinstance(title, _Unset),
+            "title": None if isinstance(title, _Unset) else title,
+            "set_metadata": not isinstance(metadata, _Unset),
+            "metadata": None if isinstance(metadata, _Unset) else Json(metadata),
+        }
+
+        async def update(cur: aiopg.Cursor) -> ChatSession:
+            await cur.execute(UPDATE_SESSION, params)
+            row = await cur.fetchone()
+            if row is None:
+                raise SessionNotFound(str(session_id))
+            return _session(row)
+
+        session = await self._run(update)  # one statement: its own transaction
+        await self._cache.put_session(epoch, str(session.id), session.version, _dump_session(session))
+        return session
+
+    async def delete_session(self, session_id: uuid.UUID, *, user_id: str | None = None) -> bool:
+        """Delete the session and (by cascade) its messages; False when there was none."""
+        epoch = await self._cache.epoch()
+        sql = DELETE_SESSION if user_id is not None else DELETE_SESSION_ANY_OWNER
+
+        async def delete(cur: aiopg.Cursor) -> bool:
+            await cur.execute(sql, {"id": session_id, "user_id": user_id})
+            return await cur.fetchone() is not None
+
+        # No retry: if the connection broke after the delete committed, a second attempt would
+        # find nothing and report a missing session.
+        deleted = await self._run(delete, retry=False)
+        if deleted:
+            await self._cache.forget_session(epoch, str(session_id))
+        return deleted
+
+    # -- messages -----------------------------------------------------------------------------
+
+    async def save_message(self, message: ChatMessage, *, user_id: str | None = None) -> ChatMessage:
+        return (await self.add_message(message, user_id=user_id))[0]
+
+    async def add_message(
+        self, message: ChatMessage, *, user_id: str | None = None
+    ) -> tuple[ChatMessage, bool]:
+        """Append to the session; returns (stored, created). Raises SessionNotFound, IdConflict."""
+        epoch = await self._cache.epoch()
+        params = {
+            "id": message.id,
+            "session_id": message.session_id,
+            "user_id": user_id,
+            "role": message.role,
+            "content": message.content,
+            "tool_calls": None if message.tool_calls is None else Json(message.tool_calls),
+            "tool_results": None if message.tool_results is None else Json(message.tool_results),
+            "tool_call_id": message.tool_call_id,
+            "metadata": Json(message.metadata),
+        }
+
+        async def append(cur: aiopg.Cursor) -> tuple[ChatSession, ChatMessage]:
+            await cur.execute(APPEND_MESSAGE, params)
+            row = await cur.fetchone()
+            if row is None:
+                raise SessionNotFound(str(message.session_id))
+            return _session(row[:9]), _message(row[9:])
+
+        try:
+            session, stored = await self._run(append)
+        except psycopg2.errors.UniqueViolation as exc:
+            if exc.diag.constraint_name != "chat_messages_pkey":
+                raise
+            # A retry of a message already stored (perhaps by a concurrent twin of this request).
+            existing = await self._existing_message(message, user_id)
+            if existing is None:  # pragma: no cover - the id was deleted with its session meanwhile
+                raise IdConflict(f"message {message.id} was written and deleted concurrently") from None
+            return existing, False
+        assert stored.seq is not None
+        await self._cache.put_session(epoch, str(session.id), session.version, _dump_session(session))
+        await self._cache.append_message(epoch, str(session.id), stored.seq, _dump_message(stored))
+        return stored, True
+
+    async def _existing_message(self, message: ChatMessage, user_id: str | None) -> ChatMessage | None:
+        async def select(cur: aiopg.Cursor) -> tuple[ChatMessage, str] | None:
+            await cur.execute(SELECT_MESSAGE, {"id": message.id})
+            row = await cur.fetchone()
+            return (_message(row[:-1]), row[-1]) if row is not None else None
+
+        found = await self._run(select)
+        if found is None:
+            return None
+        stored, owner = found
+        if user_id is not None and owner != user_id:
+            if stored.session_id == message.session_id:
+                raise SessionNotFound(str(message.session_id))
+            raise IdConflict(f"message id {message.id} is already taken")
+        if not stored.same_body(message):
+            raise IdConflict(f"message {message.id} already exists with different content")
+        return stored
+
+    async def get_messages(
+        self,
+        session_id: uuid.UUID,
+        limit: int = 100,
+        *,
+        after: int = 0,
+        user_id: str | None = None,
+    ) -> list[ChatMessage]:
+        """Messages with ``seq > after``, oldest first; raises SessionNotFound."""
+        if user_id is not None and await self.get_session(session_id, user_id=user_id) is None:
+            raise SessionNotFound(str(session_id))
+        epoch, cached = await self._cache.get_messages(str(session_id), after=after, limit=limit)
+        if cached is not None:
+            return [_load_message(item) for item in cached.items]
+        keep = self._cache.window
+
+        async def select(cur: aiopg.Cursor) -> tuple[int, list[ChatMessage], list[ChatMessage] | None]:
+            await cur.execute(SESSION_MESSAGE_COUNT, {"session_id": session_id, "user_id": user_id})
+            row = await cur.fetchone()
+            if row is None:
+                raise SessionNotFound(str(session_id))
+            (count,) = row
+            if keep and after >= count - keep:
+                # The page lies in the newest messages: read them all and refill the cache.
+                await cur.execute(
+                    SELECT_MESSAGES, {"session_id": session_id, "after": max(count - keep, 0), "limit": keep}
+                )
+                tail = [_message(r) for r in await cur.fetchall()]
+                return count, [m for m in tail if m.seq is not None and m.seq > after][:limit], tail
+            await cur.execute(SELECT_MESSAGES, {"session_id": session_id, "after": after, "limit": limit})
+            return count, [_message(r) for r in await cur.fetchall()], None
+
+        # One snapshot: the count and the messages agree even while writers append.
+        count, page, tail = await self._run(select, begin="BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        if tail is not None:
+            await self._cache.put_messages(
+                epoch, str(session_id), count, [_dump_message(m) for m in tail], fill=True
+            )
+        return page
+
+    # -- health -------------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        """Raise DatabaseUnavailable unless ``SELECT 1`` answers."""
+
+        async def select(cur: aiopg.Cursor) -> None:
+            await cur.execute(PING)
+            await cur.fetchone()
+
+        await self._run(select, retry=False)
+
+    # -- the one place that talks to the pool -------------------------------------------------
+
+    async def _run(
+        self, work: Callable[[aiopg.Cursor], Awaitable[T]], *, begin: str | None = None, retry: bool = True
+    ) -> T:
+        attempt = 0
+        while True:
+            attempt += 1
+            conn: aiopg.Connection | None = None
+            committing = False
+            try:
+                async with self._pool.acquire() as conn, conn.cursor() as cur:
+                    try:
+                        if begin is not None:
+                            await cur.execute(begin)
+                        result = await work(cur)
+                        if begin is not None:
+                            committing = True
+                            await cur.execute("COMMIT")
+                        return result
+                    except BaseException:
+                        await _abandon(conn, cur, in_transaction=begin is not None and not committing)
+                        raise
+            except _CONNECTION_ERRORS as exc:
+                broken = conn is not None and conn.closed
+                if broken:
+                    await self._pool.clear()  # its siblings most likely died with it
+                if broken and retry and attempt == 1 and not committing:
+                    continue
+                raise DatabaseUnavailable(_describe(exc)) from exc
+
+
+async def _abandon(conn: aiopg.Connection, cur: aiopg.Cursor, *, in_transaction: bool) -> None:
+    """Leave the connection idle (rolled back) or closed, never mid-transaction in the pool."""
+    if conn.closed:
+        return
+    status = conn.raw.get_transaction_status()
+    if status == psycopg2.extensions.TRANSACTION_STATUS_IDLE and not in_transaction:
+        return
+    try:
+        await cur.execute("ROLLBACK")
+    except Exception:
+        await conn.close()
+        return
+    if conn.raw.get_transaction_status() != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+        await conn.close()
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"PostgreSQL unavailable: {text}"
+
+
+# -- rows, dataclasses and their cached form ----------------------------------------------------
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return value.astimezone(UTC) if value is not None else None
+
+
+def _session(row: tuple[Any, ...]) -> ChatSession:
+    id_, user_id, title, metadata, created, updated, last_message, count, version = row
+    return ChatSession(
+        id=id_, user_id=user_id, title=title, metadata=metadata, created_at=_utc(created),
+        updated_at=_utc(updated), last_message_at=_utc(last_message), message_count=count,
+        version=version,
+    )  # fmt: skip
+
+
+def _message(row: tuple[Any, ...]) -> ChatMessage:
+    id_, session_id, seq, role, content, tool_calls, tool_results, tool_call_id, metadata, created = row
+    return ChatMessage(
+        id=id_, session_id=session_id, seq=seq, role=role, content=content, tool_calls=tool_calls,
+        tool_results=tool_results, tool_call_id=tool_call_id, metadata=metadata,
+        created_at=_utc(created),
+    )  # fmt: skip
+
+
+def _dump_session(session: ChatSession) -> str:
+    return json.dumps({**session.to_json(), "version": session.version}, ensure_ascii=False)
+
+
+def _load_session(text: str) -> ChatSession:
+    data = json.loads(text)
+    return ChatSession(
+        id=uuid.UUID(data["id"]), user_id=data["user_id"], title=data["title"],
+        metadata=data["metadata"], created_at=_parse_time(data["created_at"]),
+        updated_at=_parse_time(data["updated_at"]), last_message_at=_parse_time(data["last_message_at"]),
+        message_count=data["message_count"], version=data["version"],
+    )  # fmt: skip
+
+
+def _dump_message(message: ChatMessage) -> str:
+    return json.dumps(message.to_json(), ensure_ascii=False)
+
+
+def _load_message(text: str) -> ChatMessage:
+    data = json.loads(text)
+    return ChatMessage(
+        id=uuid.UUID(data["id"]), session_id=uuid.UUID(data["session_id"]), seq=data["seq"],
+        role=data["role"], content=data["content"], tool_calls=data["tool_calls"],
+        tool_results=data["tool_results"], tool_call_id=data["tool_call_id"],
+        metadata=data["metadata"], created_at=_parse_time(data["created_at"]),
+    )  # fmt: skip
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value is not None else None

@@ -1,0 +1,102 @@
+"""The chat API's settings: read from the environment once, validated, frozen.
+
+``create_app(settings)`` never reads the environment; ``__main__`` calls ``load_settings()`` once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from gateway.settings import SettingsError, postgres_dsn
+from gateway.settings import _int as parse_int  # the shared small parsers
+from gateway.settings import _number as parse_number
+from gateway.settings import _redis_url as redis_url
+
+__all__ = [
+    "CacheSettings",
+    "IntelligenceSettings",
+    "PostgresSettings",
+    "SettingsError",
+    "load_settings",
+]
+
+
+@dataclass(frozen=True)
+class PostgresSettings:
+    dsn: str = field(repr=False)
+    pool_max: int = 20
+    connect_timeout: float = 3.0  # seconds; also bounds how long a call waits for a dead server
+    statement_timeout: float = 10.0  # seconds; server side, so a stuck query frees its locks
+    health_timeout: float = 1.0  # /health/db's SELECT 1
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    url: str | None = field(default=None, repr=False)  # None: no cache, PostgreSQL only
+    prefix: str = "chat:"
+    # Redis must never make a call slow: short socket timeouts, no retries, then a pause.
+    socket_timeout: float = 0.15
+    retry_after: float = 1.0  # seconds without Redis after a failure before trying again
+    session_ttl: int = 300  # seconds
+    messages_ttl: int = 300
+    recent_messages: int = 100  # how many of a session's newest messages are cached
+
+
+@dataclass(frozen=True)
+class IntelligenceSettings:
+    postgres: PostgresSettings
+    cache: CacheSettings = CacheSettings()
+    host: str = "127.0.0.1"
+    port: int = 8081
+    log_level: str = "INFO"
+    log_format: str = "json"
+    shutdown_timeout: float = 30.0
+
+
+def load_postgres_settings(env: Mapping[str, str]) -> PostgresSettings:
+    dsn = postgres_dsn(env)
+    if not dsn:
+        raise SettingsError(
+            "POSTGRES_DSN (or POSTGRES_HOST, POSTGRES_DB, ...): the chat database is required"
+        )
+    return PostgresSettings(
+        dsn=dsn,
+        pool_max=parse_int(env.get("POSTGRES_POOL_MAX", "20"), "POSTGRES_POOL_MAX", minimum=1, maximum=1000),
+        connect_timeout=parse_number(
+            env.get("POSTGRES_CONNECT_TIMEOUT", "3"), "POSTGRES_CONNECT_TIMEOUT", minimum=1
+        ),
+        statement_timeout=parse_number(
+            env.get("POSTGRES_STATEMENT_TIMEOUT", "10"), "POSTGRES_STATEMENT_TIMEOUT", minimum=0.1
+        ),
+    )
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> IntelligenceSettings:
+    """Read the environment once; raise SettingsError naming the key on any bad value."""
+    env = os.environ if environ is None else environ
+    log_format = env.get("LOG_FORMAT", "json").strip().lower()
+    if log_format not in ("json", "text"):
+        raise SettingsError(f"LOG_FORMAT: expected json or text, got {log_format!r}")
+    log_level = env.get("LOG_LEVEL", "INFO").strip().upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise SettingsError(f"LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+    ttl = parse_int(env.get("CHAT_CACHE_TTL", "300"), "CHAT_CACHE_TTL", minimum=1, maximum=86400 * 30)
+    cache = CacheSettings(
+        url=redis_url(env),
+        prefix=env.get("CHAT_CACHE_PREFIX", "chat:"),
+        session_ttl=ttl,
+        messages_ttl=ttl,
+    )
+    return IntelligenceSettings(
+        postgres=load_postgres_settings(env),
+        cache=cache,
+        host=env.get("INTELLIGENCE_HOST", "127.0.0.1"),
+        port=parse_int(env.get("INTELLIGENCE_PORT", "8081"), "INTELLIGENCE_PORT", minimum=0, maximum=65535),
+        log_level=log_level,
+        log_format=log_format,
+        shutdown_timeout=parse_number(
+            env.get("INTELLIGENCE_SHUTDOWN_TIMEOUT", "30"), "INTELLIGENCE_SHUTDOWN_TIMEOUT"
+        ),
+    )

@@ -1,0 +1,169 @@
+"""Helpers shared by the chat tests (not fixtures: those are in conftest.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from intelligence.keys import cache_key, pool_key, service_key
+
+ROOT = Path(__file__).resolve().parents[2]
+
+PG_ADMIN_DSN = os.environ.get("TEST_POSTGRES_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=test")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+PG_HINT = (
+    "PostgreSQL is needed at 127.0.0.1:5432 (user postgres, database test). Start it with:\n"
+    "    pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
+)
+REDIS_HINT = (
+    "Redis is needed at 127.0.0.1:6379. Start it with:\n"
+    '    redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no '
+    "--dir /var/lib/redis --logfile /var/log/redis/ci.log"
+)
+
+
+Client = TestClient[web.Request, web.Application]
+
+
+def service(client: Client) -> Any:
+    return client.app[service_key]
+
+
+def cache(client: Client) -> Any:
+    return client.app[cache_key]
+
+
+def pool(client: Client) -> Any:
+    return client.app[pool_key]
+
+
+def headers(user: str) -> dict[str, str]:
+    return {"x-auth-subject": user}
+
+
+async def wait_until(
+    check: Callable[[], Awaitable[bool]] | Callable[[], bool],
+    *,
+    timeout: float = 10.0,  # noqa: ASYNC109 - a polling deadline, not an operation timeout
+    what: str = "condition",
+) -> None:
+    """Poll ``check`` until it is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class PrivateRedis:
+    """A redis-server of this test's own on a free port, which the test may stop and start."""
+
+    def __init__(self) -> None:
+        if shutil.which("redis-server") is None:
+            pytest.fail("redis-server is not installed (apt-get install redis-server)", pytrace=False)
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="chat-redis-")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.dir],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = redis.Redis(port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except (redis.RedisError, OSError):
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    pytest.fail(f"private redis-server on port {self.port} did not start")
+                time.sleep(0.02)
+        client.close()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+        self.process = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=2)
+
+
+class Service:
+    """``python -m intelligence`` as a subprocess of the test, on a free port, logging to a file."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("POSTGRES_", "REDIS_"))},
+            **env, "INTELLIGENCE_PORT": str(self.port), "LOG_FORMAT": "text", "PYTHONPATH": str(ROOT),
+        }  # fmt: skip
+        self.log = tempfile.NamedTemporaryFile(prefix="chat-service-", suffix=".log", delete=False)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> subprocess.Popen[bytes]:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "intelligence"], cwd=ROOT, env=self.env,
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        return self.process
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL, and reap it."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def close(self) -> None:
+        self.kill()
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)
+
+
+def redis_sync(url: str = REDIS_URL) -> redis.Redis:
+    client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except (redis.RedisError, OSError) as exc:
+        pytest.fail(f"{REDIS_HINT}\n({exc})", pytrace=False)
+    return client

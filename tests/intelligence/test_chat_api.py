@@ -1,0 +1,259 @@
+"""The chat HTTP surface: round trips, ownership, validation, idempotency, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+import pytest
+from chat_helpers import Client, headers, pool
+
+# Key order that jsonb would reorder, unicode, nesting, numbers, empties and nulls.
+TOOL_CALLS: list[dict[str, Any]] = [
+    {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_pods", "arguments": '{"namespace": "kube-system", "limit": 10}'},
+        "zeta": {"b": 2, "a": 1, "": [], "nested": {"deep": [1, 2.5, -3e-7, 12345678901234567890]}},
+        "ünïcødé": '✓ 日本語 "quoted" \\ backslash \n newline',
+        "empty": {},
+        "nothing": None,
+        "flag": False,
+    },
+    {"id": "call_2", "type": "function", "function": {"name": "noop", "arguments": "{}"}},
+]
+TOOL_RESULTS: list[Any] = [{"tool_call_id": "call_1", "output": {"pods": ["a", "b"], "z": 0, "a": 1.0}}]
+
+
+async def new_session(client: Client, user: str, **body: Any) -> dict[str, Any]:
+    resp = await client.post("/api/v1/chat/sessions", json=body, headers=headers(user))
+    assert resp.status == 201, await resp.text()
+    return await resp.json()
+
+
+async def post_message(client: Client, user: str, session_id: str, **body: Any) -> tuple[int, Any]:
+    resp = await client.post(f"/api/v1/chat/sessions/{session_id}/messages", json=body, headers=headers(user))
+    return resp.status, await resp.json()
+
+
+def canonical_order(value: Any) -> str:
+    """The JSON text as sent: key order kept, so equality means byte-equivalent JSON."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+async def test_tool_calls_round_trip_as_byte_equivalent_json(
+    client: Client, make_client: Any, user: str
+) -> None:
+    session = await new_session(client, user, title="pods", metadata={"cluster": "eu-1", "tags": ["x"]})
+    status, assistant = await post_message(
+        client, user, session["id"], role="assistant", content=None, tool_calls=TOOL_CALLS
+    )
+    assert status == 201
+    status, tool = await post_message(
+        client, user, session["id"], role="tool", content="done", tool_call_id="call_1",
+        tool_results=TOOL_RESULTS,
+    )  # fmt: skip
+    assert status == 201
+    assert (assistant["seq"], tool["seq"]) == (1, 2)
+
+    def check(messages: list[dict[str, Any]]) -> None:
+        assert canonical_order(messages[0]["tool_calls"]) == canonical_order(TOOL_CALLS)
+        assert canonical_order(messages[1]["tool_results"]) == canonical_order(TOOL_RESULTS)
+        assert messages[1]["tool_call_id"] == "call_1"
+        assert messages[0]["content"] is None
+
+    url = f"/api/v1/chat/sessions/{session['id']}/messages"
+    resp = await client.get(url, headers=headers(user))  # from the write-through cache
+    check((await resp.json())["data"])
+    # And from PostgreSQL alone.
+    async with pool(client).acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            "SELECT tool_calls::text FROM chat_messages WHERE id = %(id)s", {"id": assistant["id"]}
+        )
+        (stored_text,) = await cur.fetchone()
+    assert json.loads(stored_text) == TOOL_CALLS
+    assert list(json.loads(stored_text)[0]["zeta"]) == ["b", "a", "", "nested"]  # json, not jsonb
+    postgres_only = await make_client(redis_url=None)  # a second replica without a cache
+    resp = await postgres_only.get(url, headers=headers(user))
+    check((await resp.json())["data"])
+
+    resp = await client.get(f"/api/v1/chat/sessions/{session['id']}", headers=headers(user))
+    body = await resp.json()
+    assert body["message_count"] == 2 and body["metadata"] == {"cluster": "eu-1", "tags": ["x"]}
+    assert body["last_message_at"] is not None
+
+
+async def test_other_users_session_is_404_everywhere(client: Client, user: str) -> None:
+    session = await new_session(client, user, title="mine")
+    await post_message(client, user, session["id"], role="user", content="secret")
+    intruder = headers(user + "-other")
+    base = f"/api/v1/chat/sessions/{session['id']}"
+    for method, url, body in [
+        ("GET", base, None),
+        ("PATCH", base, {"title": "stolen"}),
+        ("DELETE", base, None),
+        ("GET", base + "/messages", None),
+        ("POST", base + "/messages", {"role": "user", "content": "hi"}),
+    ]:
+        resp = await client.request(method, url, json=body, headers=intruder)
+        assert resp.status == 404, (method, url)
+        assert (await resp.json())["detail"] == "Session not found"
+    resp = await client.get("/api/v1/chat/sessions", headers=intruder)
+    assert (await resp.json())["data"] == []
+    resp = await client.get(base + "/messages", headers=headers(user))
+    assert [m["content"] for m in (await resp.json())["data"]] == ["secret"]
+    resp = await client.get(base, headers=headers(user))
+    assert (await resp.json())["title"] == "mine"
+
+
+async def test_missing_subject_is_401_in_the_error_format(client: Client) -> None:
+    resp = await client.get("/api/v1/chat/sessions")
+    assert resp.status == 401
+    assert resp.content_type == "application/json"
+    assert (await resp.json())["detail"].startswith("Not authenticated")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "field"),
+    [
+        ("GET", "/sessions/not-a-uuid", None, 404, None),
+        ("GET", "/sessions/not-a-uuid/messages", None, 404, None),
+        ("GET", "/sessions?limit=0", None, 422, "limit"),
+        ("GET", "/sessions?limit=abc", None, 422, "limit"),
+        ("GET", "/sessions?limit=100000", None, 422, "limit"),
+        ("GET", "/sessions?after=garbage!", None, 422, "after"),
+        ("POST", "/sessions", b"{not json", 422, "body"),
+        ("POST", "/sessions", b"[1, 2]", 422, "body"),
+        ("POST", "/sessions", b'{"title": NaN}', 422, "body"),
+        ("POST", "/sessions", {"title": 5}, 422, "title"),
+        ("POST", "/sessions", {"metadata": [1]}, 422, "metadata"),
+        ("POST", "/sessions", {"id": "nope"}, 422, "id"),
+        ("POST", "/sessions", {"titel": "typo"}, 422, "titel"),
+        ("POST", "/sessions", {"title": "nul \u0000"}, 422, "body"),
+    ],
+)
+async def test_bad_input_is_rejected_in_the_error_format(
+    client: Client, user: str, method: str, path: str, body: Any, status: int, field: str | None
+) -> None:
+    kwargs: dict[str, Any] = {"data": body} if isinstance(body, bytes) else {"json": body}
+    resp = await client.request(method, "/api/v1/chat" + path, headers=headers(user), **kwargs)
+    assert resp.status == status
+    payload = await resp.json()
+    assert "detail" in payload
+    if field is not None:
+        assert field in [e["field"] for e in payload["errors"]]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"role": "robot", "content": "x"}, "role"),
+        ({"role": "user"}, "content"),
+        ({"role": "user", "content": 3}, "content"),
+        ({"role": "user", "content": "x", "tool_calls": [{"id": "c"}]}, "tool_calls"),
+        ({"role": "assistant", "tool_calls": {"id": "c"}}, "tool_calls"),
+        ({"role": "user", "content": "x", "tool_results": [1]}, "tool_results"),
+        ({"role": "tool", "content": "x", "tool_call_id": 7}, "tool_call_id"),
+        ({"role": "user", "content": "x", "id": "not-a-uuid"}, "id"),
+        ({"role": "user", "content": "x", "metadata": "m"}, "metadata"),
+    ],
+)
+async def test_bad_message_is_422_naming_the_field(
+    client: Client, user: str, body: dict[str, Any], field: str
+) -> None:
+    session = await new_session(client, user)
+    status, payload = await post_message(client, user, session["id"], **body)
+    assert status == 422
+    assert field in [e["field"] for e in payload["errors"]]
+    resp = await client.get(f"/api/v1/chat/sessions/{session['id']}", headers=headers(user))
+    assert (await resp.json())["message_count"] == 0
+
+
+async def test_same_message_sent_ten_times_concurrently_is_stored_once(client: Client, user: str) -> None:
+    session = await new_session(client, user)
+    message_id = str(uuid.uuid4())
+    body = {"id": message_id, "role": "assistant", "content": "once", "tool_calls": TOOL_CALLS}
+    results = await asyncio.gather(*(post_message(client, user, session["id"], **body) for _ in range(10)))
+    statuses = sorted(status for status, _ in results)
+    assert statuses == [200] * 9 + [201]
+    assert {payload["id"] for _, payload in results} == {message_id}
+    assert {payload["seq"] for _, payload in results} == {1}
+    async with pool(client).acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            "SELECT count(*), max(seq) FROM chat_messages WHERE session_id = %(s)s", {"s": session["id"]}
+        )
+        assert await cur.fetchone() == (1, 1)
+        await cur.execute("SELECT message_count FROM chat_sessions WHERE id = %(s)s", {"s": session["id"]})
+        assert await cur.fetchone() == (1,)  # the losers' seqs were rolled back: still gapless
+
+    status, payload = await post_message(client, user, session["id"], **{**body, "content": "changed"})
+    assert status == 409
+    assert payload["errors"][0]["field"] == "id"
+    status, payload = await post_message(client, user, session["id"], role="user", content="next")
+    assert (status, payload["seq"]) == (201, 2)
+
+
+async def test_session_create_with_own_id_is_idempotent(client: Client, user: str) -> None:
+    session_id = str(uuid.uuid4())
+    first = await client.post(
+        "/api/v1/chat/sessions", json={"id": session_id, "title": "a"}, headers=headers(user)
+    )
+    again = await client.post(
+        "/api/v1/chat/sessions", json={"id": session_id, "title": "a"}, headers=headers(user)
+    )
+    other = await client.post(
+        "/api/v1/chat/sessions", json={"id": session_id, "title": "b"}, headers=headers(user)
+    )
+    assert (first.status, again.status, other.status) == (201, 200, 409)
+
+
+async def test_patch_then_delete_session(client: Client, user: str) -> None:
+    session = await new_session(client, user, title="old", metadata={"a": 1})
+    await post_message(client, user, session["id"], role="user", content="hello")
+    url = f"/api/v1/chat/sessions/{session['id']}"
+    resp = await client.patch(url, json={"title": "new"}, headers=headers(user))
+    assert resp.status == 200
+    assert (await resp.json())["title"] == "new"
+    resp = await client.patch(url, json={"metadata": {"b": 2}}, headers=headers(user))
+    patched = await resp.json()
+    assert (patched["title"], patched["metadata"]) == ("new", {"b": 2})
+    resp = await client.get(url, headers=headers(user))
+    assert (await resp.json())["title"] == "new"
+
+    resp = await client.delete(url, headers=headers(user))
+    assert resp.status == 204
+    for path in (url, url + "/messages"):
+        resp = await client.get(path, headers=headers(user))
+        assert resp.status == 404
+    resp = await client.delete(url, headers=headers(user))
+    assert resp.status == 404
+    async with pool(client).acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT count(*) FROM chat_messages WHERE session_id = %(s)s", {"s": session["id"]})
+        assert await cur.fetchone() == (0,)  # ON DELETE CASCADE
+
+
+async def test_sessions_list_newest_first_with_cursor(client: Client, user: str) -> None:
+    created = [(await new_session(client, user, title=f"s{i}"))["id"] for i in range(5)]
+    seen: list[str] = []
+    url = "/api/v1/chat/sessions?limit=2"
+    while True:
+        resp = await client.get(url, headers=headers(user))
+        page = await resp.json()
+        seen += [s["id"] for s in page["data"]]
+        if not page["has_more"]:
+            assert page["next"] is None
+            break
+        url = f"/api/v1/chat/sessions?limit=2&after={page['next']}"
+    assert seen == created[::-1]
+
+
+async def test_health_endpoints(client: Client) -> None:
+    resp = await client.get("/health")
+    assert resp.status == 200
+    assert (await resp.json())["status"] == "healthy"
+    resp = await client.get("/health/db")
+    body = await resp.json()
+    assert resp.status == 200
+    assert body["status"] == "healthy" and isinstance(body["latency_ms"], float)

@@ -1,0 +1,156 @@
+"""The write-through cache: versioned entries, and PostgreSQL answering when Redis is down or slow."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+from chat_helpers import PrivateRedis, cache, headers, service, wait_until
+
+from intelligence.models import ChatMessage, ChatSession
+from intelligence.persistence import _dump_message, _dump_session
+
+
+async def test_a_slow_older_write_cannot_overwrite_a_newer_entry(client: Any, user: str) -> None:
+    svc, chat_cache = service(client), cache(client)
+    old = await svc.save_session(ChatSession(user_id=user, title="v1"))
+    slow_epoch = await chat_cache.epoch()  # a writer that committed v1 and then stalled
+    new = await svc.update_session(old.id, user_id=user, title="v2")
+    assert new.version > old.version
+    # The stalled write-through of the older row finally reaches Redis.
+    await chat_cache.put_session(slow_epoch, str(old.id), old.version, _dump_session(old))
+    _, cached = await chat_cache.get_session(str(old.id))
+    assert cached is not None and '"title": "v2"' in cached
+    assert (await svc.get_session(old.id, user_id=user)).title == "v2"
+
+    # Messages: a late fill made from an older snapshot loses to the appends that came after it.
+    first = await svc.save_message(ChatMessage(session_id=old.id, role="user", content="one"))
+    second = await svc.save_message(ChatMessage(session_id=old.id, role="user", content="two"))
+    await chat_cache.put_messages(slow_epoch, str(old.id), 1, [_dump_message(first)], fill=True)
+    await chat_cache.append_message(slow_epoch, str(old.id), 1, _dump_message(first))
+    _, page = await chat_cache.get_messages(str(old.id), after=0, limit=10)
+    assert page is not None and page.last_seq == 2 and len(page.items) == 2
+    assert [m.content for m in await svc.get_messages(old.id)] == ["one", "two"]
+    assert second.seq == 2
+
+
+async def test_a_late_write_cannot_resurrect_a_deleted_session(client: Any, user: str) -> None:
+    svc, chat_cache = service(client), cache(client)
+    session = await svc.save_session(ChatSession(user_id=user, title="doomed"))
+    epoch = await chat_cache.epoch()
+    assert await svc.delete_session(session.id, user_id=user)
+    await chat_cache.put_session(epoch, str(session.id), session.version + 5, _dump_session(session))
+    assert await svc.get_session(session.id) is None
+    resp = await client.get(f"/api/v1/chat/sessions/{session.id}", headers=headers(user))
+    assert resp.status == 404
+
+
+async def test_out_of_order_appends_are_never_served_with_a_gap(client: Any, user: str) -> None:
+    svc, chat_cache = service(client), cache(client)
+    session = await svc.save_session(ChatSession(user_id=user))
+    epoch = await chat_cache.epoch()
+    one = ChatMessage(session_id=session.id, role="user", content="1", seq=1, id=uuid.uuid4())
+    three = ChatMessage(session_id=session.id, role="user", content="3", seq=3, id=uuid.uuid4())
+    await chat_cache.append_message(epoch, str(session.id), 1, _dump_message(one))
+    await chat_cache.append_message(epoch, str(session.id), 3, _dump_message(three))  # 2 is late
+    _, page = await chat_cache.get_messages(str(session.id), after=0, limit=10)
+    assert page is None  # a miss (PostgreSQL answers), not [1, 3]
+    _, page = await chat_cache.get_messages(str(session.id), after=3, limit=10)
+    assert page is not None and page.items == ()  # still knows seq 3 is the newest
+
+
+async def test_every_call_works_while_redis_is_stopped_and_no_stale_read_after_restart(
+    make_client: Any, private_redis: PrivateRedis, user: str
+) -> None:
+    client = await make_client(redis_url=private_redis.url)
+    h = headers(user)
+    resp = await client.post("/api/v1/chat/sessions", json={"title": "before"}, headers=h)
+    session = await resp.json()
+    url = f"/api/v1/chat/sessions/{session['id']}"
+    await client.post(url + "/messages", json={"role": "user", "content": "m1"}, headers=h)
+    assert (await (await client.get(url + "/messages", headers=h)).json())["data"][0]["content"] == "m1"
+
+    private_redis.stop()
+    started = time.monotonic()
+    calls = [
+        ("PATCH", url, {"title": "during"}, 200),
+        ("POST", url + "/messages", {"role": "assistant", "content": "m2"}, 201),
+        ("GET", url, None, 200),
+        ("GET", url + "/messages", None, 200),
+        ("GET", "/api/v1/chat/sessions", None, 200),
+        ("POST", "/api/v1/chat/sessions", {"title": "other"}, 201),
+    ]
+    for method, path, body, status in calls:
+        call_started = time.monotonic()
+        resp = await client.request(method, path, json=body, headers=h)
+        assert resp.status == status, (method, path, await resp.text())
+        assert time.monotonic() - call_started < 1.0  # Redis's absence costs at most a short timeout
+    assert (await (await client.get(url, headers=h)).json())["title"] == "during"
+    messages = (await (await client.get(url + "/messages", headers=h)).json())["data"]
+    assert [m["content"] for m in messages] == ["m1", "m2"]
+    assert time.monotonic() - started < 5
+
+    private_redis.start()
+
+    async def cache_used_again() -> bool:
+        await client.get(url, headers=h)  # any call lets the cache try Redis again
+        return cache(client).usable
+
+    await wait_until(cache_used_again, what="the cache to be used again")
+    resp = await client.patch(url, json={"title": "after"}, headers=h)
+    await client.post(url + "/messages", json={"role": "user", "content": "m3"}, headers=h)
+    assert (await (await client.get(url, headers=h)).json())["title"] == "after"
+    messages = (await (await client.get(url + "/messages", headers=h)).json())["data"]
+    assert [m["content"] for m in messages] == ["m1", "m2", "m3"]
+    # ... and those reads were the cache's: Redis holds the entries again.
+    keys = private_redis.client().keys("*")
+    assert any(b":s:" + session["id"].encode() in k for k in keys)
+
+
+async def test_entries_left_stale_by_a_slow_redis_are_not_served_when_it_answers_again(
+    make_client: Any, private_redis: PrivateRedis, user: str
+) -> None:
+    client = await make_client(redis_url=private_redis.url)
+    h = headers(user)
+    session = await (await client.post("/api/v1/chat/sessions", json={"title": "A"}, headers=h)).json()
+    url = f"/api/v1/chat/sessions/{session['id']}"
+    await client.post(url + "/messages", json={"role": "user", "content": "m1"}, headers=h)
+    await client.get(url + "/messages", headers=h)
+    assert (await (await client.get(url, headers=h)).json())["title"] == "A"  # cached: title A
+
+    # Redis stops answering (its data survives): the write-throughs below time out.
+    admin = private_redis.client()
+    admin.execute_command("CLIENT", "PAUSE", 1500, "ALL")
+    paused_at = time.monotonic()
+    resp = await client.patch(url, json={"title": "B"}, headers=h)
+    assert resp.status == 200
+    resp = await client.post(url + "/messages", json={"role": "user", "content": "m2"}, headers=h)
+    assert resp.status == 201
+    assert time.monotonic() - paused_at < 1.2  # timeouts, not the pause, bounded those calls
+    assert not cache(client).usable
+
+    def redis_answers() -> bool:
+        try:
+            return bool(private_redis.client().ping())
+        except Exception:
+            return False
+
+    await asyncio.to_thread(lambda: admin.ping())  # returns once the pause is over
+    await wait_until(redis_answers, what="redis to answer")
+    # The old entries (title A, messages [m1]) are still in Redis, but never served again.
+    for _ in range(20):
+        assert (await (await client.get(url, headers=h)).json())["title"] == "B"
+        messages = (await (await client.get(url + "/messages", headers=h)).json())["data"]
+        assert [m["content"] for m in messages] == ["m1", "m2"]
+        if cache(client).usable:
+            break
+
+    async def repaired() -> bool:
+        await client.get(url, headers=h)
+        return cache(client).usable
+
+    await wait_until(repaired, what="the cache to be repaired")
+    assert (await (await client.get(url, headers=h)).json())["title"] == "B"
+    assert int(admin.get(cache(client)._gen_key)) >= 1  # the generation moved on

@@ -1,0 +1,165 @@
+"""PostgreSQL stopped under a running app, and the process killed with SIGKILL."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import aiopg
+import pytest
+import redis
+from chat_helpers import Service, headers, wait_until
+
+from intelligence.schema import apply_migrations
+
+
+class PrivatePostgres:
+    """An embedded PostgreSQL (pgserver) of this test's own, which it may stop and start."""
+
+    def __init__(self, datadir: Path) -> None:
+        import pgserver
+
+        self._pgserver = pgserver
+        self.datadir = datadir
+        self.server = pgserver.get_server(datadir)
+        self.dsn = self.server.get_uri()
+
+    def stop(self) -> None:
+        self.server.cleanup()
+
+    def start(self) -> None:
+        self.server = self._pgserver.get_server(self.datadir)
+        assert self.server.get_uri() == self.dsn  # same socket: the app's DSN stays valid
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PrivatePostgres]:
+    with tempfile.TemporaryDirectory(prefix="chat-pg-") as datadir:
+        server = PrivatePostgres(Path(datadir))
+        asyncio.run(apply_migrations(server.dsn))
+        yield server
+        server.stop()
+
+
+async def counts(dsn: str, session_id: str) -> tuple[int, int]:
+    async with aiopg.connect(dsn) as conn, conn.cursor() as cur:
+        await cur.execute(
+            "SELECT (SELECT count(*) FROM chat_messages WHERE session_id = %(s)s),"
+            " (SELECT message_count FROM chat_sessions WHERE id = %(s)s)",
+            {"s": session_id},
+        )
+        return await cur.fetchone()
+
+
+async def test_postgres_down_is_503_without_partial_writes_then_recovers_without_restart(
+    make_client: Any, private_postgres: PrivatePostgres, user: str
+) -> None:
+    client = await make_client(dsn=private_postgres.dsn)
+    h = headers(user)
+    session = await (await client.post("/api/v1/chat/sessions", json={"title": "t"}, headers=h)).json()
+    url = f"/api/v1/chat/sessions/{session['id']}"
+    for content in ("m1", "m2"):
+        resp = await client.post(url + "/messages", json={"role": "user", "content": content}, headers=h)
+        assert resp.status == 201
+
+    private_postgres.stop()
+    for method, path, body in [
+        ("POST", url + "/messages", {"role": "user", "content": "lost"}),
+        ("POST", "/api/v1/chat/sessions", {"title": "lost"}),
+        ("PATCH", url, {"title": "lost"}),
+        ("DELETE", url, None),
+        ("GET", "/api/v1/chat/sessions", None),
+    ]:
+        resp = await client.request(method, path, json=body, headers=h)
+        assert resp.status == 503, (method, path, await resp.text())
+        payload = await resp.json()
+        assert "database is unavailable" in payload["detail"]
+        assert resp.headers["Retry-After"] == "1"
+    resp = await client.get("/health/db")
+    assert resp.status == 503
+    payload = await resp.json()
+    assert payload["status"] == "unhealthy" and payload["error"] and "latency_ms" in payload
+    # Reads the cache can answer still work.
+    resp = await client.get(url, headers=h)
+    assert resp.status == 200 and (await resp.json())["title"] == "t"
+
+    private_postgres.start()
+
+    async def healthy() -> bool:
+        return (await client.get("/health/db")).status == 200
+
+    await wait_until(healthy, what="/health/db to recover")
+    assert await counts(private_postgres.dsn, session["id"]) == (2, 2)  # nothing half-written
+    resp = await client.post(url + "/messages", json={"role": "user", "content": "m3"}, headers=h)
+    assert resp.status == 201 and (await resp.json())["seq"] == 3  # still gapless
+    resp = await client.get(url, headers=h)
+    assert (await resp.json())["title"] == "t" and (await resp.json())["message_count"] == 3
+    resp = await client.get("/api/v1/chat/sessions", headers=h)
+    assert [s["id"] for s in (await resp.json())["data"]] == [session["id"]]
+
+
+async def test_every_pooled_connection_dying_costs_no_request_after_postgres_returns(
+    make_client: Any, private_postgres: PrivatePostgres, user: str
+) -> None:
+    client = await make_client(dsn=private_postgres.dsn, redis_url=None)
+    h = headers(user)
+    # Fill the pool with several idle connections.
+    await asyncio.gather(*(client.get("/api/v1/chat/sessions", headers=h) for _ in range(8)))
+    private_postgres.stop()
+    private_postgres.start()
+    for _ in range(8):  # every pooled connection is dead; none of these may fail
+        resp = await client.get("/api/v1/chat/sessions", headers=h)
+        assert resp.status == 200, await resp.text()
+
+
+async def test_data_survives_sigkill_and_a_flushed_cache(
+    database: str, cache_prefix: str, service_process: Callable[[dict[str, str]], Service], user: str
+) -> None:
+    env = {
+        "POSTGRES_DSN": database, "REDIS_URL": "redis://127.0.0.1:6379/0", "CHAT_CACHE_PREFIX": cache_prefix,
+    }  # fmt: skip
+    svc = service_process(env)
+    h = headers(user)
+    async with aiohttp.ClientSession(svc.url) as http:
+        proc = svc.start()
+
+        async def up() -> bool:
+            assert proc.poll() is None, svc.output()
+            try:
+                async with http.get("/health") as resp:
+                    return resp.status == 200
+            except aiohttp.ClientConnectionError:
+                return False
+
+        await wait_until(up, timeout=20, what="python -m intelligence to listen")
+        async with http.post("/api/v1/chat/sessions", json={"title": "durable"}, headers=h) as resp:
+            session = await resp.json()
+        url = f"/api/v1/chat/sessions/{session['id']}"
+        for i in range(3):
+            async with http.post(
+                url + "/messages", json={"role": "user", "content": f"m{i}"}, headers=h
+            ) as resp:
+                assert resp.status == 201
+        async with http.get(url + "/messages", headers=h) as resp:
+            before = await resp.json()
+        async with http.get(url, headers=h) as resp:
+            session_before = await resp.json()
+
+        svc.kill()  # SIGKILL: no draining, no cleanup
+        flushed = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+        keys = list(flushed.scan_iter(match=cache_prefix + "*"))
+        assert keys  # the cache did hold them
+        flushed.delete(*keys)
+        flushed.close()
+
+        proc = svc.start()
+        await wait_until(up, timeout=20, what="python -m intelligence to listen again")
+        async with http.get(url, headers=h) as resp:
+            assert await resp.json() == session_before
+        async with http.get(url + "/messages", headers=h) as resp:
+            assert await resp.json() == before
+        assert [m["content"] for m in before["data"]] == ["m0", "m1", "m2"]

@@ -1,0 +1,41 @@
+"""Settings are read from the environment once and fail with the key's name; fixtures never skip."""
+
+from __future__ import annotations
+
+import pytest
+from chat_helpers import PG_HINT, REDIS_HINT, redis_sync
+
+from intelligence.settings import SettingsError, load_settings
+
+
+def test_postgres_is_required() -> None:
+    with pytest.raises(SettingsError, match="POSTGRES_DSN"):
+        load_settings({})
+
+
+def test_settings_from_the_contracts_variables() -> None:
+    settings = load_settings(
+        {
+            "POSTGRES_HOST": "db", "POSTGRES_USER": "chat", "POSTGRES_DB": "chat",
+            "REDIS_HOST": "cache", "REDIS_PORT": "6380", "REDIS_DB": "2",
+            "INTELLIGENCE_HOST": "0.0.0.0", "INTELLIGENCE_PORT": "9000", "CHAT_CACHE_TTL": "60",
+        }
+    )  # fmt: skip
+    assert settings.postgres.dsn == "host='db' user='chat' dbname='chat'"
+    assert settings.cache.url == "redis://cache:6380/2"
+    assert (settings.host, settings.port, settings.cache.session_ttl) == ("0.0.0.0", 9000, 60)
+
+
+@pytest.mark.parametrize(
+    ("env", "key"),
+    [({"INTELLIGENCE_PORT": "http"}, "INTELLIGENCE_PORT"), ({"REDIS_URL": "http://x"}, "REDIS_URL")],
+)
+def test_bad_values_name_their_key(env: dict[str, str], key: str) -> None:
+    with pytest.raises(SettingsError, match=key):
+        load_settings({"POSTGRES_DSN": "dbname=x", **env})
+
+
+def test_an_unreachable_redis_fails_the_test_with_how_to_start_it() -> None:
+    with pytest.raises(pytest.fail.Exception, match="redis-server --daemonize yes"):
+        redis_sync("redis://127.0.0.1:1/0")
+    assert "pg_ctlcluster --skip-systemctl-redirect" in PG_HINT and REDIS_HINT
