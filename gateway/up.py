@@ -1,49 +1,130 @@
-"""``python -m gateway up``: everything needed to try the gateway, in one process."""
+"""``python -m gateway up``: the gateway, the chat API and its database in one process, to try it.
+
+PostgreSQL: ``POSTGRES_*`` when set, otherwise an embedded server (the ``pgserver`` package) whose
+data lives under ``GATEWAY_DATA_DIR``, so chats survive restarts. Migrations are applied first.
+Redis: used when ``REDIS_URL`` is set; otherwise in-process rate limits and no chat cache.
+Authentication: with no ``AUTH_*`` set, a development secret is created under the data dir and a
+ready token is printed. Backends that are not running show as unhealthy; they stop nothing.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from intelligence.app import create_app as create_intelligence_app
+from intelligence.schema import apply_migrations, load_migrations, one_line
+from intelligence.settings import CacheSettings, IntelligenceSettings, PostgresSettings
 
 from .app import create_app
 from .devauth import dev_secret, mint_token
 from .logs import configure_logging
 from .server import Listener, run, serve
-from .settings import Settings
+from .settings import ServiceSettings, Settings, service_env_name
 
 __all__ = ["run_up"]
 
 log = logging.getLogger("gateway.up")
 
 
-def run_up(settings: Settings) -> int:
+def _embedded_postgres(data_dir: str) -> str:
+    try:
+        with warnings.catch_warnings():
+            # platformdirs (through pgserver) warns about XDG_RUNTIME_DIR on minimal machines.
+            warnings.simplefilter("ignore")
+            import pgserver
+    except ImportError:
+        raise SystemExit(
+            "gateway: no POSTGRES_* is set and the embedded PostgreSQL is not installed:\n"
+            "  pip install -e '.[embedded]'   (or set POSTGRES_DSN)"
+        ) from None
+    path = Path(data_dir, "postgres").resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    log.info("starting embedded PostgreSQL", extra={"data": str(path)})
+    # Stopped when this process exits; the data stays for the next start.
+    server = pgserver.get_server(path, cleanup_mode="stop")
+    return str(server.get_uri())
+
+
+def run_up(settings: Settings, environ: Mapping[str, str] | None = None) -> int:
+    env = os.environ if environ is None else environ
     configure_logging(settings.log_level, settings.log_format)
+    dsn = settings.postgres_dsn or _embedded_postgres(settings.data_dir)
+
+    async def migrate() -> None:
+        applied = await apply_migrations(dsn, load_migrations())
+        if applied:
+            log.info("applied migrations", extra={"migrations": applied})
+
+    try:
+        run(migrate())
+    except Exception as exc:
+        print(f"gateway: cannot prepare the chat database: {one_line(exc)}", file=sys.stderr)
+        return 2
+
+    chat_url = f"http://{settings.intelligence_host}:{settings.intelligence_port}"
+    services = dict(settings.services)
+    engine = services.get("intelligence-engine")
+    if engine is not None and not env.get(service_env_name("intelligence-engine")):
+        services["intelligence-engine"] = dataclasses.replace(engine, urls=(chat_url,))
+    elif engine is None:
+        services["intelligence-engine"] = ServiceSettings("intelligence-engine", (chat_url,))
+    settings = dataclasses.replace(settings, services=services)
+
     auth = settings.auth
     dev_mode = auth.enabled and not (auth.jwt_secret or auth.jwks_url)
     if dev_mode:
         secret = dev_secret(settings.data_dir)
         settings = dataclasses.replace(
-            settings, auth=dataclasses.replace(auth, jwt_secret=secret, algorithms=("HS256",))
+            settings,
+            auth=dataclasses.replace(auth, jwt_secret=secret, algorithms=(*auth.algorithms, "HS256")),
         )
-    app = create_app(settings)
+
+    chat = IntelligenceSettings(
+        postgres=PostgresSettings(dsn=dsn),
+        cache=CacheSettings(url=settings.redis_url),
+        host=settings.intelligence_host,
+        port=settings.intelligence_port,
+        log_level=settings.log_level,
+        log_format=settings.log_format,
+        shutdown_timeout=settings.shutdown_timeout,
+    )
 
     def banner(bound: Sequence[tuple[Listener, int]]) -> None:
-        port = bound[0][1]
-        lines = [f"gateway is up on http://{settings.host}:{port}"]
+        port = dict((listener.name, p) for listener, p in bound)["gateway"]
+        base = f"http://{settings.host}:{port}"
+        lines = [
+            "",
+            f"gateway is up on {base}  (chat API on {chat_url}, data in {Path(settings.data_dir).resolve()})",
+        ]
         if dev_mode:
             token = mint_token(settings, subject="dev-user", scopes=[], ttl=24 * 3600)
             lines += [
-                f"development token (24 h, secret in {settings.data_dir}):",
+                "development token for subject dev-user (24 h; mint more with `python -m gateway token --sub ID`):",
                 f"  export TOKEN={token}",
-                f'  curl -H "Authorization: Bearer $TOKEN" http://{settings.host}:{port}/health/detailed',
+                '  curl -H "Authorization: Bearer $TOKEN" -H "Content-Type: application/json" \\',
+                f'       -d \'{{"title": "first chat"}}\' {base}/api/v1/chat/sessions',
+                f"  curl {base}/health/detailed",
             ]
+        lines.append("")
         print("\n".join(lines), file=sys.stderr, flush=True)
 
     run(
         serve(
-            [Listener(app, settings.host, settings.port, "gateway")],
+            [
+                Listener(
+                    create_intelligence_app(chat),
+                    settings.intelligence_host,
+                    settings.intelligence_port,
+                    "intelligence",
+                ),
+                Listener(create_app(settings), settings.host, settings.port, "gateway"),
+            ],
             shutdown_timeout=settings.shutdown_timeout,
             on_started=banner,
         )

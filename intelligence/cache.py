@@ -201,6 +201,8 @@ class ChatCache:
     # -- failure handling ---------------------------------------------------------------------
 
     def _failed(self, exc: BaseException | None, *, wrote: bool) -> None:
+        if self._redis is None:
+            return  # no cache configured: nothing can go stale, nothing to report
         if wrote:
             # The entry this write should have replaced may now be older than PostgreSQL.
             if not self._stale:
