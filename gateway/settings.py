@@ -26,8 +26,13 @@ __all__ = [
     "SettingsError",
     "Timeouts",
     "load_settings",
+    "parse_int",
+    "parse_number",
     "parse_rate",
     "parse_size",
+    "parse_url",
+    "postgres_dsn",
+    "redis_url",
 ]
 
 
@@ -183,7 +188,7 @@ def parse_rate(value: Any, key: str) -> RateLimit:
     return RateLimit(int(count), float(period))
 
 
-def _url(value: Any, key: str) -> str:
+def parse_url(value: Any, key: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise SettingsError(f"{key}: expected an http(s) URL, got {value!r}")
     try:
@@ -201,13 +206,13 @@ def _url_list(value: Any, key: str) -> tuple[str, ...]:
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, list | tuple) or not items:
         raise SettingsError(f"{key}: expected one URL or a list of URLs, got {value!r}")
-    urls = tuple(_url(item, f"{key}[{i}]") for i, item in enumerate(items))
+    urls = tuple(parse_url(item, f"{key}[{i}]") for i, item in enumerate(items))
     if len(set(urls)) != len(urls):
         raise SettingsError(f"{key}: the same target is listed twice")
     return urls
 
 
-def _number(value: Any, key: str, *, minimum: float = 0.0) -> float:
+def parse_number(value: Any, key: str, *, minimum: float = 0.0) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise SettingsError(f"{key}: expected a number, got {value!r}")
     try:
@@ -219,7 +224,7 @@ def _number(value: Any, key: str, *, minimum: float = 0.0) -> float:
     return number
 
 
-def _int(value: Any, key: str, *, minimum: int, maximum: int) -> int:
+def parse_int(value: Any, key: str, *, minimum: int, maximum: int) -> int:
     try:
         number = int(str(value).strip())
     except ValueError as exc:
@@ -295,12 +300,12 @@ def _parse_service(name: str, raw: Any) -> ServiceSettings:
         raise SettingsError(f"{key}.timeout: expected {{connect: SECONDS, read: SECONDS}}")
     _check_keys(timeout_raw, {"connect", "read"}, f"{key}.timeout")
     timeout = Timeouts(
-        connect=_number(
+        connect=parse_number(
             timeout_raw.get("connect", Timeouts.connect), f"{key}.timeout.connect", minimum=0.001
         ),
-        read=_number(timeout_raw.get("read", default_read), f"{key}.timeout.read", minimum=0.001),
+        read=parse_number(timeout_raw.get("read", default_read), f"{key}.timeout.read", minimum=0.001),
     )
-    eject = _number(raw.get("eject_seconds", 5.0), f"{key}.eject_seconds")
+    eject = parse_number(raw.get("eject_seconds", 5.0), f"{key}.eject_seconds")
     return ServiceSettings(name, urls, health_path, timeout, eject)
 
 
@@ -397,7 +402,7 @@ def service_env_name(service: str) -> str:
 # -- the environment ----------------------------------------------------------------------------
 
 
-def _redis_url(env: Mapping[str, str]) -> str | None:
+def redis_url(env: Mapping[str, str]) -> str | None:
     if env.get("REDIS_URL"):
         url = env["REDIS_URL"].strip()
         if not url.startswith(("redis://", "rediss://", "unix://")):
@@ -405,8 +410,8 @@ def _redis_url(env: Mapping[str, str]) -> str | None:
         return url
     if not env.get("REDIS_HOST"):
         return None
-    port = _int(env.get("REDIS_PORT", "6379"), "REDIS_PORT", minimum=1, maximum=65535)
-    db = _int(env.get("REDIS_DB", "0"), "REDIS_DB", minimum=0, maximum=1024)
+    port = parse_int(env.get("REDIS_PORT", "6379"), "REDIS_PORT", minimum=1, maximum=65535)
+    db = parse_int(env.get("REDIS_DB", "0"), "REDIS_DB", minimum=0, maximum=1024)
     url = URL.build(
         scheme="redis", host=env["REDIS_HOST"], port=port, path=f"/{db}",
         password=env.get("REDIS_PASSWORD") or None,
@@ -428,7 +433,7 @@ def postgres_dsn(env: Mapping[str, str]) -> str | None:
     if not any(parts.values()):
         return None
     if parts["port"]:
-        _int(parts["port"], "POSTGRES_PORT", minimum=1, maximum=65535)
+        parse_int(parts["port"], "POSTGRES_PORT", minimum=1, maximum=65535)
 
     def quote(value: str) -> str:
         return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
@@ -453,7 +458,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise SettingsError(f"LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
 
-    sample_rate = _number(env.get("TRACE_SAMPLE_RATE", "1.0"), "TRACE_SAMPLE_RATE")
+    sample_rate = parse_number(env.get("TRACE_SAMPLE_RATE", "1.0"), "TRACE_SAMPLE_RATE")
     if sample_rate > 1:
         raise SettingsError(f"TRACE_SAMPLE_RATE: must be between 0 and 1, got {sample_rate:g}")
 
@@ -484,7 +489,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         algorithms = (*algorithms, "HS256")
     auth = AuthSettings(
         enabled=_bool(env.get("AUTH_ENABLED", "true"), "AUTH_ENABLED"),
-        jwks_url=_url(env["AUTH_JWKS_URL"], "AUTH_JWKS_URL") if env.get("AUTH_JWKS_URL") else None,
+        jwks_url=parse_url(env["AUTH_JWKS_URL"], "AUTH_JWKS_URL") if env.get("AUTH_JWKS_URL") else None,
         issuer=env.get("AUTH_ISSUER") or None,
         audience=env.get("AUTH_AUDIENCE") or None,
         algorithms=algorithms,
@@ -493,14 +498,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 
     return Settings(
         host=env.get("GATEWAY_HOST", "127.0.0.1"),
-        port=_int(env.get("GATEWAY_PORT", "8080"), "GATEWAY_PORT", minimum=0, maximum=65535),
+        port=parse_int(env.get("GATEWAY_PORT", "8080"), "GATEWAY_PORT", minimum=0, maximum=65535),
         services=services,
         routes=routes,
         config_file=config_file,
-        workers=_int(env.get("GATEWAY_WORKERS", "1"), "GATEWAY_WORKERS", minimum=1, maximum=256),
-        redis_url=_redis_url(env),
+        workers=parse_int(env.get("GATEWAY_WORKERS", "1"), "GATEWAY_WORKERS", minimum=1, maximum=256),
+        redis_url=redis_url(env),
         postgres_dsn=postgres_dsn(env),
-        zipkin_url=_url(env["ZIPKIN_URL"], "ZIPKIN_URL") if env.get("ZIPKIN_URL") else None,
+        zipkin_url=parse_url(env["ZIPKIN_URL"], "ZIPKIN_URL") if env.get("ZIPKIN_URL") else None,
         trace_sample_rate=sample_rate,
         auth=auth,
         rate_limit_default=parse_rate(env.get("RATE_LIMIT_DEFAULT", "600/minute"), "RATE_LIMIT_DEFAULT"),
@@ -508,10 +513,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         cors_allow_origins=origins,
         data_dir=env.get("GATEWAY_DATA_DIR", "./.data"),
         intelligence_host=env.get("INTELLIGENCE_HOST", "127.0.0.1"),
-        intelligence_port=_int(
+        intelligence_port=parse_int(
             env.get("INTELLIGENCE_PORT", "8081"), "INTELLIGENCE_PORT", minimum=0, maximum=65535
         ),
         log_format=log_format,
         log_level=log_level,
-        shutdown_timeout=_number(env.get("GATEWAY_SHUTDOWN_TIMEOUT", "30"), "GATEWAY_SHUTDOWN_TIMEOUT"),
+        shutdown_timeout=parse_number(env.get("GATEWAY_SHUTDOWN_TIMEOUT", "30"), "GATEWAY_SHUTDOWN_TIMEOUT"),
     )

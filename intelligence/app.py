@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from functools import partial
 
 from aiohttp import web
 
 from gateway.errors import error_middleware
+from gateway.keys import tracing_key
+from gateway.middleware.request_id import stamp_request_id
+from gateway.middleware.tracing import Tracing, tracing_ctx, tracing_middleware
 
 from .api import domain_errors_middleware, setup_api_routes
 from .cache import ChatCache, redis_client
@@ -39,15 +43,26 @@ async def cache_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def service_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[service_key] = ChatPersistenceService(app[pool_key], app[cache_key])
+    app[service_key] = ChatPersistenceService(app[pool_key], app[cache_key], tracing=app[tracing_key])
     yield
 
 
 def create_app(settings: IntelligenceSettings) -> web.Application:
-    # Outer to inner: error_middleware renders every ApiError (and hides unexpected ones behind a
-    # 500); domain_errors_middleware turns the persistence layer's errors into ApiErrors.
-    app = web.Application(middlewares=[error_middleware, domain_errors_middleware])
+    tracing = Tracing(
+        service_name="intelligence-engine",
+        zipkin_url=settings.zipkin_url,
+        sample_rate=settings.trace_sample_rate,
+    )
+    # Outer to inner: tracing joins the gateway's trace (and gives every answer a request id);
+    # error_middleware renders every ApiError (and hides unexpected ones behind a 500);
+    # domain_errors_middleware turns the persistence layer's errors into ApiErrors.
+    app = web.Application(
+        middlewares=[tracing_middleware(tracing), error_middleware, domain_errors_middleware]
+    )
     app[settings_key] = settings
+    app[tracing_key] = tracing
+    app.on_response_prepare.append(stamp_request_id)
+    app.cleanup_ctx.append(partial(tracing_ctx, tracing=tracing))
     app.cleanup_ctx.extend([postgres_ctx, cache_ctx, service_ctx])
     setup_health_routes(app)
     setup_api_routes(app)

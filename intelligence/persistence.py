@@ -29,6 +29,8 @@ import psycopg2.errors
 import psycopg2.extensions
 from psycopg2.extras import Json
 
+from gateway.middleware.tracing import Tracing, client_span
+
 from .cache import ChatCache
 from .models import (
     ChatMessage,
@@ -152,9 +154,10 @@ class ChatPersistenceService:
     callers) any session is reachable. Another user's session behaves exactly like a missing one.
     """
 
-    def __init__(self, pool: aiopg.Pool, cache: ChatCache) -> None:
+    def __init__(self, pool: aiopg.Pool, cache: ChatCache, *, tracing: Tracing | None = None) -> None:
         self._pool = pool
         self._cache = cache
+        self._tracing = tracing
 
     # -- sessions -----------------------------------------------------------------------------
 
@@ -396,6 +399,18 @@ class ChatPersistenceService:
 
     async def _run(
         self, work: Callable[[aiopg.Cursor], Awaitable[T]], *, begin: str | None = None, retry: bool = True
+    ) -> T:
+        if self._tracing is None:
+            return await self._run_untraced(work, begin=begin, retry=retry)
+        # A CLIENT span per logical database call, named for the service method that made it.
+        operation = work.__qualname__.split(".<locals>")[0].rpartition(".")[2]
+        with client_span(self._tracing, name=f"db {operation}", service="postgresql") as span:
+            if span is not None and span.record is not None:
+                span.record.tag("db.system", "postgresql")
+            return await self._run_untraced(work, begin=begin, retry=retry)
+
+    async def _run_untraced(
+        self, work: Callable[[aiopg.Cursor], Awaitable[T]], *, begin: str | None, retry: bool
     ) -> T:
         attempt = 0
         while True:

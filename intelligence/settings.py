@@ -9,10 +9,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from gateway.settings import SettingsError, postgres_dsn
-from gateway.settings import _int as parse_int  # the shared small parsers
-from gateway.settings import _number as parse_number
-from gateway.settings import _redis_url as redis_url
+# The gateway's small parsers, so both apps report a bad value the same way.
+from gateway.settings import SettingsError, parse_int, parse_number, parse_url, postgres_dsn, redis_url
 
 __all__ = [
     "CacheSettings",
@@ -53,6 +51,8 @@ class IntelligenceSettings:
     log_level: str = "INFO"
     log_format: str = "json"
     shutdown_timeout: float = 30.0
+    zipkin_url: str | None = None
+    trace_sample_rate: float = 1.0
 
 
 def load_postgres_settings(env: Mapping[str, str]) -> PostgresSettings:
@@ -99,4 +99,13 @@ def load_settings(environ: Mapping[str, str] | None = None) -> IntelligenceSetti
         shutdown_timeout=parse_number(
             env.get("INTELLIGENCE_SHUTDOWN_TIMEOUT", "30"), "INTELLIGENCE_SHUTDOWN_TIMEOUT"
         ),
+        zipkin_url=parse_url(env["ZIPKIN_URL"], "ZIPKIN_URL") if env.get("ZIPKIN_URL") else None,
+        trace_sample_rate=_sample_rate(env.get("TRACE_SAMPLE_RATE", "1.0")),
     )
+
+
+def _sample_rate(value: str) -> float:
+    rate = parse_number(value, "TRACE_SAMPLE_RATE")
+    if rate > 1:
+        raise SettingsError(f"TRACE_SAMPLE_RATE: must be between 0 and 1, got {rate:g}")
+    return rate

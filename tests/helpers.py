@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+import jsonschema
+import yaml
+from aiohttp import web
 
 
 def one_service(url: str | list[str], prefix: str = "/", **route: Any) -> dict[str, Any]:
@@ -57,3 +63,45 @@ async def send_raw_path(client: Any, raw_path: str, method: str = "GET", **kwarg
     async with client.session.request(method, raw_url(client, raw_path), **kwargs) as response:
         await response.read()
     return response
+
+
+def _zipkin_validator() -> jsonschema.Draft4Validator:
+    spec = yaml.safe_load((Path(__file__).parent / "gateway" / "data" / "zipkin2-api.yaml").read_text())
+    definitions = spec["definitions"]
+
+    def anchor(node: Any) -> None:
+        # The official patterns are unanchored ("[a-f0-9]{16,32}" matches inside any string).
+        if isinstance(node, dict):
+            if isinstance(node.get("pattern"), str):
+                node["pattern"] = "^(?:" + node["pattern"] + ")$"
+            for value in node.values():
+                anchor(value)
+        elif isinstance(node, list):
+            for value in node:
+                anchor(value)
+
+    anchor(definitions)
+    schema = {"definitions": definitions, "$ref": "#/definitions/ListOfSpans"}
+    return jsonschema.Draft4Validator(schema, format_checker=jsonschema.FormatChecker())
+
+
+VALIDATOR = _zipkin_validator()
+
+
+class Collector:
+    """A Zipkin v2 collector: every POSTed batch must validate against the official schema."""
+
+    def __init__(self) -> None:
+        self.spans: list[dict[str, Any]] = []
+        self.posts = 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = json.loads(await request.read())
+        errors = sorted(VALIDATOR.iter_errors(body), key=str)
+        assert not errors, f"spans do not match the Zipkin v2 schema: {errors[0]}"
+        self.posts += 1
+        self.spans.extend(body)
+        return web.Response(status=202)
+
+    def by_kind(self, kind: str) -> list[dict[str, Any]]:
+        return [s for s in self.spans if s.get("kind") == kind]

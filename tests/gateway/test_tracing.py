@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 import aiozipkin as az
-import jsonschema
 import pytest
 import yaml
 from aiohttp import web
@@ -21,49 +19,10 @@ from gateway.keys import tracing_key
 from gateway.middleware.tracing import inject_trace_headers
 from gateway.settings import load_settings
 from gateway.zipkin import ZipkinReporter
+from tests.helpers import Collector
 
 INCOMING_TRACE = "0af7651916cd43dd8448eb211c80319c"
 INCOMING_PARENT = "b7ad6b7169203331"
-
-
-def _zipkin_validator() -> jsonschema.Draft4Validator:
-    spec = yaml.safe_load((Path(__file__).parent / "data" / "zipkin2-api.yaml").read_text())
-    definitions = spec["definitions"]
-
-    def anchor(node: Any) -> None:
-        # The official patterns are unanchored ("[a-f0-9]{16,32}" matches inside any string).
-        if isinstance(node, dict):
-            if isinstance(node.get("pattern"), str):
-                node["pattern"] = "^(?:" + node["pattern"] + ")$"
-            for value in node.values():
-                anchor(value)
-        elif isinstance(node, list):
-            for value in node:
-                anchor(value)
-
-    anchor(definitions)
-    schema = {"definitions": definitions, "$ref": "#/definitions/ListOfSpans"}
-    return jsonschema.Draft4Validator(schema, format_checker=jsonschema.FormatChecker())
-
-
-VALIDATOR = _zipkin_validator()
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.spans: list[dict[str, Any]] = []
-        self.posts = 0
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = json.loads(await request.read())
-        errors = sorted(VALIDATOR.iter_errors(body), key=str)
-        assert not errors, f"spans do not match the Zipkin v2 schema: {errors[0]}"
-        self.posts += 1
-        self.spans.extend(body)
-        return web.Response(status=202)
-
-    def by_kind(self, kind: str) -> list[dict[str, Any]]:
-        return [s for s in self.spans if s.get("kind") == kind]
 
 
 @pytest.fixture
