@@ -8,6 +8,7 @@ its own address (nor its rate-limit bucket) by sending the header.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 
@@ -30,6 +31,8 @@ def client_ip(
     address seen: a broken chain must not let the client pick the bucket. A peer that is not an
     IP address (a Unix socket) is returned as given, or ``"unknown"`` when empty.
     """
+    if not trusted and peer and ":" not in peer and peer[-1:].isdigit():
+        return peer  # the common case: an IPv4 socket address is already canonical
     address = _parse(peer)
     if address is None:
         return peer or "unknown"
@@ -48,6 +51,7 @@ def client_ip(
     return str(address)
 
 
+@functools.lru_cache(maxsize=4096)  # the same peers and proxies come back again and again
 def _parse(value: str | None) -> _Address | None:
     if not value:
         return None

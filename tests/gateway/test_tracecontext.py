@@ -654,18 +654,18 @@ def test_new_ids_are_lowercase_hex_and_distinct(make, length: int) -> None:
         assert set(value) <= set("0123456789abcdef")
 
 
-@pytest.mark.parametrize(("make", "size"), [(new_trace_id, 16), (new_span_id, 8)])
-def test_new_ids_are_never_all_zero(monkeypatch: pytest.MonkeyPatch, make, size: int) -> None:
-    outputs = iter([bytes(size), bytes(size), b"\x01" * size])
+@pytest.mark.parametrize(("make", "bits"), [(new_trace_id, 128), (new_span_id, 64)])
+def test_new_ids_are_never_all_zero(monkeypatch: pytest.MonkeyPatch, make, bits: int) -> None:
+    outputs = iter([0, 0, 1])
     calls: list[int] = []
 
-    def fake_urandom(n: int) -> bytes:
+    def fake_bits(n: int) -> int:
         calls.append(n)
         return next(outputs)
 
-    monkeypatch.setattr(tracecontext.os, "urandom", fake_urandom)
-    assert make() == "01" * size
-    assert calls == [size, size, size]
+    monkeypatch.setattr(tracecontext, "_bits", fake_bits)
+    assert make() == "0" * (bits // 4 - 1) + "1"
+    assert calls == [bits, bits, bits]
 
 
 @pytest.mark.parametrize(
