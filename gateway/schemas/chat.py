@@ -28,14 +28,19 @@ _TOOL_CALL_ID = FullMatch(
 _FUNCTION_NAME = FullMatch(r"^[A-Za-z0-9_.-]{1,64}$", error="Must be 1-64 of letters, digits, '_', '.', '-'.")
 
 
-class SessionCreateSchema(GatewaySchema):
-    """A new chat session; every field is optional, ``{}`` is a valid body."""
-
+class _SessionFields(GatewaySchema):
     title = text(200)
     metadata = Metadata()
 
 
-SessionUpdateSchema = patch_schema(SessionCreateSchema, "SessionUpdateSchema")
+class SessionCreateSchema(_SessionFields):
+    """A new chat session; every field is optional, ``{}`` is a valid body. ``id`` is the client's
+    idempotency key, as the intelligence engine accepts it."""
+
+    id = uuid()
+
+
+SessionUpdateSchema = patch_schema(_SessionFields, "SessionUpdateSchema")
 
 
 class FunctionCallSchema(GatewaySchema):
@@ -64,7 +69,13 @@ class MessageCreateSchema(GatewaySchema):
     )
     tool_calls = fields.List(fields.Nested(ToolCallSchema), validate=validate.Length(max=MAX_TOOL_CALLS))
     tool_call_id = fields.String(
-        validate=_TOOL_CALL_ID, metadata={"description": "Required when role is tool, else not allowed."}
+        validate=_TOOL_CALL_ID,
+        allow_none=True,
+        metadata={"description": "The tool call a tool message answers; only on tool messages."},
+    )
+    # Any JSON: what the tool returned, stored and given back as sent.
+    tool_results = fields.Raw(
+        allow_none=True, metadata={"description": "A tool message's structured result; only on tool messages."}
     )
     metadata = Metadata()
 
@@ -78,11 +89,15 @@ class MessageCreateSchema(GatewaySchema):
         tool_calls = original.get("tool_calls")
         if "tool_calls" in original and role != "assistant":
             errors["tool_calls"] = ["Only assistant messages may have tool_calls."]
-        if role == "tool" and "tool_call_id" not in original:
-            errors["tool_call_id"] = ["Missing data for required field."]
-        if role != "tool" and "tool_call_id" in original:
-            errors["tool_call_id"] = ["Only tool messages may have a tool_call_id."]
-        content_optional = role == "assistant" and isinstance(tool_calls, list) and tool_calls
+        # As the intelligence engine has it: a tool message answers with content or tool_results,
+        # and may name the call it answers; those two fields belong to tool messages only.
+        if role != "tool":
+            for name in ("tool_call_id", "tool_results"):
+                if original.get(name) is not None:
+                    errors[name] = [f"Only tool messages may have {name}."]
+        content_optional = (role == "assistant" and isinstance(tool_calls, list) and tool_calls) or (
+            role == "tool" and original.get("tool_results") is not None
+        )
         if original.get("content") is None and not content_optional:
             errors["content"] = ["Missing data for required field."]
         elif (

@@ -122,6 +122,9 @@ VALID = [
         {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL, {**TOOL_CALL, "id": "call_2"}]},
     ),
     (MESSAGES, {"role": "tool", "tool_call_id": "call_1", "content": ""}),
+    # As the intelligence engine accepts them: structured results, with or without the call id.
+    (MESSAGES, {"role": "tool", "tool_call_id": "call_1", "tool_results": {"pods": [{"name": "a"}]}}),
+    (MESSAGES, {"role": "tool", "content": "3 pods", "tool_results": [1, 2, 3]}),
     (MESSAGES, {"role": "user", "content": "x" * 32768, "metadata": {"client": "cli"}}),
     # A surrogate pair written as escapes is one valid character.
     (MESSAGES, b'{"role": "user", "content": "\\ud83d\\ude80 launch"}'),
@@ -272,7 +275,12 @@ INVALID = [
     (MESSAGES, {"role": "user", "content": "x" * 32769}, {"content": "Longer than maximum length 32768"}),
     (MESSAGES, {"role": "user", "content": ["parts"]}, {"content": "Not a valid string"}),
     (MESSAGES, {"role": "user", "content": "hi", "id": "42"}, {"id": "UUID"}),
-    (MESSAGES, {"role": "tool", "content": "ok"}, {"tool_call_id": "Field 'tool_call_id' is required"}),
+    (MESSAGES, {"role": "tool", "tool_call_id": "call_1"}, {"content": "Field 'content' is required"}),
+    (
+        MESSAGES,
+        {"role": "user", "content": "hi", "tool_results": {"pods": 3}},
+        {"tool_results": "Only tool messages"},
+    ),
     (
         MESSAGES,
         {"role": "user", "content": "hi", "tool_call_id": "call_1"},
