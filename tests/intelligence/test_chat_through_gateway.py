@@ -52,10 +52,9 @@ async def chat_gateway(aiohttp_server: Any, make_gateway: Any, database: str) ->
         },
         env={"AUTH_JWT_SECRET": SECRET},
     )
-    token = mint_token(
-        load_settings({"AUTH_JWT_SECRET": SECRET}), subject=f"u-{uuid.uuid4().hex[:8]}", scopes=[], ttl=300
-    )
-    return gateway, {"Authorization": f"Bearer {token}"}
+    subject = f"u-{uuid.uuid4().hex[:8]}"
+    token = mint_token(load_settings({"AUTH_JWT_SECRET": SECRET}), subject=subject, scopes=[], ttl=300)
+    return gateway, {"Authorization": f"Bearer {token}", "x-test-subject": subject}
 
 
 async def test_a_conversation_with_tool_calls_round_trips_through_the_gateway(chat_gateway: Any) -> None:
