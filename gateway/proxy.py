@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.http import RawResponseMessage
 from aiohttp.http_exceptions import HttpProcessingError
@@ -413,7 +413,9 @@ async def _proxy_websocket(
             for task in (to_upstream, to_client):
                 task.cancel()
     finally:
-        await upstream_ws.close()
+        # The client may hang up right after its close frame was answered, which cancels this
+        # handler before the pump forwarded that frame: pass the client's close code on here.
+        await upstream_ws.close(code=client_ws.close_code or WSCloseCode.OK)
     return client_ws
 
 

@@ -66,13 +66,17 @@ def record_of(request: web.Request, body: bytes) -> Received:
 
 
 @pytest.fixture
-async def make_upstream(aiohttp_server: Any) -> Callable[..., Awaitable[Upstream]]:
+async def make_upstream(aiohttp_server: Any) -> AsyncIterator[Callable[..., Awaitable[Upstream]]]:
     """An upstream that records each request, then answers with ``handler`` (JSON ok by default).
 
     With ``read_body=False`` the handler gets the request unread and records nothing itself.
+    ``sock`` serves on an already bound socket (a target that comes back on the same port).
     """
+    servers: list[TestServer] = []
 
-    async def make(handler: UpstreamHandler | None = None, *, read_body: bool = True) -> Upstream:
+    async def make(
+        handler: UpstreamHandler | None = None, *, read_body: bool = True, sock: socket.socket | None = None
+    ) -> Upstream:
         reply = handler or _default_reply
         upstream: Upstream
 
@@ -83,10 +87,18 @@ async def make_upstream(aiohttp_server: Any) -> Callable[..., Awaitable[Upstream
 
         app = web.Application(client_max_size=16 * 1024**2)
         app.router.add_route("*", "/{tail:.*}", recording)
-        upstream = Upstream(await aiohttp_server(app))
+        if sock is None:
+            upstream = Upstream(await aiohttp_server(app))
+        else:
+            server = TestServer(app, port=sock.getsockname()[1], socket_factory=lambda *_: sock.dup())
+            await server.start_server()
+            servers.append(server)
+            upstream = Upstream(server)
         return upstream
 
-    return make
+    yield make
+    for server in servers:
+        await server.close()
 
 
 @pytest.fixture

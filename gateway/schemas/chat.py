@@ -75,7 +75,8 @@ class MessageCreateSchema(GatewaySchema):
     )
     # Any JSON: what the tool returned, stored and given back as sent.
     tool_results = fields.Raw(
-        allow_none=True, metadata={"description": "A tool message's structured result; only on tool messages."}
+        allow_none=True,
+        metadata={"description": "A tool message's structured result; only on tool messages."},
     )
     metadata = Metadata()
 

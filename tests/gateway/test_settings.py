@@ -1,0 +1,308 @@
+"""Settings: bad config files fail with one line naming the key; overrides from the environment."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+
+from gateway.keys import lifecycle_key
+from gateway.settings import SettingsError, load_settings
+from tests.helpers import one_service, wait_for
+
+WORKTREE = Path(__file__).resolve().parents[2]
+GOOD = {
+    "services": {
+        "cluster-registry": {"url": "http://127.0.0.1:9001", "timeout": {"connect": 1, "read": 5}},
+        "metrics": {"urls": ["http://127.0.0.1:9002", "http://127.0.0.1:9003"], "eject_seconds": 2},
+    },
+    "routes": [
+        {
+            "prefix": "/api/v1/clusters",
+            "service": "cluster-registry",
+            "max_body": "128KB",
+            "rate_limit": "100/minute",
+        },
+        {"prefix": "/api/v1/metrics", "service": "metrics", "auth": "none", "strip_prefix": True},
+        {"prefix": "/", "service": "metrics", "max_body": "unlimited", "scopes": ["read"]},
+    ],
+}
+
+
+def with_change(path: str, value: Any) -> dict[str, Any]:
+    """GOOD with one dotted key (``routes.0.max_body``) set to ``value``."""
+    config = yaml.safe_load(yaml.safe_dump(GOOD))
+    *parents, last = path.split(".")
+    node: Any = config
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+    return config
+
+
+def write(tmp_path: Path, config: Any) -> str:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(config if isinstance(config, str) else yaml.safe_dump(config), encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("config", "names"),
+    [
+        pytest.param(with_change("colour", "red"), "'colour'", id="unknown-top-level-key"),
+        pytest.param(
+            with_change("services.cluster-registry.colour", "red"),
+            "services.cluster-registry",
+            id="unknown-service-key",
+        ),
+        pytest.param(with_change("routes.0.colour", "red"), "routes[0]", id="unknown-route-key"),
+        pytest.param(
+            with_change("services.cluster-registry.timeout.total", 3),
+            "services.cluster-registry.timeout",
+            id="unknown-timeout-key",
+        ),
+        pytest.param(with_change("routes.0.max_body", "12 parsecs"), "routes[0].max_body", id="bad-size"),
+        pytest.param(with_change("routes.0.max_body", -1), "routes[0].max_body", id="negative-size"),
+        pytest.param(with_change("routes.0.rate_limit", "lots"), "routes[0].rate_limit", id="bad-rate"),
+        pytest.param(with_change("routes.0.rate_limit", "0/minute"), "routes[0].rate_limit", id="zero-rate"),
+        pytest.param(
+            with_change("routes.0.rate_limit", "5/fortnight"), "routes[0].rate_limit", id="bad-period"
+        ),
+        pytest.param(with_change("routes.1.service", "nope"), "routes[1].service", id="unknown-service"),
+        pytest.param(
+            with_change("services.cluster-registry.url", "ftp://127.0.0.1"),
+            "services.cluster-registry.url",
+            id="bad-url-scheme",
+        ),
+        pytest.param(
+            with_change("services.cluster-registry.url", "not a url"),
+            "services.cluster-registry.url",
+            id="bad-url",
+        ),
+        pytest.param(
+            with_change("services.metrics.urls", ["http://127.0.0.1:1", "http://127.0.0.1:1"]),
+            "services.metrics.urls",
+            id="duplicate-target",
+        ),
+        pytest.param(
+            with_change("routes.1.prefix", "/api/v1/clusters/"), "routes[1].prefix", id="duplicate-prefix"
+        ),
+        pytest.param(with_change("routes.0.prefix", "api"), "routes[0].prefix", id="prefix-without-slash"),
+        pytest.param(with_change("routes.0.prefix", "/api/../x"), "routes[0].prefix", id="prefix-with-dots"),
+        pytest.param(with_change("routes.0.auth", "maybe"), "routes[0].auth", id="bad-auth-mode"),
+        pytest.param(
+            with_change("services.cluster-registry.timeout.read", "soon"),
+            "services.cluster-registry.timeout.read",
+            id="bad-timeout",
+        ),
+        pytest.param(
+            with_change("services.metrics.eject_seconds", -1),
+            "services.metrics.eject_seconds",
+            id="negative-eject",
+        ),
+        pytest.param(with_change("routes", []), "routes", id="no-routes"),
+        pytest.param("services: {a: [unclosed\n", "not valid YAML", id="invalid-yaml"),
+        pytest.param("- just\n- a list\n", "expected a mapping", id="not-a-mapping"),
+    ],
+)
+def test_bad_config_file_names_the_key(tmp_path: Path, config: Any, names: str) -> None:
+    with pytest.raises(SettingsError) as error:
+        load_settings({"GATEWAY_CONFIG": write(tmp_path, config)})
+    message = str(error.value)
+    assert names in message
+    assert "\n" not in message
+
+
+def test_missing_config_file_names_the_variable(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="GATEWAY_CONFIG"):
+        load_settings({"GATEWAY_CONFIG": str(tmp_path / "absent.yaml")})
+
+
+def test_good_config_file_is_parsed(tmp_path: Path) -> None:
+    settings = load_settings({"GATEWAY_CONFIG": write(tmp_path, GOOD)})
+
+    routes = {route.prefix: route for route in settings.routes}
+    assert routes["/api/v1/clusters"].max_body == 128 * 1024
+    assert routes["/api/v1/clusters"].rate_limit is not None
+    assert (routes["/api/v1/clusters"].rate_limit.limit, routes["/api/v1/clusters"].rate_limit.period) == (
+        100,
+        60,
+    )
+    assert routes["/"].max_body is None
+    assert routes["/api/v1/metrics"].strip_prefix is True
+    assert settings.services["metrics"].urls == ("http://127.0.0.1:9002", "http://127.0.0.1:9003")
+    assert settings.services["metrics"].eject_seconds == 2
+    assert settings.services["cluster-registry"].timeout.read == 5
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("http://127.0.0.1:7001", ("http://127.0.0.1:7001",)),
+        ("http://127.0.0.1:7001/", ("http://127.0.0.1:7001",)),
+        ("http://127.0.0.1:7001, http://127.0.0.1:7002", ("http://127.0.0.1:7001", "http://127.0.0.1:7002")),
+    ],
+)
+def test_service_url_variable_overrides_the_file(
+    tmp_path: Path, value: str, expected: tuple[str, ...]
+) -> None:
+    settings = load_settings({"GATEWAY_CONFIG": write(tmp_path, GOOD), "SERVICE_CLUSTER_REGISTRY_URL": value})
+    assert settings.services["cluster-registry"].urls == expected
+    assert settings.services["metrics"].urls == ("http://127.0.0.1:9002", "http://127.0.0.1:9003")
+
+
+def test_service_url_variable_overrides_the_default_table() -> None:
+    settings = load_settings(
+        {"SERVICE_INTELLIGENCE_ENGINE_URL": "http://127.0.0.1:7100,http://127.0.0.1:7101"}
+    )
+    assert settings.services["intelligence-engine"].urls == ("http://127.0.0.1:7100", "http://127.0.0.1:7101")
+
+
+def test_bad_service_url_variable_names_the_variable(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="SERVICE_CLUSTER_REGISTRY_URL"):
+        load_settings({"GATEWAY_CONFIG": write(tmp_path, GOOD), "SERVICE_CLUSTER_REGISTRY_URL": "nonsense"})
+
+
+async def test_service_url_override_sends_traffic_to_the_new_target(
+    make_gateway: Any, make_upstream: Any, refused_url: str
+) -> None:
+    upstream = await make_upstream()
+    client = await make_gateway(one_service(refused_url), env={"SERVICE_SVC_URL": upstream.url})
+
+    assert (await client.get("/x")).status == 200
+    assert [r.raw_path for r in upstream.requests] == ["/x"]
+
+
+# -- python -m gateway check-config -------------------------------------------------------------
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment minus gateway settings; imports come from this worktree."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SERVICE_", "GATEWAY_", "AUTH_"))}
+    env["PYTHONPATH"] = str(WORKTREE)
+    return env
+
+
+def check_config(path: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", path],
+        cwd=WORKTREE,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_check_config_prints_the_table_for_a_good_file(tmp_path: Path) -> None:
+    result = check_config(write(tmp_path, GOOD))
+
+    assert result.returncode == 0, result.stderr
+    assert "configuration OK" in result.stdout
+    for text in ("/api/v1/clusters", "/api/v1/metrics", "cluster-registry", "128KB", "unlimited"):
+        assert text in result.stdout
+
+
+def test_check_config_fails_with_one_clear_line_for_a_bad_file(tmp_path: Path) -> None:
+    result = check_config(write(tmp_path, with_change("routes.0.max_body", "12 parsecs")))
+
+    assert result.returncode != 0
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "routes[0].max_body" in lines[0]
+
+
+# -- draining -----------------------------------------------------------------------------------
+
+
+async def test_readiness_is_503_while_draining(make_gateway: Any, make_upstream: Any) -> None:
+    client = await make_gateway(one_service((await make_upstream()).url))
+    assert (await client.get("/health/ready")).status == 200
+
+    await client.app.shutdown()  # what AppRunner.cleanup does first on SIGTERM: on_shutdown
+
+    response = await client.get("/health/ready")
+    assert response.status == 503
+    assert client.app[lifecycle_key].draining
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def test_sigterm_lets_the_in_flight_request_finish_and_exits_0(
+    make_upstream: Any, tmp_path: Path
+) -> None:
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.wait_for(release.wait(), 15)
+        return web.Response(text="finished")
+
+    upstream = await make_upstream(slow)
+    port = free_port()
+    env = {
+        **clean_env(),
+        "GATEWAY_CONFIG": write(tmp_path, one_service(upstream.url)),
+        "GATEWAY_PORT": str(port),
+        "LOG_LEVEL": "WARNING",
+    }
+    log = (tmp_path / "gateway.log").open("wb")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", cwd=WORKTREE, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            deadline = time.monotonic() + 15
+            while True:  # poll until the process listens and is ready
+                try:
+                    async with session.get(f"{base}/health/ready") as ready:
+                        if ready.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                assert process.returncode is None, (tmp_path / "gateway.log").read_text()
+                assert time.monotonic() < deadline, "the gateway did not become ready"
+                await asyncio.sleep(0.05)
+
+            in_flight = asyncio.create_task(session.get(f"{base}/slow"))
+            await wait_for(lambda: bool(upstream.requests), what="the slow request to reach the upstream")
+
+            process.send_signal(signal.SIGTERM)
+
+            def refuses_connections() -> bool:
+                with socket.socket() as probe:
+                    return probe.connect_ex(("127.0.0.1", port)) != 0
+
+            await wait_for(refuses_connections, what="the listening socket to close")
+            assert process.returncode is None  # still draining the in-flight request
+
+            release.set()
+            async with asyncio.timeout(10):
+                response = await in_flight
+                assert response.status == 200
+                assert await response.text() == "finished"
+                assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        log.close()
