@@ -308,16 +308,16 @@ async def _relay_response(
             raise ApiError(502, "Upstream closed the connection mid-response") from None
         if len(body) != length:
             raise ApiError(502, "Upstream closed the connection mid-response")
-        response = web.Response(status=status, reason=message.reason, body=body)
+        response: web.StreamResponse = _RelayedResponse(status=status, reason=message.reason, body=body)
         # web.Response sets Content-Length itself; setting the copied headers afterwards keeps
         # the upstream's Content-Type (or its absence) untouched.
         del headers["Content-Length"]
         response.headers.extend(headers)
-        if "Content-Type" not in headers:
-            response.headers.pop("Content-Type", None)
+        response.untyped = "Content-Type" not in headers
         return response
 
-    response = web.StreamResponse(status=status, reason=message.reason, headers=headers)
+    response = _RelayedStream(status=status, reason=message.reason, headers=headers)
+    response.untyped = "Content-Type" not in headers
     await response.prepare(request)
     try:
         while chunk := await payload.read(CHUNK_SIZE):
@@ -333,6 +333,26 @@ async def _relay_response(
         return response
     await response.write_eof()
     return response
+
+
+class _Untyped:
+    """A relayed answer keeps the upstream's headers as they were: aiohttp adds
+    ``Content-Type: application/octet-stream`` to any body without one, the upstream did not."""
+
+    untyped = False
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()  # type: ignore[misc]
+        if self.untyped:
+            self.headers.popall("Content-Type", None)  # type: ignore[attr-defined]
+
+
+class _RelayedResponse(_Untyped, web.Response):
+    pass
+
+
+class _RelayedStream(_Untyped, web.StreamResponse):
+    pass
 
 
 def _content_length(headers: CIMultiDictProxy[str]) -> int | None:

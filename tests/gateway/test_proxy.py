@@ -96,11 +96,6 @@ async def test_several_set_cookie_headers_stay_several(
     assert len(await response.read()) == size
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="aiohttp's server adds Content-Type: application/octet-stream to any non-empty body "
-    "without one; the proxy does not remove it yet",
-)
 @pytest.mark.parametrize("size", [SMALL, LARGE], ids=["buffered", "streamed"])
 async def test_missing_content_type_is_not_invented(
     make_gateway: Any, make_raw_upstream: Callable[..., Awaitable[str]], size: int
