@@ -105,3 +105,31 @@ class Collector:
 
     def by_kind(self, kind: str) -> list[dict[str, Any]]:
         return [s for s in self.spans if s.get("kind") == kind]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def wait_ready(
+    base: str, process: asyncio.subprocess.Process, log: Path, deadline_s: float = 15
+) -> None:
+    """Poll ``base``/health/ready until it answers 200; fail with the process's log if it died."""
+    import aiohttp
+
+    deadline = time.monotonic() + deadline_s
+    async with aiohttp.ClientSession() as session:
+        while True:
+            try:
+                async with session.get(f"{base}/health/ready") as ready:
+                    if ready.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            assert process.returncode is None, log.read_text(errors="replace")
+            assert time.monotonic() < deadline, "the gateway did not become ready"
+            await asyncio.sleep(0.05)

@@ -1,0 +1,84 @@
+"""The access log of a real ``python -m gateway`` process: one JSON line per request, no secrets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from tests.helpers import free_port, one_service, wait_ready
+
+ROOT = Path(__file__).resolve().parents[2]
+SECRET_TOKEN = "eyJhbGciOiJIUzI1NiJ9.c2VjcmV0LXBheWxvYWQ.c2lnbmF0dXJl"
+
+
+async def test_access_log_has_one_json_line_per_request_and_no_secrets(
+    make_upstream: Any, tmp_path: Path
+) -> None:
+    upstream = await make_upstream()
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump(one_service(upstream.url, prefix="/api")))
+    port = free_port()
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "GATEWAY_CONFIG": str(config),
+        "GATEWAY_PORT": str(port),
+        "LOG_FORMAT": "json",
+        "AUTH_JWT_SECRET": "a-development-secret-that-must-not-be-logged-xxxxxxxx",
+    }
+    log_path = tmp_path / "gateway.log"
+    with log_path.open("wb") as log:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", cwd=ROOT, env=env, stdout=log, stderr=log
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            await wait_ready(base, process, log_path)
+            async with aiohttp.ClientSession() as session:
+                async with session.post(
+                    f"{base}/api/items?token={SECRET_TOKEN}",
+                    data=b'{"a": 1}',
+                    headers={
+                        "Authorization": f"Bearer {SECRET_TOKEN}",
+                        "Cookie": f"session={SECRET_TOKEN}",
+                        "Content-Type": "application/json",
+                        "X-Request-ID": "trace-me-123",
+                    },
+                ) as response:
+                    assert response.status == 200
+                async with session.get(f"{base}/nowhere") as response:
+                    assert response.status == 404
+            process.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(10):
+                assert await process.wait() == 0
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+    text = log_path.read_text()
+    assert SECRET_TOKEN not in text
+    assert "a-development-secret" not in text
+    lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    access = [
+        entry for entry in lines if entry.get("msg") == "request" and entry.get("path") != "/health/ready"
+    ]
+    assert [entry["path"] for entry in access] == ["/api/items", "/nowhere"]
+    proxied, missing = access
+    assert proxied["method"] == "POST"
+    assert proxied["route"] == "/api"
+    assert proxied["upstream"] == upstream.url
+    assert proxied["status"] == 200
+    assert proxied["bytes_in"] == 8
+    assert proxied["bytes_out"] > 0
+    assert proxied["duration_ms"] >= 0
+    assert proxied["request_id"] == "trace-me-123"
+    assert missing["status"] == 404 and missing["route"] is None
+    assert len(missing["request_id"]) >= 16
