@@ -27,8 +27,10 @@ __all__ = [
     "Timeouts",
     "load_settings",
     "parse_int",
+    "parse_logging",
     "parse_number",
     "parse_rate",
+    "parse_sample_rate",
     "parse_size",
     "parse_url",
     "postgres_dsn",
@@ -419,6 +421,24 @@ def redis_url(env: Mapping[str, str]) -> str | None:
     return str(url)
 
 
+def parse_logging(env: Mapping[str, str]) -> tuple[str, str]:
+    """``LOG_LEVEL`` and ``LOG_FORMAT``, checked."""
+    log_format = env.get("LOG_FORMAT", "json").strip().lower()
+    if log_format not in ("json", "text"):
+        raise SettingsError(f"LOG_FORMAT: expected json or text, got {log_format!r}")
+    log_level = env.get("LOG_LEVEL", "INFO").strip().upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise SettingsError(f"LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+    return log_level, log_format
+
+
+def parse_sample_rate(value: str) -> float:
+    rate = parse_number(value, "TRACE_SAMPLE_RATE")
+    if rate > 1:
+        raise SettingsError(f"TRACE_SAMPLE_RATE: must be between 0 and 1, got {rate:g}")
+    return rate
+
+
 def postgres_dsn(env: Mapping[str, str]) -> str | None:
     """``POSTGRES_DSN`` as given, or one built from the ``POSTGRES_*`` parts; None when unset."""
     if env.get("POSTGRES_DSN"):
@@ -451,16 +471,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         if override:
             services[name] = replace(service, urls=_url_list(override, service_env_name(name)))
 
-    log_format = env.get("LOG_FORMAT", "json").strip().lower()
-    if log_format not in ("json", "text"):
-        raise SettingsError(f"LOG_FORMAT: expected json or text, got {log_format!r}")
-    log_level = env.get("LOG_LEVEL", "INFO").strip().upper()
-    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise SettingsError(f"LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
-
-    sample_rate = parse_number(env.get("TRACE_SAMPLE_RATE", "1.0"), "TRACE_SAMPLE_RATE")
-    if sample_rate > 1:
-        raise SettingsError(f"TRACE_SAMPLE_RATE: must be between 0 and 1, got {sample_rate:g}")
+    log_level, log_format = parse_logging(env)
+    sample_rate = parse_sample_rate(env.get("TRACE_SAMPLE_RATE", "1.0"))
 
     trusted = []
     for item in _csv(env.get("TRUSTED_PROXIES")):

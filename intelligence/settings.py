@@ -10,7 +10,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 # The gateway's small parsers, so both apps report a bad value the same way.
-from gateway.settings import SettingsError, parse_int, parse_number, parse_url, postgres_dsn, redis_url
+from gateway.settings import (
+    SettingsError,
+    parse_int,
+    parse_logging,
+    parse_number,
+    parse_sample_rate,
+    parse_url,
+    postgres_dsn,
+    redis_url,
+)
 
 __all__ = [
     "CacheSettings",
@@ -76,12 +85,7 @@ def load_postgres_settings(env: Mapping[str, str]) -> PostgresSettings:
 def load_settings(environ: Mapping[str, str] | None = None) -> IntelligenceSettings:
     """Read the environment once; raise SettingsError naming the key on any bad value."""
     env = os.environ if environ is None else environ
-    log_format = env.get("LOG_FORMAT", "json").strip().lower()
-    if log_format not in ("json", "text"):
-        raise SettingsError(f"LOG_FORMAT: expected json or text, got {log_format!r}")
-    log_level = env.get("LOG_LEVEL", "INFO").strip().upper()
-    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise SettingsError(f"LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+    log_level, log_format = parse_logging(env)
     ttl = parse_int(env.get("CHAT_CACHE_TTL", "300"), "CHAT_CACHE_TTL", minimum=1, maximum=86400 * 30)
     cache = CacheSettings(
         url=redis_url(env),
@@ -100,12 +104,5 @@ def load_settings(environ: Mapping[str, str] | None = None) -> IntelligenceSetti
             env.get("INTELLIGENCE_SHUTDOWN_TIMEOUT", "30"), "INTELLIGENCE_SHUTDOWN_TIMEOUT"
         ),
         zipkin_url=parse_url(env["ZIPKIN_URL"], "ZIPKIN_URL") if env.get("ZIPKIN_URL") else None,
-        trace_sample_rate=_sample_rate(env.get("TRACE_SAMPLE_RATE", "1.0")),
+        trace_sample_rate=parse_sample_rate(env.get("TRACE_SAMPLE_RATE", "1.0")),
     )
-
-
-def _sample_rate(value: str) -> float:
-    rate = parse_number(value, "TRACE_SAMPLE_RATE")
-    if rate > 1:
-        raise SettingsError(f"TRACE_SAMPLE_RATE: must be between 0 and 1, got {rate:g}")
-    return rate
