@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from gateway.keys import tracing_key
 from gateway.middleware.tracing import inject_trace_headers
 from gateway.settings import load_settings
 from gateway.zipkin import ZipkinReporter
-from tests.helpers import Collector
+from tests.helpers import Collector, wait_for
 
 INCOMING_TRACE = "0af7651916cd43dd8448eb211c80319c"
 INCOMING_PARENT = "b7ad6b7169203331"
@@ -262,3 +263,34 @@ def test_span_buffer_is_bounded_and_counts_drops() -> None:
 def test_inject_trace_headers_outside_a_request_returns_headers_unchanged() -> None:
     assert inject_trace_headers({"a": "b"}) == {"a": "b"}
     assert inject_trace_headers() == {}
+
+
+async def test_a_collector_that_never_answers_does_not_hold_up_requests(
+    tmp_path: Path, upstream: Any, aiohttp_server: Any
+) -> None:
+    stuck = asyncio.Event()
+    posts: list[int] = []
+
+    async def never(request: web.Request) -> web.Response:
+        posts.append(1)
+        await stuck.wait()  # answers only when the test ends
+        return web.Response(status=202)
+
+    app = web.Application()
+    app.router.add_post("/api/v2/spans", never)
+    zipkin = await aiohttp_server(app)
+    client = await _gateway(tmp_path, upstream[1], ZIPKIN_URL=str(zipkin.make_url("/api/v2/spans")))
+    try:
+        reporter = client.app[tracing_key].reporter
+        first = await client.get("/api/v1/clusters")
+        assert first.status == 200
+        flushing = asyncio.create_task(reporter.flush())  # the reporter is now stuck on the collector
+        await wait_for(lambda: bool(posts), what="the collector to receive a batch")
+        for _ in range(5):  # requests keep flowing while a send is stuck
+            response = await client.get("/api/v1/clusters")
+            assert response.status == 200
+        assert not flushing.done()
+    finally:
+        stuck.set()
+        await flushing
+        await client.close()
