@@ -1,8 +1,10 @@
 """The issuer's signing keys (JWKS), fetched over HTTP and cached.
 
-- An unknown ``kid`` triggers a refetch, at most once per ``min_refetch`` seconds; concurrent
-  misses share that one fetch (single-flight). Unknown-kid floods therefore cost one request to
-  the issuer per interval, and nothing else.
+- An unknown ``kid`` triggers a refetch, at most once per ``min_refetch`` seconds counted from
+  the previous unknown-kid refetch (not from the cold start or a background refresh, so a key
+  published and used right after a load is accepted at once); concurrent misses share that one
+  fetch (single-flight). Unknown-kid floods therefore cost one request to the issuer per
+  interval, and nothing else. The cold start itself retries at most once per ``min_refetch``.
 - Keys older than ``max_age`` are refreshed in the background on the next lookup; lookups keep
   using the previous set meanwhile and never wait for it. A key the issuer removed (rotated out,
   revoked) is therefore forgotten within ``max_age`` plus one fetch.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -56,6 +59,7 @@ class JwksCache:
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched_at: float | None = None  # last successful fetch
         self._attempted_at: float | None = None  # last attempt, successful or not
+        self._miss_fetched_at = -math.inf  # last refetch for a kid the loaded set did not have
         self._inflight: asyncio.Future[None] | None = None
         self.fetches = 0
 
@@ -69,8 +73,15 @@ class JwksCache:
     async def get(self, kid: str | None) -> jwt.PyJWK | None:
         """The key named ``kid`` (or the only key when ``kid`` is None and there is one)."""
         now = self._clock()
-        if self._fetched_at is None or kid is None or kid not in self._keys:
+        if self._fetched_at is None:
             if self._may_fetch(now):
+                await self._refresh()
+        elif kid is None or kid not in self._keys:
+            # Throttled on its own clock: the first unknown kid after a load (cold start or
+            # background refresh) refetches at once, so a key rotated in just after a load is
+            # accepted right away; further unknown kids wait out ``min_refetch``.
+            if self._inflight is not None or now - self._miss_fetched_at >= self._min_refetch:
+                self._miss_fetched_at = now
                 await self._refresh()
         elif now - self._fetched_at >= self._max_age and self._may_fetch(now):
             self._start_refresh()  # stale: refresh behind the lookups, do not wait

@@ -76,7 +76,8 @@ STREAMING_READ_TIMEOUT = 300.0
 AUTH_MODES = ("required", "optional", "none")
 JSON_CONTENT_TYPES: tuple[str, ...] = ("application/json",)
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+# A number, then bytes (``B`` or nothing) or a binary multiple (``K``, ``KB``, ``KiB``, ...).
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])i?b?|b)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*([a-z]+)\s*$", re.IGNORECASE)
 _PERIODS = {
@@ -175,7 +176,7 @@ def parse_size(value: Any, key: str) -> int | None:
     if not match:
         raise SettingsError(f"{key}: expected a size such as 64KB or 1MB, got {value!r}")
     number, unit = match.groups()
-    return int(float(number) * _SIZE_UNITS[(unit or "")[:1].lower()])
+    return int(float(number) * _SIZE_UNITS[(unit or "").lower()])
 
 
 def parse_rate(value: Any, key: str) -> RateLimit:

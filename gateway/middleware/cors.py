@@ -59,14 +59,23 @@ def cors_middleware(allow_origins: Sequence[str]) -> Any:
             "Vary": "Origin",
         }
 
+    # Where the origin gets no CORS answer, a backend's own Access-Control-* headers must not
+    # give it one either: the gateway's policy is the only one. With explicit origins the answer
+    # depends on Origin, so caches are told even when there is none.
+    no_cors: dict[str, str] = {} if any_origin else {"Vary": "Origin"}
+
     @web.middleware
     async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not origins:
+            return await handler(request)
         origin = request.headers.get("Origin")
-        if origin is None or not origins:
+        if origin is None:
+            request[cors_headers_key] = no_cors
             return await handler(request)
         allowed = any_origin or origin in origins
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
             if not allowed:
+                request[cors_headers_key] = no_cors
                 raise ApiError(403, f"CORS: origin {origin!r} is not allowed")
             headers = headers_for(origin)
             del headers["Access-Control-Expose-Headers"]  # meaningless on a preflight
@@ -79,15 +88,15 @@ def cors_middleware(allow_origins: Sequence[str]) -> Any:
             if not any_origin:
                 headers["Vary"] = "Origin, Access-Control-Request-Method, Access-Control-Request-Headers"
             return web.Response(status=204, headers=headers)
-        if allowed:
-            request[cors_headers_key] = headers_for(origin)
+        request[cors_headers_key] = headers_for(origin) if allowed else no_cors
         return await handler(request)
 
     return cors
 
 
 async def stamp_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: the gateway's CORS answer replaces whatever a backend sent."""
+    """``on_response_prepare``: the gateway's CORS answer (possibly none) replaces whatever a
+    backend sent, whenever CORS is configured."""
     headers = request.get(cors_headers_key)
     if headers is None:
         return

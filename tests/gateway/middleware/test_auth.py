@@ -381,6 +381,20 @@ async def test_rotation_new_kid_is_accepted_after_a_refetch(gateway, keys, issue
     assert issuer["hits"] == 2
 
 
+async def test_key_rotated_in_right_after_the_cold_fetch_is_accepted_at_once(gateway, keys, issuer):
+    client, _, _, clock = await gateway()
+    assert (await client.get("/api/required", headers=bearer(mint(keys["rsa"])))).status == 200
+    issuer["keys"].append(_jwk(keys["rsa2"], "rsa-2"))
+    clock.now += 1  # well within the refetch interval of the cold fetch
+    response = await client.get("/api/required", headers=bearer(mint(keys["rsa2"], kid="rsa-2", sub="bob")))
+    assert response.status == 200
+    assert issuer["hits"] == 2
+    # That refetch starts the interval: another unknown kid right after fetches nothing.
+    unknown = mint(keys["attacker"], kid="k-other")
+    assert (await client.get("/api/required", headers=bearer(unknown))).status == 401
+    assert issuer["hits"] == 2
+
+
 async def test_unknown_kid_storm_fetches_at_most_once_per_interval(gateway, keys, issuer):
     client, _, _, clock = await gateway()
     assert (await client.get("/api/required", headers=bearer(mint(keys["rsa"])))).status == 200

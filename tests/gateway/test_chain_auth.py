@@ -1,0 +1,261 @@
+"""Authentication through the whole chain, against a real JWKS endpoint on loopback."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jwt
+import pytest
+from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from tests.gateway.chain import service
+
+ISSUER = "https://issuer.chain.test"
+AUDIENCE = "platform-gateway"
+FORGED = {"x-auth-subject": "admin", "X-Auth-Scopes": "clusters:write admin"}
+
+
+@pytest.fixture(scope="module")
+def keys() -> dict[str, Any]:
+    return {
+        "rsa": rsa.generate_private_key(public_exponent=65537, key_size=2048),
+        "ec": ec.generate_private_key(ec.SECP256R1()),
+        "rsa-next": rsa.generate_private_key(public_exponent=65537, key_size=2048),
+    }
+
+
+def public_jwk(private_key: Any, kid: str) -> dict[str, Any]:
+    public = private_key.public_key()
+    algorithm = (
+        jwt.algorithms.RSAAlgorithm if isinstance(public, rsa.RSAPublicKey) else jwt.algorithms.ECAlgorithm
+    )
+    return {**algorithm.to_jwk(public, as_dict=True), "kid": kid, "use": "sig"}
+
+
+def mint(
+    private_key: Any, kid: str, *, alg: str = "RS256", sub: str = "alice", scope: str = "", **extra: Any
+) -> str:
+    now = int(time.time())
+    claims = {"sub": sub, "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + 300, **extra}
+    if scope:
+        claims["scope"] = scope
+    return jwt.encode(claims, private_key, algorithm=alg, headers={"kid": kid})
+
+
+def bearer(value: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {value}"}
+
+
+@pytest.fixture
+async def issuer(aiohttp_server: Any, keys: dict[str, Any]) -> dict[str, Any]:
+    """A JWKS endpoint whose key set the test changes; counts fetches."""
+    state: dict[str, Any] = {
+        "keys": [public_jwk(keys["rsa"], "rsa-1"), public_jwk(keys["ec"], "ec-1")],
+        "fetches": 0,
+    }
+
+    async def jwks(request: web.Request) -> web.Response:
+        state["fetches"] += 1
+        return web.json_response({"keys": state["keys"]})
+
+    app = web.Application()
+    app.router.add_get("/.well-known/jwks.json", jwks)
+    server = await aiohttp_server(app)
+    state["url"] = str(server.make_url("/.well-known/jwks.json"))
+    return state
+
+
+def routes() -> list[dict[str, Any]]:
+    return [
+        {"prefix": "/required"},
+        {"prefix": "/optional", "auth": "optional"},
+        {"prefix": "/open", "auth": "none"},
+        {"prefix": "/scoped", "scopes": ["clusters:write"]},
+        {"prefix": "/", "content_types": ["*/*"]},
+    ]
+
+
+@pytest.fixture
+async def upstream(make_upstream: Any) -> Any:
+    return await make_upstream()
+
+
+@pytest.fixture
+def env(issuer: dict[str, Any]) -> dict[str, str]:
+    return {"AUTH_JWKS_URL": issuer["url"], "AUTH_ISSUER": ISSUER, "AUTH_AUDIENCE": AUDIENCE}
+
+
+@pytest.fixture
+async def client(make_gateway: Any, upstream: Any, env: dict[str, str]) -> Any:
+    return await make_gateway(service(upstream.url, routes()), env)
+
+
+# -- accepted ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("key", "kid", "alg"), [("rsa", "rsa-1", "RS256"), ("ec", "ec-1", "ES256")])
+async def test_valid_token_reaches_the_upstream_with_the_identity(client, upstream, keys, key, kid, alg):
+    value = mint(keys[key], kid, alg=alg, sub="carol", scope="clusters:read reports:write")
+    response = await client.get("/required/things", headers=bearer(value))
+
+    assert response.status == 200
+    [received] = upstream.requests
+    assert received.values("x-auth-subject") == ["carol"]
+    assert received.values("x-auth-scopes") == ["clusters:read reports:write"]
+
+
+async def test_client_sent_identity_headers_are_replaced_on_a_required_route(client, upstream, keys):
+    response = await client.get("/required", headers={**FORGED, **bearer(mint(keys["rsa"], "rsa-1"))})
+
+    assert response.status == 200
+    [received] = upstream.requests
+    assert received.values("x-auth-subject") == ["alice"]
+    assert received.values("x-auth-scopes") == [""]
+
+
+@pytest.mark.parametrize("path", ["/optional/x", "/open/x"])
+async def test_client_sent_identity_headers_are_removed_on_anonymous_routes(client, upstream, path):
+    response = await client.get(path, headers=FORGED)
+
+    assert response.status == 200
+    [received] = upstream.requests
+    assert {"x-auth-subject", "x-auth-scopes"}.isdisjoint(received.names())
+
+
+async def test_client_sent_identity_headers_are_removed_on_an_open_route_even_with_a_token(
+    client, upstream, keys
+):
+    response = await client.get("/open/x", headers={**FORGED, **bearer(mint(keys["rsa"], "rsa-1"))})
+
+    assert response.status == 200
+    assert {"x-auth-subject", "x-auth-scopes"}.isdisjoint(upstream.requests[0].names())
+
+
+async def test_client_sent_identity_headers_are_removed_with_auth_disabled(make_gateway, upstream, env):
+    client = await make_gateway(service(upstream.url, routes()), {**env, "AUTH_ENABLED": "false"})
+
+    response = await client.get("/required/x", headers=FORGED)
+
+    assert response.status == 200
+    assert {"x-auth-subject", "x-auth-scopes"}.isdisjoint(upstream.requests[0].names())
+
+
+async def test_optional_route_with_a_token_forwards_the_identity(client, upstream, keys):
+    response = await client.get(
+        "/optional", headers=bearer(mint(keys["ec"], "ec-1", alg="ES256", sub="dave"))
+    )
+
+    assert response.status == 200
+    assert upstream.requests[0].values("x-auth-subject") == ["dave"]
+
+
+# -- refused -------------------------------------------------------------------------------------
+
+
+async def test_missing_token_is_401_with_a_bare_bearer_challenge(client, upstream):
+    response = await client.get("/required")
+
+    assert response.status == 401
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+    assert response.headers["X-Request-ID"]
+    assert await response.json() == {"detail": "Authentication required"}
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize(
+    ("make_token", "description"),
+    [
+        (lambda k: mint(k["rsa"], "rsa-1", aud="someone-else"), "audience"),
+        (lambda k: mint(k["rsa"], "rsa-1", iss="https://evil.test"), "wrong issuer"),
+        (lambda k: mint(k["rsa"], "rsa-1", exp=int(time.time()) - 600), "expired"),
+        (lambda k: mint(k["rsa-next"], "rsa-1"), "signature"),
+        (lambda k: mint(k["ec"], "rsa-1", alg="ES256"), "does not match its key"),
+        (lambda k: "garbage", "malformed"),
+    ],
+)
+async def test_bad_token_is_401_invalid_token(client, upstream, keys, make_token, description):
+    for path in ("/required", "/optional"):  # a bad token is refused on optional routes too
+        response = await client.get(path, headers=bearer(make_token(keys)))
+        assert response.status == 401
+        challenge = response.headers["WWW-Authenticate"]
+        assert challenge.startswith('Bearer error="invalid_token", error_description="')
+        assert description in challenge
+        assert (await response.json())["detail"] == "Invalid token"
+    assert upstream.requests == []
+
+
+async def test_missing_scope_is_403_insufficient_scope(client, upstream, keys):
+    response = await client.post(
+        "/scoped", json={}, headers=bearer(mint(keys["rsa"], "rsa-1", scope="clusters:read"))
+    )
+
+    assert response.status == 403
+    assert response.headers["WWW-Authenticate"] == (
+        'Bearer error="insufficient_scope", error_description="The token lacks a required scope", '
+        'scope="clusters:write"'
+    )
+    assert (await response.json())["detail"] == "Insufficient scope"
+    assert upstream.requests == []
+
+    granted = await client.post(
+        "/scoped", json={}, headers=bearer(mint(keys["rsa"], "rsa-1", scope="clusters:write"))
+    )
+    assert granted.status == 200
+
+
+# -- what needs no token -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/health", "/health/detailed", "/health/ready", "/openapi.json"])
+async def test_gateway_endpoints_need_no_token(client, upstream, path):
+    response = await client.get(path)
+
+    assert response.status == 200
+    assert "WWW-Authenticate" not in response.headers
+    # Served by the gateway, not proxied (the / route would need a token); /health/detailed probes
+    # the upstream's own /health, which is no proxied request (no X-Forwarded-For).
+    assert [r.raw_path for r in upstream.requests if "x-forwarded-for" in r.names()] == []
+
+
+async def test_cors_preflight_needs_no_token(make_gateway, upstream, env):
+    client = await make_gateway(
+        service(upstream.url, routes()), {**env, "CORS_ALLOW_ORIGINS": "https://app.example.com"}
+    )
+    response = await client.options(
+        "/required/x",
+        headers={"Origin": "https://app.example.com", "Access-Control-Request-Method": "DELETE"},
+    )
+
+    assert response.status == 204
+    assert response.headers["Access-Control-Allow-Origin"] == "https://app.example.com"
+    assert upstream.requests == []
+
+
+# -- key rotation --------------------------------------------------------------------------------
+
+
+async def test_rotated_key_is_accepted_after_a_refetch(client, upstream, issuer, keys):
+    assert (await client.get("/required", headers=bearer(mint(keys["rsa"], "rsa-1")))).status == 200
+    assert issuer["fetches"] == 1
+
+    # The issuer publishes a new key and signs with it at once.
+    issuer["keys"] = [public_jwk(keys["rsa-next"], "rsa-2"), *issuer["keys"]]
+    response = await client.get("/required", headers=bearer(mint(keys["rsa-next"], "rsa-2", sub="erin")))
+
+    assert response.status == 200
+    assert issuer["fetches"] == 2
+    assert upstream.requests[-1].values("x-auth-subject") == ["erin"]
+    # The old key is still published, so its tokens still pass (from the cache, no new fetch).
+    assert (await client.get("/required", headers=bearer(mint(keys["rsa"], "rsa-1", sub="x")))).status == 200
+    assert issuer["fetches"] == 2
+
+
+async def test_unknown_kids_do_not_each_cost_a_fetch(client, issuer, keys):
+    assert (await client.get("/required", headers=bearer(mint(keys["rsa"], "rsa-1")))).status == 200
+    for n in range(5):
+        response = await client.get("/required", headers=bearer(mint(keys["rsa-next"], f"nope-{n}")))
+        assert response.status == 401
+        assert "unknown" in response.headers["WWW-Authenticate"]
+    assert issuer["fetches"] <= 2
