@@ -66,6 +66,7 @@ def create_app(settings: Settings) -> web.Application:
             stage="ip",
             trusted_proxies=settings.trusted_proxies,
             auth_enabled=settings.auth.enabled,
+            known_token=verifier.knows if verifier is not None else None,
         ),
         auth_middleware(settings.auth, verifier=verifier),
         ratelimit_middleware(limiter=limiter, default=settings.rate_limit_default, stage="subject"),

@@ -193,6 +193,15 @@ class TokenVerifier:
                 self._cache.popitem(last=False)
         return identity
 
+    def knows(self, token: str) -> bool:
+        """Whether ``token`` was verified before and still holds: a dict lookup, no crypto."""
+        cached = self._cache.get(token)
+        return (
+            cached is not None
+            and cached.expires > self._clock()
+            and (cached.kid is None or self._jwks_has(cached.kid))
+        )
+
     def _jwks_has(self, kid: str) -> bool:
         return self._jwks is not None and self._jwks.has(kid)
 

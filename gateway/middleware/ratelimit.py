@@ -7,10 +7,12 @@ Every routed request is charged to exactly one bucket per route prefix:
 - anonymous requests (no ``Authorization`` header, ``auth: none`` routes, auth disabled): the client
   address's bucket, charged by the ``ip`` stage before anything else runs;
 - requests that carry a token: the ``ip`` stage lets them through uncharged; if authentication
-  fails (any error before an identity is set) the failure is charged to the address's bucket afterwards, and once that bucket
-  is empty the ``ip`` stage answers 429 *before* verifying further tokens from that address (a
-  flood of bad tokens costs one dict lookup each); if authentication succeeds, the ``subject``
-  stage charges the token subject's bucket.
+  fails (any error before an identity is set) the failure is charged to the address's bucket
+  afterwards, and once that bucket is empty the ``ip`` stage answers 429 *before* verifying further
+  tokens from that address (a flood of bad tokens costs one dict lookup each), except tokens the
+  verifier already knows to be good (``known_token``, a cache lookup): a user behind the same NAT
+  as the flooder keeps working; if authentication succeeds, the ``subject`` stage charges the token
+  subject's bucket.
 
 So a user behind a shared NAT is limited as themself, not as the whole NAT; an address sending
 bad tokens is limited like an anonymous client. IPv6 clients are bucketed by their /64: one host
@@ -34,7 +36,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from aiohttp import web
@@ -97,6 +99,7 @@ def ratelimit_middleware(
     stage: Literal["ip", "subject"],
     trusted_proxies: Sequence[IPNetwork] = (),
     auth_enabled: bool = True,
+    known_token: Callable[[str], bool] | None = None,
 ) -> Any:
     """Limit routed requests per route prefix; ``stage`` picks the bucket (see module docstring).
 
@@ -167,7 +170,7 @@ def ratelimit_middleware(
         if memo is not None:
             until, headers = memo
             left = until - time.monotonic()
-            if left > 0:
+            if left > 0 and not (known_token is not None and known_token(_bearer(request))):
                 raise ApiError(429, "Too Many Requests", headers=_with_retry(headers, left))
             del blocked[key]
         try:
@@ -190,6 +193,11 @@ def ratelimit_middleware(
         return response
 
     return ratelimit_ip
+
+
+def _bearer(request: web.Request) -> str:
+    scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
 
 
 def _with_retry(headers: dict[str, str], left: float) -> dict[str, str]:
