@@ -40,7 +40,8 @@ import traceback
 import uuid
 from array import array
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -70,6 +71,7 @@ MIX = (("get_1k", 0.72), ("post_cluster", 0.12), ("chat_write", 0.13), ("chat_re
 SSE_EVENTS, SSE_MS = 20, 100  # one stream: 20 events 100 ms apart, about 2 s
 HUGE_RATE = "1000000000/second"
 POOL_MAX_IDLE = 256  # gateway/pool.py TargetPool.max_idle: idle keep-alive sockets kept per target
+POOL_IDLE_TIMEOUT = 15.0  # gateway/pool.py TargetPool.idle_timeout
 LIMITER_PREFIX = "gateway:rl:"  # gateway/limiter.py; subject buckets are "sub:<subject>:<prefix>"
 CLUSTER = {
     "api_server_url": "https://api.soak.example.com:6443",
@@ -171,14 +173,21 @@ def fd_snapshot(pid: int, ports: dict[str, int]) -> dict[str, int]:
     return dict(counts)
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the process, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def gateway_sample(pid: int, ports: dict[str, int]) -> dict[str, Any]:
-    return {"rss_kib": rss_kib(pid)["VmRSS"], "fds": fd_snapshot(pid, ports)}
+    return {"rss_kib": rss_kib(pid)["VmRSS"], "fds": fd_snapshot(pid, ports), "cpu_s": cpu_seconds(pid)}
 
 
 # -- results ------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class ErrorEvent:
     t: float  # seconds since the load started (request start)
     op: str
@@ -474,6 +483,7 @@ class Soak:
         self.result: dict[str, Any] = {}
         self.stats = Stats(args.duration, min(args.window, args.duration / 3))
         self.workers: list[Worker] = []
+        self.load_ended = 0.0
 
     # -- classification -------------------------------------------------------------------------
 
@@ -626,6 +636,7 @@ class Soak:
             done.result()
             self.result["load_seconds"] = loop.time() - start
             self.result["end_of_load"] = self.sample()
+        self.load_ended = time.monotonic()
         log(f"load done in {self.result['load_seconds']:.1f}s; waiting for the gateway to go idle")
 
     async def wait_idle(self) -> None:
@@ -644,6 +655,15 @@ class Soak:
             ):
                 break
         self.result["idle"] = {**readings[-1], "stable": len(readings) >= 3, "polls": len(readings)}
+        # The gateway's idle keep-alive pool (gateway/pool.py) keeps sockets at most 15 s; look
+        # again once that has passed, without sending anything (informational, not an invariant).
+        wait = POOL_IDLE_TIMEOUT + 1 - (time.monotonic() - self.load_ended)
+        if wait > 0:
+            await asyncio.sleep(wait)
+        self.result["idle_after_pool_timeout"] = {
+            **self.sample(),
+            "seconds_idle": round(time.monotonic() - self.load_ended, 1),
+        }
 
     async def verify(self) -> None:
         """Every acknowledged message of every worker, read back through the gateway, in order."""
@@ -734,6 +754,7 @@ class Soak:
         levels: Counter = Counter()
         messages: Counter = Counter()
         examples: dict[str, dict[str, Any]] = {}
+        drain: dict[str, str] = {}
         tracebacks: list[str] = []
         lines = 0
         with open(self.tmp / "gateway.log", "rb") as fh:
@@ -747,6 +768,8 @@ class Soak:
                 except ValueError:
                     levels["(not JSON)"] += 1
                     continue
+                if entry.get("msg") in ("draining", "stopped"):
+                    drain[entry["msg"]] = entry.get("ts")
                 if entry.get("msg") == "request":
                     statuses[entry.get("status")] += 1
                     if entry.get("request_id") in wanted:
@@ -776,7 +799,8 @@ class Soak:
                 "access_statuses": {str(k): v for k, v in sorted(statuses.items(), key=str)},
                 "levels": dict(levels), "warnings": dict(messages.most_common(10)),
                 "warning_examples": {k: examples[k] for k, _ in messages.most_common(10)},
-                "tracebacks": len(tracebacks), "first_traceback": tracebacks[0] if tracebacks else None,
+                "drain": drain, "tracebacks": len(tracebacks),
+                "first_traceback": tracebacks[0] if tracebacks else None,
             },
             **others,
         }  # fmt: skip
@@ -924,10 +948,15 @@ def evaluate(soak: Soak) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     logs = r.get("logs", {}).get("gateway", {})
     check("tracebacks in the gateway log", logs.get("tracebacks", 1) == 0, logs.get("tracebacks"), "0")
     ex = r.get("gateway_exit", {})
+    drain = logs.get("drain", {})
+    logged = ""
+    if "draining" in drain and "stopped" in drain:
+        a, b = (datetime.fromisoformat(drain[k].replace("Z", "+00:00")) for k in ("draining", "stopped"))
+        logged = f" ('draining' to 'stopped' in the log: {(b - a).total_seconds():.2f}s)"
     check(
         "gateway drained and exited on SIGTERM",
         ex.get("code") == 0,
-        f"exit {ex.get('code')} after {ex.get('seconds')}s",
+        f"exit {ex.get('code')} after {ex.get('seconds')}s{logged}",
         "exit 0 within 15 s",
     )
     return windows, inv
@@ -982,6 +1011,11 @@ def report(soak: Soak, windows: dict[str, Any], inv: list[dict[str, Any]], meta:
     mem(f"after {soak.stats.window:.0f}s", warm)
     mem("end of load", r.get("end_of_load"))
     mem("idle", r.get("idle"))
+    later = r.get("idle_after_pool_timeout")
+    mem(f"idle {later['seconds_idle']:.0f}s" if later else "", later)
+    if r.get("start") and r.get("end_of_load") and r.get("load_seconds"):
+        busy = r["end_of_load"]["cpu_s"] - r["start"]["cpu_s"]
+        add(f"  CPU during load {busy:.1f}s = {busy / r['load_seconds']:.0%} of one core")
     if series:
         add(f"  peak RSS during load {max(s['rss_kib'] for s in series) / 1024:.1f} MiB, "
             f"peak fds {max(s['fds']['total'] for s in series)}")  # fmt: skip
@@ -1091,7 +1125,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n!! the run did not finish: {failure.splitlines()[0]}")
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"soak-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    errors = [vars(e) for e in soak.stats.errors[:1000]]
+    errors = [asdict(e) for e in soak.stats.errors[:1000]]
     result = {k: v for k, v in soak.result.items()}
     path.write_text(
         json.dumps(
