@@ -21,7 +21,7 @@ from .middleware.request_id import stamp_request_id
 from .middleware.tracing import Tracing, tracing_ctx, tracing_middleware
 from .middleware.validation import body_checks_middleware, schema_validation_middleware
 from .openapi import build_openapi
-from .proxy import http_client_ctx, proxy_handler, routing_middleware
+from .proxy import http_client_ctx, proxy_handler, routing_middleware, upstream_pools_ctx
 from .routing import RouteTable
 from .settings import Settings
 from .state import Lifecycle
@@ -82,6 +82,7 @@ def create_app(settings: Settings) -> web.Application:
     app[tracing_key] = tracing
     app[limiter_key] = limiter
     app.cleanup_ctx.append(http_client_ctx)
+    app.cleanup_ctx.append(upstream_pools_ctx)
     app.cleanup_ctx.append(partial(tracing_ctx, tracing=tracing))
     app.cleanup_ctx.append(partial(_close_on_cleanup, limiter=limiter, verifier=verifier))
     for stamp in (stamp_request_id, stamp_cors_headers, stamp_ratelimit_headers):

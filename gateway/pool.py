@@ -86,9 +86,12 @@ class TargetPool:
             protocol.close()
             return
         now = time.monotonic()
-        idle = self._idle
-        idle.append((protocol, now))
-        # Expire from the cold end while we are here: idle sockets must not pile up.
+        self._idle.append((protocol, now))
+        self.sweep()  # expire from the cold end while we are here: idle sockets must not pile up
+
+    def sweep(self) -> None:
+        """Close idle connections past ``idle_timeout`` (also when no request comes to do it)."""
+        idle, now = self._idle, time.monotonic()
         while idle and now - idle[0][1] >= self.idle_timeout:
             idle.popleft()[0].close()
 

@@ -15,6 +15,7 @@ Upstream failures are translated at this one boundary:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -52,10 +53,12 @@ from .upstream import Target, Upstream
 __all__ = [
     "BUFFER_LIMIT",
     "CHUNK_SIZE",
+    "POOL_SWEEP_SECONDS",
     "BodyTooLarge",
     "http_client_ctx",
     "proxy_handler",
     "routing_middleware",
+    "upstream_pools_ctx",
 ]
 
 log = logging.getLogger("gateway.proxy")
@@ -91,6 +94,31 @@ async def http_client_ctx(app: web.Application) -> AsyncIterator[None]:
     ) as session:
         app[http_client_key] = session
         yield
+
+
+POOL_SWEEP_SECONDS = 5.0
+
+
+async def upstream_pools_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Idle upstream connections are closed after their idle timeout even when traffic stops, and
+    every pooled connection is closed on shutdown."""
+
+    async def sweep() -> None:
+        while True:
+            await asyncio.sleep(POOL_SWEEP_SECONDS)
+            for upstream in app[upstreams_key].values():
+                for target in upstream.targets:
+                    target.pool.sweep()
+
+    sweeper = asyncio.create_task(sweep(), name="upstream-pool-sweeper")
+    try:
+        yield
+    finally:
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
+        for upstream in app[upstreams_key].values():
+            upstream.close()
 
 
 def routing_middleware(*, proxy: Handler) -> Any:

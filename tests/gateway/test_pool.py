@@ -1,0 +1,91 @@
+"""The upstream keep-alive pool, against a real upstream on loopback."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from gateway.pool import TargetPool, exchange
+from tests.helpers import wait_for
+
+
+async def _get(pool: TargetPool, path: str = "/x") -> Any:
+    protocol = await pool.acquire(2.0)
+    message, payload = await exchange(
+        protocol,
+        method="GET",
+        target=path,
+        headers=CIMultiDict({"Host": pool.host_header}),
+        body=None,
+        chunked=False,
+        read_timeout=5.0,
+    )
+    await payload.read()
+    pool.release(protocol)
+    return protocol, message
+
+
+async def _upstream(aiohttp_server: Any) -> tuple[Any, list[Any]]:
+    peers: list[Any] = []
+
+    async def reply(request: web.Request) -> web.Response:
+        peers.append(request.transport.get_extra_info("peername"))
+        if request.path == "/close":
+            return web.Response(text="bye", headers={"Connection": "close"})
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", reply)
+    return await aiohttp_server(app), peers
+
+
+async def test_a_released_connection_is_reused(aiohttp_server: Any) -> None:
+    server, peers = await _upstream(aiohttp_server)
+    pool = TargetPool(f"http://127.0.0.1:{server.port}")
+    first, _ = await _get(pool)
+    second, message = await _get(pool)
+    assert message.code == 200
+    assert first is second
+    assert peers[0] == peers[1]
+    pool.close()
+
+
+async def test_a_connection_the_upstream_closes_is_not_reused(aiohttp_server: Any) -> None:
+    server, peers = await _upstream(aiohttp_server)
+    pool = TargetPool(f"http://127.0.0.1:{server.port}")
+    first, _ = await _get(pool, "/close")
+    second, _ = await _get(pool)
+    assert first is not second
+    assert peers[0] != peers[1]
+    pool.close()
+
+
+async def test_idle_connections_are_closed_by_the_sweep_after_the_idle_timeout(aiohttp_server: Any) -> None:
+    server, _ = await _upstream(aiohttp_server)
+    pool = TargetPool(f"http://127.0.0.1:{server.port}", idle_timeout=0.05)
+    protocol, _ = await _get(pool)
+    assert protocol.is_connected()
+
+    def swept() -> bool:
+        pool.sweep()
+        return not protocol.is_connected()
+
+    await wait_for(swept, what="the idle connection to be closed")
+    # The next request opens a fresh connection.
+    fresh, message = await _get(pool)
+    assert message.code == 200 and fresh is not protocol
+    pool.close()
+
+
+async def test_at_most_max_idle_connections_are_kept(aiohttp_server: Any) -> None:
+    server, _ = await _upstream(aiohttp_server)
+    pool = TargetPool(f"http://127.0.0.1:{server.port}", max_idle=2)
+    protocols = [await pool.acquire(2.0) for _ in range(3)]
+    for protocol in protocols:
+        protocol.set_response_params(read_timeout=5.0)  # fresh, unused: still reusable
+        pool.release(protocol)
+    assert [p.is_connected() for p in protocols] == [True, True, False]
+    pool.close()
+    assert not any(p.is_connected() for p in protocols)
