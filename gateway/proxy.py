@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from time import perf_counter
 from typing import Any
 
 import aiohttp
@@ -39,8 +40,9 @@ from .keys import (
     route_table_key,
     target_key,
     tracing_key,
-    upstreams_key,
+    upstream_key,
 )
+from .metrics import metrics_key
 from .middleware.auth import identity_headers
 from .middleware.request_id import REQUEST_ID_HEADER
 from .middleware.tracing import client_span, inject_trace_headers
@@ -111,10 +113,12 @@ def routing_middleware(*, proxy: Handler) -> Any:
         path = raw_path.partition("?")[0]
         if _has_dot_segment(path):
             raise ApiError(400, "Path must not contain '.' or '..' segments")
-        route = request.app[route_table_key].match(path)
+        table = request.app[route_table_key].current
+        route = table.match(path)
         if route is None:
             raise ApiError(404, "No route for this path")
         request[route_key] = route
+        request[upstream_key] = table.upstreams.get(route.service)  # type: ignore[assignment]
         return await handler(request)
 
     return routing
@@ -132,7 +136,7 @@ def _has_dot_segment(path: str) -> bool:
 
 async def proxy_handler(request: web.Request) -> web.StreamResponse:
     route: Route = request[route_key]
-    upstream = request.app[upstreams_key][route.service]
+    upstream = request[upstream_key]
     path = strip_route_prefix(route, request.raw_path)
     headers = upstream_headers(
         request.headers, remote=request.remote, scheme=request.scheme, host=request.host
@@ -201,7 +205,9 @@ async def _proxy_http(
         request.app[tracing_key], name=f"{method} {request[route_key].prefix}", service=upstream.name
     ) as span:
         headers.update(inject_trace_headers())
+        started = perf_counter()
         target, protocol, message, payload = await _send(request, upstream, path, headers, body)
+        request.app[metrics_key].record_upstream(upstream.name, perf_counter() - started)
         if span is not None and span.record is not None:
             span.record.tag("http.status_code", str(message.code))
             span.record.tag("peer.target", target.url)
@@ -253,7 +259,8 @@ async def _send(
                 protocol.close()
             if isinstance(body, _Body) and body.exceeded:
                 raise body_too_large(request[route_key].max_body or 0) from None
-            error, retryable = _upstream_failure(upstream, target, exc)
+            error, retryable, kind = _upstream_failure(upstream, target, exc)
+            request.app[metrics_key].upstream_errors.labels(upstream.name, kind).inc()
             attempts -= 1
             if not retryable or attempts <= 0 or (isinstance(body, _Body) and body.started):
                 raise error from None
@@ -265,28 +272,29 @@ async def _send(
         return target, protocol, message, payload
 
 
-def _upstream_failure(upstream: Upstream, target: Target, exc: BaseException) -> tuple[ApiError, bool]:
-    """Translate a failure before the response head: the error, and whether a retry is safe."""
+def _upstream_failure(upstream: Upstream, target: Target, exc: BaseException) -> tuple[ApiError, bool, str]:
+    """Translate a failure before the response head: the error, whether a retry is safe, and its
+    kind for metrics (connect, timeout, reset, invalid)."""
     name = upstream.name
     if isinstance(exc, ConnectTimeout):
         # Nothing reached the upstream: safe to retry, and the target is likely down.
         upstream.eject(target)
-        return ApiError(504, f"Upstream '{name}' timed out"), True
+        return ApiError(504, f"Upstream '{name}' timed out"), True, "timeout"
     if isinstance(exc, ConnectFailed):
         upstream.eject(target)
-        return ApiError(502, f"Upstream '{name}' is unreachable"), True
+        return ApiError(502, f"Upstream '{name}' is unreachable"), True, "connect"
     if isinstance(exc, aiohttp.SocketTimeoutError | TimeoutError):
         upstream.eject(target)
-        return ApiError(504, f"Upstream '{name}' timed out"), False
+        return ApiError(504, f"Upstream '{name}' timed out"), False, "timeout"
     if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError | ConnectionError):
         # Often a pooled keep-alive connection the upstream had just closed: not ejected, and
         # retried (idempotent methods only, nothing streamed yet) since the upstream did not answer.
         log.info("upstream disconnected", extra={"service": name, "target": target.url, "error": repr(exc)})
-        return ApiError(502, f"Upstream '{name}' closed the connection"), True
+        return ApiError(502, f"Upstream '{name}' closed the connection"), True, "reset"
     log.warning(
         "upstream error", extra={"service": name, "target": target.url, "error": repr(exc)}, exc_info=exc
     )
-    return ApiError(502, f"Upstream '{name}' sent an invalid response"), False
+    return ApiError(502, f"Upstream '{name}' sent an invalid response"), False, "invalid"
 
 
 async def _relay_response(
@@ -305,8 +313,10 @@ async def _relay_response(
             body = await payload.read() if length else b""
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             log.warning("upstream body failed", extra={"error": repr(exc)})
+            _count_failure(request, _kind(exc))
             raise ApiError(502, "Upstream closed the connection mid-response") from None
         if len(body) != length:
+            _count_failure(request, "reset")
             raise ApiError(502, "Upstream closed the connection mid-response")
         response = web.Response(status=status, reason=message.reason, body=body)
         # web.Response sets Content-Length itself; setting the copied headers afterwards keeps
@@ -329,10 +339,19 @@ async def _relay_response(
         # Headers are gone already: the only honest signal left is to cut the connection, so
         # the client sees a short body (or no final chunk) instead of a clean end.
         log.warning("upstream failed mid-body", extra={"error": repr(exc)})
+        _count_failure(request, _kind(exc))
         transport.close()
         return response
     await response.write_eof()
     return response
+
+
+def _kind(exc: BaseException) -> str:
+    return "timeout" if isinstance(exc, TimeoutError) else "reset"
+
+
+def _count_failure(request: web.Request, kind: str) -> None:
+    request.app[metrics_key].upstream_errors.labels(request[upstream_key].name, kind).inc()
 
 
 def _content_length(headers: CIMultiDictProxy[str]) -> int | None:
@@ -384,12 +403,16 @@ async def _proxy_websocket(
     except _CONNECT_ERRORS as exc:
         upstream.eject(target)
         if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            _count_failure(request, "timeout")
             raise ApiError(504, f"Upstream '{upstream.name}' timed out") from None
+        _count_failure(request, "connect")
         raise ApiError(502, f"Upstream '{upstream.name}' is unreachable") from None
     except TimeoutError:
         upstream.eject(target)
+        _count_failure(request, "timeout")
         raise ApiError(504, f"Upstream '{upstream.name}' timed out") from None
     except aiohttp.ClientError:
+        _count_failure(request, "invalid")
         raise ApiError(502, f"Upstream '{upstream.name}' failed the WebSocket upgrade") from None
 
     upstream.succeeded(target)
