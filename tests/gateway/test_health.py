@@ -2,23 +2,30 @@
 
 Backends are real aiohttp servers on loopback (healthy, failing with 500, hanging, refusing);
 Redis is the local one or a private redis-server the test stops; PostgreSQL is seen the way the
-gateway sees it, through the intelligence engine's ``/health/db`` (a stub serving that endpoint
-in the engine's format).
+gateway sees it, through the intelligence engine's ``/health/db``: the real engine on a database of
+the test's own, reached through a relay the test cuts, and a stub for the engine's error answers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg2
 import pytest
 from aiohttp import web
 
 from gateway.health import CACHE_SECONDS, CHECK_TIMEOUT, health_checker_key
 from gateway.keys import lifecycle_key
+from intelligence.app import create_app as create_intelligence_app
+from intelligence.schema import apply_migrations
+from intelligence.settings import CacheSettings, IntelligenceSettings, PostgresSettings
 from tests.conftest import REDIS_URL
 from tests.helpers import PrivateRedis
 
@@ -302,3 +309,90 @@ async def test_health_json_for_clients_that_ask(make_gateway: Any, make_upstream
     assert "HTTP 500" in svc["output"]
     assert body["checks"]["postgresql:responseTime"][0]["componentType"] == "datastore"
     assert body["checks"]["redis:responseTime"][0]["status"] == "pass"  # disabled: not a failure
+
+
+# -- PostgreSQL through the real intelligence engine ---------------------------------------------
+
+PG_ADMIN_DSN = os.environ.get("TEST_POSTGRES_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=test")
+PG_START = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
+
+
+@pytest.fixture
+def pg_database() -> Iterator[dict[str, str]]:
+    """A fresh database of this test's own on the local PostgreSQL (fails, never skips, when down)."""
+    try:
+        admin = psycopg2.connect(PG_ADMIN_DSN, connect_timeout=3)
+    except psycopg2.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is needed at {PG_ADMIN_DSN!r}; start it with:\n  {PG_START}\n({exc})")
+    admin.autocommit = True
+    name = f"test_ops_{secrets.token_hex(6)}"
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    parts = dict(p.split("=", 1) for p in PG_ADMIN_DSN.split())
+    yield {**parts, "dbname": name}
+    with admin.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.close()
+
+
+class Relay:
+    """A TCP relay to PostgreSQL that the test can cut: to the engine, the database goes away."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self.writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def cut(self) -> None:
+        assert self.server is not None
+        self.server.close()  # new connections are refused
+        for writer in self.writers:
+            writer.close()  # open ones are dropped
+        await self.server.wait_closed()
+
+
+async def test_postgresql_through_the_real_engine_healthy_then_down(
+    make_gateway: Any, aiohttp_server: Any, pg_database: dict[str, str]
+) -> None:
+    direct = " ".join(f"{k}={v}" for k, v in pg_database.items())
+    await apply_migrations(direct)
+    relay = Relay(pg_database["host"], int(pg_database["port"]))
+    port = await relay.start()
+    dsn = " ".join(f"{k}={v}" for k, v in {**pg_database, "port": str(port)}.items())
+    engine = await aiohttp_server(
+        create_intelligence_app(
+            IntelligenceSettings(postgres=PostgresSettings(dsn=dsn, connect_timeout=1), cache=CacheSettings())
+        )
+    )
+    engine_url = f"http://127.0.0.1:{engine.port}"
+    client = await make_gateway(config({}, engine_url))
+    _, body, _ = await detailed(client)
+    assert body["components"]["postgresql"]["status"] == "healthy"
+    assert body["components"]["postgresql"]["database_latency_ms"] >= 0
+
+    await relay.cut()
+    client.app[health_checker_key].invalidate()
+    started = time.monotonic()
+    _, body, _ = await detailed(client)
+    assert time.monotonic() - started < 2.0
+    assert body["status"] == "degraded"
+    assert body["components"]["postgresql"]["status"] == "unhealthy"
+    assert "HTTP 503" in body["components"]["postgresql"]["error"]
+    assert body["components"][ENGINE]["status"] == "healthy"  # the engine itself is up
