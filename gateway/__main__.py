@@ -7,11 +7,13 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from functools import partial
 
 from . import __version__
 from .app import create_app
 from .devauth import mint_token
 from .logs import configure_logging
+from .reload import reload_routes
 from .server import Listener, run, run_workers, serve
 from .settings import Settings, SettingsError, load_settings
 
@@ -49,6 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 [Listener(app, settings.host, settings.port, "gateway")],
                 shutdown_timeout=settings.shutdown_timeout,
                 reuse_port=settings.workers > 1,
+                on_hangup=partial(reload_routes, app),
             )
         )
 

@@ -12,8 +12,9 @@ from aiohttp import web
 
 from .errors import error_middleware
 from .health import setup_health_routes
-from .keys import lifecycle_key, limiter_key, route_table_key, settings_key, tracing_key, upstreams_key
+from .keys import lifecycle_key, limiter_key, route_table_key, settings_key, tracing_key
 from .limiter import Limiter, create_limiter
+from .metrics import Metrics, metrics_handler, metrics_key, metrics_middleware
 from .middleware.auth import TokenVerifier, auth_middleware
 from .middleware.cors import cors_middleware, stamp_cors_headers
 from .middleware.ratelimit import ratelimit_middleware, stamp_ratelimit_headers
@@ -22,7 +23,7 @@ from .middleware.tracing import Tracing, tracing_ctx, tracing_middleware
 from .middleware.validation import body_checks_middleware, schema_validation_middleware
 from .openapi import build_openapi
 from .proxy import http_client_ctx, proxy_handler, routing_middleware, upstream_pools_ctx
-from .routing import RouteTable
+from .routing import LiveTable, RouteTable
 from .settings import Settings
 from .state import Lifecycle
 from .upstream import Upstream
@@ -38,9 +39,12 @@ def create_app(settings: Settings) -> web.Application:
     )
     limiter = create_limiter(settings.redis_url)
     verifier = TokenVerifier(settings.auth) if settings.auth.enabled else None
+    metrics = Metrics()
     # Outer to inner, and why each sits where it does:
     #   tracing      first: every answer, even an error from a later layer, has a span and a
     #                request id, and the span's duration is the whole request;
+    #   metrics      counts and times every request in one place, outside the error layer so it
+    #                sees the final status (errors.py counts the gateway's own rejections);
     #   errors       renders ApiError and anything unexpected in the contract's JSON envelope;
     #   cors         a preflight is answered here, before routing, limits and authentication (a
     #                browser never sends a token with one), and every answer gets CORS headers;
@@ -56,6 +60,7 @@ def create_app(settings: Settings) -> web.Application:
     # The proxy counts streamed bodies against the same limit as they pass.
     middlewares = [
         tracing_middleware(tracing),
+        metrics_middleware(metrics, proxy=proxy_handler),
         error_middleware,
         cors_middleware(settings.cors_allow_origins),
         routing_middleware(proxy=proxy_handler),
@@ -76,11 +81,16 @@ def create_app(settings: Settings) -> web.Application:
     # when they are declared small.
     app = web.Application(middlewares=middlewares, client_max_size=1024**2)
     app[settings_key] = settings
-    app[route_table_key] = RouteTable(settings.routes)
-    app[upstreams_key] = {name: Upstream(service) for name, service in settings.services.items()}
+    upstreams = {name: Upstream(service) for name, service in settings.services.items()}
+    app[route_table_key] = LiveTable(RouteTable(settings.routes, upstreams))
+    app[metrics_key] = metrics
     app[lifecycle_key] = Lifecycle()
     app[tracing_key] = tracing
     app[limiter_key] = limiter
+    reporter = tracing.reporter
+    if reporter is not None:
+        metrics.spans_dropped = lambda: reporter.dropped
+    metrics.fallback_active = lambda: bool(getattr(limiter, "fallback_active", False))
     app.cleanup_ctx.append(http_client_ctx)
     app.cleanup_ctx.append(upstream_pools_ctx)
     app.cleanup_ctx.append(partial(tracing_ctx, tracing=tracing))
@@ -91,6 +101,7 @@ def create_app(settings: Settings) -> web.Application:
     app.on_shutdown.append(_mark_draining)
 
     setup_health_routes(app)
+    app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/openapi.json", openapi_document)
     app.router.add_route("*", "/{tail:.*}", proxy_handler)
     return app

@@ -17,6 +17,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from .metrics import metrics_key, route_label
+
 __all__ = ["ApiError", "body_too_large", "error_middleware", "error_response"]
 
 log = logging.getLogger("gateway")
@@ -31,8 +33,11 @@ class ApiError(Exception):
         detail: str,
         errors: Sequence[Mapping[str, Any]] | None = None,
         headers: Mapping[str, str] | None = None,
+        *,
+        reason: str | None = None,
     ) -> None:
         super().__init__(detail)
+        self.reason = reason  # a bounded word for metrics, e.g. why authentication failed
         self.status = status
         self.detail = detail
         self.errors = errors
@@ -66,6 +71,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ApiError as exc:
+        if exc.status < 500 and (metrics := request.app.get(metrics_key)) is not None:
+            metrics.record_rejection(route_label(request), exc.status, exc.reason)
         return error_response(exc.status, exc.detail, exc.errors, exc.headers)
     except web.HTTPException as exc:
         if exc.status < 400:

@@ -24,7 +24,8 @@ import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from .keys import http_client_key, lifecycle_key, limiter_key, settings_key, upstreams_key
+from .keys import http_client_key, lifecycle_key, limiter_key, route_table_key, settings_key
+from .metrics import metrics_key
 from .middleware.tracing import inject_trace_headers
 from .upstream import Target, Upstream
 
@@ -85,13 +86,23 @@ class HealthChecker:
         report = await asyncio.shield(self._inflight)
         return report, 0.0
 
+    def last_statuses(self) -> dict[str, str]:
+        """Each component's status in the latest report (empty before the first)."""
+        if self._cached is None:
+            return {}
+        return {name: entry["status"] for name, entry in self._cached[1].items()}
+
+    def invalidate(self) -> None:
+        """Forget the cached report (the set of components changed)."""
+        self._cached = None
+
     def _done(self, future: asyncio.Future[dict[str, Any]]) -> None:
         self._inflight = None
         if not future.cancelled() and future.exception() is None:
             self._cached = (time.monotonic(), future.result())
 
     async def _probe(self) -> dict[str, Any]:
-        upstreams = self._app[upstreams_key]
+        upstreams = self._app[route_table_key].current.upstreams
         names = list(upstreams)
         checks = [self._check_service(upstreams[name]) for name in names]
         checks.append(self._check_redis())
@@ -188,7 +199,9 @@ async def health_ctx(app: web.Application) -> AsyncIterator[None]:
         if url
         else None
     )
-    app[health_checker_key] = HealthChecker(app, redis=redis)
+    checker = app[health_checker_key] = HealthChecker(app, redis=redis)
+    if metrics_key in app:
+        app[metrics_key].components = checker.last_statuses
     try:
         yield
     finally:

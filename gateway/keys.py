@@ -6,16 +6,20 @@ import aiohttp
 from aiohttp import web
 
 settings_key = web.AppKey("settings", "Settings")
-route_table_key = web.AppKey("route_table", "RouteTable")
-upstreams_key = web.AppKey("upstreams", "dict[str, Upstream]")
+# The route table and upstreams in force; a reload (SIGHUP) swaps them together.
+route_table_key = web.AppKey("route_table", "LiveTable")
 http_client_key = web.AppKey("http_client", aiohttp.ClientSession)
 lifecycle_key = web.AppKey("lifecycle", "Lifecycle")
 tracing_key = web.AppKey("tracing", "Tracing")
 limiter_key = web.AppKey("limiter", "Limiter")
 
 route_key = web.RequestKey("route", "Route | None")
+# The route's upstream, from the same table as the route (set by the routing middleware).
+upstream_key = web.RequestKey("upstream", "Upstream")
 target_key = web.RequestKey("target", "Target")
 request_id_key = web.RequestKey("request_id", str)
+# The request's SERVER span (ids only when untraced), for the access log line after it ends.
+span_key = web.RequestKey("span", "SpanRef")
 # The request body, already read and validated, to forward as it is.
 body_key = web.RequestKey("body", bytes)
 # Set by gateway.middleware.auth after a token is verified; absent for anonymous requests.
@@ -36,7 +40,8 @@ __all__ = [
     "route_key",
     "route_table_key",
     "settings_key",
+    "span_key",
     "target_key",
     "tracing_key",
-    "upstreams_key",
+    "upstream_key",
 ]

@@ -20,7 +20,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from .keys import request_id_key, route_key, target_key
+from .keys import request_id_key, route_key, span_key, target_key
+from .middleware.tracing import current_trace
 
 _now = time.time
 
@@ -118,6 +119,11 @@ class _EnqueueHandler(logging.Handler):
         # Formatting happens on the writer thread; only the message args are resolved here so a
         # mutable argument cannot change before it is written.
         record.msg, record.args = record.getMessage(), None
+        # Inside a request, the line leads to its trace: the span in progress is a contextvar of
+        # this (the loop's) thread, so it must be read here, not on the writer thread.
+        ref = current_trace()
+        if ref is not None and not hasattr(record, "trace_id"):
+            record.trace_id, record.span_id, record.request_id = ref.trace_id, ref.span_id, ref.request_id
         self._put(record)
 
 
@@ -183,6 +189,7 @@ class JsonAccessLogger(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         route = request.get(route_key)
         target = request.get(target_key)
+        span = request.get(span_key)
         content = request.content
         _add_access(
             {
@@ -201,6 +208,8 @@ class JsonAccessLogger(AbstractAccessLogger):
                 "bytes_out": response.body_length,
                 "duration_ms": round(time * 1000, 3),
                 "request_id": request.get(request_id_key),
+                "trace_id": span.trace_id if span is not None else None,
+                "span_id": span.span_id if span is not None else None,
                 "remote": request.remote,
             }
         )

@@ -56,6 +56,7 @@ class TargetPool:
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self._idle: deque[tuple[ResponseHandler, float]] = deque()
+        self.retired = False
 
     async def acquire(self, connect_timeout: float) -> ResponseHandler:
         idle, now = self._idle, time.monotonic()
@@ -82,7 +83,12 @@ class TargetPool:
 
     def release(self, protocol: ResponseHandler) -> None:
         """Return a connection whose response was read to the end; anything else is closed."""
-        if not protocol.is_connected() or protocol.should_close or len(self._idle) >= self.max_idle:
+        if (
+            self.retired
+            or not protocol.is_connected()
+            or protocol.should_close
+            or len(self._idle) >= self.max_idle
+        ):
             protocol.close()
             return
         now = time.monotonic()
@@ -94,6 +100,11 @@ class TargetPool:
         idle, now = self._idle, time.monotonic()
         while idle and now - idle[0][1] >= self.idle_timeout:
             idle.popleft()[0].close()
+
+    def retire(self) -> None:
+        """A reload replaced this target: keep no connection once its current use ends."""
+        self.retired = True
+        self.close()
 
     def close(self) -> None:
         while self._idle:

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from time import perf_counter
 from typing import Any
 
 import aiohttp
@@ -40,8 +41,9 @@ from .keys import (
     route_table_key,
     target_key,
     tracing_key,
-    upstreams_key,
+    upstream_key,
 )
+from .metrics import metrics_key
 from .middleware.auth import identity_headers
 from .middleware.request_id import REQUEST_ID_HEADER
 from .middleware.tracing import client_span, inject_trace_headers
@@ -106,7 +108,7 @@ async def upstream_pools_ctx(app: web.Application) -> AsyncIterator[None]:
     async def sweep() -> None:
         while True:
             await asyncio.sleep(POOL_SWEEP_SECONDS)
-            for upstream in app[upstreams_key].values():
+            for upstream in app[route_table_key].current.upstreams.values():
                 for target in upstream.targets:
                     target.pool.sweep()
 
@@ -117,7 +119,7 @@ async def upstream_pools_ctx(app: web.Application) -> AsyncIterator[None]:
         sweeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sweeper
-        for upstream in app[upstreams_key].values():
+        for upstream in app[route_table_key].current.upstreams.values():
             upstream.close()
 
 
@@ -139,10 +141,12 @@ def routing_middleware(*, proxy: Handler) -> Any:
         path = raw_path.partition("?")[0]
         if _has_dot_segment(path):
             raise ApiError(400, "Path must not contain '.' or '..' segments")
-        route = request.app[route_table_key].match(path)
+        table = request.app[route_table_key].current
+        route = table.match(path)
         if route is None:
             raise ApiError(404, "No route for this path")
         request[route_key] = route
+        request[upstream_key] = table.upstreams.get(route.service)  # type: ignore[assignment]
         return await handler(request)
 
     return routing
@@ -160,7 +164,7 @@ def _has_dot_segment(path: str) -> bool:
 
 async def proxy_handler(request: web.Request) -> web.StreamResponse:
     route: Route = request[route_key]
-    upstream = request.app[upstreams_key][route.service]
+    upstream = request[upstream_key]
     path = strip_route_prefix(route, request.raw_path)
     headers = upstream_headers(
         request.headers, remote=request.remote, scheme=request.scheme, host=request.host
@@ -229,7 +233,9 @@ async def _proxy_http(
         request.app[tracing_key], name=f"{method} {request[route_key].prefix}", service=upstream.name
     ) as span:
         headers.update(inject_trace_headers())
+        started = perf_counter()
         target, protocol, message, payload = await _send(request, upstream, path, headers, body)
+        request.app[metrics_key].record_upstream(upstream.name, perf_counter() - started)
         if span is not None and span.record is not None:
             span.record.tag("http.status_code", str(message.code))
             span.record.tag("peer.target", target.url)
@@ -281,7 +287,8 @@ async def _send(
                 protocol.close()
             if isinstance(body, _Body) and body.exceeded:
                 raise body_too_large(request[route_key].max_body or 0) from None
-            error, retryable = _upstream_failure(upstream, target, exc)
+            error, retryable, kind = _upstream_failure(upstream, target, exc)
+            request.app[metrics_key].upstream_errors.labels(upstream.name, kind).inc()
             attempts -= 1
             if not retryable or attempts <= 0 or (isinstance(body, _Body) and body.started):
                 raise error from None
@@ -293,28 +300,29 @@ async def _send(
         return target, protocol, message, payload
 
 
-def _upstream_failure(upstream: Upstream, target: Target, exc: BaseException) -> tuple[ApiError, bool]:
-    """Translate a failure before the response head: the error, and whether a retry is safe."""
+def _upstream_failure(upstream: Upstream, target: Target, exc: BaseException) -> tuple[ApiError, bool, str]:
+    """Translate a failure before the response head: the error, whether a retry is safe, and its
+    kind for metrics (connect, timeout, reset, invalid)."""
     name = upstream.name
     if isinstance(exc, ConnectTimeout):
         # Nothing reached the upstream: safe to retry, and the target is likely down.
         upstream.eject(target)
-        return ApiError(504, f"Upstream '{name}' timed out"), True
+        return ApiError(504, f"Upstream '{name}' timed out"), True, "timeout"
     if isinstance(exc, ConnectFailed):
         upstream.eject(target)
-        return ApiError(502, f"Upstream '{name}' is unreachable"), True
+        return ApiError(502, f"Upstream '{name}' is unreachable"), True, "connect"
     if isinstance(exc, aiohttp.SocketTimeoutError | TimeoutError):
         upstream.eject(target)
-        return ApiError(504, f"Upstream '{name}' timed out"), False
+        return ApiError(504, f"Upstream '{name}' timed out"), False, "timeout"
     if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError | ConnectionError):
         # Often a pooled keep-alive connection the upstream had just closed: not ejected, and
         # retried (idempotent methods only, nothing streamed yet) since the upstream did not answer.
         log.info("upstream disconnected", extra={"service": name, "target": target.url, "error": repr(exc)})
-        return ApiError(502, f"Upstream '{name}' closed the connection"), True
+        return ApiError(502, f"Upstream '{name}' closed the connection"), True, "reset"
     log.warning(
         "upstream error", extra={"service": name, "target": target.url, "error": repr(exc)}, exc_info=exc
     )
-    return ApiError(502, f"Upstream '{name}' sent an invalid response"), False
+    return ApiError(502, f"Upstream '{name}' sent an invalid response"), False, "invalid"
 
 
 async def _relay_response(
@@ -333,8 +341,10 @@ async def _relay_response(
             body = await payload.read() if length else b""
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             log.warning("upstream body failed", extra={"error": repr(exc)})
+            _count_failure(request, _kind(exc))
             raise ApiError(502, "Upstream closed the connection mid-response") from None
         if len(body) != length:
+            _count_failure(request, "reset")
             raise ApiError(502, "Upstream closed the connection mid-response")
         response: web.StreamResponse = _RelayedResponse(status=status, reason=message.reason, body=body)
         # web.Response sets Content-Length itself; setting the copied headers afterwards keeps
@@ -357,6 +367,7 @@ async def _relay_response(
         # Headers are gone already: the only honest signal left is to cut the connection, so
         # the client sees a short body (or no final chunk) instead of a clean end.
         log.warning("upstream failed mid-body", extra={"error": repr(exc)})
+        _count_failure(request, _kind(exc))
         transport.close()
         return response
     await response.write_eof()
@@ -381,6 +392,14 @@ class _RelayedResponse(_Untyped, web.Response):
 
 class _RelayedStream(_Untyped, web.StreamResponse):
     pass
+
+
+def _kind(exc: BaseException) -> str:
+    return "timeout" if isinstance(exc, TimeoutError) else "reset"
+
+
+def _count_failure(request: web.Request, kind: str) -> None:
+    request.app[metrics_key].upstream_errors.labels(request[upstream_key].name, kind).inc()
 
 
 def _content_length(headers: CIMultiDictProxy[str]) -> int | None:
@@ -432,12 +451,16 @@ async def _proxy_websocket(
     except _CONNECT_ERRORS as exc:
         upstream.eject(target)
         if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            _count_failure(request, "timeout")
             raise ApiError(504, f"Upstream '{upstream.name}' timed out") from None
+        _count_failure(request, "connect")
         raise ApiError(502, f"Upstream '{upstream.name}' is unreachable") from None
     except TimeoutError:
         upstream.eject(target)
+        _count_failure(request, "timeout")
         raise ApiError(504, f"Upstream '{upstream.name}' timed out") from None
     except aiohttp.ClientError:
+        _count_failure(request, "invalid")
         raise ApiError(502, f"Upstream '{upstream.name}' failed the WebSocket upgrade") from None
 
     upstream.succeeded(target)

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from .settings import Route
 
-__all__ = ["RouteTable", "strip_route_prefix"]
+if TYPE_CHECKING:
+    from .upstream import Upstream
+
+__all__ = ["LiveTable", "RouteTable", "strip_route_prefix"]
 
 
 class RouteTable:
-    """Maps a request path to its route with one dict lookup per path segment."""
+    """Maps a request path to its route with one dict lookup per path segment.
 
-    def __init__(self, routes: Iterable[Route]) -> None:
+    It also holds the upstreams its routes lead to, so that one object is the whole
+    configuration in force and a reload can replace both at once (``LiveTable``).
+    """
+
+    def __init__(self, routes: Iterable[Route], upstreams: Mapping[str, Upstream] | None = None) -> None:
         self.routes = tuple(routes)
+        self.upstreams: Mapping[str, Upstream] = upstreams or {}
         self._by_prefix = {route.prefix: route for route in self.routes}
         self._catch_all = self._by_prefix.get("/")
 
@@ -30,6 +39,19 @@ class RouteTable:
                 break
             candidate = candidate[:cut]
         return self._catch_all
+
+
+class LiveTable:
+    """The table in force, kept in ``app[route_table_key]``; ``current`` is replaced whole.
+
+    A request resolves its route and its upstream from one table when it enters the chain, so a
+    reload affects new requests only; those in flight finish on the table they started with.
+    """
+
+    __slots__ = ("current",)
+
+    def __init__(self, table: RouteTable) -> None:
+        self.current = table
 
 
 def strip_route_prefix(route: Route, raw_path: str) -> str:

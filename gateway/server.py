@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,8 +49,9 @@ async def serve(
     shutdown_timeout: float,
     reuse_port: bool = False,
     on_started: Callable[[Sequence[tuple[Listener, int]]], None] | None = None,
+    on_hangup: Callable[[], Awaitable[object]] | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then drain.
+    """Serve until SIGTERM or SIGINT, then drain; on SIGHUP run ``on_hangup`` (a reload).
 
     Draining: readiness turns 503, listening sockets close, in-flight requests get up to
     ``shutdown_timeout`` seconds to finish, then connections are closed and resources released.
@@ -59,6 +60,15 @@ async def serve(
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    hangups: set[asyncio.Task[object]] = set()
+    if on_hangup is not None:
+
+        def hangup() -> None:
+            task = loop.create_task(on_hangup())  # type: ignore[arg-type]
+            hangups.add(task)
+            task.add_done_callback(hangups.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, hangup)
     runners: list[web.AppRunner] = []
     bound: list[tuple[Listener, int]] = []
     try:
@@ -89,7 +99,7 @@ async def serve(
                 listener.app[lifecycle_key].draining = True
         for runner in reversed(runners):
             await runner.cleanup()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
     log.info("stopped")
 
@@ -98,26 +108,37 @@ def run_workers(count: int, target: Callable[[], None]) -> int:
     """Fork ``count`` processes that each bind the port with SO_REUSEPORT; supervise them.
 
     A worker that dies unexpectedly is replaced (at most once a second); SIGTERM and SIGINT are
-    passed on to every worker, and the supervisor returns when all of them have drained.
+    passed on to every worker, and the supervisor returns when all of them have drained. SIGHUP
+    (reload) is passed on too, and nothing stops.
     """
     context = multiprocessing.get_context("fork")
     workers: list[multiprocessing.process.BaseProcess] = []
     stopping = False
 
+    def in_worker() -> None:
+        # The supervisor's handlers are no use in a worker: stop plainly until the worker's loop
+        # installs its own, and ignore a reload that comes before (the config is read at start).
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        target()
+
     def start_worker() -> multiprocessing.process.BaseProcess:
-        process = context.Process(target=target, name="gateway-worker", daemon=False)
+        process = context.Process(target=in_worker, name="gateway-worker", daemon=False)
         process.start()
         return process
 
     def forward(signum: int, _frame: Any) -> None:
         nonlocal stopping
-        stopping = True
+        if signum != signal.SIGHUP:
+            stopping = True
         for process in workers:
             if process.pid and process.is_alive():
                 os.kill(process.pid, signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, forward)
     workers.extend(start_worker() for _ in range(count))
     last_restart = 0.0
     while True:

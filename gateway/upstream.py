@@ -72,5 +72,10 @@ class Upstream:
         for target in self.targets:
             target.pool.close()
 
+    def retire(self) -> None:
+        """No longer in the route table: close idle connections now, busy ones on release."""
+        for target in self.targets:
+            target.pool.retire()
+
     def healthy(self, target: Target) -> bool:
         return target.ejected_until <= self._clock()

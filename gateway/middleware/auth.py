@@ -257,7 +257,9 @@ def _challenge(error: str | None = None, description: str | None = None, scope: 
 
 def _missing() -> ApiError:
     # A new error each time: layers on the way out add their own headers to it.
-    return ApiError(401, "Authentication required", headers={"WWW-Authenticate": _challenge()})
+    return ApiError(
+        401, "Authentication required", headers={"WWW-Authenticate": _challenge()}, reason="missing"
+    )
 
 
 def auth_middleware(settings: AuthSettings, *, verifier: TokenVerifier | None = None) -> Any:
@@ -289,6 +291,7 @@ def auth_middleware(settings: AuthSettings, *, verifier: TokenVerifier | None = 
                 400,
                 "Only one Authorization header is allowed",
                 headers={"WWW-Authenticate": _challenge("invalid_request", "Only one Authorization header")},
+                reason="invalid",
             )
         scheme, _, token = values[0].strip().partition(" ") if values else ("", "", "")
         if scheme.lower() != "bearer":
@@ -303,6 +306,7 @@ def auth_middleware(settings: AuthSettings, *, verifier: TokenVerifier | None = 
                 401,
                 "Invalid token",
                 headers={"WWW-Authenticate": _challenge("invalid_token", exc.description)},
+                reason="invalid",
             ) from None
         if route.scopes and not identity.scopes.issuperset(route.scopes):
             needed = " ".join(route.scopes)
@@ -314,6 +318,7 @@ def auth_middleware(settings: AuthSettings, *, verifier: TokenVerifier | None = 
                         "insufficient_scope", "The token lacks a required scope", needed
                     )
                 },
+                reason="insufficient_scope",
             )
         request[auth_key] = identity
         return await handler(request)

@@ -27,7 +27,7 @@ from aiohttp.typedefs import Handler
 from aiozipkin.helpers import TraceContext as ZipkinContext
 from aiozipkin.span import SpanAbc
 
-from ..keys import request_id_key, route_key
+from ..keys import request_id_key, route_key, span_key
 from ..tracecontext import SamplingOnly, TraceContext, child_headers, extract, new_root, new_span_id
 from ..zipkin import ZipkinReporter
 from .request_id import request_id_for
@@ -136,7 +136,9 @@ def tracing_middleware(tracing: Tracing) -> Any:
     async def trace(request: web.Request, handler: Handler) -> web.StreamResponse:
         request_id = request[request_id_key] = request_id_for(request)
         parent = tracing.context_for(request.headers)
-        ref = tracing.start(parent, kind=az.SERVER, name=request.method, request_id=request_id)
+        ref = request[span_key] = tracing.start(
+            parent, kind=az.SERVER, name=request.method, request_id=request_id
+        )
         token = _current.set(ref)
         status = 500
         try:

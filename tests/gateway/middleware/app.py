@@ -13,7 +13,7 @@ from gateway.limiter import Limiter, MemoryLimiter
 from gateway.middleware.auth import TokenVerifier, auth_middleware, identity_headers
 from gateway.middleware.ratelimit import ratelimit_middleware, stamp_ratelimit_headers
 from gateway.proxy import routing_middleware
-from gateway.routing import RouteTable
+from gateway.routing import LiveTable, RouteTable
 from gateway.settings import AuthSettings, RateLimit, Route
 
 ROUTES = (
@@ -70,7 +70,7 @@ def make_app(
             ratelimit_middleware(limiter=limiter, default=default, stage="subject"),
         ]
     )
-    app[route_table_key] = RouteTable(routes)
+    app[route_table_key] = LiveTable(RouteTable(routes))
     app.on_response_prepare.append(stamp_ratelimit_headers)
     app.router.add_route("*", "/{tail:.*}", echo)
     return app

@@ -1,0 +1,63 @@
+"""Configuration changes without downtime: re-read ``GATEWAY_CONFIG`` and swap the route table.
+
+``SIGHUP`` calls ``reload_routes``. The file (with ``SERVICE_*_URL`` applied, as at start) is
+parsed off the event loop; a bad file is refused with one log line and the table in force stays.
+A good one replaces routes and upstreams in one assignment: new requests use it, requests in
+flight finish on the table they started with. A service whose settings did not change keeps its
+``Upstream`` (warm connections, passive-health state); the others are retired: idle connections
+close now, busy ones when their response is done. Other settings (auth, limits, listen address)
+need a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+
+from aiohttp import web
+
+from .health import health_checker_key
+from .keys import route_table_key
+from .metrics import metrics_key
+from .routing import RouteTable
+from .settings import SettingsError, load_settings
+from .upstream import Upstream
+
+__all__ = ["reload_routes"]
+
+log = logging.getLogger("gateway.reload")
+
+
+async def reload_routes(app: web.Application, environ: Mapping[str, str] | None = None) -> bool:
+    """Reload services and routes from the environment's ``GATEWAY_CONFIG``; True when applied."""
+    try:
+        settings = await asyncio.get_running_loop().run_in_executor(None, load_settings, environ)
+    except SettingsError as exc:
+        log.error("configuration reload rejected; the current routes stay", extra={"error": str(exc)})
+        app[metrics_key].config_reloads.labels("rejected").inc()
+        return False
+
+    live = app[route_table_key]
+    old = live.current
+    upstreams: dict[str, Upstream] = {}
+    for name, service in settings.services.items():
+        kept = old.upstreams.get(name)
+        upstreams[name] = kept if kept is not None and kept.service == service else Upstream(service)
+    live.current = RouteTable(settings.routes, upstreams)
+    for name, upstream in old.upstreams.items():
+        if upstreams.get(name) is not upstream:
+            upstream.retire()
+    if health_checker_key in app:
+        app[health_checker_key].invalidate()
+    app[metrics_key].config_reloads.labels("ok").inc()
+    log.info(
+        "configuration reloaded",
+        extra={
+            "config_file": settings.config_file,
+            "routes": len(settings.routes),
+            "services": len(upstreams),
+            "replaced_services": sorted(n for n, u in old.upstreams.items() if upstreams.get(n) is not u),
+        },
+    )
+    return True

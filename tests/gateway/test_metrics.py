@@ -1,0 +1,208 @@
+"""GET /metrics after known traffic, parsed with prometheus-client's own parser."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import jwt
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.keys import limiter_key, tracing_key
+from tests.helpers import one_service, wait_for
+
+SECRET = "metrics-test-secret-" + "x" * 32
+
+
+async def scrape(client: Any) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """``{sample name: {sorted label pairs: value}}`` from one scrape."""
+    response = await client.get("/metrics")
+    assert response.status == 200
+    assert response.content_type == "text/plain"
+    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(await response.text()):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: dict[str, Any], name: str, **labels: str) -> float:
+    return samples.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
+
+
+async def test_requests_by_route_method_and_status_class(make_gateway: Any, make_upstream: Any) -> None:
+    async def reply(request: web.Request) -> web.Response:
+        return web.json_response({}, status=500 if request.method == "POST" else 200)
+
+    upstream = await make_upstream(reply)
+    client = await make_gateway(one_service(upstream.url, prefix="/api"))
+    for user in ("12345", "67890", "abc"):
+        assert (await client.get(f"/api/users/{user}")).status == 200
+    assert (await client.post("/api/users", json={})).status == 500
+    assert (await client.get("/elsewhere")).status == 404
+    assert (await client.get("/health")).status == 200
+
+    samples = await scrape(client)
+    assert value(samples, "gateway_requests_total", route="/api", method="GET", status="2xx") == 3
+    assert value(samples, "gateway_requests_total", route="/api", method="POST", status="5xx") == 1
+    assert value(samples, "gateway_requests_total", route="unmatched", method="GET", status="4xx") == 1
+    assert value(samples, "gateway_requests_total", route="/health", method="GET", status="2xx") == 1
+    # Labels are bounded: no raw path, no user id, anywhere.
+    routes = {dict(labels).get("route") for labels in samples["gateway_requests_total"]}
+    assert routes == {"/api", "unmatched", "/health"}
+    assert value(samples, "gateway_request_duration_seconds_count", route="/api", method="GET") == 3
+    assert (
+        value(samples, "gateway_request_duration_seconds_bucket", route="/api", method="GET", le="+Inf") == 3
+    )
+    assert 0 < value(samples, "gateway_request_duration_seconds_sum", route="/api", method="GET") < 5
+    assert value(samples, "gateway_upstream_duration_seconds_count", service="svc") == 4
+    assert value(samples, "gateway_requests_in_flight") == 1  # the scrape itself
+    assert value(samples, "gateway_process_info", pid=str(os.getpid())) == 1
+
+
+async def test_in_flight_counts_a_slow_request(make_gateway: Any, make_upstream: Any) -> None:
+    release = asyncio.Event()
+    arrived = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        arrived.set()
+        await release.wait()
+        return web.json_response({})
+
+    upstream = await make_upstream(slow)
+    client = await make_gateway(one_service(upstream.url))
+    pending = asyncio.ensure_future(client.get("/slow"))
+    await asyncio.wait_for(arrived.wait(), 5)
+    assert value(await scrape(client), "gateway_requests_in_flight") == 2
+    release.set()
+    assert (await pending).status == 200
+    assert value(await scrape(client), "gateway_requests_in_flight") == 1
+
+
+async def test_upstream_errors_by_kind(
+    make_gateway: Any, make_upstream: Any, make_raw_upstream: Any, refused_url: str
+) -> None:
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+        await writer.drain()
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+
+    never = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        await never.wait()
+        return web.json_response({})
+
+    cases = [
+        ("connect", refused_url, 502),
+        ("invalid", await make_raw_upstream(garbage), 502),
+        ("reset", await make_raw_upstream(hang_up), 502),
+        ("timeout", (await make_upstream(hang)).url, 504),
+    ]
+    for kind, url, status in cases:
+        client = await make_gateway(one_service(url, timeout={"connect": 1, "read": 0.3}))
+        # POST: not retried, so one failure is one count.
+        assert (await client.post("/x", data=b"{}")).status == status, kind
+        samples = await scrape(client)
+        errors = samples.get("gateway_upstream_errors_total", {})
+        assert errors == {(("kind", kind), ("service", "svc")): 1.0}, kind
+    never.set()
+
+
+async def test_rejections_by_rate_limit_auth_and_validation(make_gateway: Any, make_upstream: Any) -> None:
+    upstream = await make_upstream()
+    cfg = {
+        "services": {"svc": {"url": upstream.url}},
+        "routes": [
+            {"prefix": "/limited", "service": "svc", "auth": "none", "rate_limit": "1/minute"},
+            {"prefix": "/secure", "service": "svc", "scopes": ["clusters:write"]},
+            {"prefix": "/api/v1/chat", "service": "svc", "auth": "none", "max_body": 32},
+        ],
+    }
+    client = await make_gateway(cfg, {"AUTH_JWT_SECRET": SECRET})
+    assert (await client.get("/limited")).status == 200
+    assert (await client.get("/limited")).status == 429
+
+    assert (await client.get("/secure")).status == 401
+    bad = {"Authorization": "Bearer not-a-token"}
+    assert (await client.get("/secure", headers=bad)).status == 401
+    assert (await client.get("/secure", headers=bad)).status == 401
+    token = jwt.encode({"sub": "u1", "scope": "clusters:read", "exp": 2**31}, SECRET, algorithm="HS256")
+    assert (await client.get("/secure", headers={"Authorization": f"Bearer {token}"})).status == 403
+
+    chat = "/api/v1/chat/sessions"
+    assert (
+        await client.post(chat, data=b"x" * 64, headers={"Content-Type": "application/json"})
+    ).status == 413
+    assert (await client.post(chat, data=b"{}", headers={"Content-Type": "text/plain"})).status == 415
+    assert (await client.post(chat, json={"title": 5})).status == 422
+
+    samples = await scrape(client)
+    assert samples["gateway_ratelimit_rejections_total"] == {(("route", "/limited"),): 1.0}
+    assert samples["gateway_auth_failures_total"] == {
+        (("reason", "missing"), ("route", "/secure")): 1.0,
+        (("reason", "invalid"), ("route", "/secure")): 2.0,
+        (("reason", "insufficient_scope"), ("route", "/secure")): 1.0,
+    }
+    assert samples["gateway_validation_rejections_total"] == {
+        (("route", "/api/v1/chat"), ("status", "413")): 1.0,
+        (("route", "/api/v1/chat"), ("status", "415")): 1.0,
+        (("route", "/api/v1/chat"), ("status", "422")): 1.0,
+    }
+    # An upstream's own 401 is the upstream's business, not an auth failure of the gateway.
+    assert "gateway_upstream_errors_total" not in samples
+
+
+async def test_metrics_need_no_token_and_are_not_rate_limited(make_gateway: Any, make_upstream: Any) -> None:
+    upstream = await make_upstream()
+    cfg = one_service(upstream.url, auth="required")
+    client = await make_gateway(cfg, {"AUTH_JWT_SECRET": SECRET, "RATE_LIMIT_DEFAULT": "1/minute"})
+    for _ in range(3):
+        assert (await client.get("/metrics")).status == 200
+
+
+async def test_spans_dropped_come_from_the_reporter(
+    make_gateway: Any, make_upstream: Any, refused_url: str
+) -> None:
+    upstream = await make_upstream()
+    client = await make_gateway(one_service(upstream.url), {"ZIPKIN_URL": refused_url + "/api/v2/spans"})
+    for _ in range(3):
+        assert (await client.get("/x")).status == 200
+    reporter = client.app[tracing_key].reporter
+    await reporter.flush()  # the collector refuses: the batch is dropped
+    assert reporter.dropped >= 6  # a server and a client span per request
+    assert value(await scrape(client), "gateway_spans_dropped_total") == reporter.dropped
+
+
+async def test_redis_fallback_gauge(make_gateway: Any, make_upstream: Any, refused_url: str) -> None:
+    upstream = await make_upstream()
+    redis_url = refused_url.replace("http://", "redis://") + "/0"
+    client = await make_gateway(one_service(upstream.url), {"REDIS_URL": redis_url})
+    assert value(await scrape(client), "gateway_ratelimit_fallback_active") == 0
+    assert (await client.get("/x")).status == 200  # limited in process while Redis is away
+    await wait_for(lambda: client.app[limiter_key].fallback_active, what="the fallback")
+    assert value(await scrape(client), "gateway_ratelimit_fallback_active") == 1
+
+
+async def test_component_health_is_the_last_known(
+    make_gateway: Any, make_upstream: Any, refused_url: str
+) -> None:
+    good = await make_upstream()
+    cfg = {
+        "services": {"good": {"url": good.url}, "down": {"url": refused_url}},
+        "routes": [{"prefix": "/", "service": "good", "auth": "none"}],
+    }
+    client = await make_gateway(cfg)
+    assert "gateway_component_up" not in await scrape(client)  # nothing probed yet
+    assert (await client.get("/health/detailed")).status == 200
+    samples = await scrape(client)
+    assert value(samples, "gateway_component_up", component="good") == 1
+    assert value(samples, "gateway_component_up", component="down") == 0
+    assert value(samples, "gateway_component_up", component="postgresql") == 0
+    assert value(samples, "gateway_component_up", component="redis") == 1  # disabled is not down
+    assert len(good.requests) == 1  # scraping does not probe

@@ -1,0 +1,324 @@
+"""Configuration reload without downtime: in process through ``reload_routes``, and with real
+signals against ``python -m gateway`` (one process, and GATEWAY_WORKERS=2)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.app import create_app
+from gateway.keys import route_table_key
+from gateway.reload import reload_routes
+from gateway.settings import load_settings
+from tests.helpers import free_port, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def table(routes: dict[str, str]) -> dict[str, Any]:
+    """``{prefix: upstream url}``: one service per route, named after it."""
+    services = {f"s{i}": {"url": url} for i, url in enumerate(routes.values())}
+    return {
+        "services": services,
+        "routes": [
+            {"prefix": prefix, "service": f"s{i}", "auth": "none", "content_types": ["*/*"]}
+            for i, prefix in enumerate(routes)
+        ],
+    }
+
+
+class Gate:
+    """An upstream handler that holds requests to ``/slow`` until released."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.arrived = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def handler(self, request: web.Request) -> web.Response:
+        if request.path.endswith("/slow"):
+            self.arrived.set()
+            await self.release.wait()
+        return web.json_response({"upstream": self.name})
+
+
+@pytest.fixture
+async def named_upstream(aiohttp_server: Any) -> AsyncIterator[Callable[..., Any]]:
+    gates: list[Gate] = []
+
+    async def make(name: str) -> tuple[str, Gate]:
+        gate = Gate(name)
+        gates.append(gate)
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", gate.handler)
+        server = await aiohttp_server(app)
+        return f"http://127.0.0.1:{server.port}", gate
+
+    yield make
+    for gate in gates:
+        gate.release.set()
+
+
+async def served_by(client: Any, path: str) -> tuple[int, str | None]:
+    response = await client.get(path)
+    body = await response.json()
+    return response.status, body.get("upstream")
+
+
+async def test_valid_file_applies_to_new_requests_while_in_flight_ones_finish(
+    aiohttp_client: Any, named_upstream: Any, tmp_path: Path
+) -> None:
+    old_url, old_gate = await named_upstream("old")
+    new_url, _ = await named_upstream("new")
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(table({"/a": old_url})))
+    env = {"GATEWAY_CONFIG": str(path)}
+    client = await aiohttp_client(TestServer(create_app(load_settings(env))))
+    live = client.app[route_table_key]
+    old_upstream = live.current.upstreams["s0"]
+
+    in_flight = asyncio.ensure_future(client.get("/a/slow"))
+    await asyncio.wait_for(old_gate.arrived.wait(), 5)
+
+    path.write_text(yaml.safe_dump(table({"/b": new_url})))
+    assert await reload_routes(client.app, env) is True
+    assert await served_by(client, "/b/x") == (200, "new")
+    assert (await client.get("/a/x")).status == 404
+    assert old_upstream.targets[0].pool.retired
+
+    old_gate.release.set()
+    response = await in_flight
+    assert response.status == 200
+    assert (await response.json())["upstream"] == "old"
+    # The old pool keeps nothing: the connection was closed when its response ended.
+    assert not old_upstream.targets[0].pool._idle
+
+
+async def test_an_unchanged_service_keeps_its_upstream(
+    aiohttp_client: Any, named_upstream: Any, tmp_path: Path
+) -> None:
+    url, _ = await named_upstream("kept")
+    other, _ = await named_upstream("other")
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(table({"/a": url})))
+    env = {"GATEWAY_CONFIG": str(path)}
+    client = await aiohttp_client(TestServer(create_app(load_settings(env))))
+    assert await served_by(client, "/a/x") == (200, "kept")
+    before = client.app[route_table_key].current.upstreams["s0"]
+    path.write_text(yaml.safe_dump(table({"/a": url, "/z": other})))
+    assert await reload_routes(client.app, env)
+    current = client.app[route_table_key].current
+    assert current.upstreams["s0"] is before and not before.targets[0].pool.retired
+    assert await served_by(client, "/a/x") == (200, "kept")
+    assert await served_by(client, "/z/x") == (200, "other")
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("routes: [unclosed", "not valid YAML"),
+        (yaml.safe_dump({"services": {}, "routes": [{"prefix": "/a", "service": "nope"}]}), "nope"),
+    ],
+)
+async def test_invalid_file_is_rejected_and_the_old_table_stays(
+    aiohttp_client: Any,
+    named_upstream: Any,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    content: str,
+    problem: str,
+) -> None:
+    url, _ = await named_upstream("old")
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(table({"/a": url})))
+    env = {"GATEWAY_CONFIG": str(path)}
+    client = await aiohttp_client(TestServer(create_app(load_settings(env))))
+    before = client.app[route_table_key].current
+
+    path.write_text(content)
+    with caplog.at_level(logging.ERROR, logger="gateway.reload"):
+        assert await reload_routes(client.app, env) is False
+    (record,) = [r for r in caplog.records if r.name == "gateway.reload"]
+    assert "reload rejected" in record.getMessage()
+    assert problem in record.error  # type: ignore[attr-defined]
+    assert client.app[route_table_key].current is before
+    assert await served_by(client, "/a/x") == (200, "old")
+    metrics = await (await client.get("/metrics")).text()
+    (family,) = [f for f in text_string_to_metric_families(metrics) if f.name == "gateway_config_reloads"]
+    assert {s.labels["result"]: s.value for s in family.samples if s.name.endswith("_total")} == {
+        "rejected": 1.0
+    }
+
+
+# -- the real process and real signals ---------------------------------------------------------
+
+
+class Gateway:
+    """``python -m gateway`` on a free port, logging JSON to a file."""
+
+    def __init__(self, tmp: Path, config: Path, **env: str) -> None:
+        self.port = free_port()
+        self.log = tmp / "gateway.log"
+        environ = {
+            k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "SERVICE_", "REDIS_"))
+        }
+        environ.update(
+            GATEWAY_CONFIG=str(config), GATEWAY_PORT=str(self.port), PYTHONPATH=str(ROOT),
+            LOG_FORMAT="json", AUTH_ENABLED="false", GATEWAY_SHUTDOWN_TIMEOUT="5", **env,
+        )  # fmt: skip
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "gateway"], cwd=ROOT, env=environ, stdout=log, stderr=log
+            )
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def logged(self, text: str) -> bool:
+        return text in self.log.read_text(errors="replace")
+
+    async def get(self, path: str) -> tuple[int, Any]:
+        async with self.session.get(self.url + path) as response:
+            body = await response.read()
+            return response.status, body
+
+    async def ready(self) -> None:
+        deadline = time.monotonic() + 15
+        while True:
+            assert self.process.poll() is None, f"gateway exited:\n{self.log.read_text()}"
+            try:
+                if (await self.get("/health/ready"))[0] == 200:
+                    return
+            except aiohttp.ClientConnectionError:
+                pass
+            assert time.monotonic() < deadline, f"gateway not ready:\n{self.log.read_text()}"
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        await wait_for(lambda: self.process.poll() is not None, 15, "the gateway to exit")
+        await self.session.close()
+        return self.process.returncode
+
+    async def metrics(self) -> dict[str, Any]:
+        """pid -> {sample name + labels: value} of the worker that answered."""
+        status, body = await self.get("/metrics")
+        assert status == 200
+        samples = {}
+        pid = None
+        for family in text_string_to_metric_families(body.decode()):
+            for sample in family.samples:
+                if sample.name == "gateway_process_info":
+                    pid = int(sample.labels["pid"])
+                samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return {"pid": pid, "samples": samples}
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def gone(pid: int) -> bool:
+    try:
+        return "zombie" in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+
+
+@pytest.fixture
+async def gateway_process(tmp_path: Path) -> AsyncIterator[Callable[..., Gateway]]:
+    started: list[Gateway] = []
+
+    def start(config: Path, **env: str) -> Gateway:
+        gateway = Gateway(tmp_path, config, **env)
+        started.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        if gateway.process.poll() is None:
+            gateway.process.kill()
+            gateway.process.wait(10)
+        if not gateway.session.closed:
+            await gateway.session.close()
+
+
+async def test_sighup_reloads_the_running_gateway(
+    gateway_process: Any, named_upstream: Any, tmp_path: Path
+) -> None:
+    old_url, old_gate = await named_upstream("old")
+    new_url, _ = await named_upstream("new")
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump(table({"/a": old_url})))
+    gateway = gateway_process(config)
+    await gateway.ready()
+
+    in_flight = asyncio.ensure_future(gateway.get("/a/slow"))
+    await asyncio.wait_for(old_gate.arrived.wait(), 5)
+    config.write_text(yaml.safe_dump(table({"/b": new_url})))
+    gateway.process.send_signal(signal.SIGHUP)
+    await wait_for(lambda: gateway.logged("configuration reloaded"), what="the reload")
+    assert (await gateway.get("/b/x")) == (200, b'{"upstream": "new"}')
+    assert (await gateway.get("/a/x"))[0] == 404
+    old_gate.release.set()
+    assert await in_flight == (200, b'{"upstream": "old"}')
+
+    config.write_text("routes: [")
+    gateway.process.send_signal(signal.SIGHUP)
+    await wait_for(lambda: gateway.logged("reload rejected"), what="the rejection")
+    assert (await gateway.get("/b/x")) == (200, b'{"upstream": "new"}')
+    assert await gateway.stop() == 0
+
+
+async def test_two_workers_answer_reload_and_stop_on_sigterm(
+    gateway_process: Any, named_upstream: Any, tmp_path: Path
+) -> None:
+    old_url, _ = await named_upstream("old")
+    new_url, _ = await named_upstream("new")
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump(table({"/a": old_url})))
+    gateway = gateway_process(config, GATEWAY_WORKERS="2")
+    await gateway.ready()
+
+    pids: set[int] = set()
+    deadline = time.monotonic() + 15
+    while len(pids) < 2:
+        assert time.monotonic() < deadline, f"only saw workers {pids}"
+        pids.add((await gateway.metrics())["pid"])
+    for pid in pids:  # both are the supervisor's children, not strays
+        assert parent_of(pid) == gateway.process.pid
+
+    config.write_text(yaml.safe_dump(table({"/b": new_url})))
+    gateway.process.send_signal(signal.SIGHUP)  # to the supervisor, which passes it on
+    reloaded: set[int] = set()
+    deadline = time.monotonic() + 15
+    while reloaded != pids:
+        assert time.monotonic() < deadline, f"reloaded: {reloaded} of {pids}"
+        scraped = await gateway.metrics()
+        if scraped["samples"].get(("gateway_config_reloads_total", (("result", "ok"),))) == 1:
+            reloaded.add(scraped["pid"])
+    for _ in range(10):
+        assert (await gateway.get("/b/x")) == (200, b'{"upstream": "new"}')
+    assert gateway.process.poll() is None  # SIGHUP did not stop the supervisor
+
+    assert await gateway.stop() == 0
+    for pid in pids:
+        assert gone(pid)
