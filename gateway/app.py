@@ -21,7 +21,7 @@ from .middleware.request_id import stamp_request_id
 from .middleware.tracing import Tracing, tracing_ctx, tracing_middleware
 from .middleware.validation import body_checks_middleware, schema_validation_middleware
 from .openapi import build_openapi
-from .proxy import http_client_ctx, proxy_handler, routing_middleware
+from .proxy import close_declined_upgrade, http_client_ctx, proxy_handler, routing_middleware
 from .routing import RouteTable
 from .settings import Settings
 from .state import Lifecycle
@@ -83,7 +83,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(http_client_ctx)
     app.cleanup_ctx.append(partial(tracing_ctx, tracing=tracing))
     app.cleanup_ctx.append(partial(_close_on_cleanup, limiter=limiter, verifier=verifier))
-    for stamp in (stamp_request_id, stamp_cors_headers, stamp_ratelimit_headers):
+    for stamp in (stamp_request_id, stamp_cors_headers, stamp_ratelimit_headers, close_declined_upgrade):
         app.on_response_prepare.append(stamp)
     app.on_startup.append(_mark_ready)
     app.on_shutdown.append(_mark_draining)

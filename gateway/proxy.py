@@ -53,6 +53,7 @@ __all__ = [
     "BUFFER_LIMIT",
     "CHUNK_SIZE",
     "BodyTooLarge",
+    "close_declined_upgrade",
     "http_client_ctx",
     "proxy_handler",
     "routing_middleware",
@@ -118,6 +119,19 @@ def routing_middleware(*, proxy: Handler) -> Any:
         return await handler(request)
 
     return routing
+
+
+async def close_declined_upgrade(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: close the connection after a request that asked to upgrade it.
+
+    aiohttp stops parsing a connection after a request with ``Connection: Upgrade`` (``h2c``,
+    anything but a WebSocket the upstream accepts): whatever the client sends next would wait,
+    unanswered, until the keep-alive timeout. Closing says so at once.
+    """
+    if response.status != 101 and "Upgrade" in request.headers:
+        response.force_close()
+        # The hook runs after aiohttp wrote its framing headers: say it ourselves.
+        response.headers["Connection"] = "close"
 
 
 def _has_dot_segment(path: str) -> bool:
