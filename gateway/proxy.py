@@ -70,6 +70,7 @@ _WS_HANDSHAKE_HEADERS = frozenset(
     {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol"}
 )
 _WS_MAX_MESSAGE = 16 * 1024 * 1024
+_NO_BODY_METHODS = frozenset({"GET", "HEAD", "TRACE"})
 _CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 
 
@@ -109,6 +110,15 @@ def routing_middleware(*, proxy: Handler) -> Any:
         raw_path = request.raw_path
         if not raw_path.startswith("/"):
             raise ApiError(400, "Request target must be a path")
+        transfer_encoding = request.headers.get("Transfer-Encoding")
+        if transfer_encoding is not None and transfer_encoding.strip().lower() != "chunked":
+            # The parser accepts "gzip, chunked" and strips only the chunking; forwarding the
+            # rest would hand the upstream a coded body labelled as plain.
+            raise ApiError(400, "Unsupported Transfer-Encoding: only 'chunked' is accepted")
+        if request.method in _NO_BODY_METHODS and request.body_exists:
+            # No defined meaning, and the classic way to hide a request from a server that skips
+            # such bodies: refused rather than forwarded.
+            raise ApiError(400, f"A {request.method} request must not have a body")
         path = raw_path.partition("?")[0]
         if _has_dot_segment(path):
             raise ApiError(400, "Path must not contain '.' or '..' segments")
