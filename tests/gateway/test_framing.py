@@ -225,3 +225,86 @@ async def test_a_broken_chunk_after_the_head_never_becomes_a_whole_request_upstr
         assert response.headers["Content-Type"].startswith("application/json")
     # The upstream got a truncated body at most, never a complete request, nor the pipelined one.
     assert a.requests == [] and b.requests == []
+
+
+H2C = b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n"
+
+
+async def test_h2c_upgrade_is_answered_in_http1_and_the_connection_closed(
+    two_routes: tuple[Any, Any, Any],
+) -> None:
+    client, a, b = two_routes
+    # raw_exchange reads until EOF: before the fix this waited for the keep-alive timeout.
+    data = await raw_exchange(client.port, b"GET /a/x HTTP/1.1\r\n" + HOST + H2C + b"\r\n" + SMUGGLED, 3)
+    (response,) = parse_responses(data)
+    assert response.status == 200 and response.headers["Connection"] == "close"
+    (forwarded,) = a.requests
+    assert not forwarded.names() & {"upgrade", "http2-settings", "connection"}
+    assert b.requests == []
+
+
+async def test_h2c_upgrade_with_a_body_never_splits_the_body_into_a_request(
+    two_routes: tuple[Any, Any, Any],
+) -> None:
+    client, a, b = two_routes
+    body = b"GET /b/inner HTTP/1.1\r\nHost: x\r\n\r\n"
+    head = b"POST /a/x HTTP/1.1\r\n" + HOST + H2C + b"Content-Length: %d\r\n\r\n" % len(body)
+    data = await raw_exchange(client.port, head + body + SMUGGLED, 3)
+    responses = parse_responses(data)
+    assert len(responses) == 1
+    assert b.requests == []
+    assert_upstreams_agree(responses, a, b)
+
+
+@pytest.mark.parametrize(
+    "coding", [b"gzip, chunked", b"deflate, chunked", b"identity, chunked", b"chunked, chunked"]
+)
+async def test_transfer_codings_other_than_chunked_are_refused(
+    two_routes: tuple[Any, Any, Any], coding: bytes
+) -> None:
+    client, a, b = two_routes
+    head = b"POST /a/x HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: " + coding + b"\r\n\r\n"
+    data = await raw_exchange(client.port, head + b"3\r\nabc\r\n0\r\n\r\n" + SMUGGLED)
+    responses = parse_responses(data)
+    assert_gateway_error(responses[0], 400)
+    assert a.requests == []
+    assert_upstreams_agree(responses, a, b)
+
+
+@pytest.mark.parametrize("method", [b"GET", b"HEAD", b"TRACE"])
+@pytest.mark.parametrize(
+    "framing", [b"Content-Length: 3\r\n\r\nabc", b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"]
+)
+async def test_a_body_on_get_head_or_trace_is_refused(
+    two_routes: tuple[Any, Any, Any], method: bytes, framing: bytes
+) -> None:
+    client, a, b = two_routes
+    data = await raw_exchange(client.port, method + b" /a/x HTTP/1.1\r\n" + HOST + framing + SMUGGLED)
+    responses = parse_responses(data) if method != b"HEAD" else []
+    if responses:
+        assert_gateway_error(responses[0], 400)
+    else:
+        assert data.startswith(b"HTTP/1.1 400 ")
+    assert a.requests == []
+    assert [q.raw_path for q in b.requests] in ([], ["/b/smuggled"])
+
+
+async def test_get_with_an_empty_content_length_is_forwarded(two_routes: tuple[Any, Any, Any]) -> None:
+    client, a, _ = two_routes
+    data = await raw_exchange(
+        client.port, b"GET /a/x HTTP/1.1\r\n" + HOST + b"Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    (response,) = parse_responses(data)
+    assert response.status == 200 and [q.method for q in a.requests] == ["GET"]
+
+
+@pytest.mark.parametrize("method", [b"DELETE", b"OPTIONS"])
+async def test_a_chunked_body_on_delete_is_forwarded_with_framing_the_upstream_agrees_on(
+    two_routes: tuple[Any, Any, Any], method: bytes
+) -> None:
+    client, a, b = two_routes
+    head = method + b" /a/x HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n\r\n"
+    data = await raw_exchange(client.port, head + b"3\r\nabc\r\n0\r\n\r\n" + SMUGGLED)
+    responses = parse_responses(data)
+    assert [r.json()["body"] for r in responses] == ["abc", ""]
+    assert_upstreams_agree(responses, a, b)
