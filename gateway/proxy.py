@@ -45,7 +45,7 @@ from .middleware.auth import identity_headers
 from .middleware.request_id import REQUEST_ID_HEADER
 from .middleware.tracing import client_span, inject_trace_headers
 from .pool import ConnectFailed, ConnectTimeout, exchange
-from .routing import strip_route_prefix
+from .routing import has_dot_segment, strip_route_prefix
 from .settings import Route
 from .upstream import Target, Upstream
 
@@ -120,8 +120,8 @@ def routing_middleware(*, proxy: Handler) -> Any:
             # such bodies: refused rather than forwarded.
             raise ApiError(400, f"A {request.method} request must not have a body")
         path = raw_path.partition("?")[0]
-        if _has_dot_segment(path):
-            raise ApiError(400, "Path must not contain '.' or '..' segments")
+        if has_dot_segment(path):
+            raise ApiError(400, "Path must not contain '.' or '..' segments, encoded or not")
         route = request.app[route_table_key].match(path)
         if route is None:
             raise ApiError(404, "No route for this path")
@@ -142,16 +142,6 @@ async def close_declined_upgrade(request: web.Request, response: web.StreamRespo
         response.force_close()
         # The hook runs after aiohttp wrote its framing headers: say it ourselves.
         response.headers["Connection"] = "close"
-
-
-def _has_dot_segment(path: str) -> bool:
-    if "." not in path and "%2" not in path and "%2" not in path.lower():
-        return False
-    for segment in path.split("/"):
-        lowered = segment.lower().replace("%2e", ".")
-        if lowered in (".", ".."):
-            return True
-    return False
 
 
 async def proxy_handler(request: web.Request) -> web.StreamResponse:
