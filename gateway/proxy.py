@@ -31,6 +31,7 @@ from yarl import URL
 
 from .errors import ApiError, body_too_large
 from .headers import response_headers, upstream_headers
+from .httpserver import BodyTimeout, read_body_chunk
 from .keys import (
     body_key,
     http_client_key,
@@ -169,23 +170,38 @@ class _Body:
     bytes, then a connection that ends, and the client gets 413.
     """
 
-    __slots__ = ("_content", "_limit", "exceeded", "started")
+    __slots__ = ("_content", "_limit", "exceeded", "started", "timed_out")
 
     def __init__(self, content: aiohttp.StreamReader, limit: int | None) -> None:
         self._content = content
         self._limit = limit
         self.started = False
         self.exceeded = False
+        self.timed_out = False
+
+    async def _read(self, content: aiohttp.StreamReader) -> bytes:
+        try:
+            return await read_body_chunk(content)
+        except BodyTimeout:
+            self.timed_out = True
+            raise
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         self.started = True
         content, limit, sent = self._content, self._limit, 0
-        while chunk := await content.readany():
+        while chunk := await self._read(content):
             sent += len(chunk)
             if limit is not None and sent > limit:
                 self.exceeded = True
                 raise BodyTooLarge(limit)
             yield chunk
+
+
+async def _read_small(content: aiohttp.StreamReader) -> bytes:
+    chunks = []
+    while chunk := await read_body_chunk(content):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class BodyTooLarge(Exception):
@@ -205,7 +221,7 @@ async def _proxy_http(
         if length is not None and limit is not None and length > limit:
             raise body_too_large(limit)
         if length is not None and length <= BUFFER_LIMIT:
-            body = await request.read()
+            body = await _read_small(request.content)
         else:
             body = _Body(request.content, limit)
     if isinstance(body, bytes):
@@ -267,6 +283,8 @@ async def _send(
                 protocol.close()
             if isinstance(body, _Body) and body.exceeded:
                 raise body_too_large(request[route_key].max_body or 0) from None
+            if isinstance(body, _Body) and body.timed_out:
+                raise BodyTimeout from None
             error, retryable = _upstream_failure(upstream, target, exc)
             attempts -= 1
             if not retryable or attempts <= 0 or (isinstance(body, _Body) and body.started):
