@@ -143,8 +143,12 @@ def refused_url(bound_socket: Callable[[], socket.socket]) -> str:
 class GatewayTestServer(TestServer):
     """A test server on the production runner: same limits and error answers as ``serve``."""
 
+    def __init__(self, app: web.Application, **runner_kwargs: Any) -> None:
+        super().__init__(app)
+        self._runner_kwargs = runner_kwargs
+
     async def _make_runner(self, **kwargs: Any) -> GatewayRunner:
-        return GatewayRunner(self.app, **kwargs)
+        return GatewayRunner(self.app, **{**kwargs, **self._runner_kwargs})
 
 
 @pytest.fixture
