@@ -12,6 +12,7 @@ from aiohttp import web
 
 from .errors import error_middleware
 from .health import setup_health_routes
+from .httpserver import expect_continue
 from .keys import lifecycle_key, limiter_key, route_table_key, settings_key, tracing_key, upstreams_key
 from .limiter import Limiter, create_limiter
 from .middleware.auth import TokenVerifier, auth_middleware
@@ -89,8 +90,8 @@ def create_app(settings: Settings) -> web.Application:
     app.on_shutdown.append(_mark_draining)
 
     setup_health_routes(app)
-    app.router.add_get("/openapi.json", openapi_document)
-    app.router.add_route("*", "/{tail:.*}", proxy_handler)
+    app.router.add_get("/openapi.json", openapi_document, expect_handler=expect_continue)
+    app.router.add_route("*", "/{tail:.*}", proxy_handler, expect_handler=expect_continue)
     return app
 
 

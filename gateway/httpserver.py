@@ -32,12 +32,12 @@ import json
 import logging
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
-from .errors import ApiError
+from .errors import ApiError, error_response
 from .middleware.request_id import REQUEST_ID_HEADER, new_request_id
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "MAX_LINE_SIZE",
     "BodyTimeout",
     "GatewayRunner",
+    "expect_continue",
     "read_body_chunk",
 ]
 
@@ -120,6 +121,20 @@ def _describe(exc: BaseException | None, status: int) -> tuple[int, str]:
     if isinstance(exc, HttpProcessingError):
         return 400, "Malformed HTTP request"
     return status, "Bad Request"
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """Expect handler for every route: ``100-continue`` is honoured, anything else is a JSON 417.
+
+    aiohttp's default handler runs before the middlewares: it answered an unknown expectation in
+    text, echoing the header, and a non-UTF-8 one with a 500.
+    """
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        if request.version >= HttpVersion11:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the interim answer is not the response
+        return None
+    return error_response(417, "Unsupported Expect header: only '100-continue' is supported")
 
 
 class _GatewayServer(web.Server):
