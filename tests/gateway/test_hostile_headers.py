@@ -9,6 +9,8 @@ from typing import Any
 import jwt
 import pytest
 
+from tests.helpers import parse_responses, raw_exchange
+
 SECRET = "hostile-test-secret-" + "x" * 32
 OWNED = [
     "x-auth-subject",
@@ -141,3 +143,32 @@ async def test_a_request_id_with_control_characters_is_replaced(
     (seen,) = upstream.requests
     (rid,) = seen.values("x-request-id")
     assert rid != "abc\tdef" and rid == response.headers["X-Request-ID"]
+
+
+@pytest.mark.parametrize("path", [b"/none/x", b"/health", b"/openapi.json"])
+@pytest.mark.parametrize("expect", [b"foo", b"\x80\xff", b"100-continue, foo"])
+async def test_an_unsupported_expectation_gets_a_json_417(
+    make_gateway: Any, make_upstream: Any, path: bytes, expect: bytes
+) -> None:
+    upstream = await make_upstream()
+    client = await make_gateway(_config(upstream.url))
+    data = await raw_exchange(
+        client.port,
+        b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nExpect: " + expect + b"\r\nConnection: close\r\n\r\n",
+    )
+    (response,) = parse_responses(data)
+    assert response.status == 417
+    assert response.headers["Content-Type"] == "application/json" and response.headers.get("X-Request-ID")
+    assert expect not in response.body
+    assert upstream.requests == []
+
+
+async def test_expect_100_continue_still_gets_the_interim_answer(
+    make_gateway: Any, make_upstream: Any
+) -> None:
+    upstream = await make_upstream()
+    client = await make_gateway(_config(upstream.url))
+    head = b"POST /none/x HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\nConnection: close\r\n\r\n"
+    data = await raw_exchange(client.port, head + b"abc")
+    assert data.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 ")
+    assert [q.body for q in upstream.requests] == [b"abc"]
