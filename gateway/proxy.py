@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-from aiohttp import WSMsgType, web
+from aiohttp import HttpVersion10, WSMsgType, web
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.http import RawResponseMessage
 from aiohttp.http_exceptions import HttpProcessingError
@@ -111,6 +111,8 @@ def routing_middleware(*, proxy: Handler) -> Any:
         raw_path = request.raw_path
         if not raw_path.startswith("/"):
             raise ApiError(400, "Request target must be a path")
+        if request.version < HttpVersion10:
+            raise ApiError(400, "HTTP/0.9 is not supported")
         transfer_encoding = request.headers.get("Transfer-Encoding")
         if transfer_encoding is not None and transfer_encoding.strip().lower() != "chunked":
             # The parser accepts "gzip, chunked" and strips only the chunking; forwarding the
