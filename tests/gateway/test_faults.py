@@ -237,3 +237,75 @@ async def test_a_dead_zipkin_collector_does_not_affect_requests(
         assert (await client.get("/good/x")).status == 200
     assert time.monotonic() - started < 2
     assert len(good.requests) == 20
+
+
+async def test_an_unsolicited_extra_response_never_answers_the_next_request(gateway_for: Any) -> None:
+    served = 0
+
+    async def desync(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal served
+        while True:
+            await _read_head(reader)
+            served += 1
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nreal-%d" % (served % 10))
+            # A second, unrequested response right behind the first, on the same keep-alive connection.
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL")
+            await writer.drain()
+
+    client, good = await gateway_for(desync)
+    baseline = await _baseline(client)
+    bodies = []
+    for _ in range(3):
+        response = await client.get("/bad/x")
+        bodies.append(await response.read())
+    assert b"EVIL" not in b"".join(bodies)
+    assert bodies == [b"real-1", b"real-2", b"real-3"]
+    await _assert_released(client, good, baseline)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcd",
+        b"HTTP/1.1 2000 OK\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-A: a\x00b\r\n\r\n",
+    ],
+    ids=["length and chunked", "two lengths", "bad status", "NUL in a header"],
+)
+async def test_an_ambiguous_upstream_response_gets_502(gateway_for: Any, head: bytes) -> None:
+    async def ambiguous(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_head(reader)
+        writer.write(head)
+        await writer.drain()
+        await reader.read()
+
+    client, good = await gateway_for(ambiguous)
+    baseline = await _baseline(client)
+    await _assert_gateway_error(await client.get("/bad/x"), 502)
+    await _assert_released(client, good, baseline)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nX-A: a\nX-B: b\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nX-A: a\r\n b\r\nX-B: b\r\nContent-Length: 2\r\n\r\nok",
+    ],
+    ids=["bare LF", "obs-fold"],
+)
+async def test_a_lenient_upstream_response_head_is_relayed_normalised(gateway_for: Any, head: bytes) -> None:
+    """Bare LF line ends and obs-fold in a response are read as RFC 9112 allows (obs-fold becomes
+    a space) and re-serialised by the gateway: the client never sees them."""
+
+    async def lenient(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_head(reader)
+        writer.write(head)
+        await writer.drain()
+        await reader.read()
+
+    client, _ = await gateway_for(lenient)
+    response = await client.get("/bad/x")
+    assert response.status == 200 and await response.read() == b"ok"
+    assert response.headers["X-B"] == "b"
+    assert response.headers["X-A"] in ("a", "a b")
