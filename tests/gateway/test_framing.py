@@ -10,7 +10,10 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from gateway import httpserver
 from tests.helpers import parse_responses, raw_exchange
 
 SMUGGLED = b"GET /b/smuggled HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
@@ -314,3 +317,54 @@ async def test_an_http_0_9_request_is_refused(two_routes: tuple[Any, Any, Any]) 
     (response,) = parse_responses(data)
     assert_gateway_error(response, 400)
     assert a.requests == [] and b.requests == []
+
+
+# -- mutation fuzzing: whatever the bytes, gateway and upstreams agree ---------------------------
+
+INSERTS = [b"\r", b"\n", b" ", b"\t", b"\r\n", b"\x00", b",", b";", b"0\r\n\r\n", b"\r\n\r\n",
+           b"Transfer-Encoding: chunked\r\n", b"Transfer-Encoding: gzip\r\n", b"Content-Length: 5\r\n",
+           b"Content-Length: 0\r\n", b"Connection: upgrade\r\nUpgrade: h2c\r\n", b"Expect: 100-continue\r\n"]  # fmt: skip
+BASES = [
+    b"POST /a/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n" + SMUGGLED,
+    b"POST /a/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello" + SMUGGLED,
+]
+
+
+@st.composite
+def mutated_requests(draw: st.DrawFn) -> bytes:
+    data = draw(st.sampled_from(BASES))
+    start = data.index(b"\r\n") + 2  # keep the first request line: mutate headers, body, and on
+    for _ in range(draw(st.integers(1, 3))):
+        line_starts = [i + 2 for i in range(start, len(data)) if data[i : i + 2] == b"\r\n"]
+        at = draw(st.one_of(st.integers(start, len(data)), st.sampled_from(line_starts or [start])))
+        if draw(st.integers(0, 3)):
+            data = data[:at] + draw(st.sampled_from(INSERTS)) + data[at:]
+        else:
+            data = data[:at] + data[at + 1 :]
+    return data
+
+
+@settings(max_examples=100, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(data=mutated_requests())
+async def test_mutated_requests_never_desynchronise_gateway_and_upstreams(
+    make_gateway: Any, make_upstream: Any, monkeypatch: pytest.MonkeyPatch, data: bytes
+) -> None:
+    monkeypatch.setattr(httpserver, "BODY_IDLE_TIMEOUT", 0.2)
+    a = await make_upstream(functools.partial(_echo, name="a"))
+    b = await make_upstream(functools.partial(_echo, name="b"))
+    config = {
+        "services": {"svc-a": {"url": a.url}, "svc-b": {"url": b.url}},
+        "routes": [
+            {"prefix": p, "service": s, "auth": "none", "content_types": ["*/*"], "max_body": "unlimited"}
+            for p, s in (("/a", "svc-a"), ("/b", "svc-b"))
+        ],
+    }
+    client = await make_gateway(config, server_kwargs={"keepalive_timeout": 0.3, "lingering_time": 0.05})
+    received = await raw_exchange(client.port, data, 5)
+    assert b"Traceback" not in received
+    responses = parse_responses(received.replace(b"HTTP/1.1 100 Continue\r\n\r\n", b""))
+    for response in responses:
+        assert response.status < 500, response
+        if response.status != 200:
+            assert response.headers["Content-Type"] == "application/json"
+    assert_upstreams_agree([r for r in responses if r.status == 200], a, b)
