@@ -309,3 +309,28 @@ async def test_a_lenient_upstream_response_head_is_relayed_normalised(gateway_fo
     assert response.status == 200 and await response.read() == b"ok"
     assert response.headers["X-B"] == "b"
     assert response.headers["X-A"] in ("a", "a b")
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 100_000 + b"\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n"
+        + b"".join(b"X-%d: 1\r\n" % i for i in range(5000))
+        + b"Content-Length: 0\r\n\r\n",
+    ],
+    ids=["huge header", "endless headers"],
+)
+async def test_an_oversized_upstream_head_gets_502(gateway_for: Any, head: bytes) -> None:
+    async def oversized(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_head(reader)
+        writer.write(head)
+        await writer.drain()
+        await reader.read()
+
+    client, good = await gateway_for(oversized)
+    baseline = await _baseline(client)
+    started = time.monotonic()
+    await _assert_gateway_error(await client.get("/bad/x"), 502)
+    assert time.monotonic() - started < READ_TIMEOUT + 1
+    await _assert_released(client, good, baseline)

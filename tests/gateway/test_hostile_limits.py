@@ -116,7 +116,7 @@ async def test_the_production_head_timeout_is_finite_and_documented() -> None:
     assert "BODY_IDLE_TIMEOUT" in (httpserver.__doc__ or "")
 
 
-BODY_TIMEOUT = 0.3
+BODY_TIMEOUT = 0.5
 
 
 @pytest.fixture
