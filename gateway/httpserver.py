@@ -34,6 +34,7 @@ from typing import Any
 
 from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
+from aiohttp.http_parser import HttpRequestParser, HttpRequestParserPy
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
@@ -46,6 +47,7 @@ __all__ = [
     "MAX_FIELD_SIZE",
     "MAX_HEADERS",
     "MAX_LINE_SIZE",
+    "STRICT_PARSER",
     "BodyTimeout",
     "GatewayRunner",
     "expect_continue",
@@ -61,6 +63,10 @@ MAX_LINE_SIZE = 8190
 MAX_FIELD_SIZE = 8190
 MAX_HEADERS = 128
 BODY_IDLE_TIMEOUT = 30.0
+# The guarantees above rest on aiohttp's C parser (llhttp). Without its extension (no wheel for
+# the platform, or AIOHTTP_NO_EXTENSIONS=1) aiohttp falls back to a pure-Python parser that is
+# more lenient: it takes "chunked<TAB>", HTTP/1.2 and Content-Length in trailers.
+STRICT_PARSER = HttpRequestParser is not HttpRequestParserPy
 
 
 class BodyTimeout(ApiError):
@@ -153,6 +159,8 @@ class GatewayRunner(web.AppRunner):
         kwargs.setdefault("max_line_size", MAX_LINE_SIZE)
         kwargs.setdefault("max_field_size", MAX_FIELD_SIZE)
         kwargs.setdefault("max_headers", MAX_HEADERS)
+        if not STRICT_PARSER:
+            log.warning("aiohttp's C HTTP parser is not in use: request framing checks are weaker")
         super().__init__(app, **kwargs)
 
     async def _make_server(self) -> web.Server:
