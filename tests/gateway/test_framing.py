@@ -368,3 +368,8 @@ async def test_mutated_requests_never_desynchronise_gateway_and_upstreams(
         if response.status != 200:
             assert response.headers["Content-Type"] == "application/json"
     assert_upstreams_agree([r for r in responses if r.status == 200], a, b)
+
+
+def test_the_strict_c_parser_is_the_one_in_use() -> None:
+    # Every test above relies on llhttp; the pure-Python fallback is more lenient.
+    assert httpserver.STRICT_PARSER
