@@ -12,6 +12,7 @@ from aiohttp import web
 
 from .errors import error_middleware
 from .health import setup_health_routes
+from .httpserver import expect_continue
 from .keys import lifecycle_key, limiter_key, route_table_key, settings_key, tracing_key
 from .limiter import Limiter, create_limiter
 from .metrics import Metrics, metrics_handler, metrics_key, metrics_middleware
@@ -22,7 +23,13 @@ from .middleware.request_id import stamp_request_id
 from .middleware.tracing import Tracing, tracing_ctx, tracing_middleware
 from .middleware.validation import body_checks_middleware, schema_validation_middleware
 from .openapi import build_openapi
-from .proxy import http_client_ctx, proxy_handler, routing_middleware, upstream_pools_ctx
+from .proxy import (
+    close_declined_upgrade,
+    http_client_ctx,
+    proxy_handler,
+    routing_middleware,
+    upstream_pools_ctx,
+)
 from .routing import LiveTable, RouteTable
 from .settings import Settings
 from .state import Lifecycle
@@ -95,15 +102,15 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(upstream_pools_ctx)
     app.cleanup_ctx.append(partial(tracing_ctx, tracing=tracing))
     app.cleanup_ctx.append(partial(_close_on_cleanup, limiter=limiter, verifier=verifier))
-    for stamp in (stamp_request_id, stamp_cors_headers, stamp_ratelimit_headers):
+    for stamp in (stamp_request_id, stamp_cors_headers, stamp_ratelimit_headers, close_declined_upgrade):
         app.on_response_prepare.append(stamp)
     app.on_startup.append(_mark_ready)
     app.on_shutdown.append(_mark_draining)
 
     setup_health_routes(app)
-    app.router.add_get("/metrics", metrics_handler)
-    app.router.add_get("/openapi.json", openapi_document)
-    app.router.add_route("*", "/{tail:.*}", proxy_handler)
+    app.router.add_get("/metrics", metrics_handler, expect_handler=expect_continue)
+    app.router.add_get("/openapi.json", openapi_document, expect_handler=expect_continue)
+    app.router.add_route("*", "/{tail:.*}", proxy_handler, expect_handler=expect_continue)
     return app
 
 

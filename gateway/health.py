@@ -24,6 +24,7 @@ import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from .httpserver import expect_continue
 from .keys import http_client_key, lifecycle_key, limiter_key, route_table_key, settings_key
 from .metrics import metrics_key
 from .middleware.tracing import inject_trace_headers
@@ -258,6 +259,6 @@ def _health_json(overall: str, components: dict[str, Any], uptime: int) -> dict[
 
 def setup_health_routes(app: web.Application) -> None:
     app.cleanup_ctx.append(health_ctx)
-    app.router.add_get("/health", health)
-    app.router.add_get("/health/ready", ready)
-    app.router.add_get("/health/detailed", detailed)
+    app.router.add_get("/health", health, expect_handler=expect_continue)
+    app.router.add_get("/health/ready", ready, expect_handler=expect_continue)
+    app.router.add_get("/health/detailed", detailed, expect_handler=expect_continue)

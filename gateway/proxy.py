@@ -22,7 +22,7 @@ from time import perf_counter
 from typing import Any
 
 import aiohttp
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import HttpVersion10, WSCloseCode, WSMsgType, web
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.http import RawResponseMessage
 from aiohttp.http_exceptions import HttpProcessingError
@@ -33,6 +33,7 @@ from yarl import URL
 
 from .errors import ApiError, body_too_large
 from .headers import response_headers, upstream_headers
+from .httpserver import BodyTimeout, read_body_chunk
 from .keys import (
     body_key,
     http_client_key,
@@ -48,7 +49,7 @@ from .middleware.auth import identity_headers
 from .middleware.request_id import REQUEST_ID_HEADER
 from .middleware.tracing import client_span, inject_trace_headers
 from .pool import ConnectFailed, ConnectTimeout, exchange
-from .routing import strip_route_prefix
+from .routing import has_dot_segment, strip_route_prefix
 from .settings import Route
 from .upstream import Target, Upstream
 
@@ -57,6 +58,7 @@ __all__ = [
     "CHUNK_SIZE",
     "POOL_SWEEP_SECONDS",
     "BodyTooLarge",
+    "close_declined_upgrade",
     "http_client_ctx",
     "proxy_handler",
     "routing_middleware",
@@ -74,6 +76,7 @@ _WS_HANDSHAKE_HEADERS = frozenset(
     {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol"}
 )
 _WS_MAX_MESSAGE = 16 * 1024 * 1024
+_NO_BODY_METHODS = frozenset({"GET", "HEAD", "TRACE"})
 _CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 
 
@@ -138,9 +141,20 @@ def routing_middleware(*, proxy: Handler) -> Any:
         raw_path = request.raw_path
         if not raw_path.startswith("/"):
             raise ApiError(400, "Request target must be a path")
+        if request.version < HttpVersion10:
+            raise ApiError(400, "HTTP/0.9 is not supported")
+        transfer_encoding = request.headers.get("Transfer-Encoding")
+        if transfer_encoding is not None and transfer_encoding.strip().lower() != "chunked":
+            # The parser accepts "gzip, chunked" and strips only the chunking; forwarding the
+            # rest would hand the upstream a coded body labelled as plain.
+            raise ApiError(400, "Unsupported Transfer-Encoding: only 'chunked' is accepted")
+        if request.method in _NO_BODY_METHODS and request.body_exists:
+            # No defined meaning, and the classic way to hide a request from a server that skips
+            # such bodies: refused rather than forwarded.
+            raise ApiError(400, f"A {request.method} request must not have a body")
         path = raw_path.partition("?")[0]
-        if _has_dot_segment(path):
-            raise ApiError(400, "Path must not contain '.' or '..' segments")
+        if has_dot_segment(path):
+            raise ApiError(400, "Path must not contain '.' or '..' segments, encoded or not")
         table = request.app[route_table_key].current
         route = table.match(path)
         if route is None:
@@ -152,14 +166,17 @@ def routing_middleware(*, proxy: Handler) -> Any:
     return routing
 
 
-def _has_dot_segment(path: str) -> bool:
-    if "." not in path and "%2" not in path and "%2" not in path.lower():
-        return False
-    for segment in path.split("/"):
-        lowered = segment.lower().replace("%2e", ".")
-        if lowered in (".", ".."):
-            return True
-    return False
+async def close_declined_upgrade(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: close the connection after a request that asked to upgrade it.
+
+    aiohttp stops parsing a connection after a request with ``Connection: Upgrade`` (``h2c``,
+    anything but a WebSocket the upstream accepts): whatever the client sends next would wait,
+    unanswered, until the keep-alive timeout. Closing says so at once.
+    """
+    if response.status != 101 and "Upgrade" in request.headers:
+        response.force_close()
+        # The hook runs after aiohttp wrote its framing headers: say it ourselves.
+        response.headers["Connection"] = "close"
 
 
 async def proxy_handler(request: web.Request) -> web.StreamResponse:
@@ -187,23 +204,38 @@ class _Body:
     bytes, then a connection that ends, and the client gets 413.
     """
 
-    __slots__ = ("_content", "_limit", "exceeded", "started")
+    __slots__ = ("_content", "_limit", "exceeded", "started", "timed_out")
 
     def __init__(self, content: aiohttp.StreamReader, limit: int | None) -> None:
         self._content = content
         self._limit = limit
         self.started = False
         self.exceeded = False
+        self.timed_out = False
+
+    async def _read(self, content: aiohttp.StreamReader) -> bytes:
+        try:
+            return await read_body_chunk(content)
+        except BodyTimeout:
+            self.timed_out = True
+            raise
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         self.started = True
         content, limit, sent = self._content, self._limit, 0
-        while chunk := await content.readany():
+        while chunk := await self._read(content):
             sent += len(chunk)
             if limit is not None and sent > limit:
                 self.exceeded = True
                 raise BodyTooLarge(limit)
             yield chunk
+
+
+async def _read_small(content: aiohttp.StreamReader) -> bytes:
+    chunks = []
+    while chunk := await read_body_chunk(content):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class BodyTooLarge(Exception):
@@ -223,7 +255,7 @@ async def _proxy_http(
         if length is not None and limit is not None and length > limit:
             raise body_too_large(limit)
         if length is not None and length <= BUFFER_LIMIT:
-            body = await request.read()
+            body = await _read_small(request.content)
         else:
             body = _Body(request.content, limit)
     if isinstance(body, bytes):
@@ -287,6 +319,8 @@ async def _send(
                 protocol.close()
             if isinstance(body, _Body) and body.exceeded:
                 raise body_too_large(request[route_key].max_body or 0) from None
+            if isinstance(body, _Body) and body.timed_out:
+                raise BodyTimeout from None
             error, retryable, kind = _upstream_failure(upstream, target, exc)
             request.app[metrics_key].upstream_errors.labels(upstream.name, kind).inc()
             attempts -= 1

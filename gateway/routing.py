@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
@@ -10,7 +11,11 @@ from .settings import Route
 if TYPE_CHECKING:
     from .upstream import Upstream
 
-__all__ = ["LiveTable", "RouteTable", "strip_route_prefix"]
+__all__ = ["LiveTable", "RouteTable", "has_dot_segment", "strip_route_prefix"]
+
+# What some server, framework or file system somewhere takes for a segment boundary: "/", its
+# encoded forms, the backslash (Windows, IIS, some routers) and ";" (Tomcat drops ";params").
+_SEGMENT_BOUNDARY = re.compile(r"/|\\|%2f|%5c|;")
 
 
 class RouteTable:
@@ -52,6 +57,21 @@ class LiveTable:
 
     def __init__(self, table: RouteTable) -> None:
         self.current = table
+
+
+def has_dot_segment(path: str) -> bool:
+    """Whether any server could read ``path`` (raw, without the query) as holding ``.`` or ``..``.
+
+    Dots are looked for after every decoding an upstream might apply, once or repeatedly
+    (``%2e``, ``%252e``), between every separator an upstream might honour: a path that passes
+    cannot be resolved, by the upstream, to somewhere outside the prefix its route matched.
+    """
+    if "." not in path and "%" not in path:
+        return False
+    lowered = path.lower()
+    while "%25" in lowered:
+        lowered = lowered.replace("%25", "%")
+    return any(segment.replace("%2e", ".") in (".", "..") for segment in _SEGMENT_BOUNDARY.split(lowered))
 
 
 def strip_route_prefix(route: Route, raw_path: str) -> str:

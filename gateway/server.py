@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .httpserver import GatewayRunner
 from .keys import lifecycle_key
 from .logs import JsonAccessLogger
 
@@ -69,11 +70,11 @@ async def serve(
             task.add_done_callback(hangups.discard)
 
         loop.add_signal_handler(signal.SIGHUP, hangup)
-    runners: list[web.AppRunner] = []
+    runners: list[GatewayRunner] = []
     bound: list[tuple[Listener, int]] = []
     try:
         for listener in listeners:
-            runner = web.AppRunner(
+            runner = GatewayRunner(
                 listener.app,
                 handle_signals=False,
                 access_log_class=JsonAccessLogger,

@@ -24,6 +24,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import create_app
+from gateway.httpserver import GatewayRunner
 from gateway.settings import load_settings
 
 UpstreamHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -151,19 +152,35 @@ def refused_url(bound_socket: Callable[[], socket.socket]) -> str:
     return f"http://127.0.0.1:{bound_socket().getsockname()[1]}"
 
 
+class GatewayTestServer(TestServer):
+    """A test server on the production runner: same limits and error answers as ``serve``."""
+
+    def __init__(self, app: web.Application, **runner_kwargs: Any) -> None:
+        super().__init__(app)
+        self._runner_kwargs = runner_kwargs
+
+    async def _make_runner(self, **kwargs: Any) -> GatewayRunner:
+        return GatewayRunner(self.app, **{**kwargs, **self._runner_kwargs})
+
+
 @pytest.fixture
 async def make_gateway(
     aiohttp_client: Any, tmp_path: Path
 ) -> Callable[..., Awaitable[TestClient[web.Request, web.Application]]]:
     """Write ``config`` as the YAML file, build the real app and return a client for it.
 
-    ``env`` adds environment variables (SERVICE_*_URL and the like); extra keyword arguments go
-    to the client session (``auto_decompress=False``, ...).
+    ``env`` adds environment variables (SERVICE_*_URL and the like); ``server_kwargs`` go to the
+    runner (``keepalive_timeout=...``); extra keyword arguments go to the client session
+    (``auto_decompress=False``, ...).
     """
     count = 0
 
     async def make(
-        config: dict[str, Any], env: dict[str, str] | None = None, **client_kwargs: Any
+        config: dict[str, Any],
+        env: dict[str, str] | None = None,
+        *,
+        server_kwargs: dict[str, Any] | None = None,
+        **client_kwargs: Any,
     ) -> TestClient[web.Request, web.Application]:
         nonlocal count
         count += 1
@@ -172,7 +189,7 @@ async def make_gateway(
         settings = load_settings({"GATEWAY_CONFIG": str(path), **(env or {})})
         # TestServer.start_server runs the app with handler_cancellation=True, as server.py does:
         # a client that goes away cancels its handler.
-        server = TestServer(create_app(settings))
+        server = GatewayTestServer(create_app(settings), **(server_kwargs or {}))
         return await aiohttp_client(server, **client_kwargs)
 
     return make

@@ -9,12 +9,14 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import yaml
 from aiohttp import web
+from multidict import CIMultiDict
 
 
 def one_service(url: str | list[str], prefix: str = "/", **route: Any) -> dict[str, Any]:
@@ -174,3 +176,44 @@ async def wait_ready(
             assert process.returncode is None, log.read_text(errors="replace")
             assert time.monotonic() < deadline, "the gateway did not become ready"
             await asyncio.sleep(0.05)
+
+
+@dataclass
+class RawResponse:
+    """One response as read off the socket."""
+
+    status: int
+    headers: CIMultiDict[str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def parse_responses(data: bytes) -> list[RawResponse]:
+    """Split the bytes of (pipelined) responses; framed by Content-Length or chunked, else EOF."""
+    responses: list[RawResponse] = []
+    while data:
+        head, sep, data = data.partition(b"\r\n\r\n")
+        assert sep, f"incomplete response head: {head[:200]!r}"
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers: CIMultiDict[str] = CIMultiDict()
+        for line in lines:
+            name, _, value = line.partition(":")
+            headers.add(name, value.strip())
+        if headers.get("Transfer-Encoding", "").lower() == "chunked":
+            body = b""
+            while True:
+                size_line, _, data = data.partition(b"\r\n")
+                size = int(size_line.split(b";")[0], 16)
+                if size == 0:
+                    data = data.partition(b"\r\n")[2]
+                    break
+                body, data = body + data[:size], data[size + 2 :]
+        elif "Content-Length" in headers:
+            length = int(headers["Content-Length"])
+            body, data = data[:length], data[length:]
+        else:
+            body, data = data, b""
+        responses.append(RawResponse(int(status_line.split(" ")[1]), headers, body))
+    return responses

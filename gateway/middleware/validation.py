@@ -19,6 +19,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from ..errors import ApiError, body_too_large
+from ..httpserver import read_body_chunk
 from ..keys import body_key, route_key
 from ..validation import find_schema, is_json_media_type, media_type_allowed, validate_body
 
@@ -93,7 +94,7 @@ async def _read_limited(request: web.Request, limit: int) -> bytes:
     chunks: list[bytes] = []
     total = 0
     content = request.content
-    while chunk := await content.readany():
+    while chunk := await read_body_chunk(content):
         total += len(chunk)
         if total > limit:
             raise body_too_large(limit)

@@ -1,0 +1,169 @@
+"""The HTTP/1.1 server side: aiohttp's runner with the gateway's connection limits and errors.
+
+aiohttp's C parser (llhttp, strict mode) already refuses the framing tricks behind request
+smuggling: ``Content-Length`` with ``Transfer-Encoding``, duplicate or non-numeric lengths,
+``Transfer-Encoding`` lists that do not end in ``chunked``, bare CR or LF, obs-fold, whitespace
+before the colon, malformed chunk sizes. Its own answer to them is a ``text/plain`` 400 that
+quotes the offending bytes and a logged traceback; ``GatewayRunner`` answers them in the
+contract's JSON instead, logs one line, and closes the connection. Only malformed requests take
+this path, so it costs nothing per good request.
+
+Limits (per connection, all enforced by aiohttp's protocol):
+
+    MAX_LINE_SIZE / MAX_FIELD_SIZE  request line / one header field, bytes     -> 431
+    MAX_HEADERS                     header fields per request                  -> 431
+    KEEPALIVE_TIMEOUT               seconds a connection may take to deliver a complete request
+                                    head, counted from the connect or the previous response: an
+                                    idle keep-alive connection and a trickled (slowloris) head
+                                    are both closed when it runs out. Trickling does not extend it.
+    BODY_IDLE_TIMEOUT               seconds the client may leave a request body stalled; then
+                                    408, and the connection closes after aiohttp's lingering time
+                                    (10 s at most of draining what the client still sends).
+
+The head timeout is aiohttp's own keep-alive timer: it costs nothing extra. The body timeout
+arms a timer only when a body read has to wait for the network; a body that arrived with its
+head (the common small API call) is read without one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from aiohttp import HttpVersion11, web
+from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
+from aiohttp.http_parser import HttpRequestParser, HttpRequestParserPy
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler
+
+from .errors import ApiError, error_response
+from .middleware.request_id import REQUEST_ID_HEADER, new_request_id
+
+__all__ = [
+    "BODY_IDLE_TIMEOUT",
+    "KEEPALIVE_TIMEOUT",
+    "MAX_FIELD_SIZE",
+    "MAX_HEADERS",
+    "MAX_LINE_SIZE",
+    "STRICT_PARSER",
+    "BodyTimeout",
+    "GatewayRunner",
+    "expect_continue",
+    "read_body_chunk",
+]
+
+log = logging.getLogger("gateway.http")
+
+# The classic keep-alive value (nginx, aiohttp's run_app): longer than common load balancer idle
+# timeouts (60 s), so the balancer, not the gateway, closes idle connections first.
+KEEPALIVE_TIMEOUT = 75.0
+MAX_LINE_SIZE = 8190
+MAX_FIELD_SIZE = 8190
+MAX_HEADERS = 128
+BODY_IDLE_TIMEOUT = 30.0
+# The guarantees above rest on aiohttp's C parser (llhttp). Without its extension (no wheel for
+# the platform, or AIOHTTP_NO_EXTENSIONS=1) aiohttp falls back to a pure-Python parser that is
+# more lenient: it takes "chunked<TAB>", HTTP/1.2 and Content-Length in trailers.
+STRICT_PARSER = HttpRequestParser is not HttpRequestParserPy
+
+
+class BodyTimeout(ApiError):
+    """The client stopped sending its request body for ``BODY_IDLE_TIMEOUT`` seconds."""
+
+    def __init__(self) -> None:
+        super().__init__(408, "Request body not received in time")
+
+
+async def read_body_chunk(content: StreamReader) -> bytes:
+    """The next chunk of a request body (``b""`` at its end), or ``BodyTimeout``."""
+    # Data already received needs no timer: a timer costs ~12 us on uvloop, so it is armed only
+    # when the read has to wait for the network.
+    chunk = content.read_nowait()
+    if chunk or content.at_eof():
+        return chunk
+    try:
+        async with asyncio.timeout(BODY_IDLE_TIMEOUT):
+            return await content.readany()
+    except TimeoutError:
+        raise BodyTimeout from None
+
+
+class _GatewayRequestHandler(RequestHandler):
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; cannot send an error")
+        if status >= 500:
+            self.log_exception("error handling request", exc_info=exc)
+            detail = "Internal Server Error"
+        else:
+            status, detail = _describe(exc, status)
+            # A malformed request is the client's problem: one line, no traceback, no log flood.
+            log.info("malformed request", extra={"status": status, "error": detail, "peer": request.remote})
+        body = json.dumps({"detail": detail}).encode()
+        response = web.Response(
+            status=status,
+            body=body,
+            content_type="application/json",
+            headers={REQUEST_ID_HEADER: new_request_id()},
+        )
+        response.force_close()
+        return response
+
+
+def _describe(exc: BaseException | None, status: int) -> tuple[int, str]:
+    # The parser's own message quotes the client's bytes back; only a fixed phrase is sent.
+    if isinstance(exc, LineTooLong):
+        return 431, "Request line or header field too large"
+    if isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc.message):
+        return 431, "Too many header fields"
+    if isinstance(exc, HttpProcessingError):
+        return 400, "Malformed HTTP request"
+    return status, "Bad Request"
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """Expect handler for every route: ``100-continue`` is honoured, anything else is a JSON 417.
+
+    aiohttp's default handler runs before the middlewares: it answered an unknown expectation in
+    text, echoing the header, and a non-UTF-8 one with a 500.
+    """
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        if request.version >= HttpVersion11:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the interim answer is not the response
+        return None
+    return error_response(417, "Unsupported Expect header: only '100-continue' is supported")
+
+
+class _GatewayServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _GatewayRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class GatewayRunner(web.AppRunner):
+    """``web.AppRunner`` with the limits above and JSON answers to unparseable requests.
+
+    Keyword arguments override the limits (tests use a short ``keepalive_timeout``).
+    """
+
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        kwargs.setdefault("keepalive_timeout", KEEPALIVE_TIMEOUT)
+        kwargs.setdefault("max_line_size", MAX_LINE_SIZE)
+        kwargs.setdefault("max_field_size", MAX_FIELD_SIZE)
+        kwargs.setdefault("max_headers", MAX_HEADERS)
+        if not STRICT_PARSER:
+            log.warning("aiohttp's C HTTP parser is not in use: request framing checks are weaker")
+        super().__init__(app, **kwargs)
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _GatewayServer  # same object and state, only the protocol differs
+        return server

@@ -1,0 +1,221 @@
+"""Fuzzing: schemathesis against the gateway's own /openapi.json, hypothesis against the header
+rules, the trace-context parser and whole requests. Routes use ``auth: none`` and point at a stub
+that answers 200 to everything, so any 5xx (or traceback) is the gateway's own."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+import schemathesis
+from aiohttp import web
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.app import create_app
+from gateway.headers import GATEWAY_OWNED, HOP_BY_HOP, TRACE_HEADERS, upstream_headers
+from gateway.httpserver import GatewayRunner
+from gateway.settings import DEFAULT_ROUTES, load_settings
+from gateway.tracecontext import TraceContext, child_headers, extract, new_span_id
+
+FAST = settings(
+    max_examples=25,
+    deadline=None,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
+
+
+def _assert_not_gateway_failure(status: int, body: bytes) -> None:
+    assert status < 500, body[:300]
+    assert b"Traceback" not in body and b'File "' not in body
+
+
+class LiveGateway:
+    """The gateway and a stub upstream on a private event loop in a thread: schemathesis calls
+    them synchronously, through real sockets, from the test's thread."""
+
+    def __init__(self, tmp_path: Any) -> None:
+        self._tmp = tmp_path
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self.url = ""
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> LiveGateway:
+        self._thread.start()
+        assert self._ready.wait(10), "live gateway did not start"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        self._loop.run_until_complete(self._main())
+        self._loop.close()
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        async with _serve(_stub_app()) as stub_port:
+            url = f"http://127.0.0.1:{stub_port}"
+            config = self._tmp / "fuzz.yaml"
+            routes = "\n".join(
+                f"  - {{prefix: {prefix}, service: {service}, auth: none}}"
+                for prefix, service in DEFAULT_ROUTES
+            )
+            services = "\n".join(f"  {s}: {{url: '{url}'}}" for s in {s for _, s in DEFAULT_ROUTES})
+            config.write_text(f"services:\n{services}\nroutes:\n{routes}\n", encoding="utf-8")
+            app = create_app(load_settings({"GATEWAY_CONFIG": str(config)}))
+            async with _serve(app, gateway=True) as port:
+                self.url = f"http://127.0.0.1:{port}"
+                self._ready.set()
+                await self._stop.wait()
+
+
+def _stub_app() -> web.Application:
+    async def ok(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"status": "healthy", "latency_ms": 1})
+
+    app = web.Application(client_max_size=16 * 1024**2)
+    app.router.add_route("*", "/{tail:.*}", ok)
+    return app
+
+
+class _Serve:
+    def __init__(self, app: web.Application, gateway: bool) -> None:
+        self._runner = GatewayRunner(app) if gateway else web.AppRunner(app)
+
+    async def __aenter__(self) -> int:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        return self._runner.addresses[0][1]
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._runner.cleanup()
+
+
+def _serve(app: web.Application, gateway: bool = False) -> _Serve:
+    return _Serve(app, gateway)
+
+
+@pytest.fixture(scope="module")
+def live_gateway(tmp_path_factory: Any) -> Iterator[LiveGateway]:
+    with LiveGateway(tmp_path_factory.mktemp("fuzz")) as live:
+        yield live
+
+
+def test_schemathesis_finds_no_gateway_failure_in_the_openapi_surface(live_gateway: LiveGateway) -> None:
+    schema = schemathesis.openapi.from_url(f"{live_gateway.url}/openapi.json")
+    session = requests.Session()
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 8
+    for operation, mode in itertools.product(operations, schemathesis.GenerationMode):
+        if mode is schemathesis.GenerationMode.NEGATIVE and operation.method.upper() == "GET":
+            continue  # nothing in a parameterless GET to get wrong
+
+        # Positive cases must pass validation and reach the stub; negative ones get a JSON 4xx.
+        @settings(FAST, max_examples=8)
+        @given(case=operation.as_strategy(generation_mode=mode))
+        def check(case: Any) -> None:
+            response = case.call(base_url=live_gateway.url, session=session, timeout=5)
+            _assert_not_gateway_failure(response.status_code, response.content)
+            if response.status_code >= 400:
+                # schemathesis' Response: lower-cased names, each with a list of values
+                kind = str(response.headers.get("content-type", [""])[0])
+                assert kind.startswith("application/json"), (
+                    case.as_curl_command(),
+                    response.status_code,
+                    response.content[:200],
+                )
+
+        check()
+
+
+# -- whole requests with arbitrary headers and paths ---------------------------------------------
+
+TOKEN = st.text(
+    "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", min_size=1, max_size=20
+)
+VALUE = st.text(
+    st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"), max_size=80
+).map(str.strip)
+INTERESTING = st.sampled_from(
+    ["connection", "transfer-encoding", "te", "upgrade", "traceparent", "tracestate", "b3", "x-b3-traceid",
+     "x-b3-spanid", "x-b3-sampled", "x-b3-flags", "x-request-id", "x-forwarded-for", "x-auth-subject",
+     "content-type", "authorization", "expect", "via", "forwarded", "host"]
+)  # fmt: skip
+HEADERS = st.lists(st.tuples(st.one_of(INTERESTING, TOKEN), VALUE), max_size=8)
+PATH = st.lists(
+    st.sampled_from(
+        ["api", "v1", "clusters", "chat", "x", ".", "..", "%2e", "%2F", "%5C", ";", "%00", "~", "%ff", "a b"]
+    ),
+    max_size=6,
+).map(lambda parts: "/" + "/".join(parts).replace(" ", "%20"))
+
+
+@settings(FAST, max_examples=150)
+@given(
+    method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]), path=PATH, headers=HEADERS
+)
+def test_arbitrary_headers_and_paths_never_make_the_gateway_fail(
+    live_gateway: LiveGateway, method: str, path: str, headers: list[tuple[str, str]]
+) -> None:
+    prepared = requests.Request(method, live_gateway.url + path, headers=dict(headers)).prepare()
+    prepared.url = live_gateway.url + path  # no client-side normalisation
+    try:
+        response = requests.Session().send(prepared, timeout=5)
+    except requests.exceptions.ConnectionError:
+        return  # a head the gateway refused outright (e.g. Expect: 100-continue with junk); no 5xx
+    assert response.status_code < 500, (method, path, headers, response.content[:200])
+    _assert_not_gateway_failure(response.status_code, response.content)
+
+
+# -- the parsers themselves ----------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(headers=HEADERS, remote=st.one_of(st.none(), st.ip_addresses().map(str)))
+def test_upstream_headers_never_pass_hop_by_hop_or_gateway_owned_headers(
+    headers: list[tuple[str, str]], remote: str | None
+) -> None:
+    incoming = CIMultiDictProxy(CIMultiDict(headers))
+    out = upstream_headers(incoming, remote=remote, scheme="http", host="gw")
+    names = {name.lower() for name in out}
+    assert not names & (HOP_BY_HOP | GATEWAY_OWNED)
+    connection = {t.strip().lower() for v in incoming.getall("connection", ()) for t in v.split(",")}
+    assert not names & (connection - {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via"})
+    assert out["X-Forwarded-Proto"] == "http" and out["Via"].endswith("1.1 gateway")
+    for value in out.values():
+        assert "\r" not in value and "\n" not in value
+
+
+HEX = st.text("0123456789abcdefABCDEF-", max_size=40)
+TRACE_VALUE = st.one_of(HEX, VALUE, st.builds("-".join, st.lists(HEX, max_size=5)))
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(st.dictionaries(st.sampled_from(sorted(TRACE_HEADERS | {"x-b3-parentspanid"})), TRACE_VALUE))
+def test_trace_context_parser_accepts_or_ignores_anything(headers: dict[str, str]) -> None:
+    ctx = extract(CIMultiDictProxy(CIMultiDict(headers)))
+    if isinstance(ctx, TraceContext):
+        out = child_headers(ctx, new_span_id())
+        assert len(out["x-b3-traceid"]) in (16, 32) and len(out["x-b3-spanid"]) == 16
+        assert out["traceparent"].count("-") == 3
+        for value in out.values():
+            assert value.isprintable() and "\r" not in value and "\n" not in value
+
+
+async def test_the_live_gateway_fixture_serves_through_the_stub(live_gateway: LiveGateway) -> None:
+    response = await asyncio.to_thread(requests.get, f"{live_gateway.url}/api/v1/clusters/x", timeout=5)
+    assert response.status_code == 200 and response.json()["status"] == "healthy"

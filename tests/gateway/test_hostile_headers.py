@@ -1,0 +1,174 @@
+"""Header tricks: identity spoofing on every auth mode, Connection-named headers the gateway owns,
+HTTP/2 upgrade headers. Everything is checked at a real upstream."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jwt
+import pytest
+
+from tests.helpers import parse_responses, raw_exchange
+
+SECRET = "hostile-test-secret-" + "x" * 32
+OWNED = [
+    "x-auth-subject",
+    "x-auth-scopes",
+    "x-request-id",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "via",
+    "traceparent",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-sampled",
+]
+
+
+def _token(sub: str = "alice", scope: str = "read") -> str:
+    return jwt.encode({"sub": sub, "scope": scope, "exp": int(time.time()) + 300}, SECRET, algorithm="HS256")
+
+
+def _config(url: str) -> dict[str, Any]:
+    return {
+        "services": {"svc": {"url": url}},
+        "routes": [
+            {"prefix": f"/{mode}", "service": "svc", "auth": mode, "content_types": ["*/*"]}
+            for mode in ("required", "optional", "none")
+        ],
+    }
+
+
+@pytest.fixture(params=["true", "false"], ids=["auth-enabled", "auth-disabled"])
+async def gateway(request: Any, make_gateway: Any, make_upstream: Any) -> tuple[Any, Any, bool]:
+    upstream = await make_upstream()
+    enabled = request.param == "true"
+    client = await make_gateway(
+        _config(upstream.url), {"AUTH_ENABLED": request.param, "AUTH_JWT_SECRET": SECRET}
+    )
+    return client, upstream, enabled
+
+
+SPOOF_VARIANTS = [
+    [("X-Auth-Subject", "admin"), ("X-Auth-Scopes", "admin")],
+    [("x-auth-subject", "admin"), ("X-AUTH-SUBJECT", "root")],
+    [("X-Auth-Subject", "admin"), ("Connection", "x-auth-subject")],
+]
+
+
+@pytest.mark.parametrize("mode", ["required", "optional", "none"])
+@pytest.mark.parametrize("with_token", [True, False], ids=["token", "anonymous"])
+@pytest.mark.parametrize("spoof", SPOOF_VARIANTS, ids=["plain", "case-variants", "named-in-connection"])
+async def test_client_sent_identity_headers_never_reach_the_upstream(
+    gateway: tuple[Any, Any, bool], mode: str, with_token: bool, spoof: list[tuple[str, str]]
+) -> None:
+    client, upstream, enabled = gateway
+    headers = list(spoof)
+    if with_token:
+        headers.append(("Authorization", f"Bearer {_token()}"))
+    response = await client.get(f"/{mode}/x", headers=headers)
+    if enabled and mode == "required" and not with_token:
+        assert response.status == 401
+        assert upstream.requests == []
+        return
+    assert response.status == 200
+    (seen,) = upstream.requests
+    authenticated = enabled and with_token and mode != "none"
+    if authenticated:
+        assert seen.values("x-auth-subject") == ["alice"]
+        assert seen.values("x-auth-scopes") == ["read"]
+    else:
+        assert seen.values("x-auth-subject") == [] and seen.values("x-auth-scopes") == []
+
+
+@pytest.mark.parametrize("named", OWNED)
+async def test_connection_cannot_strip_headers_the_gateway_sets(
+    make_gateway: Any, make_upstream: Any, named: str
+) -> None:
+    upstream = await make_upstream()
+    client = await make_gateway(_config(upstream.url), {"AUTH_JWT_SECRET": SECRET})
+    response = await client.get(
+        "/required/x",
+        headers={
+            "Authorization": f"Bearer {_token()}",
+            "Connection": f"keep-alive, {named}",
+            named: "client",
+        },
+    )
+    assert response.status == 200
+    (seen,) = upstream.requests
+    assert seen.values(named), f"{named} was stripped"
+    if named.startswith(("x-auth", "x-b3", "traceparent")):
+        assert seen.values(named) != ["client"]
+
+
+async def test_connection_named_end_to_end_headers_are_dropped(make_gateway: Any, make_upstream: Any) -> None:
+    upstream = await make_upstream()
+    client = await make_gateway(_config(upstream.url))
+    response = await client.get(
+        "/none/x",
+        headers={"Connection": "x-private, x-other", "X-Private": "1", "X-Other": "2", "X-Kept": "3"},
+    )
+    assert response.status == 200
+    (seen,) = upstream.requests
+    assert not seen.names() & {"x-private", "x-other", "connection"}
+    assert seen.values("X-Kept") == ["3"]
+
+
+async def test_http2_upgrade_headers_are_never_forwarded(make_gateway: Any, make_upstream: Any) -> None:
+    upstream = await make_upstream()
+    client = await make_gateway(_config(upstream.url))
+    response = await client.get(
+        "/none/x",
+        headers={
+            "Connection": "Upgrade, HTTP2-Settings",
+            "Upgrade": "h2c",
+            "HTTP2-Settings": "AAMAAABkAAQAAP__",
+        },
+    )
+    assert response.status == 200
+    (seen,) = upstream.requests
+    assert not seen.names() & {"upgrade", "http2-settings", "connection"}
+
+
+async def test_a_request_id_with_control_characters_is_replaced(
+    make_gateway: Any, make_upstream: Any
+) -> None:
+    upstream = await make_upstream()
+    client = await make_gateway(_config(upstream.url))
+    response = await client.get("/none/x", headers={"X-Request-ID": "abc\tdef"})
+    assert response.status == 200
+    (seen,) = upstream.requests
+    (rid,) = seen.values("x-request-id")
+    assert rid != "abc\tdef" and rid == response.headers["X-Request-ID"]
+
+
+@pytest.mark.parametrize("path", [b"/none/x", b"/health", b"/openapi.json"])
+@pytest.mark.parametrize("expect", [b"foo", b"\x80\xff", b"100-continue, foo"])
+async def test_an_unsupported_expectation_gets_a_json_417(
+    make_gateway: Any, make_upstream: Any, path: bytes, expect: bytes
+) -> None:
+    upstream = await make_upstream()
+    client = await make_gateway(_config(upstream.url))
+    data = await raw_exchange(
+        client.port,
+        b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nExpect: " + expect + b"\r\nConnection: close\r\n\r\n",
+    )
+    (response,) = parse_responses(data)
+    assert response.status == 417
+    assert response.headers["Content-Type"] == "application/json" and response.headers.get("X-Request-ID")
+    assert expect not in response.body
+    assert upstream.requests == []
+
+
+async def test_expect_100_continue_still_gets_the_interim_answer(
+    make_gateway: Any, make_upstream: Any
+) -> None:
+    upstream = await make_upstream()
+    client = await make_gateway(_config(upstream.url))
+    head = b"POST /none/x HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\nConnection: close\r\n\r\n"
+    data = await raw_exchange(client.port, head + b"abc")
+    assert data.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 ")
+    assert [q.body for q in upstream.requests] == [b"abc"]
