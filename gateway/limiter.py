@@ -168,7 +168,8 @@ return {1, string.format('%.17g', new_tat - now), '0'}
 REDIS_TIMEOUT = 0.25
 # One EVALSHA takes well under a millisecond: a few dozen connections serve thousands of requests a
 # second, and the count of sockets to Redis stays bounded whatever the concurrency.
-REDIS_MAX_CONNECTIONS = 32
+REDIS_MAX_CONNECTIONS = 64
+REDIS_POOL_WAIT = 1.0
 
 
 class RedisLimiter:
@@ -188,13 +189,15 @@ class RedisLimiter:
     ) -> RedisLimiter:
         # No retries and short socket timeouts: a slow Redis must cost a request ~timeout, not
         # redis-py's default ten retries with exponential backoff.
-        # A bounded pool whose callers wait (up to the timeout) for a free connection: with the
-        # default pool, a burst of more concurrent requests than connections failed at once with
-        # MaxConnectionsError and flipped the gateway to local limits (seen in the soak).
+        # A bounded pool whose callers wait for a free connection. With the default pool, a burst
+        # of more concurrent requests than connections failed at once (MaxConnectionsError) and
+        # flipped the gateway to local limits; waiting only as long as a slow Redis is allowed
+        # to take flipped it too, since a busy event loop holds connections longer. Waiting for
+        # a connection is this process's own congestion, not Redis failing: it gets longer.
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
             max_connections=REDIS_MAX_CONNECTIONS,
-            timeout=timeout,
+            timeout=REDIS_POOL_WAIT,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0),
@@ -205,8 +208,9 @@ class RedisLimiter:
 
     async def hit(self, key: str, limit: RateLimit) -> Decision:
         try:
-            # The outer bound also covers a connect that succeeds but a server that never answers.
-            async with asyncio.timeout(self._timeout * 2):
+            # The socket timeouts catch a Redis that is down or stuck; this outer bound only has to
+            # leave room for waiting on the pool (our own congestion) and stop anything unforeseen.
+            async with asyncio.timeout(REDIS_POOL_WAIT + self._timeout * 2):
                 allowed, ahead, retry_after = await self._script(
                     keys=[self._prefix + key], args=[limit.limit, repr(float(limit.period))]
                 )
