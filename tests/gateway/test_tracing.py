@@ -294,3 +294,15 @@ async def test_a_collector_that_never_answers_does_not_hold_up_requests(
         stuck.set()
         await flushing
         await client.close()
+
+
+async def test_health_probes_to_backends_carry_the_trace(traced: Any, upstream: Any) -> None:
+    client = await traced()
+    response = await client.get(
+        "/health/detailed", headers={"traceparent": f"00-{INCOMING_TRACE}-{INCOMING_PARENT}-01"}
+    )
+    assert response.status == 200
+    probe = upstream[0][-1]
+    assert probe["traceparent"].split("-")[1] == INCOMING_TRACE
+    assert probe["x-b3-traceid"] == INCOMING_TRACE
+    assert probe["x-request-id"] == response.headers["x-request-id"]
