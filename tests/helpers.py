@@ -7,6 +7,7 @@ import json
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -121,11 +122,11 @@ def free_port() -> int:
 class PrivateRedis:
     """A redis-server of the test's own on a free port, which the test may stop."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path | None = None) -> None:
         if shutil.which("redis-server") is None:
             raise AssertionError("redis-server is not installed (apt-get install redis-server)")
         self.port = free_port()
-        self.dir = tmp
+        self.dir = tmp if tmp is not None else Path(tempfile.mkdtemp(prefix="private-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -156,6 +157,11 @@ class PrivateRedis:
             self.process.terminate()
             self.process.wait(10)
         self.process = None
+
+    def client(self) -> Any:
+        import redis
+
+        return redis.Redis(port=self.port, socket_timeout=2)
 
 
 async def wait_ready(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from intelligence.keys import cache_key, pool_key, service_key
+from tests.helpers import PrivateRedis  # noqa: F401  (re-exported for the chat tests)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -78,48 +78,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-class PrivateRedis:
-    """A redis-server of this test's own on a free port, which the test may stop and start."""
-
-    def __init__(self) -> None:
-        if shutil.which("redis-server") is None:
-            pytest.fail("redis-server is not installed (apt-get install redis-server)", pytrace=False)
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="chat-redis-")
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        client = redis.Redis(port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except (redis.RedisError, OSError):
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    pytest.fail(f"private redis-server on port {self.port} did not start")
-                time.sleep(0.02)
-        client.close()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
-        self.process = None
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=2)
 
 
 class Service:
