@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
-import socket
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -19,6 +16,7 @@ from aiohttp import web
 
 from tests.conftest import REDIS_URL
 from tests.gateway.chain import AUTH_ENV, bearer, service
+from tests.helpers import PrivateRedis
 
 POLICY_3_PER_MINUTE = '"route";q=3;w=60'
 
@@ -212,50 +210,18 @@ async def test_two_gateway_instances_sharing_redis_share_the_limit(
     assert await redis_client.exists(f"gateway:rl:ip:127.0.0.1:{shared_prefix}") == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
-    """Start (and restart) a redis-server of our own on a free port; ``.port`` is on the function."""
-    binary = shutil.which("redis-server")
-    assert binary, "redis-server is not installed (apt-get install redis-server)"
-    port = _free_port()
-    processes: list[subprocess.Popen[bytes]] = []
-
-    def start() -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(tmp_path)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        processes.append(process)
-        deadline = time.monotonic() + 5
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-                return process
-            except OSError:
-                assert process.poll() is None, "the private redis-server exited"
-                assert time.monotonic() < deadline, "the private redis-server did not start"
-                time.sleep(0.02)
-
-    start.port = port  # type: ignore[attr-defined]
-    yield start
-    for process in processes:
-        if process.poll() is None:
-            process.terminate()
-            process.wait(5)
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(tmp_path)
+    server.start()
+    yield server
+    server.stop()
 
 
 async def test_redis_stopped_mid_test_falls_back_then_recovers_shared_limits(
     make_gateway, upstream, private_redis
 ):
-    server = private_redis()
-    url = f"redis://127.0.0.1:{private_redis.port}/0"
+    url = private_redis.url
     routes = [*limited_routes(), {"prefix": "/probe", "rate_limit": "1000/minute", "auth": "none"}]
     client = await make_gateway(service(upstream.url, routes), {**AUTH_ENV, "REDIS_URL": url})
     probe = aioredis.Redis.from_url(url, socket_connect_timeout=1)
@@ -269,8 +235,7 @@ async def test_redis_stopped_mid_test_falls_back_then_recovers_shared_limits(
         healthy = await redis_component()
         assert (healthy["status"], healthy["rate_limit_fallback"]) == ("healthy", False)
 
-        server.terminate()
-        server.wait(5)
+        private_redis.stop()
         # Still answered, and still limited: the in-process fallback has the same limits.
         statuses = [(await client.get("/limited/x")).status for _ in range(4)]
         assert statuses == [200, 200, 200, 429]
@@ -285,7 +250,7 @@ async def test_redis_stopped_mid_test_falls_back_then_recovers_shared_limits(
         assert "error" in seen
         assert (await (await client.get("/health/detailed")).json())["status"] == "degraded"
 
-        private_redis()  # same port, empty
+        private_redis.start()  # same port, empty
         await probe.aclose()
         probe = aioredis.Redis.from_url(url, socket_connect_timeout=1)
 

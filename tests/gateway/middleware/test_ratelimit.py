@@ -5,9 +5,7 @@ import ipaddress
 import logging
 import math
 import re
-import shutil
-import socket
-import subprocess
+import signal
 import time
 import uuid
 
@@ -20,6 +18,7 @@ from gateway.limiter import FailoverLimiter, MemoryLimiter, RedisLimiter
 from gateway.middleware.auth import TokenVerifier
 from gateway.settings import AuthSettings, RateLimit
 from tests.conftest import REDIS_URL
+from tests.helpers import PrivateRedis
 
 from .app import make_app
 
@@ -183,34 +182,10 @@ async def test_limits_are_shared_by_two_gateway_instances(redis_limiter, aiohttp
     assert statuses == [(200, "2"), (200, "1"), (200, "0"), (429, "0"), (429, "0")]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start_redis(port: int, tmp_path) -> subprocess.Popen:
-    binary = shutil.which("redis-server")
-    assert binary, "redis-server is not installed (apt-get install redis-server)"
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            return process
-        except OSError:
-            assert process.poll() is None, "the private redis-server exited"
-            assert time.monotonic() < deadline, "the private redis-server did not start"
-            time.sleep(0.02)
-
-
 async def test_redis_outage_falls_back_with_the_same_limits_and_recovers(tmp_path, caplog):
-    port = _free_port()
-    server = _start_redis(port, tmp_path)
+    server = PrivateRedis(tmp_path)
+    server.start()
+    port = server.port
     limiter = FailoverLimiter(
         RedisLimiter.from_url(f"redis://127.0.0.1:{port}/0", prefix="t:", timeout=0.1),
         MemoryLimiter(),
@@ -221,8 +196,7 @@ async def test_redis_outage_falls_back_with_the_same_limits_and_recovers(tmp_pat
         assert (await limiter.hit("on-redis", limit)).allowed
         assert not limiter.fallback_active
 
-        server.terminate()
-        server.wait(5)
+        server.stop()
         with caplog.at_level(logging.WARNING, logger="gateway.ratelimit"):
             decisions = [await limiter.hit("k", limit) for _ in range(5)]
         assert limiter.fallback_active
@@ -231,7 +205,7 @@ async def test_redis_outage_falls_back_with_the_same_limits_and_recovers(tmp_pat
         outage_logs = [r for r in caplog.records if "unavailable" in r.getMessage()]
         assert len(outage_logs) == 1  # once, not per request
 
-        server = _start_redis(port, tmp_path)
+        server.start()  # same port, empty
         deadline = time.monotonic() + 5
         while limiter.fallback_active:
             assert time.monotonic() < deadline, "did not go back to Redis"
@@ -246,13 +220,13 @@ async def test_redis_outage_falls_back_with_the_same_limits_and_recovers(tmp_pat
             await probe.close()
     finally:
         await limiter.close()
-        server.terminate()
-        server.wait(5)
+        server.stop()
 
 
 async def test_hung_redis_costs_one_short_timeout_then_the_fallback(tmp_path):
-    port = _free_port()
-    server = _start_redis(port, tmp_path)
+    server = PrivateRedis(tmp_path)
+    server.start()
+    port = server.port
     limiter = FailoverLimiter(
         RedisLimiter.from_url(f"redis://127.0.0.1:{port}/0", prefix="t:", timeout=0.05),
         MemoryLimiter(),
@@ -260,7 +234,7 @@ async def test_hung_redis_costs_one_short_timeout_then_the_fallback(tmp_path):
     )
     try:
         await limiter.hit("k", RateLimit(3, 60.0))
-        server.send_signal(19)  # SIGSTOP: connected, but never answers
+        server.process.send_signal(signal.SIGSTOP)  # connected, but never answers
         started = time.monotonic()
         await limiter.hit("k", RateLimit(3, 60.0))
         assert time.monotonic() - started < 0.5
@@ -270,10 +244,9 @@ async def test_hung_redis_costs_one_short_timeout_then_the_fallback(tmp_path):
             await limiter.hit("k", RateLimit(3, 60.0))
         assert time.monotonic() - started < 0.05
     finally:
-        server.send_signal(18)
+        server.process.send_signal(signal.SIGCONT)
         await limiter.close()
-        server.terminate()
-        server.wait(5)
+        server.stop()
 
 
 # -- the middleware, end to end ----------------------------------------------------------------
