@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from functools import partial
 from typing import Any
 
 from aiohttp import HttpVersion11, web
@@ -143,6 +144,18 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
     return error_response(417, "Unsupported Expect header: only '100-continue' is supported")
 
 
+class GatewayRequest(web.Request):
+    """aiohttp's request with a direct ``get``.
+
+    ``Mapping.get`` goes through ``__getitem__`` and raises and catches a KeyError for every
+    absent key; the middlewares and hooks ask about fifteen times per request, and most of the
+    keys they ask about (a body, an identity, CORS headers) are usually absent.
+    """
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self._state.get(key, default)
+
+
 class _GatewayServer(web.Server):
     def __call__(self) -> RequestHandler:
         return _GatewayRequestHandler(self, loop=self._loop, **self._kwargs)
@@ -166,4 +179,5 @@ class GatewayRunner(web.AppRunner):
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         server.__class__ = _GatewayServer  # same object and state, only the protocol differs
+        server.request_factory = partial(self._app._make_request, _cls=GatewayRequest)
         return server

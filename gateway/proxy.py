@@ -166,8 +166,8 @@ def routing_middleware(*, proxy: Handler) -> Any:
     return routing
 
 
-async def close_declined_upgrade(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: close the connection after a request that asked to upgrade it.
+def close_declined_upgrade(request: web.Request, response: web.StreamResponse) -> None:
+    """Part of ``on_response_prepare``: close the connection after a request that asked to upgrade it.
 
     aiohttp stops parsing a connection after a request with ``Connection: Upgrade`` (``h2c``,
     anything but a WebSocket the upstream accepts): whatever the client sends next would wait,

@@ -94,6 +94,9 @@ __all__ = [
     "new_root",
     "new_span_id",
     "new_trace_id",
+    "has_propagation_headers",
+    "trusted_child_headers",
+    "trusted_context",
 ]
 
 # Every header this module reads or writes. The proxy removes the client's copies of all of them
@@ -225,13 +228,41 @@ def new_span_id() -> str:
 
 def new_root(*, sampled: bool | None = None, debug: bool = False) -> TraceContext:
     """A context for a trace that starts here: new trace id, no parent span."""
-    return TraceContext(
-        trace_id=new_trace_id(),
-        span_id=None,
-        sampled=True if debug else sampled,
-        debug=debug,
-        origin=Origin.NEW,
-    )
+    return trusted_context(new_trace_id(), None, True if debug else sampled, debug, (), Origin.NEW)
+
+
+_set = object.__setattr__
+
+
+def trusted_context(
+    trace_id: str,
+    span_id: str | None,
+    sampled: bool | None,
+    debug: bool,
+    tracestate: tuple[str, ...],
+    origin: Origin,
+) -> TraceContext:
+    """A TraceContext from ids this process made or already checked, without checking them again.
+
+    Every proxied request builds two contexts; the regular constructor's validation (two regex
+    matches) is for contexts assembled elsewhere.
+    """
+    ctx = object.__new__(TraceContext)
+    _set(ctx, "trace_id", trace_id)
+    _set(ctx, "span_id", span_id)
+    _set(ctx, "sampled", sampled)
+    _set(ctx, "debug", debug)
+    _set(ctx, "tracestate", tracestate)
+    _set(ctx, "origin", origin)
+    return ctx
+
+
+def has_propagation_headers(headers: Mapping[str, str]) -> bool:
+    """Whether a case-insensitive header mapping (aiohttp's request headers) carries any context.
+
+    Most requests carry none: eight hashed lookups instead of a pass over every header.
+    """
+    return any(name in headers for name in PROPAGATION_HEADERS)
 
 
 def _collect(headers: Mapping[str, str]) -> dict[str, list[str]]:
@@ -370,6 +401,11 @@ def child_headers(ctx: TraceContext, child_span_id: str, *, b3_single: bool = Fa
     """
     if not _is_id(child_span_id, _SPAN_ID):
         raise ValueError(f"child_span_id must be 16 lowercase hex, not all zero: {child_span_id!r}")
+    return trusted_child_headers(ctx, child_span_id, b3_single=b3_single)
+
+
+def trusted_child_headers(ctx: TraceContext, child_span_id: str, *, b3_single: bool = False) -> dict[str, str]:
+    """:func:`child_headers` for a span id this process made (see :func:`new_span_id`)."""
     sampled = ctx.debug or ctx.sampled is True
     headers = {"traceparent": f"00-{ctx.w3c_trace_id}-{child_span_id}-{'01' if sampled else '00'}"}
     if ctx.tracestate:

@@ -20,7 +20,7 @@ from aiohttp.typedefs import Handler
 
 from ..errors import ApiError
 
-__all__ = ["EXPOSED_HEADERS", "cors_headers_key", "cors_middleware", "stamp_cors_headers"]
+__all__ = ["EXPOSED_HEADERS", "cors_headers_key", "cors_middleware", "set_cors_headers", "stamp_cors_headers"]
 
 # What a browser script may read from any answer: correlation and rate-limit state above all.
 EXPOSED_HEADERS = (
@@ -97,6 +97,10 @@ def cors_middleware(allow_origins: Sequence[str]) -> Any:
 async def stamp_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
     """``on_response_prepare``: the gateway's CORS answer (possibly none) replaces whatever a
     backend sent, whenever CORS is configured."""
+    set_cors_headers(request, response)
+
+
+def set_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
     headers = request.get(cors_headers_key)
     if headers is None:
         return

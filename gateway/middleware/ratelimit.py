@@ -48,7 +48,7 @@ from ..keys import auth_key, client_ip_key, ratelimit_headers_key, route_key
 from ..limiter import Decision, Limiter
 from ..settings import RateLimit, Route
 
-__all__ = ["ratelimit_headers", "ratelimit_middleware", "request_client_ip", "stamp_ratelimit_headers"]
+__all__ = ["ratelimit_headers", "ratelimit_middleware", "request_client_ip", "set_ratelimit_headers", "stamp_ratelimit_headers"]
 
 STAGES = ("ip", "subject")
 # Bounds the "address is over its limit" memo of the ip stage; it only saves work, so losing it
@@ -208,6 +208,10 @@ def _with_retry(headers: dict[str, str], left: float) -> dict[str, str]:
 
 async def stamp_ratelimit_headers(request: web.Request, response: web.StreamResponse) -> None:
     """``on_response_prepare``: the rate-limit headers also reach streamed responses."""
+    set_ratelimit_headers(request, response)
+
+
+def set_ratelimit_headers(request: web.Request, response: web.StreamResponse) -> None:
     headers = request.get(ratelimit_headers_key)
     if headers:
         for name, value in headers.items():

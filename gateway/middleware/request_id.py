@@ -13,7 +13,7 @@ from aiohttp import web
 
 from ..keys import request_id_key
 
-__all__ = ["REQUEST_ID_HEADER", "new_request_id", "request_id_for", "stamp_request_id"]
+__all__ = ["REQUEST_ID_HEADER", "new_request_id", "request_id_for", "set_request_id_header", "stamp_request_id"]
 
 REQUEST_ID_HEADER = "X-Request-ID"
 # Long or odd ids are log-injection and cardinality hazards; such ids are replaced, not trusted.
@@ -47,6 +47,10 @@ def request_id_for(request: web.Request) -> str:
 
 async def stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
     """``on_response_prepare``: reaches streamed and error responses alike."""
+    set_request_id_header(request, response)
+
+
+def set_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
     request_id = request.get(request_id_key)
     if request_id is None:  # rejected before the middleware ran (e.g. by the router itself)
         request_id = request[request_id_key] = new_request_id()

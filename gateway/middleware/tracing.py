@@ -14,21 +14,30 @@ backends' traces join up with whatever the caller started.
 
 from __future__ import annotations
 
-import contextlib
 import random
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextvars import ContextVar
-from dataclasses import dataclass, replace
-from typing import Any
+from collections.abc import AsyncIterator, Mapping
+from contextvars import ContextVar, Token
+from types import TracebackType
+from typing import Any, NamedTuple
 
 import aiozipkin as az
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from multidict import CIMultiDictProxy
 from aiozipkin.helpers import TraceContext as ZipkinContext
 from aiozipkin.span import SpanAbc
 
 from ..keys import request_id_key, route_key, span_key
-from ..tracecontext import SamplingOnly, TraceContext, child_headers, extract, new_root, new_span_id
+from ..tracecontext import (
+    SamplingOnly,
+    TraceContext,
+    extract,
+    has_propagation_headers,
+    new_root,
+    new_span_id,
+    trusted_child_headers,
+    trusted_context,
+)
 from ..zipkin import ZipkinReporter
 from .request_id import request_id_for
 
@@ -42,9 +51,11 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class SpanRef:
-    """The span in progress: ``parent.span_id`` is its parent's id, ``span_id`` its own."""
+class SpanRef(NamedTuple):
+    """The span in progress: ``parent.span_id`` is its parent's id, ``span_id`` its own.
+
+    A tuple: two are made per proxied request, and a tuple is the cheapest immutable record.
+    """
 
     parent: TraceContext
     span_id: str
@@ -71,7 +82,7 @@ def inject_trace_headers(headers: Mapping[str, str] | None = None) -> dict[str, 
     out = dict(headers) if headers else {}
     ref = _current.get()
     if ref is not None:
-        out.update(child_headers(ref.parent, ref.span_id))
+        out.update(trusted_child_headers(ref.parent, ref.span_id))
         if ref.request_id:
             out["x-request-id"] = ref.request_id
     return out
@@ -91,10 +102,15 @@ class Tracing:
 
     def context_for(self, headers: Mapping[str, str]) -> TraceContext:
         """The caller's context with a sampling decision: theirs when they made one, ours otherwise."""
+        if isinstance(headers, CIMultiDictProxy) and not has_propagation_headers(headers):
+            return new_root(sampled=random.random() < self.sample_rate)
         incoming = extract(headers)
         if isinstance(incoming, TraceContext):
             if incoming.sampled is None:
-                return replace(incoming, sampled=random.random() < self.sample_rate)
+                c = incoming
+                return trusted_context(
+                    c.trace_id, c.span_id, random.random() < self.sample_rate, c.debug, c.tracestate, c.origin
+                )
             return incoming
         if isinstance(incoming, SamplingOnly):
             return new_root(sampled=incoming.sampled, debug=incoming.debug)
@@ -102,19 +118,19 @@ class Tracing:
 
     def start(self, parent: TraceContext, *, kind: str, name: str, request_id: str | None) -> SpanRef:
         span_id = new_span_id()
-        record = None
-        if self.tracer is not None and parent.sampled:
-            record = self.tracer.to_span(
-                ZipkinContext(
-                    trace_id=parent.trace_id,
-                    parent_id=parent.span_id,
-                    span_id=span_id,
-                    sampled=True,
-                    debug=parent.debug,
-                    shared=False,
-                )
+        if self.tracer is None or not parent.sampled:
+            return SpanRef(parent, span_id, None, request_id)
+        record = self.tracer.to_span(
+            ZipkinContext(
+                trace_id=parent.trace_id,
+                parent_id=parent.span_id,
+                span_id=span_id,
+                sampled=True,
+                debug=parent.debug,
+                shared=False,
             )
-            record.kind(kind).name(name).start()
+        )
+        record.kind(kind).name(name).start()
         return SpanRef(parent, span_id, record, request_id)
 
 
@@ -170,28 +186,48 @@ def _finish_server_span(span: SpanAbc, request: web.Request, status: int) -> Non
     span.finish()
 
 
-@contextlib.contextmanager
-def client_span(tracing: Tracing, *, name: str, service: str) -> Iterator[SpanRef | None]:
+def client_span(tracing: Tracing, *, name: str, service: str) -> ClientSpan:
     """A CLIENT child of the current span around one downstream call; yields None when untraced.
 
     While it is open, ``inject_trace_headers()`` names it as the caller.
     """
-    server = _current.get()
-    if server is None:
-        yield None
-        return
-    parent = replace(server.parent, span_id=server.span_id)
-    ref = tracing.start(parent, kind=az.CLIENT, name=name, request_id=server.request_id)
-    if ref.record is not None:
-        ref.record.remote_endpoint(service)
-    token = _current.set(ref)
-    try:
-        yield ref
-    except BaseException as exc:
+    return ClientSpan(tracing, name, service)
+
+
+class ClientSpan:
+    """``with client_span(...) as ref``: a class rather than a generator, as every proxied
+    request opens one."""
+
+    __slots__ = ("_name", "_ref", "_service", "_token", "_tracing")
+
+    def __init__(self, tracing: Tracing, name: str, service: str) -> None:
+        self._tracing = tracing
+        self._name = name
+        self._service = service
+        self._ref: SpanRef | None = None
+
+    def __enter__(self) -> SpanRef | None:
+        server = _current.get()
+        if server is None:
+            return None
+        p = server.parent
+        parent = trusted_context(p.trace_id, server.span_id, p.sampled, p.debug, p.tracestate, p.origin)
+        ref = self._ref = self._tracing.start(
+            parent, kind=az.CLIENT, name=self._name, request_id=server.request_id
+        )
         if ref.record is not None:
-            ref.record.tag("error", type(exc).__name__)
-        raise
-    finally:
-        _current.reset(token)
+            ref.record.remote_endpoint(self._service)
+        self._token: Token[SpanRef | None] = _current.set(ref)
+        return ref
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        ref = self._ref
+        if ref is None:
+            return
+        _current.reset(self._token)
         if ref.record is not None:
+            if exc_type is not None:
+                ref.record.tag("error", exc_type.__name__)
             ref.record.finish()
