@@ -33,18 +33,18 @@ _RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctim
 _SECRET_WORDS = ("authorization", "password", "secret", "token", "cookie", "dsn")
 
 
-_second = -1
-_second_text = ""
+_second: tuple[int, str] = (-1, "")
 
 
 def _timestamp(created: float) -> str:
-    # Formatting the date once per second rather than per line: the access log writes thousands.
-    global _second, _second_text
+    # The date is formatted once per second rather than per line: the access log writes thousands.
+    # One tuple, replaced whole, as the loop and the writer thread both call this.
+    global _second
     second = int(created)
-    if second != _second:
-        _second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        _second = second
-    return f"{_second_text}.{int(created * 1000) % 1000:03d}Z"
+    cached = _second
+    if cached[0] != second:
+        cached = _second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return f"{cached[1]}.{int(created * 1000) % 1000:03d}Z"
 
 
 # json.dumps(entry, default=str, ensure_ascii=False) builds an encoder per call; access entries
@@ -112,10 +112,13 @@ class _Writer:
         handler, get = self.handler, self.queue.get
         while (item := get()) is not None:
             try:
-                if isinstance(item, list):  # a batch of access entries
+                if isinstance(item, list):  # a batch of access lines (JSON) or entries (text)
                     format_entry = handler.formatter.format_entry  # type: ignore[union-attr]
                     lines = []
                     for entry in item:
+                        if isinstance(entry, str):
+                            lines.append(entry)
+                            continue
                         entry["ts"] = _timestamp(entry["ts"])
                         lines.append(format_entry(entry))
                     handler.stream.write("\n".join(lines) + "\n")  # type: ignore[attr-defined]
@@ -150,12 +153,15 @@ class _EnqueueHandler(logging.Handler):
 
 _writer: _Writer | None = None
 access_entries: queue.SimpleQueue[Any] | None = None
+# JSON access lines are built on the loop in one f-string (see JsonAccessLogger.log): cheaper than
+# a dict per request encoded later, and the same bytes.
+_access_json = True
 
 # Access entries are gathered on the loop and handed to the writer at most every ACCESS_FLUSH
 # seconds (or every ACCESS_BATCH entries), one queue put per batch.
 ACCESS_FLUSH = 0.05
 ACCESS_BATCH = 512
-_batch: list[dict[str, Any]] = []
+_batch: list[str | dict[str, Any]] = []
 _flush_handle: asyncio.TimerHandle | None = None
 
 
@@ -167,7 +173,7 @@ def _flush_access() -> None:
     _batch = []
 
 
-def _add_access(entry: dict[str, Any]) -> None:
+def _add_access(entry: str | dict[str, Any]) -> None:
     global _flush_handle
     _batch.append(entry)
     if len(_batch) >= ACCESS_BATCH:
@@ -180,7 +186,8 @@ def _add_access(entry: dict[str, Any]) -> None:
 
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     """Route every logger through one writer thread to stderr, in the chosen format."""
-    global _writer, access_entries
+    global _writer, access_entries, _access_json
+    _access_json = fmt == "json"
     if _writer is not None:
         _writer.stop()
         atexit.unregister(_writer.stop)
@@ -208,29 +215,57 @@ class JsonAccessLogger(AbstractAccessLogger):
         return access_entries is not None and self.logger.isEnabledFor(logging.INFO)
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        route = request.get(route_key)
-        target = request.get(target_key)
-        span = request.get(span_key)
-        content = request.content
+        get = request.get
+        route = get(route_key)
+        target = get(target_key)
+        span = get(span_key)
+        # The query string may carry tokens; the path alone identifies the call.
+        path = request.raw_path.partition("?")[0]
+        bytes_in = getattr(request.content, "total_bytes", 0)
+        if not _access_json:
+            _add_access(
+                {
+                    "ts": _now(),  # formatted on the writer thread
+                    "level": "info",
+                    "logger": self.logger.name,
+                    "msg": "request",
+                    "method": request.method,
+                    "path": path,
+                    "route": route.prefix if route is not None else None,
+                    "service": route.service if route is not None else None,
+                    "upstream": target.url if target is not None else None,
+                    "status": response.status,
+                    "bytes_in": bytes_in,
+                    "bytes_out": response.body_length,
+                    "duration_ms": round(time * 1000, 3),
+                    "request_id": get(request_id_key),
+                    "trace_id": span.trace_id if span is not None else None,
+                    "span_id": span.span_id if span is not None else None,
+                    "remote": request.remote,
+                }
+            )
+            return
+        # The same fields, order and separators as json.dumps of the dict above.
+        if route is not None:
+            route_json = f"{_str(route.prefix)}, \"service\": {_str(route.service)}"
+        else:
+            route_json = 'null, "service": null'
+        if span is not None:
+            span_json = f'"{span.trace_id}", "span_id": "{span.span_id}"'
+        else:
+            span_json = 'null, "span_id": null'
         _add_access(
-            {
-                "ts": _now(),  # formatted on the writer thread
-                "level": "info",
-                "logger": self.logger.name,
-                "msg": "request",
-                "method": request.method,
-                # The query string may carry tokens; the path alone identifies the call.
-                "path": request.raw_path.partition("?")[0],
-                "route": route.prefix if route is not None else None,
-                "service": route.service if route is not None else None,
-                "upstream": target.url if target is not None else None,
-                "status": response.status,
-                "bytes_in": getattr(content, "total_bytes", 0),
-                "bytes_out": response.body_length,
-                "duration_ms": round(time * 1000, 3),
-                "request_id": request.get(request_id_key),
-                "trace_id": span.trace_id if span is not None else None,
-                "span_id": span.span_id if span is not None else None,
-                "remote": request.remote,
-            }
+            f'{{"ts": "{_timestamp(_now())}", "level": "info", "logger": {_str(self.logger.name)}, '
+            f'"msg": "request", "method": {_str(request.method)}, "path": {_str(path)}, '
+            f'"route": {route_json}, "upstream": {_opt(target.url if target is not None else None)}, '
+            f'"status": {response.status}, "bytes_in": {bytes_in}, "bytes_out": {response.body_length}, '
+            f'"duration_ms": {round(time * 1000, 3)!r}, "request_id": {_opt(get(request_id_key))}, '
+            f'"trace_id": {span_json}, "remote": {_opt(request.remote)}}}'
         )
+
+
+_str = json.encoder.encode_basestring
+
+
+def _opt(value: str | None) -> str:
+    return "null" if value is None else _str(value)
