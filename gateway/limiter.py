@@ -29,8 +29,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -56,8 +55,10 @@ log = logging.getLogger("gateway.ratelimit")
 _EPSILON = 1e-4
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
+    """One hit's outcome. A tuple: one is made per request, and a frozen dataclass's
+    ``__init__`` costs several times as much."""
+
     allowed: bool
     limit: int
     remaining: int
@@ -80,11 +81,7 @@ def _decide(limit: RateLimit, allowed: bool, ahead: float, retry_after: float) -
     interval = limit.period / limit.limit
     remaining = math.floor((limit.period - ahead) / interval + _EPSILON) if allowed else 0
     return Decision(
-        allowed=allowed,
-        limit=limit.limit,
-        remaining=max(0, min(limit.limit, remaining)),
-        reset_after=max(0.0, ahead),
-        retry_after=max(0.0, retry_after),
+        allowed, limit.limit, max(0, min(limit.limit, remaining)), max(0.0, ahead), max(0.0, retry_after)
     )
 
 

@@ -380,12 +380,16 @@ async def _relay_response(
         if len(body) != length:
             _count_failure(request, "reset")
             raise ApiError(502, "Upstream closed the connection mid-response")
-        response: web.StreamResponse = _RelayedResponse(status=status, reason=message.reason, body=body)
         # web.Response sets Content-Length itself; setting the copied headers afterwards keeps
         # the upstream's Content-Type (or its absence) untouched.
+        response: web.StreamResponse
+        if "Content-Type" in headers:
+            response = web.Response(status=status, reason=message.reason, body=body)
+        else:
+            response = _RelayedResponse(status=status, reason=message.reason, body=body)
+            response.untyped = True
         del headers["Content-Length"]
         response.headers.extend(headers)
-        response.untyped = "Content-Type" not in headers
         return response
 
     response = _RelayedStream(status=status, reason=message.reason, headers=headers)

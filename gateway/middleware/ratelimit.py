@@ -33,6 +33,7 @@ route sets its own ``rate_limit``. On a 429 the ``t`` of ``RateLimit`` equals ``
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import time
@@ -45,7 +46,7 @@ from aiohttp.typedefs import Handler
 from ..clientip import IPNetwork, client_ip
 from ..errors import ApiError
 from ..keys import auth_key, client_ip_key, ratelimit_headers_key, route_key
-from ..limiter import Decision, Limiter
+from ..limiter import Decision, Limiter, MemoryLimiter
 from ..settings import RateLimit, Route
 
 __all__ = ["ratelimit_headers", "ratelimit_middleware", "request_client_ip", "set_ratelimit_headers", "stamp_ratelimit_headers"]
@@ -59,11 +60,13 @@ _MAX_BLOCKED = 10_000
 def ratelimit_headers(policy: str, limit: RateLimit, decision: Decision) -> dict[str, str]:
     """The response headers for one decision (see the module docstring)."""
     reset = math.ceil(decision.reset_after)
+    remaining = str(decision.remaining)
+    policy_header, limit_header = _policy_headers(policy, limit)
     headers = {
-        "RateLimit-Policy": f'"{policy}";q={limit.limit};w={math.ceil(limit.period)}',
-        "RateLimit": f'"{policy}";r={decision.remaining};t={reset}',
-        "X-RateLimit-Limit": str(limit.limit),
-        "X-RateLimit-Remaining": str(decision.remaining),
+        "RateLimit-Policy": policy_header,
+        "RateLimit": f'"{policy}";r={remaining};t={reset}',
+        "X-RateLimit-Limit": limit_header,
+        "X-RateLimit-Remaining": remaining,
         "X-RateLimit-Reset": str(reset),
     }
     if not decision.allowed:
@@ -71,6 +74,12 @@ def ratelimit_headers(policy: str, limit: RateLimit, decision: Decision) -> dict
         headers["Retry-After"] = retry
         headers["RateLimit"] = f'"{policy}";r=0;t={retry}'
     return headers
+
+
+@functools.lru_cache(maxsize=1024)
+def _policy_headers(policy: str, limit: RateLimit) -> tuple[str, str]:
+    # The same for every request on a route: made once.
+    return f'"{policy}";q={limit.limit};w={math.ceil(limit.period)}', str(limit.limit)
 
 
 def request_client_ip(request: web.Request, trusted: Sequence[IPNetwork]) -> str:
@@ -120,9 +129,12 @@ def ratelimit_middleware(
             )
         return policy
 
+    # The in-memory limiter decides without I/O: called directly, not through a coroutine.
+    hit_now = limiter.hit_now if isinstance(limiter, MemoryLimiter) else None
+
     async def charge(request: web.Request, key: str, route: Route) -> dict[str, str]:
         limit, name = policy_for(route)
-        decision = await limiter.hit(key, limit)
+        decision = hit_now(key, limit) if hit_now is not None else await limiter.hit(key, limit)
         headers = request[ratelimit_headers_key] = ratelimit_headers(name, limit, decision)
         if not decision.allowed:
             if stage == "ip":
@@ -163,7 +175,15 @@ def ratelimit_middleware(
         key = f"ip:{_ip_bucket(request_client_ip(request, trusted))}:{route.prefix}"
         if not (auth_enabled and route.auth != "none" and "Authorization" in request.headers):
             headers = await charge(request, key, route)
-            return await call(request, handler, headers)
+            # call(), inlined: this is every anonymous request's path.
+            try:
+                response = await handler(request)
+            except ApiError as exc:
+                exc.headers = {**headers, **(exc.headers or {})}
+                raise
+            if not response.prepared:
+                response.headers.update(headers)
+            return response
 
         # A token to verify: charged here only if it turns out bad.
         memo = blocked.get(key)
