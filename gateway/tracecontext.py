@@ -262,7 +262,7 @@ def has_propagation_headers(headers: Mapping[str, str]) -> bool:
 
     Most requests carry none: eight hashed lookups instead of a pass over every header.
     """
-    return any(name in headers for name in PROPAGATION_HEADERS)
+    return bool(headers.keys() & PROPAGATION_HEADERS)  # multidict: a case-insensitive intersection
 
 
 def _collect(headers: Mapping[str, str]) -> dict[str, list[str]]:
@@ -401,19 +401,22 @@ def child_headers(ctx: TraceContext, child_span_id: str, *, b3_single: bool = Fa
     """
     if not _is_id(child_span_id, _SPAN_ID):
         raise ValueError(f"child_span_id must be 16 lowercase hex, not all zero: {child_span_id!r}")
-    return trusted_child_headers(ctx, child_span_id, b3_single=b3_single)
+    return trusted_child_headers(ctx, child_span_id, parent_id=ctx.span_id, b3_single=b3_single)
 
 
-def trusted_child_headers(ctx: TraceContext, child_span_id: str, *, b3_single: bool = False) -> dict[str, str]:
-    """:func:`child_headers` for a span id this process made (see :func:`new_span_id`)."""
+def trusted_child_headers(
+    ctx: TraceContext, child_span_id: str, *, parent_id: str | None, b3_single: bool = False
+) -> dict[str, str]:
+    """:func:`child_headers` for a span id this process made (see :func:`new_span_id`), whose
+    parent is ``parent_id`` rather than ``ctx.span_id`` (a span of this process in ``ctx``'s trace)."""
     sampled = ctx.debug or ctx.sampled is True
     headers = {"traceparent": f"00-{ctx.w3c_trace_id}-{child_span_id}-{'01' if sampled else '00'}"}
     if ctx.tracestate:
         headers["tracestate"] = ",".join(ctx.tracestate)
     headers["x-b3-traceid"] = ctx.trace_id
     headers["x-b3-spanid"] = child_span_id
-    if ctx.span_id is not None:
-        headers["x-b3-parentspanid"] = ctx.span_id
+    if parent_id is not None:
+        headers["x-b3-parentspanid"] = parent_id
     if ctx.debug:
         headers["x-b3-flags"] = "1"
     elif ctx.sampled is not None:
@@ -424,7 +427,7 @@ def trusted_child_headers(ctx: TraceContext, child_span_id: str, *, b3_single: b
         if state:
             fields.append(state)
             # The parent can only follow a sampling state: its position is the fourth field.
-            if ctx.span_id is not None:
-                fields.append(ctx.span_id)
+            if parent_id is not None:
+                fields.append(parent_id)
         headers["b3"] = "-".join(fields)
     return headers

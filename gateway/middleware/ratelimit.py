@@ -18,9 +18,10 @@ So a user behind a shared NAT is limited as themself, not as the whole NAT; an a
 bad tokens is limited like an anonymous client. IPv6 clients are bucketed by their /64: one host
 usually owns a whole /64 and could otherwise rotate addresses at will.
 
-Headers: each stage stores the headers in ``request[ratelimit_headers_key]`` and sets them on the
-response it gets back (or on the ApiError passing through). A streamed response is already sent by
-then, so ``stamp_ratelimit_headers`` must be registered in ``app.on_response_prepare``::
+Headers: each stage stores the headers in ``request[ratelimit_headers_key]`` (and puts them on
+an ApiError passing through); ``stamp_ratelimit_headers``, registered in
+``app.on_response_prepare``, sets them on every response as it is sent, streamed or not, replacing
+any an upstream sent (the gateway's limits are the ones the client runs into)::
 
     RateLimit-Policy: "default";q=100;w=60           (IETF draft-ietf-httpapi-ratelimit-headers-11)
     RateLimit: "default";r=99;t=1                    r: remaining, t: seconds until full again
@@ -146,13 +147,10 @@ def ratelimit_middleware(
 
     async def call(request: web.Request, handler: Handler, headers: dict[str, str]) -> web.StreamResponse:
         try:
-            response = await handler(request)
+            return await handler(request)
         except ApiError as exc:
             exc.headers = {**headers, **(exc.headers or {})}
             raise
-        if not response.prepared:
-            response.headers.update(headers)
-        return response
 
     if stage == "subject":
 
@@ -177,13 +175,10 @@ def ratelimit_middleware(
             headers = await charge(request, key, route)
             # call(), inlined: this is every anonymous request's path.
             try:
-                response = await handler(request)
+                return await handler(request)
             except ApiError as exc:
                 exc.headers = {**headers, **(exc.headers or {})}
                 raise
-            if not response.prepared:
-                response.headers.update(headers)
-            return response
 
         # A token to verify: charged here only if it turns out bad.
         memo = blocked.get(key)
@@ -205,11 +200,9 @@ def ratelimit_middleware(
             # Not authenticated yet answered: the auth layer let it pass anonymously. Charge it
             # late rather than not at all (the next one over the limit is stopped up front).
             try:
-                headers = await charge(request, key, route)
+                await charge(request, key, route)  # the headers go on as it is sent
             except ApiError:
-                return response
-            if not response.prepared:
-                response.headers.update(headers)
+                del request[ratelimit_headers_key]  # over the limit: this answer goes out as it is
         return response
 
     return ratelimit_ip
@@ -227,12 +220,11 @@ def _with_retry(headers: dict[str, str], left: float) -> dict[str, str]:
 
 
 async def stamp_ratelimit_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: the rate-limit headers also reach streamed responses."""
+    """``on_response_prepare``: the rate-limit headers reach every response, streamed too."""
     set_ratelimit_headers(request, response)
 
 
 def set_ratelimit_headers(request: web.Request, response: web.StreamResponse) -> None:
     headers = request.get(ratelimit_headers_key)
     if headers:
-        for name, value in headers.items():
-            response.headers.setdefault(name, value)
+        response.headers.update(headers)

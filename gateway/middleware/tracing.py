@@ -52,19 +52,21 @@ __all__ = [
 
 
 class SpanRef(NamedTuple):
-    """The span in progress: ``parent.span_id`` is its parent's id, ``span_id`` its own.
+    """The span in progress: ``trace`` is the request's trace (as received, or started here),
+    ``parent_id`` its parent span's id (None for a root), ``span_id`` its own.
 
     A tuple: two are made per proxied request, and a tuple is the cheapest immutable record.
     """
 
-    parent: TraceContext
+    trace: TraceContext
     span_id: str
     record: SpanAbc | None
     request_id: str | None = None
+    parent_id: str | None = None
 
     @property
     def trace_id(self) -> str:
-        return self.parent.trace_id
+        return self.trace.trace_id
 
 
 _current: ContextVar[SpanRef | None] = ContextVar("gateway_current_span", default=None)
@@ -82,7 +84,7 @@ def inject_trace_headers(headers: Mapping[str, str] | None = None) -> dict[str, 
     out = dict(headers) if headers else {}
     ref = _current.get()
     if ref is not None:
-        out.update(trusted_child_headers(ref.parent, ref.span_id))
+        out.update(trusted_child_headers(ref.trace, ref.span_id, parent_id=ref.parent_id))
         if ref.request_id:
             out["x-request-id"] = ref.request_id
     return out
@@ -116,22 +118,25 @@ class Tracing:
             return new_root(sampled=incoming.sampled, debug=incoming.debug)
         return new_root(sampled=random.random() < self.sample_rate)
 
-    def start(self, parent: TraceContext, *, kind: str, name: str, request_id: str | None) -> SpanRef:
+    def start(
+        self, trace: TraceContext, parent_id: str | None, *, kind: str, name: str, request_id: str | None
+    ) -> SpanRef:
+        """A span in ``trace``, child of ``parent_id``."""
         span_id = new_span_id()
-        if self.tracer is None or not parent.sampled:
-            return SpanRef(parent, span_id, None, request_id)
+        if self.tracer is None or not trace.sampled:
+            return SpanRef(trace, span_id, None, request_id, parent_id)
         record = self.tracer.to_span(
             ZipkinContext(
-                trace_id=parent.trace_id,
-                parent_id=parent.span_id,
+                trace_id=trace.trace_id,
+                parent_id=parent_id,
                 span_id=span_id,
                 sampled=True,
-                debug=parent.debug,
+                debug=trace.debug,
                 shared=False,
             )
         )
         record.kind(kind).name(name).start()
-        return SpanRef(parent, span_id, record, request_id)
+        return SpanRef(trace, span_id, record, request_id, parent_id)
 
 
 async def tracing_ctx(app: web.Application, tracing: Tracing) -> AsyncIterator[None]:
@@ -151,9 +156,9 @@ def tracing_middleware(tracing: Tracing) -> Any:
     @web.middleware
     async def trace(request: web.Request, handler: Handler) -> web.StreamResponse:
         request_id = request[request_id_key] = request_id_for(request)
-        parent = tracing.context_for(request.headers)
+        trace = tracing.context_for(request.headers)
         ref = request[span_key] = tracing.start(
-            parent, kind=az.SERVER, name=request.method, request_id=request_id
+            trace, trace.span_id, kind=az.SERVER, name=request.method, request_id=request_id
         )
         token = _current.set(ref)
         status = 500
@@ -210,10 +215,8 @@ class ClientSpan:
         server = _current.get()
         if server is None:
             return None
-        p = server.parent
-        parent = trusted_context(p.trace_id, server.span_id, p.sampled, p.debug, p.tracestate, p.origin)
         ref = self._ref = self._tracing.start(
-            parent, kind=az.CLIENT, name=self._name, request_id=server.request_id
+            server.trace, server.span_id, kind=az.CLIENT, name=self._name, request_id=server.request_id
         )
         if ref.record is not None:
             ref.record.remote_endpoint(self._service)

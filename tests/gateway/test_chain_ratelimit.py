@@ -118,6 +118,28 @@ async def test_streamed_responses_carry_the_headers(client):
         assert_limit_headers(response, remaining)
 
 
+async def test_the_gateways_headers_replace_an_upstreams_own(make_gateway, make_upstream):
+    # A backend with limits of its own: the client is limited by the gateway first, so the
+    # gateway's figures are the ones it must see, on buffered and streamed answers alike.
+    own = {"RateLimit-Policy": '"backend";q=1000;w=1', "X-RateLimit-Remaining": "999"}
+
+    async def reply(request: web.Request) -> web.StreamResponse:
+        if request.path.endswith("/stream"):
+            response = web.StreamResponse(headers=own)
+            await response.prepare(request)
+            await response.write_eof(b"streamed")
+            return response
+        return web.json_response({"ok": True}, headers=own)
+
+    backend = await make_upstream(reply)
+    client = await make_gateway(service(backend.url, limited_routes()), AUTH_ENV)
+    for path, remaining in (("/limited/x", 2), ("/limited/stream", 1)):
+        response = await client.get(path)
+        assert response.status == 200
+        assert response.headers.getall("RateLimit-Policy") == [POLICY_3_PER_MINUTE]
+        assert response.headers.getall("X-RateLimit-Remaining") == [str(remaining)]
+
+
 async def test_retry_after_is_never_earlier_than_the_real_reset(client):
     # 2 per 3 s: a request's worth every 1.5 s, so a rounded-down Retry-After (1) would be early.
     assert [(await client.get("/fast")).status for _ in range(2)] == [200, 200]
