@@ -50,9 +50,13 @@ def _timestamp(created: float) -> str:
 # json.dumps(entry, default=str, ensure_ascii=False) builds an encoder per call; access entries
 # are flat dicts of plain values, so one C encoder is made once and reused (no cycle checks
 # needed). Same output as json.dumps with those arguments.
-_encode_flat = json.encoder.c_make_encoder(  # type: ignore[attr-defined]
-    None, str, json.encoder.encode_basestring, None, ": ", ", ", False, False, True
-) if json.encoder.c_make_encoder is not None else None  # type: ignore[attr-defined]
+_encode_flat = (
+    json.encoder.c_make_encoder(  # type: ignore[attr-defined]
+        None, str, json.encoder.encode_basestring, None, ": ", ", ", False, False, True
+    )
+    if json.encoder.c_make_encoder is not None
+    else None
+)  # type: ignore[attr-defined]
 
 
 class JsonFormatter(logging.Formatter):
@@ -247,7 +251,7 @@ class JsonAccessLogger(AbstractAccessLogger):
             return
         # The same fields, order and separators as json.dumps of the dict above.
         if route is not None:
-            route_json = f"{_str(route.prefix)}, \"service\": {_str(route.service)}"
+            route_json = f'{_str(route.prefix)}, "service": {_str(route.service)}'
         else:
             route_json = 'null, "service": null'
         if span is not None:

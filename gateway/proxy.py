@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from time import perf_counter
 from typing import Any
 
@@ -134,10 +134,10 @@ def routing_middleware(*, proxy: Handler) -> Any:
     """
 
     @web.middleware
-    async def routing(request: web.Request, handler: Handler) -> web.StreamResponse:
+    def routing(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
         if request.match_info.handler is not proxy:
             request[route_key] = None
-            return await handler(request)
+            return handler(request)
         raw_path = request.raw_path
         if not raw_path.startswith("/"):
             raise ApiError(400, "Request target must be a path")
@@ -161,7 +161,7 @@ def routing_middleware(*, proxy: Handler) -> Any:
             raise ApiError(404, "No route for this path")
         request[route_key] = route
         request[upstream_key] = table.upstreams.get(route.service)  # type: ignore[assignment]
-        return await handler(request)
+        return handler(request)
 
     return routing
 

@@ -91,10 +91,10 @@ __all__ = [
     "TraceContext",
     "child_headers",
     "extract",
+    "has_propagation_headers",
     "new_root",
     "new_span_id",
     "new_trace_id",
-    "has_propagation_headers",
     "trusted_child_headers",
     "trusted_context",
 ]

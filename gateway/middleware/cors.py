@@ -12,7 +12,7 @@ allowed and ``Vary: Origin`` is sent; with ``*`` every origin is allowed without
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -65,13 +65,13 @@ def cors_middleware(allow_origins: Sequence[str]) -> Any:
     no_cors: dict[str, str] = {} if any_origin else {"Vary": "Origin"}
 
     @web.middleware
-    async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    def cors(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
         if not origins:
-            return await handler(request)
+            return handler(request)
         origin = request.headers.get("Origin")
         if origin is None:
             request[cors_headers_key] = no_cors
-            return await handler(request)
+            return handler(request)
         allowed = any_origin or origin in origins
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
             if not allowed:
@@ -87,11 +87,15 @@ def cors_middleware(allow_origins: Sequence[str]) -> Any:
             headers["Access-Control-Max-Age"] = PREFLIGHT_MAX_AGE
             if not any_origin:
                 headers["Vary"] = "Origin, Access-Control-Request-Method, Access-Control-Request-Headers"
-            return web.Response(status=204, headers=headers)
+            return _answered(web.Response(status=204, headers=headers))
         request[cors_headers_key] = headers_for(origin) if allowed else no_cors
-        return await handler(request)
+        return handler(request)
 
     return cors
+
+
+async def _answered(response: web.StreamResponse) -> web.StreamResponse:
+    return response
 
 
 async def stamp_cors_headers(request: web.Request, response: web.StreamResponse) -> None:

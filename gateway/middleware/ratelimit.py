@@ -18,8 +18,8 @@ So a user behind a shared NAT is limited as themself, not as the whole NAT; an a
 bad tokens is limited like an anonymous client. IPv6 clients are bucketed by their /64: one host
 usually owns a whole /64 and could otherwise rotate addresses at will.
 
-Headers: each stage stores the headers in ``request[ratelimit_headers_key]`` (and puts them on
-an ApiError passing through); ``stamp_ratelimit_headers``, registered in
+Headers: each stage stores the headers in ``request[ratelimit_headers_key]``;
+``stamp_ratelimit_headers``, registered in
 ``app.on_response_prepare``, sets them on every response as it is sent, streamed or not, replacing
 any an upstream sent (the gateway's limits are the ones the client runs into)::
 
@@ -38,7 +38,7 @@ import functools
 import ipaddress
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
 
 from aiohttp import web
@@ -50,7 +50,13 @@ from ..keys import auth_key, client_ip_key, ratelimit_headers_key, route_key
 from ..limiter import Decision, Limiter, MemoryLimiter
 from ..settings import RateLimit, Route
 
-__all__ = ["ratelimit_headers", "ratelimit_middleware", "request_client_ip", "set_ratelimit_headers", "stamp_ratelimit_headers"]
+__all__ = [
+    "ratelimit_headers",
+    "ratelimit_middleware",
+    "request_client_ip",
+    "set_ratelimit_headers",
+    "stamp_ratelimit_headers",
+]
 
 STAGES = ("ip", "subject")
 # Bounds the "address is over its limit" memo of the ip stage; it only saves work, so losing it
@@ -133,9 +139,8 @@ def ratelimit_middleware(
     # The in-memory limiter decides without I/O: called directly, not through a coroutine.
     hit_now = limiter.hit_now if isinstance(limiter, MemoryLimiter) else None
 
-    async def charge(request: web.Request, key: str, route: Route) -> dict[str, str]:
+    def settle(request: web.Request, key: str, route: Route, decision: Decision) -> None:
         limit, name = policy_for(route)
-        decision = hit_now(key, limit) if hit_now is not None else await limiter.hit(key, limit)
         headers = request[ratelimit_headers_key] = ratelimit_headers(name, limit, decision)
         if not decision.allowed:
             if stage == "ip":
@@ -143,44 +148,50 @@ def ratelimit_middleware(
                     blocked.clear()
                 blocked[key] = (time.monotonic() + decision.retry_after, headers)
             raise ApiError(429, "Too Many Requests", headers=headers)
-        return headers
 
-    async def call(request: web.Request, handler: Handler, headers: dict[str, str]) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except ApiError as exc:
-            exc.headers = {**headers, **(exc.headers or {})}
-            raise
+    async def charge(request: web.Request, key: str, route: Route) -> None:
+        """Charge ``key``; 429 when it is over. The headers go on whatever answer goes out, an
+        error's too, through ``stamp_ratelimit_headers``."""
+        settle(request, key, route, await limiter.hit(key, policy_for(route)[0]))
+
+    async def charged(request: web.Request, handler: Handler, key: str, route: Route) -> web.StreamResponse:
+        await charge(request, key, route)
+        return await handler(request)
+
+    def pass_on(
+        request: web.Request, handler: Handler, key: str, route: Route
+    ) -> Awaitable[web.StreamResponse]:
+        if hit_now is None:
+            return charged(request, handler, key, route)
+        settle(request, key, route, hit_now(key, policy_for(route)[0]))
+        return handler(request)
 
     if stage == "subject":
 
         @web.middleware
-        async def ratelimit_subject(request: web.Request, handler: Handler) -> web.StreamResponse:
+        def ratelimit_subject(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
             route = request.get(route_key)
             identity = request.get(auth_key)
             if route is None or identity is None:
-                return await handler(request)  # not routed, or anonymous: the ip stage charged it
-            headers = await charge(request, f"sub:{identity.subject}:{route.prefix}", route)
-            return await call(request, handler, headers)
+                return handler(request)  # not routed, or anonymous: the ip stage charged it
+            return pass_on(request, handler, f"sub:{identity.subject}:{route.prefix}", route)
 
         return ratelimit_subject
 
     @web.middleware
-    async def ratelimit_ip(request: web.Request, handler: Handler) -> web.StreamResponse:
+    def ratelimit_ip(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
         route = request.get(route_key)
         if route is None:
-            return await handler(request)
+            return handler(request)
         key = f"ip:{_ip_bucket(request_client_ip(request, trusted))}:{route.prefix}"
         if not (auth_enabled and route.auth != "none" and "Authorization" in request.headers):
-            headers = await charge(request, key, route)
-            # call(), inlined: this is every anonymous request's path.
-            try:
-                return await handler(request)
-            except ApiError as exc:
-                exc.headers = {**headers, **(exc.headers or {})}
-                raise
+            return pass_on(request, handler, key, route)
+        return with_token(request, handler, key, route)
 
-        # A token to verify: charged here only if it turns out bad.
+    async def with_token(
+        request: web.Request, handler: Handler, key: str, route: Route
+    ) -> web.StreamResponse:
+        """A token to verify: charged here only if it turns out bad."""
         memo = blocked.get(key)
         if memo is not None:
             until, headers = memo
@@ -190,11 +201,10 @@ def ratelimit_middleware(
             del blocked[key]
         try:
             response = await handler(request)
-        except ApiError as exc:
+        except ApiError:
             if auth_key in request or ratelimit_headers_key in request:
                 raise  # authenticated (the subject stage charged it) or already charged
-            headers = await charge(request, key, route)  # raises 429 when this was one too many
-            exc.headers = {**headers, **(exc.headers or {})}
+            await charge(request, key, route)  # raises 429 when this was one too many
             raise
         if auth_key not in request and ratelimit_headers_key not in request:
             # Not authenticated yet answered: the auth layer let it pass anonymously. Charge it

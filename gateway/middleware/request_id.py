@@ -13,7 +13,13 @@ from aiohttp import web
 
 from ..keys import request_id_key
 
-__all__ = ["REQUEST_ID_HEADER", "new_request_id", "request_id_for", "set_request_id_header", "stamp_request_id"]
+__all__ = [
+    "REQUEST_ID_HEADER",
+    "new_request_id",
+    "request_id_for",
+    "set_request_id_header",
+    "stamp_request_id",
+]
 
 REQUEST_ID_HEADER = "X-Request-ID"
 # Long or odd ids are log-injection and cardinality hazards; such ids are replaced, not trusted.

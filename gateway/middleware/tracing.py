@@ -23,9 +23,9 @@ from typing import Any, NamedTuple
 import aiozipkin as az
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from multidict import CIMultiDictProxy
 from aiozipkin.helpers import TraceContext as ZipkinContext
 from aiozipkin.span import SpanAbc
+from multidict import CIMultiDictProxy
 
 from ..keys import request_id_key, route_key, span_key
 from ..tracecontext import (

@@ -13,6 +13,7 @@ Two layers, because a request that will be refused for its token must not get it
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Any
 
 from aiohttp import web
@@ -39,10 +40,10 @@ def body_checks_middleware() -> Any:
     """413 on a declared length over the route's limit; 415 on a body type the route refuses."""
 
     @web.middleware
-    async def body_checks(request: web.Request, handler: Handler) -> web.StreamResponse:
+    def body_checks(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
         route = request.get(route_key)
         if route is None or not _has_body(request):
-            return await handler(request)
+            return handler(request)
         length = request.content_length
         if route.max_body is not None and length is not None and length > route.max_body:
             raise body_too_large(route.max_body)
@@ -54,7 +55,7 @@ def body_checks_middleware() -> Any:
             # parse JSON whatever the header says, so another type would be a way around the check.
             if not is_json_media_type(content_type) and find_schema(request.method, request.raw_path):
                 raise _unsupported(content_type, ("application/json",))
-        return await handler(request)
+        return handler(request)
 
     return body_checks
 
@@ -72,22 +73,26 @@ def schema_validation_middleware() -> Any:
     """Check bodies that have a schema; keep the exact bytes for the proxy to forward."""
 
     @web.middleware
-    async def schema_validation(request: web.Request, handler: Handler) -> web.StreamResponse:
+    def schema_validation(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
         route = request.get(route_key)
         if route is None or request.method not in BODY_METHODS:
-            return await handler(request)
+            return handler(request)
         found = find_schema(request.method, request.raw_path)
         if found is None:
-            return await handler(request)
+            return handler(request)
         limit = route.max_body if route.max_body is not None else SCHEMA_BODY_CAP
-        raw = await _read_limited(request, limit)
-        errors = validate_body(raw, found[1])
-        if errors:
-            raise ApiError(422, "Validation Error", errors)
-        request[body_key] = raw
-        return await handler(request)
+        return _validated(request, handler, limit, found[1])
 
     return schema_validation
+
+
+async def _validated(request: web.Request, handler: Handler, limit: int, schema: Any) -> web.StreamResponse:
+    raw = await _read_limited(request, limit)
+    errors = validate_body(raw, schema)
+    if errors:
+        raise ApiError(422, "Validation Error", errors)
+    request[body_key] = raw
+    return await handler(request)
 
 
 async def _read_limited(request: web.Request, limit: int) -> bytes:
