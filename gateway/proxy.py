@@ -55,7 +55,6 @@ from .upstream import Target, Upstream
 
 __all__ = [
     "BUFFER_LIMIT",
-    "CHUNK_SIZE",
     "POOL_SWEEP_SECONDS",
     "BodyTooLarge",
     "close_declined_upgrade",
@@ -68,7 +67,6 @@ __all__ = [
 log = logging.getLogger("gateway.proxy")
 
 BUFFER_LIMIT = 64 * 1024
-CHUNK_SIZE = 256 * 1024
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 # aiohttp would otherwise invent these; a proxy sends what the client sent and nothing more.
 SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
@@ -396,8 +394,15 @@ async def _relay_response(
     response.untyped = "Content-Type" not in headers
     await response.prepare(request)
     try:
-        while chunk := await payload.read(CHUNK_SIZE):
-            await response.write(chunk)
+        # Chunk by chunk as the socket delivered them: read(n) would join what is buffered into
+        # a new bytes object, one more copy of the body on its way through.
+        readchunk = payload.readchunk
+        while True:
+            chunk, _ = await readchunk()
+            if chunk:
+                await response.write(chunk)
+            elif payload.is_eof():
+                break
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         transport = request.transport
         if transport is None or transport.is_closing():
