@@ -75,10 +75,7 @@ def upstream_headers(
     connection = incoming.getall("connection", ())
     if connection:
         drop = drop | (_connection_tokens(connection) - _FORWARDING)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in incoming.items():
-        if name.lower() not in drop:
-            out.add(name, value)
+    out = _without(incoming, drop)
     forwarded_for = out.getall("x-forwarded-for", ())
     if remote:
         chain = ", ".join([*forwarded_for, remote]) if forwarded_for else remote
@@ -97,8 +94,16 @@ def response_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     connection = incoming.getall("connection", ())
     if connection:
         drop = drop | _connection_tokens(connection)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in incoming.items():
-        if name.lower() not in drop:
-            out.add(name, value)
+    return _without(incoming, drop)
+
+
+def _without(incoming: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
+    """A copy of ``incoming`` minus the (lowercase) names in ``drop``, order and repeats kept.
+
+    Copy, then remove: a multidict's key view intersects case-insensitively in C, where a loop
+    over every header in Python costs about twice as much on the common request.
+    """
+    out = CIMultiDict(incoming)
+    for name in incoming.keys() & drop:
+        out.popall(name, None)
     return out

@@ -370,7 +370,12 @@ async def _relay_response(
         and status not in (204, 304)
     ):
         try:
-            body = await payload.read() if length else b""
+            if not length:
+                body = b""
+            elif payload.is_eof():
+                body = payload.read_nowait()  # usually all here with the head: no await needed
+            else:
+                body = await payload.read()
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             log.warning("upstream body failed", extra={"error": repr(exc)})
             _count_failure(request, _kind(exc))
