@@ -99,11 +99,12 @@ class _TextFormatter(logging.Formatter):
 
 
 class _Writer:
-    """One thread that owns stderr: formats log records and access entries off the event loop.
+    """One thread that owns stderr: formats log records and writes every line off the event loop.
 
-    The loop thread only enqueues: a LogRecord, or for the access log a batch of plain dicts
-    (building a LogRecord per request costs more than the rest of the line put together, and
-    waking this thread once per request costs a GIL hand-off each time).
+    The loop thread only enqueues: a LogRecord, or for the access log a batch of finished JSON
+    lines (or, in text format, plain dicts). Building a LogRecord per request costs more than the
+    rest of the line put together, and waking this thread once per request costs a GIL hand-off
+    each time.
     """
 
     def __init__(self, handler: logging.Handler) -> None:
