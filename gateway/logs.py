@@ -25,6 +25,7 @@ from .keys import request_id_key, route_key, span_key, target_key
 from .middleware.tracing import current_trace
 
 _now = time.time
+_perf_counter = time.perf_counter
 
 __all__ = ["JsonAccessLogger", "JsonFormatter", "configure_logging"]
 
@@ -227,6 +228,9 @@ class JsonAccessLogger(AbstractAccessLogger):
         # The query string may carry tokens; the path alone identifies the call.
         path = request.raw_path.partition("?")[0]
         bytes_in = getattr(request.content, "total_bytes", 0)
+        received = getattr(request, "received", None)  # set by GatewayRequest; aiohttp's otherwise
+        if received is not None:
+            time = _perf_counter() - received
         if not _access_json:
             _add_access(
                 {

@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import yaml
+from aiohttp import web
 
 from tests.helpers import free_port, one_service, wait_ready
 
@@ -22,7 +23,11 @@ SECRET_TOKEN = "eyJhbGciOiJIUzI1NiJ9.c2VjcmV0LXBheWxvYWQ.c2lnbmF0dXJl"
 async def test_access_log_has_one_json_line_per_request_and_no_secrets(
     make_upstream: Any, tmp_path: Path
 ) -> None:
-    upstream = await make_upstream()
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.0125)  # an upstream that takes 12.5 ms to answer
+        return web.json_response({"ok": True})
+
+    upstream = await make_upstream(slow)
     config = tmp_path / "gateway.yaml"
     config.write_text(yaml.safe_dump(one_service(upstream.url, prefix="/api")))
     port = free_port()
@@ -78,7 +83,11 @@ async def test_access_log_has_one_json_line_per_request_and_no_secrets(
     assert proxied["status"] == 200
     assert proxied["bytes_in"] == 8
     assert proxied["bytes_out"] > 0
-    assert proxied["duration_ms"] >= 0
+    assert 12.5 <= proxied["duration_ms"] < 10_000
+    # Measured to the microsecond, not with the event loop's clock, which uvloop keeps in whole
+    # milliseconds: with that, every duration is a whole number (here both would be; with a real
+    # clock the chance is about one in a million).
+    assert any(entry["duration_ms"] != int(entry["duration_ms"]) for entry in access)
     assert proxied["request_id"] == "trace-me-123"
     assert missing["status"] == 404 and missing["route"] is None
     assert len(missing["request_id"]) >= 16
