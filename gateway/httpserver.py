@@ -153,12 +153,6 @@ class GatewayRequest(web.Request):
     keys they ask about (a body, an identity, CORS headers) are usually absent.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # For the access log's duration: the loop's clock (uvloop) moves in whole milliseconds and
-        # only once per loop iteration, too coarse for a hop that adds well under one.
-        self.received = perf_counter()
-
     def get(self, key: Any, default: Any = None) -> Any:
         return self._state.get(key, default)
 
@@ -186,5 +180,14 @@ class GatewayRunner(web.AppRunner):
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         server.__class__ = _GatewayServer  # same object and state, only the protocol differs
-        server.request_factory = partial(self._app._make_request, _cls=GatewayRequest)
+        make = partial(self._app._make_request, _cls=GatewayRequest)
+
+        def request_factory(*args: Any) -> web.BaseRequest:
+            request = make(*args)
+            # For the access log's duration: the loop's clock (uvloop) moves in whole milliseconds
+            # and only once per loop iteration, too coarse for a hop that adds well under one.
+            request.received = perf_counter()  # type: ignore[attr-defined]
+            return request
+
+        server.request_factory = request_factory
         return server
