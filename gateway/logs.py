@@ -48,22 +48,8 @@ def _timestamp(created: float) -> str:
     return f"{cached[1]}.{int(created * 1000) % 1000:03d}Z"
 
 
-# json.dumps(entry, default=str, ensure_ascii=False) builds an encoder per call; access entries
-# are flat dicts of plain values, so one C encoder is made once and reused (no cycle checks
-# needed). Same output as json.dumps with those arguments.
-_encode_flat = (
-    json.encoder.c_make_encoder(  # type: ignore[attr-defined]
-        None, str, json.encoder.encode_basestring, None, ": ", ", ", False, False, True
-    )
-    if json.encoder.c_make_encoder is not None
-    else None
-)  # type: ignore[attr-defined]
-
-
 class JsonFormatter(logging.Formatter):
     def format_entry(self, entry: dict[str, Any]) -> str:
-        if _encode_flat is not None:
-            return _encode_flat(entry, 0)[0]  # type: ignore[no-any-return]
         return json.dumps(entry, default=str, ensure_ascii=False)
 
     def format(self, record: logging.LogRecord) -> str:
@@ -228,7 +214,8 @@ class JsonAccessLogger(AbstractAccessLogger):
         # The query string may carry tokens; the path alone identifies the call.
         path = request.raw_path.partition("?")[0]
         bytes_in = getattr(request.content, "total_bytes", 0)
-        received = getattr(request, "received", None)  # set by GatewayRequest; aiohttp's otherwise
+        # Stamped when the request was parsed (gateway.httpserver); aiohttp's loop-clock figure if not.
+        received = getattr(request, "received", None)
         if received is not None:
             time = _perf_counter() - received
         if not _access_json:

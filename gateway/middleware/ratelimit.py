@@ -18,10 +18,10 @@ So a user behind a shared NAT is limited as themself, not as the whole NAT; an a
 bad tokens is limited like an anonymous client. IPv6 clients are bucketed by their /64: one host
 usually owns a whole /64 and could otherwise rotate addresses at will.
 
-Headers: each stage stores the headers in ``request[ratelimit_headers_key]``;
-``stamp_ratelimit_headers``, registered in
-``app.on_response_prepare``, sets them on every response as it is sent, streamed or not, replacing
-any an upstream sent (the gateway's limits are the ones the client runs into)::
+Headers: each stage stores the headers in ``request[ratelimit_headers_key]``, and
+``stamp_ratelimit_headers`` (registered in ``app.on_response_prepare``) sets them on every response
+as it is sent, streamed or not, errors included, replacing any an upstream sent (the gateway's
+limits are the ones the client runs into)::
 
     RateLimit-Policy: "default";q=100;w=60           (IETF draft-ietf-httpapi-ratelimit-headers-11)
     RateLimit: "default";r=99;t=1                    r: remaining, t: seconds until full again
