@@ -244,8 +244,8 @@ def trusted_context(
 ) -> TraceContext:
     """A TraceContext from ids this process made or already checked, without checking them again.
 
-    Every proxied request builds two contexts; the regular constructor's validation (two regex
-    matches) is for contexts assembled elsewhere.
+    Every request that arrives without a context starts one here; the regular constructor's
+    validation (two regex matches) is for contexts assembled elsewhere.
     """
     ctx = object.__new__(TraceContext)
     _set(ctx, "trace_id", trace_id)
@@ -260,7 +260,8 @@ def trusted_context(
 def has_propagation_headers(headers: Mapping[str, str]) -> bool:
     """Whether a case-insensitive header mapping (aiohttp's request headers) carries any context.
 
-    Most requests carry none: eight hashed lookups instead of a pass over every header.
+    Most requests carry none: one intersection of the header names, done in C, instead of a pass
+    over every header in Python.
     """
     return bool(headers.keys() & PROPAGATION_HEADERS)  # multidict: a case-insensitive intersection
 

@@ -20,7 +20,7 @@ from aiohttp.typedefs import Handler
 
 from ..errors import ApiError
 
-__all__ = ["EXPOSED_HEADERS", "cors_headers_key", "cors_middleware", "set_cors_headers", "stamp_cors_headers"]
+__all__ = ["EXPOSED_HEADERS", "cors_headers_key", "cors_middleware", "set_cors_headers"]
 
 # What a browser script may read from any answer: correlation and rate-limit state above all.
 EXPOSED_HEADERS = (
@@ -41,7 +41,7 @@ cors_headers_key = web.RequestKey("cors_headers", "dict[str, str]")
 
 
 def cors_middleware(allow_origins: Sequence[str]) -> Any:
-    """Answer CORS preflights and mark actual requests from allowed origins for ``stamp_cors_headers``."""
+    """Answer CORS preflights and mark actual requests from allowed origins for ``set_cors_headers``."""
     any_origin = "*" in allow_origins
     if any_origin and len(allow_origins) > 1:
         raise ValueError("CORS_ALLOW_ORIGINS: '*' cannot be combined with explicit origins")
@@ -98,13 +98,9 @@ async def _answered(response: web.StreamResponse) -> web.StreamResponse:
     return response
 
 
-async def stamp_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: the gateway's CORS answer (possibly none) replaces whatever a
-    backend sent, whenever CORS is configured."""
-    set_cors_headers(request, response)
-
-
 def set_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Part of ``on_response_prepare`` (``gateway.app.stamp_response``): the gateway's CORS answer
+    (possibly none) replaces whatever a backend sent, whenever CORS is configured."""
     headers = request.get(cors_headers_key)
     if headers is None:
         return
