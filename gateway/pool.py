@@ -4,9 +4,11 @@ Why not ``ClientSession.request`` for proxied calls: measured on the 1 KiB GET b
 per-request bookkeeping (request/response objects, cookie and redirect handling, URL
 normalisation, per-request timers and traces) cost as much as all the rest of the gateway, and the
 session normalises exactly what a proxy must pass through untouched. This module keeps aiohttp's
-own client protocol (``ResponseHandler``: the C HTTP parser, flow control, read timeouts) and its
-``StreamWriter`` (header serialisation that refuses CR/LF, chunked encoding, drain), and drops
-the rest. WebSocket upgrades, health checks and the Zipkin reporter still use the ClientSession.
+own client protocol (``ResponseHandler``: the C HTTP parser, flow control, read timeouts; made
+cheaper per request by ``UpstreamProtocol``), its header serialiser (which refuses CR/LF) and,
+for streamed bodies, its ``StreamWriter`` (chunked encoding, drain); a request with no body or a
+small one goes out in one write. WebSocket upgrades, health checks and the Zipkin reporter still
+use the ClientSession.
 """
 
 from __future__ import annotations
@@ -18,13 +20,16 @@ import time
 from collections import deque
 from collections.abc import AsyncIterable
 
+from aiohttp.client_exceptions import ClientPayloadError
 from aiohttp.client_proto import ResponseHandler
-from aiohttp.http import RawResponseMessage, StreamWriter
+from aiohttp.helpers import DEFAULT_CHUNK_SIZE
+from aiohttp.http import HttpResponseParser, RawResponseMessage, StreamWriter
+from aiohttp.http_writer import _serialize_headers
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict
 from yarl import URL
 
-__all__ = ["ConnectFailed", "ConnectTimeout", "TargetPool", "exchange"]
+__all__ = ["ConnectFailed", "ConnectTimeout", "TargetPool", "UpstreamProtocol", "exchange"]
 
 # 1xx other than 101 are interim: the real answer follows on the same connection.
 _INTERIM = range(100, 200)
@@ -36,6 +41,48 @@ class ConnectFailed(OSError):
 
 class ConnectTimeout(TimeoutError):
     """The TCP (or TLS) connect did not finish within the service's connect timeout."""
+
+
+class UpstreamProtocol(ResponseHandler):
+    """aiohttp's client protocol with the response parser made once per connection.
+
+    ``ResponseHandler.set_response_params`` builds a new C parser for every request; a keep-alive
+    connection to a backend carries thousands, and the parser is ready for the next response
+    after each complete one (aiohttp's server reuses its request parser the same way). Only a
+    HEAD request needs a parser of its own: its response has no body whatever it declares.
+    """
+
+    _reusable: HttpResponseParser | None = None
+
+    def begin(self, *, read_timeout: float, head: bool) -> None:
+        """Set up for the next response (instead of ``set_response_params``)."""
+        self._skip_payload = head
+        self._read_timeout = read_timeout
+        parser = None if head else self._reusable
+        if parser is None:
+            parser = HttpResponseParser(
+                self,
+                self._loop,
+                DEFAULT_CHUNK_SIZE,
+                payload_exception=ClientPayloadError,
+                response_with_body=not head,
+                read_until_eof=True,
+                auto_decompress=False,
+            )
+            if not head:
+                self._reusable = parser
+        self._parser = parser
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        # aiohttp calls this at every body's end and at most reads, paused or not; unpaused it
+        # re-runs data_received with no data through the parser. Nothing here pauses parsing
+        # (bodies are not decompressed), so only a paused transport has anything to resume.
+        if self._reading_paused:
+            super().resume_reading(resume_parser)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._reusable = None  # the parser refers back to this protocol
+        super().connection_lost(exc)
 
 
 class TargetPool:
@@ -55,10 +102,10 @@ class TargetPool:
         self.host_header = parsed.host if parsed.is_default_port() else f"{parsed.host}:{self.port}"
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
-        self._idle: deque[tuple[ResponseHandler, float]] = deque()
+        self._idle: deque[tuple[UpstreamProtocol, float]] = deque()
         self.retired = False
 
-    async def acquire(self, connect_timeout: float) -> ResponseHandler:
+    async def acquire(self, connect_timeout: float) -> UpstreamProtocol:
         idle, now = self._idle, time.monotonic()
         while idle:
             protocol, released = idle.pop()
@@ -69,7 +116,7 @@ class TargetPool:
         try:
             async with asyncio.timeout(connect_timeout):
                 _, protocol = await loop.create_connection(
-                    lambda: ResponseHandler(loop),
+                    lambda: UpstreamProtocol(loop),
                     self.host,
                     self.port,
                     ssl=self.ssl,
@@ -81,7 +128,7 @@ class TargetPool:
             raise ConnectFailed(exc.errno, exc.strerror or str(exc)) from exc
         return protocol
 
-    def release(self, protocol: ResponseHandler) -> None:
+    def release(self, protocol: UpstreamProtocol) -> None:
         """Return a connection whose response was read to the end; anything else is closed."""
         if (
             self.retired
@@ -112,7 +159,7 @@ class TargetPool:
 
 
 async def exchange(
-    protocol: ResponseHandler,
+    protocol: UpstreamProtocol,
     *,
     method: str,
     target: str,
@@ -127,25 +174,23 @@ async def exchange(
     known length, nothing for ``chunked`` streams (``Transfer-Encoding`` is added here). A streamed
     body is written concurrently with waiting for the answer, as an upstream may answer early.
     """
-    loop = asyncio.get_running_loop()
-    protocol.set_response_params(
-        read_timeout=read_timeout,
-        skip_payload=method == "HEAD",
-        read_until_eof=True,
-        auto_decompress=False,
-    )
-    writer = StreamWriter(protocol, loop)
-    if chunked:
-        headers["Transfer-Encoding"] = "chunked"
-        writer.enable_chunking()
-    await writer.write_headers(f"{method} {target} HTTP/1.1", headers)
+    protocol.begin(read_timeout=read_timeout, head=method == "HEAD")
     sending: asyncio.Task[None] | None = None
     if body is None or isinstance(body, bytes):
-        if body:
-            await writer.write(body)
-        await writer.write_eof()
+        # The whole request in one write; aiohttp's serializer refuses control characters
+        # (CR, LF) in names and values.
+        head = _serialize_headers(f"{method} {target} HTTP/1.1", headers)
+        transport = protocol.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("connection to the upstream is closed")
+        transport.write(head + body if body else head)
         protocol.start_timeout()
     else:
+        writer = StreamWriter(protocol, asyncio.get_running_loop())
+        if chunked:
+            headers["Transfer-Encoding"] = "chunked"
+            writer.enable_chunking()
+        await writer.write_headers(f"{method} {target} HTTP/1.1", headers)
         sending = asyncio.create_task(_send_body(protocol, writer, body))
         # Its failure surfaces through the response (the connection is dropped); mark it seen.
         sending.add_done_callback(_retrieve)
@@ -171,7 +216,7 @@ def _retrieve(task: asyncio.Task[None]) -> None:
         task.exception()
 
 
-async def _send_body(protocol: ResponseHandler, writer: StreamWriter, body: AsyncIterable[bytes]) -> None:
+async def _send_body(protocol: UpstreamProtocol, writer: StreamWriter, body: AsyncIterable[bytes]) -> None:
     try:
         async for chunk in body:
             await writer.write(chunk)

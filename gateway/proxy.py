@@ -23,7 +23,6 @@ from typing import Any
 
 import aiohttp
 from aiohttp import HttpVersion10, WSCloseCode, WSMsgType, web
-from aiohttp.client_proto import ResponseHandler
 from aiohttp.http import RawResponseMessage
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import StreamReader
@@ -48,7 +47,7 @@ from .metrics import metrics_key
 from .middleware.auth import identity_headers
 from .middleware.request_id import REQUEST_ID_HEADER
 from .middleware.tracing import client_span, inject_trace_headers
-from .pool import ConnectFailed, ConnectTimeout, exchange
+from .pool import ConnectFailed, ConnectTimeout, UpstreamProtocol, exchange
 from .routing import has_dot_segment, strip_route_prefix
 from .settings import Route
 from .upstream import Target, Upstream
@@ -287,7 +286,7 @@ async def _send(
     path: str,
     headers: CIMultiDict[str],
     body: bytes | _Body | None,
-) -> tuple[Target, ResponseHandler, RawResponseMessage, StreamReader]:
+) -> tuple[Target, UpstreamProtocol, RawResponseMessage, StreamReader]:
     """Send the request to a healthy target, retrying once elsewhere when that is safe."""
     method = request.method
     # A stream of unknown length goes upstream chunked; a declared length is kept as sent.
@@ -300,7 +299,7 @@ async def _send(
             raise ApiError(503, f"No healthy target for service '{upstream.name}'")
         request[target_key] = target
         headers["Host"] = target.pool.host_header
-        protocol: ResponseHandler | None = None
+        protocol: UpstreamProtocol | None = None
         try:
             protocol = await target.pool.acquire(timeout.connect)
             message, payload = await exchange(

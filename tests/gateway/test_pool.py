@@ -89,3 +89,58 @@ async def test_at_most_max_idle_connections_are_kept(aiohttp_server: Any) -> Non
     assert [p.is_connected() for p in protocols] == [True, True, False]
     pool.close()
     assert not any(p.is_connected() for p in protocols)
+
+
+async def test_one_connection_carries_responses_of_every_framing_in_turn(aiohttp_server: Any) -> None:
+    # The response parser is made once per connection and reused; HEAD gets one of its own. Each
+    # answer must still be framed by its own headers, whatever came before it on the connection.
+    peers: list[Any] = []
+
+    async def reply(request: web.Request) -> web.StreamResponse:
+        peers.append(request.transport.get_extra_info("peername"))
+        kind = request.path.strip("/")
+        if kind == "empty":
+            return web.Response(status=204)
+        if kind == "chunked":
+            response = web.StreamResponse()
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            for part in (b"one,", b"two,", b"three"):
+                await response.write(part)
+            await response.write_eof()
+            return response
+        return web.Response(body=b"x" * 1000)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", reply)
+    server = await aiohttp_server(app)
+    pool = TargetPool(f"http://127.0.0.1:{server.port}")
+    seen = []
+    for method, path in [
+        ("GET", "/sized"),
+        ("HEAD", "/sized"),  # declares 1000 bytes and sends none
+        ("GET", "/chunked"),
+        ("GET", "/empty"),
+        ("GET", "/sized"),
+    ]:
+        protocol = await pool.acquire(2.0)
+        message, payload = await exchange(
+            protocol,
+            method=method,
+            target=path,
+            headers=CIMultiDict({"Host": pool.host_header}),
+            body=None,
+            chunked=False,
+            read_timeout=5.0,
+        )
+        seen.append((method, path, message.code, await payload.read()))
+        pool.release(protocol)
+    assert seen == [
+        ("GET", "/sized", 200, b"x" * 1000),
+        ("HEAD", "/sized", 200, b""),
+        ("GET", "/chunked", 200, b"one,two,three"),
+        ("GET", "/empty", 204, b""),
+        ("GET", "/sized", 200, b"x" * 1000),
+    ]
+    assert len(set(peers)) == 1, "every request went over the one pooled connection"
+    pool.close()
