@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
 from time import perf_counter
 from typing import Any
 
@@ -93,6 +95,7 @@ async def http_client_ctx(app: web.Application) -> AsyncIterator[None]:
         timeout=aiohttp.ClientTimeout(total=None),
         skip_auto_headers=SKIP_AUTO_HEADERS,
         trust_env=False,
+        trace_configs=[_refusal_trace()],
     ) as session:
         app[http_client_key] = session
         yield
@@ -459,6 +462,59 @@ def _content_length(headers: CIMultiDictProxy[str]) -> int | None:
 # -- WebSocket ---------------------------------------------------------------------------------
 
 
+@dataclass
+class _Refusal:
+    """An upstream's answer to a WebSocket upgrade that was not 101, kept to relay it as sent."""
+
+    status: int = 0
+    reason: str | None = None
+    headers: CIMultiDictProxy[str] | None = None
+    body: bytes | None = None  # None: too large to keep, or not read in full
+
+
+_refusal: contextvars.ContextVar[_Refusal | None] = contextvars.ContextVar("ws_refusal", default=None)
+
+
+def _refusal_trace() -> aiohttp.TraceConfig:
+    """``ws_connect`` raises on an answer other than 101 and drops it, body and all; this trace
+    hook reads it first, for the handshake of the request that asked (a contextvar says which)."""
+
+    async def on_request_end(
+        session: aiohttp.ClientSession, context: Any, params: aiohttp.TraceRequestEndParams
+    ) -> None:
+        refusal = _refusal.get()
+        response = params.response
+        if refusal is None or response.status == 101:
+            return
+        refusal.status, refusal.reason, refusal.headers = response.status, response.reason, response.headers
+        chunks, size = [], 0
+        with contextlib.suppress(aiohttp.ClientError, OSError):
+            while chunk := await response.content.readany():
+                size += len(chunk)
+                if size > BUFFER_LIMIT:  # a refusal is an error page; a large one is not relayed
+                    return
+                chunks.append(chunk)
+            refusal.body = b"".join(chunks)
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_end.append(on_request_end)
+    trace.freeze()
+    return trace
+
+
+def _relay_refusal(refusal: _Refusal) -> web.Response:
+    headers = response_headers(refusal.headers)  # type: ignore[arg-type]
+    headers.popall("Content-Length", None)
+    response: web.Response
+    if "Content-Type" in headers:
+        response = web.Response(status=refusal.status, reason=refusal.reason, body=refusal.body)
+    else:
+        response = _RelayedResponse(status=refusal.status, reason=refusal.reason, body=refusal.body)
+        response.untyped = True
+    response.headers.extend(headers)
+    return response
+
+
 async def _proxy_websocket(
     request: web.Request, upstream: Upstream, path: str, headers: CIMultiDict[str]
 ) -> web.StreamResponse:
@@ -480,6 +536,8 @@ async def _proxy_websocket(
     request[target_key] = target
     session = request.app[http_client_key]
     timeout = upstream.service.timeout
+    refusal = _Refusal()
+    _refusal.set(refusal)
     try:
         async with asyncio.timeout(timeout.connect + timeout.read):
             upstream_ws = await session.ws_connect(
@@ -492,6 +550,9 @@ async def _proxy_websocket(
                 timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10.0),
             )
     except aiohttp.WSServerHandshakeError as exc:
+        if exc.status >= 400 and refusal.status == exc.status and refusal.body is not None:
+            # The upstream said no (401, 403, 404...): its answer passes through as sent.
+            return _relay_refusal(refusal)
         raise ApiError(
             exc.status if exc.status >= 400 else 502, "Upstream refused the WebSocket upgrade"
         ) from None

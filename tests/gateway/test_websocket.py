@@ -158,6 +158,55 @@ async def test_upgrade_refused_by_the_upstream_keeps_its_status(
     assert refused.value.status == status
 
 
+_UPGRADE = {
+    "Connection": "Upgrade",
+    "Upgrade": "websocket",
+    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+    "Sec-WebSocket-Version": "13",
+}
+
+
+async def test_upgrade_refused_by_the_upstream_passes_through_as_sent(
+    make_gateway: Any, make_upstream: Any
+) -> None:
+    # The contract: an upstream's own answer, error or not, passes through untouched. A refused
+    # upgrade is such an answer; its body and headers say why (which token, which realm).
+    async def refuse(request: web.Request) -> web.Response:
+        return web.Response(
+            status=401,
+            body=b'{"error": "token expired"}',
+            content_type="application/vnd.realtime+json",
+            headers={"WWW-Authenticate": 'Bearer realm="realtime"', "X-Backend": "realtime-streaming"},
+        )
+
+    client = await make_gateway(one_service((await make_upstream(refuse)).url, prefix="/ws"))
+
+    response = await client.get("/ws/room", headers=_UPGRADE)
+
+    assert response.status == 401
+    assert await response.read() == b'{"error": "token expired"}'
+    assert response.headers["Content-Type"] == "application/vnd.realtime+json"
+    assert response.headers["WWW-Authenticate"] == 'Bearer realm="realtime"'
+    assert response.headers["X-Backend"] == "realtime-streaming"
+    assert "x-request-id" in response.headers
+    # aiohttp parses nothing more on a connection that asked to upgrade: it is closed.
+    assert response.headers["Connection"] == "close"
+
+
+async def test_a_refusal_too_large_to_keep_gets_the_gateways_error_with_its_status(
+    make_gateway: Any, make_upstream: Any
+) -> None:
+    async def refuse(request: web.Request) -> web.Response:
+        return web.Response(status=403, body=b"x" * (1024 * 1024))
+
+    client = await make_gateway(one_service((await make_upstream(refuse)).url, prefix="/ws"))
+
+    response = await client.get("/ws/room", headers=_UPGRADE)
+
+    assert response.status == 403
+    assert (await response.json())["detail"] == "Upstream refused the WebSocket upgrade"
+
+
 async def test_upstream_answering_without_upgrade_gives_502(make_gateway: Any, make_upstream: Any) -> None:
     client = await make_gateway(one_service((await make_upstream()).url, prefix="/ws"))
 
