@@ -53,9 +53,14 @@ class UpstreamProtocol(ResponseHandler):
     """
 
     _reusable: HttpResponseParser | None = None
+    # False while the connection sits idle in its pool: nothing may arrive then. An upstream that
+    # sends bytes there (more body than it declared, a response to nothing) would leave them for
+    # the next response on this connection, half-parsed: such a connection is closed instead.
+    in_use = True
 
     def begin(self, *, read_timeout: float, head: bool) -> None:
         """Set up for the next response (instead of ``set_response_params``)."""
+        self.in_use = True
         self._skip_payload = head
         self._read_timeout = read_timeout
         parser = None if head else self._reusable
@@ -72,6 +77,11 @@ class UpstreamProtocol(ResponseHandler):
             if not head:
                 self._reusable = parser
         self._parser = parser
+
+    def data_received(self, data: bytes) -> None:
+        if not self.in_use and data:
+            self._should_close = True
+        super().data_received(data)
 
     def resume_reading(self, resume_parser: bool = True) -> None:
         # aiohttp calls this at every body's end and at most reads, paused or not; unpaused it
@@ -138,6 +148,7 @@ class TargetPool:
         ):
             protocol.close()
             return
+        protocol.in_use = False
         now = time.monotonic()
         self._idle.append((protocol, now))
         self.sweep()  # expire from the cold end while we are here: idle sockets must not pile up

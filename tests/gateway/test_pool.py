@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aiohttp import web
@@ -143,4 +144,38 @@ async def test_one_connection_carries_responses_of_every_framing_in_turn(aiohttp
         ("GET", "/sized", 200, b"x" * 1000),
     ]
     assert len(set(peers)) == 1, "every request went over the one pooled connection"
+    pool.close()
+
+
+async def test_bytes_sent_to_an_idle_connection_keep_it_from_being_reused(make_raw_upstream: Any) -> None:
+    # The response parser carries over from one response to the next on a connection; bytes the
+    # upstream sends while no request is out (a half response to nothing) must not be taken as
+    # the start of the next answer.
+    stray = asyncio.Event()
+    connections = 0
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        first = connections == 1
+        while await reader.readuntil(b"\r\n\r\n"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            if first:
+                await stray.wait()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Le")
+                await writer.drain()
+                first = False
+
+    pool = TargetPool(await make_raw_upstream(upstream))
+    first, message = await _get(pool)
+    assert message.code == 200 and not first.should_close
+    stray.set()
+    # At once: not when the read timer armed by the stray bytes runs out (5 s here).
+    await wait_for(lambda: first.should_close, deadline_s=2.0, what="the stray bytes to mark the connection")
+
+    second, message = await _get(pool)
+    assert message.code == 200
+    assert second is not first
+    assert connections == 2
     pool.close()
