@@ -120,6 +120,9 @@ def main() -> int:
     parser.add_argument("--path", default="/1k", help="/1k or /1m (default /1k)")
     parser.add_argument("--env", nargs="*", default=[], metavar="K=V", help="extra gateway environment")
     parser.add_argument("--keep", metavar="FILE", help="copy callgrind's output here")
+    parser.add_argument(
+        "--core", action="store_true", help="core middlewares only: tracing, errors, routing (bench/core.py)"
+    )
     args = parser.parse_args()
     for tool in (NGINX, VALGRIND, CALLGRIND_CONTROL):
         if not Path(tool).exists():
@@ -144,7 +147,7 @@ def main() -> int:
     procs = [start_upstream(tmp, upstream_port)]
     gateway = subprocess.Popen(
         [VALGRIND, "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
-         sys.executable, "-m", "gateway"],
+         sys.executable, *([str(BENCH / "core.py")] if args.core else ["-m", "gateway"])],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp / "gateway.log", "wb"),
     )  # fmt: skip
     procs.append(gateway)

@@ -361,7 +361,7 @@ class Bench:
         pin = [TASKSET, "-c", PROXY_CPU] if workers == 1 else [TASKSET, "-c", all_cpus()]
         stderr = open(self.args.gateway_stderr, "ab")
         self.gateway = self.procs.start(
-            "gateway", [*pin, sys.executable, "-m", "gateway"], cwd=ROOT, env=env, stderr=stderr
+            "gateway", [*pin, sys.executable, *self.gateway_command()], cwd=ROOT, env=env, stderr=stderr
         )
         stderr.close()
         self.gateway_workers = workers
@@ -371,6 +371,10 @@ class Bench:
             while len(child_pids(self.gateway.pid)) < workers and time.monotonic() < deadline:
                 time.sleep(0.1)
             time.sleep(0.5)  # the last worker to fork may still be binding its socket
+
+    def gateway_command(self) -> list[str]:
+        # --core: the same gateway with only its core middlewares (bench/core.py says which).
+        return [str(BENCH / "core.py")] if self.args.core else ["-m", "gateway"]
 
     def stop_gateway(self) -> None:
         if self.gateway is not None:
@@ -600,7 +604,8 @@ def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
     add = lines.append
     add(
         f"gateway benchmark {meta['time']}  duration {meta['duration_s']}s per run  "
-        f"gateway LOG_LEVEL={meta['log_level']}  load before: {meta['loadavg_before']}"
+        f"gateway LOG_LEVEL={meta['log_level']}  chain: {meta.get('chain', 'full')}  "
+        f"load before: {meta['loadavg_before']}"
     )
     add(
         f"pinning: wrk + upstream nginx on CPU {LOAD_CPU}; proxy under test (nginx, 1 worker / gateway, "
@@ -728,6 +733,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--keep-tmp", action="store_true", help="keep the temporary directory (configs, nginx logs)"
     )
+    parser.add_argument(
+        "--core",
+        action="store_true",
+        help="the gateway with its core middlewares only: tracing, errors, routing (see bench/core.py)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.duration = 1 if args.duration == 10 else args.duration
@@ -748,6 +758,7 @@ def main(argv: list[str] | None = None) -> int:
         "sections": args.only or list(SECTIONS),
         "mem_mib": args.mem_mib,
         "log_level": args.log_level,
+        "chain": "core (bench/core.py)" if args.core else "full",
         "loadavg_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "cpus": all_cpus(),
         "git_commit": git_commit(),
