@@ -20,12 +20,14 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -434,9 +436,12 @@ class Bench:
         parsed["raw"] = text
         return parsed
 
-    def measure(self, key: str, case: str, target: str, path: str, conns: int, script: Path | None) -> None:
+    def measure(
+        self, key: str, case: str, target: str, path: str, conns: int, script: Path | None, round_: int = 0
+    ) -> None:
         r = self.wrk(target, path, conns, self.args.duration, script)
-        self.results.setdefault(key, []).append({"case": case, "connections": conns, "target": target, **r})
+        row = {"case": case, "connections": conns, "target": target, "round": round_, **r}
+        self.results.setdefault(key, []).append(row)
         if target == "gateway":
             self.require_gateway(f"{case} c={conns}")
         time.sleep(0.3)
@@ -446,18 +451,26 @@ class Bench:
             self.wrk(target, "/1k", 128, 1, None)
             self.wrk(target, "/post", 32, 1, BENCH / "wrk_post.lua")
 
+    # With --rounds N each case runs its three targets in turn N times, so that every gateway run
+    # has an nginx run next to it; the report takes medians.
+
     def throughput(self) -> None:
         for name, path, _size, script in CASES:
             for conns in (32, 128):
-                for target in TARGETS:
-                    log(f"{name} c={conns} -> {target}")
-                    self.measure("throughput", name, target, path, conns, script)
+                for round_ in range(self.args.rounds):
+                    for target in TARGETS:
+                        log(f"{name} c={conns} -> {target}{self.round_label(round_)}")
+                        self.measure("throughput", name, target, path, conns, script, round_)
 
     def latency(self) -> None:
         for name, path in (("GET 1KiB", "/1k"), ("GET 1MiB", "/1m")):
-            for target in TARGETS:
-                log(f"latency {name} c=1 -> {target}")
-                self.measure("latency", name, target, path, 1, None)
+            for round_ in range(self.args.rounds):
+                for target in TARGETS:
+                    log(f"latency {name} c=1 -> {target}{self.round_label(round_)}")
+                    self.measure("latency", name, target, path, 1, None, round_)
+
+    def round_label(self, round_: int) -> str:
+        return f" (round {round_ + 1}/{self.args.rounds})" if self.args.rounds > 1 else ""
 
     def memory(self) -> None:
         size = self.args.mem_mib * 1024 * 1024
@@ -593,17 +606,61 @@ def ratio(a: float | None, b: float | None) -> str:
 
 
 def find(rows: list[dict[str, Any]], case: str, conns: int, target: str) -> dict[str, Any]:
-    for row in rows:
-        if (row["case"], row["connections"], row["target"]) == (case, conns, target):
-            return row
-    return {}
+    """One target's runs of a case folded into one row: the median of each figure over the
+    rounds, every round's problems."""
+    runs = [r for r in rows if (r["case"], r["connections"], r["target"]) == (case, conns, target)]
+    if not runs:
+        return {}
+    folded: dict[str, Any] = {"problems": [p for r in runs for p in r["problems"]], "rounds": len(runs)}
+    for key in ("rps", "p50_us", "p99_us"):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        folded[key] = statistics.median(values) if values else None
+    return folded
+
+
+def per_round(
+    rows: list[dict[str, Any]],
+    case: str,
+    conns: int,
+    pair: tuple[str, str],
+    figure: Callable[[dict[str, Any], dict[str, Any]], float | None],
+) -> list[float]:
+    """``figure(run of pair[0], run of pair[1])`` for each round in which both ran and it has a value."""
+    out = []
+    for round_ in sorted({r.get("round", 0) for r in rows}):
+        runs = {
+            r["target"]: r
+            for r in rows
+            if (r["case"], r["connections"], r.get("round", 0)) == (case, conns, round_)
+        }
+        a, b = runs.get(pair[0]), runs.get(pair[1])
+        value = figure(a, b) if a and b else None
+        if value is not None:
+            out.append(value)
+    return out
+
+
+def _rps_ratio(a: dict[str, Any], b: dict[str, Any]) -> float | None:
+    return a["rps"] / b["rps"] if a.get("rps") and b.get("rps") else None
+
+
+def _added(key: str) -> Callable[[dict[str, Any], dict[str, Any]], float | None]:
+    def added(a: dict[str, Any], b: dict[str, Any]) -> float | None:
+        return a[key] - b[key] if a.get(key) is not None and b.get(key) is not None else None
+
+    return added
+
+
+def median_or_none(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
 
 
 def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
     lines = []
     add = lines.append
     add(
-        f"gateway benchmark {meta['time']}  duration {meta['duration_s']}s per run  "
+        f"gateway benchmark {meta['time']}  duration {meta['duration_s']}s per run, "
+        f"{meta.get('rounds', 1)} round(s), medians  "
         f"gateway LOG_LEVEL={meta['log_level']}  chain: {meta.get('chain', 'full')}  "
         f"load before: {meta['loadavg_before']}"
     )
@@ -628,9 +685,12 @@ def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
                 )
             g, n = find(rows, case, conns, "gateway"), find(rows, case, conns, "nginx")
             if g and n:
+                rounds = per_round(rows, case, conns, ("gateway", "nginx"), _rps_ratio)
+                spread = "  rounds: " + " ".join(f"{x:.2f}" for x in rounds) if len(rounds) > 1 else ""
+                throughput_ratio = f"{statistics.median(rounds):.2f}x" if rounds else "-"
                 add(
-                    f"{'':<11} {'':>5}  gw/nginx {ratio(g['rps'], n['rps']):>10} "
-                    f"{ratio(g['p50_us'], n['p50_us']):>9} {ratio(g['p99_us'], n['p99_us']):>9}"
+                    f"{'':<11} {'':>5}  gw/nginx {throughput_ratio:>10} "
+                    f"{ratio(g['p50_us'], n['p50_us']):>9} {ratio(g['p99_us'], n['p99_us']):>9}{spread}"
                 )
             if find(rows, case, conns, "direct"):
                 add("")
@@ -644,16 +704,15 @@ def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
         )
         for target in TARGETS:
             a, b = find(lat, "GET 1KiB", 1, target), find(lat, "GET 1MiB", 1, target)
-            added = (
-                ms(a["p50_us"] - d1["p50_us"])
-                if target != "direct" and a.get("p50_us") and d1.get("p50_us")
-                else ""
-            )
-            added99 = (
-                ms(b["p99_us"] - d2["p99_us"])
-                if target != "direct" and b.get("p99_us") and d2.get("p99_us")
-                else ""
-            )
+            # Added to direct within each round, then the median over the rounds.
+            added = added99 = ""
+            if target != "direct" and d1 and d2:
+                added = ms(
+                    median_or_none(per_round(lat, "GET 1KiB", 1, (target, "direct"), _added("p50_us")))
+                )
+                added99 = ms(
+                    median_or_none(per_round(lat, "GET 1MiB", 1, (target, "direct"), _added("p99_us")))
+                )
             notes = "; ".join(a.get("problems", []) + b.get("problems", []))
             add(
                 f"  {target:<8} {ms(a.get('p50_us')):>9} {added:>9} {ms(a.get('p99_us')):>9}   "
@@ -719,6 +778,12 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run (default 10)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run each throughput and latency case N times, targets in turn; report medians (default 1)",
+    )
     parser.add_argument("--quick", action="store_true", help="1 s runs and 256 MiB memory transfers")
     parser.add_argument(
         "--mem-mib", type=int, default=None, help="size of the memory-test transfers (default 1024)"
@@ -745,6 +810,8 @@ def main(argv: list[str] | None = None) -> int:
     args.mem_mib = args.mem_mib or 1024
     if args.duration < 1:
         parser.error("--duration must be at least 1 (wrk takes whole seconds)")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     _selftest_parser()
     for tool in (NGINX, WRK, TASKSET):
         if not os.access(tool, os.X_OK):
@@ -755,6 +822,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "duration_s": args.duration,
+        "rounds": args.rounds,
         "sections": args.only or list(SECTIONS),
         "mem_mib": args.mem_mib,
         "log_level": args.log_level,
