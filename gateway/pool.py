@@ -33,6 +33,7 @@ __all__ = ["ConnectFailed", "ConnectTimeout", "TargetPool", "UpstreamProtocol", 
 
 # 1xx other than 101 are interim: the real answer follows on the same connection.
 _INTERIM = range(100, 200)
+_NO_BODY = frozenset({204, 304})
 
 
 class ConnectFailed(OSError):
@@ -78,10 +79,48 @@ class UpstreamProtocol(ResponseHandler):
                 self._reusable = parser
         self._parser = parser
 
+    # Bytes of a Content-Length body still to come, fed to the payload directly (see below).
+    _body_left = 0
+
     def data_received(self, data: bytes) -> None:
         if not self.in_use and data:
             self._should_close = True
+        if self._body_left and data:
+            self._feed_body(data)
+            return
         super().data_received(data)
+        if self._buffer and not self._skip_payload:
+            self._bypass_parser(*self._buffer[-1][0])  # the DataQueue holds ((message, payload), size)
+
+    def _bypass_parser(self, message: RawResponseMessage, payload: StreamReader) -> None:
+        # The C parser copies every body chunk it passes on (a slice of the socket's buffer). Once
+        # the head is parsed and the body's length is known, what remains of it is counted here
+        # and handed to the payload as the socket delivered it: one copy less of a large body.
+        if payload.is_eof() or message.chunked or message.code < 200 or message.code in _NO_BODY:
+            return
+        length = message.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            return
+        left = int(length) - payload.total_bytes
+        if left > 0:
+            self._body_left = left
+            # That parser now waits for a body it will never see: the next response gets a new one.
+            # It stays in place until then, so that a connection lost mid-body still fails the
+            # payload through it (connection_lost).
+            self._reusable = None
+
+    def _feed_body(self, data: bytes) -> None:
+        self._reschedule_timeout()
+        left = self._body_left
+        if len(data) > left:  # more than the upstream declared: never reuse this connection
+            self._should_close = True
+            data = data[:left]
+        payload = self._payload
+        assert payload is not None
+        self._body_left = left = left - len(data)
+        payload.feed_data(data)
+        if not left:
+            payload.feed_eof()
 
     def resume_reading(self, resume_parser: bool = True) -> None:
         # aiohttp calls this at every body's end and at most reads, paused or not; unpaused it

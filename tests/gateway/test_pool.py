@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import aiohttp
+import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -178,4 +180,99 @@ async def test_bytes_sent_to_an_idle_connection_keep_it_from_being_reused(make_r
     assert message.code == 200
     assert second is not first
     assert connections == 2
+    pool.close()
+
+
+async def _exchange_get(pool: TargetPool) -> tuple[Any, Any, Any]:
+    protocol = await pool.acquire(2.0)
+    message, payload = await exchange(
+        protocol,
+        method="GET",
+        target="/",
+        headers=CIMultiDict({"Host": pool.host_header}),
+        body=None,
+        chunked=False,
+        read_timeout=5.0,
+    )
+    return protocol, message, payload
+
+
+async def test_a_body_arriving_in_pieces_after_its_head_is_whole_and_the_connection_reused(
+    make_raw_upstream: Any,
+) -> None:
+    # Past the head, a body of declared length is fed to the payload without the parser; the
+    # next response on the connection must still be parsed from its first byte.
+    gate = asyncio.Event()
+    connections = 0
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 30\r\n\r\n0123456789")
+        await writer.drain()
+        await gate.wait()
+        for piece in (b"abcdefghij", b"ABCDE", b"FGHIJ"):
+            writer.write(piece)
+            await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\nX-Second: yes\r\n\r\nnext")
+        await writer.drain()
+        await reader.read()
+
+    pool = TargetPool(await make_raw_upstream(upstream))
+    protocol, message, payload = await _exchange_get(pool)
+    assert message.code == 200
+    gate.set()
+    assert await payload.read() == b"0123456789abcdefghijABCDEFGHIJ"
+    pool.release(protocol)
+
+    again, message, payload = await _exchange_get(pool)
+    assert again is protocol and connections == 1
+    assert (message.code, message.headers["X-Second"], await payload.read()) == (201, "yes", b"next")
+    pool.release(again)
+    pool.close()
+
+
+async def test_a_body_longer_than_declared_is_cut_at_its_length_and_the_connection_dropped(
+    make_raw_upstream: Any,
+) -> None:
+    gate = asyncio.Event()
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nabc")
+        await writer.drain()
+        await gate.wait()
+        writer.write(b"defgh and then some")
+        await writer.drain()
+        await reader.read()
+
+    pool = TargetPool(await make_raw_upstream(upstream))
+    protocol, _, payload = await _exchange_get(pool)
+    gate.set()
+    assert await payload.read() == b"abcdefgh"
+    assert protocol.should_close
+    pool.release(protocol)
+    assert not protocol.is_connected()
+    pool.close()
+
+
+async def test_an_upstream_closing_in_the_middle_of_a_body_fails_its_payload(make_raw_upstream: Any) -> None:
+    gate = asyncio.Event()
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
+        await writer.drain()
+        await gate.wait()
+        writer.write(b"def")
+        await writer.drain()
+        # and the connection closes, 94 bytes short
+
+    pool = TargetPool(await make_raw_upstream(upstream))
+    _, _, payload = await _exchange_get(pool)
+    gate.set()
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await payload.read()
     pool.close()
