@@ -105,8 +105,8 @@ class UpstreamProtocol(ResponseHandler):
         if left > 0:
             self._body_left = left
             # That parser now waits for a body it will never see: the next response gets a new one.
-            # It stays in place until then, so that a connection lost mid-body still fails the
-            # payload through it (connection_lost).
+            # It stays in place until the body is complete, so that a connection lost mid-body
+            # still fails the payload through it (connection_lost).
             self._reusable = None
 
     def _feed_body(self, data: bytes) -> None:
@@ -121,6 +121,9 @@ class UpstreamProtocol(ResponseHandler):
         payload.feed_data(data)
         if not left:
             payload.feed_eof()
+            # The parser still waits for this body: were the connection to close now (an upstream
+            # answering "Connection: close"), it would fail a payload that arrived whole.
+            self._parser = None
 
     def resume_reading(self, resume_parser: bool = True) -> None:
         # aiohttp calls this at every body's end and at most reads, paused or not; unpaused it

@@ -276,3 +276,27 @@ async def test_an_upstream_closing_in_the_middle_of_a_body_fails_its_payload(mak
     with pytest.raises(aiohttp.ClientPayloadError):
         await payload.read()
     pool.close()
+
+
+async def test_a_whole_body_read_after_the_upstream_closed_is_not_reported_short(
+    make_raw_upstream: Any,
+) -> None:
+    # "Connection: close" after a body of declared length: the connection is gone before the
+    # body is read. Every byte arrived, so reading it must not fail.
+    gate = asyncio.Event()
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\nConnection: close\r\n\r\nabc")
+        await writer.drain()
+        await gate.wait()
+        writer.write(b"defghijkl")
+        await writer.drain()
+        writer.close()
+
+    pool = TargetPool(await make_raw_upstream(upstream))
+    protocol, _, payload = await _exchange_get(pool)
+    gate.set()
+    await wait_for(lambda: not protocol.is_connected() and protocol.transport is None, what="the close")
+    assert await payload.read() == b"abcdefghijkl"
+    pool.close()
