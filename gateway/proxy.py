@@ -385,17 +385,7 @@ async def _relay_response(
         if len(body) != length:
             _count_failure(request, "reset")
             raise ApiError(502, "Upstream closed the connection mid-response")
-        # web.Response sets Content-Length itself; setting the copied headers afterwards keeps
-        # the upstream's Content-Type (or its absence) untouched.
-        response: web.StreamResponse
-        if "Content-Type" in headers:
-            response = web.Response(status=status, reason=message.reason, body=body)
-        else:
-            response = _RelayedResponse(status=status, reason=message.reason, body=body)
-            response.untyped = True
-        del headers["Content-Length"]
-        response.headers.extend(headers)
-        return response
+        return _whole_response(status, message.reason, headers, body)
 
     response = _RelayedStream(status=status, reason=message.reason, headers=headers)
     response.untyped = "Content-Type" not in headers
@@ -421,6 +411,21 @@ async def _relay_response(
         transport.close()
         return response
     await response.write_eof()
+    return response
+
+
+def _whole_response(status: int, reason: str | None, headers: CIMultiDict[str], body: bytes) -> web.Response:
+    """An upstream's answer read whole, relayed with its headers (hop-by-hop ones already removed)."""
+    # web.Response sets Content-Length itself; setting the copied headers afterwards keeps
+    # the upstream's Content-Type (or its absence) untouched.
+    response: web.Response
+    if "Content-Type" in headers:
+        response = web.Response(status=status, reason=reason, body=body)
+    else:
+        response = _RelayedResponse(status=status, reason=reason, body=body)
+        response.untyped = True
+    headers.popall("Content-Length", None)
+    response.headers.extend(headers)
     return response
 
 
@@ -502,19 +507,6 @@ def _refusal_trace() -> aiohttp.TraceConfig:
     return trace
 
 
-def _relay_refusal(refusal: _Refusal) -> web.Response:
-    headers = response_headers(refusal.headers)  # type: ignore[arg-type]
-    headers.popall("Content-Length", None)
-    response: web.Response
-    if "Content-Type" in headers:
-        response = web.Response(status=refusal.status, reason=refusal.reason, body=refusal.body)
-    else:
-        response = _RelayedResponse(status=refusal.status, reason=refusal.reason, body=refusal.body)
-        response.untyped = True
-    response.headers.extend(headers)
-    return response
-
-
 async def _proxy_websocket(
     request: web.Request, upstream: Upstream, path: str, headers: CIMultiDict[str]
 ) -> web.StreamResponse:
@@ -552,7 +544,8 @@ async def _proxy_websocket(
     except aiohttp.WSServerHandshakeError as exc:
         if exc.status >= 400 and refusal.status == exc.status and refusal.body is not None:
             # The upstream said no (401, 403, 404...): its answer passes through as sent.
-            return _relay_refusal(refusal)
+            headers = response_headers(refusal.headers)  # type: ignore[arg-type]
+            return _whole_response(refusal.status, refusal.reason, headers, refusal.body)
         raise ApiError(
             exc.status if exc.status >= 400 else 502, "Upstream refused the WebSocket upgrade"
         ) from None

@@ -14,17 +14,23 @@ from gateway.pool import TargetPool, exchange
 from tests.helpers import wait_for
 
 
-async def _get(pool: TargetPool, path: str = "/x") -> Any:
+async def _send(pool: TargetPool, method: str = "GET", path: str = "/x") -> tuple[Any, Any, Any]:
+    """One request on a pooled connection: the connection, the response head, its payload."""
     protocol = await pool.acquire(2.0)
     message, payload = await exchange(
         protocol,
-        method="GET",
+        method=method,
         target=path,
         headers=CIMultiDict({"Host": pool.host_header}),
         body=None,
         chunked=False,
         read_timeout=5.0,
     )
+    return protocol, message, payload
+
+
+async def _get(pool: TargetPool, path: str = "/x") -> Any:
+    protocol, message, payload = await _send(pool, path=path)
     await payload.read()
     pool.release(protocol)
     return protocol, message
@@ -126,16 +132,7 @@ async def test_one_connection_carries_responses_of_every_framing_in_turn(aiohttp
         ("GET", "/empty"),
         ("GET", "/sized"),
     ]:
-        protocol = await pool.acquire(2.0)
-        message, payload = await exchange(
-            protocol,
-            method=method,
-            target=path,
-            headers=CIMultiDict({"Host": pool.host_header}),
-            body=None,
-            chunked=False,
-            read_timeout=5.0,
-        )
+        protocol, message, payload = await _send(pool, method, path)
         seen.append((method, path, message.code, await payload.read()))
         pool.release(protocol)
     assert seen == [
@@ -183,18 +180,22 @@ async def test_bytes_sent_to_an_idle_connection_keep_it_from_being_reused(make_r
     pool.close()
 
 
-async def _exchange_get(pool: TargetPool) -> tuple[Any, Any, Any]:
-    protocol = await pool.acquire(2.0)
-    message, payload = await exchange(
-        protocol,
-        method="GET",
-        target="/",
-        headers=CIMultiDict({"Host": pool.host_header}),
-        body=None,
-        chunked=False,
-        read_timeout=5.0,
-    )
-    return protocol, message, payload
+def _split_body(first: bytes, rest: bytes, *, then_close: bool) -> tuple[Any, asyncio.Event]:
+    """A raw upstream answering one request with ``first`` (the head and part of the body), then,
+    once the returned event is set, ``rest``; then it closes, or waits for the client to."""
+    gate = asyncio.Event()
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(first)
+        await writer.drain()
+        await gate.wait()
+        writer.write(rest)
+        await writer.drain()
+        if not then_close:
+            await reader.read()
+
+    return upstream, gate
 
 
 async def test_a_body_arriving_in_pieces_after_its_head_is_whole_and_the_connection_reused(
@@ -221,13 +222,13 @@ async def test_a_body_arriving_in_pieces_after_its_head_is_whole_and_the_connect
         await reader.read()
 
     pool = TargetPool(await make_raw_upstream(upstream))
-    protocol, message, payload = await _exchange_get(pool)
+    protocol, message, payload = await _send(pool)
     assert message.code == 200
     gate.set()
     assert await payload.read() == b"0123456789abcdefghijABCDEFGHIJ"
     pool.release(protocol)
 
-    again, message, payload = await _exchange_get(pool)
+    again, message, payload = await _send(pool)
     assert again is protocol and connections == 1
     assert (message.code, message.headers["X-Second"], await payload.read()) == (201, "yes", b"next")
     pool.release(again)
@@ -237,19 +238,11 @@ async def test_a_body_arriving_in_pieces_after_its_head_is_whole_and_the_connect
 async def test_a_body_longer_than_declared_is_cut_at_its_length_and_the_connection_dropped(
     make_raw_upstream: Any,
 ) -> None:
-    gate = asyncio.Event()
-
-    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nabc")
-        await writer.drain()
-        await gate.wait()
-        writer.write(b"defgh and then some")
-        await writer.drain()
-        await reader.read()
-
+    upstream, gate = _split_body(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nabc", b"defgh and then some", then_close=False
+    )
     pool = TargetPool(await make_raw_upstream(upstream))
-    protocol, _, payload = await _exchange_get(pool)
+    protocol, _, payload = await _send(pool)
     gate.set()
     assert await payload.read() == b"abcdefgh"
     assert protocol.should_close
@@ -259,19 +252,12 @@ async def test_a_body_longer_than_declared_is_cut_at_its_length_and_the_connecti
 
 
 async def test_an_upstream_closing_in_the_middle_of_a_body_fails_its_payload(make_raw_upstream: Any) -> None:
-    gate = asyncio.Event()
-
-    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
-        await writer.drain()
-        await gate.wait()
-        writer.write(b"def")
-        await writer.drain()
-        # and the connection closes, 94 bytes short
-
+    # The connection closes 94 bytes short.
+    upstream, gate = _split_body(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc", b"def", then_close=True
+    )
     pool = TargetPool(await make_raw_upstream(upstream))
-    _, _, payload = await _exchange_get(pool)
+    _, _, payload = await _send(pool)
     gate.set()
     with pytest.raises(aiohttp.ClientPayloadError):
         await payload.read()
@@ -283,19 +269,13 @@ async def test_a_whole_body_read_after_the_upstream_closed_is_not_reported_short
 ) -> None:
     # "Connection: close" after a body of declared length: the connection is gone before the
     # body is read. Every byte arrived, so reading it must not fail.
-    gate = asyncio.Event()
-
-    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\nConnection: close\r\n\r\nabc")
-        await writer.drain()
-        await gate.wait()
-        writer.write(b"defghijkl")
-        await writer.drain()
-        writer.close()
-
+    upstream, gate = _split_body(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\nConnection: close\r\n\r\nabc",
+        b"defghijkl",
+        then_close=True,
+    )
     pool = TargetPool(await make_raw_upstream(upstream))
-    protocol, _, payload = await _exchange_get(pool)
+    protocol, _, payload = await _send(pool)
     gate.set()
     await wait_for(lambda: not protocol.is_connected() and protocol.transport is None, what="the close")
     assert await payload.read() == b"abcdefghijkl"
