@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from .errors import error_middleware
+from .headers import keep_header_bytes
 from .health import setup_health_routes
 from .httpserver import expect_continue
 from .keys import lifecycle_key, limiter_key, route_table_key, settings_key, tracing_key
@@ -41,6 +42,7 @@ log = logging.getLogger("gateway")
 
 
 def create_app(settings: Settings) -> web.Application:
+    keep_header_bytes()
     tracing = Tracing(
         service_name="gateway", zipkin_url=settings.zipkin_url, sample_rate=settings.trace_sample_rate
     )

@@ -6,8 +6,10 @@ set below plus every header the ``Connection`` header names.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping
 
+from aiohttp import http_writer
 from multidict import CIMultiDict, CIMultiDictProxy
 
 __all__ = [
@@ -15,7 +17,9 @@ __all__ = [
     "HOP_BY_HOP",
     "TRACE_HEADERS",
     "VIA",
+    "keep_header_bytes",
     "response_headers",
+    "serialize_head",
     "upstream_headers",
 ]
 
@@ -107,3 +111,39 @@ def _without(incoming: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDi
     for name in incoming.keys() & drop:
         out.popall(name, None)
     return out
+
+
+# -- Serialising a head --------------------------------------------------------------------------
+
+# aiohttp's C serialiser, captured before keep_header_bytes() replaces the module's reference.
+_c_serialize = http_writer._serialize_headers
+# What the C serialiser refuses too: control characters other than HTAB (CR and LF above all).
+_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def serialize_head(start_line: str, headers: Mapping[str, str]) -> bytes:
+    """The start line and header block, exactly as the bytes they were parsed from.
+
+    aiohttp's parsers decode header bytes that are not UTF-8 (``obs-text``, RFC 9110 section 5.5:
+    Latin-1 file names, legacy cookies) with ``surrogateescape``, and its C serialiser silently
+    drops the escaped characters: ``caf\\xe9`` would reach the other side as ``caf``. A proxy passes
+    them on as received, as nginx and Envoy do. Heads that are all ASCII (nearly all of them;
+    ``isascii`` is a flag check) keep the C serialiser; the others are encoded back here.
+    """
+    if start_line.isascii() and "".join(headers.values()).isascii():
+        return _c_serialize(start_line, headers)
+    lines = [start_line]
+    lines.extend(f"{name}: {value}" for name, value in headers.items())
+    for line in lines:
+        if _FORBIDDEN.search(line):
+            raise ValueError("Forbidden control character detected in headers")
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode("utf-8", "surrogateescape")
+
+
+def keep_header_bytes() -> None:
+    """Make every head aiohttp writes (responses to clients, the WebSocket handshake upstream) go
+    through :func:`serialize_head`. aiohttp looks its serialiser up in this module global on every
+    write and offers no other hook; the function has the same signature and the same output for
+    every head it could already write."""
+    http_writer._serialize_headers = serialize_head  # type: ignore[assignment]

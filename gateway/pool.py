@@ -5,9 +5,10 @@ per-request bookkeeping (request/response objects, cookie and redirect handling,
 normalisation, per-request timers and traces) cost as much as all the rest of the gateway, and the
 session normalises exactly what a proxy must pass through untouched. This module keeps aiohttp's
 own client protocol (``ResponseHandler``: the C HTTP parser, flow control, read timeouts; made
-cheaper per request by ``UpstreamProtocol``), its header serialiser (which refuses CR/LF) and,
-for streamed bodies, its ``StreamWriter`` (chunked encoding, drain); a request with no body or a
-small one goes out in one write. WebSocket upgrades, health checks and the Zipkin reporter still
+cheaper per request by ``UpstreamProtocol``), its header serialiser (through
+``headers.serialize_head``, which refuses CR/LF and keeps non-UTF-8 bytes) and, for streamed
+bodies, its ``StreamWriter`` (chunked encoding, drain); a request with no body or a small one
+goes out in one write. WebSocket upgrades, health checks and the Zipkin reporter still
 use the ClientSession.
 """
 
@@ -24,10 +25,11 @@ from aiohttp.client_exceptions import ClientPayloadError
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.helpers import DEFAULT_CHUNK_SIZE
 from aiohttp.http import HttpResponseParser, RawResponseMessage, StreamWriter
-from aiohttp.http_writer import _serialize_headers
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict
 from yarl import URL
+
+from .headers import serialize_head
 
 __all__ = ["ConnectFailed", "ConnectTimeout", "TargetPool", "UpstreamProtocol", "exchange"]
 
@@ -232,9 +234,9 @@ async def exchange(
     protocol.begin(read_timeout=read_timeout, head=method == "HEAD")
     sending: asyncio.Task[None] | None = None
     if body is None or isinstance(body, bytes):
-        # The whole request in one write; aiohttp's serializer refuses control characters
-        # (CR, LF) in names and values.
-        head = _serialize_headers(f"{method} {target} HTTP/1.1", headers)
+        # The whole request in one write; the serializer refuses control characters (CR, LF)
+        # in names and values.
+        head = serialize_head(f"{method} {target} HTTP/1.1", headers)
         transport = protocol.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("connection to the upstream is closed")

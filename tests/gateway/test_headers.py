@@ -282,3 +282,58 @@ async def test_upstream_end_to_end_response_headers_reach_the_client(
     assert response.headers["Cache-Control"] == "max-age=60"
     assert response.headers["ETag"] == '"v1"'
     assert response.headers.getall("X-Multi") == ["1", "2"]
+
+
+# Header values are bytes: RFC 9110 section 5.5 allows obs-text (0x80-0xFF) in them, and Latin-1
+# file names and legacy cookies carry it. aiohttp decodes such bytes with surrogateescape and its
+# C serialiser drops them; the gateway must hand on what it received, byte for byte.
+OBS_TEXT = b"caf\xe9 \xff\xfe"
+UTF8 = "café ✓".encode()
+
+
+@pytest.mark.parametrize("body_size", [10, 200_000], ids=["buffered", "streamed"])
+async def test_header_bytes_that_are_not_utf8_cross_unchanged_both_ways(
+    make_gateway: Any, make_raw_upstream: Callable[..., Awaitable[str]], body_size: int
+) -> None:
+    received: list[bytes] = []
+
+    async def answer(reader: Any, writer: Any) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        received.append(head)
+        length = int(header_names(head).get("content-length", ["0"])[0])
+        await reader.readexactly(length)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Odd: %s\r\nX-Utf: %s\r\n\r\n"
+            % (body_size, OBS_TEXT, UTF8)
+            + b"b" * body_size
+        )
+        await writer.drain()
+
+    client = await make_gateway(one_service(await make_raw_upstream(answer)))
+    body = b"u" * body_size
+    raw = await raw_exchange(
+        client.port,
+        b"POST /x HTTP/1.1\r\nHost: a\r\nX-Latin: %s\r\nX-Utf: %s\r\nContent-Length: %d\r\n"
+        b"Connection: close\r\n\r\n%s" % (OBS_TEXT, UTF8, len(body), body),
+    )
+
+    [head] = received
+    assert b"\r\nX-Latin: " + OBS_TEXT + b"\r\n" in head
+    assert b"\r\nX-Utf: " + UTF8 + b"\r\n" in head
+    assert raw.startswith(b"HTTP/1.1 200 ")
+    assert b"\r\nX-Odd: " + OBS_TEXT + b"\r\n" in raw
+    assert b"\r\nX-Utf: " + UTF8 + b"\r\n" in raw
+    assert raw.endswith(b"\r\n\r\n" + b"b" * body_size)
+
+
+async def test_a_control_character_in_a_header_the_gateway_writes_is_still_refused() -> None:
+    from multidict import CIMultiDict
+
+    from gateway.headers import serialize_head
+
+    for value in ("a\r\nX-Injected: 1", "caf\udce9\r\nX-Injected: 1", "\udce9\x00"):
+        with pytest.raises(ValueError, match="control character"):
+            serialize_head("GET / HTTP/1.1", CIMultiDict({"X-Subject": value}))
+    assert serialize_head("GET / HTTP/1.1", CIMultiDict({"X-Tab": "a\tb\udce9"})) == (
+        b"GET / HTTP/1.1\r\nX-Tab: a\tb\xe9\r\n\r\n"
+    )
