@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from .errors import error_middleware
-from .headers import keep_header_bytes
+from .headers import drop_server_banner, keep_header_bytes
 from .health import setup_health_routes
 from .httpserver import expect_continue
 from .keys import lifecycle_key, limiter_key, route_table_key, settings_key, tracing_key
@@ -127,12 +127,14 @@ class _CatchAll(web.DynamicResource):
 
 async def stamp_response(request: web.Request, response: web.StreamResponse) -> None:
     """``on_response_prepare``, so streamed and error responses get them too: the request id, the
-    CORS answer, the rate-limit headers, and closing after a declined upgrade. One hook calling
-    plain functions: a coroutine per stamp per response is measurable on the proxy's hot path."""
+    CORS answer, the rate-limit headers, closing after a declined upgrade, and no ``Server``
+    banner. One hook calling plain functions: a coroutine per stamp per response is measurable on
+    the proxy's hot path."""
     set_request_id_header(request, response)
     set_cors_headers(request, response)
     set_ratelimit_headers(request, response)
     close_declined_upgrade(request, response)
+    drop_server_banner(response)
 
 
 async def openapi_document(request: web.Request) -> web.Response:

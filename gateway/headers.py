@@ -9,7 +9,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
-from aiohttp import http_writer
+from aiohttp import http_writer, web
+from aiohttp.http import SERVER_SOFTWARE
 from multidict import CIMultiDict, CIMultiDictProxy
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "HOP_BY_HOP",
     "TRACE_HEADERS",
     "VIA",
+    "drop_server_banner",
     "keep_header_bytes",
     "response_headers",
     "serialize_head",
@@ -99,6 +101,18 @@ def response_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     if connection:
         drop = drop | _connection_tokens(connection)
     return _without(incoming, drop)
+
+
+def drop_server_banner(response: web.StreamResponse) -> None:
+    """Part of ``on_response_prepare``: no ``Server`` header unless the upstream sent one.
+
+    aiohttp gives every response without one ``Server: Python/3.x aiohttp/3.y``: on a relayed
+    answer that is a header the upstream never sent, and on any answer it tells a scanner which
+    versions to look up. Its default is set by identity (``setdefault`` of one string object), so
+    an upstream's own header, whatever it says, is a different object and stays.
+    """
+    if response.headers.get("Server") is SERVER_SOFTWARE:
+        del response.headers["Server"]
 
 
 def _without(incoming: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:

@@ -337,3 +337,26 @@ async def test_a_control_character_in_a_header_the_gateway_writes_is_still_refus
     assert serialize_head("GET / HTTP/1.1", CIMultiDict({"X-Tab": "a\tb\udce9"})) == (
         b"GET / HTTP/1.1\r\nX-Tab: a\tb\xe9\r\n\r\n"
     )
+
+
+async def test_no_server_banner_is_added_and_an_upstreams_own_server_header_stays(
+    make_gateway: Any, make_raw_upstream: Callable[..., Awaitable[str]]
+) -> None:
+    async def answer(reader: Any, writer: Any) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        server = b"Server: Python/3.11 aiohttp/3.14.5\r\n" if b"/own" in head else b""
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n" + server + b"\r\nok")
+        await writer.drain()
+
+    client = await make_gateway(one_service(await make_raw_upstream(answer), prefix="/api"))
+
+    bare = await raw_exchange(client.port, b"GET /api/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    own = await raw_exchange(client.port, b"GET /api/own HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    ours = await raw_exchange(client.port, b"GET /nowhere HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+
+    assert bare.startswith(b"HTTP/1.1 200 ")
+    assert "server" not in header_names(bare)
+    # An upstream's header is relayed whatever it says, even the very string aiohttp would add.
+    assert header_names(own)["server"] == ["Python/3.11 aiohttp/3.14.5"]
+    assert ours.startswith(b"HTTP/1.1 404 ")
+    assert "server" not in header_names(ours)
