@@ -24,7 +24,8 @@ from time import perf_counter
 from typing import Any
 
 import aiohttp
-from aiohttp import HttpVersion10, WSCloseCode, WSMsgType, web
+from aiohttp import HttpVersion10, HttpVersion11, WSCloseCode, WSMsgType, web
+from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import RawResponseMessage
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import StreamReader
@@ -33,7 +34,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .errors import ApiError, body_too_large
-from .headers import response_headers, upstream_headers
+from .headers import response_headers, serialize_head, upstream_headers
 from .httpserver import BodyTimeout, read_body_chunk
 from .keys import (
     body_key,
@@ -369,6 +370,7 @@ async def _relay_response(
         length is not None
         and length <= BUFFER_LIMIT
         and request.method != "HEAD"
+        and status >= 200
         and status not in (204, 304)
     ):
         try:
@@ -414,19 +416,63 @@ async def _relay_response(
     return response
 
 
-def _whole_response(status: int, reason: str | None, headers: CIMultiDict[str], body: bytes) -> web.Response:
-    """An upstream's answer read whole, relayed with its headers (hop-by-hop ones already removed)."""
-    # web.Response sets Content-Length itself; setting the copied headers afterwards keeps
-    # the upstream's Content-Type (or its absence) untouched.
-    response: web.Response
-    if "Content-Type" in headers:
-        response = web.Response(status=status, reason=reason, body=body)
-    else:
-        response = _RelayedResponse(status=status, reason=reason, body=body)
-        response.untyped = True
-    headers.popall("Content-Length", None)
-    response.headers.extend(headers)
-    return response
+def _whole_response(status: int, reason: str | None, headers: CIMultiDict[str], body: bytes) -> _WholeAnswer:
+    """An upstream's answer read whole, relayed with its headers (hop-by-hop ones already removed).
+
+    Never for a HEAD request or a 1xx, 204 or 304 answer: those have no body to send."""
+    headers["Content-Length"] = str(len(body))
+    return _WholeAnswer(status=status, reason=reason, _real_headers=headers, body=body)
+
+
+class _WholeAnswer(web.StreamResponse):
+    """A relayed answer of known, small size, written to the client in one write when aiohttp
+    prepares it.
+
+    ``web.Response`` gets there through a dozen coroutine steps (prepare, headers, hook, the
+    serialiser, write_eof, the stream writer); on a proxied 1 KiB GET they were 7% of the
+    instructions and 7% of the CPU time. This keeps aiohttp's contract with its request handler
+    (``prepare`` then ``write_eof``, then ``status``, ``body_length`` and ``keep_alive`` are read)
+    and the same bytes on the wire: ``Date`` when the upstream sent none, ``Connection`` as
+    aiohttp decides it, the ``on_response_prepare`` hooks (which may close the connection) and
+    nothing else; aiohttp's default ``Content-Type`` and ``Server`` are not invented.
+    """
+
+    def __init__(
+        self, *, status: int, reason: str | None, _real_headers: CIMultiDict[str], body: bytes
+    ) -> None:
+        super().__init__(status=status, reason=reason, _real_headers=_real_headers)
+        self._whole = body
+
+    async def prepare(self, request: web.BaseRequest) -> None:  # type: ignore[override]
+        if self._eof_sent:
+            return
+        headers = self._headers
+        if "Date" not in headers:
+            headers["Date"] = rfc822_formatted_time()
+        keep_alive = request.keep_alive
+        version = request.version
+        if "Connection" not in headers:
+            if keep_alive:
+                if version == HttpVersion10:
+                    headers["Connection"] = "keep-alive"
+            elif version == HttpVersion11:
+                headers["Connection"] = "close"
+        self._keep_alive = keep_alive
+        self._req = request
+        await request._prepare_hook(self)
+        head = serialize_head(f"HTTP/{version.major}.{version.minor} {self._status} {self._reason}", headers)
+        body = self._whole
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client closed the connection")
+        if len(body) < 2048:  # as aiohttp's writer: a copy is cheaper than a writev this small
+            transport.write(head + body)
+        else:
+            transport.writelines((head, body))
+        self._eof_sent = True
+        self._req = None
+        self._body_length = size = len(head) + len(body)
+        request.writer.output_size += size  # type: ignore[attr-defined]  # "response started"
 
 
 class _Untyped:
@@ -439,10 +485,6 @@ class _Untyped:
         await super()._prepare_headers()  # type: ignore[misc]
         if self.untyped:
             self.headers.popall("Content-Type", None)  # type: ignore[attr-defined]
-
-
-class _RelayedResponse(_Untyped, web.Response):
-    pass
 
 
 class _RelayedStream(_Untyped, web.StreamResponse):

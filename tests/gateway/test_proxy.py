@@ -113,6 +113,57 @@ async def test_missing_content_type_is_not_invented(
     assert "Content-Type" not in response.headers
 
 
+# (request line and headers, status line version, Connection header, connection kept open)
+CLIENT_CONNECTIONS = [
+    pytest.param("GET /x HTTP/1.1\r\n", "HTTP/1.1", None, True, id="1.1"),
+    pytest.param("GET /x HTTP/1.1\r\nConnection: close\r\n", "HTTP/1.1", "close", False, id="1.1-close"),
+    pytest.param("GET /x HTTP/1.0\r\n", "HTTP/1.0", None, False, id="1.0"),
+    pytest.param(
+        "GET /x HTTP/1.0\r\nConnection: keep-alive\r\n", "HTTP/1.0", "keep-alive", True, id="1.0-keep-alive"
+    ),
+]
+
+
+@pytest.mark.parametrize("size", [SMALL, LARGE], ids=["buffered", "streamed"])
+@pytest.mark.parametrize(("request_head", "version", "connection", "kept"), CLIENT_CONNECTIONS)
+async def test_relayed_answers_follow_the_clients_connection_semantics(
+    make_gateway: Any,
+    make_raw_upstream: Callable[..., Awaitable[str]],
+    size: int,
+    request_head: str,
+    version: str,
+    connection: str | None,
+    kept: bool,
+) -> None:
+    # The upstream sends neither Date nor Content-Type: the gateway adds the first (RFC 9110
+    # 6.6.1: a proxy adds Date when it is missing) and never invents the second.
+    async def answer(reader: Any, writer: Any) -> None:
+        while await reader.readuntil(b"\r\n\r\n"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Up: 1\r\n\r\n" % size + b"u" * size)
+            await writer.drain()
+
+    client = await make_gateway(one_service(await make_raw_upstream(answer)))
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    try:
+        async with asyncio.timeout(5):
+            for _ in range(2 if kept else 1):  # a kept connection must carry a second exchange
+                writer.write(f"{request_head}Host: a\r\n\r\n".encode())
+                head = await reader.readuntil(b"\r\n\r\n")
+                status, headers, _ = split_response(head)
+                body = await reader.readexactly(int(headers["content-length"][0]))
+                assert status == f"{version} 200 OK"
+                assert headers.get("connection") == ([connection] if connection else None)
+                assert headers["x-up"] == ["1"]
+                assert len(headers["date"]) == 1
+                assert "content-type" not in headers
+                assert "server" not in headers
+                assert body == b"u" * size
+            if not kept:
+                assert await reader.read() == b""  # closed by the gateway
+    finally:
+        writer.close()
+
+
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
 @pytest.mark.parametrize("location", ["/elsewhere?a=1&b=%2F", "http://127.0.0.1:1/other#frag"])
 async def test_redirects_are_returned_not_followed(
