@@ -34,12 +34,11 @@ route sets its own ``rate_limit``. On a 429 the ``t`` of ``RateLimit`` equals ``
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -64,29 +63,36 @@ STAGES = ("ip", "subject")
 _MAX_BLOCKED = 10_000
 
 
-def ratelimit_headers(policy: str, limit: RateLimit, decision: Decision) -> dict[str, str]:
+class Policy(NamedTuple):
+    """A route's limit, its name, and the two headers that are the same for every request."""
+
+    limit: RateLimit
+    name: str  # "route" or "default"
+    policy_header: str  # RateLimit-Policy
+    limit_header: str  # X-RateLimit-Limit
+
+
+def make_policy(name: str, limit: RateLimit) -> Policy:
+    return Policy(limit, name, f'"{name}";q={limit.limit};w={math.ceil(limit.period)}', str(limit.limit))
+
+
+def ratelimit_headers(policy: Policy, decision: Decision) -> dict[str, str]:
     """The response headers for one decision (see the module docstring)."""
     reset = math.ceil(decision.reset_after)
     remaining = str(decision.remaining)
-    policy_header, limit_header = _policy_headers(policy, limit)
+    name = policy.name
     headers = {
-        "RateLimit-Policy": policy_header,
-        "RateLimit": f'"{policy}";r={remaining};t={reset}',
-        "X-RateLimit-Limit": limit_header,
+        "RateLimit-Policy": policy.policy_header,
+        "RateLimit": f'"{name}";r={remaining};t={reset}',
+        "X-RateLimit-Limit": policy.limit_header,
         "X-RateLimit-Remaining": remaining,
         "X-RateLimit-Reset": str(reset),
     }
     if not decision.allowed:
         retry = str(max(1, math.ceil(decision.retry_after)))
         headers["Retry-After"] = retry
-        headers["RateLimit"] = f'"{policy}";r=0;t={retry}'
+        headers["RateLimit"] = f'"{name}";r=0;t={retry}'
     return headers
-
-
-@functools.lru_cache(maxsize=1024)
-def _policy_headers(policy: str, limit: RateLimit) -> tuple[str, str]:
-    # The same for every request on a route: made once.
-    return f'"{policy}";q={limit.limit};w={math.ceil(limit.period)}', str(limit.limit)
 
 
 def request_client_ip(request: web.Request, trusted: Sequence[IPNetwork]) -> str:
@@ -125,23 +131,22 @@ def ratelimit_middleware(
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
     trusted = tuple(trusted_proxies)
-    policies: dict[str, tuple[RateLimit, str]] = {}
+    policies: dict[str, Policy] = {}
     blocked: dict[str, tuple[float, dict[str, str]]] = {}
 
-    def policy_for(route: Route) -> tuple[RateLimit, str]:
+    def policy_for(route: Route) -> Policy:
         policy = policies.get(route.prefix)
-        if policy is None:
-            policy = policies[route.prefix] = (
-                (route.rate_limit, "route") if route.rate_limit else (default, "default")
-            )
+        limit = route.rate_limit or default
+        # A reload brings new Route objects: a prefix whose limit changed gets a new policy.
+        if policy is None or policy.limit is not limit:
+            policy = policies[route.prefix] = make_policy("route" if route.rate_limit else "default", limit)
         return policy
 
     # The in-memory limiter decides without I/O: called directly, not through a coroutine.
     hit_now = limiter.hit_now if isinstance(limiter, MemoryLimiter) else None
 
     def settle(request: web.Request, key: str, route: Route, decision: Decision) -> None:
-        limit, name = policy_for(route)
-        headers = request[ratelimit_headers_key] = ratelimit_headers(name, limit, decision)
+        headers = request[ratelimit_headers_key] = ratelimit_headers(policy_for(route), decision)
         if not decision.allowed:
             if stage == "ip":
                 if len(blocked) >= _MAX_BLOCKED:
@@ -152,7 +157,7 @@ def ratelimit_middleware(
     async def charge(request: web.Request, key: str, route: Route) -> None:
         """Charge ``key``; 429 when it is over. The headers go on whatever answer goes out, an
         error's too, through ``stamp_ratelimit_headers``."""
-        settle(request, key, route, await limiter.hit(key, policy_for(route)[0]))
+        settle(request, key, route, await limiter.hit(key, policy_for(route).limit))
 
     async def charged(request: web.Request, handler: Handler, key: str, route: Route) -> web.StreamResponse:
         await charge(request, key, route)
@@ -163,7 +168,7 @@ def ratelimit_middleware(
     ) -> Awaitable[web.StreamResponse]:
         if hit_now is None:
             return charged(request, handler, key, route)
-        settle(request, key, route, hit_now(key, policy_for(route)[0]))
+        settle(request, key, route, hit_now(key, policy_for(route).limit))
         return handler(request)
 
     if stage == "subject":

@@ -128,6 +128,33 @@ async def test_an_unchanged_service_keeps_its_upstream(
     assert await served_by(client, "/z/x") == (200, "other")
 
 
+async def test_a_changed_rate_limit_applies_after_the_reload(
+    aiohttp_client: Any, named_upstream: Any, tmp_path: Path
+) -> None:
+    url, _ = await named_upstream("limited")
+    path = tmp_path / "gateway.yaml"
+    config = table({"/a": url})
+    config["routes"][0]["rate_limit"] = "1000/minute"
+    path.write_text(yaml.safe_dump(config))
+    env = {"GATEWAY_CONFIG": str(path)}
+    client = await aiohttp_client(TestServer(create_app(load_settings(env))))
+    response = await client.get("/a/x")
+    assert response.status == 200
+    assert response.headers["X-RateLimit-Limit"] == "1000"
+
+    config["routes"][0]["rate_limit"] = "2/minute"
+    path.write_text(yaml.safe_dump(config))
+    assert await reload_routes(client.app, env)
+
+    # The bucket carries over (GCRA keeps one timestamp per client), so the second request may
+    # already be over; under the old 1000/minute none of the three would be.
+    statuses = [(await client.get("/a/x")).status for _ in range(3)]
+    assert statuses[0] == 200 and statuses[2] == 429, statuses
+    response = await client.get("/a/x")
+    assert response.headers["X-RateLimit-Limit"] == "2"
+    assert response.headers["RateLimit-Policy"] == '"route";q=2;w=60'
+
+
 @pytest.mark.parametrize(
     ("content", "problem"),
     [
