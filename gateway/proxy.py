@@ -391,8 +391,9 @@ async def _relay_response(
 
     response = _RelayedStream(status=status, reason=message.reason, headers=headers)
     response.untyped = "Content-Type" not in headers
-    await response.prepare(request)
     try:
+        # Inside the try: a client that left while the upstream answered fails the head's write.
+        await response.prepare(request)
         # Chunk by chunk as the socket delivered them: read(n) would join what is buffered into
         # a new bytes object, one more copy of the body on its way through.
         readchunk = payload.readchunk
@@ -402,6 +403,7 @@ async def _relay_response(
                 await response.write(chunk)
             elif payload.is_eof():
                 break
+        await response.write_eof()
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         transport = request.transport
         if transport is None or transport.is_closing():
@@ -412,7 +414,6 @@ async def _relay_response(
         _count_failure(request, _kind(exc))
         transport.close()
         return response
-    await response.write_eof()
     return response
 
 

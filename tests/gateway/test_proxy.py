@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import hashlib
 import io
+import logging
 import os
 import resource
 import socket
@@ -623,3 +624,51 @@ async def test_client_going_away_mid_response_stops_the_upstream(
 
     await wait_for(lambda: bool(upstream_stopped), deadline_s=10, what="the upstream handler to end")
     assert upstream_stopped[0] in ("cancelled", "connection closed")
+
+
+@pytest.mark.parametrize("size", [SMALL, LARGE], ids=["buffered", "streamed"])
+async def test_a_client_gone_when_the_answer_starts_is_not_an_error(
+    aiohttp_client: Any,
+    make_upstream: Any,
+    tmp_path: Any,
+    caplog: pytest.LogCaptureFixture,
+    size: int,
+) -> None:
+    """Under load a client can hang up while its upstream answers, so that writing the response
+    head fails: a normal event, not an "unhandled error" with a traceback, and the upstream
+    connection must not be pooled half-read."""
+    import yaml
+
+    from gateway.app import create_app
+    from gateway.settings import load_settings
+    from tests.conftest import GatewayTestServer
+
+    async def reply(request: web.Request) -> web.Response:
+        return web.Response(body=b"r" * size)
+
+    upstream = await make_upstream(reply)
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump(one_service(upstream.url)))
+    app = create_app(load_settings({"GATEWAY_CONFIG": str(config)}))
+    gone: list[str] = []
+
+    async def hang_up(request: web.Request, response: web.StreamResponse) -> None:
+        if request.path == "/gone" and request.transport is not None:
+            request.transport.close()  # the client's connection, just before the head is written
+            gone.append(request.path)
+
+    app.on_response_prepare.append(hang_up)
+    client = await aiohttp_client(GatewayTestServer(app))
+
+    with caplog.at_level(logging.INFO, logger="gateway"):
+        with pytest.raises(aiohttp.ClientError):
+            await (await client.get("/gone")).read()
+        response = await client.get("/after")  # the gateway and its pool carry on
+        assert response.status == 200
+        assert len(await response.read()) == size
+
+    assert gone == ["/gone"]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], [
+        r.getMessage() for r in caplog.records
+    ]
+    assert [r.raw_path for r in upstream.requests] == ["/gone", "/after"]
