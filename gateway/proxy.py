@@ -331,6 +331,12 @@ async def _send(
             if target is None:
                 raise error from None
             continue
+        except BaseException:
+            # Cancelled (the client went away) while connecting or waiting for the head: the
+            # connection is dropped now, not left open for the garbage collector to find.
+            if protocol is not None:
+                protocol.close()
+            raise
         upstream.succeeded(target)
         return target, protocol, message, payload
 

@@ -672,3 +672,32 @@ async def test_a_client_gone_when_the_answer_starts_is_not_an_error(
         r.getMessage() for r in caplog.records
     ]
     assert [r.raw_path for r in upstream.requests] == ["/gone", "/after"]
+
+
+async def test_a_client_gone_before_the_upstream_answers_closes_the_upstream_connection(
+    make_gateway: Any, make_raw_upstream: Callable[..., Awaitable[str]]
+) -> None:
+    """The handler is cancelled while it waits for the response head: the upstream connection it
+    holds must be closed then, not left open (with whatever the upstream sends next buffered in
+    it) until the garbage collector happens to find it."""
+    import gc
+
+    arrived = asyncio.Event()
+    closed = asyncio.Event()
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        arrived.set()
+        if await reader.read(1) == b"":  # EOF: the gateway closed this connection
+            closed.set()
+
+    client = await make_gateway(one_service(await make_raw_upstream(slow)))
+    gc.disable()  # only an explicit close may count
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        writer.write(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        await asyncio.wait_for(arrived.wait(), 5)
+        writer.close()  # the client goes away before any answer
+        await asyncio.wait_for(closed.wait(), 5)
+    finally:
+        gc.enable()
