@@ -39,9 +39,9 @@ class Listener:
 # 764 young collections, 69 middle ones and 6 full ones (41 ms each) in 6 s, 14% of the CPU. At
 # 10,000 the same load saw one collection. Completed requests make no reference cycles
 # (tests/gateway/test_gc.py), so a higher threshold holds no extra memory for them; requests cut
-# off mid-stream do leave a few dozen objects in cycles each (the upstream connection they
-# dropped), which now wait a little longer: after 640 such aborts RSS was 217 MiB against 193 MiB
-# at the default, and 242 MiB at a threshold of 50,000, which is why it is not higher.
+# off by their client still leave some (cancelled tasks), which now wait a little longer: after
+# 640 such aborts (1 MiB answers) RSS was 152 MiB against 128 MiB at the default threshold. At
+# 50,000 it was 90 MiB more, which is why the threshold is not higher.
 GC_THRESHOLD = 10_000
 
 
