@@ -140,6 +140,13 @@ class UpstreamProtocol(ResponseHandler):
         self._reusable = None  # the parser refers back to this protocol
         super().connection_lost(exc)
 
+    def close(self) -> None:
+        super().close()
+        # An answer parsed but never read (its request was cancelled) holds its payload, which
+        # refers back to this protocol: a cycle that kept the body's buffered bytes until the
+        # garbage collector came by. Nothing reads from a closed connection.
+        self._buffer.clear()
+
 
 class TargetPool:
     """Idle keep-alive connections to one target, most recently used first.

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import gc
+import weakref
 from typing import Any
 
 import aiohttp
@@ -280,3 +283,29 @@ async def test_a_whole_body_read_after_the_upstream_closed_is_not_reported_short
     await wait_for(lambda: not protocol.is_connected() and protocol.transport is None, what="the close")
     assert await payload.read() == b"abcdefghijkl"
     pool.close()
+
+
+async def test_a_closed_connection_with_an_unread_answer_is_freed_without_the_collector(
+    aiohttp_server: Any,
+) -> None:
+    """A request cancelled while its answer arrives closes the connection with the answer parsed
+    but unread; that answer's payload refers back to the connection, and the cycle used to hold
+    the body's buffered bytes until the garbage collector came by."""
+    server, _ = await _upstream(aiohttp_server)
+    pool = TargetPool(f"http://127.0.0.1:{server.port}")
+    protocol = await pool.acquire(2.0)
+    protocol.begin(read_timeout=5.0, head=False)
+    protocol.transport.write(b"GET /x HTTP/1.1\r\nHost: %s\r\n\r\n" % pool.host_header.encode())
+    await wait_for(functools.partial(_has_unread_answer, protocol), what="the answer to be parsed")
+    gc.disable()  # only reference counting may free it
+    try:
+        freed = weakref.ref(protocol)
+        protocol.close()
+        del protocol
+        await wait_for(lambda: freed() is None, deadline_s=2, what="the closed connection to be freed")
+    finally:
+        gc.enable()
+
+
+def _has_unread_answer(protocol: Any) -> bool:
+    return bool(protocol._buffer)
