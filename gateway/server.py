@@ -37,11 +37,11 @@ class Listener:
 # threshold, 700 by default: right for a script, not for a server with requests in flight, each of
 # which holds a few dozen such objects. At 128 connections the count crossed 700 all the time:
 # 764 young collections, 69 middle ones and 6 full ones (41 ms each) in 6 s, 14% of the CPU. At
-# 10,000 the same load saw one collection and ran 14% faster. Completed requests make no reference
-# cycles (tests/gateway/test_gc.py), nor do requests cut off by their client since the upstream
-# connection they drop is freed whole (pool.py): after 640 aborted 1 MiB answers a full
-# collection found nothing, and RSS was 109 MiB against 102 MiB at the default threshold. Cycles
-# from rarer paths wait longer to be collected, so the threshold is not higher than it needs to be.
+# 10,000 the same load saw one collection and ran 10-14% faster (two A/B runs). Completed
+# requests make no reference cycles (tests/gateway/test_gc.py), nor do requests cut off by their
+# client, as the upstream connection they drop is freed whole (pool.py): after 640 aborted 1 MiB
+# answers a full collection found nothing, and RSS was 109 MiB against 102 MiB at the default
+# threshold. Cycles from rarer paths wait longer to be collected, so the threshold is no higher.
 GC_THRESHOLD = 10_000
 
 
