@@ -482,20 +482,16 @@ class _WholeAnswer(web.StreamResponse):
         request.writer.output_size += size  # type: ignore[attr-defined]  # "response started"
 
 
-class _Untyped:
-    """A relayed answer keeps the upstream's headers as they were: aiohttp adds
+class _RelayedStream(web.StreamResponse):
+    """A streamed relayed answer keeps the upstream's headers as they were: aiohttp adds
     ``Content-Type: application/octet-stream`` to any body without one, the upstream did not."""
 
     untyped = False
 
     async def _prepare_headers(self) -> None:
-        await super()._prepare_headers()  # type: ignore[misc]
+        await super()._prepare_headers()
         if self.untyped:
-            self.headers.popall("Content-Type", None)  # type: ignore[attr-defined]
-
-
-class _RelayedStream(_Untyped, web.StreamResponse):
-    pass
+            self.headers.popall("Content-Type", None)
 
 
 def _kind(exc: BaseException) -> str:
