@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import logging
 import multiprocessing
@@ -20,7 +21,17 @@ from .httpserver import GatewayRunner
 from .keys import lifecycle_key
 from .logs import JsonAccessLogger
 
-__all__ = ["GC_THRESHOLD", "Listener", "run", "run_workers", "serve", "tune_gc"]
+__all__ = [
+    "GC_THRESHOLD",
+    "MALLOC_MMAP_THRESHOLD",
+    "MALLOC_TRIM_THRESHOLD",
+    "Listener",
+    "run",
+    "run_workers",
+    "serve",
+    "tune_gc",
+    "tune_malloc",
+]
 
 log = logging.getLogger("gateway.server")
 
@@ -51,6 +62,37 @@ def tune_gc() -> None:
     gc.freeze()
     _, middle, old = gc.get_threshold()
     gc.set_threshold(GC_THRESHOLD, middle, old)
+
+
+# glibc's malloc, left to its defaults, gives the top of its heap back to the kernel as soon as more
+# than twice its (adaptive) mmap threshold lies free there, and takes it back on the next large
+# allocation: the body chunks a proxy passes on (bytes objects of 64-256 KiB, beyond pymalloc's
+# 512 bytes) kept arriving in fresh pages, each faulted in and zeroed by the kernel. Relaying
+# 1 MiB answers at 32 connections took 51 page faults and a brk call every other request; with
+# the heap kept, none, and 20% more requests per second (three interleaved A/B runs). Memory a
+# burst of traffic used stays with the process, up to MALLOC_TRIM_THRESHOLD of it free; blocks
+# above MALLOC_MMAP_THRESHOLD (rare: a whole large body read for validation) still get their own
+# mapping and go back to the kernel when freed.
+MALLOC_TRIM_THRESHOLD = 32 * 1024**2
+MALLOC_MMAP_THRESHOLD = 4 * 1024**2
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
+
+
+def tune_malloc() -> bool:
+    """Apply the thresholds above, unless the environment sets malloc's own (``GLIBC_TUNABLES``,
+    ``MALLOC_*_``): an operator's choice wins. False where the C library has no such settings."""
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") or any(
+        name.startswith("MALLOC_") and name.endswith("_") for name in os.environ
+    ):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # pragma: no cover - not glibc (macOS)
+        return False
+    # mallopt returns 1 on success; musl's is a stub that returns 0.
+    return bool(mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD)) and bool(
+        mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)
+    )
 
 
 def run(main: Coroutine[Any, Any, None]) -> None:
@@ -112,6 +154,7 @@ async def serve(
             bound.append((listener, port))
             log.info("listening", extra={"app": listener.name, "host": listener.host, "port": port})
         tune_gc()
+        tune_malloc()
         if on_started is not None:
             on_started(bound)
         await stop.wait()
