@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import gzip
 import hashlib
 import io
@@ -16,8 +17,12 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp import web
 
+from gateway.app import create_app
+from gateway.settings import load_settings
+from tests.conftest import GatewayTestServer
 from tests.helpers import one_service, raw_exchange, wait_for
 
 MB = 1024 * 1024
@@ -637,11 +642,6 @@ async def test_a_client_gone_when_the_answer_starts_is_not_an_error(
     """Under load a client can hang up while its upstream answers, so that writing the response
     head fails: a normal event, not an "unhandled error" with a traceback, and the upstream
     connection must not be pooled half-read."""
-    import yaml
-
-    from gateway.app import create_app
-    from gateway.settings import load_settings
-    from tests.conftest import GatewayTestServer
 
     async def reply(request: web.Request) -> web.Response:
         return web.Response(body=b"r" * size)
@@ -680,8 +680,6 @@ async def test_a_client_gone_before_the_upstream_answers_closes_the_upstream_con
     """The handler is cancelled while it waits for the response head: the upstream connection it
     holds must be closed then, not left open (with whatever the upstream sends next buffered in
     it) until the garbage collector happens to find it."""
-    import gc
-
     arrived = asyncio.Event()
     closed = asyncio.Event()
 
