@@ -129,6 +129,43 @@ class UpstreamProtocol(ResponseHandler):
             # answering "Connection: close"), it would fail a payload that arrived whole.
             self._parser = None
 
+    # The read timeout as a deadline. aiohttp's protocol cancels its timer and makes a new one
+    # each time bytes arrive, and cancels it again at each body's end: two timers made and two
+    # cancelled per request on a small answer. Here one timer per connection stays armed and
+    # data only moves the deadline; when the timer fires early it re-arms for what is left.
+    _deadline = 0.0  # loop time by which bytes must arrive; 0.0 while nothing is awaited
+
+    def _reschedule_timeout(self) -> None:
+        timeout = self._read_timeout
+        if not timeout:
+            self._deadline = 0.0
+            return
+        self._deadline = deadline = self._loop.time() + timeout
+        if self._read_timeout_handle is None:
+            self._read_timeout_handle = self._loop.call_at(deadline, self._check_deadline)
+
+    def _drop_timeout(self) -> None:
+        self._deadline = 0.0  # the armed timer finds nothing to do and lapses
+
+    def _check_deadline(self) -> None:
+        self._read_timeout_handle = None
+        deadline = self._deadline
+        if not deadline:
+            return
+        if self._loop.time() >= deadline:
+            self._deadline = 0.0
+            self._on_read_timeout()
+        else:
+            self._read_timeout_handle = self._loop.call_at(deadline, self._check_deadline)
+
+    def _cancel_timer(self) -> None:
+        # A lost connection must not stay referenced by the loop's timer until it lapses.
+        self._deadline = 0.0
+        handle = self._read_timeout_handle
+        if handle is not None:
+            handle.cancel()
+            self._read_timeout_handle = None
+
     def resume_reading(self, resume_parser: bool = True) -> None:
         # aiohttp calls this at every body's end and at most reads, paused or not; unpaused it
         # re-runs data_received with no data through the parser. Nothing here pauses parsing
@@ -139,6 +176,7 @@ class UpstreamProtocol(ResponseHandler):
     def connection_lost(self, exc: BaseException | None) -> None:
         self._reusable = None  # the parser refers back to this protocol
         super().connection_lost(exc)
+        self._cancel_timer()
 
     def close(self) -> None:
         super().close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
+import time
 import weakref
 from typing import Any
 
@@ -309,3 +310,92 @@ async def test_a_closed_connection_with_an_unread_answer_is_freed_without_the_co
 
 def _has_unread_answer(protocol: Any) -> bool:
     return bool(protocol._buffer)
+
+
+# -- The read timeout: silence, not duration -------------------------------------------------------
+
+READ_TIMEOUT = 0.4
+
+
+def _trickle(pieces: list[bytes], gap: float, *, answers: int = 1) -> Any:
+    """A raw upstream answering ``answers`` requests on one connection, each with ``pieces``
+    written ``gap`` seconds apart."""
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(answers):
+            await reader.readuntil(b"\r\n\r\n")
+            for i, piece in enumerate(pieces):
+                if i:
+                    await asyncio.sleep(gap)  # simulates an upstream that answers slowly
+                writer.write(piece)
+                await writer.drain()
+        await reader.read()
+
+    return upstream
+
+
+async def _exchange(pool: TargetPool, protocol: Any) -> Any:
+    message, payload = await exchange(
+        protocol,
+        method="GET",
+        target="/x",
+        headers=CIMultiDict({"Host": pool.host_header}),
+        body=None,
+        chunked=False,
+        read_timeout=READ_TIMEOUT,
+    )
+    assert message.code == 200
+    return payload
+
+
+async def test_an_answer_that_keeps_arriving_outlasts_its_read_timeout(make_raw_upstream: Any) -> None:
+    """Every gap is shorter than the read timeout, the whole answer takes longer: no timeout. The
+    connection's one timer fires before the answer ends and must see that bytes came since."""
+    gap = READ_TIMEOUT / 2.5
+    pieces = [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", b"a", b"b", b"c", b"d", b"e"]
+    pool = TargetPool(await make_raw_upstream(_trickle(pieces, gap)))
+    protocol = await pool.acquire(2.0)
+
+    started = time.monotonic()
+    payload = await _exchange(pool, protocol)
+    body = await payload.read()
+
+    assert body == b"abcde"
+    assert time.monotonic() - started >= 5 * gap > READ_TIMEOUT
+    pool.close()
+
+
+async def test_a_reused_connection_gives_each_request_its_whole_read_timeout(make_raw_upstream: Any) -> None:
+    """The timer armed for the first answer is still pending during the second one, on the same
+    connection; the second answer's silence is what counts."""
+    gap = READ_TIMEOUT * 0.6
+    pieces = [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n", b"o", b"k"]
+    pool = TargetPool(await make_raw_upstream(_trickle(pieces, gap, answers=2)))
+
+    first = await pool.acquire(2.0)
+    assert await (await _exchange(pool, first)).read() == b"ok"
+    pool.release(first)
+    second = await pool.acquire(2.0)
+    assert second is first
+    assert await (await _exchange(pool, second)).read() == b"ok"
+    pool.release(second)
+    pool.close()
+
+
+async def test_silence_after_some_of_the_body_times_out_one_read_timeout_after_the_last_bytes(
+    make_raw_upstream: Any,
+) -> None:
+    gap = READ_TIMEOUT / 2
+    pieces = [b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", b"abc", b"def"]
+    pool = TargetPool(await make_raw_upstream(_trickle(pieces, gap)))
+    protocol = await pool.acquire(2.0)
+
+    started = time.monotonic()
+    payload = await _exchange(pool, protocol)
+    with pytest.raises(aiohttp.ServerTimeoutError):
+        async with asyncio.timeout(5):
+            await payload.read()
+
+    # The last bytes came 2 gaps in; the timeout counts from them, not from the request.
+    assert time.monotonic() - started >= 2 * gap + READ_TIMEOUT
+    pool.close()
