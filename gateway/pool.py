@@ -134,6 +134,7 @@ class UpstreamProtocol(ResponseHandler):
     # cancelled per request on a small answer. Here one timer per connection stays armed and
     # data only moves the deadline; when the timer fires early it re-arms for what is left.
     _deadline = 0.0  # loop time by which bytes must arrive; 0.0 while nothing is awaited
+    _timer_at = 0.0  # when the armed timer fires
 
     def _reschedule_timeout(self) -> None:
         timeout = self._read_timeout
@@ -141,8 +142,15 @@ class UpstreamProtocol(ResponseHandler):
             self._deadline = 0.0
             return
         self._deadline = deadline = self._loop.time() + timeout
-        if self._read_timeout_handle is None:
-            self._read_timeout_handle = self._loop.call_at(deadline, self._check_deadline)
+        handle = self._read_timeout_handle
+        if handle is None or deadline < self._timer_at:  # the latter: a shorter timeout than before
+            if handle is not None:
+                handle.cancel()
+            self._arm(deadline)
+
+    def _arm(self, at: float) -> None:
+        self._timer_at = at
+        self._read_timeout_handle = self._loop.call_at(at, self._check_deadline)
 
     def _drop_timeout(self) -> None:
         self._deadline = 0.0  # the armed timer finds nothing to do and lapses
@@ -156,7 +164,7 @@ class UpstreamProtocol(ResponseHandler):
             self._deadline = 0.0
             self._on_read_timeout()
         else:
-            self._read_timeout_handle = self._loop.call_at(deadline, self._check_deadline)
+            self._arm(deadline)
 
     def _cancel_timer(self) -> None:
         # A lost connection must not stay referenced by the loop's timer until it lapses.

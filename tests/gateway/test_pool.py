@@ -399,3 +399,33 @@ async def test_silence_after_some_of_the_body_times_out_one_read_timeout_after_t
     # The last bytes came 2 gaps in; the timeout counts from them, not from the request.
     assert time.monotonic() - started >= 2 * gap + READ_TIMEOUT
     pool.close()
+
+
+async def test_a_shorter_read_timeout_on_a_reused_connection_is_kept(make_raw_upstream: Any) -> None:
+    """The connection's timer, armed for a long timeout, must not hold off a shorter one."""
+
+    async def answer_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await reader.read()  # the second request is never answered
+
+    pool = TargetPool(await make_raw_upstream(answer_once))
+    protocol = await pool.acquire(2.0)
+    _, payload = await exchange(
+        protocol, method="GET", target="/x", headers=CIMultiDict({"Host": pool.host_header}),
+        body=None, chunked=False, read_timeout=60.0,
+    )  # fmt: skip
+    assert await payload.read() == b"ok"
+    pool.release(protocol)
+
+    again = await pool.acquire(2.0)
+    assert again is protocol
+    started = time.monotonic()
+    with pytest.raises(aiohttp.ServerTimeoutError):
+        async with asyncio.timeout(5):
+            await exchange(
+                again, method="GET", target="/x", headers=CIMultiDict({"Host": pool.host_header}),
+                body=None, chunked=False, read_timeout=READ_TIMEOUT,
+            )  # fmt: skip
+    assert time.monotonic() - started < 30  # far below the first timeout, whatever the machine's load
+    pool.close()
