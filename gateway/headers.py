@@ -6,8 +6,9 @@ set below plus every header the ``Connection`` header names.
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 from aiohttp import http_writer, web
 from aiohttp.http import SERVER_SOFTWARE
@@ -59,10 +60,18 @@ _RESPONSE_DROP = HOP_BY_HOP
 VIA = "1.1 gateway"
 # Headers the gateway writes itself; naming them in ``Connection`` cannot remove them.
 _FORWARDING = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via"})
+_KEEP_NONE: frozenset[str] = frozenset()
 
 
-def _connection_tokens(values: Iterable[str]) -> frozenset[str]:
-    return frozenset(token.strip().lower() for value in values for token in value.split(",") if token.strip())
+# Nearly every request and answer names the same few options (``keep-alive``, ``close``): the set
+# to drop for a given Connection header is worked out once. Keys are whole header values, so a
+# client sending ever-new ones only churns this bounded cache.
+@functools.lru_cache(maxsize=256)
+def _drop_with(base: frozenset[str], connection: tuple[str, ...], keep: frozenset[str]) -> frozenset[str]:
+    tokens = frozenset(
+        token.strip().lower() for value in connection for token in value.split(",") if token.strip()
+    )
+    return base | (tokens - keep)
 
 
 def upstream_headers(
@@ -80,7 +89,7 @@ def upstream_headers(
     drop = _REQUEST_DROP
     connection = incoming.getall("connection", ())
     if connection:
-        drop = drop | (_connection_tokens(connection) - _FORWARDING)
+        drop = _drop_with(drop, tuple(connection), _FORWARDING)
     out = _without(incoming, drop)
     forwarded_for = out.getall("x-forwarded-for", ())
     if remote:
@@ -99,7 +108,7 @@ def response_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     drop = _RESPONSE_DROP
     connection = incoming.getall("connection", ())
     if connection:
-        drop = drop | _connection_tokens(connection)
+        drop = _drop_with(drop, tuple(connection), _KEEP_NONE)
     return _without(incoming, drop)
 
 
