@@ -46,3 +46,25 @@ async def test_with_a_sub_application_request_app_follows_the_sub_application() 
         assert response.status == 200
         assert await response.text() == "sub sub"
         assert response.headers["X-Outer-App"] == "root"
+
+
+seen = web.RequestKey("seen", str)
+
+
+async def _storage(request: web.Request) -> web.Response:
+    before = (request.get(seen), request.get(seen, "default"), seen in request)
+    request[seen] = "stored"
+    after = (request.get(seen), request[seen], seen in request, dict(request))
+    return web.Response(text=repr((before, after)))
+
+
+async def test_the_requests_storage_reads_what_was_stored_and_defaults_otherwise() -> None:
+    app = web.Application()
+    app.router.add_get("/", _storage)
+    async with TestClient(GatewayTestServer(app)) as client:
+        for _ in range(2):  # a second request on the same connection starts empty again
+            response = await client.get("/")
+            assert response.status == 200
+            assert await response.text() == repr(
+                ((None, "default", False), ("stored", "stored", True, {seen: "stored"}))
+            )
