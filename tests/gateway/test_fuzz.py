@@ -87,7 +87,9 @@ def _stub_app() -> web.Application:
         return web.json_response({"status": "healthy", "latency_ms": 1})
 
     app = web.Application(client_max_size=16 * 1024**2)
-    app.router.add_route("*", "/{tail:.*}", ok)
+    # Every path, also one with a percent-encoded newline ("." stops at it): the stub's own 404
+    # would be relayed as the upstream's answer, text/plain, and fail the JSON check below.
+    app.router.add_route("*", r"/{tail:[\s\S]*}", ok)
     return app
 
 
