@@ -160,7 +160,9 @@ class UpstreamProtocol(ResponseHandler):
         deadline = self._deadline
         if not deadline:
             return
-        if self._loop.time() >= deadline:
+        # uvloop's clock moves in whole milliseconds and rounds delays to them: a remainder under
+        # one millisecond would re-arm as call_soon and spin until the clock ticks over.
+        if deadline - self._loop.time() < 0.001:
             self._deadline = 0.0
             self._on_read_timeout()
         else:

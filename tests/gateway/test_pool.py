@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
+import subprocess
+import sys
 import time
 import weakref
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -314,7 +317,8 @@ def _has_unread_answer(protocol: Any) -> bool:
 
 # -- The read timeout: silence, not duration -------------------------------------------------------
 
-READ_TIMEOUT = 0.4
+# Long enough that a busy machine's scheduling delays stay well inside each test's margins.
+READ_TIMEOUT = 0.6
 
 
 def _trickle(pieces: list[bytes], gap: float, *, answers: int = 1) -> Any:
@@ -368,7 +372,7 @@ async def test_an_answer_that_keeps_arriving_outlasts_its_read_timeout(make_raw_
 async def test_a_reused_connection_gives_each_request_its_whole_read_timeout(make_raw_upstream: Any) -> None:
     """The timer armed for the first answer is still pending during the second one, on the same
     connection; the second answer's silence is what counts."""
-    gap = READ_TIMEOUT * 0.6
+    gap = READ_TIMEOUT * 0.55  # two gaps per answer: each answer outlasts the timeout
     pieces = [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n", b"o", b"k"]
     pool = TargetPool(await make_raw_upstream(_trickle(pieces, gap, answers=2)))
 
@@ -429,3 +433,59 @@ async def test_a_shorter_read_timeout_on_a_reused_connection_is_kept(make_raw_up
             )  # fmt: skip
     assert time.monotonic() - started < 30  # far below the first timeout, whatever the machine's load
     pool.close()
+
+
+# Run in a fresh interpreter on uvloop, the production loop (the tests' own is asyncio's): nine
+# read timeouts, each a fraction of a millisecond past a whole one; prints how often the
+# connection's timer callback ran.
+UVLOOP_TIMEOUTS = """
+import asyncio, aiohttp, uvloop
+from multidict import CIMultiDict
+from gateway.pool import TargetPool, exchange
+
+async def silent(reader, writer):
+    while await reader.read(65536):
+        pass
+    writer.close()
+
+async def main():
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    checks = 0
+    for tenths in range(1, 10):
+        pool = TargetPool(url)
+        protocol = await pool.acquire(2.0)
+        check = protocol._check_deadline
+        def counted(check=check):
+            nonlocal checks
+            checks += 1
+            check()
+        protocol._check_deadline = counted
+        try:
+            await exchange(protocol, method="GET", target="/x", headers=CIMultiDict({"Host": pool.host_header}),
+                           body=None, chunked=False, read_timeout=0.010 + tenths / 10_000)
+        except aiohttp.ServerTimeoutError:
+            pass
+        else:
+            raise SystemExit("no timeout")
+        pool.close()
+    server.close()
+    print(checks)
+
+uvloop.run(main())
+"""
+
+
+def test_read_timeouts_off_uvloops_millisecond_clock_fire_without_spinning() -> None:
+    """uvloop keeps time and rounds timers in whole milliseconds: a deadline a fraction of a
+    millisecond past one was re-armed as an immediate callback, over and over (hundreds of times
+    per timeout), until the clock ticked over."""
+    out = subprocess.run(
+        [sys.executable, "-c", UVLOOP_TIMEOUTS],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert int(out.stdout) <= 2 * 9, out.stdout
