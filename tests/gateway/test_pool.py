@@ -338,7 +338,7 @@ def _trickle(pieces: list[bytes], gap: float, *, answers: int = 1) -> Any:
     return upstream
 
 
-async def _exchange(pool: TargetPool, protocol: Any) -> Any:
+async def _exchange(pool: TargetPool, protocol: Any, read_timeout: float = READ_TIMEOUT) -> Any:
     message, payload = await exchange(
         protocol,
         method="GET",
@@ -346,7 +346,7 @@ async def _exchange(pool: TargetPool, protocol: Any) -> Any:
         headers=CIMultiDict({"Host": pool.host_header}),
         body=None,
         chunked=False,
-        read_timeout=READ_TIMEOUT,
+        read_timeout=read_timeout,
     )
     assert message.code == 200
     return payload
@@ -415,11 +415,7 @@ async def test_a_shorter_read_timeout_on_a_reused_connection_is_kept(make_raw_up
 
     pool = TargetPool(await make_raw_upstream(answer_once))
     protocol = await pool.acquire(2.0)
-    _, payload = await exchange(
-        protocol, method="GET", target="/x", headers=CIMultiDict({"Host": pool.host_header}),
-        body=None, chunked=False, read_timeout=60.0,
-    )  # fmt: skip
-    assert await payload.read() == b"ok"
+    assert await (await _exchange(pool, protocol, read_timeout=60.0)).read() == b"ok"
     pool.release(protocol)
 
     again = await pool.acquire(2.0)
@@ -427,10 +423,7 @@ async def test_a_shorter_read_timeout_on_a_reused_connection_is_kept(make_raw_up
     started = time.monotonic()
     with pytest.raises(aiohttp.ServerTimeoutError):
         async with asyncio.timeout(5):
-            await exchange(
-                again, method="GET", target="/x", headers=CIMultiDict({"Host": pool.host_header}),
-                body=None, chunked=False, read_timeout=READ_TIMEOUT,
-            )  # fmt: skip
+            await _exchange(pool, again)
     assert time.monotonic() - started < 30  # far below the first timeout, whatever the machine's load
     pool.close()
 
