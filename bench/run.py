@@ -50,6 +50,9 @@ CASES = (
     ("POST 64KiB", "/post", None, BENCH / "wrk_post.lua"),
 )
 TARGETS = ("direct", "nginx", "gateway")
+# --references: issue 2's yardsticks for GET 1 KiB (bench/references.py), measured in the same run.
+REFERENCES = ("aioproxy", "aioserve")
+REFERENCE_CASE = "GET 1KiB"
 SECTIONS = ("throughput", "latency", "memory", "workers")
 
 # The gateway's environment is built from scratch for these; the caller's values must not leak in.
@@ -291,7 +294,7 @@ class Bench:
             fh.truncate(self.args.mem_mib * 1024 * 1024)
         for path in docroot.iterdir():
             os.chmod(path, 0o644)
-        self.ports = {name: free_port() for name in ("direct", "nginx", "gateway", "sink")}
+        self.ports = {name: free_port() for name in ("direct", "nginx", "gateway", "sink", *REFERENCES)}
 
         self.start_nginx("upstream", LOAD_CPU, {"PORT": self.ports["direct"], "DOCROOT": docroot})
         self.start_nginx(
@@ -303,7 +306,23 @@ class Bench:
             stderr=subprocess.DEVNULL,
         )
         wait_http(self.ports["sink"], "/", sink, "upload sink")
+        if self.args.references:
+            upstream = f"http://127.0.0.1:{self.ports['direct']}"
+            for name, mode in zip(REFERENCES, ("proxy", "serve"), strict=True):
+                # On the proxy's CPU, like nginx and the gateway: idle while the others are measured.
+                proc = self.procs.start(
+                    name,
+                    [TASKSET, "-c", PROXY_CPU, sys.executable, str(BENCH / "references.py"), mode,
+                     str(self.ports[name]), upstream],
+                    stderr=subprocess.DEVNULL,
+                )  # fmt: skip
+                wait_http(self.ports[name], "/health", proc, f"reference {name}")
         self.write_gateway_config()
+
+    def targets(self, case: str) -> tuple[str, ...]:
+        if self.args.references and case == REFERENCE_CASE:
+            return TARGETS + REFERENCES
+        return TARGETS
 
     def start_nginx(self, name: str, cpu: str, values: dict[str, Any]) -> None:
         prefix = self.tmp / f"nginx-{name}"
@@ -403,7 +422,7 @@ class Bench:
         """One request per (case, target): the right status and the right body, before any load."""
         failures = []
         for name, path, size, _script in CASES:
-            for target in TARGETS:
+            for target in self.targets(name):
                 body = b"x" * 65536 if name.startswith("POST") else None
                 try:
                     status, data = http_get(
@@ -450,6 +469,8 @@ class Bench:
         for target in TARGETS:
             self.wrk(target, "/1k", 128, 1, None)
             self.wrk(target, "/post", 32, 1, BENCH / "wrk_post.lua")
+        for target in self.targets(REFERENCE_CASE)[len(TARGETS) :]:
+            self.wrk(target, "/1k", 128, 1, None)
 
     # With --rounds N each case runs its three targets in turn N times, so that every gateway run
     # has an nginx run next to it; the report takes medians.
@@ -458,7 +479,7 @@ class Bench:
         for name, path, _size, script in CASES:
             for conns in (32, 128):
                 for round_ in range(self.args.rounds):
-                    for target in TARGETS:
+                    for target in self.targets(name):
                         log(f"{name} c={conns} -> {target}{self.round_label(round_)}")
                         self.measure("throughput", name, target, path, conns, script, round_)
 
@@ -668,13 +689,19 @@ def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
         f"pinning: wrk + upstream nginx on CPU {LOAD_CPU}; proxy under test (nginx, 1 worker / gateway, "
         f"1 process) on CPU {PROXY_CPU}"
     )
+    add(f"python: {meta.get('python_executable', '?')} {meta['python']}")
+    if meta.get("references"):
+        add(
+            "references (bench/references.py, GET 1KiB only): aioproxy = a plain aiohttp ClientSession "
+            "proxy, aioserve = aiohttp answering 1 KiB itself; issue 2 measured 0.14x and 0.71x"
+        )
     add("")
     rows = results.get("throughput", [])
     if rows:
         add(f"{'case':<11} {'conns':>5}  {'target':<8} {'req/s':>10} {'p50':>9} {'p99':>9}  notes")
     for case, _path, _size, _script in CASES:
         for conns in (32, 128):
-            for target in TARGETS:
+            for target in TARGETS + REFERENCES:
                 r = find(rows, case, conns, target)
                 if not r:
                     continue
@@ -683,13 +710,16 @@ def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
                 add(
                     f"{case:<11} {conns:>5}  {target:<8} {rps:>10} {ms(r['p50_us']):>9} {ms(r['p99_us']):>9}  {notes}"
                 )
-            g, n = find(rows, case, conns, "gateway"), find(rows, case, conns, "nginx")
-            if g and n:
-                rounds = per_round(rows, case, conns, ("gateway", "nginx"), _rps_ratio)
+            n = find(rows, case, conns, "nginx")
+            for target, label in (("gateway", "gw"), *((r, r) for r in REFERENCES)):
+                g = find(rows, case, conns, target)
+                if not (g and n):
+                    continue
+                rounds = per_round(rows, case, conns, (target, "nginx"), _rps_ratio)
                 spread = "  rounds: " + " ".join(f"{x:.2f}" for x in rounds) if len(rounds) > 1 else ""
                 throughput_ratio = f"{statistics.median(rounds):.2f}x" if rounds else "-"
                 add(
-                    f"{'':<11} {'':>5}  gw/nginx {throughput_ratio:>10} "
+                    f"{'':<11} {'':>5}  {label + '/nginx':<8} {throughput_ratio:>10} "
                     f"{ratio(g['p50_us'], n['p50_us']):>9} {ratio(g['p99_us'], n['p99_us']):>9}{spread}"
                 )
             if find(rows, case, conns, "direct"):
@@ -803,6 +833,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the gateway with its core middlewares only: tracing, errors, routing (see bench/core.py)",
     )
+    parser.add_argument(
+        "--references",
+        action="store_true",
+        help="also measure a plain aiohttp proxy and aiohttp serving 1 KiB itself (GET 1KiB throughput)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.duration = 1 if args.duration == 10 else args.duration
@@ -831,6 +866,8 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": all_cpus(),
         "git_commit": git_commit(),
         "python": platform.python_version(),
+        "python_executable": sys.executable,
+        "references": args.references,
         "nginx": tool_version([NGINX, "-v"]),
         "wrk": tool_version([WRK, "--version"]),
         "pinning": {"load": LOAD_CPU, "proxy_under_test": PROXY_CPU, "workers2": "not pinned"},
