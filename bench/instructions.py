@@ -123,6 +123,11 @@ def main() -> int:
     parser.add_argument(
         "--core", action="store_true", help="core middlewares only: tracing, errors, routing (bench/core.py)"
     )
+    parser.add_argument(
+        "--reference",
+        choices=("proxy", "serve"),
+        help="count bench/references.py instead of the gateway: the plain aiohttp proxy or aiohttp itself",
+    )
     args = parser.parse_args()
     for tool in (NGINX, VALGRIND, CALLGRIND_CONTROL):
         if not Path(tool).exists():
@@ -145,9 +150,18 @@ def main() -> int:
         env[key] = value
     out = tmp / "callgrind.out"
     procs = [start_upstream(tmp, upstream_port)]
+    if args.reference:
+        program = [
+            str(BENCH / "references.py"),
+            args.reference,
+            str(gateway_port),
+            f"http://127.0.0.1:{upstream_port}",
+        ]
+    else:
+        program = [str(BENCH / "core.py")] if args.core else ["-m", "gateway"]
     gateway = subprocess.Popen(
         [VALGRIND, "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
-         sys.executable, *([str(BENCH / "core.py")] if args.core else ["-m", "gateway"])],
+         sys.executable, *program],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp / "gateway.log", "wb"),
     )  # fmt: skip
     procs.append(gateway)
