@@ -125,8 +125,8 @@ def main() -> int:
     )
     parser.add_argument(
         "--reference",
-        choices=("proxy", "serve"),
-        help="count bench/references.py instead of the gateway: the plain aiohttp proxy or aiohttp itself",
+        choices=("proxy", "serve", "bare"),
+        help="count bench/references.py instead of the gateway (the plain aiohttp proxy, aiohttp itself, the bare loop)",
     )
     args = parser.parse_args()
     for tool in (NGINX, VALGRIND, CALLGRIND_CONTROL):

@@ -2,6 +2,7 @@
 
     python bench/references.py proxy PORT UPSTREAM_URL   # a straightforward ClientSession proxy
     python bench/references.py serve PORT                # aiohttp answering 1 KiB itself
+    python bench/references.py bare PORT UPSTREAM_URL    # the gateway's proxy pieces, no layers
 
 The issue measured them once, on its own machine, next to nginx: the plain proxy at 0.14x, aiohttp
 serving the same 1 KiB without proxying at 0.71x, "the room between is what good engineering
@@ -57,6 +58,43 @@ def proxy_app(upstream: str) -> web.Application:
     return app
 
 
+def bare_app(upstream: str) -> web.Application:
+    """The gateway's floor: aiohttp's server with the gateway's own proxy pieces (header rules, the
+    upstream pool, the one-write relay of a small answer) and nothing else: no middleware, no access
+    log, no tracing, no route table, aiohttp's plain runner. Not a yardstick the issue names; it
+    shows what the gateway's layers above the proxy cost."""
+    from gateway.headers import upstream_headers
+    from gateway.pool import TargetPool, exchange
+    from gateway.proxy import _relay_response
+
+    pool = TargetPool(upstream)
+
+    async def proxy(request: web.Request) -> web.StreamResponse:
+        headers = upstream_headers(
+            request.headers, remote=request.remote, scheme=request.scheme, host=request.host
+        )
+        headers["Host"] = pool.host_header
+        protocol = await pool.acquire(5.0)
+        try:
+            message, payload = await exchange(
+                protocol, method=request.method, target=request.raw_path, headers=headers, body=None,
+                chunked=False, read_timeout=30.0,
+            )  # fmt: skip
+            response = await _relay_response(request, message, payload)
+        except BaseException:
+            protocol.close()
+            raise
+        if payload.is_eof():
+            pool.release(protocol)
+        else:
+            protocol.close()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", proxy)
+    return app
+
+
 def serve_app() -> web.Application:
     body = b"k" * 1024  # what the bench's upstream serves at /1k
 
@@ -71,7 +109,12 @@ def serve_app() -> web.Application:
 
 def main(argv: list[str]) -> None:
     mode, port = argv[0], int(argv[1])
-    app = proxy_app(argv[2].rstrip("/")) if mode == "proxy" else serve_app()
+    if mode == "proxy":
+        app = proxy_app(argv[2].rstrip("/"))
+    elif mode == "bare":
+        app = bare_app(argv[2].rstrip("/"))
+    else:
+        app = serve_app()
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, loop=uvloop.new_event_loop())
 
 

@@ -50,8 +50,10 @@ CASES = (
     ("POST 64KiB", "/post", None, BENCH / "wrk_post.lua"),
 )
 TARGETS = ("direct", "nginx", "gateway")
-# --references: issue 2's yardsticks for GET 1 KiB (bench/references.py), measured in the same run.
-REFERENCES = ("aioproxy", "aioserve")
+# --references: issue 2's yardsticks for GET 1 KiB (bench/references.py), measured in the same run,
+# and the gateway's floor: its proxy pieces on aiohttp's server without its layers.
+REFERENCES = ("aioproxy", "aioserve", "bareloop")
+_REFERENCE_MODES = {"aioproxy": "proxy", "aioserve": "serve", "bareloop": "bare"}
 REFERENCE_CASE = "GET 1KiB"
 SECTIONS = ("throughput", "latency", "memory", "workers")
 
@@ -308,11 +310,11 @@ class Bench:
         wait_http(self.ports["sink"], "/", sink, "upload sink")
         if self.args.references:
             upstream = f"http://127.0.0.1:{self.ports['direct']}"
-            for name, mode in zip(REFERENCES, ("proxy", "serve"), strict=True):
+            for name in REFERENCES:
                 # On the proxy's CPU, like nginx and the gateway: idle while the others are measured.
                 proc = self.procs.start(
                     name,
-                    [TASKSET, "-c", PROXY_CPU, sys.executable, str(BENCH / "references.py"), mode,
+                    [TASKSET, "-c", PROXY_CPU, sys.executable, str(BENCH / "references.py"), _REFERENCE_MODES[name],
                      str(self.ports[name]), upstream],
                     stderr=subprocess.DEVNULL,
                 )  # fmt: skip
@@ -693,7 +695,8 @@ def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
     if meta.get("references"):
         add(
             "references (bench/references.py, GET 1KiB only): aioproxy = a plain aiohttp ClientSession "
-            "proxy, aioserve = aiohttp answering 1 KiB itself; issue 2 measured 0.14x and 0.71x"
+            "proxy, aioserve = aiohttp answering 1 KiB itself (issue 2 measured 0.14x and 0.71x); "
+            "bareloop = the gateway's proxy pieces without its middlewares, access log or tracing"
         )
     add("")
     rows = results.get("throughput", [])
@@ -836,7 +839,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--references",
         action="store_true",
-        help="also measure a plain aiohttp proxy and aiohttp serving 1 KiB itself (GET 1KiB throughput)",
+        help="also measure a plain aiohttp proxy, aiohttp serving 1 KiB itself and the gateway's bare loop "
+        "(GET 1KiB throughput)",
     )
     args = parser.parse_args(argv)
     if args.quick:
