@@ -1,27 +1,32 @@
-"""The two yardsticks issue 2 gives for its GET 1 KiB target, for ``bench/run.py --references``.
+"""Yardsticks for the GET 1 KiB target, measured in the same run as the gateway (``bench/run.py
+--references``).
 
     python bench/references.py proxy PORT UPSTREAM_URL   # a straightforward ClientSession proxy
     python bench/references.py serve PORT                # aiohttp answering 1 KiB itself
     python bench/references.py bare PORT UPSTREAM_URL    # the gateway's proxy pieces, no layers
 
-The issue measured them once, on its own machine, next to nginx: the plain proxy at 0.14x, aiohttp
-serving the same 1 KiB without proxying at 0.71x, "the room between is what good engineering
-wins". The same ratios move a lot from one machine to the next (a slower interpreter build or CPU
-cuts Python's share more than nginx's), so ``--references`` measures both in the same run as the
-gateway, under the same pinning and load, and the gateway's ratio can be read against them.
+The first two are issue 2's. It measured them once, on its own machine, next to nginx: the plain
+proxy at 0.14x, aiohttp serving the same 1 KiB without proxying at 0.71x, "the room between is
+what good engineering wins". The same ratios move a lot from one machine to the next (a slower
+interpreter build or CPU cuts Python's share more than nginx's), so ``--references`` measures them
+in the same run as the gateway, under the same pinning and load. The third is the gateway's own
+floor (``bare_app``): the distance from it to the gateway is what the gateway's layers cost.
 
-Both run on uvloop, with no access log, as the gateway does. The proxy is what one writes first
+All run on uvloop, with no access log, as the gateway does. The proxy is what one writes first
 with aiohttp: a ``ClientSession`` with a keep-alive pool, the hop-by-hop headers dropped, the
-answer streamed back with ``StreamResponse``. Neither is part of the gateway.
+answer streamed back with ``StreamResponse``.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import uvloop
 from aiohttp import ClientSession, TCPConnector, web
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the bare loop imports gateway
 
 _HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host"})
 session_key = web.AppKey("session", ClientSession)
