@@ -52,8 +52,9 @@ CASES = (
 TARGETS = ("direct", "nginx", "gateway")
 # --references: issue 2's yardsticks for GET 1 KiB (bench/references.py), measured in the same run,
 # and the gateway's floor: its proxy pieces on aiohttp's server without its layers.
-REFERENCES = ("aioproxy", "aioserve", "bareloop")
+# target name -> bench/references.py mode
 _REFERENCE_MODES = {"aioproxy": "proxy", "aioserve": "serve", "bareloop": "bare"}
+REFERENCES = tuple(_REFERENCE_MODES)
 REFERENCE_CASE = "GET 1KiB"
 SECTIONS = ("throughput", "latency", "memory", "workers")
 
@@ -310,11 +311,11 @@ class Bench:
         wait_http(self.ports["sink"], "/", sink, "upload sink")
         if self.args.references:
             upstream = f"http://127.0.0.1:{self.ports['direct']}"
-            for name in REFERENCES:
+            for name, mode in _REFERENCE_MODES.items():
                 # On the proxy's CPU, like nginx and the gateway: idle while the others are measured.
                 proc = self.procs.start(
                     name,
-                    [TASKSET, "-c", PROXY_CPU, sys.executable, str(BENCH / "references.py"), _REFERENCE_MODES[name],
+                    [TASKSET, "-c", PROXY_CPU, sys.executable, str(BENCH / "references.py"), mode,
                      str(self.ports[name]), upstream],
                     stderr=subprocess.DEVNULL,
                 )  # fmt: skip
@@ -471,7 +472,7 @@ class Bench:
         for target in TARGETS:
             self.wrk(target, "/1k", 128, 1, None)
             self.wrk(target, "/post", 32, 1, BENCH / "wrk_post.lua")
-        for target in self.targets(REFERENCE_CASE)[len(TARGETS) :]:
+        for target in REFERENCES if self.args.references else ():
             self.wrk(target, "/1k", 128, 1, None)
 
     # With --rounds N each case runs its three targets in turn N times, so that every gateway run
