@@ -82,7 +82,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Final
+from typing import Final, NamedTuple
 
 __all__ = [
     "PROPAGATION_HEADERS",
@@ -91,7 +91,6 @@ __all__ = [
     "TraceContext",
     "child_headers",
     "extract",
-    "has_propagation_headers",
     "new_root",
     "new_span_id",
     "new_trace_id",
@@ -164,15 +163,7 @@ def _is_id(value: str, pattern: re.Pattern[str]) -> bool:
     return pattern.fullmatch(value) is not None and value.strip("0") != ""
 
 
-@dataclass(frozen=True, slots=True)
-class TraceContext:
-    """The caller's position in a trace, as read from its headers.
-
-    ``span_id`` is the caller's span: the parent of whatever span this process creates. It is
-    None only for a trace started here (:func:`new_root`). ``trace_id`` is 32 hex, or 16 when a
-    64-bit B3 id was received. ``sampled`` None means the decision is deferred to us.
-    """
-
+class _TraceFields(NamedTuple):
     trace_id: str
     span_id: str | None
     sampled: bool | None = None
@@ -180,15 +171,38 @@ class TraceContext:
     tracestate: tuple[str, ...] = ()
     origin: Origin = Origin.NEW
 
-    def __post_init__(self) -> None:
-        # Contexts are built by hand in the middleware (replace(), new_root()); a bad id there is a
-        # bug that should fail at once, not go out on the wire.
-        if not _is_id(self.trace_id, _TRACE_ID):
-            raise ValueError(f"trace_id must be 16 or 32 lowercase hex, not all zero: {self.trace_id!r}")
-        if self.span_id is not None and not _is_id(self.span_id, _SPAN_ID):
-            raise ValueError(f"span_id must be 16 lowercase hex, not all zero: {self.span_id!r}")
-        if self.debug and self.sampled is not True:
+
+class TraceContext(_TraceFields):
+    """The caller's position in a trace, as read from its headers.
+
+    ``span_id`` is the caller's span: the parent of whatever span this process creates. It is
+    None only for a trace started here (:func:`new_root`). ``trace_id`` is 32 hex, or 16 when a
+    64-bit B3 id was received. ``sampled`` None means the decision is deferred to us.
+
+    An immutable tuple rather than a frozen dataclass: every request makes one, and a tuple is
+    made in one call where a frozen dataclass sets its six fields one by one.
+    """
+
+    __slots__ = ()
+
+    def __new__(
+        cls,
+        trace_id: str,
+        span_id: str | None,
+        sampled: bool | None = None,
+        debug: bool = False,
+        tracestate: tuple[str, ...] = (),
+        origin: Origin = Origin.NEW,
+    ) -> TraceContext:
+        # Contexts are built by hand in the middleware (new_root()); a bad id there is a bug that
+        # should fail at once, not go out on the wire.
+        if not _is_id(trace_id, _TRACE_ID):
+            raise ValueError(f"trace_id must be 16 or 32 lowercase hex, not all zero: {trace_id!r}")
+        if span_id is not None and not _is_id(span_id, _SPAN_ID):
+            raise ValueError(f"span_id must be 16 lowercase hex, not all zero: {span_id!r}")
+        if debug and sampled is not True:
             raise ValueError("debug implies sampled=True")
+        return _tuple_new(cls, (trace_id, span_id, sampled, debug, tracestate, origin))
 
     @property
     def w3c_trace_id(self) -> str:
@@ -228,10 +242,11 @@ def new_span_id() -> str:
 
 def new_root(*, sampled: bool | None = None, debug: bool = False) -> TraceContext:
     """A context for a trace that starts here: new trace id, no parent span."""
-    return trusted_context(new_trace_id(), None, True if debug else sampled, debug, (), Origin.NEW)
+    # trusted_context(), without the extra call: every request without a context starts here.
+    return _tuple_new(TraceContext, (new_trace_id(), None, True if debug else sampled, debug, (), Origin.NEW))
 
 
-_set = object.__setattr__
+_tuple_new = tuple.__new__
 
 
 def trusted_context(
@@ -247,23 +262,7 @@ def trusted_context(
     Every request that arrives without a context starts one here; the regular constructor's
     validation (two regex matches) is for contexts assembled elsewhere.
     """
-    ctx = object.__new__(TraceContext)
-    _set(ctx, "trace_id", trace_id)
-    _set(ctx, "span_id", span_id)
-    _set(ctx, "sampled", sampled)
-    _set(ctx, "debug", debug)
-    _set(ctx, "tracestate", tracestate)
-    _set(ctx, "origin", origin)
-    return ctx
-
-
-def has_propagation_headers(headers: Mapping[str, str]) -> bool:
-    """Whether a case-insensitive header mapping (aiohttp's request headers) carries any context.
-
-    Most requests carry none: one intersection of the header names, done in C, instead of a pass
-    over every header in Python.
-    """
-    return bool(headers.keys() & PROPAGATION_HEADERS)  # multidict: a case-insensitive intersection
+    return _tuple_new(TraceContext, (trace_id, span_id, sampled, debug, tracestate, origin))
 
 
 def _collect(headers: Mapping[str, str]) -> dict[str, list[str]]:
@@ -410,11 +409,13 @@ def trusted_child_headers(
 ) -> dict[str, str]:
     """:func:`child_headers` for a span id this process made (see :func:`new_span_id`), whose
     parent is ``parent_id`` rather than ``ctx.span_id`` (a span of this process in ``ctx``'s trace)."""
-    sampled = ctx.debug or ctx.sampled is True
-    headers = {"traceparent": f"00-{ctx.w3c_trace_id}-{child_span_id}-{'01' if sampled else '00'}"}
+    trace_id = ctx.trace_id
+    headers = {
+        "traceparent": f"00-{trace_id.rjust(32, '0')}-{child_span_id}-{'01' if ctx.sampled or ctx.debug else '00'}"
+    }
     if ctx.tracestate:
         headers["tracestate"] = ",".join(ctx.tracestate)
-    headers["x-b3-traceid"] = ctx.trace_id
+    headers["x-b3-traceid"] = trace_id
     headers["x-b3-spanid"] = child_span_id
     if parent_id is not None:
         headers["x-b3-parentspanid"] = parent_id
