@@ -185,7 +185,7 @@ class GatewayRunner(web.AppRunner):
         server = await super()._make_server()
         _drop_current_app_layer(self._app)
         server.__class__ = _GatewayServer  # same object and state, only the protocol differs
-        make = partial(self._app._make_request, _cls=GatewayRequest)
+        make = partial(self._app._make_request, _cls=_request_class(self._app))
 
         def request_factory(*args: Any) -> web.BaseRequest:
             request = make(*args)
@@ -199,6 +199,17 @@ class GatewayRunner(web.AppRunner):
 
         server.request_factory = request_factory
         return server
+
+
+def _request_class(app: web.Application) -> type[GatewayRequest]:
+    """``GatewayRequest`` with ``request.app`` a plain class attribute, when there is one app.
+
+    aiohttp's ``request.app`` is two properties deep (the match info, its current app); the proxy
+    asks for it three times per request. Without sub-applications the answer is always ``app``.
+    """
+    if app._subapps:
+        return GatewayRequest
+    return type("GatewayRequest", (GatewayRequest,), {"app": app, "__slots__": ()})
 
 
 def _drop_current_app_layer(app: web.Application) -> None:
