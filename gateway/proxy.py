@@ -37,6 +37,7 @@ from .errors import ApiError, body_too_large
 from .headers import response_headers, serialize_head, upstream_headers
 from .httpserver import BodyTimeout, read_body_chunk
 from .keys import (
+    auth_key,
     body_key,
     http_client_key,
     request_id_key,
@@ -49,7 +50,7 @@ from .keys import (
 from .metrics import metrics_key
 from .middleware.auth import identity_headers
 from .middleware.request_id import REQUEST_ID_HEADER
-from .middleware.tracing import client_span, inject_trace_headers
+from .middleware.tracing import ClientSpan, downstream_headers, inject_trace_headers
 from .pool import ConnectFailed, ConnectTimeout, UpstreamProtocol, exchange
 from .routing import has_dot_segment, strip_route_prefix
 from .settings import Route
@@ -188,11 +189,12 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         request.headers, remote=request.remote, scheme=request.scheme, host=request.host
     )
     headers[REQUEST_ID_HEADER] = request[request_id_key]
-    headers.update(identity_headers(request))
+    if request.get(auth_key) is not None:
+        headers.update(identity_headers(request))
     if request.headers.get("Upgrade", "").lower() == "websocket":
         headers.update(inject_trace_headers())
         return await _proxy_websocket(request, upstream, path, headers)
-    return await _proxy_http(request, upstream, path, headers)
+    return await _proxy_http(request, route, upstream, path, headers)
 
 
 # -- HTTP --------------------------------------------------------------------------------------
@@ -246,13 +248,13 @@ class BodyTooLarge(Exception):
 
 
 async def _proxy_http(
-    request: web.Request, upstream: Upstream, path: str, headers: CIMultiDict[str]
+    request: web.Request, route: Route, upstream: Upstream, path: str, headers: CIMultiDict[str]
 ) -> web.StreamResponse:
     method = request.method
     body: bytes | _Body | None = request.get(body_key)
     if body is None and request.body_exists:
         length = request.content_length
-        limit = request[route_key].max_body
+        limit = route.max_body
         if length is not None and limit is not None and length > limit:
             raise body_too_large(limit)
         if length is not None and length <= BUFFER_LIMIT:
@@ -262,10 +264,9 @@ async def _proxy_http(
     if isinstance(body, bytes):
         headers["Content-Length"] = str(len(body))
 
-    with client_span(
-        request.app[tracing_key], name=f"{method} {request[route_key].prefix}", service=upstream.name
-    ) as span:
-        headers.update(inject_trace_headers())
+    with ClientSpan(request.app[tracing_key], f"{method} {route.prefix}", upstream.name) as span:
+        if span is not None:
+            headers.update(downstream_headers(span))
         started = perf_counter()
         target, protocol, message, payload = await _send(request, upstream, path, headers, body)
         request.app[metrics_key].record_upstream(upstream.name, perf_counter() - started)
