@@ -22,9 +22,7 @@ import argparse
 import asyncio
 import collections
 import json
-import os
 import runpy
-import shutil
 import signal
 import subprocess
 import sys
@@ -92,24 +90,8 @@ def _short(filename: str) -> str:
 def _count(args: argparse.Namespace) -> dict[str, tuple[float, float]]:
     tmp = Path(tempfile.mkdtemp(prefix="gateway-bytecodes-"))
     upstream_port, gateway_port = instructions.free_port(), instructions.free_port()
-    (tmp / "gateway.yaml").write_text(instructions.CONFIG.format(port=upstream_port))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "LOG_", "RATE_LIMIT_"))}
-    env.update(
-        GATEWAY_HOST="127.0.0.1",
-        GATEWAY_PORT=str(gateway_port),
-        GATEWAY_CONFIG=str(tmp / "gateway.yaml"),
-        LOG_LEVEL="INFO",
-        LOG_FORMAT="json",
-        PYTHONPATH=str(ROOT),
-    )
-    for item in args.env:
-        key, _, value = item.partition("=")
-        env[key] = value
-    if args.reference:
-        upstream = f"http://127.0.0.1:{upstream_port}"
-        program = [str(BENCH / "references.py"), args.reference, str(gateway_port), upstream]
-    else:
-        program = [str(BENCH / "core.py")] if args.core else ["-m", "gateway"]
+    env = instructions.gateway_env(tmp, upstream_port, gateway_port, args.env)
+    program = instructions.measured_program(args.core, args.reference, upstream_port, gateway_port)
     out = tmp / "counts.json"
     procs = [instructions.start_upstream(tmp, upstream_port)]
     gateway = subprocess.Popen(
@@ -133,14 +115,7 @@ def _count(args: argparse.Namespace) -> dict[str, tuple[float, float]]:
         rows = json.loads(out.read_text())
         return {name: (ops / counted, calls / counted) for ops, calls, name in rows}
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
+        instructions.stop(procs, tmp)
 
 
 def main() -> int:
@@ -150,12 +125,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--requests", type=int, default=320, help="requests counted (default 320)")
-    parser.add_argument("--connections", type=int, default=32, help="keep-alive connections (default 32)")
-    parser.add_argument("--path", default="/1k", help="/1k or /1m (default /1k)")
-    parser.add_argument("--env", nargs="*", default=[], metavar="K=V", help="extra gateway environment")
-    parser.add_argument("--core", action="store_true", help="core middlewares only (bench/core.py)")
-    parser.add_argument("--reference", choices=("proxy", "serve", "bare"), help="count bench/references.py")
+    instructions.add_run_arguments(parser, requests=320)
     parser.add_argument("--top", type=int, default=40, help="functions listed (default 40)")
     parser.add_argument("--save", metavar="FILE", help="also write the per-request counts here (JSON)")
     parser.add_argument("--diff", metavar="FILE", help="list the differences from counts saved with --save")

@@ -111,30 +111,9 @@ async def drive(port: int, path: str, requests: int, connections: int) -> int:
     return per * connections
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--requests", type=int, default=1600, help="requests counted (default 1600)")
-    parser.add_argument("--connections", type=int, default=32, help="keep-alive connections (default 32)")
-    parser.add_argument("--path", default="/1k", help="/1k or /1m (default /1k)")
-    parser.add_argument("--env", nargs="*", default=[], metavar="K=V", help="extra gateway environment")
-    parser.add_argument("--keep", metavar="FILE", help="copy callgrind's output here")
-    parser.add_argument(
-        "--core", action="store_true", help="core middlewares only: tracing, errors, routing (bench/core.py)"
-    )
-    parser.add_argument(
-        "--reference",
-        choices=("proxy", "serve", "bare"),
-        help="count bench/references.py instead of the gateway (the plain aiohttp proxy, aiohttp itself, the bare loop)",
-    )
-    args = parser.parse_args()
-    for tool in (NGINX, VALGRIND, CALLGRIND_CONTROL):
-        if not Path(tool).exists():
-            raise SystemExit(f"{tool} not found (Debian: apt-get install nginx valgrind)")
-
-    tmp = Path(tempfile.mkdtemp(prefix="gateway-instructions-"))
-    upstream_port, gateway_port = free_port(), free_port()
+def gateway_env(tmp: Path, upstream_port: int, gateway_port: int, extra: list[str]) -> dict[str, str]:
+    """The environment of the measured process: this checkout's gateway on ``gateway_port``, the
+    bench route to ``upstream_port`` (its config written into ``tmp``), then ``extra`` (K=V)."""
     (tmp / "gateway.yaml").write_text(CONFIG.format(port=upstream_port))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "LOG_", "RATE_LIMIT_"))}
     env.update(
@@ -145,20 +124,66 @@ def main() -> int:
         LOG_FORMAT="json",
         PYTHONPATH=str(ROOT),
     )
-    for item in args.env:
+    for item in extra:
         key, _, value = item.partition("=")
         env[key] = value
+    return env
+
+
+def measured_program(core: bool, reference: str | None, upstream_port: int, gateway_port: int) -> list[str]:
+    """The arguments after ``python``: the gateway, its core chain, or one of bench/references.py."""
+    if reference:
+        upstream = f"http://127.0.0.1:{upstream_port}"
+        return [str(BENCH / "references.py"), reference, str(gateway_port), upstream]
+    return [str(BENCH / "core.py")] if core else ["-m", "gateway"]
+
+
+def stop(procs: list[subprocess.Popen[bytes]], tmp: Path) -> None:
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, requests: int) -> None:
+    """What is measured, and how it is driven (shared with bench/bytecodes.py)."""
+    parser.add_argument(
+        "--requests", type=int, default=requests, help=f"requests counted (default {requests})"
+    )
+    parser.add_argument("--connections", type=int, default=32, help="keep-alive connections (default 32)")
+    parser.add_argument("--path", default="/1k", help="/1k or /1m (default /1k)")
+    parser.add_argument("--env", nargs="*", default=[], metavar="K=V", help="extra gateway environment")
+    parser.add_argument(
+        "--core", action="store_true", help="core middlewares only: tracing, errors, routing (bench/core.py)"
+    )
+    parser.add_argument(
+        "--reference",
+        choices=("proxy", "serve", "bare"),
+        help="count bench/references.py instead of the gateway (the plain aiohttp proxy, aiohttp itself, the bare loop)",
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_run_arguments(parser, requests=1600)
+    parser.add_argument("--keep", metavar="FILE", help="copy callgrind's output here")
+    args = parser.parse_args()
+    for tool in (NGINX, VALGRIND, CALLGRIND_CONTROL):
+        if not Path(tool).exists():
+            raise SystemExit(f"{tool} not found (Debian: apt-get install nginx valgrind)")
+
+    tmp = Path(tempfile.mkdtemp(prefix="gateway-instructions-"))
+    upstream_port, gateway_port = free_port(), free_port()
+    env = gateway_env(tmp, upstream_port, gateway_port, args.env)
     out = tmp / "callgrind.out"
     procs = [start_upstream(tmp, upstream_port)]
-    if args.reference:
-        program = [
-            str(BENCH / "references.py"),
-            args.reference,
-            str(gateway_port),
-            f"http://127.0.0.1:{upstream_port}",
-        ]
-    else:
-        program = [str(BENCH / "core.py")] if args.core else ["-m", "gateway"]
+    program = measured_program(args.core, args.reference, upstream_port, gateway_port)
     gateway = subprocess.Popen(
         [VALGRIND, "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
          sys.executable, *program],
@@ -182,14 +207,7 @@ def main() -> int:
         print(f"GET {args.path}: {total / counted / 1000:.1f}k instructions per request ({counted} requests)")
         return 0
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop(procs, tmp)
 
 
 if __name__ == "__main__":
