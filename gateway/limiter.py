@@ -12,6 +12,11 @@ seconds of credit. A bucket keeps one number, its theoretical arrival time (TAT)
 which it would be empty again. A request at ``now`` is allowed when
 ``max(TAT, now) + interval - period <= now`` and then moves TAT forward by one interval.
 
+An idle bucket (TAT not after ``now``) is allowed without that comparison: it always has room
+for one request, but for a limit of one per period ``(now + interval) - period`` rounds to one
+ulp above ``now`` for about a quarter of the clock values within a period below a power of two,
+which refused the first request of a fresh bucket there.
+
 Burst semantics: an idle client may send the whole ``limit`` at once (burst = limit); after that
 it gets one request every ``interval`` (100/minute: one every 0.6 s). In any span of ``W``
 seconds at most ``limit + W / interval`` requests pass: the sustained rate is exactly
@@ -132,16 +137,20 @@ class MemoryLimiter:
         if now >= self._next_sweep:
             self._sweep(now)
         buckets = self._tat
-        tat = max(buckets.pop(key, now), now)
-        new_tat = tat + limit.period / limit.limit
-        allow_at = new_tat - limit.period
-        if now < allow_at:
-            buckets[key] = tat
-            return _decide(limit, False, tat - now, allow_at - now)
-        buckets[key] = new_tat
+        tat = buckets.pop(key, now)
+        interval = limit.period / limit.limit
+        if tat > now:
+            ahead = tat - now
+            allow_at = tat + interval - limit.period
+            if now < allow_at:
+                buckets[key] = tat
+                return _decide(limit, False, ahead, allow_at - now)
+        else:  # idle: room for one, whatever the rounding (module docstring)
+            tat, ahead = now, 0.0
+        buckets[key] = tat + interval
         if len(buckets) > self._max_keys:
             del buckets[next(iter(buckets))]
-        return _decide(limit, True, new_tat - now, 0.0)
+        return _decide(limit, True, ahead + interval, 0.0)
 
     def _sweep(self, now: float) -> None:
         self._next_sweep = now + self._sweep_every
@@ -156,21 +165,27 @@ class MemoryLimiter:
 # gateways with skewed clocks still share one timeline. TAT is stored with full double
 # precision ("%.17g") and counted from 2023-11-14 rather than 1970, which keeps sub-microsecond
 # resolution in a double; the key expires when the bucket is full again, so idle keys cost nothing.
-# Numbers go back as strings: Redis would truncate Lua numbers to integers.
+# Numbers go back as strings: Redis would truncate Lua numbers to integers. An idle bucket is
+# allowed without the float comparison, as in MemoryLimiter.hit_now.
 _GCRA_LUA = """
 local limit = tonumber(ARGV[1])
 local period = tonumber(ARGV[2])
 local clock = redis.call('TIME')
 local now = (tonumber(clock[1]) - 1700000000) + tonumber(clock[2]) / 1000000
 local tat = tonumber(redis.call('GET', KEYS[1])) or now
-if tat < now then tat = now end
-local new_tat = tat + period / limit
-local allow_at = new_tat - period
-if now < allow_at then
-  return {0, string.format('%.17g', tat - now), string.format('%.17g', allow_at - now)}
+local interval = period / limit
+local ahead = 0
+if tat > now then
+  ahead = tat - now
+  local allow_at = tat + interval - period
+  if now < allow_at then
+    return {0, string.format('%.17g', ahead), string.format('%.17g', allow_at - now)}
+  end
+else
+  tat = now
 end
-redis.call('SET', KEYS[1], string.format('%.17g', new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 1)
-return {1, string.format('%.17g', new_tat - now), '0'}
+redis.call('SET', KEYS[1], string.format('%.17g', tat + interval), 'PX', math.ceil((ahead + interval) * 1000) + 1)
+return {1, string.format('%.17g', ahead + interval), '0'}
 """
 
 

@@ -93,6 +93,25 @@ async def test_keys_are_independent():
     assert not (await limiter.hit("a", limit)).allowed
 
 
+@pytest.mark.parametrize("period", [1.0, 60.0, 3600.0])
+def test_one_per_period_allows_the_first_request_at_any_clock_value(period):
+    """``(now + 60) - 60`` rounds one ulp above ``now`` for about a quarter of the clock values
+    within a minute below a power of two: the first request of a fresh one-per-minute bucket was
+    refused there (seen as a flaky end-to-end test when the machine's uptime neared 2048 s), and
+    its reset could read 61 s."""
+    limit = RateLimit(1, period)
+    clock = Clock()
+    refused = []
+    for power in (11, 12, 13, 20, 27):  # monotonic clocks count seconds since boot
+        for step in range(200):
+            clock.now = 2.0**power - period * (step + 0.5) / 200
+            limiter = MemoryLimiter(clock=clock)
+            first, second = limiter.hit_now("k", limit), limiter.hit_now("k", limit)
+            if not first.allowed or second.allowed or first.reset_after != period:
+                refused.append((clock.now, first, second))
+    assert refused == []
+
+
 async def test_idle_keys_are_swept_and_memory_is_bounded():
     clock = Clock()
     limiter = MemoryLimiter(clock=clock, max_keys=100, sweep_every=1.0)
@@ -151,6 +170,15 @@ async def test_redis_exact_counts_at_the_boundary(redis_limiter):
     assert [d.allowed for d in decisions] == [True] * 5 + [False, False]
     assert [d.remaining for d in decisions] == [4, 3, 2, 1, 0, 0, 0]
     assert 11.5 < decisions[5].retry_after <= 12.0
+
+
+async def test_redis_one_per_period_allows_the_first_request_then_refuses(redis_limiter):
+    limiter = redis_limiter()
+    limit = RateLimit(1, 60.0)
+    first, second = await limiter.hit("k", limit), await limiter.hit("k", limit)
+    assert (first.allowed, first.remaining, first.reset_after) == (True, 0, 60.0)
+    assert not second.allowed
+    assert 59.0 < second.retry_after <= 60.0
 
 
 async def test_redis_bucket_refills_after_the_period(redis_limiter):
