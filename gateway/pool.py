@@ -20,6 +20,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterable
+from contextvars import Context
 
 from aiohttp.client_exceptions import ClientPayloadError
 from aiohttp.client_proto import ResponseHandler
@@ -150,7 +151,9 @@ class UpstreamProtocol(ResponseHandler):
 
     def _arm(self, at: float) -> None:
         self._timer_at = at
-        self._read_timeout_handle = self._loop.call_at(at, self._check_deadline)
+        # Re-armed from its own callback for as long as the connection lives: made in a request's
+        # context, the timer would carry that request's context variables along (see acquire).
+        self._read_timeout_handle = self._loop.call_at(at, self._check_deadline, context=Context())
 
     def _drop_timeout(self) -> None:
         self._deadline = 0.0  # the armed timer finds nothing to do and lapses
@@ -226,17 +229,33 @@ class TargetPool:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(connect_timeout):
-                _, protocol = await loop.create_connection(
-                    lambda: UpstreamProtocol(loop),
-                    self.host,
-                    self.port,
-                    ssl=self.ssl,
-                    server_hostname=self.host if self.ssl else None,
-                )
+                # A transport runs its callbacks in the context it was made in, for as long as it
+                # lives. Made in the request's, a pooled connection would keep that request's
+                # context variables (its trace span, with its tags) alive after it ended, and show
+                # them to whatever ran in those callbacks for later requests: it gets an empty one.
+                connecting = asyncio.create_task(self._connect(loop), context=Context())
+                try:
+                    protocol = await connecting
+                except asyncio.CancelledError:
+                    # Cancelled (the timeout, or the client left) as the connect finished: the
+                    # connection is made but nobody holds it.
+                    if connecting.done() and not connecting.cancelled() and connecting.exception() is None:
+                        connecting.result().close()
+                    raise
         except TimeoutError:
             raise ConnectTimeout(f"connect to {self.host}:{self.port} timed out") from None
         except OSError as exc:  # refused, unreachable, reset, and socket.gaierror for DNS
             raise ConnectFailed(exc.errno, exc.strerror or str(exc)) from exc
+        return protocol
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> UpstreamProtocol:
+        _, protocol = await loop.create_connection(
+            lambda: UpstreamProtocol(loop),
+            self.host,
+            self.port,
+            ssl=self.ssl,
+            server_hostname=self.host if self.ssl else None,
+        )
         return protocol
 
     def release(self, protocol: UpstreamProtocol) -> None:

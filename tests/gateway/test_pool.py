@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import gc
 import subprocess
@@ -313,6 +314,40 @@ async def test_a_closed_connection_with_an_unread_answer_is_freed_without_the_co
 
 def _has_unread_answer(protocol: Any) -> bool:
     return bool(protocol._buffer)
+
+
+_request_scoped: contextvars.ContextVar[Any] = contextvars.ContextVar("request_scoped")
+
+
+async def test_a_pooled_connection_keeps_nothing_of_the_request_that_opened_it(aiohttp_server: Any) -> None:
+    """A transport runs its callbacks, and the read timer re-arms itself, in the context they were
+    made in: made in a request's, they kept that request's context variables (the gateway's trace
+    span) alive for as long as the connection stayed in the pool."""
+    server, _ = await _upstream(aiohttp_server)
+    pool = TargetPool(f"http://127.0.0.1:{server.port}")
+
+    class Span:
+        pass
+
+    span = Span()
+    freed = weakref.ref(span)
+
+    async def request(span: Span) -> Any:
+        _request_scoped.set(span)
+        protocol, _ = await _get(pool)
+        return protocol
+
+    first = await asyncio.create_task(request(span))  # as aiohttp runs each request: a task of its own
+    del span
+    # Polled: the loop step that resumed this test still holds the finished task until it ends.
+    await wait_for(
+        lambda: gc.collect() >= 0 and freed() is None, deadline_s=2, what="the request's span to be freed"
+    )
+
+    second, message = await _get(pool)  # and the connection is pooled as before
+    assert second is first
+    assert message.code == 200
+    pool.close()
 
 
 # -- The read timeout: silence, not duration -------------------------------------------------------
