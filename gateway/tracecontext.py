@@ -409,13 +409,12 @@ def trusted_child_headers(
 ) -> dict[str, str]:
     """:func:`child_headers` for a span id this process made (see :func:`new_span_id`), whose
     parent is ``parent_id`` rather than ``ctx.span_id`` (a span of this process in ``ctx``'s trace)."""
-    trace_id = ctx.trace_id
     headers = {
-        "traceparent": f"00-{trace_id.rjust(32, '0')}-{child_span_id}-{'01' if ctx.sampled or ctx.debug else '00'}"
+        "traceparent": f"00-{ctx.w3c_trace_id}-{child_span_id}-{'01' if ctx.sampled or ctx.debug else '00'}"
     }
     if ctx.tracestate:
         headers["tracestate"] = ",".join(ctx.tracestate)
-    headers["x-b3-traceid"] = trace_id
+    headers["x-b3-traceid"] = ctx.trace_id
     headers["x-b3-spanid"] = child_span_id
     if parent_id is not None:
         headers["x-b3-parentspanid"] = parent_id
