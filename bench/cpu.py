@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import instructions  # noqa: E402  (the same upstream, config and programs)
+from run import WRK, parse_wrk, problems  # noqa: E402  (wrk as bench/run.py reads it)
 
 TARGETS = ("gateway", "core", "proxy", "serve", "bare")
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -52,13 +52,13 @@ def program(target: str, upstream_port: int, port: int) -> tuple[list[str], str]
 
 def wrk(port: int, path: str, seconds: int) -> int:
     out = subprocess.run(
-        ["wrk", "-t1", "-c32", f"-d{seconds}s", f"http://127.0.0.1:{port}{path}"],
+        [WRK, "-t1", "-c32", "--latency", f"-d{seconds}s", f"http://127.0.0.1:{port}{path}"],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
-    match = re.search(r"(\d+) requests in", out)
-    if match is None or "Non-2xx" in out:
-        raise SystemExit(f"wrk failed:\n{out}")
-    return int(match.group(1))
+    parsed = parse_wrk(out)
+    if problems(parsed):
+        raise SystemExit(f"wrk: {', '.join(problems(parsed))}\n{out}")
+    return parsed["requests"]
 
 
 def measure(
