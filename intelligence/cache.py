@@ -14,6 +14,9 @@ Correctness rules, all enforced inside Lua scripts so they hold across replicas:
   once for all replicas (the old keys just expire). Writers and filling readers observe ``gen``
   before they read PostgreSQL and their write is dropped if it changed in between, so nothing
   read before the repair can land after it.
+* An entry that cannot be read (not JSON, another shape, a version that is not a number) is a
+  miss: the reader drops it and refills it from PostgreSQL. The scripts read such a version as
+  absent, so no write is refused because of it.
 * Redis must never make a call fail or slow: short socket timeouts, no retries, and after a
   failure the cache is left alone for ``retry_after`` seconds; PostgreSQL answers meanwhile.
 
@@ -59,7 +62,7 @@ _PUT = """
 local g = redis.call('GET', KEYS[1]) or '0'
 if g ~= ARGV[1] then return -1 end
 local key = ARGV[2] .. g .. ARGV[3]
-local cur = tonumber(redis.call('HGET', key, 'v') or '-1')
+local cur = tonumber(redis.call('HGET', key, 'v')) or -1
 if cur >= tonumber(ARGV[4]) then return 0 end
 redis.call('HSET', key, 'v', ARGV[4], 'd', ARGV[5])
 redis.call('EXPIRE', key, tonumber(ARGV[6]))
@@ -73,9 +76,8 @@ _READ_MESSAGES = """
 local g = redis.call('GET', KEYS[1]) or '0'
 local key = ARGV[1] .. g .. ARGV[2]
 local h = redis.call('HMGET', key, 'v', 'n')
-if not h[1] then return {g} end
 local v, n = tonumber(h[1]), tonumber(h[2])
-if v >= TOMB then return {g} end
+if not v or not n or v >= TOMB then return {g} end
 local lo, hi = tonumber(ARGV[3]) + 1, math.min(tonumber(ARGV[3]) + tonumber(ARGV[4]), v)
 if lo > v then return {g, h[1]} end
 if lo < v - n + 1 then return {g} end
@@ -98,7 +100,7 @@ local key = ARGV[2] .. g .. ARGV[3]
 local v = tonumber(ARGV[4])
 local n = #ARGV - 6
 local h = redis.call('HMGET', key, 'v', 'n')
-local cv, cn = tonumber(h[1] or '-1'), tonumber(h[2] or '0')
+local cv, cn = tonumber(h[1]) or -1, tonumber(h[2]) or 0
 if cv > v or (cv == v and cn >= n) then return 0 end
 redis.call('DEL', key)
 redis.call('HSET', key, 'v', v, 'n', n)
@@ -119,6 +121,10 @@ local seq = tonumber(ARGV[4])
 local h = redis.call('HMGET', key, 'v', 'n')
 if not h[1] then return 0 end
 local v, n = tonumber(h[1]), tonumber(h[2])
+if not v or not n then
+  redis.call('DEL', key)
+  return 0
+end
 if v >= seq then return 0 end
 if v ~= seq - 1 then
   redis.call('DEL', key)
@@ -152,6 +158,12 @@ return 1
 """.replace("TOMB", str(TOMBSTONE))
 
 
+# ARGV: prefix, epoch, suffix. Under an older generation the key is retired anyway.
+_DISCARD = """
+return redis.call('DEL', ARGV[1] .. ARGV[2] .. ARGV[3])
+"""
+
+
 @dataclass(frozen=True)
 class RecentMessages:
     """A page served from the cache: the session's last seq when cached, and the items asked for."""
@@ -183,6 +195,7 @@ class ChatCache:
         self._fill_messages: Any = script(_FILL_MESSAGES)
         self._append_message: Any = script(_APPEND_MESSAGE)
         self._tombstone: Any = script(_TOMBSTONE)
+        self._discard: Any = script(_DISCARD)
 
     @property
     def enabled(self) -> bool:
@@ -272,7 +285,13 @@ class ChatCache:
         if not found:
             return None, None
         gen, version, data = found
-        if version is None or data is None or int(version) >= TOMBSTONE or not data:
+        if version is None or data is None or not data:
+            return _text(gen), None
+        try:
+            if int(version) >= TOMBSTONE:
+                return _text(gen), None
+        except ValueError:
+            await self.discard_session(_text(gen), session_id)
             return _text(gen), None
         return _text(gen), _text(data)
 
@@ -342,6 +361,19 @@ class ChatCache:
              self._messages_suffix(session_id), max(self._cfg.session_ttl, self._cfg.messages_ttl)],
             wrote=True,
         )  # fmt: skip
+
+    async def discard_session(self, epoch: Epoch, session_id: str) -> None:
+        """Drop an entry that cannot be read (edited by hand, or written by another program), so
+        that the reader's fill from PostgreSQL lands; the versioned write would refuse it."""
+        await self._call(
+            self._discard, [self._cfg.prefix, epoch, self._session_suffix(session_id)], wrote=False
+        )
+
+    async def discard_messages(self, epoch: Epoch, session_id: str) -> None:
+        """As ``discard_session``, for the session's held messages."""
+        await self._call(
+            self._discard, [self._cfg.prefix, epoch, self._messages_suffix(session_id)], wrote=False
+        )
 
     async def ping(self) -> None:
         """Raise unless Redis answers now (for health checks; does not touch the failure state)."""

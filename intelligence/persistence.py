@@ -18,6 +18,7 @@ an explicit transaction only if it broke before COMMIT was sent.
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -45,6 +46,8 @@ from .settings import PostgresSettings
 __all__ = ["UNSET", "ChatPersistenceService", "create_pool"]
 
 T = TypeVar("T")
+
+log = logging.getLogger("intelligence.persistence")
 
 
 class _Unset:
@@ -195,9 +198,11 @@ class ChatPersistenceService:
 
     async def get_session(self, session_id: uuid.UUID, *, user_id: str | None = None) -> ChatSession | None:
         epoch, cached = await self._cache.get_session(str(session_id))
-        if cached is not None:
-            session = _load_session(cached)
-        else:
+        session = _decoded(_load_session, cached) if cached is not None else None
+        if cached is not None and session is None:
+            assert epoch is not None
+            await self._cache.discard_session(epoch, str(session_id))
+        if session is None:
 
             async def select(cur: aiopg.Cursor) -> ChatSession | None:
                 await cur.execute(SELECT_SESSION, {"id": session_id})
@@ -357,7 +362,11 @@ class ChatPersistenceService:
             raise SessionNotFound(str(session_id))
         epoch, cached = await self._cache.get_messages(str(session_id), after=after, limit=limit)
         if cached is not None:
-            return [_load_message(item) for item in cached.items]
+            page = [_decoded(_load_message, item) for item in cached.items]
+            if None not in page:
+                return page  # type: ignore[return-value]
+            assert epoch is not None
+            await self._cache.discard_messages(epoch, str(session_id))
         keep = self._cache.window
 
         async def select(cur: aiopg.Cursor) -> tuple[int, list[ChatMessage], list[ChatMessage] | None]:
@@ -483,6 +492,15 @@ def _message(row: tuple[Any, ...]) -> ChatMessage:
         tool_results=tool_results, tool_call_id=tool_call_id, metadata=metadata,
         created_at=_utc(created),
     )  # fmt: skip
+
+
+def _decoded(load: Callable[[str], T], text: str) -> T | None:
+    """A cached entry, or None when it cannot be read: then it is a miss, and PostgreSQL answers."""
+    try:
+        return load(text)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.warning("unreadable cache entry dropped", extra={"error": repr(exc)[:200]})
+        return None
 
 
 def _dump_session(session: ChatSession) -> str:

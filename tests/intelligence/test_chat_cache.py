@@ -7,7 +7,8 @@ import time
 import uuid
 from typing import Any
 
-from chat_helpers import PrivateRedis, cache, headers, service, wait_until
+import pytest
+from chat_helpers import PrivateRedis, cache, headers, redis_sync, service, wait_until
 
 from intelligence.models import ChatMessage, ChatSession
 from intelligence.persistence import _dump_message, _dump_session
@@ -59,6 +60,55 @@ async def test_out_of_order_appends_are_never_served_with_a_gap(client: Any, use
     assert page is None  # a miss (PostgreSQL answers), not [1, 3]
     _, page = await chat_cache.get_messages(str(session.id), after=3, limit=10)
     assert page is not None and page.items == ()  # still knows seq 3 is the newest
+
+
+# (key, field, value) written by hand over a good entry: broken JSON, JSON of another shape, a
+# version that is not a number.
+UNREADABLE = [
+    pytest.param("s", "d", "{broken", id="session-not-json"),
+    pytest.param("s", "d", "[1, 2]", id="session-wrong-shape"),
+    pytest.param("s", "v", "x", id="session-version-not-a-number"),
+    pytest.param("m", "1", "{broken", id="message-not-json"),
+    pytest.param("m", "2", '{"id": 7}', id="message-wrong-shape"),
+    pytest.param("m", "v", "x", id="messages-version-not-a-number"),
+]
+
+
+@pytest.mark.parametrize(("kind", "field", "value"), UNREADABLE)
+async def test_an_unreadable_cache_entry_is_a_miss_and_is_replaced(
+    client: Any, user: str, cache_prefix: str, kind: str, field: str, value: str
+) -> None:
+    h = headers(user)
+    resp = await client.post("/api/v1/chat/sessions", json={"title": "kept"}, headers=h)
+    sid = (await resp.json())["id"]
+    url = f"/api/v1/chat/sessions/{sid}"
+    for content in ("one", "two"):
+        resp = await client.post(url + "/messages", json={"role": "user", "content": content}, headers=h)
+        assert resp.status == 201
+    gen = await cache(client).epoch()
+    key = f"{cache_prefix}{gen}:{kind}:{sid}"
+    raw = redis_sync()
+    assert raw.hget(key, field) is not None  # the entry being spoiled is really there
+    raw.hset(key, field, value)
+
+    async def read() -> tuple[str, list[str]]:
+        session = await client.get(url, headers=h)
+        messages = await client.get(url + "/messages", headers=h)
+        assert (session.status, messages.status) == (200, 200)
+        return (await session.json())["title"], [m["content"] for m in (await messages.json())["data"]]
+
+    assert await read() == ("kept", ["one", "two"])
+    # Refilled from PostgreSQL: the entry reads again, and is served from the cache.
+    assert raw.hget(key, field) != value.encode()
+    _, cached_session = await cache(client).get_session(sid)
+    _, cached_page = await cache(client).get_messages(sid, after=0, limit=10)
+    assert cached_session is not None and '"title": "kept"' in cached_session
+    assert cached_page is not None and len(cached_page.items) == 2
+    # And writes go through it as before.
+    assert (await client.patch(url, json={"title": "new"}, headers=h)).status == 200
+    resp = await client.post(url + "/messages", json={"role": "user", "content": "three"}, headers=h)
+    assert resp.status == 201
+    assert await read() == ("new", ["one", "two", "three"])
 
 
 async def test_every_call_works_while_redis_is_stopped_and_no_stale_read_after_restart(
