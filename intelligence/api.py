@@ -13,7 +13,7 @@ import json
 import math
 import uuid
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -247,8 +247,12 @@ async def list_sessions(request: web.Request) -> web.Response:
     after = None
     if raw is not None:
         try:
-            after = SessionCursor(datetime.fromisoformat(raw["t"]), uuid.UUID(raw["id"]))
-        except (KeyError, TypeError, ValueError):
+            created = datetime.fromisoformat(raw["t"])
+            if created.tzinfo is None:
+                raise ValueError("a cursor's time has an offset")
+            # In UTC: Python takes offsets up to 24 h, PostgreSQL refuses those from 16 h.
+            after = SessionCursor(created.astimezone(UTC), uuid.UUID(raw["id"]))
+        except (KeyError, TypeError, ValueError, OverflowError):
             raise ApiError(
                 422, "Validation Error", [{"field": "after", "message": "not a cursor from a previous page"}]
             ) from None

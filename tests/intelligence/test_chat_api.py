@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import uuid
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -108,6 +110,13 @@ async def test_other_users_session_is_404_everywhere(client: Client, user: str) 
     assert (await resp.json())["title"] == "mine"
 
 
+ANY_ID = "b669dce2-7a9d-4383-be5b-d75fb21c8392"
+
+
+def _cursor(**fields: Any) -> str:
+    return base64.urlsafe_b64encode(json.dumps(fields).encode()).decode().rstrip("=")
+
+
 async def test_missing_subject_is_401_in_the_error_format(client: Client) -> None:
     resp = await client.get("/api/v1/chat/sessions")
     assert resp.status == 401
@@ -124,6 +133,11 @@ async def test_missing_subject_is_401_in_the_error_format(client: Client) -> Non
         ("GET", "/sessions?limit=abc", None, 422, "limit"),
         ("GET", "/sessions?limit=100000", None, 422, "limit"),
         ("GET", "/sessions?after=garbage!", None, 422, "after"),
+        # Cursors that decode but name no instant: no offset, a time that leaves the calendar in
+        # UTC, a time that is not text.
+        ("GET", "/sessions?after=" + _cursor(t="2026-11-27T03:59:15", id=ANY_ID), None, 422, "after"),
+        ("GET", "/sessions?after=" + _cursor(t="0001-01-01T00:00:00+01:00", id=ANY_ID), None, 422, "after"),
+        ("GET", "/sessions?after=" + _cursor(t=1764215955, id=ANY_ID), None, 422, "after"),
         ("POST", "/sessions", b"{not json", 422, "body"),
         ("POST", "/sessions", b"[1, 2]", 422, "body"),
         ("POST", "/sessions", b'{"title": NaN}', 422, "body"),
@@ -247,6 +261,17 @@ async def test_sessions_list_newest_first_with_cursor(client: Client, user: str)
             break
         url = f"/api/v1/chat/sessions?limit=2&after={page['next']}"
     assert seen == created[::-1]
+
+    # A cursor names an instant: the same one written with another offset continues the same way,
+    # also with one that Python reads and PostgreSQL would refuse (16 h and more).
+    resp = await client.get("/api/v1/chat/sessions?limit=2", headers=headers(user))
+    cursor = json.loads(base64.urlsafe_b64decode((await resp.json())["next"] + "=="))
+    instant = datetime.fromisoformat(cursor["t"]).astimezone(timezone(timedelta(hours=23, minutes=59)))
+    resp = await client.get(
+        "/api/v1/chat/sessions?after=" + _cursor(t=instant.isoformat(), id=cursor["id"]),
+        headers=headers(user),
+    )
+    assert [s["id"] for s in (await resp.json())["data"]] == created[::-1][2:]
 
 
 async def test_health_endpoints(client: Client) -> None:
