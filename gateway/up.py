@@ -19,13 +19,13 @@ from pathlib import Path
 
 from intelligence.app import create_app as create_intelligence_app
 from intelligence.schema import apply_migrations, load_migrations, one_line
-from intelligence.settings import CacheSettings, IntelligenceSettings, PostgresSettings
+from intelligence.settings import load_settings as load_chat_settings
 
 from .app import create_app
 from .devauth import dev_secret, mint_token
 from .logs import configure_logging
 from .server import Listener, run, serve
-from .settings import ServiceSettings, Settings, service_env_name
+from .settings import ServiceSettings, Settings, SettingsError, service_env_name
 
 __all__ = ["run_up"]
 
@@ -55,6 +55,15 @@ def run_up(settings: Settings, environ: Mapping[str, str] | None = None) -> int:
     env = os.environ if environ is None else environ
     configure_logging(settings.log_level, settings.log_format)
     dsn = settings.postgres_dsn or _embedded_postgres(settings.data_dir)
+    try:
+        # The chat API reads its own variables as `python -m intelligence` does (ZIPKIN_URL,
+        # CHAT_CACHE_*, POSTGRES_POOL_MAX...); one process, so the gateway's shutdown bound.
+        chat = dataclasses.replace(
+            load_chat_settings(env, dsn=dsn), shutdown_timeout=settings.shutdown_timeout
+        )
+    except SettingsError as exc:
+        print(f"gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
 
     async def migrate() -> None:
         applied = await apply_migrations(dsn, load_migrations())
@@ -84,16 +93,6 @@ def run_up(settings: Settings, environ: Mapping[str, str] | None = None) -> int:
             settings,
             auth=dataclasses.replace(auth, jwt_secret=secret, algorithms=(*auth.algorithms, "HS256")),
         )
-
-    chat = IntelligenceSettings(
-        postgres=PostgresSettings(dsn=dsn),
-        cache=CacheSettings(url=settings.redis_url),
-        host=settings.intelligence_host,
-        port=settings.intelligence_port,
-        log_level=settings.log_level,
-        log_format=settings.log_format,
-        shutdown_timeout=settings.shutdown_timeout,
-    )
 
     def banner(bound: Sequence[tuple[Listener, int]]) -> None:
         port = dict((listener.name, p) for listener, p in bound)["gateway"]

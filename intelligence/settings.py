@@ -64,8 +64,9 @@ class IntelligenceSettings:
     trace_sample_rate: float = 1.0
 
 
-def load_postgres_settings(env: Mapping[str, str]) -> PostgresSettings:
-    dsn = postgres_dsn(env)
+def load_postgres_settings(env: Mapping[str, str], dsn: str | None = None) -> PostgresSettings:
+    """``dsn``, when given, is the database's address and ``POSTGRES_*`` tune the pool only."""
+    dsn = dsn or postgres_dsn(env)
     if not dsn:
         raise SettingsError(
             "POSTGRES_DSN (or POSTGRES_HOST, POSTGRES_DB, ...): the chat database is required"
@@ -82,8 +83,11 @@ def load_postgres_settings(env: Mapping[str, str]) -> PostgresSettings:
     )
 
 
-def load_settings(environ: Mapping[str, str] | None = None) -> IntelligenceSettings:
-    """Read the environment once; raise SettingsError naming the key on any bad value."""
+def load_settings(
+    environ: Mapping[str, str] | None = None, *, dsn: str | None = None
+) -> IntelligenceSettings:
+    """Read the environment once; raise SettingsError naming the key on any bad value. ``dsn``:
+    the database found by other means (``python -m gateway up``'s embedded server)."""
     env = os.environ if environ is None else environ
     log_level, log_format = parse_logging(env)
     ttl = parse_int(env.get("CHAT_CACHE_TTL", "300"), "CHAT_CACHE_TTL", minimum=1, maximum=86400 * 30)
@@ -94,7 +98,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> IntelligenceSetti
         messages_ttl=ttl,
     )
     return IntelligenceSettings(
-        postgres=load_postgres_settings(env),
+        postgres=load_postgres_settings(env, dsn),
         cache=cache,
         host=env.get("INTELLIGENCE_HOST", "127.0.0.1"),
         port=parse_int(env.get("INTELLIGENCE_PORT", "8081"), "INTELLIGENCE_PORT", minimum=0, maximum=65535),

@@ -6,27 +6,36 @@ import asyncio
 import os
 import re
 import signal
+import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+from aiohttp import web
+from chat_helpers import wait_until
 
 from tests.helpers import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-async def _start(
-    data_dir: Path, port: int, chat_port: int, log: Path
-) -> tuple[asyncio.subprocess.Process, str]:
-    env = {
+def _env(data_dir: Path, port: int, chat_port: int, **extra: str) -> dict[str, str]:
+    return {
         "PATH": os.environ.get("PATH", ""),
         "HOME": os.environ.get("HOME", "/root"),
         "GATEWAY_DATA_DIR": str(data_dir),
         "GATEWAY_PORT": str(port),
         "INTELLIGENCE_PORT": str(chat_port),
         "LOG_LEVEL": "WARNING",
+        **extra,
     }
+
+
+async def _start(
+    data_dir: Path, port: int, chat_port: int, log: Path, **extra: str
+) -> tuple[asyncio.subprocess.Process, str]:
+    env = _env(data_dir, port, chat_port, **extra)
     with log.open("ab") as out:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gateway", "up", cwd=ROOT, env=env, stdout=out, stderr=out
@@ -81,3 +90,55 @@ async def test_up_keeps_chats_with_tool_calls_across_a_restart(tmp_path: Path) -
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_up_reports_the_chat_apis_spans_under_the_gateways(
+    tmp_path: Path, database: str, aiohttp_server: Any
+) -> None:
+    """`up` hands the chat API the same ZIPKIN_URL: its spans nest under the gateway's."""
+    spans: list[dict[str, Any]] = []
+
+    async def collect(request: web.Request) -> web.Response:
+        spans.extend(await request.json())
+        return web.Response(status=202)
+
+    collector = web.Application()
+    collector.router.add_post("/api/v2/spans", collect)
+    zipkin = await aiohttp_server(collector)
+    port, chat_port = free_port(), free_port()
+    process, token = await _start(
+        tmp_path, port, chat_port, tmp_path / "up.log",
+        POSTGRES_DSN=database, ZIPKIN_URL=str(zipkin.make_url("/api/v2/spans")),
+    )  # fmt: skip
+    try:
+        trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+        headers = {"Authorization": f"Bearer {token}", "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}
+        async with aiohttp.ClientSession(headers=headers) as session:
+            async with session.get(f"http://127.0.0.1:{port}/api/v1/chat/sessions") as response:
+                assert response.status == 200, await response.text()
+
+        def by(service: str, kind: str) -> list[dict[str, Any]]:
+            return [
+                s for s in spans
+                if s["traceId"] == trace_id and s["localEndpoint"]["serviceName"] == service and s.get("kind") == kind
+            ]  # fmt: skip
+
+        # Two reporters, each posting on its own clock.
+        await wait_until(
+            lambda: by("intelligence-engine", "SERVER") and by("gateway", "CLIENT"), what="both apps' spans"
+        )
+        (chat_server,) = by("intelligence-engine", "SERVER")
+        (gateway_client,) = by("gateway", "CLIENT")
+        assert chat_server["parentId"] == gateway_client["id"]
+    finally:
+        await _stop(process)
+
+
+def test_up_stops_with_one_line_on_a_bad_chat_setting(tmp_path: Path, database: str) -> None:
+    env = _env(tmp_path, free_port(), free_port(), POSTGRES_DSN=database, CHAT_CACHE_TTL="soon")
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "up"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("gateway: configuration error: CHAT_CACHE_TTL")
+    assert "Traceback" not in done.stderr
