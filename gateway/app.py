@@ -31,7 +31,7 @@ from .proxy import (
     routing_middleware,
     upstream_pools_ctx,
 )
-from .routing import LiveTable, RouteTable
+from .routing import CatchAll, LiveTable, RouteTable
 from .settings import Settings
 from .state import Lifecycle
 from .upstream import Upstream
@@ -111,18 +111,10 @@ def create_app(settings: Settings) -> web.Application:
     setup_health_routes(app)
     app.router.add_get("/metrics", metrics_handler, expect_handler=expect_continue)
     app.router.add_get("/openapi.json", openapi_document, expect_handler=expect_continue)
-    catch_all = _CatchAll("/{tail:.*}")
+    catch_all = CatchAll()
     app.router.register_resource(catch_all)
     catch_all.add_route("*", proxy_handler, expect_handler=expect_continue)
     return app
-
-
-class _CatchAll(web.DynamicResource):
-    """``/{tail:.*}``, which every path matches: the proxy reads ``request.raw_path`` and never
-    the tail, so the regex match and the unquoting of the tail are skipped (per request)."""
-
-    def _match(self, path: str) -> dict[str, str]:
-        return {}
 
 
 async def stamp_response(request: web.Request, response: web.StreamResponse) -> None:

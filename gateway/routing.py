@@ -6,16 +6,30 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
+from aiohttp import web
+
 from .settings import Route
 
 if TYPE_CHECKING:
     from .upstream import Upstream
 
-__all__ = ["LiveTable", "RouteTable", "has_dot_segment", "strip_route_prefix"]
+__all__ = ["CatchAll", "LiveTable", "RouteTable", "has_dot_segment", "strip_route_prefix"]
 
 # What some server, framework or file system somewhere takes for a segment boundary: "/", its
 # encoded forms, the backslash (Windows, IIS, some routers) and ";" (Tomcat drops ";params").
 _SEGMENT_BOUNDARY = re.compile(r"/|\\|%2f|%5c|;")
+
+
+class CatchAll(web.DynamicResource):
+    """The aiohttp resource behind the route table: every path matches it. The proxy reads
+    ``request.raw_path`` and never the tail, so the regex match and the unquoting of the tail are
+    skipped (per request)."""
+
+    def __init__(self) -> None:
+        super().__init__("/{tail:.*}")
+
+    def _match(self, path: str) -> dict[str, str]:
+        return {}
 
 
 class RouteTable:

@@ -29,6 +29,7 @@ from aiozipkin.span import SpanAbc
 from multidict import CIMultiDictProxy
 
 from ..keys import request_id_key, route_key, span_key
+from ..routing import CatchAll
 from ..tracecontext import (
     PROPAGATION_HEADERS,
     SamplingOnly,
@@ -191,11 +192,19 @@ def tracing_middleware(tracing: Tracing) -> Any:
 
 def _finish_server_span(span: SpanAbc, request: web.Request, status: int) -> None:
     route = request.get(route_key)
-    pattern = route.prefix if route is not None else request.path
-    span.name(f"{request.method} {pattern}")
+    if route is not None:
+        pattern: str | None = route.prefix
+    else:
+        # An aiohttp route (the gateway's own endpoints, the chat API's) names its template. A
+        # request that reached the route table and matched nothing has no name but its path,
+        # whatever a client sends, which would give every such span a name of its own.
+        resource = request.match_info.route.resource
+        pattern = None if resource is None or isinstance(resource, CatchAll) else resource.canonical
+    span.name(f"{request.method} {pattern}" if pattern is not None else request.method)
     span.tag("http.method", request.method)
     span.tag("http.path", request.path)
-    span.tag("http.route", pattern)
+    if pattern is not None:
+        span.tag("http.route", pattern)
     span.tag("http.status_code", str(status))
     span.tag("request_id", request[request_id_key])
     if status >= 500:

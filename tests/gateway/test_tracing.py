@@ -142,12 +142,23 @@ async def test_request_without_context_starts_a_new_trace(traced: Any, collector
 
 async def test_rejected_request_still_gets_a_span_with_its_status(traced: Any, collector: Any) -> None:
     client = await traced()
-    response = await client.get("/nowhere")
+    response = await client.get("/nowhere/7f3a")
     assert response.status == 404
     await _flush(client)
     (server,) = collector[0].by_kind("SERVER")
     assert server["tags"]["http.status_code"] == "404"
     assert "error" not in server["tags"]
+    # No route: named by the method alone, so that paths clients invent do not each make a name.
+    assert server["name"] == "GET" and "http.route" not in server["tags"]
+    assert server["tags"]["http.path"] == "/nowhere/7f3a"
+
+
+async def test_the_gateways_own_endpoints_are_named_by_their_paths(traced: Any, collector: Any) -> None:
+    client = await traced()
+    assert (await client.get("/health")).status == 200
+    await _flush(client)
+    (server,) = collector[0].by_kind("SERVER")
+    assert server["name"] == "GET /health" and server["tags"]["http.route"] == "/health"
 
 
 async def test_upstream_5xx_marks_the_span_as_error(traced: Any, collector: Any) -> None:
