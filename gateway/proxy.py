@@ -52,7 +52,7 @@ from .middleware.auth import identity_headers
 from .middleware.request_id import REQUEST_ID_HEADER
 from .middleware.tracing import ClientSpan, downstream_headers, inject_trace_headers
 from .pool import ConnectFailed, ConnectTimeout, UpstreamProtocol, exchange
-from .routing import has_dot_segment, strip_route_prefix
+from .routing import has_dot_segment, may_read_otherwise, strip_route_prefix
 from .settings import Route
 from .upstream import Target, Upstream
 
@@ -161,6 +161,8 @@ def routing_middleware(*, proxy: Handler) -> Any:
         route = table.match(path)
         if route is None:
             raise ApiError(404, "No route for this path")
+        if may_read_otherwise(path) and not table.same_for_every_reading(path, route):
+            raise ApiError(400, "Path is ambiguous: decoded or normalised, it would match another route")
         request[route_key] = route
         request[upstream_key] = table.upstreams.get(route.service)  # type: ignore[assignment]
         return handler(request)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
+from urllib.parse import unquote
 
 from aiohttp import web
 
@@ -13,7 +14,15 @@ from .settings import Route
 if TYPE_CHECKING:
     from .upstream import Upstream
 
-__all__ = ["CatchAll", "LiveTable", "RouteTable", "has_dot_segment", "strip_route_prefix"]
+__all__ = [
+    "CatchAll",
+    "LiveTable",
+    "RouteTable",
+    "has_dot_segment",
+    "lenient_reading",
+    "may_read_otherwise",
+    "strip_route_prefix",
+]
 
 # What some server, framework or file system somewhere takes for a segment boundary: "/", its
 # encoded forms, the backslash (Windows, IIS, some routers) and ";" (Tomcat drops ";params").
@@ -59,6 +68,18 @@ class RouteTable:
             candidate = candidate[:cut]
         return self._catch_all
 
+    def same_for_every_reading(self, path: str, route: Route | None) -> bool:
+        """Whether every way a server might read ``path`` leads to ``route`` too (to be asked
+        where ``may_read_otherwise(path)``: otherwise there is one reading).
+
+        The table matches the raw path, which is forwarded as sent; but an upstream may decode
+        ``%61`` as ``a`` (RFC 3986 says it must), ``%2F`` as ``/``, merge ``//``, or drop
+        ``;params``. Were one such reading to match a route of its own, a client could reach the
+        resources behind that route (with its stricter auth or scopes) under the other route's
+        policy. Such paths are refused: no client has a reason to spell a path two routes can claim.
+        """
+        return all(self.match(reading) is route for reading in _readings(path))
+
 
 class LiveTable:
     """The table in force, kept in ``app[route_table_key]``; ``current`` is replaced whole.
@@ -86,6 +107,32 @@ def has_dot_segment(path: str) -> bool:
     while "%25" in lowered:
         lowered = lowered.replace("%25", "%")
     return any(segment.replace("%2e", ".") in (".", "..") for segment in _SEGMENT_BOUNDARY.split(lowered))
+
+
+# Whether some server could read a path (raw, without the query) as another path: a match or
+# None. A bound C method, as the proxy asks it of every request.
+may_read_otherwise = re.compile(r"%|//|;|\\").search
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_LENIENT_SEPARATOR = re.compile(r"[/\\]")
+
+
+def _readings(path: str) -> tuple[str, str]:
+    """The path as a strict server reads it (unreserved characters decoded, as RFC 3986 §6.2.2.2
+    makes them equivalent) and as the most lenient one does (``lenient_reading``)."""
+    strict = _ESCAPE.sub(lambda m: c if (c := chr(int(m[1], 16))) in _UNRESERVED else m[0], path)
+    return strict, lenient_reading(path)
+
+
+def lenient_reading(path: str) -> str:
+    """``path`` as the most lenient server reads it: every escape decoded (repeatedly, for double
+    decoders), ``\\`` a separator, ``;params`` dropped, empty segments merged."""
+    while "%25" in path.lower():
+        path = re.sub("%25", "%", path, flags=re.IGNORECASE)
+    segments = (
+        segment.partition(";")[0] for segment in _LENIENT_SEPARATOR.split(unquote(path, errors="replace"))
+    )
+    return "/" + "/".join(segment for segment in segments if segment)
 
 
 def strip_route_prefix(route: Route, raw_path: str) -> str:

@@ -128,6 +128,46 @@ async def test_odd_but_contained_paths_reach_their_own_service_unchanged(
     assert [q.raw_path for q in hit.requests] == [forwarded] and missed.requests == []
 
 
+@pytest.fixture
+async def nested_routes(make_gateway: Any, make_upstream: Any) -> tuple[Any, Any, Any]:
+    """/a/admin -> ADMIN (a token needed), /a -> OPEN (none): the audit's shape of a bypass."""
+    admin, open_ = await make_upstream(), await make_upstream()
+    config = {
+        "services": {"admin": {"url": admin.url}, "open": {"url": open_.url}},
+        "routes": [
+            {"prefix": "/a/admin", "service": "admin", "auth": "required"},
+            {"prefix": "/a", "service": "open", "auth": "none"},
+        ],
+    }
+    return await make_gateway(config, {"AUTH_JWT_SECRET": "s" * 32}), admin, open_
+
+
+# Each is /a/admin/x to a server that decodes, merges or drops what the raw path keeps.
+OTHER_READINGS = [b"/a/%61dmin/x", b"/a/%61%64%6D%69%6E/x", b"/a//admin/x", b"/a/admin;v=1/x",
+                  b"/a%2Fadmin/x", b"/a/%2561dmin/x", b"/a\\admin/x", b"/a/x/../admin"]  # fmt: skip
+
+
+@pytest.mark.parametrize("target", OTHER_READINGS, ids=[t.decode() for t in OTHER_READINGS])
+async def test_a_path_another_route_would_read_as_its_own_is_refused(
+    nested_routes: tuple[Any, Any, Any], target: bytes
+) -> None:
+    client, admin, open_ = nested_routes
+    response = await _get(client.port, target)
+    assert response.status in (400, 404) and response.json()["detail"]
+    assert admin.requests == [] and open_.requests == []
+    # The plain spelling is held to its route's policy.
+    assert (await _get(client.port, b"/a/admin/x")).status == 401
+
+
+@pytest.mark.parametrize("target", [b"/a/%7Euser/x", b"/a/x%2Fadmin", b"/a/x//y", b"/a/x;v=1", b"/a/%61bc"])
+async def test_odd_paths_every_reading_routes_alike_are_forwarded_as_sent(
+    nested_routes: tuple[Any, Any, Any], target: bytes
+) -> None:
+    client, admin, open_ = nested_routes
+    assert (await _get(client.port, target)).status == 200
+    assert [q.raw_path for q in open_.requests] == [target.decode()] and admin.requests == []
+
+
 async def test_an_overlong_path_is_refused_with_431(two_routes: tuple[Any, Any, Any]) -> None:
     client, a, b = two_routes
     response = await _get(client.port, b"/a/" + b"x" * 9000)
@@ -163,7 +203,7 @@ def liberal_resolve(path: str) -> str:
 
 TABLE = RouteTable(Route(prefix=p, service="s", auth="none") for p in ("/a", "/a/b", "/api/v1/chat", "/b"))
 TOKENS = ["/", "a", "b", "api", "v1", "chat", ".", "..", "%2e", "%2E", "%2f", "%2F", "%5c", "\\", ";", "x=1",
-          "%25", "%252e", "%00", "~", "%41"]  # fmt: skip
+          "%25", "%252e", "%00", "~", "%41", "%61", "%62", "%2562", "//"]  # fmt: skip
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -178,6 +218,19 @@ def test_an_accepted_path_resolves_inside_its_route_prefix(prefix: str, rest: st
         return  # 404 or 400: nothing is forwarded
     resolved = liberal_resolve(path)
     assert resolved == route.prefix or resolved.startswith(route.prefix + "/"), (path, resolved)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(["", "/a", "/a/b", "/b", "/api/v1/chat"]),
+    st.lists(st.sampled_from(TOKENS), max_size=10).map("".join),
+)
+def test_an_accepted_path_is_routed_alike_however_it_is_read(prefix: str, rest: str) -> None:
+    path = prefix + "/" + rest
+    route = TABLE.match(path)
+    if route is None or has_dot_segment(path) or not TABLE.same_for_every_reading(path, route):
+        return  # 404 or 400: nothing is forwarded
+    assert TABLE.match(liberal_resolve(path)) is route, (path, liberal_resolve(path))
 
 
 @given(st.text(max_size=60))
