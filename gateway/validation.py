@@ -23,6 +23,7 @@ from urllib.parse import unquote
 
 from marshmallow import Schema
 
+from .routing import lenient_reading, may_read_otherwise
 from .schemas import SCHEMAS
 
 __all__ = [
@@ -72,7 +73,6 @@ class BodyError(ValueError):
 def _segments(path: str) -> tuple[str, ...]:
     # Split before decoding, so that %2F stays inside its segment; drop empty segments so that
     # ``/api/v1//clusters/`` cannot slip past a schema that the backend would still apply to it.
-    path = path.split("?", 1)[0]
     return tuple(unquote(segment) for segment in path.split("/") if segment)
 
 
@@ -97,13 +97,24 @@ class SchemaTable:
         candidates = self._by_method.get(method.upper())
         if not candidates:
             return None
-        segments = _segments(path)
-        for parts, pattern, schema in candidates:
-            if len(parts) == len(segments) and all(
-                part is None or part == segment for part, segment in zip(parts, segments, strict=True)
-            ):
-                return pattern, schema
-        return None
+        path = path.split("?", 1)[0]
+        found = _first_match(candidates, _segments(path))
+        if found is None and may_read_otherwise(path):
+            # A backend that decodes %2F, honours "\\" or drops ";params" may still route this
+            # spelling to a pattern's handler: the body is checked as that handler's.
+            found = _first_match(candidates, tuple(s for s in lenient_reading(path).split("/") if s))
+        return found
+
+
+def _first_match(
+    candidates: list[tuple[tuple[str | None, ...], str, Schema]], segments: tuple[str, ...]
+) -> tuple[str, Schema] | None:
+    for parts, pattern, schema in candidates:
+        if len(parts) == len(segments) and all(
+            part is None or part == segment for part, segment in zip(parts, segments, strict=True)
+        ):
+            return pattern, schema
+    return None
 
 
 _default_table = SchemaTable(SCHEMAS)

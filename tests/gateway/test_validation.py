@@ -573,6 +573,12 @@ FIND = [
     ("POST", "/api/v1/chat/sessions", "/api/v1/chat/sessions"),
     ("PATCH", "/api/v1/chat/sessions/s1", "/api/v1/chat/sessions/{session_id}"),
     ("POST", "/api/v1/chat/sessions/s1/messages", "/api/v1/chat/sessions/{session_id}/messages"),
+    # Spellings a lenient backend (Tomcat, IIS, a double decoder) still routes to the handler.
+    ("POST", "/api/v1/chat/sessions/s1/messages;x", "/api/v1/chat/sessions/{session_id}/messages"),
+    ("POST", "/api/v1/chat/sessions/s1;v=2/messages", "/api/v1/chat/sessions/{session_id}/messages"),
+    ("POST", "/api/v1/chat/sessions%2Fs1%2Fmessages", "/api/v1/chat/sessions/{session_id}/messages"),
+    ("POST", "/api/v1/chat/sessions/s1\\messages", "/api/v1/chat/sessions/{session_id}/messages"),
+    ("POST", "/api/v1/%2563lusters", "/api/v1/clusters"),
     ("POST", "/api/v1/reports", "/api/v1/reports"),
     ("GET", "/api/v1/clusters", None),
     ("DELETE", "/api/v1/clusters/x", None),
