@@ -99,7 +99,13 @@ class UpstreamProtocol(ResponseHandler):
         # The C parser copies every body chunk it passes on (a slice of the socket's buffer). Once
         # the head is parsed and the body's length is known, what remains of it is counted here
         # and handed to the payload as the socket delivered it: one copy less of a large body.
-        if payload.is_eof() or message.chunked or message.code < 200 or message.code in _NO_BODY:
+        if message.chunked:
+            # The C parser keeps the last trailer field of a chunked body and hands it to the next
+            # response as a header of that response (which may go to another client): the next
+            # response on this connection gets a parser of its own.
+            self._reusable = None
+            return
+        if payload.is_eof() or message.code < 200 or message.code in _NO_BODY:
             return
         length = message.headers.get("Content-Length")
         if length is None or not length.isdigit():

@@ -188,6 +188,39 @@ async def test_bytes_sent_to_an_idle_connection_keep_it_from_being_reused(make_r
     pool.close()
 
 
+async def test_a_response_trailer_never_becomes_a_header_of_the_next_response(
+    make_gateway: Any, make_raw_upstream: Any
+) -> None:
+    """The C parser keeps the last trailer field of a chunked body for the next message it parses;
+    the next response on a pooled connection (another client's, perhaps) must not carry it."""
+    connections = 0
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while head := await reader.readuntil(b"\r\n\r\n"):
+            if head.startswith(b"GET /first "):
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n"
+                    b"X-Checksum: 1\r\nSet-Cookie: session=first-client\r\n\r\n"
+                )
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    url = await make_raw_upstream(upstream)
+    client = await make_gateway(
+        {"services": {"s": {"url": url}}, "routes": [{"prefix": "/", "service": "s", "auth": "none"}]}
+    )
+    first = await client.get("/first")
+    assert await first.read() == b"abc"
+    for _ in range(2):
+        response = await client.get("/second")
+        assert await response.read() == b"ok"
+        assert "Set-Cookie" not in response.headers and "X-Checksum" not in response.headers
+    assert connections == 1  # all three over one pooled connection
+
+
 def _split_body(first: bytes, rest: bytes, *, then_close: bool) -> tuple[Any, asyncio.Event]:
     """A raw upstream answering one request with ``first`` (the head and part of the body), then,
     once the returned event is set, ``rest``; then it closes, or waits for the client to."""
