@@ -25,7 +25,7 @@ from .middleware.tracing import Tracing, tracing_ctx, tracing_middleware
 from .middleware.validation import body_checks_middleware, schema_validation_middleware
 from .openapi import build_openapi
 from .proxy import (
-    close_declined_upgrade,
+    close_when_the_connection_cannot_go_on,
     http_client_ctx,
     proxy_handler,
     routing_middleware,
@@ -119,13 +119,13 @@ def create_app(settings: Settings) -> web.Application:
 
 async def stamp_response(request: web.Request, response: web.StreamResponse) -> None:
     """``on_response_prepare``, so streamed and error responses get them too: the request id, the
-    CORS answer, the rate-limit headers, closing after a declined upgrade, and no ``Server``
-    banner. One hook calling plain functions: a coroutine per stamp per response is measurable on
-    the proxy's hot path."""
+    CORS answer, the rate-limit headers, closing after a declined upgrade or a chunked body, and
+    no ``Server`` banner. One hook calling plain functions: a coroutine per stamp per response is
+    measurable on the proxy's hot path."""
     set_request_id_header(request, response)
     set_cors_headers(request, response)
     set_ratelimit_headers(request, response)
-    close_declined_upgrade(request, response)
+    close_when_the_connection_cannot_go_on(request, response)
     drop_server_banner(response)
 
 

@@ -60,7 +60,7 @@ __all__ = [
     "BUFFER_LIMIT",
     "POOL_SWEEP_SECONDS",
     "BodyTooLarge",
-    "close_declined_upgrade",
+    "close_when_the_connection_cannot_go_on",
     "http_client_ctx",
     "proxy_handler",
     "routing_middleware",
@@ -170,14 +170,21 @@ def routing_middleware(*, proxy: Handler) -> Any:
     return routing
 
 
-def close_declined_upgrade(request: web.Request, response: web.StreamResponse) -> None:
-    """Part of ``on_response_prepare``: close the connection after a request that asked to upgrade it.
+def close_when_the_connection_cannot_go_on(request: web.Request, response: web.StreamResponse) -> None:
+    """Part of ``on_response_prepare``: close the connection after a request that asked to upgrade
+    it, or that sent its body chunked.
 
     aiohttp stops parsing a connection after a request with ``Connection: Upgrade`` (``h2c``,
     anything but a WebSocket the upstream accepts): whatever the client sends next would wait,
     unanswered, until the keep-alive timeout. Closing says so at once.
+
+    aiohttp's C parser keeps the last trailer field of a chunked body and hands it to the next
+    request on the connection as a header of that request. Behind a proxy that shares one
+    connection between its clients, that is one client's header on another's request; closing
+    drops whatever was parsed after the chunked request, and the client sends it again on a
+    new connection.
     """
-    if response.status != 101 and "Upgrade" in request.headers:
+    if (response.status != 101 and "Upgrade" in request.headers) or request._message.chunked:
         response.force_close()
         # The hook runs after aiohttp wrote its framing headers: say it ourselves.
         response.headers["Connection"] = "close"

@@ -148,6 +148,14 @@ async def test_parser_errors_do_not_echo_the_request_bytes(two_routes: tuple[Any
     assert b"s3cr3t" not in data and b"Traceback" not in data
 
 
+def assert_closed_after_a_chunked_request(responses: list[Any], b: Any) -> None:
+    """A chunked request is answered and its connection closed: what the client pipelined behind
+    it is neither answered nor forwarded (the client sends it again on a new connection)."""
+    assert [r.status for r in responses] == [200]
+    assert responses[0].headers["Connection"] == "close"
+    assert b.requests == []
+
+
 ACCEPTED = {
     # (request head tail + body, the body the upstream must see)
     "content-length with trailing space": (b"Content-Length: 3 \r\n\r\nabc", "abc"),
@@ -176,11 +184,14 @@ async def test_well_framed_variants_reach_the_upstream_exactly_as_the_gateway_pa
     client, a, b = two_routes
     data = await raw_exchange(client.port, b"POST /a/x HTTP/1.1\r\n" + HOST + tail + SMUGGLED)
     responses = parse_responses(data)
-    assert [r.status for r in responses] == [200, 200]
-    assert [r.json()["body"] for r in responses] == [expected, ""]
     assert [q.body.decode() for q in a.requests] == [expected]
-    assert [q.raw_path for q in b.requests] == ["/b/smuggled"]
     assert_upstreams_agree(responses, a, b)
+    if b"chunked" in tail.lower():
+        assert_closed_after_a_chunked_request(responses, b)
+    else:
+        assert [r.status for r in responses] == [200, 200]
+        assert [r.json()["body"] for r in responses] == [expected, ""]
+        assert [q.raw_path for q in b.requests] == ["/b/smuggled"]
     # The gateway frames what it forwards itself; the client's framing never crosses.
     (forwarded,) = a.requests
     assert forwarded.values("Transfer-Encoding") in ([], ["chunked"])
@@ -204,8 +215,9 @@ async def test_a_body_split_across_packets_is_framed_once(two_routes: tuple[Any,
     finally:
         writer.close()
     responses = parse_responses(data)
-    assert [r.json()["body"] for r in responses] == ["hello", ""]
+    assert [r.json()["body"] for r in responses] == ["hello"]
     assert_upstreams_agree(responses, a, b)
+    assert_closed_after_a_chunked_request(responses, b)
 
 
 async def test_a_broken_chunk_after_the_head_never_becomes_a_whole_request_upstream(
@@ -307,8 +319,48 @@ async def test_a_chunked_body_on_delete_is_forwarded_with_framing_the_upstream_a
     head = method + b" /a/x HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n\r\n"
     data = await raw_exchange(client.port, head + b"3\r\nabc\r\n0\r\n\r\n" + SMUGGLED)
     responses = parse_responses(data)
-    assert [r.json()["body"] for r in responses] == ["abc", ""]
+    assert [r.json()["body"] for r in responses] == ["abc"]
     assert_upstreams_agree(responses, a, b)
+    assert_closed_after_a_chunked_request(responses, b)
+
+
+async def test_a_request_trailer_never_becomes_a_header_of_the_next_request(
+    make_gateway: Any, make_upstream: Any
+) -> None:
+    """aiohttp's C parser hands the last trailer field of a chunked body to the next request on
+    the connection; behind a proxy that shares connections, that request is another client's."""
+    seen: list[dict[str, str]] = []
+
+    async def record(request: web.Request) -> web.Response:
+        await request.read()
+        seen.append(dict(request.headers))
+        return web.Response(text="ok")
+
+    upstream = await make_upstream(record)
+    client = await make_gateway(
+        {
+            "services": {"s": {"url": upstream.url}},
+            "routes": [{"prefix": "/", "service": "s", "auth": "none", "content_types": ["*/*"]}],
+        }
+    )
+    first = b"POST /one HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n"
+    trailer = b"X-Leak: from-the-trailer\r\n\r\n"
+    second = b"GET /two HTTP/1.1\r\n" + HOST + b"Connection: close\r\n\r\n"
+    # Pipelined in one write, and in two: the next request parsed on the same connection either way.
+    statuses = []
+    for pieces in ((first + trailer + second,), (first + trailer, second)):
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        try:
+            for piece in pieces:
+                writer.write(piece)
+                await writer.drain()
+            async with asyncio.timeout(5):
+                data = await reader.read()
+        finally:
+            writer.close()
+        statuses.append([r.status for r in parse_responses(data)])
+    assert [h.get("X-Leak") for h in seen if "X-Leak" in h] == []
+    assert statuses == [[200], [200]]  # the connection closed after the chunked request
 
 
 async def test_an_http_0_9_request_is_refused(two_routes: tuple[Any, Any, Any]) -> None:
