@@ -145,8 +145,8 @@ def ratelimit_middleware(
     # The in-memory limiter decides without I/O: called directly, not through a coroutine.
     hit_now = limiter.hit_now if isinstance(limiter, MemoryLimiter) else None
 
-    def settle(request: web.Request, key: str, route: Route, decision: Decision) -> None:
-        headers = request[ratelimit_headers_key] = ratelimit_headers(policy_for(route), decision)
+    def settle(request: web.Request, key: str, policy: Policy, decision: Decision) -> None:
+        headers = request[ratelimit_headers_key] = ratelimit_headers(policy, decision)
         if not decision.allowed:
             if stage == "ip":
                 if len(blocked) >= _MAX_BLOCKED:
@@ -154,21 +154,21 @@ def ratelimit_middleware(
                 blocked[key] = (time.monotonic() + decision.retry_after, headers)
             raise ApiError(429, "Too Many Requests", headers=headers)
 
-    async def charge(request: web.Request, key: str, route: Route) -> None:
+    async def charge(request: web.Request, key: str, policy: Policy) -> None:
         """Charge ``key``; 429 when it is over. The headers go on whatever answer goes out, an
         error's too, through ``stamp_ratelimit_headers``."""
-        settle(request, key, route, await limiter.hit(key, policy_for(route).limit))
+        settle(request, key, policy, await limiter.hit(key, policy.limit))
 
-    async def charged(request: web.Request, handler: Handler, key: str, route: Route) -> web.StreamResponse:
-        await charge(request, key, route)
+    async def charged(request: web.Request, handler: Handler, key: str, policy: Policy) -> web.StreamResponse:
+        await charge(request, key, policy)
         return await handler(request)
 
     def pass_on(
-        request: web.Request, handler: Handler, key: str, route: Route
+        request: web.Request, handler: Handler, key: str, policy: Policy
     ) -> Awaitable[web.StreamResponse]:
         if hit_now is None:
-            return charged(request, handler, key, route)
-        settle(request, key, route, hit_now(key, policy_for(route).limit))
+            return charged(request, handler, key, policy)
+        settle(request, key, policy, hit_now(key, policy.limit))
         return handler(request)
 
     if stage == "subject":
@@ -179,7 +179,8 @@ def ratelimit_middleware(
             identity = request.get(auth_key)
             if route is None or identity is None:
                 return handler(request)  # not routed, or anonymous: the ip stage charged it
-            return pass_on(request, handler, f"sub:{identity.subject}:{route.prefix}", route)
+            policy = policy_for(route)
+            return pass_on(request, handler, f"sub:{identity.subject}:{route.prefix}", policy)
 
         return ratelimit_subject
 
@@ -188,13 +189,14 @@ def ratelimit_middleware(
         route = request.get(route_key)
         if route is None:
             return handler(request)
+        policy = policy_for(route)
         key = f"ip:{_ip_bucket(request_client_ip(request, trusted))}:{route.prefix}"
         if not (auth_enabled and route.auth != "none" and "Authorization" in request.headers):
-            return pass_on(request, handler, key, route)
-        return with_token(request, handler, key, route)
+            return pass_on(request, handler, key, policy)
+        return with_token(request, handler, key, policy)
 
     async def with_token(
-        request: web.Request, handler: Handler, key: str, route: Route
+        request: web.Request, handler: Handler, key: str, policy: Policy
     ) -> web.StreamResponse:
         """A token to verify: charged here only if it turns out bad."""
         memo = blocked.get(key)
@@ -209,13 +211,13 @@ def ratelimit_middleware(
         except ApiError:
             if auth_key in request or ratelimit_headers_key in request:
                 raise  # authenticated (the subject stage charged it) or already charged
-            await charge(request, key, route)  # raises 429 when this was one too many
+            await charge(request, key, policy)  # raises 429 when this was one too many
             raise
         if auth_key not in request and ratelimit_headers_key not in request:
             # Not authenticated yet answered: the auth layer let it pass anonymously. Charge it
             # late rather than not at all (the next one over the limit is stopped up front).
             try:
-                await charge(request, key, route)  # the headers go on as it is sent
+                await charge(request, key, policy)  # the headers go on as it is sent
             except ApiError:
                 del request[ratelimit_headers_key]  # over the limit: this answer goes out as it is
         return response
