@@ -72,6 +72,10 @@ class Decision(NamedTuple):
 
 
 class Limiter(Protocol):
+    """``key`` names one bucket under one ``limit``: its TAT means nothing under another limit (a
+    day of 1/day debt would be read as a day of 1000/second debt), so callers put the limit's
+    numbers in the key, as the rate-limit middleware does."""
+
     async def hit(self, key: str, limit: RateLimit) -> Decision: ...
 
     async def close(self) -> None: ...

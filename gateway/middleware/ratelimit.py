@@ -18,6 +18,12 @@ So a user behind a shared NAT is limited as themself, not as the whole NAT; an a
 bad tokens is limited like an anonymous client. IPv6 clients are bucketed by their /64: one host
 usually owns a whole /64 and could otherwise rotate addresses at will.
 
+A bucket belongs to one limit: its key names the client, the route prefix and the limit's numbers
+(``ip:198.51.100.7:/api/v1/chat:100/60``). A limit changed by a restart or a reload starts fresh
+buckets, so a raised limit applies at once to clients the old one had stopped (and a lowered one
+gives each client the new burst once); the same numbers, however spelled, find the same buckets,
+so neither is a way out of a limit that stayed. The old keys expire as they would have anyway.
+
 Headers: each stage stores the headers in ``request[ratelimit_headers_key]``, and
 ``stamp_ratelimit_headers`` (registered in ``app.on_response_prepare``) sets them on every response
 as it is sent, streamed or not, errors included, replacing any an upstream sent (the gateway's
@@ -64,16 +70,22 @@ _MAX_BLOCKED = 10_000
 
 
 class Policy(NamedTuple):
-    """A route's limit, its name, and the two headers that are the same for every request."""
+    """A route's limit, its name, and what is the same for every request under it."""
 
     limit: RateLimit
     name: str  # "route" or "default"
     policy_header: str  # RateLimit-Policy
     limit_header: str  # X-RateLimit-Limit
+    bucket_suffix: str  # ends every bucket key of this route under this limit
 
 
-def make_policy(name: str, limit: RateLimit) -> Policy:
-    return Policy(limit, name, f'"{name}";q={limit.limit};w={math.ceil(limit.period)}', str(limit.limit))
+def make_policy(prefix: str, name: str, limit: RateLimit) -> Policy:
+    # The limit's numbers end the bucket key (module docstring): a bucket's TAT only means
+    # something under the limit that wrote it. Built once per policy, not per request. "%.17g"
+    # writes any period exactly, and a whole one as an integer (60.0 -> "60").
+    suffix = f":{prefix}:{limit.limit}/{limit.period:.17g}"
+    header = f'"{name}";q={limit.limit};w={math.ceil(limit.period)}'
+    return Policy(limit, name, header, str(limit.limit), suffix)
 
 
 def ratelimit_headers(policy: Policy, decision: Decision) -> dict[str, str]:
@@ -139,36 +151,38 @@ def ratelimit_middleware(
         limit = route.rate_limit or default
         # A reload brings new Route objects: a prefix whose limit changed gets a new policy.
         if policy is None or policy.limit is not limit:
-            policy = policies[route.prefix] = make_policy("route" if route.rate_limit else "default", limit)
+            name = "route" if route.rate_limit else "default"
+            policy = policies[route.prefix] = make_policy(route.prefix, name, limit)
         return policy
 
     # The in-memory limiter decides without I/O: called directly, not through a coroutine.
     hit_now = limiter.hit_now if isinstance(limiter, MemoryLimiter) else None
 
-    def settle(request: web.Request, key: str, route: Route, decision: Decision) -> None:
-        headers = request[ratelimit_headers_key] = ratelimit_headers(policy_for(route), decision)
+    def settle(request: web.Request, key: str, policy: Policy, decision: Decision) -> None:
+        headers = request[ratelimit_headers_key] = ratelimit_headers(policy, decision)
         if not decision.allowed:
             if stage == "ip":
                 if len(blocked) >= _MAX_BLOCKED:
                     blocked.clear()
+                # Keyed like the bucket, so a changed limit does not find the old refusal.
                 blocked[key] = (time.monotonic() + decision.retry_after, headers)
             raise ApiError(429, "Too Many Requests", headers=headers)
 
-    async def charge(request: web.Request, key: str, route: Route) -> None:
+    async def charge(request: web.Request, key: str, policy: Policy) -> None:
         """Charge ``key``; 429 when it is over. The headers go on whatever answer goes out, an
         error's too, through ``stamp_ratelimit_headers``."""
-        settle(request, key, route, await limiter.hit(key, policy_for(route).limit))
+        settle(request, key, policy, await limiter.hit(key, policy.limit))
 
-    async def charged(request: web.Request, handler: Handler, key: str, route: Route) -> web.StreamResponse:
-        await charge(request, key, route)
+    async def charged(request: web.Request, handler: Handler, key: str, policy: Policy) -> web.StreamResponse:
+        await charge(request, key, policy)
         return await handler(request)
 
     def pass_on(
-        request: web.Request, handler: Handler, key: str, route: Route
+        request: web.Request, handler: Handler, key: str, policy: Policy
     ) -> Awaitable[web.StreamResponse]:
         if hit_now is None:
-            return charged(request, handler, key, route)
-        settle(request, key, route, hit_now(key, policy_for(route).limit))
+            return charged(request, handler, key, policy)
+        settle(request, key, policy, hit_now(key, policy.limit))
         return handler(request)
 
     if stage == "subject":
@@ -179,7 +193,8 @@ def ratelimit_middleware(
             identity = request.get(auth_key)
             if route is None or identity is None:
                 return handler(request)  # not routed, or anonymous: the ip stage charged it
-            return pass_on(request, handler, f"sub:{identity.subject}:{route.prefix}", route)
+            policy = policy_for(route)
+            return pass_on(request, handler, f"sub:{identity.subject}{policy.bucket_suffix}", policy)
 
         return ratelimit_subject
 
@@ -188,13 +203,14 @@ def ratelimit_middleware(
         route = request.get(route_key)
         if route is None:
             return handler(request)
-        key = f"ip:{_ip_bucket(request_client_ip(request, trusted))}:{route.prefix}"
+        policy = policy_for(route)
+        key = f"ip:{_ip_bucket(request_client_ip(request, trusted))}{policy.bucket_suffix}"
         if not (auth_enabled and route.auth != "none" and "Authorization" in request.headers):
-            return pass_on(request, handler, key, route)
-        return with_token(request, handler, key, route)
+            return pass_on(request, handler, key, policy)
+        return with_token(request, handler, key, policy)
 
     async def with_token(
-        request: web.Request, handler: Handler, key: str, route: Route
+        request: web.Request, handler: Handler, key: str, policy: Policy
     ) -> web.StreamResponse:
         """A token to verify: charged here only if it turns out bad."""
         memo = blocked.get(key)
@@ -209,13 +225,13 @@ def ratelimit_middleware(
         except ApiError:
             if auth_key in request or ratelimit_headers_key in request:
                 raise  # authenticated (the subject stage charged it) or already charged
-            await charge(request, key, route)  # raises 429 when this was one too many
+            await charge(request, key, policy)  # raises 429 when this was one too many
             raise
         if auth_key not in request and ratelimit_headers_key not in request:
             # Not authenticated yet answered: the auth layer let it pass anonymously. Charge it
             # late rather than not at all (the next one over the limit is stopped up front).
             try:
-                await charge(request, key, route)  # the headers go on as it is sent
+                await charge(request, key, policy)  # the headers go on as it is sent
             except ApiError:
                 del request[ratelimit_headers_key]  # over the limit: this answer goes out as it is
         return response

@@ -229,7 +229,31 @@ async def test_two_gateway_instances_sharing_redis_share_the_limit(
         answers.append((response.status, response.headers["X-RateLimit-Remaining"]))
 
     assert answers == [(200, "2"), (200, "1"), (200, "0"), (429, "0"), (429, "0")]
-    assert await redis_client.exists(f"gateway:rl:ip:127.0.0.1:{shared_prefix}") == 1
+    assert await redis_client.exists(f"gateway:rl:ip:127.0.0.1:{shared_prefix}:3/60") == 1
+
+
+async def test_a_raised_limit_applies_after_a_restart_to_a_client_already_limited(
+    make_gateway, upstream, shared_prefix
+):
+    config = service(upstream.url, [{"prefix": shared_prefix, "auth": "none"}])
+
+    async def restart(default: str) -> Any:
+        return await make_gateway(config, {**AUTH_ENV, "REDIS_URL": REDIS_URL, "RATE_LIMIT_DEFAULT": default})
+
+    strict = await restart("1/day")
+    assert [(await strict.get(shared_prefix + "/x")).status for _ in range(2)] == [200, 429]
+
+    raised = await (await restart("1000/second")).get(shared_prefix + "/x")
+    assert raised.status == 200
+    assert_limit_headers(raised, 999, '"default";q=1000;w=1')
+    assert raised.headers["X-RateLimit-Reset"] == "1"
+    assert "Retry-After" not in raised.headers
+
+    # The same limit again finds the client's bucket in Redis: a restart is no way out of it.
+    again = await (await restart("1/day")).get(shared_prefix + "/x")
+    assert again.status == 429
+    assert int(again.headers["Retry-After"]) > 86_000
+    assert_limit_headers(again, 0, '"default";q=1;w=86400')
 
 
 @pytest.fixture
@@ -253,7 +277,7 @@ async def test_redis_stopped_mid_test_falls_back_then_recovers_shared_limits(
 
     try:
         assert (await client.get("/limited/x")).status == 200
-        assert await probe.exists("gateway:rl:ip:127.0.0.1:/limited") == 1
+        assert await probe.exists("gateway:rl:ip:127.0.0.1:/limited:3/60") == 1
         healthy = await redis_component()
         assert (healthy["status"], healthy["rate_limit_fallback"]) == ("healthy", False)
 
@@ -278,7 +302,7 @@ async def test_redis_stopped_mid_test_falls_back_then_recovers_shared_limits(
 
         async def shared_again() -> bool:
             await client.get("/probe/x")  # one request per probe interval tries Redis again
-            return await probe.exists("gateway:rl:ip:127.0.0.1:/probe") == 1
+            return await probe.exists("gateway:rl:ip:127.0.0.1:/probe:1000/60") == 1
 
         await poll(shared_again, "rate limits to go back to Redis")
 

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from gateway.app import create_app
 from gateway.keys import route_table_key
 from gateway.reload import reload_routes
 from gateway.settings import load_settings
+from tests.conftest import REDIS_URL
+from tests.gateway.chain import AUTH_ENV
 from tests.helpers import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -146,13 +149,88 @@ async def test_a_changed_rate_limit_applies_after_the_reload(
     path.write_text(yaml.safe_dump(config))
     assert await reload_routes(client.app, env)
 
-    # The bucket carries over (GCRA keeps one timestamp per client), so the second request may
-    # already be over; under the old 1000/minute none of the three would be.
+    # A changed limit starts fresh buckets, lowered as well as raised: the client gets the new
+    # limit's burst once (what it used under 1000/minute is not converted), then the new limit.
     statuses = [(await client.get("/a/x")).status for _ in range(3)]
-    assert statuses[0] == 200 and statuses[2] == 429, statuses
+    assert statuses == [200, 200, 429]
     response = await client.get("/a/x")
     assert response.headers["X-RateLimit-Limit"] == "2"
     assert response.headers["RateLimit-Policy"] == '"route";q=2;w=60'
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def limit_store(
+    request: pytest.FixtureRequest, redis_client: Any
+) -> AsyncIterator[tuple[dict[str, str], str]]:
+    """Environment for the rate-limit store, and a tag for route prefixes no other test uses; the
+    tag's buckets in the shared Redis are removed afterwards."""
+    tag = uuid.uuid4().hex
+    yield ({"REDIS_URL": REDIS_URL} if request.param == "redis" else {}), tag
+    keys = [key async for key in redis_client.scan_iter(match=f"gateway:rl:*{tag}*")]
+    if keys:
+        await redis_client.delete(*keys)
+
+
+async def test_a_raised_rate_limit_applies_at_once_and_an_unchanged_one_keeps_its_buckets(
+    aiohttp_client: Any, named_upstream: Any, tmp_path: Path, limit_store: tuple[dict[str, str], str]
+) -> None:
+    store_env, tag = limit_store
+    raised, kept = f"/raised-{tag}", f"/kept-{tag}"
+    url, _ = await named_upstream("limited")
+    path = tmp_path / "gateway.yaml"
+    config = table({raised: url, kept: url})
+    for route in config["routes"]:
+        route["rate_limit"] = "2/minute"
+    path.write_text(yaml.safe_dump(config))
+    env = {"GATEWAY_CONFIG": str(path), **store_env}
+    client = await aiohttp_client(TestServer(create_app(load_settings(env))))
+    for prefix in (raised, kept):
+        assert [(await client.get(prefix + "/x")).status for _ in range(3)] == [200, 200, 429]
+
+    config["routes"][0]["rate_limit"] = "1000/second"
+    config["routes"][1]["rate_limit"] = "2/60seconds"  # the same limit, spelled otherwise
+    path.write_text(yaml.safe_dump(config))
+    assert await reload_routes(client.app, env)
+
+    response = await client.get(raised + "/x")
+    assert response.status == 200
+    assert response.headers["RateLimit-Policy"] == '"route";q=1000;w=1'
+    assert response.headers["RateLimit"] == '"route";r=999;t=1'
+    assert (response.headers["X-RateLimit-Limit"], response.headers["X-RateLimit-Remaining"]) == (
+        "1000",
+        "999",
+    )
+    assert response.headers["X-RateLimit-Reset"] == "1"
+    assert "Retry-After" not in response.headers
+    # A reload is no way out of a limit that did not change.
+    response = await client.get(kept + "/x")
+    assert response.status == 429
+    assert response.headers["RateLimit-Policy"] == '"route";q=2;w=60'
+    assert 1 <= int(response.headers["Retry-After"]) <= 30
+
+
+async def test_a_raised_rate_limit_lifts_the_refusal_of_an_address_sending_bad_tokens(
+    aiohttp_client: Any, named_upstream: Any, tmp_path: Path
+) -> None:
+    url, _ = await named_upstream("limited")
+    path = tmp_path / "gateway.yaml"
+    config = table({"/a": url})
+    config["routes"][0].update(auth="required", rate_limit="2/minute")
+    path.write_text(yaml.safe_dump(config))
+    env = {"GATEWAY_CONFIG": str(path), **AUTH_ENV}
+    client = await aiohttp_client(TestServer(create_app(load_settings(env))))
+    bad = {"Authorization": "Bearer not-a-token"}
+    # The third is one too many: the address is then refused before its tokens are verified.
+    assert [(await client.get("/a/x", headers=bad)).status for _ in range(4)] == [401, 401, 429, 429]
+
+    config["routes"][0]["rate_limit"] = "1000/second"
+    path.write_text(yaml.safe_dump(config))
+    assert await reload_routes(client.app, env)
+
+    response = await client.get("/a/x", headers=bad)
+    assert response.status == 401  # verified again, and charged under the new limit
+    assert response.headers["RateLimit-Policy"] == '"route";q=1000;w=1'
+    assert response.headers["X-RateLimit-Remaining"] == "999"
 
 
 @pytest.mark.parametrize(

@@ -14,13 +14,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.keys import route_table_key
 from gateway.limiter import FailoverLimiter, MemoryLimiter, RedisLimiter
 from gateway.middleware.auth import TokenVerifier
-from gateway.settings import AuthSettings, RateLimit
+from gateway.routing import RouteTable
+from gateway.settings import AuthSettings, RateLimit, Route
 from tests.conftest import REDIS_URL
 from tests.helpers import PrivateRedis
 
-from .app import make_app
+from .app import ROUTES, make_app
 
 SECRET = "rate-limit-tests-" + "s" * 40
 
@@ -418,3 +420,22 @@ async def test_authenticated_clients_are_limited_by_subject_not_address(aiohttp_
     assert response.headers["X-RateLimit-Remaining"] == "2"
     # And the address's anonymous bucket was never touched by either of them.
     assert [(await client.get("/api/optional/x")).status for _ in range(3)] == [200, 200, 200]
+
+
+async def test_a_changed_route_limit_gives_a_limited_subject_a_fresh_bucket(aiohttp_client):
+    client = await aiohttp_client(_auth_app(RateLimit(3, 60.0)))
+    alice = _token("alice")
+    assert [(await client.get("/api/required/x", headers=alice)).status for _ in range(4)] == [
+        200,
+        200,
+        200,
+        429,
+    ]
+    live = client.app[route_table_key]
+    raised = Route(prefix="/api/required", service="s", rate_limit=RateLimit(1000, 1.0))
+    live.current = RouteTable((raised, *(r for r in ROUTES if r.prefix != raised.prefix)))
+
+    response = await client.get("/api/required/x", headers=alice)
+    assert response.status == 200
+    assert response.headers["RateLimit-Policy"] == '"route";q=1000;w=1'
+    assert response.headers["X-RateLimit-Remaining"] == "999"
