@@ -225,9 +225,10 @@ class TargetPool:
         self._idle: deque[tuple[UpstreamProtocol, float]] = deque()
         self.retired = False
 
-    async def acquire(self, connect_timeout: float) -> UpstreamProtocol:
+    async def acquire(self, connect_timeout: float, *, fresh: bool = False) -> UpstreamProtocol:
+        """An idle pooled connection, or a new one (always a new one when ``fresh``)."""
         idle, now = self._idle, time.monotonic()
-        while idle:
+        while idle and not fresh:
             protocol, released = idle.pop()
             if now - released < self.idle_timeout and protocol.is_connected() and not protocol.should_close:
                 return protocol

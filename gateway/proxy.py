@@ -278,6 +278,12 @@ async def _proxy_http(
             headers.update(downstream_headers(span))
         started = perf_counter()
         target, protocol, message, payload = await _send(request, upstream, path, headers, body)
+        if message.code == 101:
+            # Upgrade is hop-by-hop and never forwarded here (WebSockets take their own path):
+            # the client asked for nothing to switch to.
+            protocol.close()
+            _count_failure(request, "invalid")
+            raise ApiError(502, f"Upstream '{upstream.name}' sent an invalid response")
         request.app[metrics_key].record_upstream(upstream.name, perf_counter() - started)
         if span is not None and span.record is not None:
             span.record.tag("http.status_code", str(message.code))
@@ -307,7 +313,7 @@ async def _send(
     chunked = isinstance(body, _Body) and request.content_length is None
     timeout = upstream.service.timeout
     target = upstream.pick()
-    attempts = 2 if method in IDEMPOTENT else 1
+    attempts, fresh = 2, False
     while True:
         if target is None:
             raise ApiError(503, f"No healthy target for service '{upstream.name}'")
@@ -315,7 +321,7 @@ async def _send(
         headers["Host"] = target.pool.host_header
         protocol: UpstreamProtocol | None = None
         try:
-            protocol = await target.pool.acquire(timeout.connect)
+            protocol = await target.pool.acquire(timeout.connect, fresh=fresh)
             message, payload = await exchange(
                 protocol,
                 method=method,
@@ -332,14 +338,23 @@ async def _send(
                 raise body_too_large(request[route_key].max_body or 0) from None
             if isinstance(body, _Body) and body.timed_out:
                 raise BodyTimeout from None
-            error, retryable, kind = _upstream_failure(upstream, target, exc)
+            error, kind = _upstream_failure(upstream, target, exc)
             request.app[metrics_key].upstream_errors.labels(upstream.name, kind).inc()
             attempts -= 1
+            # A failed connect sent nothing: any request may go elsewhere. A connection closed
+            # before any answer may have carried the request to the upstream: idempotent only.
+            sent_nothing = isinstance(exc, ConnectTimeout | ConnectFailed)
+            retryable = sent_nothing or (kind == "reset" and method in IDEMPOTENT)
             if not retryable or attempts <= 0 or (isinstance(body, _Body) and body.started):
                 raise error from None
-            target = upstream.pick(exclude=target)
-            if target is None:
+            retry = upstream.pick(exclude=target)
+            if retry is None and kind == "reset":
+                # Most often a pooled connection the upstream closed as it went idle (its idle
+                # timeout is shorter than the pool's): the same target, on a new connection.
+                retry, fresh = target, True
+            if retry is None:
                 raise error from None
+            target = retry
             continue
         except BaseException:
             # Cancelled (the client went away) while connecting or waiting for the head: the
@@ -351,29 +366,28 @@ async def _send(
         return target, protocol, message, payload
 
 
-def _upstream_failure(upstream: Upstream, target: Target, exc: BaseException) -> tuple[ApiError, bool, str]:
-    """Translate a failure before the response head: the error, whether a retry is safe, and its
-    kind for metrics (connect, timeout, reset, invalid)."""
+def _upstream_failure(upstream: Upstream, target: Target, exc: BaseException) -> tuple[ApiError, str]:
+    """Translate a failure before the response head: the error, and its kind for metrics
+    (connect, timeout, reset, invalid)."""
     name = upstream.name
     if isinstance(exc, ConnectTimeout):
-        # Nothing reached the upstream: safe to retry, and the target is likely down.
+        # Nothing reached the upstream, and the target is likely down.
         upstream.eject(target)
-        return ApiError(504, f"Upstream '{name}' timed out"), True, "timeout"
+        return ApiError(504, f"Upstream '{name}' timed out"), "timeout"
     if isinstance(exc, ConnectFailed):
         upstream.eject(target)
-        return ApiError(502, f"Upstream '{name}' is unreachable"), True, "connect"
+        return ApiError(502, f"Upstream '{name}' is unreachable"), "connect"
     if isinstance(exc, aiohttp.SocketTimeoutError | TimeoutError):
-        upstream.eject(target)
-        return ApiError(504, f"Upstream '{name}' timed out"), False, "timeout"
+        # Not ejected: the target took the connection and is up; one slow endpoint must not take
+        # a service (all of it, when it has one target) out of rotation for everyone.
+        return ApiError(504, f"Upstream '{name}' timed out"), "timeout"
     if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError | ConnectionError):
-        # Often a pooled keep-alive connection the upstream had just closed: not ejected, and
-        # retried (idempotent methods only, nothing streamed yet) since the upstream did not answer.
         log.info("upstream disconnected", extra={"service": name, "target": target.url, "error": repr(exc)})
-        return ApiError(502, f"Upstream '{name}' closed the connection"), True, "reset"
+        return ApiError(502, f"Upstream '{name}' closed the connection"), "reset"
     log.warning(
         "upstream error", extra={"service": name, "target": target.url, "error": repr(exc)}, exc_info=exc
     )
-    return ApiError(502, f"Upstream '{name}' sent an invalid response"), False, "invalid"
+    return ApiError(502, f"Upstream '{name}' sent an invalid response"), "invalid"
 
 
 async def _relay_response(
@@ -399,6 +413,8 @@ async def _relay_response(
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             log.warning("upstream body failed", extra={"error": repr(exc)})
             _count_failure(request, _kind(exc))
+            if isinstance(exc, TimeoutError):
+                raise ApiError(504, "Upstream timed out mid-response") from None
             raise ApiError(502, "Upstream closed the connection mid-response") from None
         if len(body) != length:
             _count_failure(request, "reset")

@@ -164,6 +164,36 @@ async def test_upstream_killed_mid_body_of_a_small_response_gets_502(gateway_for
     await _assert_released(client, good, baseline)
 
 
+async def test_upstream_silent_mid_body_of_a_small_response_gets_504(gateway_for: Any) -> None:
+    """The head came, then nothing within the read timeout: a timeout (504), not a hang-up (502)."""
+
+    async def stalls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+        await writer.drain()
+        await reader.read()
+
+    client, good = await gateway_for(stalls)
+    baseline = await _baseline(client)
+    response = await client.get("/bad/x")
+    await _assert_gateway_error(response, 504)
+    assert "timed out" in (await response.json())["detail"]
+    await _assert_released(client, good, baseline)
+
+
+async def test_an_upgrade_the_client_did_not_ask_for_gets_502(gateway_for: Any) -> None:
+    async def switches(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_head(reader)
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: foo\r\nConnection: Upgrade\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    client, good = await gateway_for(switches)
+    baseline = await _baseline(client)
+    await _assert_gateway_error(await client.get("/bad/x"), 502)
+    await _assert_released(client, good, baseline)
+
+
 @pytest.mark.parametrize(
     "head",
     [
