@@ -41,6 +41,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from .errors import ApiError, error_response
+from .keys import request_id_key
 from .middleware.request_id import REQUEST_ID_HEADER, new_request_id
 
 __all__ = [
@@ -110,11 +111,14 @@ class _GatewayRequestHandler(RequestHandler):
             # A malformed request is the client's problem: one line, no traceback, no log flood.
             log.info("malformed request", extra={"status": status, "error": detail, "peer": request.remote})
         body = json.dumps({"detail": detail}).encode()
+        # A request that failed inside the chain already has the id the access log and the span
+        # carry; a fresh one would point the client at a request no log line mentions.
+        request_id = request.get(request_id_key) or new_request_id()
         response = web.Response(
             status=status,
             body=body,
             content_type="application/json",
-            headers={REQUEST_ID_HEADER: new_request_id()},
+            headers={REQUEST_ID_HEADER: request_id},
         )
         response.force_close()
         return response

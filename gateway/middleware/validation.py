@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from ..errors import ApiError, body_too_large
+from ..errors import ApiError, body_too_large, client_text
 from ..httpserver import read_body_chunk
 from ..keys import body_key, route_key
 from ..validation import find_schema, is_json_media_type, media_type_allowed, validate_body
@@ -61,7 +61,7 @@ def body_checks_middleware() -> Any:
 
 
 def _unsupported(content_type: str | None, accepted: tuple[str, ...]) -> ApiError:
-    sent = f"'{content_type}'" if content_type else "no Content-Type"
+    sent = f"'{client_text(content_type)}'" if content_type else "no Content-Type"
     return ApiError(
         415,
         f"Unsupported Media Type: {sent}; this route accepts {', '.join(accepted)}",

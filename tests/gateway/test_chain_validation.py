@@ -132,6 +132,17 @@ async def test_bad_token_with_an_invalid_body_is_401(client, upstream):
     assert response.headers["WWW-Authenticate"].startswith('Bearer error="invalid_token"')
 
 
+async def test_a_key_with_an_unpaired_surrogate_is_a_422_naming_it(client, upstream):
+    # The key is quoted back in "field"; as a lone surrogate it once made the 422 unencodable.
+    body = b'{"\\ud800key": 1, "name": "prod-eu-1"}'
+    response = await client.post("/api/v1/clusters", data=body, headers={**JSON, **bearer()})
+
+    assert response.status == 422
+    errors = (await response.json())["errors"]
+    assert {"field": "\ud800key", "message": "Key contains NUL or an unpaired surrogate."} in errors
+    assert upstream.requests == []
+
+
 # -- 415 -----------------------------------------------------------------------------------------
 
 
