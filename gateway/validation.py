@@ -5,6 +5,7 @@
     validate_body(raw, schema)         -> [] when valid, else the contract's field errors; never raises
     is_json_media_type(content_type)   -> application/json, */*+json
     media_type_allowed(content_type, allowed)
+    content_codings(values)            -> the codings of Content-Encoding other than identity
 
 An error is ``{"field": "labels.env", "message": "...", "value": ...}``; the middleware answers
 ``ApiError(422, "Validation Error", errors)``. Validation only reads the body: what passes is
@@ -30,6 +31,7 @@ __all__ = [
     "MAX_ERRORS",
     "BodyError",
     "SchemaTable",
+    "content_codings",
     "find_schema",
     "is_json_media_type",
     "media_type_allowed",
@@ -420,3 +422,18 @@ def media_type_allowed(content_type: str | None, allowed: tuple[str, ...]) -> bo
         if wanted == ("application", "json") and is_json_media_type(content_type):
             return True
     return False
+
+
+# -- content codings ---------------------------------------------------------------------------
+
+
+def content_codings(values: Iterable[str]) -> list[str]:
+    """The codings the ``Content-Encoding`` field lines list, in order, without ``identity``
+    (which means none: RFC 9110 section 8.4.1) and empty list items. ``[]``: the body is plain."""
+    codings = []
+    for value in values:
+        for item in value.split(","):
+            coding = item.strip()
+            if coding and coding.lower() != "identity":
+                codings.append(coding)
+    return codings

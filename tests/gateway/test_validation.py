@@ -17,6 +17,7 @@ from gateway.validation import (
     MAX_ERRORS,
     BodyError,
     SchemaTable,
+    content_codings,
     find_schema,
     is_json_media_type,
     media_type_allowed,
@@ -659,6 +660,24 @@ ALLOWED = [
 @pytest.mark.parametrize(("content_type", "allowed", "expected"), ALLOWED)
 def test_media_type_allowed(content_type: str | None, allowed: tuple[str, ...], expected: bool) -> None:
     assert media_type_allowed(content_type, allowed) is expected
+
+
+CODINGS = [
+    ([], []),
+    ([""], []),
+    (["identity"], []),
+    (["Identity, ,identity"], []),
+    (["gzip"], ["gzip"]),
+    (["GZip"], ["GZip"]),
+    (["identity, gzip"], ["gzip"]),
+    (["gzip", "br"], ["gzip", "br"]),
+    ([" deflate ,gzip "], ["deflate", "gzip"]),
+]
+
+
+@pytest.mark.parametrize(("values", "expected"), CODINGS)
+def test_content_codings_leave_out_identity(values: list[str], expected: list[str]) -> None:
+    assert content_codings(values) == expected
 
 
 # -- never raises ------------------------------------------------------------------------------------
