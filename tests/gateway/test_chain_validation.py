@@ -98,6 +98,18 @@ async def test_nested_paths_and_several_errors_come_in_one_response(client, upst
     assert upstream.requests == []
 
 
+async def test_a_value_json_parsers_disagree_on_and_the_schemas_errors_come_in_one_422(client, upstream):
+    body = b'{"name":NaN,"provider":"aws"}'
+    response = await client.post("/api/v1/clusters", data=body, headers={**JSON, **bearer()})
+
+    assert response.status == 422
+    errors = {error["field"]: error["message"] for error in (await response.json())["errors"]}
+    assert list(errors) == ["name", "api_server_url", "provider", "environment"]
+    assert errors["name"].startswith("NaN is not valid JSON")
+    assert errors["provider"].startswith("Invalid value for field 'provider'")
+    assert upstream.requests == []
+
+
 async def test_unauthenticated_invalid_body_is_401_not_422(client, upstream):
     response = await client.post("/api/v1/clusters", data=b'{"name": ', headers=JSON)
 
