@@ -21,7 +21,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from ..errors import ApiError, body_too_large, client_text
-from ..httpserver import read_body_chunk
+from ..httpserver import read_body_chunk, send_continue
 from ..keys import body_key, route_key
 from ..validation import (
     content_codings,
@@ -114,6 +114,7 @@ def schema_validation_middleware() -> Any:
 
 
 async def _validated(request: web.Request, handler: Handler, limit: int, schema: Any) -> web.StreamResponse:
+    await send_continue(request)
     raw = await _read_limited(request, limit)
     errors = validate_body(raw, schema)
     if errors:
