@@ -87,8 +87,13 @@ def create_app(settings: Settings) -> web.Application:
         schema_validation_middleware(),
     ]
     # client_max_size only limits request.read(); the proxy streams, and reads whole bodies only
-    # when they are declared small.
-    app = web.Application(middlewares=middlewares, client_max_size=1024**2)
+    # when they are declared small. auto_decompress is off because a proxy relays a body as the
+    # bytes it was sent: aiohttp's server would otherwise inflate a Content-Encoding: gzip body and
+    # the upstream would get the plain bytes still labelled gzip (and the limits would count the
+    # inflated size). Set on the app, not the runner, so that no way of serving it can forget it.
+    app = web.Application(
+        middlewares=middlewares, client_max_size=1024**2, handler_args={"auto_decompress": False}
+    )
     app[settings_key] = settings
     upstreams = {name: Upstream(service) for name, service in settings.services.items()}
     app[route_table_key] = LiveTable(RouteTable(settings.routes, upstreams))

@@ -2,6 +2,7 @@
 
     ApiError            raised anywhere below a handler; rendered by error_middleware
     error_response()    the contract's body: {"detail": ..., "errors": [...]} as application/json
+    client_text()       a client-sent value (a header) made safe to quote in a ``detail``
 
 Upstream responses never come through here: they pass through untouched.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
@@ -19,7 +21,7 @@ from aiohttp.typedefs import Handler
 
 from .metrics import metrics_key, route_label
 
-__all__ = ["ApiError", "body_too_large", "error_middleware", "error_response"]
+__all__ = ["ApiError", "body_too_large", "client_text", "error_middleware", "error_response"]
 
 log = logging.getLogger("gateway")
 
@@ -44,6 +46,25 @@ class ApiError(Exception):
         self.headers = headers
 
 
+MAX_QUOTED = 128  # characters of a client's value quoted back; a header may be 8 KB
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def client_text(value: str) -> str:
+    """``value`` as it may be quoted in an error message: printable, valid UTF-8, bounded.
+
+    aiohttp decodes header bytes that are not UTF-8 to lone surrogates (surrogateescape), which
+    cannot be encoded back to UTF-8; they are shown as ``\\xe9`` escapes, as are control
+    characters, and anything past MAX_QUOTED characters is cut with ``...``.
+    """
+    try:
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that did not come from a byte
+        raw = value.encode("utf-8", "backslashreplace")
+    text = _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", raw.decode("utf-8", "backslashreplace"))
+    return text if len(text) <= MAX_QUOTED else text[: MAX_QUOTED - 3] + "..."
+
+
 def body_too_large(limit: int) -> ApiError:
     return ApiError(413, f"Request body exceeds the limit of {limit} bytes for this route")
 
@@ -59,7 +80,10 @@ def error_response(
         body["errors"] = list(errors)
     return web.Response(
         status=status,
-        body=json.dumps(body, ensure_ascii=False).encode(),
+        # A lone surrogate (a JSON key or header the client sent) cannot be encoded as UTF-8;
+        # backslashreplace writes it as a \uXXXX escape, which inside a JSON string is still
+        # valid JSON, instead of failing the answer with a 500.
+        body=json.dumps(body, ensure_ascii=False).encode("utf-8", "backslashreplace"),
         content_type="application/json",
         headers=headers,
     )

@@ -41,6 +41,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from .errors import ApiError, error_response
+from .keys import continue_key, request_id_key
 from .middleware.request_id import REQUEST_ID_HEADER, new_request_id
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "GatewayRunner",
     "expect_continue",
     "read_body_chunk",
+    "send_continue",
 ]
 
 log = logging.getLogger("gateway.http")
@@ -110,11 +112,14 @@ class _GatewayRequestHandler(RequestHandler):
             # A malformed request is the client's problem: one line, no traceback, no log flood.
             log.info("malformed request", extra={"status": status, "error": detail, "peer": request.remote})
         body = json.dumps({"detail": detail}).encode()
+        # A request that failed inside the chain already has the id the access log and the span
+        # carry; a fresh one would point the client at a request no log line mentions.
+        request_id = request.get(request_id_key) or new_request_id()
         response = web.Response(
             status=status,
             body=body,
             content_type="application/json",
-            headers={REQUEST_ID_HEADER: new_request_id()},
+            headers={REQUEST_ID_HEADER: request_id},
         )
         response.force_close()
         return response
@@ -132,17 +137,36 @@ def _describe(exc: BaseException | None, status: int) -> tuple[int, str]:
 
 
 async def expect_continue(request: web.Request) -> web.StreamResponse | None:
-    """Expect handler for every route: ``100-continue`` is honoured, anything else is a JSON 417.
+    """Expect handler for every route: ``100-continue`` is deferred to ``send_continue``, anything
+    else is a JSON 417.
 
-    aiohttp's default handler runs before the middlewares: it answered an unknown expectation in
-    text, echoing the header, and a non-UTF-8 one with a 500.
+    aiohttp's default handler runs before the middlewares and sends the 100 at once: a client was
+    told to upload a body that a 401, 404, 413, 415 or 429 then refused. It also answered an
+    unknown expectation in text, echoing the header, and a non-UTF-8 one with a 500.
     """
     if request.headers.get("Expect", "").lower() == "100-continue":
-        if request.version >= HttpVersion11:
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            request.writer.output_size = 0  # the interim answer is not the response
+        if request.version >= HttpVersion11 and request.body_exists:
+            message = request._message
+            request[continue_key] = message
+            # Until the 100 is sent the client holds its body back; an answer given before that
+            # leaves the connection where the server cannot tell the next request from a late
+            # body, so that answer closes it (RFC 9110 section 10.1.1). send_continue undoes this.
+            request._message = message._replace(should_close=True)
         return None
     return error_response(417, "Unsupported Expect header: only '100-continue' is supported")
+
+
+async def send_continue(request: web.Request) -> None:
+    """Send the ``100 Continue`` the request's ``Expect`` asked for, if it is still owed: call it
+    just before reading a body, once the request is admitted (RFC 9110 section 10.1.1: a server
+    that will refuse on the head alone sends the final status instead)."""
+    message = request.get(continue_key)
+    if message is None:
+        return
+    request[continue_key] = None
+    request._message = message
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the interim answer is not the response
 
 
 class GatewayRequest(web.Request):

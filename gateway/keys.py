@@ -27,11 +27,15 @@ auth_key = web.RequestKey("auth", "Identity")
 client_ip_key = web.RequestKey("client_ip", str)
 # The rate-limit headers for this request's response, written by on_response_prepare.
 ratelimit_headers_key = web.RequestKey("ratelimit_headers", "dict[str, str]")
+# A request whose "Expect: 100-continue" is not answered yet: its message as parsed, to restore
+# when the 100 is sent (gateway.httpserver.send_continue).
+continue_key = web.RequestKey("continue", "RawRequestMessage | None")
 
 __all__ = [
     "auth_key",
     "body_key",
     "client_ip_key",
+    "continue_key",
     "http_client_key",
     "lifecycle_key",
     "limiter_key",

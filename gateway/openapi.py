@@ -58,7 +58,14 @@ ERROR_RESPONSES: Mapping[str, tuple[str, dict[str, Any]]] = {
         "413",
         _error("Body over the route's max_body (chat 64KB, reports 16KB, clusters 128KB, else 1MB)."),
     ),
-    "UnsupportedMediaType": ("415", _error("Content-Type not accepted by the route (default: JSON).")),
+    "UnsupportedMediaType": (
+        "415",
+        _error(
+            "Content-Type not accepted by the route (default: JSON), or a Content-Encoding other than"
+            " identity on a body with a schema (send it uncompressed).",
+            {"Accept-Encoding": "identity (with a Content-Encoding refused)"},
+        ),
+    ),
     "ValidationError": (
         "422",
         _error("The body is not JSON, not an object, or fails the schema; every problem listed."),

@@ -35,7 +35,7 @@ from yarl import URL
 
 from .errors import ApiError, body_too_large
 from .headers import response_headers, serialize_head, upstream_headers
-from .httpserver import BodyTimeout, read_body_chunk
+from .httpserver import BodyTimeout, read_body_chunk, send_continue
 from .keys import (
     auth_key,
     body_key,
@@ -266,6 +266,7 @@ async def _proxy_http(
         limit = route.max_body
         if length is not None and limit is not None and length > limit:
             raise body_too_large(limit)
+        await send_continue(request)
         if length is not None and length <= BUFFER_LIMIT:
             body = await _read_small(request.content)
         else:

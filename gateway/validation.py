@@ -5,6 +5,7 @@
     validate_body(raw, schema)         -> [] when valid, else the contract's field errors; never raises
     is_json_media_type(content_type)   -> application/json, */*+json
     media_type_allowed(content_type, allowed)
+    content_codings(values)            -> the codings of Content-Encoding other than identity
 
 An error is ``{"field": "labels.env", "message": "...", "value": ...}``; the middleware answers
 ``ApiError(422, "Validation Error", errors)``. Validation only reads the body: what passes is
@@ -17,7 +18,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from urllib.parse import unquote
 
@@ -31,6 +32,7 @@ __all__ = [
     "MAX_ERRORS",
     "BodyError",
     "SchemaTable",
+    "content_codings",
     "find_schema",
     "is_json_media_type",
     "media_type_allowed",
@@ -221,6 +223,16 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     that fit 64 bits, UTF-8 only and without a BOM, at most MAX_DEPTH levels, and no strings the
     backends cannot store (NUL, unpaired surrogates: PostgreSQL rejects both).
     """
+    value = _parse(raw)
+    problems = _check_values(value)
+    if problems.errors:
+        raise BodyError(problems.errors)
+    return value
+
+
+def _parse(raw: bytes) -> dict[str, Any]:
+    """``raw`` as a JSON object, or BodyError with one error on ``body``: the checks that need
+    the body as a whole. What is wrong with single values is left to ``_check_values``."""
     if raw.startswith(b"\xef\xbb\xbf"):
         raise _body_error(
             "Invalid JSON at line 1, column 1: the body starts with a UTF-8 byte order mark; "
@@ -246,45 +258,63 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
         start = len(text) - len(text.lstrip(" \t\r\n"))
         kind = _KINDS.get(type(value), "a number")
         raise _body_error(f"Expected a JSON object at {_position(text, start)}, got {kind}.")
-    errors = _check_values(value)
-    if errors:
-        raise BodyError(errors)
     return value
 
 
-def _check_values(root: dict[str, Any]) -> list[dict[str, Any]]:
-    errors: list[dict[str, Any]] = []
-    # Iterative, so that depth is bounded by MAX_DEPTH and not by Python's stack.
-    stack: list[tuple[Any, tuple[str | int, ...]]] = [(root, ())]
-    while stack and len(errors) < MAX_ERRORS:
-        value, path = stack.pop()
-        if isinstance(value, dict):
-            if len(path) >= MAX_DEPTH:
-                errors.append(_error(path, f"Nested deeper than {MAX_DEPTH} levels.", None))
-                continue
+FieldPath = tuple[str | int, ...]
+
+
+class _Problems:
+    """What ``_check_values`` found: the errors, and the paths they are about (the schema's own
+    findings there would only repeat them)."""
+
+    __slots__ = ("errors", "paths")
+
+    def __init__(self) -> None:
+        self.errors: list[dict[str, Any]] = []
+        self.paths: set[FieldPath] = set()
+
+    def add(self, path: FieldPath, error: dict[str, Any]) -> None:
+        self.errors.append(error)
+        self.paths.add(path)
+
+    def covers(self, path: FieldPath) -> bool:
+        return any(path[:end] in self.paths for end in range(len(path) + 1))
+
+
+def _check_values(root: dict[str, Any]) -> _Problems:
+    """Every value of ``root`` the parser must not accept, reported with its path and replaced
+    by ``None`` in ``root``, so that the schema can still check the rest of the body."""
+    problems = _Problems()
+    # Iterative, so that depth is bounded by MAX_DEPTH and not by Python's stack. Each entry is
+    # a value with the container holding it, to replace it there.
+    stack: list[tuple[Any, FieldPath, Any]] = [(root, (), None)]
+    while stack and len(problems.errors) < MAX_ERRORS:
+        value, path, parent = stack.pop()
+        if isinstance(value, dict | list) and len(path) >= MAX_DEPTH:
+            problems.add(path, _error(path, f"Nested deeper than {MAX_DEPTH} levels.", None))
+            parent[path[-1]] = None
+        elif isinstance(value, dict):
             for key in getattr(value, "duplicates", ()):
-                errors.append(
-                    {
-                        "field": _field((*path, key)),
-                        "message": f"Duplicate key {_quote(key)} in a JSON object.",
-                    }
-                )
+                message = f"Duplicate key {_quote(key)} in a JSON object."
+                problems.add((*path, key), {"field": _field((*path, key)), "message": message})
             for key in reversed(value):
                 if _BAD_CHARACTER_RE.search(key):
-                    errors.append(_error((*path, key), "Key contains NUL or an unpaired surrogate.", None))
+                    message = "Key contains NUL or an unpaired surrogate."
+                    problems.add((*path, key), _error((*path, key), message, None))
+                    value[key] = None  # unchecked below, so not for the schema to see either
                     continue
-                stack.append((value[key], (*path, key)))
+                stack.append((value[key], (*path, key), value))
         elif isinstance(value, list):
-            if len(path) >= MAX_DEPTH:
-                errors.append(_error(path, f"Nested deeper than {MAX_DEPTH} levels.", None))
-                continue
-            stack.extend((item, (*path, index)) for index, item in reversed(list(enumerate(value))))
+            stack.extend((item, (*path, index), value) for index, item in reversed(list(enumerate(value))))
         elif isinstance(value, str):
             if _BAD_CHARACTER_RE.search(value):
-                errors.append(_error(path, "Contains NUL (\\u0000) or an unpaired surrogate.", None))
+                problems.add(path, _error(path, "Contains NUL (\\u0000) or an unpaired surrogate.", None))
+                parent[path[-1]] = None
         elif isinstance(value, _Rejected):
-            errors.append(_error(path, value.reason, None))
-    return errors
+            problems.add(path, _error(path, value.reason, None))
+            parent[path[-1]] = None
+    return problems
 
 
 # -- validating --------------------------------------------------------------------------------
@@ -293,29 +323,41 @@ _MISSING = object()
 
 
 def validate_body(raw: bytes, schema: Schema) -> list[dict[str, Any]]:
-    """Every problem with ``raw`` against ``schema`` (at most MAX_ERRORS), or [] when it is valid."""
+    """Every problem with ``raw`` against ``schema`` (at most MAX_ERRORS), or [] when it is valid.
+
+    A body that is not a JSON object is one error on ``body``. In one that is, values the parser
+    refuses (duplicate keys, NaN, numbers out of range, NUL...) are reported on their paths and
+    the schema checks the rest, so that one 422 lists every field.
+    """
     try:
-        data = parse_json_object(raw)
+        data = _parse(raw)
     except BodyError as exc:
         return _capped(exc.errors)
+    problems = _check_values(data)
+    if len(problems.errors) >= MAX_ERRORS:
+        return _capped(problems.errors)
     try:
         messages = schema.validate(data)
     except Exception:
         # A bug in a schema must not take the gateway down; the test suite fuzzes for this.
         log.exception("schema raised while validating", extra={"schema": type(schema).__name__})
-        return [{"field": "body", "message": "The body could not be validated."}]
-    return _capped(list(field_errors(messages, data)))
+        return [*problems.errors, {"field": "body", "message": "The body could not be validated."}]
+    return _capped([*problems.errors, *field_errors(messages, data, skip=problems.covers)])
 
 
-def field_errors(messages: Mapping[Any, Any], data: Any) -> Iterable[dict[str, Any]]:
+def field_errors(
+    messages: Mapping[Any, Any], data: Any, skip: Callable[[FieldPath], bool] | None = None
+) -> Iterable[dict[str, Any]]:
     """marshmallow's nested messages as the contract's flat list, in the order marshmallow found them.
 
     ``_schema`` (a whole-object error) belongs to the object's own path, ``body`` at the top. Several
-    reasons for one field become one entry, joined with ``; ``.
+    reasons for one field become one entry, joined with ``; ``. Paths ``skip`` accepts are left out.
     """
     by_path: dict[tuple[Any, ...], list[str]] = {}
     _flatten(messages, (), by_path)
     for path, reasons in by_path.items():
+        if skip is not None and skip(path):
+            continue
         field = _field(path)
         if REQUIRED_MESSAGE in reasons:
             yield {"field": field, "message": f"Field {_quote(field)} is required"}
@@ -431,3 +473,18 @@ def media_type_allowed(content_type: str | None, allowed: tuple[str, ...]) -> bo
         if wanted == ("application", "json") and is_json_media_type(content_type):
             return True
     return False
+
+
+# -- content codings ---------------------------------------------------------------------------
+
+
+def content_codings(values: Iterable[str]) -> list[str]:
+    """The codings the ``Content-Encoding`` field lines list, in order, without ``identity``
+    (which means none: RFC 9110 section 8.4.1) and empty list items. ``[]``: the body is plain."""
+    codings = []
+    for value in values:
+        for item in value.split(","):
+            coding = item.strip()
+            if coding and coding.lower() != "identity":
+                codings.append(coding)
+    return codings

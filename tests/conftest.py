@@ -68,7 +68,8 @@ def record_of(request: web.Request, body: bytes) -> Received:
 
 @pytest.fixture
 async def make_upstream(aiohttp_server: Any) -> AsyncIterator[Callable[..., Awaitable[Upstream]]]:
-    """An upstream that records each request, then answers with ``handler`` (JSON ok by default).
+    """An upstream that records each request as it arrived (a compressed body stays compressed),
+    then answers with ``handler`` (JSON ok by default).
 
     With ``read_body=False`` the handler gets the request unread and records nothing itself.
     ``sock`` serves on an already bound socket (a target that comes back on the same port).
@@ -86,7 +87,8 @@ async def make_upstream(aiohttp_server: Any) -> AsyncIterator[Callable[..., Awai
                 upstream.requests.append(record_of(request, await request.read()))
             return await reply(request)
 
-        app = web.Application(client_max_size=16 * 1024**2)
+        # What arrived on the wire: a compressed body is recorded compressed.
+        app = web.Application(client_max_size=16 * 1024**2, handler_args={"auto_decompress": False})
         app.router.add_route("*", "/{tail:.*}", recording)
         if sock is None:
             upstream = Upstream(await aiohttp_server(app))

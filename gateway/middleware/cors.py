@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from ..errors import ApiError
+from ..errors import ApiError, client_text
 
 __all__ = ["EXPOSED_HEADERS", "cors_headers_key", "cors_middleware", "set_cors_headers"]
 
@@ -76,7 +76,7 @@ def cors_middleware(allow_origins: Sequence[str]) -> Any:
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
             if not allowed:
                 request[cors_headers_key] = no_cors
-                raise ApiError(403, f"CORS: origin {origin!r} is not allowed")
+                raise ApiError(403, f"CORS: origin '{client_text(origin)}' is not allowed")
             headers = headers_for(origin)
             del headers["Access-Control-Expose-Headers"]  # meaningless on a preflight
             headers["Access-Control-Allow-Methods"] = methods

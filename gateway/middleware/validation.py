@@ -4,8 +4,9 @@ Two layers, because a request that will be refused for its token must not get it
 
 - ``body_checks_middleware`` (before rate limits and authentication): a declared
   ``Content-Length`` over the route's limit is a 413 before any of the body is read, and a
-  POST/PUT/PATCH body must declare a type the route accepts (415). Bodies without a schema keep
-  streaming; the proxy counts them against the same limit as they pass.
+  POST/PUT/PATCH body must declare a type the route accepts (415); a body with a schema must
+  also be JSON and not compressed (415). Bodies without a schema keep streaming, compressed or
+  not, as sent; the proxy counts them against the same limit as they pass.
 - ``schema_validation_middleware`` (after authentication): a body with a schema
   (``gateway.schemas``) is read up to the route's limit, checked, and on success forwarded as the
   exact bytes the client sent; on failure every problem is reported at once (422).
@@ -19,10 +20,16 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from ..errors import ApiError, body_too_large
-from ..httpserver import read_body_chunk
+from ..errors import ApiError, body_too_large, client_text
+from ..httpserver import read_body_chunk, send_continue
 from ..keys import body_key, route_key
-from ..validation import find_schema, is_json_media_type, media_type_allowed, validate_body
+from ..validation import (
+    content_codings,
+    find_schema,
+    is_json_media_type,
+    media_type_allowed,
+    validate_body,
+)
 
 __all__ = ["SCHEMA_BODY_CAP", "body_checks_middleware", "schema_validation_middleware"]
 
@@ -37,7 +44,8 @@ def _has_body(request: web.Request) -> bool:
 
 
 def body_checks_middleware() -> Any:
-    """413 on a declared length over the route's limit; 415 on a body type the route refuses."""
+    """413 on a declared length over the route's limit; 415 on a body type the route refuses, and
+    on a body with a schema that is not JSON or is compressed."""
 
     @web.middleware
     def body_checks(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
@@ -51,21 +59,40 @@ def body_checks_middleware() -> Any:
             content_type = request.headers.get("Content-Type")
             if not media_type_allowed(content_type, route.content_types):
                 raise _unsupported(content_type, route.content_types)
-            # A body with a schema must be JSON even where the route takes */*: many backends
-            # parse JSON whatever the header says, so another type would be a way around the check.
-            if not is_json_media_type(content_type) and find_schema(request.method, request.raw_path):
-                raise _unsupported(content_type, ("application/json",))
+            json_body = is_json_media_type(content_type)
+            coded = "Content-Encoding" in request.headers
+            if (not json_body or coded) and find_schema(request.method, request.raw_path):
+                # A body with a schema must be JSON even where the route takes */*: many backends
+                # parse JSON whatever the header says, so another type would be a way around the
+                # check.
+                if not json_body:
+                    raise _unsupported(content_type, ("application/json",))
+                if codings := content_codings(request.headers.getall("Content-Encoding")):
+                    raise _encoded(codings)
         return handler(request)
 
     return body_checks
 
 
 def _unsupported(content_type: str | None, accepted: tuple[str, ...]) -> ApiError:
-    sent = f"'{content_type}'" if content_type else "no Content-Type"
+    sent = f"'{client_text(content_type)}'" if content_type else "no Content-Type"
     return ApiError(
         415,
         f"Unsupported Media Type: {sent}; this route accepts {', '.join(accepted)}",
         headers={"Accept": ", ".join(accepted)},
+    )
+
+
+def _encoded(codings: list[str]) -> ApiError:
+    # Checking a compressed body means inflating it here and trusting that the backend's
+    # decoder reads the same bytes (concatenated gzip members, trailing data and zlib headers are
+    # where decoders differ), plus a bound on how far it inflates. Refusing is what RFC 9110
+    # section 15.5.16 describes, and the client can always send the body plain.
+    return ApiError(
+        415,
+        f"Content-Encoding {client_text(', '.join(codings))} is not accepted on this route; "
+        "send the body uncompressed",
+        headers={"Accept-Encoding": "identity"},
     )
 
 
@@ -87,6 +114,7 @@ def schema_validation_middleware() -> Any:
 
 
 async def _validated(request: web.Request, handler: Handler, limit: int, schema: Any) -> web.StreamResponse:
+    await send_continue(request)
     raw = await _read_limited(request, limit)
     errors = validate_body(raw, schema)
     if errors:

@@ -8,6 +8,7 @@ reaches the upstream byte for byte.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import time
 from collections.abc import AsyncIterator
@@ -18,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.gateway.chain import AUTH_ENV, Counting, bearer, counting_handler, read_head, service, token
+from tests.helpers import parse_responses, raw_exchange
 
 CLUSTER = {
     "name": "prod-eu-1",
@@ -96,6 +98,18 @@ async def test_nested_paths_and_several_errors_come_in_one_response(client, upst
     assert upstream.requests == []
 
 
+async def test_a_value_json_parsers_disagree_on_and_the_schemas_errors_come_in_one_422(client, upstream):
+    body = b'{"name":NaN,"provider":"aws"}'
+    response = await client.post("/api/v1/clusters", data=body, headers={**JSON, **bearer()})
+
+    assert response.status == 422
+    errors = {error["field"]: error["message"] for error in (await response.json())["errors"]}
+    assert list(errors) == ["name", "api_server_url", "provider", "environment"]
+    assert errors["name"].startswith("NaN is not valid JSON")
+    assert errors["provider"].startswith("Invalid value for field 'provider'")
+    assert upstream.requests == []
+
+
 async def test_unauthenticated_invalid_body_is_401_not_422(client, upstream):
     response = await client.post("/api/v1/clusters", data=b'{"name": ', headers=JSON)
 
@@ -130,6 +144,17 @@ async def test_bad_token_with_an_invalid_body_is_401(client, upstream):
     )
     assert response.status == 401
     assert response.headers["WWW-Authenticate"].startswith('Bearer error="invalid_token"')
+
+
+async def test_a_key_with_an_unpaired_surrogate_is_a_422_naming_it(client, upstream):
+    # The key is quoted back in "field"; as a lone surrogate it once made the 422 unencodable.
+    body = b'{"\\ud800key": 1, "name": "prod-eu-1"}'
+    response = await client.post("/api/v1/clusters", data=body, headers={**JSON, **bearer()})
+
+    assert response.status == 422
+    errors = (await response.json())["errors"]
+    assert {"field": "\ud800key", "message": "Key contains NUL or an unpaired surrogate."} in errors
+    assert upstream.requests == []
 
 
 # -- 415 -----------------------------------------------------------------------------------------
@@ -187,6 +212,78 @@ async def test_any_type_route_takes_any_body_and_none(client, upstream):
         ("/upload/b", b"plain"),
     ]
     assert upstream.requests[1].values("Content-Type") == []
+
+
+# -- 415 for a compressed body with a schema: it cannot be checked without inflating it ---------
+
+CODED = {
+    "gzip": (["gzip"], gzip.compress(json.dumps(CLUSTER).encode()), "gzip"),
+    "deflate, not valid": (["deflate"], b"\x00 not deflate", "deflate"),
+    "br": (["br"], b"\x8b\x07\x80{}\x03", "br"),
+    "identity listed first": (["identity, gzip"], gzip.compress(b"{}"), "gzip"),
+    "two field lines": (["gzip", "br"], b"\x1f\x8b", "gzip, br"),
+    "not UTF-8": ([b"x-\xe9".decode("utf-8", "surrogateescape")], b"{}", "x-\\xe9"),
+}
+
+
+@pytest.mark.parametrize("authorized", [True, False], ids=["token", "no-token"])
+@pytest.mark.parametrize(("codings", "body", "named"), CODED.values(), ids=CODED)
+async def test_a_compressed_body_with_a_schema_is_415_naming_the_coding(
+    client, upstream, codings, body, named, authorized
+):
+    head = (
+        b"POST /api/v1/clusters HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+        + b"".join(b"Content-Encoding: " + c.encode("utf-8", "surrogateescape") + b"\r\n" for c in codings)
+        + (f"Authorization: Bearer {token()}\r\n".encode() if authorized else b"")
+        + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+    )
+    (response,) = parse_responses(await raw_exchange(client.port, head + body))
+
+    assert response.status == 415
+    assert response.headers["Content-Type"] == "application/json" and response.headers["X-Request-ID"]
+    assert response.headers["Accept-Encoding"] == "identity"
+    assert response.json() == {
+        "detail": f"Content-Encoding {named} is not accepted on this route; send the body uncompressed"
+    }
+    assert upstream.requests == []
+
+
+async def test_a_compressed_chat_session_is_415_not_a_500(make_gateway, upstream):
+    config = service(upstream.url, [{"prefix": "/api/v1/chat", "auth": "none"}])
+    client = await make_gateway(config)
+    body = gzip.compress(b'{"title":"hello"}')
+
+    response = await client.post(
+        "/api/v1/chat/sessions", data=body, headers={**JSON, "Content-Encoding": "gzip"}
+    )
+
+    assert response.status == 415
+    assert (await response.json())["detail"].startswith("Content-Encoding gzip is not accepted")
+    assert upstream.requests == []
+
+
+async def test_content_encoding_identity_is_a_plain_body_checked_and_forwarded_as_sent(client, upstream):
+    raw = json.dumps(CLUSTER).encode()
+    response = await client.post(
+        "/api/v1/clusters", data=raw, headers={**JSON, **bearer(), "Content-Encoding": "identity"}
+    )
+
+    assert response.status == 200
+    [received] = upstream.requests
+    assert (received.body, received.values("Content-Encoding")) == (raw, ["identity"])
+
+
+async def test_a_compressed_body_without_a_schema_is_forwarded_as_sent(client, upstream):
+    body = gzip.compress(b"x" * 100_000)  # 100 KB inflated, 1KB route: the bytes sent count
+    response = await client.post(
+        "/upload/a", data=body, headers={"Content-Type": "text/plain", "Content-Encoding": "gzip"}
+    )
+
+    assert response.status == 200
+    [received] = upstream.requests
+    assert received.body == body
+    assert received.values("Content-Encoding") == ["gzip"]
+    assert received.values("Content-Length") == [str(len(body))]
 
 
 # -- 413 -----------------------------------------------------------------------------------------

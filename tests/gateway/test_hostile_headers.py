@@ -172,3 +172,58 @@ async def test_expect_100_continue_still_gets_the_interim_answer(
     data = await raw_exchange(client.port, head + b"abc")
     assert data.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 ")
     assert [q.body for q in upstream.requests] == [b"abc"]
+
+
+# -- client values quoted in the gateway's own errors -----------------------------------------------
+
+# aiohttp decodes header bytes that are not UTF-8 to lone surrogates; quoting one back once made
+# the error body unencodable, and the request a 500.
+QUOTED_CONTENT_TYPES = {
+    "not UTF-8": (b"application/json\xe9", "'application/json\\xe9'"),
+    "obs-text only": (b"\xff\xfe", "'\\xff\\xfe'"),
+    "UTF-8": ("application/jsoné".encode(), "'application/jsoné'"),
+    "control character": (b"application/json\tx", "'application/json\\x09x'"),
+    "8 KB": (b"text/" + b"x" * 8000, "'text/" + "x" * 120 + "...'"),
+}
+
+
+@pytest.mark.parametrize(("sent", "quoted"), QUOTED_CONTENT_TYPES.values(), ids=QUOTED_CONTENT_TYPES)
+async def test_a_refused_content_type_is_quoted_back_printable_and_bounded(
+    make_gateway: Any, make_upstream: Any, sent: bytes, quoted: str
+) -> None:
+    upstream = await make_upstream()
+    client = await make_gateway(
+        {
+            "services": {"intelligence-engine": {"url": upstream.url}},
+            "routes": [{"prefix": "/api/v1/chat", "service": "intelligence-engine", "auth": "none"}],
+        }
+    )
+    data = await raw_exchange(
+        client.port,
+        b"POST /api/v1/chat/sessions HTTP/1.1\r\nHost: x\r\nContent-Type: " + sent
+        + b"\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+    )  # fmt: skip
+    (response,) = parse_responses(data)
+    assert response.status == 415
+    assert response.headers["Content-Type"] == "application/json" and response.headers["X-Request-ID"]
+    detail = response.json()["detail"]
+    assert detail == f"Unsupported Media Type: {quoted}; this route accepts application/json"
+    assert upstream.requests == []
+
+
+async def test_a_refused_cors_origin_is_quoted_back_printable_and_bounded(
+    make_gateway: Any, make_upstream: Any
+) -> None:
+    upstream = await make_upstream()
+    client = await make_gateway(_config(upstream.url), {"CORS_ALLOW_ORIGINS": "https://app.example.com"})
+    origin = b"https://\xe9vil.example/" + b"x" * 8000
+    data = await raw_exchange(
+        client.port,
+        b"OPTIONS /none/x HTTP/1.1\r\nHost: x\r\nOrigin: " + origin
+        + b"\r\nAccess-Control-Request-Method: POST\r\nConnection: close\r\n\r\n",
+    )  # fmt: skip
+    (response,) = parse_responses(data)
+    assert response.status == 403
+    detail = response.json()["detail"]
+    assert detail.startswith("CORS: origin 'https://\\xe9vil.example/xxx") and len(detail) < 200
+    assert upstream.requests == []

@@ -20,7 +20,8 @@ from gateway import logs
 from gateway.app import create_app
 from gateway.logs import JsonAccessLogger, configure_logging
 from gateway.settings import load_settings
-from tests.helpers import one_service, wait_for
+from tests.conftest import GatewayTestServer
+from tests.helpers import one_service, parse_responses, raw_exchange, wait_for
 
 
 @pytest.fixture
@@ -91,3 +92,31 @@ async def test_lines_outside_requests_have_no_trace_ids(json_logs: io.StringIO) 
     await wait_for(lambda: "outside" in json_logs.getvalue(), what="the line")
     (entry,) = [e for e in lines(json_logs) if e["msg"] == "outside"]
     assert "trace_id" not in entry and "request_id" not in entry
+
+
+async def test_an_error_quoting_a_non_utf8_header_has_the_access_lines_request_id(
+    json_logs: io.StringIO, aiohttp_client: Any, make_upstream: Any, tmp_path: Path
+) -> None:
+    # Quoting these bytes back once failed the error's rendering; the runner's fallback 500
+    # then carried a request id of its own, one no log line mentioned.
+    upstream = await make_upstream()
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(one_service(upstream.url, content_types=["application/json"])))
+    server = GatewayTestServer(create_app(load_settings({"GATEWAY_CONFIG": str(path)})))
+    await server.start_server(
+        access_log_class=JsonAccessLogger, access_log=logging.getLogger("gateway.access")
+    )
+    data = await raw_exchange(
+        server.port,
+        b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\xe9\r\n"
+        b"Content-Length: 2\r\nConnection: close\r\n\r\n{}",
+    )
+    await server.close()
+    (response,) = parse_responses(data)
+    assert response.status == 415
+
+    await wait_for(lambda: any(e.get("msg") == "request" for e in lines(json_logs)), what="the access line")
+    access = next(e for e in lines(json_logs) if e["msg"] == "request")
+    assert access["status"] == 415
+    assert access["request_id"] == response.headers["X-Request-ID"]
+    assert not [e for e in lines(json_logs) if e["level"] in ("error", "critical")]

@@ -12,6 +12,7 @@ import os
 import resource
 import socket
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -448,6 +449,128 @@ async def test_huge_download_is_streamed_to_the_client(make_gateway: Any, make_u
     assert response.status == 200
     assert size == HUGE_CHUNKS * HUGE_CHUNK
     assert received.hexdigest() == sent.hexdigest()
+    assert max_rss_mb() - rss_before < 64
+
+
+# -- compressed request bodies: relayed as the bytes on the wire ---------------------------------
+
+PLAIN_JSON = b'{"title":"hello"}'
+CODED_BODIES = {
+    "gzip": ("gzip", gzip.compress(PLAIN_JSON, mtime=0)),
+    "deflate": ("deflate", zlib.compress(PLAIN_JSON)),
+    "deflate, not valid": ("deflate", b"\x00 these bytes inflate to nothing"),
+    "br": ("br", b"\x8b\x07\x80" + PLAIN_JSON + b"\x03"),  # the gateway never decodes, so any bytes
+    "gzip, gzip": ("gzip, gzip", gzip.compress(gzip.compress(PLAIN_JSON, mtime=0), mtime=0)),
+}
+
+
+async def _chunks(body: bytes, size: int = 7) -> AsyncIterator[bytes]:
+    for start in range(0, len(body), size):
+        yield body[start : start + size]
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+@pytest.mark.parametrize(("coding", "body"), CODED_BODIES.values(), ids=CODED_BODIES)
+async def test_a_compressed_request_body_reaches_the_upstream_as_sent(
+    make_gateway: Any, make_upstream: Any, coding: str, body: bytes, framing: str
+) -> None:
+    upstream = await make_upstream()
+    client = await make_gateway(one_service(upstream.url))
+
+    response = await client.post(
+        "/x",
+        data=body if framing == "length" else _chunks(body),
+        headers={"Content-Encoding": coding, "Content-Type": "application/json"},
+    )
+
+    assert response.status == 200
+    [received] = upstream.requests
+    assert received.body == body
+    assert received.values("Content-Encoding") == [coding]
+    if framing == "length":
+        assert received.values("Content-Length") == [str(len(body))]
+    else:
+        assert received.values("Transfer-Encoding") == ["chunked"]
+        assert received.values("Content-Length") == []
+
+
+def gzip_members(plain_size: int, members: int) -> bytes:
+    """``members`` gzip members of ``plain_size`` zero bytes each: a decompression bomb."""
+    packer = zlib.compressobj(9, wbits=31)
+    one = packer.compress(bytes(plain_size)) + packer.flush()
+    return one * members
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+async def test_a_compressed_body_is_counted_against_max_body_as_sent_not_inflated(
+    make_gateway: Any, make_upstream: Any, framing: str
+) -> None:
+    bomb = gzip_members(64 * MB, 16)  # 1 GiB of zeros in about 1 MB
+    upstream = await make_upstream()
+    client = await make_gateway(one_service(upstream.url, max_body="2MB"))
+
+    async with asyncio.timeout(30):
+        response = await client.post(
+            "/x",
+            data=bomb if framing == "length" else _chunks(bomb, 256 * 1024),
+            headers={"Content-Encoding": "gzip", "Content-Type": "application/octet-stream"},
+        )
+
+    assert response.status == 200
+    [received] = upstream.requests
+    assert received.body == bomb
+
+
+def stored_gzip(blocks: int) -> Iterator[bytes]:
+    """A valid gzip stream of ``blocks`` MiB of random bytes, made chunk by chunk (stored, level 0:
+    as large on the wire as the data, and cheap to make)."""
+    packer = zlib.compressobj(0, wbits=31)
+    base = os.urandom(MB)
+    for index in range(blocks):
+        yield packer.compress(index.to_bytes(8, "big") + base[8:])
+    yield packer.flush()
+
+
+async def test_a_large_compressed_upload_is_streamed_through_as_sent(
+    make_gateway: Any, make_upstream: Any
+) -> None:
+    first_bytes_arrived = asyncio.Event()
+
+    async def count(request: web.Request) -> web.Response:
+        digest, size = hashlib.sha256(), 0
+        async for chunk in request.content.iter_chunked(256 * 1024):
+            first_bytes_arrived.set()
+            digest.update(chunk)
+            size += len(chunk)
+        return web.json_response(
+            {"size": size, "sha256": digest.hexdigest(), "coding": request.headers.get("Content-Encoding")}
+        )
+
+    upstream = await make_upstream(count, read_body=False)
+    client = await make_gateway(one_service(upstream.url))
+    sent, sent_size = hashlib.sha256(), 0
+    chunks = stored_gzip(64)
+
+    async def produce() -> AsyncIterator[bytes]:
+        nonlocal sent_size
+        for index, chunk in enumerate(chunks):
+            sent.update(chunk)
+            sent_size += len(chunk)
+            yield chunk
+            if index == 1:
+                # A gateway that buffered the upload would never let the upstream see a byte now.
+                await asyncio.wait_for(first_bytes_arrived.wait(), 10)
+
+    rss_before = max_rss_mb()
+    async with asyncio.timeout(60):
+        response = await client.post(
+            "/x", data=produce(), headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}
+        )
+        result = await response.json()
+
+    assert response.status == 200
+    assert result == {"size": sent_size, "sha256": sent.hexdigest(), "coding": "gzip"}
+    assert sent_size > 64 * MB
     assert max_rss_mb() - rss_before < 64
 
 

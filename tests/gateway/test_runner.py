@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from gateway.keys import request_id_key
 from tests.conftest import GatewayTestServer
 
 marker = web.AppKey("marker", str)
@@ -68,3 +69,20 @@ async def test_the_requests_storage_reads_what_was_stored_and_defaults_otherwise
             assert await response.text() == repr(
                 ((None, "default", False), ("stored", "stored", True, {seen: "stored"}))
             )
+
+
+async def _fail_after_the_id_is_set(request: web.Request) -> web.Response:
+    request[request_id_key] = "req-assigned-1"
+    raise RuntimeError("a bug below the error layer")
+
+
+async def test_the_fallback_500_carries_the_request_id_the_access_log_has() -> None:
+    # Only an exception outside error_middleware reaches the runner's own 500; the access log
+    # and the span read request[request_id_key], so the answer must carry that id too.
+    app = web.Application()
+    app.router.add_get("/", _fail_after_the_id_is_set)
+    async with TestClient(GatewayTestServer(app)) as client:
+        response = await client.get("/")
+        assert response.status == 500
+        assert await response.json() == {"detail": "Internal Server Error"}
+        assert response.headers["X-Request-ID"] == "req-assigned-1"

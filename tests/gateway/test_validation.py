@@ -17,6 +17,7 @@ from gateway.validation import (
     MAX_ERRORS,
     BodyError,
     SchemaTable,
+    content_codings,
     find_schema,
     is_json_media_type,
     media_type_allowed,
@@ -552,10 +553,57 @@ def test_nesting_up_to_the_limit_is_accepted() -> None:
     assert isinstance(parse_json_object(raw), dict)
 
 
-def test_schema_errors_wait_until_the_body_parses() -> None:
-    # A duplicate key is the only error reported: the schema never sees an ambiguous object.
-    errors = check(CLUSTERS, b'{"name": "BAD", "name": "ok"}')
-    assert errors == [{"field": "name", "message": "Duplicate key 'name' in a JSON object."}]
+REQUIRED_REST = {
+    "api_server_url": "Field 'api_server_url' is required",
+    "environment": "Field 'environment' is required",
+}
+# A value the parser refuses is reported on its path, and the schema still checks the rest: one
+# 422 lists every field. The schema's own finding on a refused path (required, not a string...)
+# would only repeat it, so there is one error per field.
+REFUSED_AND_REST = [
+    (b'{"name": NaN, "provider": "aws"}', {"name": "NaN is not valid JSON"}),
+    (b'{"name": "BAD", "name": "ok", "provider": "aws"}', {"name": "Duplicate key 'name'"}),
+    (b'{"name": "prod\\u0000", "provider": "aws"}', {"name": "NUL"}),
+    (b'{"name": "\\udc00", "provider": "aws"}', {"name": "unpaired surrogate"}),
+    (b'{"name": 1e400, "provider": "aws"}', {"name": "Number out of range"}),
+    (b'{"name": 9223372036854775808, "provider": "aws"}', {"name": "Integer out of range"}),
+    (
+        b'{"name": "a", "provider": "aws", "labels": {"env": Infinity}}',
+        {"labels.env": "Infinity is not valid"},
+    ),
+    (b'{"name": "a", "provider": "aws", "x\\u0000": {"y": NaN}}', {"x\x00": "Key contains NUL"}),
+]
+
+
+@pytest.mark.parametrize(("raw", "refused"), REFUSED_AND_REST)
+def test_refused_values_and_the_schemas_errors_come_in_one_list(raw: bytes, refused: dict[str, str]) -> None:
+    errors = by_field(check(CLUSTERS, raw))
+
+    assert set(errors) == {*refused, "provider", *REQUIRED_REST}
+    for field, fragment in refused.items():
+        assert fragment in errors[field]["message"], errors[field]
+        assert "value" not in errors[field]
+    assert errors["provider"]["message"].startswith("Invalid value for field 'provider': Must be one of")
+    assert errors["provider"]["value"] == "aws"
+    for field, message in REQUIRED_REST.items():
+        assert errors[field] == {"field": field, "message": message}
+
+
+def test_refused_items_keep_the_indexes_of_the_items_after_them() -> None:
+    raw = b'{"report_type": "cost", "cluster_ids": [NaN, "%s", 5], "time_range": {"start": NaN}}' % (
+        CLUSTER_ID.encode()
+    )
+    errors = by_field(check(REPORTS, raw))
+
+    assert set(errors) == {"cluster_ids.0", "cluster_ids.2", "time_range.start", "time_range.end"}
+    assert errors["cluster_ids.2"]["value"] == 5
+    assert errors["time_range.end"]["message"] == "Field 'time_range.end' is required"
+
+
+def test_a_body_that_is_only_refused_values_is_reported_once_per_field() -> None:
+    assert check(MESSAGES, b'{"role": "user", "content": "nul\\u0000"}') == [
+        {"field": "content", "message": "Contains NUL (\\u0000) or an unpaired surrogate."}
+    ]
 
 
 # -- which schema ----------------------------------------------------------------------------------
@@ -665,6 +713,24 @@ ALLOWED = [
 @pytest.mark.parametrize(("content_type", "allowed", "expected"), ALLOWED)
 def test_media_type_allowed(content_type: str | None, allowed: tuple[str, ...], expected: bool) -> None:
     assert media_type_allowed(content_type, allowed) is expected
+
+
+CODINGS = [
+    ([], []),
+    ([""], []),
+    (["identity"], []),
+    (["Identity, ,identity"], []),
+    (["gzip"], ["gzip"]),
+    (["GZip"], ["GZip"]),
+    (["identity, gzip"], ["gzip"]),
+    (["gzip", "br"], ["gzip", "br"]),
+    ([" deflate ,gzip "], ["deflate", "gzip"]),
+]
+
+
+@pytest.mark.parametrize(("values", "expected"), CODINGS)
+def test_content_codings_leave_out_identity(values: list[str], expected: list[str]) -> None:
+    assert content_codings(values) == expected
 
 
 # -- never raises ------------------------------------------------------------------------------------
