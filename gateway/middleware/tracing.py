@@ -14,6 +14,7 @@ backends' traces join up with whatever the caller started.
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import AsyncIterator, Mapping
 from contextvars import ContextVar, Token
@@ -29,6 +30,7 @@ from aiozipkin.span import SpanAbc
 from multidict import CIMultiDictProxy
 
 from ..keys import request_id_key, route_key, span_key
+from ..metrics import CLIENT_CLOSED
 from ..routing import CatchAll
 from ..tracecontext import (
     PROPAGATION_HEADERS,
@@ -182,12 +184,36 @@ def tracing_middleware(tracing: Tracing) -> Any:
         except web.HTTPException as exc:
             status = exc.status
             raise
+        except asyncio.CancelledError:
+            # The client went away: not the gateway's error, and aiohttp writes no access line.
+            status = CLIENT_CLOSED
+            _log_abandoned(request, status)
+            raise
         finally:
             _current.reset(token)
             if ref.record is not None:
                 _finish_server_span(ref.record, request, status)
 
     return trace
+
+
+class _Abandoned:
+    """What an access logger reads of a response, for a request whose client left first."""
+
+    __slots__ = ("body_length", "status")
+
+    def __init__(self, status: int, body_length: int) -> None:
+        self.status = status
+        self.body_length = body_length
+
+
+def _log_abandoned(request: web.BaseRequest, status: int) -> None:
+    """The access line aiohttp does not write for a request whose client went away while it was
+    handled (its handler is cancelled): those are what an operator looks for when clients give up
+    on a slow upstream."""
+    logger = getattr(request.protocol, "access_logger", None)
+    if logger is not None and logger.enabled:
+        logger.log(request, _Abandoned(status, request.writer.output_size), 0.0)  # type: ignore[arg-type]
 
 
 def _finish_server_span(span: SpanAbc, request: web.Request, status: int) -> None:

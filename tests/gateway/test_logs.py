@@ -14,7 +14,7 @@ import aiohttp
 import yaml
 from aiohttp import web
 
-from tests.helpers import free_port, one_service, wait_ready
+from tests.helpers import free_port, one_service, wait_for, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET_TOKEN = "eyJhbGciOiJIUzI1NiJ9.c2VjcmV0LXBheWxvYWQ.c2lnbmF0dXJl"
@@ -23,7 +23,13 @@ SECRET_TOKEN = "eyJhbGciOiJIUzI1NiJ9.c2VjcmV0LXBheWxvYWQ.c2lnbmF0dXJl"
 async def test_access_log_has_one_json_line_per_request_and_no_secrets(
     make_upstream: Any, tmp_path: Path
 ) -> None:
+    never = asyncio.Event()
+    hanging = asyncio.Event()
+
     async def slow(request: web.Request) -> web.Response:
+        if request.path == "/api/hang":
+            hanging.set()
+            await never.wait()  # the client gives up first
         await asyncio.sleep(0.0125)  # an upstream that takes 12.5 ms to answer
         return web.json_response({"ok": True})
 
@@ -60,6 +66,13 @@ async def test_access_log_has_one_json_line_per_request_and_no_secrets(
                     assert response.status == 200
                 async with session.get(f"{base}/nowhere") as response:
                     assert response.status == 404
+            # A client that goes away while the upstream thinks: nginx logs 499, so does the gateway.
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /api/hang HTTP/1.1\r\nHost: x\r\n\r\n")
+            async with asyncio.timeout(5):
+                await hanging.wait()
+            writer.close()
+            await wait_for(lambda: "/api/hang" in log_path.read_text(), what="the abandoned request's line")
             process.send_signal(signal.SIGTERM)
             async with asyncio.timeout(10):
                 assert await process.wait() == 0
@@ -75,8 +88,10 @@ async def test_access_log_has_one_json_line_per_request_and_no_secrets(
     access = [
         entry for entry in lines if entry.get("msg") == "request" and entry.get("path") != "/health/ready"
     ]
-    assert [entry["path"] for entry in access] == ["/api/items", "/nowhere"]
-    proxied, missing = access
+    assert [entry["path"] for entry in access] == ["/api/items", "/nowhere", "/api/hang"]
+    proxied, missing, abandoned = access
+    assert abandoned["status"] == 499 and abandoned["route"] == "/api"
+    assert abandoned["upstream"] == upstream.url and abandoned["bytes_out"] == 0
     assert proxied["method"] == "POST"
     assert proxied["route"] == "/api"
     assert proxied["upstream"] == upstream.url
