@@ -41,6 +41,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from .errors import ApiError, error_response
+from .headers import drop_server_banner
 from .keys import continue_key, request_id_key
 from .middleware.request_id import REQUEST_ID_HEADER, new_request_id
 
@@ -115,7 +116,7 @@ class _GatewayRequestHandler(RequestHandler):
         # A request that failed inside the chain already has the id the access log and the span
         # carry; a fresh one would point the client at a request no log line mentions.
         request_id = request.get(request_id_key) or new_request_id()
-        response = web.Response(
+        response = _ErrorAnswer(
             status=status,
             body=body,
             content_type="application/json",
@@ -123,6 +124,15 @@ class _GatewayRequestHandler(RequestHandler):
         )
         response.force_close()
         return response
+
+
+class _ErrorAnswer(web.Response):
+    """The answer to a request the parser refused. The app's response hooks never see it (there is
+    no app request yet), so the ``Server`` banner they drop is dropped here."""
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        drop_server_banner(self)
 
 
 def _describe(exc: BaseException | None, status: int) -> tuple[int, str]:

@@ -143,8 +143,15 @@ def routing_middleware(*, proxy: Handler) -> Any:
         raw_path = request.raw_path
         if not raw_path.startswith("/"):
             raise ApiError(400, "Request target must be a path")
-        if request.version < HttpVersion10:
+        version = request.version
+        if version < HttpVersion10:
             raise ApiError(400, "HTTP/0.9 is not supported")
+        if version > HttpVersion11:
+            # "HTTP/2.0" on an HTTP/1 connection: answered in HTTP/1.1, which is what this
+            # connection speaks (aiohttp would answer in the request's version), and closed.
+            request._message = request._message._replace(version=HttpVersion11, should_close=True)
+            request._cache["version"] = HttpVersion11  # read (and cached) above
+            raise ApiError(400, f"HTTP/{version.major}.{version.minor} is not spoken here, HTTP/1.1 is")
         transfer_encoding = request.headers.get("Transfer-Encoding")
         if transfer_encoding is not None and transfer_encoding.strip().lower() != "chunked":
             # The parser accepts "gzip, chunked" and strips only the chunking; forwarding the

@@ -140,6 +140,28 @@ async def test_unparseable_request_heads_get_a_json_400(
     assert b"smuggled" not in data and a.requests == [] and b.requests == []
 
 
+async def test_an_http_2_request_line_gets_an_http_1_1_answer_and_a_closed_connection(
+    two_routes: tuple[Any, Any, Any],
+) -> None:
+    client, a, b = two_routes
+    data = await raw_exchange(client.port, b"GET /a/x HTTP/2.0\r\n" + HOST + b"\r\n")
+    (response,) = parse_responses(data)
+    assert data.startswith(b"HTTP/1.1 400 ")
+    assert_gateway_error(response, 400)
+    assert response.headers["Connection"] == "close"
+    assert a.requests == [] and b.requests == []
+
+
+async def test_a_malformed_request_is_answered_without_a_server_banner(
+    two_routes: tuple[Any, Any, Any],
+) -> None:
+    client, _, _ = two_routes
+    data = await raw_exchange(client.port, b"GARBAGE\r\n\r\n")
+    (response,) = parse_responses(data)
+    assert_gateway_error(response, 400)
+    assert "Server" not in response.headers
+
+
 async def test_parser_errors_do_not_echo_the_request_bytes(two_routes: tuple[Any, Any, Any]) -> None:
     client, _, _ = two_routes
     data = await raw_exchange(client.port, b"GET /a/x HTTP/1.1\r\n" + HOST + b"X-Secret: s3cr3t\x00\r\n\r\n")
