@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
 
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 
 from .errors import error_middleware
 from .headers import drop_server_banner, keep_header_bytes
@@ -157,4 +158,15 @@ async def _mark_ready(app: web.Application) -> None:
 
 
 async def _mark_draining(app: web.Application) -> None:
-    app[lifecycle_key].draining = True
+    lifecycle = app[lifecycle_key]
+    lifecycle.draining = True
+    # A WebSocket lives until one side closes it: without a close frame now, its client would see
+    # the connection drop when the drain bound runs out. 1001 is "going away"; each proxy task
+    # then closes its upstream side with the same code.
+    await asyncio.gather(
+        *(
+            ws.close(code=WSCloseCode.GOING_AWAY, message=b"gateway shutting down")
+            for ws in list(lifecycle.websockets)
+        ),
+        return_exceptions=True,
+    )

@@ -96,6 +96,20 @@ async def read_body_chunk(content: StreamReader) -> bytes:
 
 
 class _GatewayRequestHandler(RequestHandler):
+    async def shutdown(self, timeout: float | None = 15.0) -> None:  # noqa: ASYNC109 - aiohttp's signature
+        """On drain: the request in progress gets ``timeout`` seconds to finish, and that is all.
+
+        aiohttp waits up to ``timeout`` for it, then cancels it and waits up to ``timeout`` again:
+        twice the bound the operator set (60 s for the default 30, past Kubernetes' grace period).
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                await super().shutdown(timeout)
+        except TimeoutError:
+            if self._task_handler is not None:
+                self._task_handler.cancel()
+            self.force_close()
+
     def handle_error(
         self,
         request: web.BaseRequest,

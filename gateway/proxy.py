@@ -40,6 +40,7 @@ from .keys import (
     auth_key,
     body_key,
     http_client_key,
+    lifecycle_key,
     request_id_key,
     route_key,
     route_table_key,
@@ -652,8 +653,10 @@ async def _proxy_websocket(
         max_msg_size=_WS_MAX_MESSAGE,
         compress=False,
     )
+    websockets = request.app[lifecycle_key].websockets
     try:
         await client_ws.prepare(request)
+        websockets.add(client_ws)
         to_upstream = asyncio.create_task(_pump(client_ws, upstream_ws))
         to_client = asyncio.create_task(_pump(upstream_ws, client_ws))
         try:
@@ -664,6 +667,7 @@ async def _proxy_websocket(
             for task in (to_upstream, to_client):
                 task.cancel()
     finally:
+        websockets.discard(client_ws)
         # The client may hang up right after its close frame was answered, which cancels this
         # handler before the pump forwarded that frame: pass the client's close code on here.
         await upstream_ws.close(code=client_ws.close_code or WSCloseCode.OK)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from aiohttp import web
+
 __all__ = ["Lifecycle"]
 
 
@@ -13,6 +15,8 @@ class Lifecycle:
     started_at: float = field(default_factory=time.monotonic)
     ready: bool = False
     draining: bool = False
+    # Proxied WebSockets, client side: closed with 1001 (going away) when the gateway drains.
+    websockets: set[web.WebSocketResponse] = field(default_factory=set)
 
     @property
     def uptime(self) -> float:

@@ -1,0 +1,88 @@
+"""Draining a real ``python -m gateway`` on SIGTERM: within the bound the operator set, and with
+a WebSocket close frame rather than a dropped connection."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+from aiohttp import WSMsgType, web
+
+from tests.helpers import free_port, one_service, wait_ready
+
+ROOT = Path(__file__).resolve().parents[2]
+SHUTDOWN_TIMEOUT = 3
+
+
+async def test_sigterm_drains_within_the_timeout_and_closes_websockets_with_1001(
+    make_upstream: Any, tmp_path: Path
+) -> None:
+    never, stuck_arrived = asyncio.Event(), asyncio.Event()
+
+    async def upstream_handler(request: web.Request) -> web.StreamResponse:
+        if request.path == "/ws":
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            async for msg in ws:
+                await ws.send_str(msg.data)
+            return ws
+        stuck_arrived.set()
+        await never.wait()  # a request that outlasts the drain
+        return web.Response()
+
+    upstream = await make_upstream(upstream_handler, read_body=False)
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump(one_service(upstream.url)))
+    port = free_port()
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "PYTHONPATH": str(ROOT),
+        "GATEWAY_CONFIG": str(config),
+        "GATEWAY_PORT": str(port),
+        "GATEWAY_SHUTDOWN_TIMEOUT": str(SHUTDOWN_TIMEOUT),
+        "LOG_LEVEL": "WARNING",
+    }
+    log_path = tmp_path / "gateway.log"
+    with log_path.open("wb") as log:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", cwd=ROOT, env=env, stdout=log, stderr=log
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        await wait_ready(base, process, log_path)
+        async with aiohttp.ClientSession() as session:
+            ws = await session.ws_connect(f"{base}/ws")
+            await ws.send_str("hello")
+            assert (await ws.receive(timeout=5)).data == "hello"
+            stuck = asyncio.create_task(session.get(f"{base}/stuck"))
+            async with asyncio.timeout(5):
+                await stuck_arrived.wait()
+
+            process.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            closing = await ws.receive(timeout=10)
+            assert closing.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING)
+            assert ws.close_code == 1001  # going away: the client knows to reconnect elsewhere
+
+            async with asyncio.timeout(4 * SHUTDOWN_TIMEOUT):
+                assert await process.wait() == 0
+            # aiohttp alone waited the timeout for the stuck request, then as long again after
+            # cancelling it.
+            assert time.monotonic() - started < 1.7 * SHUTDOWN_TIMEOUT
+            try:
+                response = await stuck
+                assert response.status >= 500  # if it was answered at all, not as a success
+            except aiohttp.ClientError:
+                pass  # cut off: the drain bound ran out
+    finally:
+        never.set()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
