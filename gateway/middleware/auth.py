@@ -66,6 +66,10 @@ _HMAC_ALGS = frozenset({"HS256", "HS384", "HS512"})
 _SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 # The subject travels upstream in a header: printable, no control characters, bounded.
 _SUBJECT = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
+# A JWS in compact serialization (RFC 7515 section 7.1): three base64url segments, padding
+# tolerated as PyJWT tolerates it. Checked before PyJWT sees the token: aiohttp hands header bytes
+# that are not UTF-8 over as surrogate escapes, which PyJWT cannot even encode.
+_COMPACT_JWS = re.compile(r"[A-Za-z0-9_=-]+\.[A-Za-z0-9_=-]*\.[A-Za-z0-9_=-]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +139,8 @@ class TokenVerifier:
                 return cached.identity
             del self._cache[token]
 
+        if not _COMPACT_JWS.fullmatch(token):
+            raise AuthError("The token is malformed")
         try:
             header = jwt.get_unverified_header(token)
         except jwt.DecodeError:

@@ -11,6 +11,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from tests.gateway.chain import service
+from tests.helpers import parse_responses, raw_exchange
 
 ISSUER = "https://issuer.chain.test"
 AUDIENCE = "platform-gateway"
@@ -183,6 +184,22 @@ async def test_bad_token_is_401_invalid_token(client, upstream, keys, make_token
         assert challenge.startswith('Bearer error="invalid_token", error_description="')
         assert description in challenge
         assert (await response.json())["detail"] == "Invalid token"
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("raw_token", [b"\xe9\xe9", b"eyJhbGciOiJIUzI1NiJ9.\xff.AAAA", "é.é.é".encode()])
+@pytest.mark.parametrize("path", ["/required", "/optional"])
+async def test_token_bytes_outside_ascii_are_401_invalid_token(client, upstream, path, raw_token):
+    # Sent as bytes: aiohttp's client would not put bytes that are not UTF-8 in a header.
+    request = b"GET %s HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer %s\r\nConnection: close\r\n\r\n"
+    [response] = parse_responses(await raw_exchange(client.port, request % (path.encode(), raw_token)))
+
+    assert response.status == 401
+    assert response.headers["WWW-Authenticate"] == (
+        'Bearer error="invalid_token", error_description="The token is malformed"'
+    )
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert response.json() == {"detail": "Invalid token"}
     assert upstream.requests == []
 
 
