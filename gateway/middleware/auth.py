@@ -145,6 +145,13 @@ class TokenVerifier:
             header = jwt.get_unverified_header(token)
         except jwt.DecodeError:
             raise AuthError("The token is malformed") from None
+        except jwt.PyJWTError:
+            # Readable but refused before any key is looked at: a ``kid`` that is no string, a
+            # ``crit`` naming an extension PyJWT does not implement. PyJWT's own message would
+            # quote the token into our WWW-Authenticate header.
+            raise AuthError("The token's header is invalid") from None
+        except (ValueError, TypeError):  # not raised for a compact JWS today; a 500 if ever it is
+            raise AuthError("The token is malformed") from None
         alg, kid = header.get("alg"), header.get("kid")
         if not isinstance(alg, str) or alg not in self._algorithms:
             raise AuthError("The token's signing algorithm is not accepted")

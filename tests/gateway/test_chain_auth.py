@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 from typing import Any
 
@@ -47,6 +49,26 @@ def mint(
 
 def bearer(value: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {value}"}
+
+
+def unsigned(header: dict[str, Any]) -> str:
+    """A token with ``header``, a small payload and a signature that verifies nothing."""
+    segment = base64.urlsafe_b64encode(json.dumps(header).encode()).rstrip(b"=").decode()
+    return f"{segment}.eyJzdWIiOiJ4In0.AAAA"
+
+
+# Headers PyJWT refuses while reading them, before any key is looked at (InvalidTokenError, which
+# is no DecodeError). The first two are the audit's tokens as sent.
+REFUSED_HEADERS = [
+    "eyJhbGciOiJIUzI1NiIsImNyaXQiOlsiZm9vIl19.eyJzdWIiOiJ4In0.AAAA",  # crit: ["foo"]
+    "eyJhbGciOiJIUzI1NiIsImtpZCI6WyJ4Il19.eyJzdWIiOiJ4In0.AAAA",  # kid: ["x"]
+    unsigned({"alg": "RS256", "kid": 7}),
+    unsigned({"alg": "ES256", "kid": {"k": "v"}}),
+    unsigned({"alg": "HS256", "crit": "b64"}),
+    unsigned({"alg": "RS256", "crit": []}),
+    unsigned({"alg": "RS256", "crit": [1]}),
+    unsigned({"alg": "RS256", "crit": ["exp"]}),  # named, implemented by nobody here
+]
 
 
 @pytest.fixture
@@ -200,6 +222,31 @@ async def test_token_bytes_outside_ascii_are_401_invalid_token(client, upstream,
     )
     assert response.headers["Content-Type"].startswith("application/json")
     assert response.json() == {"detail": "Invalid token"}
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("value", REFUSED_HEADERS)
+async def test_token_headers_pyjwt_refuses_are_401_invalid_token(client, upstream, value):
+    for path in ("/required", "/optional"):
+        response = await client.get(path, headers=bearer(value))
+        assert response.status == 401
+        assert response.headers["WWW-Authenticate"] == (
+            'Bearer error="invalid_token", error_description="The token\'s header is invalid"'
+        )
+        assert response.headers["X-Request-ID"]
+        assert await response.json() == {"detail": "Invalid token"}
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("value", REFUSED_HEADERS[:3])
+async def test_token_headers_pyjwt_refuses_are_401_without_any_key_source(make_gateway, upstream, value):
+    client = await make_gateway(service(upstream.url, routes()), {})  # auth on, nothing to verify with
+
+    for path in ("/required", "/optional"):
+        response = await client.get(path, headers=bearer(value))
+        assert response.status == 401
+        assert response.headers["WWW-Authenticate"].startswith('Bearer error="invalid_token"')
+        assert await response.json() == {"detail": "Invalid token"}
     assert upstream.requests == []
 
 
