@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
@@ -64,8 +65,12 @@ _CURVE_ALGS = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
 _HMAC_ALGS = frozenset({"HS256", "HS384", "HS512"})
 # RFC 6749 section 3.3 scope-token; anything else in a scope claim is not a grant.
 _SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
-# The subject travels upstream in a header: printable, no control characters, bounded.
-_SUBJECT = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
+# The subject travels upstream in a header and into rate-limit keys: no control characters,
+# bounded, and no surrogates (a JSON escape like "\ud800" decodes to one, and UTF-8 cannot
+# encode it: the upstream request and the Redis call would fail, not the token).
+_SUBJECT = re.compile(r"[^\x00-\x1f\x7f\ud800-\udfff]{1,256}")
+# PyJWT compares ``exp`` as an int, so one beyond float's range is valid (and never comes).
+_NEVER = sys.float_info.max
 # A JWS in compact serialization (RFC 7515 section 7.1): three base64url segments, padding
 # tolerated as PyJWT tolerates it. Checked before PyJWT sees the token: aiohttp hands header bytes
 # that are not UTF-8 over as surrogate escapes, which PyJWT cannot even encode.
@@ -201,7 +206,7 @@ class TokenVerifier:
         identity = _identity(claims)
         exp = claims["exp"]
         if isinstance(exp, int | float):
-            self._cache[token] = _Cached(identity, float(exp), used_kid)
+            self._cache[token] = _Cached(identity, float(min(exp, _NEVER)), used_kid)
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return identity

@@ -195,12 +195,23 @@ async def test_other_scheme_counts_as_missing(gateway):
         ({"exp": None}, "'exp'"),
         ({"sub": None}, "'sub'"),
         ({"sub": "eve\r\nx-auth-subject: admin"}, "subject is malformed"),
+        ({"sub": "\ud800"}, "subject is malformed"),  # a lone surrogate: no header, no Redis key
+        ({"sub": "a\udce9"}, "subject is malformed"),
     ],
 )
 async def test_bad_claims_are_rejected(gateway, keys, overrides, description):
     client, *_ = await gateway()
     response = await client.get("/api/required", headers=bearer(mint(keys["rsa"], **overrides)))
     await assert_invalid(response, description)
+
+
+async def test_exp_beyond_the_range_of_a_float_is_accepted_and_cached(gateway, keys):
+    client, verifier, *_ = await gateway()
+    token = mint(keys["rsa"], exp=10**400)  # valid to PyJWT, which compares it as an int
+    for _ in range(2):  # verified, then from the verification cache
+        response = await client.get("/api/required", headers=bearer(token))
+        assert response.status == 200
+    assert verifier.knows(token)
 
 
 async def test_alg_none_is_rejected(gateway):
