@@ -6,8 +6,9 @@ Which key verifies a token is decided by the key, never by the token alone:
   JWKS, so a token "signed" with an RSA public key's PEM can find nothing to verify against.
 - every other ``alg`` verifies only against a JWKS key whose type fits it (RSA: RS*/PS*, EC:
   ES* on its curve, OKP: EdDSA), and against the key's own ``alg`` when it declares one.
-- ``alg`` must be in ``AUTH_ALGORITHMS``; ``none`` never is. ``jku``, ``jwk``, ``x5u``, ``x5c``
-  headers are ignored: keys come from ``AUTH_JWKS_URL`` only.
+- ``alg`` must be in ``AUTH_ALGORITHMS``; ``none`` never is. Keys come from ``AUTH_JWKS_URL``
+  and ``AUTH_JWT_SECRET`` only, so a token carrying ``jku``, ``jwk``, ``x5u`` or ``x5c`` (a key,
+  or where to fetch one) is refused; ``kid``, ``x5t`` and ``x5t#S256`` only name a key and pass.
 - ``exp`` and ``sub`` are required; ``exp``/``nbf``/``iat`` get ``LEEWAY`` seconds of clock skew;
   ``iss`` and ``aud`` are checked when configured.
 
@@ -63,6 +64,9 @@ _KEY_TYPE_ALGS = {
 }
 _CURVE_ALGS = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
 _HMAC_ALGS = frozenset({"HS256", "HS384", "HS512"})
+# RFC 7515 section 4.1.2-4.1.6: the token brings its own key. It was made for a verifier that
+# takes keys from tokens, or made to find one; this one never looks at them.
+_KEY_SOURCE_PARAMS = frozenset({"jku", "jwk", "x5u", "x5c"})
 # RFC 6749 section 3.3 scope-token; anything else in a scope claim is not a grant.
 _SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 # The subject travels upstream in a header and into rate-limit keys: no control characters,
@@ -157,6 +161,8 @@ class TokenVerifier:
             raise AuthError("The token's header is invalid") from None
         except (ValueError, TypeError):  # not raised for a compact JWS today; a 500 if ever it is
             raise AuthError("The token is malformed") from None
+        if not _KEY_SOURCE_PARAMS.isdisjoint(header):
+            raise AuthError("The token's jku, jwk, x5u or x5c header is not accepted")
         alg, kid = header.get("alg"), header.get("kid")
         if not isinstance(alg, str) or alg not in self._algorithms:
             raise AuthError("The token's signing algorithm is not accepted")

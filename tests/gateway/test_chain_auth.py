@@ -250,6 +250,24 @@ async def test_token_headers_pyjwt_refuses_are_401_without_any_key_source(make_g
     assert upstream.requests == []
 
 
+async def test_a_development_token_naming_a_jku_is_401(make_gateway, upstream, env):
+    # The audit's case: HS256, signed with the configured secret, `jku: http://evil/jwks`.
+    secret = "chain-jku-secret-" + "k" * 48
+    client = await make_gateway(service(upstream.url, routes()), {**env, "AUTH_JWT_SECRET": secret})
+    claims = {"sub": "mallory", "iss": ISSUER, "aud": AUDIENCE, "exp": int(time.time()) + 300}
+    value = jwt.encode(claims, secret, algorithm="HS256", headers={"jku": "http://evil/jwks"})
+
+    response = await client.get("/required", headers=bearer(value))
+
+    assert response.status == 401
+    assert response.headers["WWW-Authenticate"] == (
+        'Bearer error="invalid_token", '
+        'error_description="The token\'s jku, jwk, x5u or x5c header is not accepted"'
+    )
+    assert await response.json() == {"detail": "Invalid token"}
+    assert upstream.requests == []
+
+
 async def test_missing_scope_is_403_insufficient_scope(client, upstream, keys):
     response = await client.post(
         "/scoped", json={}, headers=bearer(mint(keys["rsa"], "rsa-1", scope="clusters:read"))
