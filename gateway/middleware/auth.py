@@ -38,7 +38,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from ..errors import ApiError
-from ..jwks import JwksCache
+from ..jwks import JwksCache, JwksUnavailable
 from ..keys import auth_key, route_key
 from ..settings import AuthSettings, Route
 
@@ -104,7 +104,8 @@ class _Cached:
 
 
 class TokenVerifier:
-    """Verify raw bearer tokens into an Identity (or raise AuthError)."""
+    """Verify raw bearer tokens into an Identity, or raise AuthError (the token is refused) or
+    JwksUnavailable (it cannot be judged: no JWKS key set could be loaded yet)."""
 
     def __init__(
         self,
@@ -334,6 +335,14 @@ def auth_middleware(settings: AuthSettings, *, verifier: TokenVerifier | None = 
                 "Invalid token",
                 headers={"WWW-Authenticate": _challenge("invalid_token", exc.description)},
                 reason="invalid",
+            ) from None
+        except JwksUnavailable as exc:
+            # Not a 401: the token may be good, and a 401 tells every client to throw it away
+            # and log in again, all at once at an issuer that is likely in trouble already.
+            raise ApiError(
+                503,
+                "The token cannot be verified now: the issuer's signing keys are unavailable",
+                headers={"Retry-After": str(exc.retry_after)},
             ) from None
         if route.scopes and not identity.scopes.issuperset(route.scopes):
             needed = " ".join(route.scopes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -81,6 +82,8 @@ async def issuer(aiohttp_server: Any, keys: dict[str, Any]) -> dict[str, Any]:
 
     async def jwks(request: web.Request) -> web.Response:
         state["fetches"] += 1
+        if state.get("down"):
+            return web.Response(status=503)
         return web.json_response({"keys": state["keys"]})
 
     app = web.Application()
@@ -341,3 +344,101 @@ async def test_unknown_kids_do_not_each_cost_a_fetch(client, issuer, keys):
         assert response.status == 401
         assert "unknown" in response.headers["WWW-Authenticate"]
     assert issuer["fetches"] <= 2
+
+
+# -- the issuer's keys unavailable ---------------------------------------------------------------
+
+UNAVAILABLE = "The token cannot be verified now: the issuer's signing keys are unavailable"
+
+
+@pytest.fixture
+async def failing_issuers(aiohttp_server: Any, make_raw_upstream: Any, refused_url: str) -> dict[str, Any]:
+    """JWKS URLs that fail the ways the audit tried; ``hits`` counts requests that reached one."""
+    hits = {"count": 0}
+
+    async def not_found(request: web.Request) -> web.Response:
+        hits["count"] += 1
+        return web.Response(status=404)
+
+    async def not_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hits["count"] += 1
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n\x00\xff\r\n\r\n")
+        await writer.drain()
+
+    app = web.Application()
+    app.router.add_get("/jwks", not_found)
+    server = await aiohttp_server(app)
+    return {
+        "hits": hits,
+        "refused": f"{refused_url}/jwks",
+        "404": str(server.make_url("/jwks")),
+        "not-http": await make_raw_upstream(not_http) + "/jwks",
+    }
+
+
+def unavailable_env(url: str) -> dict[str, str]:
+    return {"AUTH_JWKS_URL": url, "AUTH_ISSUER": ISSUER, "AUTH_AUDIENCE": AUDIENCE}
+
+
+async def assert_unavailable(response: Any) -> None:
+    assert response.status == 503
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert response.headers["X-Request-ID"]
+    assert 1 <= int(response.headers["Retry-After"]) <= 5
+    assert await response.json() == {"detail": UNAVAILABLE}
+
+
+@pytest.mark.parametrize("failure", ["refused", "404", "not-http"])
+async def test_an_unreachable_issuer_on_a_cold_cache_is_503_with_retry_after(
+    make_gateway, upstream, keys, failing_issuers, failure
+):
+    client = await make_gateway(service(upstream.url, routes()), unavailable_env(failing_issuers[failure]))
+    value = mint(keys["rsa"], "rsa-1")
+
+    await assert_unavailable(await client.get("/required", headers=bearer(value)))
+    attempts = failing_issuers["hits"]["count"]
+    for path in ("/required", "/optional", "/scoped"):  # a presented token is judged on every mode
+        await assert_unavailable(await client.get(path, headers=bearer(value)))
+    assert failing_issuers["hits"]["count"] == attempts  # the failure was remembered
+    assert upstream.requests == []
+
+
+async def test_a_never_answering_issuer_delays_the_first_requests_by_the_fetch_timeout_only(
+    make_gateway, make_raw_upstream, upstream, keys
+):
+    connections = 0
+
+    async def never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await reader.read()
+
+    url = await make_raw_upstream(never_answers) + "/jwks"
+    client = await make_gateway(service(upstream.url, routes()), unavailable_env(url))
+    value = mint(keys["rsa"], "rsa-1")
+
+    started = time.monotonic()
+    first = await asyncio.gather(*(client.get("/required", headers=bearer(value)) for _ in range(3)))
+    waited = time.monotonic() - started
+    for response in first:
+        await assert_unavailable(response)
+    assert waited < 4.5  # the JWKS fetch timeout (3 s), shared, not one per request (was 5.7 s and a 500)
+
+    started = time.monotonic()
+    for _ in range(3):
+        await assert_unavailable(await client.get("/required", headers=bearer(value)))
+    assert time.monotonic() - started < 1.5  # the failure is remembered: nobody waits again
+    assert connections == 1
+
+
+async def test_an_unknown_kid_while_the_issuer_is_down_is_401_unknown(client, issuer, keys):
+    assert (await client.get("/required", headers=bearer(mint(keys["rsa"], "rsa-1")))).status == 200
+    issuer["down"] = True
+
+    response = await client.get("/required", headers=bearer(mint(keys["rsa-next"], "rsa-9")))
+
+    assert response.status == 401
+    assert "signing key is unknown" in response.headers["WWW-Authenticate"]
+    assert issuer["fetches"] == 2  # it did try
+    assert (await client.get("/required", headers=bearer(mint(keys["rsa"], "rsa-1", sub="b")))).status == 200
