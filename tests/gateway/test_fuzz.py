@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.app import create_app
-from gateway.headers import GATEWAY_OWNED, HOP_BY_HOP, TRACE_HEADERS, upstream_headers
+from gateway.headers import GATEWAY_OWNED, GATEWAY_SET, HOP_BY_HOP, TRACE_HEADERS, upstream_headers
 from gateway.httpserver import GatewayRunner
 from gateway.middleware.auth import AuthError, TokenVerifier
 from gateway.settings import DEFAULT_ROUTES, AuthSettings, load_settings
@@ -163,7 +163,9 @@ INTERESTING = st.sampled_from(
      "x-b3-spanid", "x-b3-sampled", "x-b3-flags", "x-request-id", "x-forwarded-for", "x-auth-subject",
      "content-type", "authorization", "expect", "via", "forwarded", "host"]
 )  # fmt: skip
-HEADERS = st.lists(st.tuples(st.one_of(INTERESTING, TOKEN), VALUE), max_size=8)
+# CGI spells every "-" as "_": a client may too
+UNDERSCORED = INTERESTING.map(lambda name: name.replace("-", "_"))
+HEADERS = st.lists(st.tuples(st.one_of(INTERESTING, UNDERSCORED, TOKEN), VALUE), max_size=8)
 PATH = st.lists(
     st.sampled_from(
         ["api", "v1", "clusters", "chat", "x", ".", "..", "%2e", "%2F", "%5C", ";", "%00", "~", "%ff", "a b"]
@@ -201,6 +203,8 @@ def test_upstream_headers_never_pass_hop_by_hop_or_gateway_owned_headers(
     out = upstream_headers(incoming, remote=remote, scheme="http", host="gw")
     names = {name.lower() for name in out}
     assert not names & (HOP_BY_HOP | GATEWAY_OWNED)
+    for name in names:  # no second spelling of a header the gateway sets, as CGI would read it
+        assert "_" not in name or name.replace("_", "-") not in GATEWAY_SET
     connection = {t.strip().lower() for v in incoming.getall("connection", ()) for t in v.split(",")}
     assert not names & (connection - {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via"})
     assert out["X-Forwarded-Proto"] == "http" and out["Via"].endswith("1.1 gateway")
