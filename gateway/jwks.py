@@ -210,7 +210,8 @@ def parse_jwks(document: Any) -> dict[str, jwt.PyJWK]:
         raise JwksError("not a JWKS document (no 'keys' list)")
     keys: dict[str, jwt.PyJWK] = {}
     for index, data in enumerate(document["keys"]):
-        if not isinstance(data, dict) or data.get("kty") not in _PUBLIC_KEY_TYPES:
+        kty = data.get("kty") if isinstance(data, dict) else None
+        if not isinstance(kty, str) or kty not in _PUBLIC_KEY_TYPES:  # a list would not even hash
             continue
         if data.get("use", "sig") != "sig" or "d" in data:  # encryption keys, private keys
             continue

@@ -11,8 +11,10 @@ import jwt
 import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from gateway.jwks import JwksCache, JwksUnavailable
+from gateway.jwks import JwksCache, JwksError, JwksUnavailable, parse_jwks
 from tests.helpers import wait_for
 
 KEY = ec.generate_private_key(ec.SECP256R1())
@@ -163,3 +165,38 @@ async def test_an_unknown_kid_while_the_issuer_is_down_is_unknown(issuer, make_c
     assert await jwks.get("k2") is None  # the refetch failed: the kid is unknown, not an error
     assert issuer.hits == 2
     assert await jwks.get("k1") is not None  # the last good set stays in use
+
+
+FIELD = st.sampled_from(["kty", "crv", "x", "y", "n", "e", "alg", "use", "kid", "d"]) | st.text(max_size=3)
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6)
+    | st.sampled_from(["RSA", "EC", "OKP", "oct", "sig", "enc", "P-256", "Ed25519", "ES256", "AQAB"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(FIELD, inner, max_size=6),
+    max_leaves=12,
+)  # fmt: skip
+KEYS = st.fixed_dictionaries(
+    {"kty": st.sampled_from(["RSA", "EC", "OKP"]) | JSON},
+    optional={name: JSON for name in ["crv", "x", "y", "n", "e", "alg", "use", "kid", "d"]},
+)
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(document=JSON | st.fixed_dictionaries({"keys": st.lists(KEYS | JSON, max_size=3)}))
+def test_a_jwks_document_of_any_shape_gives_keys_or_a_jwks_error(document: Any) -> None:
+    try:
+        keys = parse_jwks(document)
+    except JwksError:
+        return
+    assert all(isinstance(kid, str) for kid in keys)
+
+
+async def test_a_key_whose_kty_is_not_a_string_is_skipped(make_cache, aiohttp_server):
+    async def odd(request: web.Request) -> web.Response:
+        return web.json_response({"keys": [{"kty": ["RSA"]}, {"kty": {"EC": 1}}, JWK]})
+
+    app = web.Application()
+    app.router.add_get("/jwks", odd)
+    jwks = make_cache(str((await aiohttp_server(app)).make_url("/jwks")))
+
+    assert await jwks.get("k1") is not None
+    assert set(jwks.keys) == {"k1"}
