@@ -16,6 +16,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 __all__ = [
     "GATEWAY_OWNED",
+    "GATEWAY_SET",
     "HOP_BY_HOP",
     "TRACE_HEADERS",
     "VIA",
@@ -62,6 +63,15 @@ VIA = "1.1 gateway"
 _FORWARDING = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via"})
 _KEEP_NONE: frozenset[str] = frozenset()
 
+# Every header the gateway sets on the way upstream. CGI and WSGI servers (and frameworks on
+# them) see a header as HTTP_ + its name upper-cased with "-" and "_" alike turned into "_", so a
+# client's ``X_Auth_Subject: mallory`` reaches them under the very name of the gateway's
+# ``x-auth-subject: alice``, and ``X_Forwarded_For`` can pass for the gateway's own. A client
+# header whose name, "_" read as "-" and case ignored, is one of these is dropped, as
+# nginx (underscores_in_headers off) and Envoy (headers_with_underscores_action) drop every name
+# with an underscore; other names with underscores pass, as they always did.
+GATEWAY_SET = GATEWAY_OWNED | TRACE_HEADERS | _FORWARDING | {"x-request-id"}
+
 
 # Nearly every request and answer names the same few options (``keep-alive``, ``close``): the set
 # to drop for a given Connection header is worked out once. Keys are whole header values, so a
@@ -81,7 +91,8 @@ def upstream_headers(
     scheme: str,
     host: str | None,
 ) -> CIMultiDict[str]:
-    """Headers for the upstream request: hop-by-hop and gateway-owned removed, forwarding added.
+    """Headers for the upstream request: hop-by-hop and gateway-owned removed (also when spelled
+    with underscores, see ``GATEWAY_SET``), forwarding added.
 
     The headers a ``Connection`` header names are dropped, unless they are ones the gateway sets
     itself below (a client cannot make the gateway forget ``X-Forwarded-For``).
@@ -91,6 +102,9 @@ def upstream_headers(
     if connection:
         drop = _drop_with(drop, tuple(connection), _FORWARDING)
     out = _without(incoming, drop)
+    # One join and one search, both in C, tell the common request (no "_" in any name) apart.
+    if "_" in "".join(incoming.keys()):
+        _drop_underscore_spellings(out)
     forwarded_for = out.getall("x-forwarded-for", ())
     if remote:
         chain = ", ".join([*forwarded_for, remote]) if forwarded_for else remote
@@ -101,6 +115,11 @@ def upstream_headers(
     via = out.getall("via", ())
     out["Via"] = ", ".join([*via, VIA]) if via else VIA
     return out
+
+
+def _drop_underscore_spellings(headers: CIMultiDict[str]) -> None:
+    for name in [n for n in headers.keys() if "_" in n and n.replace("_", "-").lower() in GATEWAY_SET]:
+        headers.popall(name, None)
 
 
 def response_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:

@@ -4,12 +4,19 @@
   the previous unknown-kid refetch (not from the cold start or a background refresh, so a key
   published and used right after a load is accepted at once); concurrent misses share that one
   fetch (single-flight). Unknown-kid floods therefore cost one request to the issuer per
-  interval, and nothing else. The cold start itself retries at most once per ``min_refetch``.
+  interval, and nothing else.
+- Cold start (no key set loaded yet): the first lookups wait for the first fetch, which takes
+  at most ``timeout`` seconds. If it fails, the failure is remembered: lookups raise
+  ``JwksUnavailable`` at once (no waiting, no fetch of their own), and after ``failure_ttl``
+  seconds the next lookup starts one retry behind the requests, which still do not wait for
+  it. A dead issuer costs only the very first requests the timeout; one that comes back is
+  used from the first retry that succeeds.
 - Keys older than ``max_age`` are refreshed in the background on the next lookup; lookups keep
   using the previous set meanwhile and never wait for it. A key the issuer removed (rotated out,
   revoked) is therefore forgotten within ``max_age`` plus one fetch.
-- If the issuer cannot be reached, the last good set stays in use (logged): availability over
-  revocation, which only an issuer that is up can announce anyway.
+- If the issuer cannot be reached once keys were loaded, the last good set stays in use (logged):
+  availability over revocation, which only an issuer that is up can announce anyway. A token
+  naming a kid outside that set is then simply unknown.
 
 Only public signature keys are kept: symmetric (``oct``) keys and keys whose ``use`` is not
 ``sig`` are ignored, so a JWKS can never turn an HMAC secret into something a token may name.
@@ -27,7 +34,7 @@ from typing import Any
 import aiohttp
 import jwt
 
-__all__ = ["JwksCache", "JwksError"]
+__all__ = ["JwksCache", "JwksError", "JwksUnavailable"]
 
 log = logging.getLogger("gateway.auth")
 
@@ -38,6 +45,17 @@ class JwksError(Exception):
     """The JWKS document could not be fetched or read."""
 
 
+class JwksUnavailable(JwksError):
+    """No key set was ever loaded and the issuer cannot be reached now: no token can be judged.
+
+    ``retry_after``: whole seconds (at least 1) until the next fetch may have succeeded.
+    """
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class JwksCache:
     def __init__(
         self,
@@ -46,7 +64,10 @@ class JwksCache:
         session: aiohttp.ClientSession | None = None,
         min_refetch: float = 30.0,
         max_age: float = 300.0,
-        timeout: float = 5.0,
+        # The longest a request waits for the issuer (only the first ones, at a cold start). A
+        # JWKS is a few KB; below 5 s, too, aiohttp does not round the deadline up a second.
+        timeout: float = 3.0,
+        failure_ttl: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = url
@@ -55,11 +76,16 @@ class JwksCache:
         self._min_refetch = min_refetch
         self._max_age = max_age
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        # Shorter than min_refetch: without any key every token is refused, so the retry that
+        # ends that matters more than sparing an issuer one request per few seconds.
+        self._failure_ttl = failure_ttl
         self._clock = clock
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched_at: float | None = None  # last successful fetch
         self._attempted_at: float | None = None  # last attempt, successful or not
         self._miss_fetched_at = -math.inf  # last refetch for a kid the loaded set did not have
+        self._failed_at: float | None = None  # last failed fetch, until one succeeds
+        self._failure = ""
         self._inflight: asyncio.Future[None] | None = None
         self.fetches = 0
 
@@ -71,18 +97,24 @@ class JwksCache:
         return self._keys
 
     async def get(self, kid: str | None) -> jwt.PyJWK | None:
-        """The key named ``kid`` (or the only key when ``kid`` is None and there is one)."""
+        """The key named ``kid`` (or the only key when ``kid`` is None and there is one).
+
+        Raises ``JwksUnavailable`` while no key set has ever been loaded and the issuer fails.
+        """
         now = self._clock()
         if self._fetched_at is None:
-            if self._may_fetch(now):
-                await self._refresh()
+            self._cold_start(now)
+            if self._inflight is not None and self._failed_at is None:
+                await self._refresh_quietly()  # nothing known against the issuer yet: wait for it
+            if self._fetched_at is None:
+                raise self._unavailable(self._clock())
         elif kid is None or kid not in self._keys:
             # Throttled on its own clock: the first unknown kid after a load (cold start or
             # background refresh) refetches at once, so a key rotated in just after a load is
             # accepted right away; further unknown kids wait out ``min_refetch``.
             if self._inflight is not None or now - self._miss_fetched_at >= self._min_refetch:
                 self._miss_fetched_at = now
-                await self._refresh()
+                await self._refresh_quietly()
         elif now - self._fetched_at >= self._max_age and self._may_fetch(now):
             self._start_refresh()  # stale: refresh behind the lookups, do not wait
         if kid is None:
@@ -97,6 +129,17 @@ class JwksCache:
             if now - self._fetched_at >= self._max_age and self._may_fetch(now):
                 self._start_refresh()
 
+    def _cold_start(self, now: float) -> None:
+        if self._inflight is None and (self._failed_at is None or now - self._failed_at >= self._failure_ttl):
+            self._start_refresh()
+
+    def _unavailable(self, now: float) -> JwksUnavailable:
+        if self._inflight is not None or self._failed_at is None:
+            retry_after = 1  # a retry is under way
+        else:
+            retry_after = max(1, math.ceil(self._failed_at + self._failure_ttl - now))
+        return JwksUnavailable(f"no signing keys yet: {self._failure}", retry_after)
+
     def _may_fetch(self, now: float) -> bool:
         if self._inflight is not None:
             return True
@@ -109,25 +152,37 @@ class JwksCache:
             self._inflight.add_done_callback(self._fetch_done)
         return self._inflight
 
-    async def _refresh(self) -> None:
-        # shield: a client that disconnects must not cancel the fetch others are waiting for.
-        await asyncio.shield(self._start_refresh())
+    async def _refresh_quietly(self) -> None:
+        """Wait for the fetch under way (starting one if none is); a failure is logged, stored
+        and left for the caller to read off the state, never raised."""
+        try:
+            # shield: a client that disconnects must not cancel the fetch others are waiting for.
+            await asyncio.shield(self._start_refresh())
+        except JwksError:
+            pass
 
     def _fetch_done(self, future: asyncio.Future[None]) -> None:
         self._inflight = None
         if not future.cancelled() and future.exception() is not None:
-            log.warning(
-                "JWKS fetch failed; keeping the previous keys", extra={"error": str(future.exception())}
-            )
+            error = {"error": str(future.exception())}
+            if self._keys:
+                log.warning("JWKS fetch failed; keeping the previous keys", extra=error)
+            else:
+                log.warning("JWKS fetch failed; no keys yet, tokens it would verify get 503", extra=error)
 
     async def _fetch_and_store(self) -> None:
         self.fetches += 1
-        document = await self._fetch()
-        keys = parse_jwks(document)
-        if not keys and self._keys:
-            raise JwksError("the JWKS has no usable signing keys")
+        try:
+            keys = parse_jwks(await self._fetch())
+            if not keys and self._keys:
+                raise JwksError("the JWKS has no usable signing keys")
+        except JwksError as exc:
+            # Stored here rather than in _fetch_done, so that a waiting lookup sees it on waking.
+            self._failed_at, self._failure = self._clock(), str(exc)
+            raise
         self._keys = keys
         self._fetched_at = self._clock()
+        self._failed_at = None
 
     async def _fetch(self) -> Any:
         if self._session is None:
@@ -139,7 +194,7 @@ class JwksCache:
                 if response.status != 200:
                     raise JwksError(f"{self.url} answered {response.status}")
                 return await response.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        except (aiohttp.ClientError, TimeoutError, ValueError, RecursionError) as exc:
             raise JwksError(f"{self.url}: {exc!r}") from exc
 
     async def close(self) -> None:
@@ -155,7 +210,8 @@ def parse_jwks(document: Any) -> dict[str, jwt.PyJWK]:
         raise JwksError("not a JWKS document (no 'keys' list)")
     keys: dict[str, jwt.PyJWK] = {}
     for index, data in enumerate(document["keys"]):
-        if not isinstance(data, dict) or data.get("kty") not in _PUBLIC_KEY_TYPES:
+        kty = data.get("kty") if isinstance(data, dict) else None
+        if not isinstance(kty, str) or kty not in _PUBLIC_KEY_TYPES:  # a list would not even hash
             continue
         if data.get("use", "sig") != "sig" or "d" in data:  # encryption keys, private keys
             continue

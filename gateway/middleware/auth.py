@@ -6,8 +6,9 @@ Which key verifies a token is decided by the key, never by the token alone:
   JWKS, so a token "signed" with an RSA public key's PEM can find nothing to verify against.
 - every other ``alg`` verifies only against a JWKS key whose type fits it (RSA: RS*/PS*, EC:
   ES* on its curve, OKP: EdDSA), and against the key's own ``alg`` when it declares one.
-- ``alg`` must be in ``AUTH_ALGORITHMS``; ``none`` never is. ``jku``, ``jwk``, ``x5u``, ``x5c``
-  headers are ignored: keys come from ``AUTH_JWKS_URL`` only.
+- ``alg`` must be in ``AUTH_ALGORITHMS``; ``none`` never is. Keys come from ``AUTH_JWKS_URL``
+  and ``AUTH_JWT_SECRET`` only, so a token carrying ``jku``, ``jwk``, ``x5u`` or ``x5c`` (a key,
+  or where to fetch one) is refused; ``kid``, ``x5t`` and ``x5t#S256`` only name a key and pass.
 - ``exp`` and ``sub`` are required; ``exp``/``nbf``/``iat`` get ``LEEWAY`` seconds of clock skew;
   ``iss`` and ``aud`` are checked when configured.
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
@@ -36,7 +38,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from ..errors import ApiError
-from ..jwks import JwksCache
+from ..jwks import JwksCache, JwksUnavailable
 from ..keys import auth_key, route_key
 from ..settings import AuthSettings, Route
 
@@ -62,10 +64,21 @@ _KEY_TYPE_ALGS = {
 }
 _CURVE_ALGS = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
 _HMAC_ALGS = frozenset({"HS256", "HS384", "HS512"})
+# RFC 7515 section 4.1.2-4.1.6: the token brings its own key. It was made for a verifier that
+# takes keys from tokens, or made to find one; this one never looks at them.
+_KEY_SOURCE_PARAMS = frozenset({"jku", "jwk", "x5u", "x5c"})
 # RFC 6749 section 3.3 scope-token; anything else in a scope claim is not a grant.
 _SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
-# The subject travels upstream in a header: printable, no control characters, bounded.
-_SUBJECT = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
+# The subject travels upstream in a header and into rate-limit keys: no control characters,
+# bounded, and no surrogates (a JSON escape like "\ud800" decodes to one, and UTF-8 cannot
+# encode it: the upstream request and the Redis call would fail, not the token).
+_SUBJECT = re.compile(r"[^\x00-\x1f\x7f\ud800-\udfff]{1,256}")
+# PyJWT compares ``exp`` as an int, so one beyond float's range is valid (and never comes).
+_NEVER = sys.float_info.max
+# A JWS in compact serialization (RFC 7515 section 7.1): three base64url segments, padding
+# tolerated as PyJWT tolerates it. Checked before PyJWT sees the token: aiohttp hands header bytes
+# that are not UTF-8 over as surrogate escapes, which PyJWT cannot even encode.
+_COMPACT_JWS = re.compile(r"[A-Za-z0-9_=-]+\.[A-Za-z0-9_=-]*\.[A-Za-z0-9_=-]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +104,8 @@ class _Cached:
 
 
 class TokenVerifier:
-    """Verify raw bearer tokens into an Identity (or raise AuthError)."""
+    """Verify raw bearer tokens into an Identity, or raise AuthError (the token is refused) or
+    JwksUnavailable (it cannot be judged: no JWKS key set could be loaded yet)."""
 
     def __init__(
         self,
@@ -135,10 +149,21 @@ class TokenVerifier:
                 return cached.identity
             del self._cache[token]
 
+        if not _COMPACT_JWS.fullmatch(token):
+            raise AuthError("The token is malformed")
         try:
             header = jwt.get_unverified_header(token)
         except jwt.DecodeError:
             raise AuthError("The token is malformed") from None
+        except jwt.PyJWTError:
+            # Readable but refused before any key is looked at: a ``kid`` that is no string, a
+            # ``crit`` naming an extension PyJWT does not implement. PyJWT's own message would
+            # quote the token into our WWW-Authenticate header.
+            raise AuthError("The token's header is invalid") from None
+        except (ValueError, TypeError):  # not raised for a compact JWS today; a 500 if ever it is
+            raise AuthError("The token is malformed") from None
+        if not _KEY_SOURCE_PARAMS.isdisjoint(header):
+            raise AuthError("The token's jku, jwk, x5u or x5c header is not accepted")
         alg, kid = header.get("alg"), header.get("kid")
         if not isinstance(alg, str) or alg not in self._algorithms:
             raise AuthError("The token's signing algorithm is not accepted")
@@ -188,7 +213,7 @@ class TokenVerifier:
         identity = _identity(claims)
         exp = claims["exp"]
         if isinstance(exp, int | float):
-            self._cache[token] = _Cached(identity, float(exp), used_kid)
+            self._cache[token] = _Cached(identity, float(min(exp, _NEVER)), used_kid)
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return identity
@@ -310,6 +335,14 @@ def auth_middleware(settings: AuthSettings, *, verifier: TokenVerifier | None = 
                 "Invalid token",
                 headers={"WWW-Authenticate": _challenge("invalid_token", exc.description)},
                 reason="invalid",
+            ) from None
+        except JwksUnavailable as exc:
+            # Not a 401: the token may be good, and a 401 tells every client to throw it away
+            # and log in again, all at once at an issuer that is likely in trouble already.
+            raise ApiError(
+                503,
+                "The token cannot be verified now: the issuer's signing keys are unavailable",
+                headers={"Retry-After": str(exc.retry_after)},
             ) from None
         if route.scopes and not identity.scopes.issuperset(route.scopes):
             needed = " ".join(route.scopes)

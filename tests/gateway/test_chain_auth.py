@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import json
 import time
 from typing import Any
 
@@ -11,6 +14,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from tests.gateway.chain import service
+from tests.helpers import parse_responses, raw_exchange
 
 ISSUER = "https://issuer.chain.test"
 AUDIENCE = "platform-gateway"
@@ -48,6 +52,26 @@ def bearer(value: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {value}"}
 
 
+def unsigned(header: dict[str, Any]) -> str:
+    """A token with ``header``, a small payload and a signature that verifies nothing."""
+    segment = base64.urlsafe_b64encode(json.dumps(header).encode()).rstrip(b"=").decode()
+    return f"{segment}.eyJzdWIiOiJ4In0.AAAA"
+
+
+# Headers PyJWT refuses while reading them, before any key is looked at (InvalidTokenError, which
+# is no DecodeError). The first two are the audit's tokens as sent.
+REFUSED_HEADERS = [
+    "eyJhbGciOiJIUzI1NiIsImNyaXQiOlsiZm9vIl19.eyJzdWIiOiJ4In0.AAAA",  # crit: ["foo"]
+    "eyJhbGciOiJIUzI1NiIsImtpZCI6WyJ4Il19.eyJzdWIiOiJ4In0.AAAA",  # kid: ["x"]
+    unsigned({"alg": "RS256", "kid": 7}),
+    unsigned({"alg": "ES256", "kid": {"k": "v"}}),
+    unsigned({"alg": "HS256", "crit": "b64"}),
+    unsigned({"alg": "RS256", "crit": []}),
+    unsigned({"alg": "RS256", "crit": [1]}),
+    unsigned({"alg": "RS256", "crit": ["exp"]}),  # named, implemented by nobody here
+]
+
+
 @pytest.fixture
 async def issuer(aiohttp_server: Any, keys: dict[str, Any]) -> dict[str, Any]:
     """A JWKS endpoint whose key set the test changes; counts fetches."""
@@ -58,6 +82,8 @@ async def issuer(aiohttp_server: Any, keys: dict[str, Any]) -> dict[str, Any]:
 
     async def jwks(request: web.Request) -> web.Response:
         state["fetches"] += 1
+        if state.get("down"):
+            return web.Response(status=503)
         return web.json_response({"keys": state["keys"]})
 
     app = web.Application()
@@ -186,6 +212,65 @@ async def test_bad_token_is_401_invalid_token(client, upstream, keys, make_token
     assert upstream.requests == []
 
 
+@pytest.mark.parametrize("raw_token", [b"\xe9\xe9", b"eyJhbGciOiJIUzI1NiJ9.\xff.AAAA", "é.é.é".encode()])
+@pytest.mark.parametrize("path", ["/required", "/optional"])
+async def test_token_bytes_outside_ascii_are_401_invalid_token(client, upstream, path, raw_token):
+    # Sent as bytes: aiohttp's client would not put bytes that are not UTF-8 in a header.
+    request = b"GET %s HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer %s\r\nConnection: close\r\n\r\n"
+    [response] = parse_responses(await raw_exchange(client.port, request % (path.encode(), raw_token)))
+
+    assert response.status == 401
+    assert response.headers["WWW-Authenticate"] == (
+        'Bearer error="invalid_token", error_description="The token is malformed"'
+    )
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert response.json() == {"detail": "Invalid token"}
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("value", REFUSED_HEADERS)
+async def test_token_headers_pyjwt_refuses_are_401_invalid_token(client, upstream, value):
+    for path in ("/required", "/optional"):
+        response = await client.get(path, headers=bearer(value))
+        assert response.status == 401
+        assert response.headers["WWW-Authenticate"] == (
+            'Bearer error="invalid_token", error_description="The token\'s header is invalid"'
+        )
+        assert response.headers["X-Request-ID"]
+        assert await response.json() == {"detail": "Invalid token"}
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("value", REFUSED_HEADERS[:3])
+async def test_token_headers_pyjwt_refuses_are_401_without_any_key_source(make_gateway, upstream, value):
+    client = await make_gateway(service(upstream.url, routes()), {})  # auth on, nothing to verify with
+
+    for path in ("/required", "/optional"):
+        response = await client.get(path, headers=bearer(value))
+        assert response.status == 401
+        assert response.headers["WWW-Authenticate"].startswith('Bearer error="invalid_token"')
+        assert await response.json() == {"detail": "Invalid token"}
+    assert upstream.requests == []
+
+
+async def test_a_development_token_naming_a_jku_is_401(make_gateway, upstream, env):
+    # The audit's case: HS256, signed with the configured secret, `jku: http://evil/jwks`.
+    secret = "chain-jku-secret-" + "k" * 48
+    client = await make_gateway(service(upstream.url, routes()), {**env, "AUTH_JWT_SECRET": secret})
+    claims = {"sub": "mallory", "iss": ISSUER, "aud": AUDIENCE, "exp": int(time.time()) + 300}
+    value = jwt.encode(claims, secret, algorithm="HS256", headers={"jku": "http://evil/jwks"})
+
+    response = await client.get("/required", headers=bearer(value))
+
+    assert response.status == 401
+    assert response.headers["WWW-Authenticate"] == (
+        'Bearer error="invalid_token", '
+        'error_description="The token\'s jku, jwk, x5u or x5c header is not accepted"'
+    )
+    assert await response.json() == {"detail": "Invalid token"}
+    assert upstream.requests == []
+
+
 async def test_missing_scope_is_403_insufficient_scope(client, upstream, keys):
     response = await client.post(
         "/scoped", json={}, headers=bearer(mint(keys["rsa"], "rsa-1", scope="clusters:read"))
@@ -259,3 +344,101 @@ async def test_unknown_kids_do_not_each_cost_a_fetch(client, issuer, keys):
         assert response.status == 401
         assert "unknown" in response.headers["WWW-Authenticate"]
     assert issuer["fetches"] <= 2
+
+
+# -- the issuer's keys unavailable ---------------------------------------------------------------
+
+UNAVAILABLE = "The token cannot be verified now: the issuer's signing keys are unavailable"
+
+
+@pytest.fixture
+async def failing_issuers(aiohttp_server: Any, make_raw_upstream: Any, refused_url: str) -> dict[str, Any]:
+    """JWKS URLs that fail the ways the audit tried; ``hits`` counts requests that reached one."""
+    hits = {"count": 0}
+
+    async def not_found(request: web.Request) -> web.Response:
+        hits["count"] += 1
+        return web.Response(status=404)
+
+    async def not_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hits["count"] += 1
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n\x00\xff\r\n\r\n")
+        await writer.drain()
+
+    app = web.Application()
+    app.router.add_get("/jwks", not_found)
+    server = await aiohttp_server(app)
+    return {
+        "hits": hits,
+        "refused": f"{refused_url}/jwks",
+        "404": str(server.make_url("/jwks")),
+        "not-http": await make_raw_upstream(not_http) + "/jwks",
+    }
+
+
+def unavailable_env(url: str) -> dict[str, str]:
+    return {"AUTH_JWKS_URL": url, "AUTH_ISSUER": ISSUER, "AUTH_AUDIENCE": AUDIENCE}
+
+
+async def assert_unavailable(response: Any) -> None:
+    assert response.status == 503
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert response.headers["X-Request-ID"]
+    assert 1 <= int(response.headers["Retry-After"]) <= 5
+    assert await response.json() == {"detail": UNAVAILABLE}
+
+
+@pytest.mark.parametrize("failure", ["refused", "404", "not-http"])
+async def test_an_unreachable_issuer_on_a_cold_cache_is_503_with_retry_after(
+    make_gateway, upstream, keys, failing_issuers, failure
+):
+    client = await make_gateway(service(upstream.url, routes()), unavailable_env(failing_issuers[failure]))
+    value = mint(keys["rsa"], "rsa-1")
+
+    await assert_unavailable(await client.get("/required", headers=bearer(value)))
+    attempts = failing_issuers["hits"]["count"]
+    for path in ("/required", "/optional", "/scoped"):  # a presented token is judged on every mode
+        await assert_unavailable(await client.get(path, headers=bearer(value)))
+    assert failing_issuers["hits"]["count"] == attempts  # the failure was remembered
+    assert upstream.requests == []
+
+
+async def test_a_never_answering_issuer_delays_the_first_requests_by_the_fetch_timeout_only(
+    make_gateway, make_raw_upstream, upstream, keys
+):
+    connections = 0
+
+    async def never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await reader.read()
+
+    url = await make_raw_upstream(never_answers) + "/jwks"
+    client = await make_gateway(service(upstream.url, routes()), unavailable_env(url))
+    value = mint(keys["rsa"], "rsa-1")
+
+    started = time.monotonic()
+    first = await asyncio.gather(*(client.get("/required", headers=bearer(value)) for _ in range(3)))
+    waited = time.monotonic() - started
+    for response in first:
+        await assert_unavailable(response)
+    assert waited < 4.5  # the JWKS fetch timeout (3 s), shared, not one per request (was 5.7 s and a 500)
+
+    started = time.monotonic()
+    for _ in range(3):
+        await assert_unavailable(await client.get("/required", headers=bearer(value)))
+    assert time.monotonic() - started < 1.5  # the failure is remembered: nobody waits again
+    assert connections == 1
+
+
+async def test_an_unknown_kid_while_the_issuer_is_down_is_401_unknown(client, issuer, keys):
+    assert (await client.get("/required", headers=bearer(mint(keys["rsa"], "rsa-1")))).status == 200
+    issuer["down"] = True
+
+    response = await client.get("/required", headers=bearer(mint(keys["rsa-next"], "rsa-9")))
+
+    assert response.status == 401
+    assert "signing key is unknown" in response.headers["WWW-Authenticate"]
+    assert issuer["fetches"] == 2  # it did try
+    assert (await client.get("/required", headers=bearer(mint(keys["rsa"], "rsa-1", sub="b")))).status == 200

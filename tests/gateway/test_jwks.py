@@ -1,0 +1,202 @@
+"""The JWKS cache when the issuer fails: every issuer here is a real server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import jwt
+import pytest
+from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import ec
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.jwks import JwksCache, JwksError, JwksUnavailable, parse_jwks
+from tests.helpers import wait_for
+
+KEY = ec.generate_private_key(ec.SECP256R1())
+JWK = {**jwt.algorithms.ECAlgorithm.to_jwk(KEY.public_key(), as_dict=True), "kid": "k1", "use": "sig"}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Issuer:
+    """A JWKS endpoint that fails with ``status`` until told to serve, and can hold answers back."""
+
+    def __init__(self) -> None:
+        self.status = 503
+        self.hits = 0
+        self.release = asyncio.Event()
+        self.release.set()
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.hits += 1
+        await self.release.wait()
+        if self.status != 200:
+            return web.Response(status=self.status)
+        return web.json_response({"keys": [JWK]})
+
+
+@pytest.fixture
+async def issuer(aiohttp_server: Any) -> Issuer:
+    state = Issuer()
+    app = web.Application()
+    app.router.add_get("/jwks", state.handle)
+    state.url = str((await aiohttp_server(app)).make_url("/jwks"))
+    return state
+
+
+@pytest.fixture
+async def make_cache() -> AsyncIterator[Any]:
+    made: list[JwksCache] = []
+
+    def make(url: str, **kwargs: Any) -> JwksCache:
+        made.append(JwksCache(url, **kwargs))
+        return made[-1]
+
+    yield make
+    for cache in made:
+        await cache.close()
+
+
+async def test_a_failed_cold_fetch_is_remembered_for_failure_ttl(issuer, make_cache):
+    clock = Clock()
+    jwks = make_cache(issuer.url, clock=clock, failure_ttl=5)
+
+    with pytest.raises(JwksUnavailable) as first:
+        await jwks.get("k1")
+    assert first.value.retry_after == 5
+    clock.now += 2
+    for _ in range(10):
+        with pytest.raises(JwksUnavailable) as later:
+            await jwks.get("k1")
+        assert later.value.retry_after == 3
+    assert issuer.hits == 1  # none of the later lookups asked the issuer again
+
+
+async def test_after_failure_ttl_the_retry_runs_behind_the_requests(issuer, make_cache):
+    clock = Clock()
+    jwks = make_cache(issuer.url, clock=clock, failure_ttl=5)
+    with pytest.raises(JwksUnavailable):
+        await jwks.get("k1")
+
+    issuer.status = 200
+    issuer.release.clear()  # the issuer is back, but slow to answer
+    clock.now += 5
+    with pytest.raises(JwksUnavailable) as retrying:
+        await jwks.get("k1")  # starts the retry and returns at once: it cannot wait for a held answer
+    assert retrying.value.retry_after == 1
+    await wait_for(lambda: issuer.hits == 2, what="the retry to reach the issuer")
+    with pytest.raises(JwksUnavailable):
+        await jwks.get("k1")  # the retry is still under way: no second one, no waiting
+    assert issuer.hits == 2
+
+    issuer.release.set()
+    await wait_for(lambda: jwks.has("k1"), what="the retry to load the keys")
+    assert await jwks.get("k1") is not None
+
+
+async def test_a_never_answering_issuer_costs_only_the_first_lookups_the_timeout(
+    make_raw_upstream, make_cache
+):
+    connections = 0
+
+    async def never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await reader.read()  # until the client gives up
+
+    url = await make_raw_upstream(never_answers) + "/jwks"
+    jwks = make_cache(url, timeout=0.5)
+
+    started = time.monotonic()
+    first = await asyncio.gather(*(jwks.get("k1") for _ in range(5)), return_exceptions=True)
+    waited = time.monotonic() - started
+    assert all(isinstance(outcome, JwksUnavailable) for outcome in first)
+    assert 0.4 < waited < 2.5  # the fetch timeout, shared by all five
+    assert connections == 1
+
+    started = time.monotonic()
+    for _ in range(5):
+        with pytest.raises(JwksUnavailable):
+            await jwks.get("k1")
+    assert time.monotonic() - started < 0.4  # remembered: no lookup waits again
+    assert connections == 1
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"SSH-2.0-OpenSSH_9.6\r\n",  # not HTTP at all
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",  # not JSON
+        b'HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n{"keys": 1}\n',  # not a JWKS
+        b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n" + b"[" * 100_000 + b"]" * 100_000,
+    ],
+    ids=["not-http", "not-json", "not-a-jwks", "nested-too-deep"],
+)
+async def test_an_issuer_answering_nonsense_is_unavailable(make_raw_upstream, make_cache, answer):
+    async def nonsense(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+
+    jwks = make_cache(await make_raw_upstream(nonsense) + "/jwks")
+
+    with pytest.raises(JwksUnavailable):
+        await jwks.get("k1")
+
+
+async def test_an_unknown_kid_while_the_issuer_is_down_is_unknown(issuer, make_cache):
+    issuer.status = 200
+    jwks = make_cache(issuer.url)
+    assert await jwks.get("k1") is not None
+
+    issuer.status = 500
+    assert await jwks.get("k2") is None  # the refetch failed: the kid is unknown, not an error
+    assert issuer.hits == 2
+    assert await jwks.get("k1") is not None  # the last good set stays in use
+
+
+FIELD = st.sampled_from(["kty", "crv", "x", "y", "n", "e", "alg", "use", "kid", "d"]) | st.text(max_size=3)
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6)
+    | st.sampled_from(["RSA", "EC", "OKP", "oct", "sig", "enc", "P-256", "Ed25519", "ES256", "AQAB"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(FIELD, inner, max_size=6),
+    max_leaves=12,
+)  # fmt: skip
+KEYS = st.fixed_dictionaries(
+    {"kty": st.sampled_from(["RSA", "EC", "OKP"]) | JSON},
+    optional={name: JSON for name in ["crv", "x", "y", "n", "e", "alg", "use", "kid", "d"]},
+)
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(document=JSON | st.fixed_dictionaries({"keys": st.lists(KEYS | JSON, max_size=3)}))
+def test_a_jwks_document_of_any_shape_gives_keys_or_a_jwks_error(document: Any) -> None:
+    try:
+        keys = parse_jwks(document)
+    except JwksError:
+        return
+    assert all(isinstance(kid, str) for kid in keys)
+
+
+async def test_a_key_whose_kty_is_not_a_string_is_skipped(make_cache, aiohttp_server):
+    async def odd(request: web.Request) -> web.Response:
+        return web.json_response({"keys": [{"kty": ["RSA"]}, {"kty": {"EC": 1}}, JWK]})
+
+    app = web.Application()
+    app.router.add_get("/jwks", odd)
+    jwks = make_cache(str((await aiohttp_server(app)).make_url("/jwks")))
+
+    assert await jwks.get("k1") is not None
+    assert set(jwks.keys) == {"k1"}
