@@ -14,7 +14,7 @@ from .app import create_app
 from .devauth import mint_token
 from .logs import configure_logging
 from .reload import reload_routes
-from .server import Listener, run, run_workers, serve
+from .server import Listener, ListenError, run, run_workers, serve
 from .settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("gateway")
@@ -26,6 +26,11 @@ def _settings(environ: dict[str, str] | None = None) -> Settings:
     except SettingsError as exc:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _fail(message: str) -> int:
+    print(f"gateway: {message}", file=sys.stderr, flush=True)
+    return 2
 
 
 def _warn_about(settings: Settings) -> None:
@@ -48,7 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         app = create_app(settings)
         run(
             serve(
-                [Listener(app, settings.host, settings.port, "gateway")],
+                [Listener(app, settings.host, settings.port, "gateway", "GATEWAY_HOST, GATEWAY_PORT")],
                 shutdown_timeout=settings.shutdown_timeout,
                 reuse_port=settings.workers > 1,
                 on_hangup=partial(reload_routes, app),
@@ -56,7 +61,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
 
     if settings.workers == 1:
-        worker()
+        try:
+            worker()
+        except ListenError as exc:
+            return _fail(str(exc))
         return 0
     log.info("starting workers", extra={"workers": settings.workers})
     return run_workers(settings.workers, worker)

@@ -9,6 +9,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -25,6 +26,7 @@ __all__ = [
     "GC_THRESHOLD",
     "MALLOC_MMAP_THRESHOLD",
     "MALLOC_TRIM_THRESHOLD",
+    "ListenError",
     "Listener",
     "run",
     "run_workers",
@@ -42,6 +44,26 @@ class Listener:
     host: str
     port: int
     name: str
+    keys: str = ""  # the settings that chose host and port, named when they cannot be bound
+
+
+class ListenError(Exception):
+    """A listener's address cannot be bound (in use, not local, not resolvable, privileged).
+
+    A start-up problem of the operator's making, not a bug: ``__main__`` prints it as one line.
+    """
+
+    def __init__(self, listener: Listener, error: OSError) -> None:
+        host = f"[{listener.host}]" if ":" in listener.host else listener.host
+        if isinstance(error, socket.gaierror):
+            problem = f"cannot resolve the host: {(error.strerror or str(error)).lower()}"
+        elif error.errno:
+            problem = os.strerror(error.errno).lower()  # uvloop's own text repeats the address
+        else:
+            problem = str(error)
+        keys = f" ({listener.keys})" if listener.keys else ""
+        super().__init__(f"cannot listen on {host}:{listener.port}: {problem}{keys}")
+        self.listener = listener
 
 
 # The collector runs when the count of container objects made and not yet freed passes a
@@ -119,6 +141,7 @@ async def serve(
 
     Draining: readiness turns 503, listening sockets close, in-flight requests get up to
     ``shutdown_timeout`` seconds to finish, then connections are closed and resources released.
+    An address that cannot be bound raises ListenError, after what was started is cleaned up.
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -148,7 +171,10 @@ async def serve(
             await runner.setup()
             runners.append(runner)
             site = web.TCPSite(runner, listener.host, listener.port, reuse_port=reuse_port, backlog=1024)
-            await site.start()
+            try:
+                await site.start()
+            except OSError as exc:
+                raise ListenError(listener, exc) from exc
             server = site._server
             port = server.sockets[0].getsockname()[1] if server and server.sockets else listener.port
             bound.append((listener, port))

@@ -26,6 +26,7 @@ __all__ = [
     "SettingsError",
     "Timeouts",
     "load_settings",
+    "parse_host",
     "parse_int",
     "parse_logging",
     "parse_number",
@@ -79,6 +80,8 @@ JSON_CONTENT_TYPES: tuple[str, ...] = ("application/json",)
 # A number, then bytes (``B`` or nothing) or a binary multiple (``K``, ``KB``, ``KiB``, ...).
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])i?b?|b)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+# RFC 1123 host names, plus ``_`` (container and compose service names have it).
+_HOSTNAME_RE = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*\.?", re.IGNORECASE)
 _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*([a-z]+)\s*$", re.IGNORECASE)
 _PERIODS = {
     "s": 1, "sec": 1, "second": 1, "seconds": 1,
@@ -235,6 +238,23 @@ def parse_int(value: Any, key: str, *, minimum: int, maximum: int) -> int:
     if not minimum <= number <= maximum:
         raise SettingsError(f"{key}: must be between {minimum} and {maximum}, got {number}")
     return number
+
+
+def parse_host(value: str, key: str) -> str:
+    """An address or host name to listen on; ``""`` (every interface) passes as it always did."""
+    host = value.strip()
+    if not host:
+        return host
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    # A name's last label is never all digits (RFC 1123 2.1), so 999.1.1.1 is a mistyped address
+    # that would only fail, with a resolver's message, when the socket is bound.
+    if not _HOSTNAME_RE.fullmatch(host) or host.rstrip(".").rsplit(".", 1)[-1].isdigit():
+        raise SettingsError(f"{key}: {host!r} is neither an IP address nor a host name")
+    return host
 
 
 def _bool(value: Any, key: str) -> bool:
@@ -510,7 +530,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     )
 
     return Settings(
-        host=env.get("GATEWAY_HOST", "127.0.0.1"),
+        host=parse_host(env.get("GATEWAY_HOST", "127.0.0.1"), "GATEWAY_HOST"),
         port=parse_int(env.get("GATEWAY_PORT", "8080"), "GATEWAY_PORT", minimum=0, maximum=65535),
         services=services,
         routes=routes,
@@ -525,7 +545,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         trusted_proxies=tuple(trusted),
         cors_allow_origins=origins,
         data_dir=env.get("GATEWAY_DATA_DIR", "./.data"),
-        intelligence_host=env.get("INTELLIGENCE_HOST", "127.0.0.1"),
+        intelligence_host=parse_host(env.get("INTELLIGENCE_HOST", "127.0.0.1"), "INTELLIGENCE_HOST"),
         intelligence_port=parse_int(
             env.get("INTELLIGENCE_PORT", "8081"), "INTELLIGENCE_PORT", minimum=0, maximum=65535
         ),

@@ -24,7 +24,7 @@ from intelligence.settings import load_settings as load_chat_settings
 from .app import create_app
 from .devauth import dev_secret, mint_token
 from .logs import configure_logging
-from .server import Listener, run, serve
+from .server import Listener, ListenError, run, serve
 from .settings import ServiceSettings, Settings, SettingsError, service_env_name
 
 __all__ = ["run_up"]
@@ -113,19 +113,19 @@ def run_up(settings: Settings, environ: Mapping[str, str] | None = None) -> int:
         lines.append("")
         print("\n".join(lines), file=sys.stderr, flush=True)
 
-    run(
-        serve(
-            [
-                Listener(
-                    create_intelligence_app(chat),
-                    settings.intelligence_host,
-                    settings.intelligence_port,
-                    "intelligence",
-                ),
-                Listener(create_app(settings), settings.host, settings.port, "gateway"),
-            ],
-            shutdown_timeout=settings.shutdown_timeout,
-            on_started=banner,
-        )
-    )
+    listeners = [
+        Listener(
+            create_intelligence_app(chat),
+            settings.intelligence_host,
+            settings.intelligence_port,
+            "intelligence",
+            "INTELLIGENCE_HOST, INTELLIGENCE_PORT",
+        ),
+        Listener(create_app(settings), settings.host, settings.port, "gateway", "GATEWAY_HOST, GATEWAY_PORT"),
+    ]
+    try:
+        run(serve(listeners, shutdown_timeout=settings.shutdown_timeout, on_started=banner))
+    except ListenError as exc:
+        print(f"gateway: {exc}", file=sys.stderr, flush=True)
+        return 2
     return 0

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 # The gateway's small parsers, so both apps report a bad value the same way.
 from gateway.settings import (
     SettingsError,
+    parse_host,
     parse_int,
     parse_logging,
     parse_number,
@@ -100,7 +101,7 @@ def load_settings(
     return IntelligenceSettings(
         postgres=load_postgres_settings(env, dsn),
         cache=cache,
-        host=env.get("INTELLIGENCE_HOST", "127.0.0.1"),
+        host=parse_host(env.get("INTELLIGENCE_HOST", "127.0.0.1"), "INTELLIGENCE_HOST"),
         port=parse_int(env.get("INTELLIGENCE_PORT", "8081"), "INTELLIGENCE_PORT", minimum=0, maximum=65535),
         log_level=log_level,
         log_format=log_format,

@@ -127,6 +127,19 @@ def test_bad_config_file_names_the_key(tmp_path: Path, config: Any, names: str) 
     assert "\n" not in message
 
 
+@pytest.mark.parametrize("key", ["GATEWAY_HOST", "INTELLIGENCE_HOST"])
+@pytest.mark.parametrize("host", ["999.1.1.1", "1.2.3", "http://gateway", "10.0.0.1:8080", "two words"])
+def test_a_listen_host_that_is_no_address_names_the_key(key: str, host: str) -> None:
+    with pytest.raises(SettingsError, match=f"^{key}: "):
+        load_settings({key: host})
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "::1", "localhost", "gateway-1.internal", "chat_api", ""])
+def test_listen_hosts_that_are_addresses_or_names_are_kept(host: str) -> None:
+    settings = load_settings({"GATEWAY_HOST": host, "INTELLIGENCE_HOST": host})
+    assert (settings.host, settings.intelligence_host) == (host, host)
+
+
 def test_missing_config_file_names_the_variable(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="GATEWAY_CONFIG"):
         load_settings({"GATEWAY_CONFIG": str(tmp_path / "absent.yaml")})
