@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 from . import __version__
@@ -14,7 +14,7 @@ from .app import create_app
 from .devauth import mint_token
 from .logs import configure_logging
 from .reload import reload_routes
-from .server import Listener, ListenError, run, run_workers, serve
+from .server import Listener, StartupError, run, run_workers, serve
 from .settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("gateway")
@@ -48,7 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_format)
     _warn_about(settings)
 
-    def worker() -> None:
+    def worker(ready: Callable[[], None]) -> None:
         configure_logging(settings.log_level, settings.log_format)
         app = create_app(settings)
         run(
@@ -56,18 +56,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 [Listener(app, settings.host, settings.port, "gateway", "GATEWAY_HOST, GATEWAY_PORT")],
                 shutdown_timeout=settings.shutdown_timeout,
                 reuse_port=settings.workers > 1,
+                on_started=lambda _bound: ready(),
                 on_hangup=partial(reload_routes, app),
             )
         )
 
-    if settings.workers == 1:
-        try:
-            worker()
-        except ListenError as exc:
-            return _fail(str(exc))
-        return 0
-    log.info("starting workers", extra={"workers": settings.workers})
-    return run_workers(settings.workers, worker)
+    try:
+        if settings.workers == 1:
+            worker(lambda: None)
+            return 0
+        log.info("starting workers", extra={"workers": settings.workers})
+        return run_workers(settings.workers, worker)
+    except StartupError as exc:
+        return _fail(str(exc))
 
 
 def cmd_up(args: argparse.Namespace) -> int:

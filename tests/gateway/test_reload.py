@@ -1,5 +1,6 @@
 """Configuration reload without downtime: in process through ``reload_routes``, and with real
-signals against ``python -m gateway`` (one process, and GATEWAY_WORKERS=2)."""
+signals against ``python -m gateway`` (one process, and GATEWAY_WORKERS=2, whose supervisor also
+replaces a worker that dies while serving)."""
 
 from __future__ import annotations
 
@@ -349,3 +350,35 @@ async def test_two_workers_answer_reload_and_stop_on_sigterm(
     assert await gateway.stop() == 0
     for pid in pids:
         assert gone(pid)
+
+
+async def test_a_worker_that_dies_while_serving_is_replaced(
+    gateway_process: Any, named_upstream: Any, tmp_path: Path
+) -> None:
+    url, _ = await named_upstream("kept")
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump(table({"/a": url})))
+    gateway = gateway_process(config, GATEWAY_WORKERS="2")
+    await gateway.ready()
+    first: set[int] = set()
+    deadline = time.monotonic() + 15
+    while len(first) < 2:
+        assert time.monotonic() < deadline, f"only saw workers {first}"
+        first.add((await gateway.metrics())["pid"])
+
+    victim = min(first)
+    os.kill(victim, signal.SIGKILL)
+
+    deadline = time.monotonic() + 15
+    while True:  # until a worker started after the kill answers
+        assert time.monotonic() < deadline, f"no replacement for worker {victim}:\n{gateway.log.read_text()}"
+        try:
+            pid = (await gateway.metrics())["pid"]
+        except aiohttp.ClientConnectionError:
+            continue
+        if pid not in first:
+            break
+    assert parent_of(pid) == gateway.process.pid
+    assert gateway.logged("worker exited; restarting")
+    assert (await gateway.get("/a/x")) == (200, b'{"upstream": "kept"}')
+    assert await gateway.stop() == 0

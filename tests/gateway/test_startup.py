@@ -7,6 +7,8 @@ found only while starting: the listening address, the worker processes.
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -42,3 +44,36 @@ def test_a_listen_error_is_one_line_with_the_reason(host: str, error: OSError, p
 
     shown = f"[{host}]" if ":" in host else host
     assert message == f"cannot listen on {shown}:80: {problem} (GATEWAY_HOST, GATEWAY_PORT)"
+
+
+def test_workers_on_a_port_in_use_stop_with_one_line_instead_of_restarting(busy_port: int) -> None:
+    env = program_env(GATEWAY_PORT=str(busy_port), GATEWAY_WORKERS="2")
+
+    # Before, the supervisor restarted the failing workers for ever: the timeout ends that.
+    result = run_program("gateway", env=env, timeout=15)
+
+    assert refusal(result) == (
+        f"gateway: cannot listen on 127.0.0.1:{busy_port}: address already in use "
+        "(GATEWAY_HOST, GATEWAY_PORT)"
+    )
+
+
+def test_a_worker_that_crashes_before_serving_stops_the_supervisor() -> None:
+    script = (
+        "from gateway.server import WorkerStartError, run_workers\n"
+        "def worker(ready):\n"
+        "    raise RuntimeError('a bug while building the app')\n"
+        "try:\n"
+        "    run_workers(2, worker)\n"
+        "except WorkerStartError as exc:\n"
+        "    print(exc)\n"
+    )
+
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=program_env(), capture_output=True, text=True, timeout=15
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "a worker exited with code 1 before it was serving\n"
+    # A bug, not a setting: its traceback stays (the other worker may be stopped before it prints).
+    assert "RuntimeError: a bug while building the app" in result.stderr
