@@ -209,7 +209,7 @@ def parse_url(value: Any, key: str) -> str:
 
 
 def _url_list(value: Any, key: str) -> tuple[str, ...]:
-    items = value.split(",") if isinstance(value, str) else value
+    items = list(_csv(value, key)) if isinstance(value, str) else value
     if not isinstance(items, list | tuple) or not items:
         raise SettingsError(f"{key}: expected one URL or a list of URLs, got {value!r}")
     urls = tuple(parse_url(item, f"{key}[{i}]") for i, item in enumerate(items))
@@ -268,8 +268,16 @@ def _bool(value: Any, key: str) -> bool:
     raise SettingsError(f"{key}: expected true or false, got {value!r}")
 
 
-def _csv(value: str | None) -> tuple[str, ...]:
-    return tuple(item.strip() for item in (value or "").split(",") if item.strip())
+def _csv(value: str | None, key: str) -> tuple[str, ...]:
+    """A comma-separated list; unset or blank is an empty one. An empty item (``a,,b``, ``a,``,
+    ``,``) is refused rather than skipped: it is most often a variable that expanded to nothing."""
+    if value is None or not value.strip():
+        return ()
+    items = tuple(item.strip() for item in value.split(","))
+    for position, item in enumerate(items, 1):
+        if not item:
+            raise SettingsError(f"{key}: item {position} of {len(items)} is empty (a stray comma?)")
+    return items
 
 
 def _prefix(value: Any, key: str) -> str:
@@ -496,13 +504,13 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     sample_rate = parse_sample_rate(env.get("TRACE_SAMPLE_RATE", "1.0"))
 
     trusted = []
-    for item in _csv(env.get("TRUSTED_PROXIES")):
+    for item in _csv(env.get("TRUSTED_PROXIES"), "TRUSTED_PROXIES"):
         try:
             trusted.append(ipaddress.ip_network(item, strict=False))
         except ValueError as exc:
             raise SettingsError(f"TRUSTED_PROXIES: {item!r} is not an address or CIDR") from exc
 
-    origins = _csv(env.get("CORS_ALLOW_ORIGINS"))
+    origins = _csv(env.get("CORS_ALLOW_ORIGINS"), "CORS_ALLOW_ORIGINS")
     if "*" in origins and len(origins) > 1:
         raise SettingsError("CORS_ALLOW_ORIGINS: '*' cannot be combined with explicit origins")
     for origin in origins:
@@ -511,7 +519,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
                 f"CORS_ALLOW_ORIGINS: {origin!r} is not an origin (scheme://host[:port], no path)"
             )
 
-    algorithms = _csv(env.get("AUTH_ALGORITHMS", "RS256,ES256"))
+    algorithms = _csv(env.get("AUTH_ALGORITHMS", "RS256,ES256"), "AUTH_ALGORITHMS")
+    if not algorithms:
+        # Set but empty: no token could ever verify. Unset means the default.
+        raise SettingsError("AUTH_ALGORITHMS: empty; name at least one, such as RS256,ES256 (the default)")
     allowed_algs = {"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "HS256", "HS384", "HS512", "EdDSA"}  # fmt: skip
     for alg in algorithms:
         if alg not in allowed_algs:

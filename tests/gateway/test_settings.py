@@ -19,7 +19,7 @@ from aiohttp import web
 
 from gateway.keys import lifecycle_key
 from gateway.settings import SettingsError, load_settings
-from tests.helpers import one_service, wait_for
+from tests.helpers import one_service, program_env, refusal, run_program, wait_for
 
 WORKTREE = Path(__file__).resolve().parents[2]
 GOOD = {
@@ -188,6 +188,38 @@ def test_service_url_variable_overrides_the_default_table() -> None:
 def test_bad_service_url_variable_names_the_variable(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="SERVICE_CLUSTER_REGISTRY_URL"):
         load_settings({"GATEWAY_CONFIG": write(tmp_path, GOOD), "SERVICE_CLUSTER_REGISTRY_URL": "nonsense"})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("AUTH_ALGORITHMS", ""),
+        ("AUTH_ALGORITHMS", " "),
+        ("AUTH_ALGORITHMS", ","),
+        ("AUTH_ALGORITHMS", "RS256,"),
+        ("TRUSTED_PROXIES", ","),
+        ("TRUSTED_PROXIES", "10.0.0.1,,10.0.0.2"),
+        ("CORS_ALLOW_ORIGINS", ","),
+        ("CORS_ALLOW_ORIGINS", "https://a.example,"),
+        ("SERVICE_CLUSTER_REGISTRY_URL", ","),
+        ("SERVICE_CLUSTER_REGISTRY_URL", "http://127.0.0.1:7001,,http://127.0.0.1:7002"),
+    ],
+)
+def test_a_comma_list_with_an_empty_item_names_the_key(key: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=f"^{key}: .*empty"):
+        load_settings({key: value, "AUTH_JWT_SECRET": "s"})  # with the secret HS256 would be added
+
+
+def test_blank_lists_that_default_to_none_stay_none() -> None:
+    settings = load_settings({"TRUSTED_PROXIES": "", "CORS_ALLOW_ORIGINS": " "})
+    assert (settings.trusted_proxies, settings.cors_allow_origins) == ((), ())
+
+
+def test_check_config_refuses_an_empty_auth_algorithms() -> None:
+    result = run_program("gateway", "check-config", env=program_env(AUTH_ALGORITHMS=""))
+
+    assert refusal(result).startswith("gateway: configuration error: AUTH_ALGORITHMS: empty")
+    assert result.stdout == ""
 
 
 async def test_service_url_override_sends_traffic_to_the_new_target(
