@@ -66,7 +66,7 @@ def run_up(settings: Settings, environ: Mapping[str, str] | None = None) -> int:
         return 2
 
     async def migrate() -> None:
-        applied = await apply_migrations(dsn, load_migrations())
+        applied = await apply_migrations(dsn, load_migrations(chat.migrations_dir))
         if applied:
             log.info("applied migrations", extra={"migrations": applied})
 

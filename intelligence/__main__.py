@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "migrate":
         try:
-            applied = asyncio.run(apply_migrations(settings.postgres.dsn, load_migrations()))
+            applied = asyncio.run(
+                apply_migrations(settings.postgres.dsn, load_migrations(settings.migrations_dir))
+            )
         except MigrationError as exc:
             return _fail(str(exc))
         except Exception as exc:  # psycopg2's errors: name the problem, no traceback
