@@ -380,18 +380,34 @@ def _parse_route(index: int, raw: Any, services: Mapping[str, ServiceSettings]) 
     )
 
 
-def load_config_file(path: str) -> tuple[dict[str, ServiceSettings], tuple[Route, ...]]:
+def _read_yaml(path: str) -> Any:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise SettingsError(f"GATEWAY_CONFIG: cannot read {path}: {exc.strerror or exc}") from exc
     try:
-        raw = yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise SettingsError(
+            f"{path}: not UTF-8 at byte {exc.start} (line {line}); save it as UTF-8"
+        ) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.reader.ReaderError as exc:  # a control character; its text spans two lines
+        line = text.count("\n", 0, exc.position) + 1
+        raise SettingsError(
+            f"{path}: not valid YAML at line {line}: character #x{exc.character:04x} is not allowed"
+        ) from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise SettingsError(f"{path}: not valid YAML{where}: {problem}") from exc
+        raise SettingsError(f"{path}: not valid YAML{where}: {' '.join(str(problem).split())}") from exc
+
+
+def load_config_file(path: str) -> tuple[dict[str, ServiceSettings], tuple[Route, ...]]:
+    raw = _read_yaml(path)
     if not isinstance(raw, Mapping):
         raise SettingsError(f"{path}: expected a mapping with 'services' and 'routes'")
     _check_keys(raw, {"services", "routes"}, path)

@@ -56,7 +56,10 @@ def with_change(path: str, value: Any) -> dict[str, Any]:
 
 def write(tmp_path: Path, config: Any) -> str:
     path = tmp_path / "gateway.yaml"
-    path.write_text(config if isinstance(config, str) else yaml.safe_dump(config), encoding="utf-8")
+    if isinstance(config, bytes):
+        path.write_bytes(config)
+    else:
+        path.write_text(config if isinstance(config, str) else yaml.safe_dump(config), encoding="utf-8")
     return str(path)
 
 
@@ -117,6 +120,15 @@ def write(tmp_path: Path, config: Any) -> str:
         pytest.param(with_change("routes", []), "routes", id="no-routes"),
         pytest.param("services: {a: [unclosed\n", "not valid YAML", id="invalid-yaml"),
         pytest.param("- just\n- a list\n", "expected a mapping", id="not-a-mapping"),
+        pytest.param(b"\xff\xfe\x00bad", "not UTF-8 at byte 0 (line 1)", id="not-utf8"),
+        pytest.param(
+            yaml.safe_dump(with_change("routes.2.scopes", ["caf\xe9"]), allow_unicode=True).encode("latin-1"),
+            "not UTF-8 at byte",
+            id="latin1-in-a-valid-file",
+        ),
+        pytest.param(
+            "services: {a: {url: 'http://x\x01'}}\n", "not valid YAML at line 1", id="control-character"
+        ),
     ],
 )
 def test_bad_config_file_names_the_key(tmp_path: Path, config: Any, names: str) -> None:
@@ -270,6 +282,14 @@ def test_check_config_fails_with_one_clear_line_for_a_bad_file(tmp_path: Path) -
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
     assert "routes[0].max_body" in lines[0]
+
+
+def test_check_config_refuses_a_file_that_is_not_utf8_in_one_line(tmp_path: Path) -> None:
+    path = write(tmp_path, b"\xff\xfe\x00bad")
+
+    assert refusal(check_config(path)) == (
+        f"gateway: configuration error: {path}: not UTF-8 at byte 0 (line 1); save it as UTF-8"
+    )
 
 
 # -- draining -----------------------------------------------------------------------------------
