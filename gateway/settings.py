@@ -380,6 +380,37 @@ def _parse_route(index: int, raw: Any, services: Mapping[str, ServiceSettings]) 
     )
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _refuse_duplicate_keys(node: yaml.Node, where: str, path: str, seen: set[int]) -> None:
+    """PyYAML keeps the last of two equal keys without a word: a service's second ``url`` would
+    silently replace its first. Keys merged in with ``<<`` are overridable by design."""
+    if id(node) in seen:  # an alias: checked where its anchor is
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], int] = {}
+        for key_node, value_node in node.value:
+            name = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
+            child = f"{where}.{name}" if where else name
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != _MERGE_TAG:
+                line = key_node.start_mark.line + 1
+                identity = (key_node.tag, key_node.value)
+                if identity in first:
+                    lines = (
+                        f"on line {line}"
+                        if first[identity] == line
+                        else f"at lines {first[identity]} and {line}"
+                    )
+                    raise SettingsError(f"{path}: {child} is given twice, {lines}; only one can apply")
+                first[identity] = line
+            _refuse_duplicate_keys(value_node, child, path, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, f"{where}[{index}]", path, seen)
+
+
 def _read_yaml(path: str) -> Any:
     try:
         data = Path(path).read_bytes()
@@ -393,7 +424,17 @@ def _read_yaml(path: str) -> Any:
             f"{path}: not UTF-8 at byte {exc.start} (line {line}); save it as UTF-8"
         ) from None
     try:
-        return yaml.safe_load(text)
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            _refuse_duplicate_keys(node, "", path, set())
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except RecursionError:
+        raise SettingsError(f"{path}: not valid YAML: nested too deeply") from None
     except yaml.reader.ReaderError as exc:  # a control character; its text spans two lines
         line = text.count("\n", 0, exc.position) + 1
         raise SettingsError(

@@ -18,7 +18,7 @@ import yaml
 from aiohttp import web
 
 from gateway.keys import lifecycle_key
-from gateway.settings import SettingsError, load_settings
+from gateway.settings import SettingsError, Timeouts, load_settings
 from tests.helpers import one_service, program_env, refusal, run_program, wait_for
 
 WORKTREE = Path(__file__).resolve().parents[2]
@@ -120,6 +120,23 @@ def write(tmp_path: Path, config: Any) -> str:
         pytest.param(with_change("routes", []), "routes", id="no-routes"),
         pytest.param("services: {a: [unclosed\n", "not valid YAML", id="invalid-yaml"),
         pytest.param("- just\n- a list\n", "expected a mapping", id="not-a-mapping"),
+        pytest.param(
+            "services:\n  a:\n    url: http://a\n    url: http://b\nroutes: [{prefix: /, service: a}]\n",
+            "services.a.url is given twice, at lines 3 and 4",
+            id="duplicate-service-key",
+        ),
+        pytest.param(
+            "services: {a: {url: 'http://a'}}\nroutes:\n  - {prefix: /, service: a}\n"
+            "  - {prefix: /b, service: a, auth: none, auth: required}\n",
+            "routes[1].auth is given twice, on line 4",
+            id="duplicate-route-key",
+        ),
+        pytest.param(
+            "services: {a: {url: 'http://a'}}\nroutes: [{prefix: /, service: a}]\nroutes: []\n",
+            "routes is given twice, at lines 2 and 3",
+            id="duplicate-top-level-key",
+        ),
+        pytest.param("[" * 5000 + "]" * 5000, "nested too deeply", id="deep-nesting"),
         pytest.param(b"\xff\xfe\x00bad", "not UTF-8 at byte 0 (line 1)", id="not-utf8"),
         pytest.param(
             yaml.safe_dump(with_change("routes.2.scopes", ["caf\xe9"]), allow_unicode=True).encode("latin-1"),
@@ -150,6 +167,17 @@ def test_a_listen_host_that_is_no_address_names_the_key(key: str, host: str) -> 
 def test_listen_hosts_that_are_addresses_or_names_are_kept(host: str) -> None:
     settings = load_settings({"GATEWAY_HOST": host, "INTELLIGENCE_HOST": host})
     assert (settings.host, settings.intelligence_host) == (host, host)
+
+
+def test_keys_merged_in_with_yaml_merge_keys_may_be_overridden(tmp_path: Path) -> None:
+    config = (
+        "services:\n"
+        "  a: {url: 'http://a', timeout: &slow {connect: 1, read: 60}}\n"
+        "  b: {url: 'http://b', timeout: {<<: *slow, read: 5}}\n"
+        "routes: [{prefix: /, service: a}, {prefix: /b, service: b}]\n"
+    )
+    settings = load_settings({"GATEWAY_CONFIG": write(tmp_path, config)})
+    assert settings.services["b"].timeout == Timeouts(connect=1, read=5)
 
 
 def test_missing_config_file_names_the_variable(tmp_path: Path) -> None:
