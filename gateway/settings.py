@@ -17,6 +17,8 @@ from typing import Any
 import yaml
 from yarl import URL
 
+from .claims import is_scope_token
+
 __all__ = [
     "AuthSettings",
     "RateLimit",
@@ -359,6 +361,13 @@ def _parse_route(index: int, raw: Any, services: Mapping[str, ServiceSettings]) 
     scopes = raw.get("scopes", [])
     if not isinstance(scopes, list) or not all(isinstance(s, str) and s for s in scopes):
         raise SettingsError(f"{key}.scopes: expected a list of scope names")
+    for scope in scopes:
+        if not is_scope_token(scope):
+            # A token's scopes are space-separated: "a b" is two grants, and no token has this one.
+            raise SettingsError(
+                f"{key}.scopes: {scope!r} can never be granted: a scope is printable ASCII without "
+                "spaces, '\"' or '\\' (RFC 6749 section 3.3); list each scope separately"
+            )
     content_types = raw.get("content_types", list(JSON_CONTENT_TYPES))
     if (
         not isinstance(content_types, list)

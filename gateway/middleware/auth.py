@@ -24,7 +24,6 @@ anonymous; a bad token is still a 401), ``none`` (the Authorization header is no
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
@@ -35,6 +34,7 @@ import jwt
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from ..claims import is_scope_token, subject_problem
 from ..errors import ApiError
 from ..jwks import JwksCache
 from ..keys import auth_key, route_key
@@ -62,10 +62,6 @@ _KEY_TYPE_ALGS = {
 }
 _CURVE_ALGS = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
 _HMAC_ALGS = frozenset({"HS256", "HS384", "HS512"})
-# RFC 6749 section 3.3 scope-token; anything else in a scope claim is not a grant.
-_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
-# The subject travels upstream in a header: printable, no control characters, bounded.
-_SUBJECT = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +226,7 @@ def _kid_of(jwks: JwksCache, key: jwt.PyJWK) -> str | None:
 
 def _identity(claims: Mapping[str, Any]) -> Identity:
     subject = claims.get("sub")
-    if not isinstance(subject, str) or not _SUBJECT.fullmatch(subject):
+    if subject_problem(subject) is not None:
         raise AuthError("The token's subject is malformed")
     scopes: set[str] = set()
     scope = claims.get("scope")
@@ -241,7 +237,8 @@ def _identity(claims: Mapping[str, Any]) -> Identity:
         scopes.update(scp.split())
     elif isinstance(scp, list):
         scopes.update(s for s in scp if isinstance(s, str))
-    return Identity(subject, frozenset(s for s in scopes if _SCOPE_TOKEN.fullmatch(s)), claims)
+    # Anything in a scope claim that is not a scope-token is not a grant.
+    return Identity(subject, frozenset(s for s in scopes if is_scope_token(s)), claims)
 
 
 def _challenge(error: str | None = None, description: str | None = None, scope: str | None = None) -> str:

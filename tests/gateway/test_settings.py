@@ -118,6 +118,13 @@ def write(tmp_path: Path, config: Any) -> str:
             id="negative-eject",
         ),
         pytest.param(with_change("routes", []), "routes", id="no-routes"),
+        pytest.param(
+            with_change("routes.2.scopes", ["read", "a b"]), "routes[2].scopes", id="scope-with-space"
+        ),
+        pytest.param(with_change("routes.2.scopes", ['say"hi']), "routes[2].scopes", id="scope-with-quote"),
+        pytest.param(
+            with_change("routes.2.scopes", ["\u00e9crire"]), "routes[2].scopes", id="scope-not-ascii"
+        ),
         pytest.param("services: {a: [unclosed\n", "not valid YAML", id="invalid-yaml"),
         pytest.param("- just\n- a list\n", "expected a mapping", id="not-a-mapping"),
         pytest.param(
