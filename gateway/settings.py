@@ -82,6 +82,12 @@ JSON_CONTENT_TYPES: tuple[str, ...] = ("application/json",)
 # A number, then bytes (``B`` or nothing) or a binary multiple (``K``, ``KB``, ``KiB``, ...).
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])i?b?|b)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+# A media range as the validation middleware compares them (RFC 9110 section 8.3.1): type/subtype,
+# with "*" only as "type/*" or "*/*"; parameters are allowed, and ignored there.
+_MEDIA_TOKEN = r"[!#$%&'+.^_`|~0-9a-z-]+"
+_MEDIA_RANGE_RE = re.compile(
+    rf"(?:\*/\*|{_MEDIA_TOKEN}/(?:\*|{_MEDIA_TOKEN}))\s*(?:;.*)?", re.IGNORECASE | re.DOTALL
+)
 # RFC 1123 host names, plus ``_`` (container and compose service names have it).
 _HOSTNAME_RE = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*\.?", re.IGNORECASE)
 _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*([a-z]+)\s*$", re.IGNORECASE)
@@ -369,12 +375,14 @@ def _parse_route(index: int, raw: Any, services: Mapping[str, ServiceSettings]) 
                 "spaces, '\"' or '\\' (RFC 6749 section 3.3); list each scope separately"
             )
     content_types = raw.get("content_types", list(JSON_CONTENT_TYPES))
-    if (
-        not isinstance(content_types, list)
-        or not content_types
-        or not all(isinstance(c, str) and "/" in c for c in content_types)
-    ):
+    if not isinstance(content_types, list) or not content_types:
         raise SettingsError(f"{key}.content_types: expected a list of media types such as application/json")
+    for content_type in content_types:
+        if not isinstance(content_type, str) or not _MEDIA_RANGE_RE.fullmatch(content_type.strip()):
+            raise SettingsError(
+                f"{key}.content_types: {content_type!r} is not a media type such as application/json "
+                "(type/subtype, type/* or */*)"
+            )
     return Route(
         prefix=prefix,
         service=service,

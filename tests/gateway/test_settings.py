@@ -19,6 +19,7 @@ from aiohttp import web
 
 from gateway.keys import lifecycle_key
 from gateway.settings import SettingsError, Timeouts, load_settings
+from gateway.validation import media_type_allowed
 from tests.helpers import one_service, program_env, refusal, run_program, wait_for
 
 WORKTREE = Path(__file__).resolve().parents[2]
@@ -119,6 +120,19 @@ def write(tmp_path: Path, config: Any) -> str:
         ),
         pytest.param(with_change("routes", []), "routes", id="no-routes"),
         pytest.param(
+            with_change("routes.0.content_types", ["application/"]),
+            "routes[0].content_types",
+            id="no-subtype",
+        ),
+        pytest.param(
+            with_change("routes.0.content_types", ["*/json"]), "routes[0].content_types", id="wildcard-type"
+        ),
+        pytest.param(
+            with_change("routes.0.content_types", ["application/json", "text"]),
+            "routes[0].content_types",
+            id="not-a-media-type",
+        ),
+        pytest.param(
             with_change("routes.2.scopes", ["read", "a b"]), "routes[2].scopes", id="scope-with-space"
         ),
         pytest.param(with_change("routes.2.scopes", ['say"hi']), "routes[2].scopes", id="scope-with-quote"),
@@ -174,6 +188,26 @@ def test_a_listen_host_that_is_no_address_names_the_key(key: str, host: str) -> 
 def test_listen_hosts_that_are_addresses_or_names_are_kept(host: str) -> None:
     settings = load_settings({"GATEWAY_HOST": host, "INTELLIGENCE_HOST": host})
     assert (settings.host, settings.intelligence_host) == (host, host)
+
+
+@pytest.mark.parametrize(
+    ("entry", "request_type"),
+    [
+        ("application/json", "application/json"),
+        ("Application/JSON; charset=utf-8", "application/json"),
+        ("application/merge-patch+json", "application/merge-patch+json"),
+        ("text/*", "text/csv"),
+        ("*/*", "image/png"),
+    ],
+)
+def test_content_types_the_file_takes_are_ones_requests_can_match(
+    tmp_path: Path, entry: str, request_type: str
+) -> None:
+    settings = load_settings(
+        {"GATEWAY_CONFIG": write(tmp_path, with_change("routes.0.content_types", [entry]))}
+    )
+    route = next(r for r in settings.routes if r.prefix == "/api/v1/clusters")
+    assert media_type_allowed(request_type, route.content_types)
 
 
 def test_keys_merged_in_with_yaml_merge_keys_may_be_overridden(tmp_path: Path) -> None:
