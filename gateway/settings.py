@@ -288,6 +288,26 @@ def _csv(value: str | None, key: str) -> tuple[str, ...]:
     return items
 
 
+def _origin(value: str, key: str) -> str:
+    """An origin as a browser serialises it in ``Origin`` (RFC 6454 section 6.2), which the CORS
+    middleware compares byte for byte: lowercase, the default port left out, IDN hosts in punycode."""
+    if "*" in value:
+        raise SettingsError(
+            f"{key}: {value!r}: wildcards are not origins; list each origin, or give '*' alone "
+            "(any origin, without credentials)"
+        )
+    if not re.fullmatch(r"https?://[^/?#@\s]+", value, re.IGNORECASE):
+        raise SettingsError(f"{key}: {value!r} is not an origin (scheme://host[:port], no path)")
+    port = re.search(r":(\d+)$", value)
+    if port and not 1 <= int(port.group(1)) <= 65535:
+        raise SettingsError(f"{key}: {value!r} is not an origin: the port must be between 1 and 65535")
+    try:
+        url = URL(value)
+    except ValueError as exc:
+        raise SettingsError(f"{key}: {value!r} is not an origin: {exc}") from None
+    return f"{url.scheme.lower()}://{url.host_port_subcomponent}"
+
+
 def _prefix(value: Any, key: str) -> str:
     if not isinstance(value, str) or not value.startswith("/"):
         raise SettingsError(f"{key}: a prefix is a path starting with '/', got {value!r}")
@@ -587,11 +607,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     origins = _csv(env.get("CORS_ALLOW_ORIGINS"), "CORS_ALLOW_ORIGINS")
     if "*" in origins and len(origins) > 1:
         raise SettingsError("CORS_ALLOW_ORIGINS: '*' cannot be combined with explicit origins")
-    for origin in origins:
-        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
-            raise SettingsError(
-                f"CORS_ALLOW_ORIGINS: {origin!r} is not an origin (scheme://host[:port], no path)"
-            )
+    origins = tuple(origin if origin == "*" else _origin(origin, "CORS_ALLOW_ORIGINS") for origin in origins)
 
     algorithms = _csv(env.get("AUTH_ALGORITHMS", "RS256,ES256"), "AUTH_ALGORITHMS")
     if not algorithms:

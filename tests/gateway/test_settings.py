@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -289,6 +290,37 @@ def test_bad_service_url_variable_names_the_variable(tmp_path: Path) -> None:
 def test_a_comma_list_with_an_empty_item_names_the_key(key: str, value: str) -> None:
     with pytest.raises(SettingsError, match=f"^{key}: .*empty"):
         load_settings({key: value, "AUTH_JWT_SECRET": "s"})  # with the secret HS256 would be added
+
+
+@pytest.mark.parametrize(
+    ("origin", "problem"),
+    [
+        ("https://a.example:99999", "the port must be between 1 and 65535"),
+        ("https://a.example:0", "the port must be between 1 and 65535"),
+        ("https://*.a.example", "wildcards are not origins"),
+        ("*.a.example", "wildcards are not origins"),
+        ("https://a.example/", "not an origin"),
+        ("https://user@a.example", "not an origin"),
+        ("a.example", "not an origin"),
+    ],
+)
+def test_a_cors_origin_that_no_browser_sends_names_the_key(origin: str, problem: str) -> None:
+    with pytest.raises(SettingsError, match=f"^CORS_ALLOW_ORIGINS: .*{re.escape(problem)}"):
+        load_settings({"CORS_ALLOW_ORIGINS": f"https://ok.example,{origin}"})
+
+
+def test_cors_origins_are_kept_as_a_browser_sends_them() -> None:
+    settings = load_settings(
+        {
+            "CORS_ALLOW_ORIGINS": "https://App.Example.com:443,HTTP://a.example:8080,http://[::1],https://b\u00fccher.example"
+        }
+    )
+    assert settings.cors_allow_origins == (
+        "https://app.example.com",
+        "http://a.example:8080",
+        "http://[::1]",
+        "https://xn--bcher-kva.example",
+    )
 
 
 def test_blank_lists_that_default_to_none_stay_none() -> None:
