@@ -202,25 +202,37 @@ def parse_rate(value: Any, key: str) -> RateLimit:
     return RateLimit(int(count), float(period))
 
 
-def parse_url(value: Any, key: str) -> str:
+def _redacted(value: Any) -> str:
+    """``repr(value)`` for an error message, a URL's user and password hidden: messages reach logs."""
+    # Up to the last "@": a password may hold any character, and hiding a path as well costs nothing.
+    return re.sub(r"(?<=//).*@", "***@", repr(value))
+
+
+def parse_url(value: Any, key: str, *, credentials: bool = True) -> str:
+    """An http(s) URL. ``credentials=False``: a user or password in it is refused."""
     if not isinstance(value, str) or not value.strip():
-        raise SettingsError(f"{key}: expected an http(s) URL, got {value!r}")
+        raise SettingsError(f"{key}: expected an http(s) URL, got {_redacted(value)}")
     try:
         url = URL(value.strip())
-    except ValueError as exc:
-        raise SettingsError(f"{key}: not a valid URL: {value!r}") from exc
+    except ValueError:
+        raise SettingsError(f"{key}: not a valid URL: {_redacted(value)}") from None
     if url.scheme not in ("http", "https") or not url.host:
-        raise SettingsError(f"{key}: expected an http:// or https:// URL with a host, got {value!r}")
+        raise SettingsError(f"{key}: expected an http:// or https:// URL with a host, got {_redacted(value)}")
     if url.query_string or url.fragment:
-        raise SettingsError(f"{key}: a service URL takes no query or fragment, got {value!r}")
+        raise SettingsError(f"{key}: a service URL takes no query or fragment, got {_redacted(value)}")
+    if not credentials and "@" in (url.raw_authority or ""):
+        raise SettingsError(
+            f"{key}: a service URL takes no user or password ({_redacted(value)}): the proxy never "
+            "sends them, and the URL is shown by check-config and in logs, traces and /health/detailed"
+        )
     return str(url).rstrip("/")
 
 
 def _url_list(value: Any, key: str) -> tuple[str, ...]:
     items = list(_csv(value, key)) if isinstance(value, str) else value
     if not isinstance(items, list | tuple) or not items:
-        raise SettingsError(f"{key}: expected one URL or a list of URLs, got {value!r}")
-    urls = tuple(parse_url(item, f"{key}[{i}]") for i, item in enumerate(items))
+        raise SettingsError(f"{key}: expected one URL or a list of URLs, got {_redacted(value)}")
+    urls = tuple(parse_url(item, f"{key}[{i}]", credentials=False) for i, item in enumerate(items))
     if len(set(urls)) != len(urls):
         raise SettingsError(f"{key}: the same target is listed twice")
     return urls

@@ -222,6 +222,36 @@ def test_keys_merged_in_with_yaml_merge_keys_may_be_overridden(tmp_path: Path) -
     assert settings.services["b"].timeout == Timeouts(connect=1, read=5)
 
 
+@pytest.mark.parametrize(
+    "url", ["http://admin:hunter2@127.0.0.1:9001", "http://:hunter2@127.0.0.1", "http://hunter2@127.0.0.1"]
+)
+def test_a_service_url_with_credentials_is_refused_without_showing_them(tmp_path: Path, url: str) -> None:
+    for env in (
+        {"GATEWAY_CONFIG": write(tmp_path, with_change("services.cluster-registry.url", url))},
+        {"SERVICE_CLUSTER_REGISTRY_URL": f"http://127.0.0.1:9001,{url}"},
+    ):
+        with pytest.raises(SettingsError) as error:
+            load_settings(env)
+        message = str(error.value)
+        assert message.startswith(("services.cluster-registry.url", "SERVICE_CLUSTER_REGISTRY_URL[1]"))
+        assert "takes no user or password" in message
+        assert "hunter2" not in message
+
+
+@pytest.mark.parametrize(
+    "value", ["ftp://admin:hunter2@host", "http://admin:hunter2@host/x?y#z", "http://admin:hunter2@[bad"]
+)
+def test_other_url_errors_hide_credentials_too(value: str) -> None:
+    with pytest.raises(SettingsError, match=r"^SERVICE_CLUSTER_REGISTRY_URL\[0\]: ") as error:
+        load_settings({"SERVICE_CLUSTER_REGISTRY_URL": value})
+    assert "hunter2" not in str(error.value)
+
+
+def test_the_zipkin_url_may_carry_credentials_which_aiohttp_sends() -> None:
+    url = "http://spans:secret@zipkin:9411/api/v2/spans"
+    assert load_settings({"ZIPKIN_URL": url}).zipkin_url == url
+
+
 def test_missing_config_file_names_the_variable(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="GATEWAY_CONFIG"):
         load_settings({"GATEWAY_CONFIG": str(tmp_path / "absent.yaml")})
@@ -391,6 +421,15 @@ def test_check_config_refuses_a_file_that_is_not_utf8_in_one_line(tmp_path: Path
     assert refusal(check_config(path)) == (
         f"gateway: configuration error: {path}: not UTF-8 at byte 0 (line 1); save it as UTF-8"
     )
+
+
+def test_check_config_never_prints_a_service_urls_password(tmp_path: Path) -> None:
+    result = check_config(
+        write(tmp_path, with_change("services.metrics.urls", ["http://u:hunter2@127.0.0.1"]))
+    )
+
+    assert refusal(result).startswith("gateway: configuration error: services.metrics.urls[0]: ")
+    assert "hunter2" not in result.stdout + result.stderr
 
 
 # -- draining -----------------------------------------------------------------------------------
