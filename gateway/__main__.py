@@ -11,6 +11,7 @@ from functools import partial
 
 from . import __version__
 from .app import create_app
+from .claims import is_scope_token, subject_problem
 from .devauth import mint_token
 from .logs import configure_logging
 from .reload import reload_routes
@@ -113,10 +114,20 @@ def _human(size: int) -> str:
 def cmd_token(args: argparse.Namespace) -> int:
     settings = _settings()
     if args.ttl <= 0:
-        print("gateway: --ttl must be a positive number of seconds", file=sys.stderr)
-        return 2
+        return _fail("--ttl must be a positive number of seconds")
+    # The gateway's own rules: a token it would refuse (or whose scope it would ignore) is no use.
+    problem = subject_problem(args.sub)
+    if problem is not None:
+        return _fail(f"--sub: {problem}; the gateway would refuse the token")
     scopes = [s for value in args.scope for s in value.replace(",", " ").split()]
-    print(mint_token(settings, subject=args.sub, scopes=scopes, ttl=args.ttl))
+    for scope in scopes:
+        if not is_scope_token(scope):
+            return _fail(f"--scope: {scope!r} is not a scope (printable ASCII without spaces, '\"' or '\\')")
+    try:
+        token = mint_token(settings, subject=args.sub, scopes=scopes, ttl=args.ttl)
+    except SettingsError as exc:
+        return _fail(f"configuration error: {exc}")
+    print(token)
     return 0
 
 

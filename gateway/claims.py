@@ -26,7 +26,9 @@ def is_scope_token(scope: str) -> bool:
 def subject_problem(subject: object) -> str | None:
     """Why ``subject`` cannot identify a caller, or None when it can.
 
-    The subject travels upstream in the ``x-auth-subject`` header: printable and bounded.
+    The subject travels upstream in the ``x-auth-subject`` header: printable, bounded, and without
+    white space at either end, which HTTP strips from a field value (the chat API strips it too):
+    " alice" would arrive as "alice", another caller's identity, and "   " as no subject at all.
     """
     if not isinstance(subject, str) or not subject:
         return "the subject is empty"
@@ -34,4 +36,6 @@ def subject_problem(subject: object) -> str | None:
         return f"the subject is longer than {MAX_SUBJECT} characters"
     if _CONTROL.search(subject):
         return "the subject has a control character"
+    if subject != subject.strip():
+        return "the subject starts or ends with white space"
     return None

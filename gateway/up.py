@@ -44,7 +44,12 @@ def _embedded_postgres(data_dir: str) -> str:
             "  pip install -e '.[embedded]'   (or set POSTGRES_DSN)"
         ) from None
     path = Path(data_dir, "postgres").resolve()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SettingsError(
+            f"GATEWAY_DATA_DIR: cannot create {path}: {(exc.strerror or str(exc)).lower()}"
+        ) from None
     log.info("starting embedded PostgreSQL", extra={"data": str(path)})
     # Stopped when this process exits; the data stays for the next start.
     server = pgserver.get_server(path, cleanup_mode="stop")
@@ -54,8 +59,17 @@ def _embedded_postgres(data_dir: str) -> str:
 def run_up(settings: Settings, environ: Mapping[str, str] | None = None) -> int:
     env = os.environ if environ is None else environ
     configure_logging(settings.log_level, settings.log_format)
-    dsn = settings.postgres_dsn or _embedded_postgres(settings.data_dir)
+    auth = settings.auth
+    dev_mode = auth.enabled and not (auth.jwt_secret or auth.jwks_url)
     try:
+        if dev_mode:
+            settings = dataclasses.replace(
+                settings,
+                auth=dataclasses.replace(
+                    auth, jwt_secret=dev_secret(settings.data_dir), algorithms=(*auth.algorithms, "HS256")
+                ),
+            )
+        dsn = settings.postgres_dsn or _embedded_postgres(settings.data_dir)
         # The chat API reads its own variables as `python -m intelligence` does (ZIPKIN_URL,
         # CHAT_CACHE_*, POSTGRES_POOL_MAX...); one process, so the gateway's shutdown bound.
         chat = dataclasses.replace(
@@ -84,15 +98,6 @@ def run_up(settings: Settings, environ: Mapping[str, str] | None = None) -> int:
     elif engine is None:
         services["intelligence-engine"] = ServiceSettings("intelligence-engine", (chat_url,))
     settings = dataclasses.replace(settings, services=services)
-
-    auth = settings.auth
-    dev_mode = auth.enabled and not (auth.jwt_secret or auth.jwks_url)
-    if dev_mode:
-        secret = dev_secret(settings.data_dir)
-        settings = dataclasses.replace(
-            settings,
-            auth=dataclasses.replace(auth, jwt_secret=secret, algorithms=(*auth.algorithms, "HS256")),
-        )
 
     def banner(bound: Sequence[tuple[Listener, int]]) -> None:
         port = dict((listener.name, p) for listener, p in bound)["gateway"]

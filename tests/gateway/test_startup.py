@@ -9,7 +9,9 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
+import jwt
 import pytest
 
 from gateway.server import Listener, ListenError
@@ -77,3 +79,62 @@ def test_a_worker_that_crashes_before_serving_stops_the_supervisor() -> None:
     assert result.stdout == "a worker exited with code 1 before it was serving\n"
     # A bug, not a setting: its traceback stays (the other worker may be stopped before it prints).
     assert "RuntimeError: a bug while building the app" in result.stderr
+
+
+# -- python -m gateway token ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("subject", "problem"),
+    [("", "the subject is empty"), ("   ", "the subject starts or ends with white space")],
+)
+def test_token_refuses_a_subject_the_gateway_would_refuse(tmp_path: Path, subject: str, problem: str) -> None:
+    result = run_program(
+        "gateway", "token", "--sub", subject, env=program_env(GATEWAY_DATA_DIR=str(tmp_path))
+    )
+
+    assert refusal(result) == f"gateway: --sub: {problem}; the gateway would refuse the token"
+    assert result.stdout == ""
+
+
+def test_token_refuses_a_scope_the_gateway_would_ignore(tmp_path: Path) -> None:
+    result = run_program(
+        "gateway",
+        "token",
+        "--sub",
+        "alice",
+        "--scope",
+        'say"hi',
+        env=program_env(GATEWAY_DATA_DIR=str(tmp_path)),
+    )
+
+    assert refusal(result).startswith("gateway: --scope: 'say\"hi' is not a scope")
+
+
+@pytest.mark.parametrize(
+    ("data_dir", "problem"), [("/proc/nope", "no such file or directory"), ("file", "not a directory")]
+)
+def test_token_with_a_data_dir_that_cannot_keep_the_secret_names_it(
+    tmp_path: Path, data_dir: str, problem: str
+) -> None:
+    if data_dir == "file":
+        data_dir = str(tmp_path / "file")
+        Path(data_dir).write_text("")
+    result = run_program("gateway", "token", "--sub", "alice", env=program_env(GATEWAY_DATA_DIR=data_dir))
+
+    assert refusal(result) == (
+        f"gateway: configuration error: GATEWAY_DATA_DIR: cannot keep the development secret in {data_dir}: {problem}"
+    )
+
+
+def test_token_mints_what_the_gateway_accepts(tmp_path: Path) -> None:
+    secret = "a-development-secret-of-at-least-32-bytes"
+    result = run_program(
+        "gateway", "token", "--sub", "alice", "--scope", "read,write",
+        env=program_env(AUTH_JWT_SECRET=secret, GATEWAY_DATA_DIR=str(tmp_path)),
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    claims = jwt.decode(result.stdout.strip(), secret, algorithms=["HS256"])
+    assert (claims["sub"], claims["scope"]) == ("alice", "read write")
+    assert not any(tmp_path.iterdir())  # with AUTH_JWT_SECRET the data dir is not touched

@@ -151,3 +151,14 @@ def test_up_on_a_port_in_use_stops_with_one_line(tmp_path: Path, database: str, 
         f"gateway: cannot listen on 127.0.0.1:{busy_port}: address already in use "
         "(GATEWAY_HOST, GATEWAY_PORT)"
     )
+
+
+def test_up_with_a_data_dir_that_is_a_file_stops_with_one_line(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.write_text("")
+    env = _env(data_dir, free_port(), free_port(), LOG_LEVEL="ERROR")
+
+    assert refusal(run_program("gateway", "up", env=env)) == (
+        f"gateway: configuration error: GATEWAY_DATA_DIR: cannot keep the development secret in {data_dir}: "
+        "not a directory"
+    )
