@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import redis.connection
 import yaml
 from yarl import URL
 
@@ -544,6 +545,12 @@ def redis_url(env: Mapping[str, str]) -> str | None:
         url = env["REDIS_URL"].strip()
         if not url.startswith(("redis://", "rediss://", "unix://")):
             raise SettingsError("REDIS_URL: expected redis://, rediss:// or unix://")
+        try:
+            # redis-py's own parser, as its client runs it when the app is built: a port out of
+            # range or a bad option would otherwise stop the start with a traceback.
+            redis.connection.parse_url(url)
+        except ValueError as exc:
+            raise SettingsError(f"REDIS_URL: {exc}") from None
         return url
     if not env.get("REDIS_HOST"):
         return None

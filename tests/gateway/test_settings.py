@@ -353,6 +353,14 @@ def test_cors_origins_are_kept_as_a_browser_sends_them() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "url", ["redis://cache:99999/0", "redis://cache:port/0", "redis://cache/0?socket_timeout=x"]
+)
+def test_a_redis_url_its_client_cannot_use_names_the_key(url: str) -> None:
+    with pytest.raises(SettingsError, match=r"^REDIS_URL: "):
+        load_settings({"REDIS_URL": url})
+
+
 def test_blank_lists_that_default_to_none_stay_none() -> None:
     settings = load_settings({"TRUSTED_PROXIES": "", "CORS_ALLOW_ORIGINS": " "})
     assert (settings.trusted_proxies, settings.cors_allow_origins) == ((), ())
