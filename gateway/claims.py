@@ -16,6 +16,9 @@ __all__ = ["MAX_SUBJECT", "is_scope_token", "subject_problem"]
 # space-separated in a token, so "a b" is two scopes, never one.
 _SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# A JSON escape such as "\ud800" (or argv bytes that are not UTF-8) make a lone surrogate, which
+# UTF-8 cannot encode: the header to the backend and the rate-limit key could not be written.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 MAX_SUBJECT = 256
 
 
@@ -36,6 +39,8 @@ def subject_problem(subject: object) -> str | None:
         return f"the subject is longer than {MAX_SUBJECT} characters"
     if _CONTROL.search(subject):
         return "the subject has a control character"
+    if _SURROGATE.search(subject):
+        return "the subject is not valid Unicode (a lone surrogate)"
     if subject != subject.strip():
         return "the subject starts or ends with white space"
     return None

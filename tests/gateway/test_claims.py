@@ -37,6 +37,8 @@ def test_subjects_that_identify_a_caller(subject: str) -> None:
         ("x" * (MAX_SUBJECT + 1), "longer than 256"),
         ("eve\r\nx-auth-subject: admin", "control character"),
         ("a\x7fb", "control character"),
+        ("\ud800", "lone surrogate"),
+        ("alice\udcff", "lone surrogate"),
         ("   ", "white space"),
         (" alice", "white space"),
         ("alice ", "white space"),
