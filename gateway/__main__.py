@@ -6,15 +6,16 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 from . import __version__
 from .app import create_app
+from .claims import is_scope_token, subject_problem
 from .devauth import mint_token
 from .logs import configure_logging
 from .reload import reload_routes
-from .server import Listener, run, run_workers, serve
+from .server import Listener, StartupError, run, run_workers, serve
 from .settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("gateway")
@@ -26,6 +27,11 @@ def _settings(environ: dict[str, str] | None = None) -> Settings:
     except SettingsError as exc:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _fail(message: str) -> int:
+    print(f"gateway: {message}", file=sys.stderr, flush=True)
+    return 2
 
 
 def _warn_about(settings: Settings) -> None:
@@ -43,23 +49,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_format)
     _warn_about(settings)
 
-    def worker() -> None:
+    def worker(ready: Callable[[], None]) -> None:
         configure_logging(settings.log_level, settings.log_format)
         app = create_app(settings)
         run(
             serve(
-                [Listener(app, settings.host, settings.port, "gateway")],
+                [Listener(app, settings.host, settings.port, "gateway", "GATEWAY_HOST, GATEWAY_PORT")],
                 shutdown_timeout=settings.shutdown_timeout,
                 reuse_port=settings.workers > 1,
+                on_started=lambda _bound: ready(),
                 on_hangup=partial(reload_routes, app),
             )
         )
 
-    if settings.workers == 1:
-        worker()
-        return 0
-    log.info("starting workers", extra={"workers": settings.workers})
-    return run_workers(settings.workers, worker)
+    try:
+        if settings.workers == 1:
+            worker(lambda: None)
+            return 0
+        log.info("starting workers", extra={"workers": settings.workers})
+        return run_workers(settings.workers, worker)
+    except StartupError as exc:
+        return _fail(str(exc))
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -104,10 +114,20 @@ def _human(size: int) -> str:
 def cmd_token(args: argparse.Namespace) -> int:
     settings = _settings()
     if args.ttl <= 0:
-        print("gateway: --ttl must be a positive number of seconds", file=sys.stderr)
-        return 2
+        return _fail("--ttl must be a positive number of seconds")
+    # The gateway's own rules: a token it would refuse (or whose scope it would ignore) is no use.
+    problem = subject_problem(args.sub)
+    if problem is not None:
+        return _fail(f"--sub: {problem}; the gateway would refuse the token")
     scopes = [s for value in args.scope for s in value.replace(",", " ").split()]
-    print(mint_token(settings, subject=args.sub, scopes=scopes, ttl=args.ttl))
+    for scope in scopes:
+        if not is_scope_token(scope):
+            return _fail(f"--scope: {scope!r} is not a scope (printable ASCII without spaces, '\"' or '\\')")
+    try:
+        token = mint_token(settings, subject=args.sub, scopes=scopes, ttl=args.ttl)
+    except SettingsError as exc:
+        return _fail(f"configuration error: {exc}")
+    print(token)
     return 0
 
 

@@ -37,6 +37,12 @@ async def reload_routes(app: web.Application, environ: Mapping[str, str] | None 
         log.error("configuration reload rejected; the current routes stay", extra={"error": str(exc)})
         app[metrics_key].config_reloads.labels("rejected").inc()
         return False
+    except Exception as exc:
+        # A bug in reading the settings must not end the table in force either, nor surface only
+        # as "Task exception was never retrieved" from the signal handler's task.
+        log.exception("configuration reload rejected; the current routes stay", extra={"error": repr(exc)})
+        app[metrics_key].config_reloads.labels("rejected").inc()
+        return False
 
     live = app[route_table_key]
     old = live.current

@@ -7,12 +7,15 @@ import ctypes
 import gc
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Any
 
 from aiohttp import web
@@ -25,7 +28,10 @@ __all__ = [
     "GC_THRESHOLD",
     "MALLOC_MMAP_THRESHOLD",
     "MALLOC_TRIM_THRESHOLD",
+    "ListenError",
     "Listener",
+    "StartupError",
+    "WorkerStartError",
     "run",
     "run_workers",
     "serve",
@@ -42,6 +48,33 @@ class Listener:
     host: str
     port: int
     name: str
+    keys: str = ""  # the settings that chose host and port, named when they cannot be bound
+
+
+class StartupError(Exception):
+    """A problem of the operator's making found while starting, not a bug: ``__main__`` prints
+    the message as one line and exits 2.
+
+    StartupError
+    ├── ListenError        a listener's address cannot be bound
+    └── WorkerStartError   a worker process exited before it was serving
+    """
+
+
+class ListenError(StartupError):
+    """A listener's address cannot be bound (in use, not local, not resolvable, privileged)."""
+
+    def __init__(self, listener: Listener, error: OSError) -> None:
+        host = f"[{listener.host}]" if ":" in listener.host else listener.host
+        if isinstance(error, socket.gaierror):
+            problem = f"cannot resolve the host: {(error.strerror or str(error)).lower()}"
+        elif error.errno:
+            problem = os.strerror(error.errno).lower()  # uvloop's own text repeats the address
+        else:
+            problem = str(error)
+        keys = f" ({listener.keys})" if listener.keys else ""
+        super().__init__(f"cannot listen on {host}:{listener.port}: {problem}{keys}")
+        self.listener = listener
 
 
 # The collector runs when the count of container objects made and not yet freed passes a
@@ -119,6 +152,7 @@ async def serve(
 
     Draining: readiness turns 503, listening sockets close, in-flight requests get up to
     ``shutdown_timeout`` seconds to finish, then connections are closed and resources released.
+    An address that cannot be bound raises ListenError, after what was started is cleaned up.
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -148,7 +182,10 @@ async def serve(
             await runner.setup()
             runners.append(runner)
             site = web.TCPSite(runner, listener.host, listener.port, reuse_port=reuse_port, backlog=1024)
-            await site.start()
+            try:
+                await site.start()
+            except OSError as exc:
+                raise ListenError(listener, exc) from exc
             server = site._server
             port = server.sockets[0].getsockname()[1] if server and server.sockets else listener.port
             bound.append((listener, port))
@@ -170,56 +207,124 @@ async def serve(
     log.info("stopped")
 
 
-def run_workers(count: int, target: Callable[[], None]) -> int:
+class WorkerStartError(StartupError):
+    """A worker exited before it was serving; the message is its own reason when it gave one."""
+
+
+@dataclass(eq=False)
+class _Worker:
+    process: multiprocessing.process.BaseProcess
+    reports: Connection  # from the worker: None once it serves, else why it could not start
+    serving: bool = False
+    failure: str | None = None
+
+    def read_reports(self) -> None:
+        while not self.reports.closed and self.reports.poll():
+            try:
+                report = self.reports.recv()
+            except EOFError:
+                self.reports.close()
+                return
+            if report is None:
+                self.serving = True
+            else:
+                self.failure = report
+
+
+def run_workers(count: int, target: Callable[[Callable[[], None]], None]) -> int:
     """Fork ``count`` processes that each bind the port with SO_REUSEPORT; supervise them.
 
-    A worker that dies unexpectedly is replaced (at most once a second); SIGTERM and SIGINT are
-    passed on to every worker, and the supervisor returns when all of them have drained. SIGHUP
-    (reload) is passed on too, and nothing stops.
+    ``target(ready)`` runs in each worker and calls ``ready()`` once it serves. A worker that dies
+    after that is replaced (at most once a second). One that exits before (its address cannot be
+    bound, its app cannot be built) would fail the same way again: the other workers are stopped
+    and WorkerStartError says why, once. SIGTERM and SIGINT are passed on to every worker, and the
+    supervisor returns when all of them have drained. SIGHUP (reload) is passed on too, and
+    nothing stops.
     """
     context = multiprocessing.get_context("fork")
-    workers: list[multiprocessing.process.BaseProcess] = []
+    workers: list[_Worker] = []
     stopping = False
 
-    def in_worker() -> None:
+    def in_worker(reports: Connection) -> None:
         # The supervisor's handlers are no use in a worker: stop plainly until the worker's loop
         # installs its own, and ignore a reload that comes before (the config is read at start).
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        target()
+        serving = False
 
-    def start_worker() -> multiprocessing.process.BaseProcess:
-        process = context.Process(target=in_worker, name="gateway-worker", daemon=False)
+        def ready() -> None:
+            nonlocal serving
+            serving = True
+            reports.send(None)
+
+        try:
+            target(ready)
+        except StartupError as exc:
+            if serving:
+                raise
+            # The supervisor prints it: one line however many workers hit the same problem.
+            reports.send(str(exc))
+            raise SystemExit(2) from None
+
+    def start_worker() -> _Worker:
+        reports, writer = context.Pipe(duplex=False)
+        process = context.Process(target=in_worker, args=(writer,), name="gateway-worker", daemon=False)
         process.start()
-        return process
+        writer.close()  # the worker's copy is the only one: its exit closes the pipe
+        return _Worker(process, reports)
+
+    def signal_workers(signum: int) -> None:
+        for worker in workers:
+            if worker.process.pid and worker.process.is_alive():
+                os.kill(worker.process.pid, signum)
 
     def forward(signum: int, _frame: Any) -> None:
         nonlocal stopping
         if signum != signal.SIGHUP:
             stopping = True
-        for process in workers:
-            if process.pid and process.is_alive():
-                os.kill(process.pid, signum)
+        signal_workers(signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGHUP, forward)
     workers.extend(start_worker() for _ in range(count))
+    failure: str | None = None
     last_restart = 0.0
     while True:
-        for index, process in enumerate(workers):
-            process.join(timeout=0.2)
-            if process.exitcode is None or stopping:
+        running = [w.process.sentinel for w in workers if w.process.exitcode is None]
+        multiprocessing.connection.wait(
+            running + [w.reports for w in workers if not w.reports.closed], timeout=0.5
+        )
+        for index, worker in enumerate(workers):
+            exited = worker.process.exitcode is not None
+            worker.read_reports()  # after the exit check: all a dead worker wrote is read
+            if not exited or stopping:
+                continue
+            if not worker.serving:
+                failure = worker.failure or (
+                    f"a worker exited with code {worker.process.exitcode} before it was serving"
+                )
+                stopping = True
+                signal_workers(signal.SIGTERM)
                 continue
             if time.monotonic() - last_restart < 1.0:
                 continue
-            log.warning("worker exited; restarting", extra={"pid": process.pid, "exitcode": process.exitcode})
+            log.warning(
+                "worker exited; restarting",
+                extra={"pid": worker.process.pid, "exitcode": worker.process.exitcode},
+            )
             last_restart = time.monotonic()
             workers[index] = start_worker()
-        if stopping and all(p.exitcode is not None for p in workers):
+        if stopping and all(w.process.exitcode is not None for w in workers):
             break
-    failed = [p.exitcode for p in workers if p.exitcode not in (0, -signal.SIGTERM, -signal.SIGINT)]
+    for worker in workers:
+        worker.reports.close()
+    if failure is not None:
+        raise WorkerStartError(failure)
+    failed = [
+        w.process.exitcode for w in workers if w.process.exitcode not in (0, -signal.SIGTERM, -signal.SIGINT)
+    ]
     return 1 if failed else 0
 
 

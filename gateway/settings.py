@@ -14,8 +14,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import redis.connection
 import yaml
 from yarl import URL
+
+from .claims import is_scope_token
 
 __all__ = [
     "AuthSettings",
@@ -26,6 +29,7 @@ __all__ = [
     "SettingsError",
     "Timeouts",
     "load_settings",
+    "parse_host",
     "parse_int",
     "parse_logging",
     "parse_number",
@@ -79,6 +83,14 @@ JSON_CONTENT_TYPES: tuple[str, ...] = ("application/json",)
 # A number, then bytes (``B`` or nothing) or a binary multiple (``K``, ``KB``, ``KiB``, ...).
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])i?b?|b)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+# A media range as the validation middleware compares them (RFC 9110 section 8.3.1): type/subtype,
+# with "*" only as "type/*" or "*/*"; parameters are allowed, and ignored there.
+_MEDIA_TOKEN = r"[!#$%&'+.^_`|~0-9a-z-]+"
+_MEDIA_RANGE_RE = re.compile(
+    rf"(?:\*/\*|{_MEDIA_TOKEN}/(?:\*|{_MEDIA_TOKEN}))\s*(?:;.*)?", re.IGNORECASE | re.DOTALL
+)
+# RFC 1123 host names, plus ``_`` (container and compose service names have it).
+_HOSTNAME_RE = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*\.?", re.IGNORECASE)
 _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*([a-z]+)\s*$", re.IGNORECASE)
 _PERIODS = {
     "s": 1, "sec": 1, "second": 1, "seconds": 1,
@@ -191,25 +203,37 @@ def parse_rate(value: Any, key: str) -> RateLimit:
     return RateLimit(int(count), float(period))
 
 
-def parse_url(value: Any, key: str) -> str:
+def _redacted(value: Any) -> str:
+    """``repr(value)`` for an error message, a URL's user and password hidden: messages reach logs."""
+    # Up to the last "@": a password may hold any character, and hiding a path as well costs nothing.
+    return re.sub(r"(?<=//).*@", "***@", repr(value))
+
+
+def parse_url(value: Any, key: str, *, credentials: bool = True) -> str:
+    """An http(s) URL. ``credentials=False``: a user or password in it is refused."""
     if not isinstance(value, str) or not value.strip():
-        raise SettingsError(f"{key}: expected an http(s) URL, got {value!r}")
+        raise SettingsError(f"{key}: expected an http(s) URL, got {_redacted(value)}")
     try:
         url = URL(value.strip())
-    except ValueError as exc:
-        raise SettingsError(f"{key}: not a valid URL: {value!r}") from exc
+    except ValueError:
+        raise SettingsError(f"{key}: not a valid URL: {_redacted(value)}") from None
     if url.scheme not in ("http", "https") or not url.host:
-        raise SettingsError(f"{key}: expected an http:// or https:// URL with a host, got {value!r}")
+        raise SettingsError(f"{key}: expected an http:// or https:// URL with a host, got {_redacted(value)}")
     if url.query_string or url.fragment:
-        raise SettingsError(f"{key}: a service URL takes no query or fragment, got {value!r}")
+        raise SettingsError(f"{key}: a service URL takes no query or fragment, got {_redacted(value)}")
+    if not credentials and "@" in (url.raw_authority or ""):
+        raise SettingsError(
+            f"{key}: a service URL takes no user or password ({_redacted(value)}): the proxy never "
+            "sends them, and the URL is shown by check-config and in logs, traces and /health/detailed"
+        )
     return str(url).rstrip("/")
 
 
 def _url_list(value: Any, key: str) -> tuple[str, ...]:
-    items = value.split(",") if isinstance(value, str) else value
+    items = list(_csv(value, key)) if isinstance(value, str) else value
     if not isinstance(items, list | tuple) or not items:
-        raise SettingsError(f"{key}: expected one URL or a list of URLs, got {value!r}")
-    urls = tuple(parse_url(item, f"{key}[{i}]") for i, item in enumerate(items))
+        raise SettingsError(f"{key}: expected one URL or a list of URLs, got {_redacted(value)}")
+    urls = tuple(parse_url(item, f"{key}[{i}]", credentials=False) for i, item in enumerate(items))
     if len(set(urls)) != len(urls):
         raise SettingsError(f"{key}: the same target is listed twice")
     return urls
@@ -237,6 +261,23 @@ def parse_int(value: Any, key: str, *, minimum: int, maximum: int) -> int:
     return number
 
 
+def parse_host(value: str, key: str) -> str:
+    """An address or host name to listen on; ``""`` (every interface) passes as it always did."""
+    host = value.strip()
+    if not host:
+        return host
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    # A name's last label is never all digits (RFC 1123 2.1), so 999.1.1.1 is a mistyped address
+    # that would only fail, with a resolver's message, when the socket is bound.
+    if not _HOSTNAME_RE.fullmatch(host) or host.rstrip(".").rsplit(".", 1)[-1].isdigit():
+        raise SettingsError(f"{key}: {host!r} is neither an IP address nor a host name")
+    return host
+
+
 def _bool(value: Any, key: str) -> bool:
     if isinstance(value, bool):
         return value
@@ -248,8 +289,36 @@ def _bool(value: Any, key: str) -> bool:
     raise SettingsError(f"{key}: expected true or false, got {value!r}")
 
 
-def _csv(value: str | None) -> tuple[str, ...]:
-    return tuple(item.strip() for item in (value or "").split(",") if item.strip())
+def _csv(value: str | None, key: str) -> tuple[str, ...]:
+    """A comma-separated list; unset or blank is an empty one. An empty item (``a,,b``, ``a,``,
+    ``,``) is refused rather than skipped: it is most often a variable that expanded to nothing."""
+    if value is None or not value.strip():
+        return ()
+    items = tuple(item.strip() for item in value.split(","))
+    for position, item in enumerate(items, 1):
+        if not item:
+            raise SettingsError(f"{key}: item {position} of {len(items)} is empty (a stray comma?)")
+    return items
+
+
+def _origin(value: str, key: str) -> str:
+    """An origin as a browser serialises it in ``Origin`` (RFC 6454 section 6.2), which the CORS
+    middleware compares byte for byte: lowercase, the default port left out, IDN hosts in punycode."""
+    if "*" in value:
+        raise SettingsError(
+            f"{key}: {value!r}: wildcards are not origins; list each origin, or give '*' alone "
+            "(any origin, without credentials)"
+        )
+    if not re.fullmatch(r"https?://[^/?#@\s]+", value, re.IGNORECASE):
+        raise SettingsError(f"{key}: {value!r} is not an origin (scheme://host[:port], no path)")
+    port = re.search(r":(\d+)$", value)
+    if port and not 1 <= int(port.group(1)) <= 65535:
+        raise SettingsError(f"{key}: {value!r} is not an origin: the port must be between 1 and 65535")
+    try:
+        url = URL(value)
+    except ValueError as exc:
+        raise SettingsError(f"{key}: {value!r} is not an origin: {exc}") from None
+    return f"{url.scheme.lower()}://{url.host_port_subcomponent}"
 
 
 def _prefix(value: Any, key: str) -> str:
@@ -331,13 +400,22 @@ def _parse_route(index: int, raw: Any, services: Mapping[str, ServiceSettings]) 
     scopes = raw.get("scopes", [])
     if not isinstance(scopes, list) or not all(isinstance(s, str) and s for s in scopes):
         raise SettingsError(f"{key}.scopes: expected a list of scope names")
+    for scope in scopes:
+        if not is_scope_token(scope):
+            # A token's scopes are space-separated: "a b" is two grants, and no token has this one.
+            raise SettingsError(
+                f"{key}.scopes: {scope!r} can never be granted: a scope is printable ASCII without "
+                "spaces, '\"' or '\\' (RFC 6749 section 3.3); list each scope separately"
+            )
     content_types = raw.get("content_types", list(JSON_CONTENT_TYPES))
-    if (
-        not isinstance(content_types, list)
-        or not content_types
-        or not all(isinstance(c, str) and "/" in c for c in content_types)
-    ):
+    if not isinstance(content_types, list) or not content_types:
         raise SettingsError(f"{key}.content_types: expected a list of media types such as application/json")
+    for content_type in content_types:
+        if not isinstance(content_type, str) or not _MEDIA_RANGE_RE.fullmatch(content_type.strip()):
+            raise SettingsError(
+                f"{key}.content_types: {content_type!r} is not a media type such as application/json "
+                "(type/subtype, type/* or */*)"
+            )
     return Route(
         prefix=prefix,
         service=service,
@@ -352,18 +430,75 @@ def _parse_route(index: int, raw: Any, services: Mapping[str, ServiceSettings]) 
     )
 
 
-def load_config_file(path: str) -> tuple[dict[str, ServiceSettings], tuple[Route, ...]]:
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _refuse_duplicate_keys(node: yaml.Node, where: str, path: str, seen: set[int]) -> None:
+    """PyYAML keeps the last of two equal keys without a word: a service's second ``url`` would
+    silently replace its first. Keys merged in with ``<<`` are overridable by design."""
+    if id(node) in seen:  # an alias: checked where its anchor is
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], int] = {}
+        for key_node, value_node in node.value:
+            name = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
+            child = f"{where}.{name}" if where else name
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != _MERGE_TAG:
+                line = key_node.start_mark.line + 1
+                identity = (key_node.tag, key_node.value)
+                if identity in first:
+                    lines = (
+                        f"on line {line}"
+                        if first[identity] == line
+                        else f"at lines {first[identity]} and {line}"
+                    )
+                    raise SettingsError(f"{path}: {child} is given twice, {lines}; only one can apply")
+                first[identity] = line
+            _refuse_duplicate_keys(value_node, child, path, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, f"{where}[{index}]", path, seen)
+
+
+def _read_yaml(path: str) -> Any:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise SettingsError(f"GATEWAY_CONFIG: cannot read {path}: {exc.strerror or exc}") from exc
     try:
-        raw = yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise SettingsError(
+            f"{path}: not UTF-8 at byte {exc.start} (line {line}); save it as UTF-8"
+        ) from None
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            _refuse_duplicate_keys(node, "", path, set())
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except RecursionError:
+        raise SettingsError(f"{path}: not valid YAML: nested too deeply") from None
+    except yaml.reader.ReaderError as exc:  # a control character; its text spans two lines
+        line = text.count("\n", 0, exc.position) + 1
+        raise SettingsError(
+            f"{path}: not valid YAML at line {line}: character #x{exc.character:04x} is not allowed"
+        ) from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise SettingsError(f"{path}: not valid YAML{where}: {problem}") from exc
+        raise SettingsError(f"{path}: not valid YAML{where}: {' '.join(str(problem).split())}") from exc
+
+
+def load_config_file(path: str) -> tuple[dict[str, ServiceSettings], tuple[Route, ...]]:
+    raw = _read_yaml(path)
     if not isinstance(raw, Mapping):
         raise SettingsError(f"{path}: expected a mapping with 'services' and 'routes'")
     _check_keys(raw, {"services", "routes"}, path)
@@ -410,6 +545,12 @@ def redis_url(env: Mapping[str, str]) -> str | None:
         url = env["REDIS_URL"].strip()
         if not url.startswith(("redis://", "rediss://", "unix://")):
             raise SettingsError("REDIS_URL: expected redis://, rediss:// or unix://")
+        try:
+            # redis-py's own parser, as its client runs it when the app is built: a port out of
+            # range or a bad option would otherwise stop the start with a traceback.
+            redis.connection.parse_url(url)
+        except ValueError as exc:
+            raise SettingsError(f"REDIS_URL: {exc}") from None
         return url
     if not env.get("REDIS_HOST"):
         return None
@@ -476,22 +617,21 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     sample_rate = parse_sample_rate(env.get("TRACE_SAMPLE_RATE", "1.0"))
 
     trusted = []
-    for item in _csv(env.get("TRUSTED_PROXIES")):
+    for item in _csv(env.get("TRUSTED_PROXIES"), "TRUSTED_PROXIES"):
         try:
             trusted.append(ipaddress.ip_network(item, strict=False))
         except ValueError as exc:
             raise SettingsError(f"TRUSTED_PROXIES: {item!r} is not an address or CIDR") from exc
 
-    origins = _csv(env.get("CORS_ALLOW_ORIGINS"))
+    origins = _csv(env.get("CORS_ALLOW_ORIGINS"), "CORS_ALLOW_ORIGINS")
     if "*" in origins and len(origins) > 1:
         raise SettingsError("CORS_ALLOW_ORIGINS: '*' cannot be combined with explicit origins")
-    for origin in origins:
-        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
-            raise SettingsError(
-                f"CORS_ALLOW_ORIGINS: {origin!r} is not an origin (scheme://host[:port], no path)"
-            )
+    origins = tuple(origin if origin == "*" else _origin(origin, "CORS_ALLOW_ORIGINS") for origin in origins)
 
-    algorithms = _csv(env.get("AUTH_ALGORITHMS", "RS256,ES256"))
+    algorithms = _csv(env.get("AUTH_ALGORITHMS", "RS256,ES256"), "AUTH_ALGORITHMS")
+    if not algorithms:
+        # Set but empty: no token could ever verify. Unset means the default.
+        raise SettingsError("AUTH_ALGORITHMS: empty; name at least one, such as RS256,ES256 (the default)")
     allowed_algs = {"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "HS256", "HS384", "HS512", "EdDSA"}  # fmt: skip
     for alg in algorithms:
         if alg not in allowed_algs:
@@ -510,7 +650,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     )
 
     return Settings(
-        host=env.get("GATEWAY_HOST", "127.0.0.1"),
+        host=parse_host(env.get("GATEWAY_HOST", "127.0.0.1"), "GATEWAY_HOST"),
         port=parse_int(env.get("GATEWAY_PORT", "8080"), "GATEWAY_PORT", minimum=0, maximum=65535),
         services=services,
         routes=routes,
@@ -525,7 +665,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         trusted_proxies=tuple(trusted),
         cors_allow_origins=origins,
         data_dir=env.get("GATEWAY_DATA_DIR", "./.data"),
-        intelligence_host=env.get("INTELLIGENCE_HOST", "127.0.0.1"),
+        intelligence_host=parse_host(env.get("INTELLIGENCE_HOST", "127.0.0.1"), "INTELLIGENCE_HOST"),
         intelligence_port=parse_int(
             env.get("INTELLIGENCE_PORT", "8081"), "INTELLIGENCE_PORT", minimum=0, maximum=65535
         ),

@@ -24,7 +24,7 @@ from intelligence.settings import load_settings as load_chat_settings
 from .app import create_app
 from .devauth import dev_secret, mint_token
 from .logs import configure_logging
-from .server import Listener, run, serve
+from .server import Listener, ListenError, run, serve
 from .settings import ServiceSettings, Settings, SettingsError, service_env_name
 
 __all__ = ["run_up"]
@@ -44,7 +44,12 @@ def _embedded_postgres(data_dir: str) -> str:
             "  pip install -e '.[embedded]'   (or set POSTGRES_DSN)"
         ) from None
     path = Path(data_dir, "postgres").resolve()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SettingsError(
+            f"GATEWAY_DATA_DIR: cannot create {path}: {(exc.strerror or str(exc)).lower()}"
+        ) from None
     log.info("starting embedded PostgreSQL", extra={"data": str(path)})
     # Stopped when this process exits; the data stays for the next start.
     server = pgserver.get_server(path, cleanup_mode="stop")
@@ -54,8 +59,17 @@ def _embedded_postgres(data_dir: str) -> str:
 def run_up(settings: Settings, environ: Mapping[str, str] | None = None) -> int:
     env = os.environ if environ is None else environ
     configure_logging(settings.log_level, settings.log_format)
-    dsn = settings.postgres_dsn or _embedded_postgres(settings.data_dir)
+    auth = settings.auth
+    dev_mode = auth.enabled and not (auth.jwt_secret or auth.jwks_url)
     try:
+        if dev_mode:
+            settings = dataclasses.replace(
+                settings,
+                auth=dataclasses.replace(
+                    auth, jwt_secret=dev_secret(settings.data_dir), algorithms=(*auth.algorithms, "HS256")
+                ),
+            )
+        dsn = settings.postgres_dsn or _embedded_postgres(settings.data_dir)
         # The chat API reads its own variables as `python -m intelligence` does (ZIPKIN_URL,
         # CHAT_CACHE_*, POSTGRES_POOL_MAX...); one process, so the gateway's shutdown bound.
         chat = dataclasses.replace(
@@ -66,7 +80,7 @@ def run_up(settings: Settings, environ: Mapping[str, str] | None = None) -> int:
         return 2
 
     async def migrate() -> None:
-        applied = await apply_migrations(dsn, load_migrations())
+        applied = await apply_migrations(dsn, load_migrations(chat.migrations_dir))
         if applied:
             log.info("applied migrations", extra={"migrations": applied})
 
@@ -84,15 +98,6 @@ def run_up(settings: Settings, environ: Mapping[str, str] | None = None) -> int:
     elif engine is None:
         services["intelligence-engine"] = ServiceSettings("intelligence-engine", (chat_url,))
     settings = dataclasses.replace(settings, services=services)
-
-    auth = settings.auth
-    dev_mode = auth.enabled and not (auth.jwt_secret or auth.jwks_url)
-    if dev_mode:
-        secret = dev_secret(settings.data_dir)
-        settings = dataclasses.replace(
-            settings,
-            auth=dataclasses.replace(auth, jwt_secret=secret, algorithms=(*auth.algorithms, "HS256")),
-        )
 
     def banner(bound: Sequence[tuple[Listener, int]]) -> None:
         port = dict((listener.name, p) for listener, p in bound)["gateway"]
@@ -113,19 +118,19 @@ def run_up(settings: Settings, environ: Mapping[str, str] | None = None) -> int:
         lines.append("")
         print("\n".join(lines), file=sys.stderr, flush=True)
 
-    run(
-        serve(
-            [
-                Listener(
-                    create_intelligence_app(chat),
-                    settings.intelligence_host,
-                    settings.intelligence_port,
-                    "intelligence",
-                ),
-                Listener(create_app(settings), settings.host, settings.port, "gateway"),
-            ],
-            shutdown_timeout=settings.shutdown_timeout,
-            on_started=banner,
-        )
-    )
+    listeners = [
+        Listener(
+            create_intelligence_app(chat),
+            settings.intelligence_host,
+            settings.intelligence_port,
+            "intelligence",
+            "INTELLIGENCE_HOST, INTELLIGENCE_PORT",
+        ),
+        Listener(create_app(settings), settings.host, settings.port, "gateway", "GATEWAY_HOST, GATEWAY_PORT"),
+    ]
+    try:
+        run(serve(listeners, shutdown_timeout=settings.shutdown_timeout, on_started=banner))
+    except ListenError as exc:
+        print(f"gateway: {exc}", file=sys.stderr, flush=True)
+        return 2
     return 0

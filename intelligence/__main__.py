@@ -7,7 +7,7 @@ import asyncio
 import sys
 
 from gateway.logs import configure_logging
-from gateway.server import Listener, run, serve
+from gateway.server import Listener, ListenError, run, serve
 
 from .app import create_app
 from .models import DatabaseUnavailable, MigrationError
@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "migrate":
         try:
-            applied = asyncio.run(apply_migrations(settings.postgres.dsn, load_migrations()))
+            applied = asyncio.run(
+                apply_migrations(settings.postgres.dsn, load_migrations(settings.migrations_dir))
+            )
         except MigrationError as exc:
             return _fail(str(exc))
         except Exception as exc:  # psycopg2's errors: name the problem, no traceback
@@ -35,11 +37,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
         return 0
 
-    listener = Listener(create_app(settings), settings.host, settings.port, "intelligence")
+    listener = Listener(
+        create_app(settings),
+        settings.host,
+        settings.port,
+        "intelligence",
+        "INTELLIGENCE_HOST, INTELLIGENCE_PORT",
+    )
     try:
         run(serve([listener], shutdown_timeout=settings.shutdown_timeout))
     except (MigrationError, DatabaseUnavailable) as exc:
         return _fail(f"not starting: {exc}")
+    except ListenError as exc:
+        return _fail(str(exc))
     return 0
 
 

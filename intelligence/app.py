@@ -17,7 +17,7 @@ from .cache import ChatCache, redis_client
 from .health import setup_health_routes
 from .keys import cache_key, pool_key, service_key, settings_key
 from .persistence import ChatPersistenceService, create_pool
-from .schema import check_migrations
+from .schema import check_migrations, load_migrations
 from .settings import IntelligenceSettings
 
 __all__ = ["create_app"]
@@ -25,9 +25,11 @@ __all__ = ["create_app"]
 
 async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
     """The pool; the app refuses to start while migrations are pending (or PostgreSQL is down)."""
-    pool = await create_pool(app[settings_key].postgres)
+    settings = app[settings_key]
+    migrations = load_migrations(settings.migrations_dir)
+    pool = await create_pool(settings.postgres)
     try:
-        await check_migrations(pool)
+        await check_migrations(pool, migrations)
         app[pool_key] = pool
         yield
     finally:

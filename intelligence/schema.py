@@ -5,14 +5,13 @@ and whoever comes second finds nothing left to do. Each file runs in its own tra
 with the row recording it in ``schema_migrations``, so a failed migration leaves no trace.
 
 The files live in the top-level ``migrations`` package (package data, so a wheel carries them);
-``INTELLIGENCE_MIGRATIONS_DIR`` may point elsewhere.
+``INTELLIGENCE_MIGRATIONS_DIR`` (``IntelligenceSettings.migrations_dir``) may point elsewhere.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -65,11 +64,15 @@ def one_line(exc: BaseException) -> str:
 
 
 def load_migrations(directory: str | Path | None = None) -> tuple[Migration, ...]:
-    """The migrations in version order; a malformed file name or a duplicate version is an error."""
-    directory = directory or os.environ.get("INTELLIGENCE_MIGRATIONS_DIR")
+    """The migrations in ``directory`` (default: the package's) in version order; a malformed file
+    name, a duplicate version or a file that cannot be read is a MigrationError."""
     root = Path(directory) if directory else resources.files("migrations")
     found: dict[int, Migration] = {}
-    for entry in root.iterdir():
+    try:
+        entries = sorted(root.iterdir(), key=lambda entry: entry.name)
+    except OSError as exc:
+        raise MigrationError(f"cannot read the migrations in {root}: {exc.strerror or exc}") from exc
+    for entry in entries:
         if not entry.name.endswith(".sql"):
             continue
         match = _NAME_RE.match(entry.name)
@@ -80,7 +83,18 @@ def load_migrations(directory: str | Path | None = None) -> tuple[Migration, ...
             raise MigrationError(
                 f"two migrations share version {version}: {found[version].name}, {entry.name}"
             )
-        found[version] = Migration(version, entry.name, entry.read_text(encoding="utf-8"))
+        try:
+            data = entry.read_bytes()
+        except OSError as exc:
+            raise MigrationError(f"cannot read migration file {entry.name}: {exc.strerror or exc}") from exc
+        try:
+            sql = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = data.count(b"\n", 0, exc.start) + 1
+            raise MigrationError(
+                f"migration file {entry.name}: not UTF-8 at byte {exc.start} (line {line})"
+            ) from None
+        found[version] = Migration(version, entry.name, sql)
     return tuple(found[v] for v in sorted(found))
 
 

@@ -9,9 +9,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import psycopg2
+import psycopg2.extensions
+
 # The gateway's small parsers, so both apps report a bad value the same way.
 from gateway.settings import (
     SettingsError,
+    parse_host,
     parse_int,
     parse_logging,
     parse_number,
@@ -62,6 +66,24 @@ class IntelligenceSettings:
     shutdown_timeout: float = 30.0
     zipkin_url: str | None = None
     trace_sample_rate: float = 1.0
+    migrations_dir: str | None = None  # None: the migrations shipped with the package
+
+
+def _check_dsn(dsn: str) -> None:
+    # libpq parses a connection string only when it connects, and the pool connects lazily. Its
+    # parser, run now, finds the same mistakes. (One built from POSTGRES_* is always well formed.)
+    try:
+        psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.ProgrammingError as exc:
+        problem = " ".join(str(exc).split()).removeprefix("invalid dsn: ")
+        raise SettingsError(f"POSTGRES_DSN: not a valid connection string: {problem}") from None
+
+
+def _directory(value: str, key: str) -> str:
+    if not os.path.isdir(value):
+        problem = "is not a directory" if os.path.exists(value) else "does not exist"
+        raise SettingsError(f"{key}: {value} {problem}")
+    return value
 
 
 def load_postgres_settings(env: Mapping[str, str], dsn: str | None = None) -> PostgresSettings:
@@ -71,6 +93,7 @@ def load_postgres_settings(env: Mapping[str, str], dsn: str | None = None) -> Po
         raise SettingsError(
             "POSTGRES_DSN (or POSTGRES_HOST, POSTGRES_DB, ...): the chat database is required"
         )
+    _check_dsn(dsn)
     return PostgresSettings(
         dsn=dsn,
         pool_max=parse_int(env.get("POSTGRES_POOL_MAX", "20"), "POSTGRES_POOL_MAX", minimum=1, maximum=1000),
@@ -100,7 +123,7 @@ def load_settings(
     return IntelligenceSettings(
         postgres=load_postgres_settings(env, dsn),
         cache=cache,
-        host=env.get("INTELLIGENCE_HOST", "127.0.0.1"),
+        host=parse_host(env.get("INTELLIGENCE_HOST", "127.0.0.1"), "INTELLIGENCE_HOST"),
         port=parse_int(env.get("INTELLIGENCE_PORT", "8081"), "INTELLIGENCE_PORT", minimum=0, maximum=65535),
         log_level=log_level,
         log_format=log_format,
@@ -109,4 +132,9 @@ def load_settings(
         ),
         zipkin_url=parse_url(env["ZIPKIN_URL"], "ZIPKIN_URL") if env.get("ZIPKIN_URL") else None,
         trace_sample_rate=parse_sample_rate(env.get("TRACE_SAMPLE_RATE", "1.0")),
+        migrations_dir=(
+            _directory(env["INTELLIGENCE_MIGRATIONS_DIR"], "INTELLIGENCE_MIGRATIONS_DIR")
+            if env.get("INTELLIGENCE_MIGRATIONS_DIR")
+            else None
+        ),
     )

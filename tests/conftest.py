@@ -150,6 +150,15 @@ def bound_socket() -> Iterator[Callable[[], socket.socket]]:
 
 
 @pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A loopback port another socket is listening on, as when a second copy is started."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+@pytest.fixture
 def refused_url(bound_socket: Callable[[], socket.socket]) -> str:
     return f"http://127.0.0.1:{bound_socket().getsockname()[1]}"
 

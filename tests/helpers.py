@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -111,6 +113,38 @@ class Collector:
 
     def by_kind(self, kind: str) -> list[dict[str, Any]]:
         return [s for s in self.spans if s.get("kind") == kind]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# Variables the programs read; a test's environment starts without any of them.
+_PROGRAM_VARIABLES = (
+    "GATEWAY_", "SERVICE_", "AUTH_", "POSTGRES_", "REDIS_", "INTELLIGENCE_", "LOG_", "CORS_",
+    "TRUSTED_", "ZIPKIN_", "TRACE_", "RATE_LIMIT_", "CHAT_CACHE_",
+)  # fmt: skip
+
+
+def program_env(**env: str) -> dict[str, str]:
+    """This process's environment minus the programs' settings, plus ``env``; imports come from this
+    worktree and only errors are logged, so what a refused start prints is all there is on stderr."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(_PROGRAM_VARIABLES)}
+    return {**base, "PYTHONPATH": str(ROOT), "LOG_LEVEL": "ERROR", **env}
+
+
+def run_program(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``python -m ARGS`` to its end, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def refusal(result: subprocess.CompletedProcess[str]) -> str:
+    """The one line a program prints when it refuses to start: exit 2, no traceback, nothing else."""
+    output = f"exit {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}"
+    assert "Traceback" not in result.stderr + result.stdout, output
+    assert result.returncode == 2, output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, output
+    return lines[0]
 
 
 def free_port() -> int:

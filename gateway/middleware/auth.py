@@ -37,6 +37,7 @@ import jwt
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from ..claims import is_scope_token, subject_problem
 from ..errors import ApiError
 from ..jwks import JwksCache, JwksUnavailable
 from ..keys import auth_key, route_key
@@ -67,12 +68,6 @@ _HMAC_ALGS = frozenset({"HS256", "HS384", "HS512"})
 # RFC 7515 section 4.1.2-4.1.6: the token brings its own key. It was made for a verifier that
 # takes keys from tokens, or made to find one; this one never looks at them.
 _KEY_SOURCE_PARAMS = frozenset({"jku", "jwk", "x5u", "x5c"})
-# RFC 6749 section 3.3 scope-token; anything else in a scope claim is not a grant.
-_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
-# The subject travels upstream in a header and into rate-limit keys: no control characters,
-# bounded, and no surrogates (a JSON escape like "\ud800" decodes to one, and UTF-8 cannot
-# encode it: the upstream request and the Redis call would fail, not the token).
-_SUBJECT = re.compile(r"[^\x00-\x1f\x7f\ud800-\udfff]{1,256}")
 # PyJWT compares ``exp`` as an int, so one beyond float's range is valid (and never comes).
 _NEVER = sys.float_info.max
 # A JWS in compact serialization (RFC 7515 section 7.1): three base64url segments, padding
@@ -255,7 +250,7 @@ def _kid_of(jwks: JwksCache, key: jwt.PyJWK) -> str | None:
 
 def _identity(claims: Mapping[str, Any]) -> Identity:
     subject = claims.get("sub")
-    if not isinstance(subject, str) or not _SUBJECT.fullmatch(subject):
+    if subject_problem(subject) is not None:
         raise AuthError("The token's subject is malformed")
     scopes: set[str] = set()
     scope = claims.get("scope")
@@ -266,7 +261,8 @@ def _identity(claims: Mapping[str, Any]) -> Identity:
         scopes.update(scp.split())
     elif isinstance(scp, list):
         scopes.update(s for s in scp if isinstance(s, str))
-    return Identity(subject, frozenset(s for s in scopes if _SCOPE_TOKEN.fullmatch(s)), claims)
+    # Anything in a scope claim that is not a scope-token is not a grant.
+    return Identity(subject, frozenset(s for s in scopes if is_scope_token(s)), claims)
 
 
 def _challenge(error: str | None = None, description: str | None = None, scope: str | None = None) -> str:

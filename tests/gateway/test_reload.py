@@ -1,5 +1,6 @@
 """Configuration reload without downtime: in process through ``reload_routes``, and with real
-signals against ``python -m gateway`` (one process, and GATEWAY_WORKERS=2)."""
+signals against ``python -m gateway`` (one process, and GATEWAY_WORKERS=2, whose supervisor also
+replaces a worker that dies while serving)."""
 
 from __future__ import annotations
 
@@ -238,6 +239,8 @@ async def test_a_raised_rate_limit_lifts_the_refusal_of_an_address_sending_bad_t
     [
         ("routes: [unclosed", "not valid YAML"),
         (yaml.safe_dump({"services": {}, "routes": [{"prefix": "/a", "service": "nope"}]}), "nope"),
+        (b"\xff\xfe\x00bad", "not UTF-8 at byte 0"),
+        ("routes: [{prefix: /caf\xe9}]\n".encode("latin-1"), "not UTF-8 at byte 22 (line 1)"),
     ],
 )
 async def test_invalid_file_is_rejected_and_the_old_table_stays(
@@ -245,7 +248,7 @@ async def test_invalid_file_is_rejected_and_the_old_table_stays(
     named_upstream: Any,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
-    content: str,
+    content: str | bytes,
     problem: str,
 ) -> None:
     url, _ = await named_upstream("old")
@@ -255,7 +258,7 @@ async def test_invalid_file_is_rejected_and_the_old_table_stays(
     client = await aiohttp_client(TestServer(create_app(load_settings(env))))
     before = client.app[route_table_key].current
 
-    path.write_text(content)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with caplog.at_level(logging.ERROR, logger="gateway.reload"):
         assert await reload_routes(client.app, env) is False
     (record,) = [r for r in caplog.records if r.name == "gateway.reload"]
@@ -268,6 +271,32 @@ async def test_invalid_file_is_rejected_and_the_old_table_stays(
     assert {s.labels["result"]: s.value for s in family.samples if s.name.endswith("_total")} == {
         "rejected": 1.0
     }
+
+
+async def test_an_unexpected_error_while_reloading_is_logged_and_the_old_table_stays(
+    aiohttp_client: Any,
+    named_upstream: Any,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url, _ = await named_upstream("old")
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(table({"/a": url})))
+    env = {"GATEWAY_CONFIG": str(path)}
+    client = await aiohttp_client(TestServer(create_app(load_settings(env))))
+    before = client.app[route_table_key].current
+
+    def broken(environ: Any) -> None:
+        raise RuntimeError("a bug in the settings code")
+
+    monkeypatch.setattr("gateway.reload.load_settings", broken)
+    with caplog.at_level(logging.ERROR, logger="gateway.reload"):
+        assert await reload_routes(client.app, env) is False
+    (record,) = [r for r in caplog.records if r.name == "gateway.reload"]
+    assert "reload rejected" in record.getMessage() and record.exc_info is not None
+    assert client.app[route_table_key].current is before
+    assert await served_by(client, "/a/x") == (200, "old")
 
 
 # -- the real process and real signals ---------------------------------------------------------
@@ -390,7 +419,13 @@ async def test_sighup_reloads_the_running_gateway(
     gateway.process.send_signal(signal.SIGHUP)
     await wait_for(lambda: gateway.logged("reload rejected"), what="the rejection")
     assert (await gateway.get("/b/x")) == (200, b'{"upstream": "new"}')
+
+    config.write_bytes(b"\xff\xfe\x00bad")
+    gateway.process.send_signal(signal.SIGHUP)
+    await wait_for(lambda: gateway.logged("not UTF-8 at byte 0"), what="the rejection of a non-UTF-8 file")
+    assert (await gateway.get("/b/x")) == (200, b'{"upstream": "new"}')
     assert await gateway.stop() == 0
+    assert not gateway.logged("Traceback") and not gateway.logged("never retrieved")
 
 
 async def test_two_workers_answer_reload_and_stop_on_sigterm(
@@ -427,3 +462,35 @@ async def test_two_workers_answer_reload_and_stop_on_sigterm(
     assert await gateway.stop() == 0
     for pid in pids:
         assert gone(pid)
+
+
+async def test_a_worker_that_dies_while_serving_is_replaced(
+    gateway_process: Any, named_upstream: Any, tmp_path: Path
+) -> None:
+    url, _ = await named_upstream("kept")
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump(table({"/a": url})))
+    gateway = gateway_process(config, GATEWAY_WORKERS="2")
+    await gateway.ready()
+    first: set[int] = set()
+    deadline = time.monotonic() + 15
+    while len(first) < 2:
+        assert time.monotonic() < deadline, f"only saw workers {first}"
+        first.add((await gateway.metrics())["pid"])
+
+    victim = min(first)
+    os.kill(victim, signal.SIGKILL)
+
+    deadline = time.monotonic() + 15
+    while True:  # until a worker started after the kill answers
+        assert time.monotonic() < deadline, f"no replacement for worker {victim}:\n{gateway.log.read_text()}"
+        try:
+            pid = (await gateway.metrics())["pid"]
+        except aiohttp.ClientConnectionError:
+            continue
+        if pid not in first:
+            break
+    assert parent_of(pid) == gateway.process.pid
+    assert gateway.logged("worker exited; restarting")
+    assert (await gateway.get("/a/x")) == (200, b'{"upstream": "kept"}')
+    assert await gateway.stop() == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,8 +19,9 @@ import yaml
 from aiohttp import web
 
 from gateway.keys import lifecycle_key
-from gateway.settings import SettingsError, load_settings
-from tests.helpers import one_service, wait_for
+from gateway.settings import SettingsError, Timeouts, load_settings
+from gateway.validation import media_type_allowed
+from tests.helpers import one_service, program_env, refusal, run_program, wait_for
 
 WORKTREE = Path(__file__).resolve().parents[2]
 GOOD = {
@@ -56,7 +58,10 @@ def with_change(path: str, value: Any) -> dict[str, Any]:
 
 def write(tmp_path: Path, config: Any) -> str:
     path = tmp_path / "gateway.yaml"
-    path.write_text(config if isinstance(config, str) else yaml.safe_dump(config), encoding="utf-8")
+    if isinstance(config, bytes):
+        path.write_bytes(config)
+    else:
+        path.write_text(config if isinstance(config, str) else yaml.safe_dump(config), encoding="utf-8")
     return str(path)
 
 
@@ -115,8 +120,54 @@ def write(tmp_path: Path, config: Any) -> str:
             id="negative-eject",
         ),
         pytest.param(with_change("routes", []), "routes", id="no-routes"),
+        pytest.param(
+            with_change("routes.0.content_types", ["application/"]),
+            "routes[0].content_types",
+            id="no-subtype",
+        ),
+        pytest.param(
+            with_change("routes.0.content_types", ["*/json"]), "routes[0].content_types", id="wildcard-type"
+        ),
+        pytest.param(
+            with_change("routes.0.content_types", ["application/json", "text"]),
+            "routes[0].content_types",
+            id="not-a-media-type",
+        ),
+        pytest.param(
+            with_change("routes.2.scopes", ["read", "a b"]), "routes[2].scopes", id="scope-with-space"
+        ),
+        pytest.param(with_change("routes.2.scopes", ['say"hi']), "routes[2].scopes", id="scope-with-quote"),
+        pytest.param(
+            with_change("routes.2.scopes", ["\u00e9crire"]), "routes[2].scopes", id="scope-not-ascii"
+        ),
         pytest.param("services: {a: [unclosed\n", "not valid YAML", id="invalid-yaml"),
         pytest.param("- just\n- a list\n", "expected a mapping", id="not-a-mapping"),
+        pytest.param(
+            "services:\n  a:\n    url: http://a\n    url: http://b\nroutes: [{prefix: /, service: a}]\n",
+            "services.a.url is given twice, at lines 3 and 4",
+            id="duplicate-service-key",
+        ),
+        pytest.param(
+            "services: {a: {url: 'http://a'}}\nroutes:\n  - {prefix: /, service: a}\n"
+            "  - {prefix: /b, service: a, auth: none, auth: required}\n",
+            "routes[1].auth is given twice, on line 4",
+            id="duplicate-route-key",
+        ),
+        pytest.param(
+            "services: {a: {url: 'http://a'}}\nroutes: [{prefix: /, service: a}]\nroutes: []\n",
+            "routes is given twice, at lines 2 and 3",
+            id="duplicate-top-level-key",
+        ),
+        pytest.param("[" * 5000 + "]" * 5000, "nested too deeply", id="deep-nesting"),
+        pytest.param(b"\xff\xfe\x00bad", "not UTF-8 at byte 0 (line 1)", id="not-utf8"),
+        pytest.param(
+            yaml.safe_dump(with_change("routes.2.scopes", ["caf\xe9"]), allow_unicode=True).encode("latin-1"),
+            "not UTF-8 at byte",
+            id="latin1-in-a-valid-file",
+        ),
+        pytest.param(
+            "services: {a: {url: 'http://x\x01'}}\n", "not valid YAML at line 1", id="control-character"
+        ),
     ],
 )
 def test_bad_config_file_names_the_key(tmp_path: Path, config: Any, names: str) -> None:
@@ -125,6 +176,80 @@ def test_bad_config_file_names_the_key(tmp_path: Path, config: Any, names: str) 
     message = str(error.value)
     assert names in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("key", ["GATEWAY_HOST", "INTELLIGENCE_HOST"])
+@pytest.mark.parametrize("host", ["999.1.1.1", "1.2.3", "http://gateway", "10.0.0.1:8080", "two words"])
+def test_a_listen_host_that_is_no_address_names_the_key(key: str, host: str) -> None:
+    with pytest.raises(SettingsError, match=f"^{key}: "):
+        load_settings({key: host})
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "::1", "localhost", "gateway-1.internal", "chat_api", ""])
+def test_listen_hosts_that_are_addresses_or_names_are_kept(host: str) -> None:
+    settings = load_settings({"GATEWAY_HOST": host, "INTELLIGENCE_HOST": host})
+    assert (settings.host, settings.intelligence_host) == (host, host)
+
+
+@pytest.mark.parametrize(
+    ("entry", "request_type"),
+    [
+        ("application/json", "application/json"),
+        ("Application/JSON; charset=utf-8", "application/json"),
+        ("application/merge-patch+json", "application/merge-patch+json"),
+        ("text/*", "text/csv"),
+        ("*/*", "image/png"),
+    ],
+)
+def test_content_types_the_file_takes_are_ones_requests_can_match(
+    tmp_path: Path, entry: str, request_type: str
+) -> None:
+    settings = load_settings(
+        {"GATEWAY_CONFIG": write(tmp_path, with_change("routes.0.content_types", [entry]))}
+    )
+    route = next(r for r in settings.routes if r.prefix == "/api/v1/clusters")
+    assert media_type_allowed(request_type, route.content_types)
+
+
+def test_keys_merged_in_with_yaml_merge_keys_may_be_overridden(tmp_path: Path) -> None:
+    config = (
+        "services:\n"
+        "  a: {url: 'http://a', timeout: &slow {connect: 1, read: 60}}\n"
+        "  b: {url: 'http://b', timeout: {<<: *slow, read: 5}}\n"
+        "routes: [{prefix: /, service: a}, {prefix: /b, service: b}]\n"
+    )
+    settings = load_settings({"GATEWAY_CONFIG": write(tmp_path, config)})
+    assert settings.services["b"].timeout == Timeouts(connect=1, read=5)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://admin:hunter2@127.0.0.1:9001", "http://:hunter2@127.0.0.1", "http://hunter2@127.0.0.1"]
+)
+def test_a_service_url_with_credentials_is_refused_without_showing_them(tmp_path: Path, url: str) -> None:
+    for env in (
+        {"GATEWAY_CONFIG": write(tmp_path, with_change("services.cluster-registry.url", url))},
+        {"SERVICE_CLUSTER_REGISTRY_URL": f"http://127.0.0.1:9001,{url}"},
+    ):
+        with pytest.raises(SettingsError) as error:
+            load_settings(env)
+        message = str(error.value)
+        assert message.startswith(("services.cluster-registry.url", "SERVICE_CLUSTER_REGISTRY_URL[1]"))
+        assert "takes no user or password" in message
+        assert "hunter2" not in message
+
+
+@pytest.mark.parametrize(
+    "value", ["ftp://admin:hunter2@host", "http://admin:hunter2@host/x?y#z", "http://admin:hunter2@[bad"]
+)
+def test_other_url_errors_hide_credentials_too(value: str) -> None:
+    with pytest.raises(SettingsError, match=r"^SERVICE_CLUSTER_REGISTRY_URL\[0\]: ") as error:
+        load_settings({"SERVICE_CLUSTER_REGISTRY_URL": value})
+    assert "hunter2" not in str(error.value)
+
+
+def test_the_zipkin_url_may_carry_credentials_which_aiohttp_sends() -> None:
+    url = "http://spans:secret@zipkin:9411/api/v2/spans"
+    assert load_settings({"ZIPKIN_URL": url}).zipkin_url == url
 
 
 def test_missing_config_file_names_the_variable(tmp_path: Path) -> None:
@@ -177,6 +302,77 @@ def test_bad_service_url_variable_names_the_variable(tmp_path: Path) -> None:
         load_settings({"GATEWAY_CONFIG": write(tmp_path, GOOD), "SERVICE_CLUSTER_REGISTRY_URL": "nonsense"})
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("AUTH_ALGORITHMS", ""),
+        ("AUTH_ALGORITHMS", " "),
+        ("AUTH_ALGORITHMS", ","),
+        ("AUTH_ALGORITHMS", "RS256,"),
+        ("TRUSTED_PROXIES", ","),
+        ("TRUSTED_PROXIES", "10.0.0.1,,10.0.0.2"),
+        ("CORS_ALLOW_ORIGINS", ","),
+        ("CORS_ALLOW_ORIGINS", "https://a.example,"),
+        ("SERVICE_CLUSTER_REGISTRY_URL", ","),
+        ("SERVICE_CLUSTER_REGISTRY_URL", "http://127.0.0.1:7001,,http://127.0.0.1:7002"),
+    ],
+)
+def test_a_comma_list_with_an_empty_item_names_the_key(key: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=f"^{key}: .*empty"):
+        load_settings({key: value, "AUTH_JWT_SECRET": "s"})  # with the secret HS256 would be added
+
+
+@pytest.mark.parametrize(
+    ("origin", "problem"),
+    [
+        ("https://a.example:99999", "the port must be between 1 and 65535"),
+        ("https://a.example:0", "the port must be between 1 and 65535"),
+        ("https://*.a.example", "wildcards are not origins"),
+        ("*.a.example", "wildcards are not origins"),
+        ("https://a.example/", "not an origin"),
+        ("https://user@a.example", "not an origin"),
+        ("a.example", "not an origin"),
+    ],
+)
+def test_a_cors_origin_that_no_browser_sends_names_the_key(origin: str, problem: str) -> None:
+    with pytest.raises(SettingsError, match=f"^CORS_ALLOW_ORIGINS: .*{re.escape(problem)}"):
+        load_settings({"CORS_ALLOW_ORIGINS": f"https://ok.example,{origin}"})
+
+
+def test_cors_origins_are_kept_as_a_browser_sends_them() -> None:
+    settings = load_settings(
+        {
+            "CORS_ALLOW_ORIGINS": "https://App.Example.com:443,HTTP://a.example:8080,http://[::1],https://b\u00fccher.example"
+        }
+    )
+    assert settings.cors_allow_origins == (
+        "https://app.example.com",
+        "http://a.example:8080",
+        "http://[::1]",
+        "https://xn--bcher-kva.example",
+    )
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://cache:99999/0", "redis://cache:port/0", "redis://cache/0?socket_timeout=x"]
+)
+def test_a_redis_url_its_client_cannot_use_names_the_key(url: str) -> None:
+    with pytest.raises(SettingsError, match=r"^REDIS_URL: "):
+        load_settings({"REDIS_URL": url})
+
+
+def test_blank_lists_that_default_to_none_stay_none() -> None:
+    settings = load_settings({"TRUSTED_PROXIES": "", "CORS_ALLOW_ORIGINS": " "})
+    assert (settings.trusted_proxies, settings.cors_allow_origins) == ((), ())
+
+
+def test_check_config_refuses_an_empty_auth_algorithms() -> None:
+    result = run_program("gateway", "check-config", env=program_env(AUTH_ALGORITHMS=""))
+
+    assert refusal(result).startswith("gateway: configuration error: AUTH_ALGORITHMS: empty")
+    assert result.stdout == ""
+
+
 async def test_service_url_override_sends_traffic_to_the_new_target(
     make_gateway: Any, make_upstream: Any, refused_url: str
 ) -> None:
@@ -225,6 +421,23 @@ def test_check_config_fails_with_one_clear_line_for_a_bad_file(tmp_path: Path) -
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
     assert "routes[0].max_body" in lines[0]
+
+
+def test_check_config_refuses_a_file_that_is_not_utf8_in_one_line(tmp_path: Path) -> None:
+    path = write(tmp_path, b"\xff\xfe\x00bad")
+
+    assert refusal(check_config(path)) == (
+        f"gateway: configuration error: {path}: not UTF-8 at byte 0 (line 1); save it as UTF-8"
+    )
+
+
+def test_check_config_never_prints_a_service_urls_password(tmp_path: Path) -> None:
+    result = check_config(
+        write(tmp_path, with_change("services.metrics.urls", ["http://u:hunter2@127.0.0.1"]))
+    )
+
+    assert refusal(result).startswith("gateway: configuration error: services.metrics.urls[0]: ")
+    assert "hunter2" not in result.stdout + result.stderr
 
 
 # -- draining -----------------------------------------------------------------------------------

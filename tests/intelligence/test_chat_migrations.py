@@ -101,3 +101,14 @@ def test_migrations_are_package_data() -> None:
 
 def _base_env() -> dict[str, Any]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("POSTGRES_", "REDIS_"))}
+
+
+def test_a_migrations_directory_that_cannot_be_read_is_a_migration_error(tmp_path: Path) -> None:
+    with pytest.raises(MigrationError, match=r"cannot read the migrations in .*absent: No such file"):
+        load_migrations(tmp_path / "absent")
+
+
+def test_a_migration_file_that_is_not_utf8_is_a_migration_error(tmp_path: Path) -> None:
+    (tmp_path / "0001_latin1.sql").write_bytes("SELECT 1;\n-- caf\xe9\n".encode("latin-1"))
+    with pytest.raises(MigrationError, match=r"0001_latin1\.sql: not UTF-8 at byte 16 \(line 2\)$"):
+        load_migrations(tmp_path)

@@ -28,7 +28,15 @@ def test_settings_from_the_contracts_variables() -> None:
 
 @pytest.mark.parametrize(
     ("env", "key"),
-    [({"INTELLIGENCE_PORT": "http"}, "INTELLIGENCE_PORT"), ({"REDIS_URL": "http://x"}, "REDIS_URL")],
+    [
+        ({"INTELLIGENCE_PORT": "http"}, "INTELLIGENCE_PORT"),
+        ({"INTELLIGENCE_HOST": "999.1.1.1"}, "INTELLIGENCE_HOST"),
+        ({"REDIS_URL": "http://x"}, "REDIS_URL"),
+        ({"POSTGRES_DSN": "garbage"}, "POSTGRES_DSN: not a valid connection string"),
+        ({"POSTGRES_DSN": "host=db colour=red"}, 'POSTGRES_DSN: .*"colour"'),
+        ({"INTELLIGENCE_MIGRATIONS_DIR": "/nope"}, "INTELLIGENCE_MIGRATIONS_DIR: /nope does not exist"),
+        ({"INTELLIGENCE_MIGRATIONS_DIR": __file__}, "INTELLIGENCE_MIGRATIONS_DIR: .* is not a directory"),
+    ],
 )
 def test_bad_values_name_their_key(env: dict[str, str], key: str) -> None:
     with pytest.raises(SettingsError, match=key):

@@ -15,7 +15,7 @@ import aiohttp
 from aiohttp import web
 from chat_helpers import wait_until
 
-from tests.helpers import free_port, wait_ready
+from tests.helpers import free_port, refusal, run_program, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -142,3 +142,23 @@ def test_up_stops_with_one_line_on_a_bad_chat_setting(tmp_path: Path, database: 
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("gateway: configuration error: CHAT_CACHE_TTL")
     assert "Traceback" not in done.stderr
+
+
+def test_up_on_a_port_in_use_stops_with_one_line(tmp_path: Path, database: str, busy_port: int) -> None:
+    env = _env(tmp_path, busy_port, free_port(), POSTGRES_DSN=database, LOG_LEVEL="ERROR")
+
+    assert refusal(run_program("gateway", "up", env=env)) == (
+        f"gateway: cannot listen on 127.0.0.1:{busy_port}: address already in use "
+        "(GATEWAY_HOST, GATEWAY_PORT)"
+    )
+
+
+def test_up_with_a_data_dir_that_is_a_file_stops_with_one_line(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.write_text("")
+    env = _env(data_dir, free_port(), free_port(), LOG_LEVEL="ERROR")
+
+    assert refusal(run_program("gateway", "up", env=env)) == (
+        f"gateway: configuration error: GATEWAY_DATA_DIR: cannot keep the development secret in {data_dir}: "
+        "not a directory"
+    )

@@ -1,0 +1,36 @@
+"""Starting ``python -m intelligence`` where it cannot work: one line naming the problem, exit 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import program_env, refusal, run_program
+
+
+def test_serve_on_a_port_in_use_names_the_address_and_the_keys(database: str, busy_port: int) -> None:
+    env = program_env(POSTGRES_DSN=database, INTELLIGENCE_PORT=str(busy_port))
+
+    assert refusal(run_program("intelligence", env=env)) == (
+        f"intelligence: cannot listen on 127.0.0.1:{busy_port}: address already in use "
+        "(INTELLIGENCE_HOST, INTELLIGENCE_PORT)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        (
+            {"POSTGRES_DSN": "garbage"},
+            'intelligence: POSTGRES_DSN: not a valid connection string: missing "=" after "garbage" '
+            "in connection info string",
+        ),
+        (
+            {"POSTGRES_DSN": "dbname=x", "INTELLIGENCE_MIGRATIONS_DIR": "/nope"},
+            "intelligence: INTELLIGENCE_MIGRATIONS_DIR: /nope does not exist",
+        ),
+    ],
+)
+def test_serve_with_a_setting_libpq_or_the_migrations_reject_is_one_line(
+    env: dict[str, str], line: str
+) -> None:
+    assert refusal(run_program("intelligence", env=program_env(**env))) == line
