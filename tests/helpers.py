@@ -11,7 +11,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -216,6 +217,50 @@ async def wait_ready(
             assert process.returncode is None, log.read_text(errors="replace")
             assert time.monotonic() < deadline, "the gateway did not become ready"
             await asyncio.sleep(0.05)
+
+
+@dataclass
+class GatewayProcess:
+    """A ``python -m gateway`` started by ``running_gateway``."""
+
+    process: asyncio.subprocess.Process
+    port: int
+    log: Path
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@asynccontextmanager
+async def running_gateway(
+    config: dict[str, Any], tmp_path: Path, **env: str
+) -> AsyncIterator[GatewayProcess]:
+    """``python -m gateway`` with ``config`` as its file and ``env`` added, ready when entered (its
+    output in ``log``); killed on the way out unless the test stopped it."""
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    port = free_port()
+    variables = {
+        "PATH": os.environ.get("PATH", ""),
+        "PYTHONPATH": str(ROOT),
+        "GATEWAY_CONFIG": str(path),
+        "GATEWAY_PORT": str(port),
+        **env,
+    }
+    log_path = tmp_path / "gateway.log"
+    with log_path.open("wb") as log:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", cwd=ROOT, env=variables, stdout=log, stderr=log
+        )
+    gateway = GatewayProcess(process, port, log_path)
+    try:
+        await wait_ready(gateway.base, process, log_path)
+        yield gateway
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
 
 
 @dataclass

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import yaml
 from aiohttp import web
 
-from tests.helpers import free_port, one_service, wait_for, wait_ready
+from tests.helpers import one_service, running_gateway, wait_for
 
-ROOT = Path(__file__).resolve().parents[2]
 SECRET_TOKEN = "eyJhbGciOiJIUzI1NiJ9.c2VjcmV0LXBheWxvYWQ.c2lnbmF0dXJl"
 
 
@@ -34,52 +30,38 @@ async def test_access_log_has_one_json_line_per_request_and_no_secrets(
         return web.json_response({"ok": True})
 
     upstream = await make_upstream(slow)
-    config = tmp_path / "gateway.yaml"
-    config.write_text(yaml.safe_dump(one_service(upstream.url, prefix="/api")))
-    port = free_port()
-    env = {
-        "PATH": os.environ.get("PATH", ""),
-        "GATEWAY_CONFIG": str(config),
-        "GATEWAY_PORT": str(port),
-        "LOG_FORMAT": "json",
-        "AUTH_JWT_SECRET": "a-development-secret-that-must-not-be-logged-xxxxxxxx",
-    }
-    log_path = tmp_path / "gateway.log"
-    with log_path.open("wb") as log:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", cwd=ROOT, env=env, stdout=log, stderr=log
-        )
-        base = f"http://127.0.0.1:{port}"
-        try:
-            await wait_ready(base, process, log_path)
-            async with aiohttp.ClientSession() as session:
-                async with session.post(
-                    f"{base}/api/items?token={SECRET_TOKEN}",
-                    data=b'{"a": 1}',
-                    headers={
-                        "Authorization": f"Bearer {SECRET_TOKEN}",
-                        "Cookie": f"session={SECRET_TOKEN}",
-                        "Content-Type": "application/json",
-                        "X-Request-ID": "trace-me-123",
-                    },
-                ) as response:
-                    assert response.status == 200
-                async with session.get(f"{base}/nowhere") as response:
-                    assert response.status == 404
-            # A client that goes away while the upstream thinks: nginx logs 499, so does the gateway.
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"GET /api/hang HTTP/1.1\r\nHost: x\r\n\r\n")
-            async with asyncio.timeout(5):
-                await hanging.wait()
-            writer.close()
-            await wait_for(lambda: "/api/hang" in log_path.read_text(), what="the abandoned request's line")
-            process.send_signal(signal.SIGTERM)
-            async with asyncio.timeout(10):
-                assert await process.wait() == 0
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
+    async with running_gateway(
+        one_service(upstream.url, prefix="/api"),
+        tmp_path,
+        LOG_FORMAT="json",
+        AUTH_JWT_SECRET="a-development-secret-that-must-not-be-logged-xxxxxxxx",
+    ) as gateway:
+        base, log_path = gateway.base, gateway.log
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                f"{base}/api/items?token={SECRET_TOKEN}",
+                data=b'{"a": 1}',
+                headers={
+                    "Authorization": f"Bearer {SECRET_TOKEN}",
+                    "Cookie": f"session={SECRET_TOKEN}",
+                    "Content-Type": "application/json",
+                    "X-Request-ID": "trace-me-123",
+                },
+            ) as response:
+                assert response.status == 200
+            async with session.get(f"{base}/nowhere") as response:
+                assert response.status == 404
+        # A client that goes away while the upstream thinks: nginx logs 499, so does the gateway.
+        _, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        writer.write(b"GET /api/hang HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(5):
+            await hanging.wait()
+        writer.close()
+        await wait_for(lambda: "/api/hang" in log_path.read_text(), what="the abandoned request's line")
+        gateway.process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):
+            assert await gateway.process.wait() == 0
+    never.set()
 
     text = log_path.read_text()
     assert SECRET_TOKEN not in text

@@ -4,20 +4,16 @@ a WebSocket close frame rather than a dropped connection."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import yaml
 from aiohttp import WSMsgType, web
 
-from tests.helpers import free_port, one_service, wait_ready
+from tests.helpers import one_service, running_gateway
 
-ROOT = Path(__file__).resolve().parents[2]
 SHUTDOWN_TIMEOUT = 3
 
 
@@ -38,41 +34,31 @@ async def test_sigterm_drains_within_the_timeout_and_closes_websockets_with_1001
         return web.Response()
 
     upstream = await make_upstream(upstream_handler, read_body=False)
-    config = tmp_path / "gateway.yaml"
-    config.write_text(yaml.safe_dump(one_service(upstream.url)))
-    port = free_port()
-    env = {
-        "PATH": os.environ.get("PATH", ""),
-        "PYTHONPATH": str(ROOT),
-        "GATEWAY_CONFIG": str(config),
-        "GATEWAY_PORT": str(port),
-        "GATEWAY_SHUTDOWN_TIMEOUT": str(SHUTDOWN_TIMEOUT),
-        "LOG_LEVEL": "WARNING",
-    }
-    log_path = tmp_path / "gateway.log"
-    with log_path.open("wb") as log:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", cwd=ROOT, env=env, stdout=log, stderr=log
-        )
-    base = f"http://127.0.0.1:{port}"
     try:
-        await wait_ready(base, process, log_path)
-        async with aiohttp.ClientSession() as session:
-            ws = await session.ws_connect(f"{base}/ws")
+        async with (
+            running_gateway(
+                one_service(upstream.url),
+                tmp_path,
+                GATEWAY_SHUTDOWN_TIMEOUT=str(SHUTDOWN_TIMEOUT),
+                LOG_LEVEL="WARNING",
+            ) as gateway,
+            aiohttp.ClientSession() as session,
+        ):
+            ws = await session.ws_connect(f"{gateway.base}/ws")
             await ws.send_str("hello")
             assert (await ws.receive(timeout=5)).data == "hello"
-            stuck = asyncio.create_task(session.get(f"{base}/stuck"))
+            stuck = asyncio.create_task(session.get(f"{gateway.base}/stuck"))
             async with asyncio.timeout(5):
                 await stuck_arrived.wait()
 
-            process.send_signal(signal.SIGTERM)
+            gateway.process.send_signal(signal.SIGTERM)
             started = time.monotonic()
             closing = await ws.receive(timeout=10)
             assert closing.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING)
             assert ws.close_code == 1001  # going away: the client knows to reconnect elsewhere
 
             async with asyncio.timeout(4 * SHUTDOWN_TIMEOUT):
-                assert await process.wait() == 0
+                assert await gateway.process.wait() == 0
             # aiohttp alone waited the timeout for the stuck request, then as long again after
             # cancelling it.
             assert time.monotonic() - started < 1.7 * SHUTDOWN_TIMEOUT
@@ -83,6 +69,3 @@ async def test_sigterm_drains_within_the_timeout_and_closes_websockets_with_1001
                 pass  # cut off: the drain bound ran out
     finally:
         never.set()
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
