@@ -215,11 +215,12 @@ class TargetPool:
 
     def __init__(self, url: str, *, max_idle: int = 256, idle_timeout: float = 15.0) -> None:
         parsed = URL(url)
-        assert parsed.host is not None  # checked by the settings
-        self.host = parsed.host
+        assert parsed.raw_host is not None  # checked by the settings
+        self.host = parsed.raw_host  # ASCII (IDNA) for the resolver and TLS's server name
         self.port = parsed.port or (443 if parsed.scheme == "https" else 80)
         self.ssl: ssl.SSLContext | None = ssl.create_default_context() if parsed.scheme == "https" else None
-        self.host_header = parsed.host if parsed.is_default_port() else f"{parsed.host}:{self.port}"
+        # As RFC 9110 has it: an IPv6 literal in brackets, the port only when not the default.
+        self.host_header = parsed.host_port_subcomponent
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self._idle: deque[tuple[UpstreamProtocol, float]] = deque()

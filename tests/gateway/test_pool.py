@@ -221,6 +221,35 @@ async def test_a_response_trailer_never_becomes_a_header_of_the_next_response(
     assert connections == 1  # all three over one pooled connection
 
 
+async def test_an_ipv6_target_gets_its_host_header_in_brackets(make_gateway: Any) -> None:
+    heads: list[bytes] = []
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    try:
+        server = await asyncio.start_server(upstream, "::1", 0)
+    except OSError as exc:  # pragma: no cover - the machines this runs on have IPv6 loopback
+        pytest.fail(f"this test needs an IPv6 loopback (::1): {exc}")
+    port = server.sockets[0].getsockname()[1]
+    try:
+        client = await make_gateway(
+            {
+                "services": {"s": {"url": f"http://[::1]:{port}"}},
+                "routes": [{"prefix": "/", "service": "s", "auth": "none"}],
+            }
+        )
+        assert (await client.get("/x")).status == 200
+        # "Host: ::1:PORT" cannot be split into host and port; strict servers (nginx) answer 400.
+        assert f"\r\nHost: [::1]:{port}\r\n".encode() in heads[0]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 def _split_body(first: bytes, rest: bytes, *, then_close: bool) -> tuple[Any, asyncio.Event]:
     """A raw upstream answering one request with ``first`` (the head and part of the body), then,
     once the returned event is set, ``rest``; then it closes, or waits for the client to."""
