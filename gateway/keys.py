@@ -49,3 +49,6 @@ __all__ = [
     "tracing_key",
     "upstream_key",
 ]
+# The status of an answer whose head went out before it was complete (a streamed relay, a
+# WebSocket's 101): what the access log and the span say if the handler is then cancelled.
+sent_status_key = web.RequestKey("sent_status", int)

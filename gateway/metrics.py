@@ -42,6 +42,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from .keys import route_key
+from .state import status_when_cancelled
 
 __all__ = [
     "DURATION_BUCKETS",
@@ -59,8 +60,6 @@ AUTH_REASONS = frozenset({"missing", "invalid", "insufficient_scope"})
 VALIDATION_STATUSES = frozenset({413, 415, 422})
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _STATUS_CLASS = ("1xx", "1xx", "2xx", "3xx", "4xx", "5xx")
-# A client that went away before its answer: nginx's convention.
-CLIENT_CLOSED = 499
 
 
 class _Histogram:
@@ -230,7 +229,7 @@ def metrics_middleware(metrics: Metrics, *, proxy: Handler) -> Any:
             status = exc.status
             raise
         except asyncio.CancelledError:
-            status = CLIENT_CLOSED
+            status = status_when_cancelled(request)
             raise
         finally:
             metrics.in_flight -= 1

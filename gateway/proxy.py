@@ -21,10 +21,10 @@ import logging
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from time import perf_counter
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
-from aiohttp import HttpVersion10, HttpVersion11, WSCloseCode, WSMsgType, web
+from aiohttp import HttpVersion, HttpVersion10, HttpVersion11, WSCloseCode, WSMsgType, web
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import RawResponseMessage
 from aiohttp.http_exceptions import HttpProcessingError
@@ -44,6 +44,7 @@ from .keys import (
     request_id_key,
     route_key,
     route_table_key,
+    sent_status_key,
     target_key,
     tracing_key,
     upstream_key,
@@ -138,21 +139,15 @@ def routing_middleware(*, proxy: Handler) -> Any:
 
     @web.middleware
     def routing(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
+        version = request.version
+        if not HttpVersion10 <= version <= HttpVersion11:
+            _refuse_version(request, version)
         if request.match_info.handler is not proxy:
             request[route_key] = None
             return handler(request)
         raw_path = request.raw_path
         if not raw_path.startswith("/"):
             raise ApiError(400, "Request target must be a path")
-        version = request.version
-        if version < HttpVersion10:
-            raise ApiError(400, "HTTP/0.9 is not supported")
-        if version > HttpVersion11:
-            # "HTTP/2.0" on an HTTP/1 connection: answered in HTTP/1.1, which is what this
-            # connection speaks (aiohttp would answer in the request's version), and closed.
-            request._message = request._message._replace(version=HttpVersion11, should_close=True)
-            request._cache["version"] = HttpVersion11  # read (and cached) above
-            raise ApiError(400, f"HTTP/{version.major}.{version.minor} is not spoken here, HTTP/1.1 is")
         transfer_encoding = request.headers.get("Transfer-Encoding")
         if transfer_encoding is not None and transfer_encoding.strip().lower() != "chunked":
             # The parser accepts "gzip, chunked" and strips only the chunking; forwarding the
@@ -176,6 +171,15 @@ def routing_middleware(*, proxy: Handler) -> Any:
         return handler(request)
 
     return routing
+
+
+def _refuse_version(request: web.Request, version: HttpVersion) -> NoReturn:
+    """HTTP/0.9, or "HTTP/2.0" on an HTTP/1 connection: a 400 in HTTP/1.1, which is what this
+    connection speaks (aiohttp answers in the request's version, which no client of either reads
+    in this framing), and the connection closed."""
+    request._message = request._message._replace(version=HttpVersion11, should_close=True)
+    request._cache["version"] = HttpVersion11  # read, and cached, by the caller
+    raise ApiError(400, f"HTTP/{version.major}.{version.minor} is not spoken here, HTTP/1.1 is")
 
 
 def close_when_the_connection_cannot_go_on(request: web.Request, response: web.StreamResponse) -> None:
@@ -432,6 +436,11 @@ async def _relay_response(
 
     response = _RelayedStream(status=status, reason=message.reason, headers=headers)
     response.untyped = "Content-Type" not in headers
+    if length is None and request.version == HttpVersion10:
+        # An HTTP/1.0 client knows no chunks: the body ends where the connection does. Kept open,
+        # it would wait for more until the keep-alive timeout, and read a next answer as body.
+        response.force_close()
+    request[sent_status_key] = status
     try:
         # Inside the try: a client that left while the upstream answered fails the head's write.
         await response.prepare(request)
@@ -656,6 +665,7 @@ async def _proxy_websocket(
     websockets = request.app[lifecycle_key].websockets
     try:
         await client_ws.prepare(request)
+        request[sent_status_key] = 101
         websockets.add(client_ws)
         to_upstream = asyncio.create_task(_pump(client_ws, upstream_ws))
         to_client = asyncio.create_task(_pump(upstream_ws, client_ws))

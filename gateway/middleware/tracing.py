@@ -30,8 +30,8 @@ from aiozipkin.span import SpanAbc
 from multidict import CIMultiDictProxy
 
 from ..keys import request_id_key, route_key, span_key
-from ..metrics import CLIENT_CLOSED
 from ..routing import CatchAll
+from ..state import status_when_cancelled
 from ..tracecontext import (
     PROPAGATION_HEADERS,
     SamplingOnly,
@@ -185,8 +185,8 @@ def tracing_middleware(tracing: Tracing) -> Any:
             status = exc.status
             raise
         except asyncio.CancelledError:
-            # The client went away: not the gateway's error, and aiohttp writes no access line.
-            status = CLIENT_CLOSED
+            # The connection ended under the handler: aiohttp writes no access line for it.
+            status = status_when_cancelled(request)
             _log_abandoned(request, status)
             raise
         finally:

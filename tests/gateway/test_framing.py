@@ -447,3 +447,47 @@ async def test_mutated_requests_never_desynchronise_gateway_and_upstreams(
 def test_the_strict_c_parser_is_the_one_in_use() -> None:
     # Every test above relies on llhttp; the pure-Python fallback is more lenient.
     assert httpserver.STRICT_PARSER
+
+
+@pytest.mark.parametrize("target", [b"/health", b"/a/x"])
+@pytest.mark.parametrize("version", [b"HTTP/2.0", b"HTTP/0.9"])
+async def test_an_unspoken_http_version_is_a_400_in_http_1_1_on_every_path(
+    two_routes: tuple[Any, Any, Any], target: bytes, version: bytes
+) -> None:
+    client, a, _ = two_routes
+    data = await raw_exchange(client.port, b"GET " + target + b" " + version + b"\r\n" + HOST + b"\r\n")
+    assert data.startswith(b"HTTP/1.1 400 "), data[:60]
+    (response,) = parse_responses(data)
+    assert_gateway_error(response, 400)
+    assert a.requests == []
+
+
+async def test_an_http_1_0_keep_alive_client_gets_a_streamed_answer_ended_by_the_close(
+    make_gateway: Any, make_upstream: Any
+) -> None:
+    """HTTP/1.0 has no chunks: an answer of unknown length ends where the connection does. Left
+    open, the client would wait for more, and take the next answer for part of this body."""
+
+    async def streamed(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()  # no length: chunked to the gateway
+        await response.prepare(request)
+        await response.write(b"streamed-body")
+        await response.write_eof()
+        return response
+
+    upstream = await make_upstream(streamed)
+    client = await make_gateway(
+        {
+            "services": {"s": {"url": upstream.url}},
+            "routes": [{"prefix": "/", "service": "s", "auth": "none"}],
+        }
+    )
+    keep_alive = HOST + b"Connection: keep-alive\r\n\r\n"
+    data = await raw_exchange(
+        client.port, b"GET /one HTTP/1.0\r\n" + keep_alive + b"GET /two HTTP/1.0\r\n" + keep_alive
+    )
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200")
+    assert b"Transfer-Encoding" not in head and b"keep-alive" not in head.lower()
+    assert body == b"streamed-body"  # and nothing after it: the connection closed
+    assert [r.raw_path for r in upstream.requests] == ["/one"]

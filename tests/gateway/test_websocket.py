@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,6 +10,7 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 
+from tests.gateway.test_metrics import scrape
 from tests.helpers import one_service, wait_for
 
 
@@ -237,3 +239,30 @@ async def test_handshake_carries_forwarding_headers_and_drops_client_identity(
     assert "X-Auth-Subject" not in seen.headers
     assert seen.headers["X-Forwarded-For"] == "127.0.0.1"
     assert seen.headers["Via"] == "1.1 gateway"
+
+
+async def test_a_finished_session_is_counted_as_101_not_as_a_client_error(
+    ws_gateway: tuple[Any, Seen],
+) -> None:
+    """Every proxied session ends with its handler cancelled when the connection goes: that is
+    not a client giving up (499), it is a 101 that ran its course."""
+    client, seen = ws_gateway
+    ws = await connect(client)
+    await ws.send_str("hi")
+    assert (await ws.receive(timeout=5)).data == "echo:hi"
+    await ws.close()
+    await wait_for(lambda: seen.closed, what="the upstream side to close")
+
+    async def counted() -> dict[str, float]:
+        samples = await scrape(client)
+        return {
+            dict(labels)["status"]: count
+            for labels, count in samples["gateway_requests_total"].items()
+            if dict(labels)["route"] == "/ws"
+        }
+
+    deadline = asyncio.get_running_loop().time() + 5
+    while (statuses := await counted()) == {}:
+        assert asyncio.get_running_loop().time() < deadline, "the session was never counted"
+        await asyncio.sleep(0.02)  # poll interval
+    assert statuses == {"1xx": 1.0}
