@@ -14,9 +14,10 @@ Correctness rules, all enforced inside Lua scripts so they hold across replicas:
   once for all replicas (the old keys just expire). Writers and filling readers observe ``gen``
   before they read PostgreSQL and their write is dropped if it changed in between, so nothing
   read before the repair can land after it.
-* An entry that cannot be read (not JSON, another shape, a version that is not a number) is a
-  miss: the reader drops it and refills it from PostgreSQL. The scripts read such a version as
-  absent, so no write is refused because of it.
+* An entry that cannot be read (not JSON, another shape, a version that is not a number, a key
+  of another Redis type) is a miss: the reader drops it and refills it from PostgreSQL. The
+  scripts read such a version as absent and delete a key of the wrong type (``pcall``), so no
+  write is refused because of it and Redis is not taken for down.
 * Redis must never make a call fail or slow: short socket timeouts, no retries, and after a
   failure the cache is left alone for ``retry_after`` seconds; PostgreSQL answers meanwhile.
 
@@ -53,7 +54,12 @@ Epoch = str  # the generation observed before reading PostgreSQL; None when Redi
 # KEYS: gen; ARGV: prefix, suffix -> {gen, version|false, data|false}
 _GET = """
 local g = redis.call('GET', KEYS[1]) or '0'
-local h = redis.call('HMGET', ARGV[1] .. g .. ARGV[2], 'v', 'd')
+local key = ARGV[1] .. g .. ARGV[2]
+local h = redis.pcall('HMGET', key, 'v', 'd')
+if h.err then
+  redis.call('DEL', key)
+  return {g, false, false}
+end
 return {g, h[1], h[2]}
 """
 
@@ -62,7 +68,12 @@ _PUT = """
 local g = redis.call('GET', KEYS[1]) or '0'
 if g ~= ARGV[1] then return -1 end
 local key = ARGV[2] .. g .. ARGV[3]
-local cur = tonumber(redis.call('HGET', key, 'v')) or -1
+local cur = redis.pcall('HGET', key, 'v')
+if type(cur) == 'table' and cur.err then
+  redis.call('DEL', key)
+  cur = false
+end
+cur = tonumber(cur) or -1
 if cur >= tonumber(ARGV[4]) then return 0 end
 redis.call('HSET', key, 'v', ARGV[4], 'd', ARGV[5])
 redis.call('EXPIRE', key, tonumber(ARGV[6]))
@@ -75,7 +86,11 @@ return 1
 _READ_MESSAGES = """
 local g = redis.call('GET', KEYS[1]) or '0'
 local key = ARGV[1] .. g .. ARGV[2]
-local h = redis.call('HMGET', key, 'v', 'n')
+local h = redis.pcall('HMGET', key, 'v', 'n')
+if h.err then
+  redis.call('DEL', key)
+  return {g}
+end
 local v, n = tonumber(h[1]), tonumber(h[2])
 if not v or not n or v >= TOMB then return {g} end
 local lo, hi = tonumber(ARGV[3]) + 1, math.min(tonumber(ARGV[3]) + tonumber(ARGV[4]), v)
@@ -99,7 +114,8 @@ if g ~= ARGV[1] then return -1 end
 local key = ARGV[2] .. g .. ARGV[3]
 local v = tonumber(ARGV[4])
 local n = #ARGV - 6
-local h = redis.call('HMGET', key, 'v', 'n')
+local h = redis.pcall('HMGET', key, 'v', 'n')
+if h.err then h = {} end
 local cv, cn = tonumber(h[1]) or -1, tonumber(h[2]) or 0
 if cv > v or (cv == v and cn >= n) then return 0 end
 redis.call('DEL', key)
@@ -118,7 +134,11 @@ local g = redis.call('GET', KEYS[1]) or '0'
 if g ~= ARGV[1] then return -1 end
 local key = ARGV[2] .. g .. ARGV[3]
 local seq = tonumber(ARGV[4])
-local h = redis.call('HMGET', key, 'v', 'n')
+local h = redis.pcall('HMGET', key, 'v', 'n')
+if h.err then
+  redis.call('DEL', key)
+  return 0
+end
 if not h[1] then return 0 end
 local v, n = tonumber(h[1]), tonumber(h[2])
 if not v or not n then

@@ -111,6 +111,34 @@ async def test_an_unreadable_cache_entry_is_a_miss_and_is_replaced(
     assert await read() == ("new", ["one", "two", "three"])
 
 
+@pytest.mark.parametrize("kind", ["s", "m"])
+async def test_a_key_of_another_redis_type_is_a_miss_and_redis_is_not_taken_for_down(
+    client: Any, user: str, cache_prefix: str, kind: str
+) -> None:
+    """A string where a hash belongs (written by another program): its reads fail with WRONGTYPE,
+    which is this key's problem, not Redis's; the cache must not pause for everyone over it."""
+    h = headers(user)
+    resp = await client.post("/api/v1/chat/sessions", json={"title": "kept"}, headers=h)
+    sid = (await resp.json())["id"]
+    url = f"/api/v1/chat/sessions/{sid}"
+    resp = await client.post(url + "/messages", json={"role": "user", "content": "one"}, headers=h)
+    assert resp.status == 201
+    chat_cache = cache(client)
+    key = f"{cache_prefix}{await chat_cache.epoch()}:{kind}:{sid}"
+    raw = redis_sync()
+    raw.delete(key)
+    raw.set(key, "written by another program")
+
+    for _ in range(2):
+        session = await client.get(url, headers=h)
+        messages = await client.get(url + "/messages", headers=h)
+        assert (session.status, messages.status) == (200, 200)
+        assert (await session.json())["title"] == "kept"
+        assert [m["content"] for m in (await messages.json())["data"]] == ["one"]
+        assert chat_cache.usable  # no pause, no generation bump
+    assert raw.type(key) == b"hash"  # replaced by the refill
+
+
 async def test_every_call_works_while_redis_is_stopped_and_no_stale_read_after_restart(
     make_client: Any, private_redis: PrivateRedis, user: str
 ) -> None:
