@@ -43,6 +43,10 @@ class ConnectFailed(OSError):
     """The target refused the connection, reset it during connect, or its name does not resolve."""
 
 
+# Status codes whose answers never have a body, as the status line's bytes 9-11 spell them.
+_BODILESS_STATUS = (b"204", b"304")
+
+
 class ConnectTimeout(TimeoutError):
     """The TCP (or TLS) connect did not finish within the service's connect timeout."""
 
@@ -91,9 +95,24 @@ class UpstreamProtocol(ResponseHandler):
         if self._body_left and data:
             self._feed_body(data)
             return
+        if (self._skip_payload or data[9:12] in _BODILESS_STATUS) and data.startswith(b"HTTP/1."):
+            data = self._cut_after_head(data)
         super().data_received(data)
         if self._buffer and not self._skip_payload:
             self._bypass_parser(*self._buffer[-1][0])  # the DataQueue holds ((message, payload), size)
+
+    def _cut_after_head(self, data: bytes) -> bytes:
+        # An answer that has no body whatever it declares (to HEAD; a 204, a 304): bytes after its
+        # head belong to no answer (an application answering HEAD as GET sends its body anyway).
+        # Fed to the parser they would be a malformed next answer and this one a 502, or not,
+        # depending on how the packets fell. The head is relayed; the connection is not reused.
+        if data[9:10] == b"1":
+            return data  # an interim answer; the final one follows
+        end = data.find(b"\r\n\r\n") + 4
+        if end < 4 or end == len(data):
+            return data
+        self._should_close = True
+        return data[:end]
 
     def _bypass_parser(self, message: RawResponseMessage, payload: StreamReader) -> None:
         # The C parser copies every body chunk it passes on (a slice of the socket's buffer). Once

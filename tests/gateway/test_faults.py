@@ -181,6 +181,35 @@ async def test_upstream_silent_mid_body_of_a_small_response_gets_504(gateway_for
     await _assert_released(client, good, baseline)
 
 
+@pytest.mark.parametrize(
+    ("method", "status_line"),
+    [("HEAD", b"200 OK"), ("GET", b"204 No Content"), ("GET", b"304 Not Modified")],
+    ids=["head", "204", "304"],
+)
+async def test_a_body_after_a_head_that_has_none_is_dropped_with_its_connection(
+    gateway_for: Any, method: str, status_line: bytes
+) -> None:
+    """An application that answers HEAD as GET (or sends a body with a 204/304) in one write: the
+    head is relayed, the stray bytes never become a next answer, the connection is not reused."""
+    connections = 0
+
+    async def sends_a_body_anyway(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while await _read_head(reader):
+            writer.write(b"HTTP/1.1 " + status_line + b"\r\nContent-Length: 5\r\nX-Up: 1\r\n\r\nhello")
+            await writer.drain()
+
+    client, good = await gateway_for(sends_a_body_anyway)
+    baseline = await _baseline(client)
+    for _ in range(2):
+        response = await client.request(method, "/bad/x")
+        assert response.status == int(status_line[:3]) and response.headers["X-Up"] == "1"
+        assert await response.read() == b""
+    assert connections == 2
+    await _assert_released(client, good, baseline)
+
+
 async def test_an_upgrade_the_client_did_not_ask_for_gets_502(gateway_for: Any) -> None:
     async def switches(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _read_head(reader)
