@@ -455,6 +455,9 @@ async def _relay_response(
                 break
         await response.write_eof()
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        # What went out, for the access log: aiohttp counts it only in write_eof, which a cut
+        # answer never reaches.
+        response._body_length = request.writer.output_size
         transport = request.transport
         if transport is None or transport.is_closing():
             return response  # the client left; nothing to cut

@@ -4,6 +4,7 @@ connections are released afterwards, and that no traceback leaks."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import struct
@@ -13,9 +14,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 
 from gateway.keys import route_table_key
-from tests.helpers import wait_for
+from tests.helpers import one_service, wait_for
 
 READ_TIMEOUT = 0.4
 RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -251,6 +254,35 @@ async def test_upstream_killed_mid_body_of_a_streamed_response_cuts_the_client_o
     with pytest.raises(aiohttp.ClientPayloadError):
         await response.read()  # a short body or a missing last chunk, never a clean end
     await _assert_released(client, good, baseline)
+
+
+class _Recorder(AbstractAccessLogger):
+    lines: list[tuple[int, int]] = []
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.lines.append((response.status, response.body_length))
+
+
+async def test_a_streamed_answer_the_upstream_cut_off_is_logged_with_what_went_out(
+    make_gateway: Any, make_raw_upstream: Any
+) -> None:
+    async def dies_mid_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1000\r\n" + b"x" * 4096 + b"\r\n")
+        await writer.drain()
+        writer.close()
+
+    _Recorder.lines = []
+    client = await make_gateway(
+        one_service(await make_raw_upstream(dies_mid_body)),
+        server_kwargs={"access_log_class": _Recorder, "access_log": logging.getLogger("test.access")},
+    )
+    response = await client.get("/x")
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await response.read()
+    await wait_for(lambda: bool(_Recorder.lines), what="the access line")
+    ((status, bytes_out),) = _Recorder.lines
+    assert status == 200 and bytes_out > 4096  # the head and the chunk that went out
 
 
 async def test_a_name_that_does_not_resolve_gets_502(gateway_for: Any) -> None:
