@@ -34,11 +34,12 @@ from typing import Any
 import aiohttp
 import jwt
 
-__all__ = ["JwksCache", "JwksError", "JwksUnavailable"]
+__all__ = ["THUMBPRINT_PARAMS", "JwksCache", "JwksError", "JwksUnavailable"]
 
 log = logging.getLogger("gateway.auth")
 
 _PUBLIC_KEY_TYPES = frozenset({"RSA", "EC", "OKP"})
+THUMBPRINT_PARAMS = ("x5t#S256", "x5t")
 
 
 class JwksError(Exception):
@@ -96,8 +97,9 @@ class JwksCache:
     def keys(self) -> Mapping[str, jwt.PyJWK]:
         return self._keys
 
-    async def get(self, kid: str | None) -> jwt.PyJWK | None:
-        """The key named ``kid`` (or the only key when ``kid`` is None and there is one).
+    async def get(self, kid: str | None, thumbprints: Mapping[str, str] | None = None) -> jwt.PyJWK | None:
+        """The key named ``kid``; without one, the key whose ``x5t#S256`` or ``x5t`` member equals
+        the token's (``thumbprints``, header parameter to value), else the only key if there is one.
 
         Raises ``JwksUnavailable`` while no key set has ever been loaded and the issuer fails.
         """
@@ -108,7 +110,7 @@ class JwksCache:
                 await self._refresh_quietly()  # nothing known against the issuer yet: wait for it
             if self._fetched_at is None:
                 raise self._unavailable(self._clock())
-        elif kid is None or kid not in self._keys:
+        elif self._named(kid, thumbprints) is None:
             # Throttled on its own clock: the first unknown kid after a load (cold start or
             # background refresh) refetches at once, so a key rotated in just after a load is
             # accepted right away; further unknown kids wait out ``min_refetch``.
@@ -117,9 +119,26 @@ class JwksCache:
                 await self._refresh_quietly()
         elif now - self._fetched_at >= self._max_age and self._may_fetch(now):
             self._start_refresh()  # stale: refresh behind the lookups, do not wait
-        if kid is None:
-            return next(iter(self._keys.values())) if len(self._keys) == 1 else None
-        return self._keys.get(kid)
+        named = self._named(kid, thumbprints)
+        if named is None and kid is None and len(self._keys) == 1:
+            # A set of one needs no name, and a JWKS need not publish thumbprints: the signature
+            # still has to verify against this key.
+            return next(iter(self._keys.values()))
+        return named
+
+    def _named(self, kid: str | None, thumbprints: Mapping[str, str] | None) -> jwt.PyJWK | None:
+        if kid is not None:
+            return self._keys.get(kid)
+        # A certificate's thumbprint names a key as a kid does (RFC 7515 sections 4.1.7-4.1.8),
+        # when the JWK carries the same member (RFC 7517 sections 4.8-4.9); a token may name its
+        # key by nothing else. SHA-256 first: a SHA-1 thumbprint is the weaker name.
+        for param in THUMBPRINT_PARAMS:
+            value = (thumbprints or {}).get(param)
+            if value is not None:
+                for key in self._keys.values():
+                    if key._jwk_data.get(param) == value:
+                        return key
+        return None
 
     def touch(self) -> None:
         """Start a background refresh if the keys are stale; never waits. Callers that skip

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from aiohttp import web
 
@@ -21,10 +21,10 @@ from .health import health_checker_key
 from .keys import route_table_key
 from .metrics import metrics_key
 from .routing import RouteTable
-from .settings import SettingsError, load_settings
+from .settings import Route, ServiceSettings, SettingsError, load_settings
 from .upstream import Upstream
 
-__all__ = ["reload_routes"]
+__all__ = ["install_table", "reload_routes"]
 
 log = logging.getLogger("gateway.reload")
 
@@ -44,26 +44,35 @@ async def reload_routes(app: web.Application, environ: Mapping[str, str] | None 
         app[metrics_key].config_reloads.labels("rejected").inc()
         return False
 
-    live = app[route_table_key]
-    old = live.current
-    upstreams: dict[str, Upstream] = {}
-    for name, service in settings.services.items():
-        kept = old.upstreams.get(name)
-        upstreams[name] = kept if kept is not None and kept.service == service else Upstream(service)
-    live.current = RouteTable(settings.routes, upstreams)
-    for name, upstream in old.upstreams.items():
-        if upstreams.get(name) is not upstream:
-            upstream.retire()
-    if health_checker_key in app:
-        app[health_checker_key].invalidate()
+    replaced = install_table(app, settings.routes, settings.services)
     app[metrics_key].config_reloads.labels("ok").inc()
     log.info(
         "configuration reloaded",
         extra={
             "config_file": settings.config_file,
             "routes": len(settings.routes),
-            "services": len(upstreams),
-            "replaced_services": sorted(n for n, u in old.upstreams.items() if upstreams.get(n) is not u),
+            "services": len(settings.services),
+            "replaced_services": replaced,
         },
     )
     return True
+
+
+def install_table(
+    app: web.Application, routes: Sequence[Route], services: Mapping[str, ServiceSettings]
+) -> list[str]:
+    """Put ``routes`` and ``services`` in force in one assignment; the names of the services
+    whose upstream was replaced (or removed) are returned."""
+    live = app[route_table_key]
+    old = live.current
+    upstreams: dict[str, Upstream] = {}
+    for name, service in services.items():
+        kept = old.upstreams.get(name)
+        upstreams[name] = kept if kept is not None and kept.service == service else Upstream(service)
+    live.current = RouteTable(routes, upstreams)
+    replaced = sorted(name for name, upstream in old.upstreams.items() if upstreams.get(name) is not upstream)
+    for name in replaced:
+        old.upstreams[name].retire()
+    if health_checker_key in app:
+        app[health_checker_key].invalidate()
+    return replaced

@@ -145,10 +145,15 @@ async def serve(
     *,
     shutdown_timeout: float,
     reuse_port: bool = False,
+    on_listening: Callable[[Listener, int], None] | None = None,
     on_started: Callable[[Sequence[tuple[Listener, int]]], None] | None = None,
     on_hangup: Callable[[], Awaitable[object]] | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then drain; on SIGHUP run ``on_hangup`` (a reload).
+
+    ``on_listening(listener, port)`` runs as each listener is bound, before the next one is set
+    up: a later app may be told where an earlier one listens (port 0 binds an ephemeral port).
+    ``on_started`` runs once all are bound, with every listener and its port.
 
     Draining: readiness turns 503, listening sockets close, in-flight requests get up to
     ``shutdown_timeout`` seconds to finish, then connections are closed and resources released.
@@ -190,6 +195,8 @@ async def serve(
             port = server.sockets[0].getsockname()[1] if server and server.sockets else listener.port
             bound.append((listener, port))
             log.info("listening", extra={"app": listener.name, "host": listener.host, "port": port})
+            if on_listening is not None:
+                on_listening(listener, port)
         tune_gc()
         tune_malloc()
         if on_started is not None:

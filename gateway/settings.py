@@ -552,12 +552,15 @@ def redis_url(env: Mapping[str, str]) -> str | None:
         except ValueError as exc:
             raise SettingsError(f"REDIS_URL: {exc}") from None
         return url
-    if not env.get("REDIS_HOST"):
+    # Checked as the listen hosts are: yarl refuses "redis:6379" or "bad host" only while it builds
+    # the URL, with a traceback. Blank is unset: "every interface" means nothing for a server.
+    host = parse_host(env.get("REDIS_HOST", ""), "REDIS_HOST")
+    if not host:
         return None
     port = parse_int(env.get("REDIS_PORT", "6379"), "REDIS_PORT", minimum=1, maximum=65535)
     db = parse_int(env.get("REDIS_DB", "0"), "REDIS_DB", minimum=0, maximum=1024)
     url = URL.build(
-        scheme="redis", host=env["REDIS_HOST"], port=port, path=f"/{db}",
+        scheme="redis", host=host, port=port, path=f"/{db}",
         password=env.get("REDIS_PASSWORD") or None,
     )  # fmt: skip
     return str(url)

@@ -10,6 +10,7 @@ ready token is printed. Backends that are not running show as unhealthy; they st
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import os
 import sys
@@ -24,10 +25,11 @@ from intelligence.settings import load_settings as load_chat_settings
 from .app import create_app
 from .devauth import dev_secret, mint_token
 from .logs import configure_logging
+from .reload import install_table
 from .server import Listener, ListenError, run, serve
 from .settings import ServiceSettings, Settings, SettingsError, service_env_name
 
-__all__ = ["run_up"]
+__all__ = ["local_url", "run_up"]
 
 log = logging.getLogger("gateway.up")
 
@@ -54,6 +56,21 @@ def _embedded_postgres(data_dir: str) -> str:
     # Stopped when this process exits; the data stays for the next start.
     server = pgserver.get_server(path, cleanup_mode="stop")
     return str(server.get_uri())
+
+
+def local_url(host: str, port: int) -> str:
+    """The http URL at which this machine reaches a server listening on ``host``:``port``.
+
+    Every interface (``""``, ``0.0.0.0``, ``::``) is no address to connect to: its family's
+    loopback is used. An IPv6 address goes in brackets, or the port cannot be told from it.
+    """
+    try:
+        address = ipaddress.ip_address(host) if host else ipaddress.IPv4Address(0)
+    except ValueError:
+        address = None  # a host name
+    if address is not None and address.is_unspecified:
+        host = "::1" if address.version == 6 else "127.0.0.1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def run_up(settings: Settings, environ: Mapping[str, str] | None = None) -> int:
@@ -90,18 +107,30 @@ def run_up(settings: Settings, environ: Mapping[str, str] | None = None) -> int:
         print(f"gateway: cannot prepare the chat database: {one_line(exc)}", file=sys.stderr)
         return 2
 
-    chat_url = f"http://{settings.intelligence_host}:{settings.intelligence_port}"
-    services = dict(settings.services)
-    engine = services.get("intelligence-engine")
-    if engine is not None and not env.get(service_env_name("intelligence-engine")):
-        services["intelligence-engine"] = dataclasses.replace(engine, urls=(chat_url,))
-    elif engine is None:
-        services["intelligence-engine"] = ServiceSettings("intelligence-engine", (chat_url,))
-    settings = dataclasses.replace(settings, services=services)
+    chat_url = local_url(settings.intelligence_host, settings.intelligence_port)
+    engine = settings.services.get("intelligence-engine")
+    routes_chat = engine is None or not env.get(service_env_name("intelligence-engine"))
+    engine = engine or ServiceSettings("intelligence-engine", ())
+
+    def route_chat(url: str) -> dict[str, ServiceSettings]:
+        return {**settings.services, "intelligence-engine": dataclasses.replace(engine, urls=(url,))}
+
+    if routes_chat:
+        settings = dataclasses.replace(settings, services=route_chat(chat_url))
+    gateway = create_app(settings)
+
+    def chat_bound(listener: Listener, port: int) -> None:
+        # INTELLIGENCE_PORT=0: the chat API's port is known only now, and the gateway is not yet
+        # set up, let alone accepting, so no request can be routed to port 0.
+        nonlocal chat_url
+        if listener.name == "intelligence" and port != settings.intelligence_port:
+            chat_url = local_url(settings.intelligence_host, port)
+            if routes_chat:
+                install_table(gateway, settings.routes, route_chat(chat_url))
 
     def banner(bound: Sequence[tuple[Listener, int]]) -> None:
         port = dict((listener.name, p) for listener, p in bound)["gateway"]
-        base = f"http://{settings.host}:{port}"
+        base = local_url(settings.host, port)
         lines = [
             "",
             f"gateway is up on {base}  (chat API on {chat_url}, data in {Path(settings.data_dir).resolve()})",
@@ -126,10 +155,17 @@ def run_up(settings: Settings, environ: Mapping[str, str] | None = None) -> int:
             "intelligence",
             "INTELLIGENCE_HOST, INTELLIGENCE_PORT",
         ),
-        Listener(create_app(settings), settings.host, settings.port, "gateway", "GATEWAY_HOST, GATEWAY_PORT"),
+        Listener(gateway, settings.host, settings.port, "gateway", "GATEWAY_HOST, GATEWAY_PORT"),
     ]
     try:
-        run(serve(listeners, shutdown_timeout=settings.shutdown_timeout, on_started=banner))
+        run(
+            serve(
+                listeners,
+                shutdown_timeout=settings.shutdown_timeout,
+                on_listening=chat_bound,
+                on_started=banner,
+            )
+        )
     except ListenError as exc:
         print(f"gateway: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -9,6 +9,7 @@ Which key verifies a token is decided by the key, never by the token alone:
 - ``alg`` must be in ``AUTH_ALGORITHMS``; ``none`` never is. Keys come from ``AUTH_JWKS_URL``
   and ``AUTH_JWT_SECRET`` only, so a token carrying ``jku``, ``jwk``, ``x5u`` or ``x5c`` (a key,
   or where to fetch one) is refused; ``kid``, ``x5t`` and ``x5t#S256`` only name a key and pass.
+  A token without ``kid`` is matched to the JWK with its ``x5t#S256`` or ``x5t``.
 - ``exp`` and ``sub`` are required; ``exp``/``nbf``/``iat`` get ``LEEWAY`` seconds of clock skew;
   ``iss`` and ``aud`` are checked when configured.
 
@@ -39,7 +40,7 @@ from aiohttp.typedefs import Handler
 
 from ..claims import is_scope_token, subject_problem
 from ..errors import ApiError
-from ..jwks import JwksCache, JwksUnavailable
+from ..jwks import THUMBPRINT_PARAMS, JwksCache, JwksUnavailable
 from ..keys import auth_key, route_key
 from ..settings import AuthSettings, Route
 
@@ -164,6 +165,9 @@ class TokenVerifier:
             raise AuthError("The token's signing algorithm is not accepted")
         if kid is not None and not isinstance(kid, str):
             raise AuthError("The token's key id is malformed")
+        thumbprints = {param: header[param] for param in THUMBPRINT_PARAMS if param in header}
+        if not all(isinstance(value, str) for value in thumbprints.values()):
+            raise AuthError("The token's key id is malformed")
 
         key: Any
         if alg in _HMAC_ALGS:
@@ -173,7 +177,7 @@ class TokenVerifier:
         else:
             if self._jwks is None:
                 raise AuthError("The token's signing algorithm is not accepted")
-            key = await self._jwks.get(kid)
+            key = await self._jwks.get(kid, thumbprints)
             if key is None:
                 raise AuthError("The token's signing key is unknown")
             if not _fits(key, alg):

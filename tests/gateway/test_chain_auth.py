@@ -177,6 +177,66 @@ async def test_optional_route_with_a_token_forwards_the_identity(client, upstrea
     assert upstream.requests[0].values("x-auth-subject") == ["dave"]
 
 
+def thumbprinted(header: dict[str, Any]) -> Any:
+    """A token signed with the RSA key that names it only by ``header``'s thumbprints, no kid."""
+    return lambda k: jwt.encode(
+        {"sub": "erin", "iss": ISSUER, "aud": AUDIENCE, "exp": int(time.time()) + 300},
+        k["rsa"],
+        algorithm="RS256",
+        headers=header,
+    )
+
+
+# Certificate thumbprints (RFC 7517 sections 4.8-4.9) on the issuer's keys: only compared, so any
+# base64url text does.
+X5T = {"rsa-1": {"x5t": "cnNhLXNoYTE", "x5t#S256": "cnNhLXNoYTI1Ng"}, "ec-1": {"x5t": "ZWMtc2hhMQ"}}
+
+
+@pytest.mark.parametrize(
+    "header",
+    [{"x5t": "cnNhLXNoYTE"}, {"x5t#S256": "cnNhLXNoYTI1Ng"}, {"x5t": "bm9uZQ", "x5t#S256": "cnNhLXNoYTI1Ng"}],
+)
+async def test_a_token_that_names_its_key_by_thumbprint_alone_is_matched_among_several(
+    client, upstream, issuer, keys, header
+):
+    issuer["keys"] = [{**jwk, **X5T[jwk["kid"]]} for jwk in issuer["keys"]]
+    assert len(issuer["keys"]) > 1
+
+    response = await client.get("/required", headers=bearer(thumbprinted(header)(keys)))
+
+    assert response.status == 200, await response.text()
+    assert upstream.requests[0].values("x-auth-subject") == ["erin"]
+
+
+async def test_a_thumbprint_a_single_key_does_not_publish_leaves_it_the_key(client, issuer, keys):
+    issuer["keys"] = [public_jwk(keys["rsa"], "rsa-1")]
+
+    response = await client.get("/required", headers=bearer(thumbprinted({"x5t": "bm9uZQ"})(keys)))
+
+    assert response.status == 200
+
+
+@pytest.mark.parametrize(
+    ("header", "description"),
+    [
+        ({"x5t": "ZWMtc2hhMQ"}, "does not match its key"),  # the EC key's: the token is RS256
+        ({"x5t": "bm9uZQ"}, "signing key is unknown"),
+        ({"x5t#S256": "cnNhLXNoYTE"}, "signing key is unknown"),  # the RSA key's x5t, as x5t#S256
+        ({"x5t": 7}, "key id is malformed"),
+    ],
+)
+async def test_a_thumbprint_that_names_no_key_or_another_is_refused(
+    client, upstream, issuer, keys, header, description
+):
+    issuer["keys"] = [{**jwk, **X5T[jwk["kid"]]} for jwk in issuer["keys"]]
+
+    response = await client.get("/required", headers=bearer(thumbprinted(header)(keys)))
+
+    assert response.status == 401
+    assert description in response.headers["WWW-Authenticate"]
+    assert upstream.requests == []
+
+
 # -- refused -------------------------------------------------------------------------------------
 
 

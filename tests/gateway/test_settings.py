@@ -361,6 +361,23 @@ def test_a_redis_url_its_client_cannot_use_names_the_key(url: str) -> None:
         load_settings({"REDIS_URL": url})
 
 
+@pytest.mark.parametrize("host", ["redis:6379", "bad host", "redis://cache"])
+def test_check_config_refuses_a_redis_host_that_is_no_host_in_one_line(host: str) -> None:
+    result = run_program("gateway", "check-config", env=program_env(REDIS_HOST=host))
+
+    assert refusal(result) == (
+        f"gateway: configuration error: REDIS_HOST: {host!r} is neither an IP address nor a host name"
+    )
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [("::1", "redis://[::1]:6379/0"), ("cache_1", "redis://cache_1:6379/0"), (" ", None)],
+)
+def test_a_redis_host_that_is_an_address_or_a_name_makes_the_url(host: str, url: str | None) -> None:
+    assert load_settings({"REDIS_HOST": host}).redis_url == url
+
+
 def test_blank_lists_that_default_to_none_stay_none() -> None:
     settings = load_settings({"TRUSTED_PROXIES": "", "CORS_ALLOW_ORIGINS": " "})
     assert (settings.trusted_proxies, settings.cors_allow_origins) == ((), ())

@@ -32,6 +32,7 @@ def test_settings_from_the_contracts_variables() -> None:
         ({"INTELLIGENCE_PORT": "http"}, "INTELLIGENCE_PORT"),
         ({"INTELLIGENCE_HOST": "999.1.1.1"}, "INTELLIGENCE_HOST"),
         ({"REDIS_URL": "http://x"}, "REDIS_URL"),
+        ({"REDIS_HOST": "redis:6379"}, "REDIS_HOST: 'redis:6379' is neither an IP address nor a host name"),
         ({"POSTGRES_DSN": "garbage"}, "POSTGRES_DSN: not a valid connection string"),
         ({"POSTGRES_DSN": "host=db colour=red"}, 'POSTGRES_DSN: .*"colour"'),
         ({"INTELLIGENCE_MIGRATIONS_DIR": "/nope"}, "INTELLIGENCE_MIGRATIONS_DIR: /nope does not exist"),

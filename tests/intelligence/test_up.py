@@ -8,10 +8,12 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 from chat_helpers import wait_until
 
@@ -130,6 +132,67 @@ async def test_up_reports_the_chat_apis_spans_under_the_gateways(
         (chat_server,) = by("intelligence-engine", "SERVER")
         (gateway_client,) = by("gateway", "CLIENT")
         assert chat_server["parentId"] == gateway_client["id"]
+    finally:
+        await _stop(process)
+
+
+async def _banner(process: asyncio.subprocess.Process, log: Path, deadline_s: float = 60) -> str:
+    """The banner ``up`` prints once both apps listen (``up`` is serving from then on)."""
+    deadline = time.monotonic() + deadline_s
+    while "/health/detailed" not in (text := log.read_text(errors="replace")):
+        assert process.returncode is None, text
+        assert time.monotonic() < deadline, f"no banner within {deadline_s} s:\n{text}"
+        await asyncio.sleep(0.05)
+    return text
+
+
+@pytest.mark.parametrize(
+    ("gateway_host", "chat_host", "chat_port", "base_host"),
+    [
+        ("::1", "::1", None, "[::1]"),
+        ("::", "::", None, "[::1]"),
+        ("", "", None, "127.0.0.1"),
+        ("0.0.0.0", "127.0.0.1", "0", "127.0.0.1"),
+    ],
+    ids=["ipv6-loopback", "ipv6-wildcard", "every-interface", "ephemeral-chat-port"],
+)
+async def test_ups_printed_curl_lines_work_and_route_chats_on_any_listen_address(
+    tmp_path: Path, database: str, gateway_host: str, chat_host: str, chat_port: str | None, base_host: str
+) -> None:
+    port = free_port()
+    log = tmp_path / "up.log"
+    env = _env(
+        tmp_path,
+        port,
+        free_port(),
+        POSTGRES_DSN=database,
+        GATEWAY_HOST=gateway_host,
+        INTELLIGENCE_HOST=chat_host,
+    )
+    if chat_port is not None:
+        env["INTELLIGENCE_PORT"] = chat_port
+    with log.open("ab") as out:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "up", cwd=ROOT, env=env, stdout=out, stderr=out
+        )
+    try:
+        text = await _banner(process, log)
+        token = re.findall(r"export TOKEN=(\S+)", text)[-1]
+        (create_url,) = re.findall(r"-d '\{\"title\": \"first chat\"\}' (\S+)", text)
+        (health_url,) = re.findall(r"curl (http\S+)", text)
+        (chat_api,) = re.findall(r"chat API on (http\S+),", text)
+        assert create_url == f"http://{base_host}:{port}/api/v1/chat/sessions", text
+        assert ":0," not in text and not chat_api.endswith(":0"), text
+
+        async with aiohttp.ClientSession() as session:
+            headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+            async with session.post(create_url, data='{"title": "first chat"}', headers=headers) as response:
+                assert response.status == 201, await response.text()
+            async with session.get(health_url) as response:
+                components = (await response.json())["components"]
+                assert components["intelligence-engine"]["status"] == "healthy", components
+            async with session.get(f"{chat_api}/health") as response:  # the address printed is the chat API's
+                assert response.status == 200
     finally:
         await _stop(process)
 
