@@ -72,7 +72,8 @@ SSE_EVENTS, SSE_MS = 20, 100  # one stream: 20 events 100 ms apart, about 2 s
 HUGE_RATE = "1000000000/second"
 POOL_MAX_IDLE = 256  # gateway/pool.py TargetPool.max_idle: idle keep-alive sockets kept per target
 POOL_IDLE_TIMEOUT = 15.0  # gateway/pool.py TargetPool.idle_timeout
-LIMITER_PREFIX = "gateway:rl:"  # gateway/limiter.py; subject buckets are "sub:<subject>:<prefix>:<limit>/<period>"
+# gateway/limiter.py; subject buckets are "sub:<subject>:<prefix>:<limit>/<period>"
+LIMITER_PREFIX = "gateway:rl:"
 CLUSTER = {
     "api_server_url": "https://api.soak.example.com:6443",
     "provider": "kind",
