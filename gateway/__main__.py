@@ -49,25 +49,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_format)
     _warn_about(settings)
 
+    # What a worker started now serves: the supervisor reads the file again on SIGHUP, as its
+    # workers do, so one that replaces a dead worker does not bring back the start-up routes.
+    in_force = settings
+
     def worker(ready: Callable[[], None]) -> None:
-        configure_logging(settings.log_level, settings.log_format)
-        app = create_app(settings)
+        configure_logging(in_force.log_level, in_force.log_format)
+        app = create_app(in_force)
         run(
             serve(
-                [Listener(app, settings.host, settings.port, "gateway", "GATEWAY_HOST, GATEWAY_PORT")],
-                shutdown_timeout=settings.shutdown_timeout,
-                reuse_port=settings.workers > 1,
+                [Listener(app, in_force.host, in_force.port, "gateway", "GATEWAY_HOST, GATEWAY_PORT")],
+                shutdown_timeout=in_force.shutdown_timeout,
+                reuse_port=in_force.workers > 1,
                 on_started=lambda _bound: ready(),
                 on_hangup=partial(reload_routes, app),
             )
         )
+
+    def reread() -> None:
+        nonlocal in_force
+        try:
+            in_force = load_settings()
+        except Exception:  # the workers log the refusal and keep their tables; so does this
+            pass
 
     try:
         if settings.workers == 1:
             worker(lambda: None)
             return 0
         log.info("starting workers", extra={"workers": settings.workers})
-        return run_workers(settings.workers, worker)
+        return run_workers(settings.workers, worker, on_hangup=reread)
     except StartupError as exc:
         return _fail(str(exc))
 

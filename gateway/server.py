@@ -238,7 +238,9 @@ class _Worker:
                 self.failure = report
 
 
-def run_workers(count: int, target: Callable[[Callable[[], None]], None]) -> int:
+def run_workers(
+    count: int, target: Callable[[Callable[[], None]], None], *, on_hangup: Callable[[], None] | None = None
+) -> int:
     """Fork ``count`` processes that each bind the port with SO_REUSEPORT; supervise them.
 
     ``target(ready)`` runs in each worker and calls ``ready()`` once it serves. A worker that dies
@@ -246,7 +248,8 @@ def run_workers(count: int, target: Callable[[Callable[[], None]], None]) -> int
     bound, its app cannot be built) would fail the same way again: the other workers are stopped
     and WorkerStartError says why, once. SIGTERM and SIGINT are passed on to every worker, and the
     supervisor returns when all of them have drained. SIGHUP (reload) is passed on too, and
-    nothing stops.
+    nothing stops; ``on_hangup`` runs in the supervisor first, so that a worker it starts later
+    serves what the reload put in force.
     """
     context = multiprocessing.get_context("fork")
     workers: list[_Worker] = []
@@ -290,6 +293,8 @@ def run_workers(count: int, target: Callable[[Callable[[], None]], None]) -> int
         nonlocal stopping
         if signum != signal.SIGHUP:
             stopping = True
+        elif on_hangup is not None:
+            on_hangup()
         signal_workers(signum)
 
     signal.signal(signal.SIGTERM, forward)

@@ -464,10 +464,11 @@ async def test_two_workers_answer_reload_and_stop_on_sigterm(
         assert gone(pid)
 
 
-async def test_a_worker_that_dies_while_serving_is_replaced(
+async def test_a_worker_that_dies_while_serving_is_replaced_with_the_reloaded_routes(
     gateway_process: Any, named_upstream: Any, tmp_path: Path
 ) -> None:
     url, _ = await named_upstream("kept")
+    reloaded_url, _ = await named_upstream("reloaded")
     config = tmp_path / "gateway.yaml"
     config.write_text(yaml.safe_dump(table({"/a": url})))
     gateway = gateway_process(config, GATEWAY_WORKERS="2")
@@ -478,19 +479,33 @@ async def test_a_worker_that_dies_while_serving_is_replaced(
         assert time.monotonic() < deadline, f"only saw workers {first}"
         first.add((await gateway.metrics())["pid"])
 
-    victim = min(first)
-    os.kill(victim, signal.SIGKILL)
+    # A reload, then a file the reload would refuse: the replacement must serve the routes in
+    # force, neither the start-up ones nor the broken file's.
+    config.write_text(yaml.safe_dump(table({"/b": reloaded_url})))
+    gateway.process.send_signal(signal.SIGHUP)
+    await wait_for(lambda: gateway.log.read_text().count("configuration reloaded") == 2, what="both reloads")
+    config.write_text("routes: [")
+    gateway.process.send_signal(signal.SIGHUP)
+    await wait_for(lambda: gateway.log.read_text().count("reload rejected") == 2, what="both refusals")
 
+    for victim in first:  # both: every answer after this comes from a replacement
+        os.kill(victim, signal.SIGKILL)
+
+    replacements: set[int] = set()
     deadline = time.monotonic() + 15
-    while True:  # until a worker started after the kill answers
-        assert time.monotonic() < deadline, f"no replacement for worker {victim}:\n{gateway.log.read_text()}"
+    while len(replacements) < 2:
+        assert time.monotonic() < deadline, f"replacements seen: {replacements}\n{gateway.log.read_text()}"
         try:
             pid = (await gateway.metrics())["pid"]
         except aiohttp.ClientConnectionError:
+            await asyncio.sleep(0.02)  # poll interval: no worker listens until the first replacement does
             continue
-        if pid not in first:
-            break
-    assert parent_of(pid) == gateway.process.pid
+        assert pid not in first
+        replacements.add(pid)
+    assert all(parent_of(pid) == gateway.process.pid for pid in replacements)
     assert gateway.logged("worker exited; restarting")
-    assert (await gateway.get("/a/x")) == (200, b'{"upstream": "kept"}')
+    answers = {await gateway.get("/b/x") for _ in range(12)} | {
+        (await gateway.get("/a/x"))[0] for _ in range(12)
+    }
+    assert answers == {(200, b'{"upstream": "reloaded"}'), 404}
     assert await gateway.stop() == 0
