@@ -12,6 +12,7 @@ import json
 import json.encoder
 import logging
 import queue
+import re
 import sys
 import threading
 import time
@@ -32,6 +33,13 @@ __all__ = ["JsonAccessLogger", "JsonFormatter", "configure_logging"]
 # Attributes every LogRecord has; anything else was passed in ``extra`` and is emitted as a field.
 _RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 _SECRET_WORDS = ("authorization", "password", "secret", "token", "cookie", "dsn")
+# The user and password of a URL, wherever a line quotes one (ZIPKIN_URL and AUTH_JWKS_URL may
+# carry them; a collector or issuer that fails is logged with its URL).
+_USERINFO = re.compile(r"(?<=://)[^/@\s\"']*@")
+
+
+def _without_userinfo(line: str) -> str:
+    return _USERINFO.sub("***@", line) if "@" in line else line
 
 
 _second: tuple[int, str] = (-1, "")
@@ -72,7 +80,7 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = "[redacted]" if any(w in key.lower() for w in _SECRET_WORDS) else value
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str, ensure_ascii=False)
+        return _without_userinfo(json.dumps(entry, default=str, ensure_ascii=False))
 
 
 class _TextFormatter(logging.Formatter):
@@ -90,7 +98,7 @@ class _TextFormatter(logging.Formatter):
                 f"{k}={'[redacted]' if any(w in k.lower() for w in _SECRET_WORDS) else v}"
                 for k, v in extras.items()
             )
-        return line
+        return _without_userinfo(line)
 
 
 class _Writer:

@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from tests.helpers import one_service, running_gateway, wait_for
+from tests.helpers import free_port, one_service, running_gateway, wait_for
 
 SECRET_TOKEN = "eyJhbGciOiJIUzI1NiJ9.c2VjcmV0LXBheWxvYWQ.c2lnbmF0dXJl"
 
@@ -35,6 +35,8 @@ async def test_access_log_has_one_json_line_per_request_and_no_secrets(
         tmp_path,
         LOG_FORMAT="json",
         AUTH_JWT_SECRET="a-development-secret-that-must-not-be-logged-xxxxxxxx",
+        # A collector that refuses: its failure is logged with its URL, which carries a password.
+        ZIPKIN_URL=f"http://zipkin-user:zipkin-password-not-logged@127.0.0.1:{free_port()}/api/v2/spans",
     ) as gateway:
         base, log_path = gateway.base, gateway.log
         async with aiohttp.ClientSession() as session:
@@ -58,6 +60,9 @@ async def test_access_log_has_one_json_line_per_request_and_no_secrets(
             await hanging.wait()
         writer.close()
         await wait_for(lambda: "/api/hang" in log_path.read_text(), what="the abandoned request's line")
+        await wait_for(
+            lambda: "zipkin collector unavailable" in log_path.read_text(), what="the collector's failure"
+        )
         gateway.process.send_signal(signal.SIGTERM)
         async with asyncio.timeout(10):
             assert await gateway.process.wait() == 0
@@ -66,6 +71,7 @@ async def test_access_log_has_one_json_line_per_request_and_no_secrets(
     text = log_path.read_text()
     assert SECRET_TOKEN not in text
     assert "a-development-secret" not in text
+    assert "zipkin-password-not-logged" not in text and "http://***@127.0.0.1:" in text
     lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
     access = [
         entry for entry in lines if entry.get("msg") == "request" and entry.get("path") != "/health/ready"
