@@ -130,6 +130,7 @@ class _GatewayRequestHandler(RequestHandler):
         # A request that failed inside the chain already has the id the access log and the span
         # carry; a fresh one would point the client at a request no log line mentions.
         request_id = request.get(request_id_key) or new_request_id()
+        request[request_id_key] = request_id  # for the access line, which reads it there
         response = _ErrorAnswer(
             status=status,
             body=body,

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from typing import Any
 
 import pytest
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway import httpserver
+from gateway.keys import request_id_key
 from tests.helpers import parse_responses, raw_exchange
 
 SMUGGLED = b"GET /b/smuggled HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
@@ -491,3 +494,28 @@ async def test_an_http_1_0_keep_alive_client_gets_a_streamed_answer_ended_by_the
     assert b"Transfer-Encoding" not in head and b"keep-alive" not in head.lower()
     assert body == b"streamed-body"  # and nothing after it: the connection closed
     assert [r.raw_path for r in upstream.requests] == ["/one"]
+
+
+class _Lines(AbstractAccessLogger):
+    seen: list[tuple[int, str | None]] = []
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.seen.append((response.status, request.get(request_id_key)))
+
+
+async def test_a_request_the_parser_refuses_is_logged_with_the_id_its_answer_carries(
+    make_gateway: Any, make_upstream: Any
+) -> None:
+    _Lines.seen = []
+    upstream = await make_upstream()
+    client = await make_gateway(
+        {
+            "services": {"s": {"url": upstream.url}},
+            "routes": [{"prefix": "/", "service": "s", "auth": "none"}],
+        },
+        server_kwargs={"access_log_class": _Lines, "access_log": logging.getLogger("test.access")},
+    )
+    data = await raw_exchange(client.port, b"GARBAGE\r\n\r\n")
+    (response,) = parse_responses(data)
+    assert_gateway_error(response, 400)
+    assert _Lines.seen == [(400, response.headers["X-Request-ID"])]
