@@ -76,9 +76,11 @@ ERROR_RESPONSES: Mapping[str, tuple[str, dict[str, Any]]] = {
             "Rate limited.",
             {
                 "Retry-After": "Seconds until a request may succeed.",
-                "RateLimit-Limit": "Requests allowed per window.",
-                "RateLimit-Remaining": "Requests left in the window.",
-                "RateLimit-Reset": "Seconds until the window resets.",
+                "RateLimit-Policy": 'The limit (draft-ietf-httpapi-ratelimit-headers): "route";q=100;w=60.',
+                "RateLimit": 'Requests left and seconds until a request may succeed: "route";r=0;t=20.',
+                "X-RateLimit-Limit": "Requests allowed per window.",
+                "X-RateLimit-Remaining": "Requests left (0 here).",
+                "X-RateLimit-Reset": "Seconds until the whole quota is back.",
             },
         ),
     ),
@@ -99,7 +101,8 @@ _COMPONENT = {
     "type": "object",
     "required": ["status", "latency_ms"],
     "properties": {
-        "status": {"type": "string", "enum": ["healthy", "unhealthy"]},
+        # "disabled": Redis without REDIS_URL (in-process rate limits; not a failure).
+        "status": {"type": "string", "enum": ["healthy", "unhealthy", "disabled"]},
         "latency_ms": {"type": "number"},
         "error": {"type": "string"},
     },

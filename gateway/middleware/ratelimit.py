@@ -35,7 +35,8 @@ limits are the ones the client runs into)::
     Retry-After: 1                                   on 429 only; rounded up, never early
 
 The policy is named ``"default"`` when ``RATE_LIMIT_DEFAULT`` applies and ``"route"`` when the
-route sets its own ``rate_limit``. On a 429 the ``t`` of ``RateLimit`` equals ``Retry-After``.
+route sets its own ``rate_limit``. On a 429 the ``t`` of ``RateLimit`` equals ``Retry-After``;
+``X-RateLimit-Reset`` is always the time until the bucket is full again.
 """
 
 from __future__ import annotations

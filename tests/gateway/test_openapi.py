@@ -12,6 +12,7 @@ from openapi_spec_validator import validate as validate_spec
 from gateway.openapi import ERROR_RESPONSES, build_openapi
 from gateway.schemas import SCHEMAS
 from gateway.validation import validate_body
+from tests.helpers import one_service
 
 from .test_validation import CLUSTER, CLUSTER_ID, INVALID, REPORT, TOOL_CALL, VALID
 
@@ -65,12 +66,19 @@ def test_every_validated_body_is_described_with_the_gateway_errors(
     assert names == {segment[1:-1] for segment in path.split("/") if segment.startswith("{")}
 
 
-def test_rate_limit_and_auth_responses_document_their_headers(document: dict[str, Any]) -> None:
-    responses = document["components"]["responses"]
-    assert {"Retry-After", "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset"} <= set(
-        responses["TooManyRequests"]["headers"]
-    )
-    assert "WWW-Authenticate" in responses["Unauthorized"]["headers"]
+async def test_rate_limit_and_auth_responses_document_the_headers_they_send(
+    document: dict[str, Any], make_gateway: Any, make_upstream: Any
+) -> None:
+    upstream = await make_upstream()
+    client = await make_gateway(one_service(upstream.url, rate_limit="1/minute"))
+    assert (await client.get("/x")).status == 200
+    refused = await client.get("/x")
+    assert refused.status == 429
+    sent = {
+        n.lower() for n in refused.headers if "ratelimit" in n.lower() or n in ("Retry-After", "X-Request-ID")
+    }
+    assert {n.lower() for n in document["components"]["responses"]["TooManyRequests"]["headers"]} == sent
+    assert "WWW-Authenticate" in document["components"]["responses"]["Unauthorized"]["headers"]
     assert {status for status, _ in ERROR_RESPONSES.values()} == {"401", "403", "413", "415", "422", "429"}
 
 
@@ -136,3 +144,23 @@ def test_the_test_tables_cover_every_schema() -> None:
     # Keeps the validation tests honest as schemas are added.
     assert {key for key, _, _ in INVALID} == set(SCHEMAS)
     assert {key for key, _ in VALID} == set(SCHEMAS)
+
+
+async def test_the_detailed_health_answer_is_valid_by_the_document(
+    document: dict[str, Any], make_gateway: Any, make_upstream: Any, refused_url: str
+) -> None:
+    """Without REDIS_URL, Redis shows as "disabled"; a backend that refuses, as unhealthy."""
+    upstream = await make_upstream()
+    client = await make_gateway(
+        {
+            "services": {"up": {"url": upstream.url}, "down": {"url": refused_url}},
+            "routes": [{"prefix": "/", "service": "up", "auth": "none"}],
+        }
+    )
+    response = await client.get("/health/detailed")
+    body = await response.json()
+    assert body["components"]["redis"]["status"] == "disabled"
+    schema = document["paths"]["/health/detailed"]["get"]["responses"]["200"]["content"]["application/json"][
+        "schema"
+    ]
+    OAS30Validator({**schema, "components": document["components"]}).validate(body)
