@@ -52,7 +52,7 @@ from .keys import (
 from .metrics import metrics_key
 from .middleware.auth import identity_headers
 from .middleware.request_id import REQUEST_ID_HEADER
-from .middleware.tracing import ClientSpan, downstream_headers, inject_trace_headers
+from .middleware.tracing import ClientSpan, SpanRef, downstream_headers
 from .pool import ConnectFailed, ConnectTimeout, UpstreamProtocol, exchange
 from .routing import has_dot_segment, may_read_otherwise, strip_route_prefix
 from .settings import Route
@@ -213,8 +213,11 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     if request.get(auth_key) is not None:
         headers.update(identity_headers(request))
     if request.headers.get("Upgrade", "").lower() == "websocket":
-        headers.update(inject_trace_headers())
-        return await _proxy_websocket(request, upstream, path, headers)
+        # The session's CLIENT span: the upstream connection, from the handshake to the close.
+        with ClientSpan(request.app[tracing_key], f"GET {route.prefix}", upstream.name) as span:
+            if span is not None:
+                headers.update(downstream_headers(span))
+            return await _proxy_websocket(request, upstream, path, headers, span)
     return await _proxy_http(request, route, upstream, path, headers)
 
 
@@ -600,7 +603,7 @@ def _refusal_trace() -> aiohttp.TraceConfig:
 
 
 async def _proxy_websocket(
-    request: web.Request, upstream: Upstream, path: str, headers: CIMultiDict[str]
+    request: web.Request, upstream: Upstream, path: str, headers: CIMultiDict[str], span: SpanRef | None
 ) -> web.StreamResponse:
     if not web.WebSocketResponse().can_prepare(request).ok:
         raise ApiError(400, "Invalid WebSocket upgrade request")
@@ -622,6 +625,7 @@ async def _proxy_websocket(
     timeout = upstream.service.timeout
     refusal = _Refusal()
     _refusal.set(refusal)
+    started = perf_counter()
     try:
         async with asyncio.timeout(timeout.connect + timeout.read):
             upstream_ws = await session.ws_connect(
@@ -657,6 +661,10 @@ async def _proxy_websocket(
         raise ApiError(502, f"Upstream '{upstream.name}' failed the WebSocket upgrade") from None
 
     upstream.succeeded(target)
+    request.app[metrics_key].record_upstream(upstream.name, perf_counter() - started)  # the handshake
+    if span is not None and span.record is not None:
+        span.record.tag("http.status_code", "101")
+        span.record.tag("peer.target", target.url)
     # Offer the client exactly the subprotocol the upstream chose (from the client's own list).
     client_ws = web.WebSocketResponse(
         protocols=(upstream_ws.protocol,) if upstream_ws.protocol else (),

@@ -278,6 +278,8 @@ class ClientSpan:
             return
         _current.reset(self._token)
         if ref.record is not None:
-            if exc_type is not None:
+            # A cancel is the client going away (the SERVER span says 499), or how a WebSocket
+            # session ends: not the upstream call's error.
+            if exc_type is not None and exc_type is not asyncio.CancelledError:
                 ref.record.tag("error", exc_type.__name__)
             ref.record.finish()

@@ -317,3 +317,51 @@ async def test_health_probes_to_backends_carry_the_trace(traced: Any, upstream: 
     assert probe["traceparent"].split("-")[1] == INCOMING_TRACE
     assert probe["x-b3-traceid"] == INCOMING_TRACE
     assert probe["x-request-id"] == response.headers["x-request-id"]
+
+
+async def test_a_websocket_session_is_a_server_span_with_a_client_child(
+    tmp_path: Path, collector: Any, aiohttp_server: Any
+) -> None:
+    """As for any call to a backend: a CLIENT span names the service, and the backend is told
+    that span called it."""
+    seen: list[str] = []
+
+    async def echo(request: web.Request) -> web.WebSocketResponse:
+        seen.append(request.headers["traceparent"])
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            await ws.send_str(msg.data)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", echo)
+    backend = await aiohttp_server(app)
+    client = await _gateway(tmp_path, str(backend.make_url("")).rstrip("/"), ZIPKIN_URL=collector[1])
+    try:
+        ws = await client.ws_connect(
+            "/api/v1/clusters/watch", headers={"traceparent": f"00-{INCOMING_TRACE}-{INCOMING_PARENT}-01"}
+        )
+        await ws.send_str("hi")
+        assert (await ws.receive(timeout=5)).data == "hi"
+        await ws.close()
+
+        def both() -> bool:
+            return bool(collector[0].by_kind("SERVER")) and bool(collector[0].by_kind("CLIENT"))
+
+        async def flushed() -> bool:
+            await _flush(client)
+            return both()
+
+        deadline = asyncio.get_running_loop().time() + 5
+        while not await flushed():
+            assert asyncio.get_running_loop().time() < deadline, "no spans for the session"
+            await asyncio.sleep(0.02)  # poll interval: the session ends after the close is answered
+        (server,) = collector[0].by_kind("SERVER")
+        (child,) = collector[0].by_kind("CLIENT")
+        assert server["tags"]["http.status_code"] == "101" and "error" not in server["tags"]
+        assert child["parentId"] == server["id"] and child["remoteEndpoint"]["serviceName"] == "backend"
+        assert child["tags"]["http.status_code"] == "101" and "error" not in child["tags"]
+        assert seen[0].split("-")[2] == child["id"]
+    finally:
+        await client.close()
