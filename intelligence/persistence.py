@@ -17,12 +17,14 @@ an explicit transaction only if it broke before COMMIT was sent.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, Final, TypeVar
+from typing import Any, Final, ParamSpec, TypeVar
 
 import aiopg
 import psycopg2
@@ -46,8 +48,33 @@ from .settings import PostgresSettings
 __all__ = ["UNSET", "ChatPersistenceService", "create_pool"]
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 log = logging.getLogger("intelligence.persistence")
+
+
+def _to_the_end(write: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """A write, once begun, runs to its end even if its caller is cancelled (a client that hangs
+    up, a drain that runs out): cancelled between PostgreSQL's commit and the cache's update, it
+    left the cache serving what the database no longer holds (a deleted chat, an old title)."""
+
+    @functools.wraps(write)
+    async def run(*args: P.args, **kwargs: P.kwargs) -> T:
+        task = asyncio.ensure_future(write(*args, **kwargs))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                task.add_done_callback(_unawaited_failure)
+            raise
+
+    return run
+
+
+def _unawaited_failure(task: asyncio.Future[Any]) -> None:
+    # Nobody waits for it any more: its own failure is reported here, not lost.
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("a write its caller stopped waiting for failed", extra={"error": repr(task.exception())})
 
 
 class _Unset:
@@ -167,6 +194,7 @@ class ChatPersistenceService:
     async def save_session(self, session: ChatSession) -> ChatSession:
         return (await self.create_session(session))[0]
 
+    @_to_the_end
     async def create_session(self, session: ChatSession) -> tuple[ChatSession, bool]:
         """Insert; returns (stored, created). Re-sending the same id and body is not an error."""
         epoch = await self._cache.epoch()
@@ -236,6 +264,7 @@ class ChatPersistenceService:
 
         return await self._run(select)
 
+    @_to_the_end
     async def update_session(
         self,
         session_id: uuid.UUID,
@@ -271,6 +300,7 @@ class ChatPersistenceService:
         await self._cache.put_session(epoch, str(session.id), session.version, _dump_session(session))
         return session
 
+    @_to_the_end
     async def delete_session(self, session_id: uuid.UUID, *, user_id: str | None = None) -> bool:
         """Delete the session and (by cascade) its messages; False when there was none."""
         epoch = await self._cache.epoch()
@@ -292,6 +322,7 @@ class ChatPersistenceService:
     async def save_message(self, message: ChatMessage, *, user_id: str | None = None) -> ChatMessage:
         return (await self.add_message(message, user_id=user_id))[0]
 
+    @_to_the_end
     async def add_message(
         self, message: ChatMessage, *, user_id: str | None = None
     ) -> tuple[ChatMessage, bool]:

@@ -8,7 +8,7 @@ import uuid
 from typing import Any
 
 import pytest
-from chat_helpers import PrivateRedis, cache, headers, redis_sync, service, wait_until
+from chat_helpers import PrivateRedis, cache, headers, pool, redis_sync, service, wait_until
 
 from intelligence.models import ChatMessage, ChatSession
 from intelligence.persistence import _dump_message, _dump_session
@@ -137,6 +137,55 @@ async def test_a_key_of_another_redis_type_is_a_miss_and_redis_is_not_taken_for_
         assert [m["content"] for m in (await messages.json())["data"]] == ["one"]
         assert chat_cache.usable  # no pause, no generation bump
     assert raw.type(key) == b"hash"  # replaced by the refill
+
+
+@pytest.mark.parametrize("write", ["delete", "patch", "message"])
+async def test_a_write_whose_caller_is_cancelled_still_updates_the_cache(
+    client: Any, user: str, write: str
+) -> None:
+    """A client that hangs up while its write waits on a lock: PostgreSQL commits it afterwards,
+    and the cache must not keep serving what came before (a deleted chat, an old title)."""
+    svc = service(client)
+    session = await svc.save_session(ChatSession(user_id=user, title="before"))
+    assert (await svc.get_session(session.id, user_id=user)).title == "before"  # cached
+    assert await svc.get_messages(session.id, user_id=user) == []  # cached too
+
+    async with pool(client).acquire() as blocker, blocker.cursor() as cur:
+        await cur.execute("BEGIN")
+        await cur.execute("SELECT 1 FROM chat_sessions WHERE id = %s FOR UPDATE", (session.id,))
+        if write == "delete":
+            pending = svc.delete_session(session.id, user_id=user)
+        elif write == "patch":
+            pending = svc.update_session(session.id, user_id=user, title="after")
+        else:
+            pending = svc.save_message(
+                ChatMessage(session_id=session.id, role="user", content="m"), user_id=user
+            )
+        task = asyncio.ensure_future(pending)
+
+        async def waits_on_the_lock() -> bool:
+            async with pool(client).acquire() as conn, conn.cursor() as probe:
+                await probe.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock'"
+                )
+                return (await probe.fetchone())[0] > 0
+
+        await wait_until(waits_on_the_lock, what="the write to wait on the lock")
+        task.cancel()  # the caller is gone
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await cur.execute("COMMIT")
+
+    async def settled() -> bool:
+        found = await svc.get_session(session.id, user_id=user)
+        if write == "delete":
+            return found is None
+        if write == "patch":
+            return found is not None and found.title == "after"
+        return [m.content for m in await svc.get_messages(session.id, user_id=user)] == ["m"]
+
+    await wait_until(settled, what="the committed write to show")
 
 
 async def test_every_call_works_while_redis_is_stopped_and_no_stale_read_after_restart(
