@@ -11,6 +11,7 @@ import base64
 import binascii
 import json
 import math
+import re
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -19,6 +20,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from gateway.claims import subject_problem
 from gateway.errors import ApiError
 
 from .keys import service_key
@@ -40,7 +42,6 @@ SUBJECT_HEADER = "x-auth-subject"
 SESSIONS_LIMIT = (50, 200)  # default, maximum
 MESSAGES_LIMIT = (100, 1000)
 MAX_TITLE = 1000
-MAX_SUBJECT = 256
 
 SESSION_FIELDS = frozenset({"id", "title", "metadata"})
 SESSION_PATCH_FIELDS = frozenset({"title", "metadata"})
@@ -76,7 +77,9 @@ def _subject(request: web.Request) -> str:
         raise ApiError(
             401, "Not authenticated: no x-auth-subject", headers={"WWW-Authenticate": 'Bearer realm="chat"'}
         )
-    if len(subject) > MAX_SUBJECT or "\x00" in subject:
+    # The gateway's own rule for a token's subject: bytes that are not UTF-8 (aiohttp hands them
+    # over as lone surrogates) or control characters could be neither stored nor logged.
+    if subject_problem(subject) is not None:
         raise ApiError(401, "Not authenticated: malformed x-auth-subject")
     return subject
 
@@ -112,28 +115,62 @@ def _bad_value(*_: Any) -> None:
 async def _body(request: web.Request) -> dict[str, Any]:
     raw = await request.read()
     try:
-        data = json.loads(raw, parse_constant=_bad_value)
+        data = json.loads(raw, parse_constant=_bad_value, parse_float=_finite)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(
             422, "Validation Error", [{"field": "body", "message": f"invalid JSON: {exc}"}]
         ) from None
+    except RecursionError:
+        raise _body_error("nested too deeply") from None
     if not isinstance(data, dict):
-        raise ApiError(422, "Validation Error", [{"field": "body", "message": "expected a JSON object"}])
-    if _has_nul(data):
-        raise ApiError(
-            422, "Validation Error", [{"field": "body", "message": "text must not contain NUL (\\u0000)"}]
-        )
+        raise _body_error("expected a JSON object")
+    problem = _unstorable(data)
+    if problem is not None:
+        raise _body_error(problem)
     return data
 
 
-def _has_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any("\x00" in k or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_nul(v) for v in value)
-    return False
+def _finite(text: str) -> float:
+    # 1e400 reads as infinity, which no JSON column takes back.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number out of range: {text[:40]}")
+    return value
+
+
+def _body_error(message: str) -> ApiError:
+    return ApiError(422, "Validation Error", [{"field": "body", "message": message}])
+
+
+# Deeper than any chat body needs; a stored body is read back by recursive parsers.
+MAX_DEPTH = 64
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _unstorable(data: Any) -> str | None:
+    """What in a parsed body PostgreSQL or UTF-8 cannot hold: NUL, a lone surrogate (a JSON escape
+    like \\ud800), nesting deeper than ``MAX_DEPTH``. Walked without recursion."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            texts: Any = (value,)
+        elif isinstance(value, dict):
+            texts = value.keys()
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            texts = ()
+            stack.extend((v, depth + 1) for v in value)
+        else:
+            continue
+        if depth > MAX_DEPTH:
+            return f"nested deeper than {MAX_DEPTH} levels"
+        for text in texts:
+            if "\x00" in text:
+                return "text must not contain NUL (\\u0000)"
+            if _SURROGATE.search(text):
+                return "text must not contain a lone surrogate (\\ud800-\\udfff)"
+    return None
 
 
 class _Errors:

@@ -146,6 +146,11 @@ async def test_missing_subject_is_401_in_the_error_format(client: Client) -> Non
         ("POST", "/sessions", {"id": "nope"}, 422, "id"),
         ("POST", "/sessions", {"titel": "typo"}, 422, "titel"),
         ("POST", "/sessions", {"title": "nul \u0000"}, 422, "body"),
+        # What PostgreSQL or UTF-8 cannot hold, sent straight to the chat API (the gateway would
+        # refuse it first): a 422, never a 500 after the row was written.
+        ("POST", "/sessions", b'{"title": "a\\ud800b"}', 422, "body"),
+        ("POST", "/sessions", b'{"metadata": {"k\\udfff": 1}}', 422, "body"),
+        ("POST", "/sessions", b'{"metadata": {"x": 1e400}}', 422, "body"),
     ],
 )
 async def test_bad_input_is_rejected_in_the_error_format(
@@ -282,3 +287,48 @@ async def test_health_endpoints(client: Client) -> None:
     body = await resp.json()
     assert resp.status == 200
     assert body["status"] == "healthy" and isinstance(body["latency_ms"], float)
+
+
+async def test_a_message_json_columns_cannot_hold_is_refused_and_not_stored(
+    client: Client, user: str
+) -> None:
+    """The tool columns are `json`, which takes "\\ud800"; UTF-8 and the cache do not: it was
+    stored, answered 500, and then hid the chat's history."""
+    session = await new_session(client, user)
+    base = f"/api/v1/chat/sessions/{session['id']}/messages"
+    for body in (
+        b'{"role": "tool", "tool_results": {"x": "\\ud800"}}',
+        b'{"role": "tool", "tool_results": -1e400}',
+        b'{"role": "tool", "tool_results": ' + b"[" * 900 + b"]" * 900 + b"}",
+        b'{"role": "user", "content": "a\\ud800b"}',
+    ):
+        resp = await client.post(
+            base, data=body, headers={**headers(user), "Content-Type": "application/json"}
+        )
+        assert resp.status == 422, (body[:60], await resp.text())
+    resp = await client.get(base, headers=headers(user))
+    assert resp.status == 200 and (await resp.json())["data"] == []
+
+
+@pytest.mark.parametrize(
+    "metadata", [b"[" * 900 + b"]" * 900, b'{"a":' * 5000 + b"1" + b"}" * 5000], ids=["lists", "objects"]
+)
+async def test_metadata_nested_too_deeply_is_a_422(client: Client, user: str, metadata: bytes) -> None:
+    resp = await client.post(
+        "/api/v1/chat/sessions",
+        data=b'{"metadata": ' + metadata + b"}",
+        headers={**headers(user), "Content-Type": "application/json"},
+    )
+    assert resp.status == 422
+    assert [e["field"] for e in (await resp.json())["errors"]] == ["body"]
+
+
+async def test_a_subject_that_is_not_utf8_is_a_401(client: Client) -> None:
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(
+        b"GET /api/v1/chat/sessions HTTP/1.1\r\nHost: x\r\nx-auth-subject: \xe9\xff\r\nConnection: close\r\n\r\n"
+    )
+    async with asyncio.timeout(5):
+        answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:80]
