@@ -205,7 +205,10 @@ class ChatCache:
         self._cfg = settings
         self._gen_key = f"{settings.prefix}gen"
         self._down_until = 0.0
-        self._stale = False
+        # A process that starts cannot know what writes an earlier one lost (it may have been
+        # stopped while Redis was down, before it could retire the entries they left stale):
+        # its first use of Redis bumps the generation, as after an outage.
+        self._stale = redis is not None
         self._failures = 0
         self._op_timeout = settings.socket_timeout * 3
         script = redis.register_script if redis is not None else (lambda _: None)

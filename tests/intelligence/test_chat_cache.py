@@ -188,6 +188,25 @@ async def test_a_write_whose_caller_is_cancelled_still_updates_the_cache(
     await wait_until(settled, what="the committed write to show")
 
 
+async def test_a_process_that_starts_does_not_trust_what_an_earlier_one_cached(
+    make_client: Any, user: str
+) -> None:
+    """A write whose cache update was lost (Redis down) by a process that was then stopped before
+    Redis came back: nothing remembers that the entry is stale, except that a new process
+    retires the cache generation on its first use of Redis."""
+    first = await make_client()
+    svc = service(first)
+    session = await svc.save_session(ChatSession(user_id=user, title="before"))
+    assert (await svc.get_session(session.id, user_id=user)).title == "before"  # cached
+    async with pool(first).acquire() as conn, conn.cursor() as cur:  # the write the cache missed
+        await cur.execute(
+            "UPDATE chat_sessions SET title = 'after', version = version + 1 WHERE id = %s", (session.id,)
+        )
+
+    restarted = await make_client()
+    assert (await service(restarted).get_session(session.id, user_id=user)).title == "after"
+
+
 async def test_every_call_works_while_redis_is_stopped_and_no_stale_read_after_restart(
     make_client: Any, private_redis: PrivateRedis, user: str
 ) -> None:
