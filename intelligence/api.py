@@ -155,16 +155,13 @@ def _unstorable(data: Any) -> str | None:
         value, depth = stack.pop()
         if isinstance(value, str):
             texts: Any = (value,)
-        elif isinstance(value, dict):
-            texts = value.keys()
-            stack.extend((v, depth + 1) for v in value.values())
-        elif isinstance(value, list):
-            texts = ()
-            stack.extend((v, depth + 1) for v in value)
+        elif isinstance(value, dict | list):
+            if depth > MAX_DEPTH:  # containers count, as in the gateway's rule; a leaf does not
+                return f"nested deeper than {MAX_DEPTH} levels"
+            texts = value.keys() if isinstance(value, dict) else ()
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
         else:
             continue
-        if depth > MAX_DEPTH:
-            return f"nested deeper than {MAX_DEPTH} levels"
         for text in texts:
             if "\x00" in text:
                 return "text must not contain NUL (\\u0000)"

@@ -45,8 +45,14 @@ async def cache_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def service_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[service_key] = ChatPersistenceService(app[pool_key], app[cache_key], tracing=app[tracing_key])
+    service = app[service_key] = ChatPersistenceService(
+        app[pool_key], app[cache_key], tracing=app[tracing_key]
+    )
     yield
+    # Writes whose callers the drain cut off are still running (they run to their end): they get
+    # no longer than the drain did, or the pool's close would wait for them (up to the statement
+    # timeout). The next process to start retires the cache generation, so none is left stale.
+    await service.abandon_writes()
 
 
 def create_app(settings: IntelligenceSettings) -> web.Application:

@@ -209,6 +209,7 @@ class ChatCache:
         # stopped while Redis was down, before it could retire the entries they left stale):
         # its first use of Redis bumps the generation, as after an outage.
         self._stale = redis is not None
+        self._bumping = asyncio.Lock()
         self._failures = 0
         self._op_timeout = settings.socket_timeout * 3
         script = redis.register_script if redis is not None else (lambda _: None)
@@ -254,16 +255,23 @@ class ChatCache:
         if self._redis is None or time.monotonic() < self._down_until:
             return False
         if self._stale:
-            failures = self._failures
-            try:
-                async with asyncio.timeout(self._op_timeout):
-                    gen = await self._redis.incr(self._gen_key)
-            except (RedisError, OSError, TimeoutError) as exc:
-                self._failed(exc, wrote=False)
-                return False
-            if self._failures == failures:  # no write was lost while the bump was on its way
-                self._stale = False
-            log.info("cache generation bumped after an outage", extra={"generation": gen})
+            async with self._bumping:  # one bump, however many requests find the cache stale
+                if self._stale:
+                    return await self._bump()
+        return True
+
+    async def _bump(self) -> bool:
+        assert self._redis is not None
+        failures = self._failures
+        try:
+            async with asyncio.timeout(self._op_timeout):
+                gen = await self._redis.incr(self._gen_key)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed(exc, wrote=False)
+            return False
+        if self._failures == failures:  # no write was lost while the bump was on its way
+            self._stale = False
+        log.info("cache generation bumped", extra={"generation": gen})
         return True
 
     async def _call(self, script: Any, args: Sequence[Any], *, wrote: bool) -> Any:

@@ -61,6 +61,9 @@ def _to_the_end(write: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     @functools.wraps(write)
     async def run(*args: P.args, **kwargs: P.kwargs) -> T:
         task = asyncio.ensure_future(write(*args, **kwargs))
+        writes: set[asyncio.Future[Any]] = args[0]._writes  # type: ignore[attr-defined]
+        writes.add(task)
+        task.add_done_callback(writes.discard)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -188,6 +191,14 @@ class ChatPersistenceService:
         self._pool = pool
         self._cache = cache
         self._tracing = tracing
+        self._writes: set[asyncio.Future[Any]] = set()  # running, whether or not anyone waits
+
+    async def abandon_writes(self) -> None:
+        """Cancel the writes still running (on shutdown, after the drain)."""
+        pending = list(self._writes)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
     # -- sessions -----------------------------------------------------------------------------
 

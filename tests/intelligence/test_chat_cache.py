@@ -207,6 +207,20 @@ async def test_a_process_that_starts_does_not_trust_what_an_earlier_one_cached(
     assert (await service(restarted).get_session(session.id, user_id=user)).title == "after"
 
 
+async def test_a_process_that_starts_bumps_the_generation_once_however_many_ask(
+    make_client: Any, user: str, cache_prefix: str
+) -> None:
+    first = await make_client()
+    session = await service(first).save_session(ChatSession(user_id=user, title="t"))
+    raw = redis_sync()
+    before = int(raw.get(f"{cache_prefix}gen") or 0)
+
+    restarted = await make_client()
+    svc = service(restarted)
+    await asyncio.gather(*(svc.get_session(session.id, user_id=user) for _ in range(50)))
+    assert int(raw.get(f"{cache_prefix}gen")) == before + 1
+
+
 async def test_every_call_works_while_redis_is_stopped_and_no_stale_read_after_restart(
     make_client: Any, private_redis: PrivateRedis, user: str
 ) -> None:

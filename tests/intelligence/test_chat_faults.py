@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -163,3 +166,49 @@ async def test_data_survives_sigkill_and_a_flushed_cache(
         async with http.get(url + "/messages", headers=h) as resp:
             assert await resp.json() == before
         assert [m["content"] for m in before["data"]] == ["m0", "m1", "m2"]
+
+
+async def test_sigterm_ends_within_the_drain_bound_while_a_write_waits_on_a_lock(
+    database: str, service_process: Callable[[dict[str, str]], Service], user: str
+) -> None:
+    """Writes run to their end when their caller goes, but not past the drain bound: the pool's
+    close would wait for one blocked on a lock until the statement timeout (30 s here)."""
+    svc = service_process(
+        {"POSTGRES_DSN": database, "INTELLIGENCE_SHUTDOWN_TIMEOUT": "1", "POSTGRES_STATEMENT_TIMEOUT": "30"}
+    )
+    h = headers(user)
+    async with aiohttp.ClientSession(svc.url) as http:
+        proc = svc.start()
+
+        async def up() -> bool:
+            assert proc.poll() is None, svc.output()
+            try:
+                async with http.get("/health") as resp:
+                    return resp.status == 200
+            except aiohttp.ClientConnectionError:
+                return False
+
+        await wait_until(up, timeout=20, what="python -m intelligence to listen")
+        async with http.post("/api/v1/chat/sessions", json={}, headers=h) as resp:
+            session = await resp.json()
+        async with aiopg.connect(database) as blocker, blocker.cursor() as cur:
+            await cur.execute("BEGIN")
+            await cur.execute("SELECT 1 FROM chat_sessions WHERE id = %s FOR UPDATE", (session["id"],))
+            url = f"/api/v1/chat/sessions/{session['id']}/messages"
+            blocked = asyncio.ensure_future(http.post(url, json={"role": "user", "content": "m"}, headers=h))
+
+            async def waits() -> bool:
+                await cur.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock'"
+                )
+                return (await cur.fetchone())[0] > 0
+
+            await wait_until(waits, what="the write to wait on the lock")
+            proc.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            await wait_until(lambda: proc.poll() is not None, timeout=20, what="the process to exit")
+            assert time.monotonic() - started < 10, svc.output()  # the drain bound (1 s), not 30
+            await cur.execute("ROLLBACK")
+        with contextlib.suppress(aiohttp.ClientError):
+            await blocked
