@@ -235,6 +235,8 @@ class JsonAccessLogger(AbstractAccessLogger):
         remote = request.remote
         # The query string may carry tokens; the path alone identifies the call.
         path = request.raw_path.partition("?")[0]
+        if "@" in path:  # a URL in the path may carry a password (/fetch/http://u:p@host/x)
+            path = _without_userinfo(path)
         bytes_in = getattr(request.content, "total_bytes", 0)
         # Stamped when the request was parsed (gateway.httpserver); aiohttp's loop-clock figure if not.
         received = getattr(request, "received", None)

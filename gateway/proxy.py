@@ -638,6 +638,9 @@ async def _proxy_websocket(
                 timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10.0),
             )
     except aiohttp.WSServerHandshakeError as exc:
+        if span is not None and span.record is not None:
+            span.record.tag("http.status_code", str(exc.status))
+            span.record.tag("peer.target", target.url)
         if exc.status >= 400 and refusal.status == exc.status and refusal.body is not None:
             # The upstream said no (401, 403, 404...): its answer passes through as sent.
             headers = response_headers(refusal.headers)  # type: ignore[arg-type]

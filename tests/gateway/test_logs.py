@@ -53,6 +53,10 @@ async def test_access_log_has_one_json_line_per_request_and_no_secrets(
                 assert response.status == 200
             async with session.get(f"{base}/nowhere") as response:
                 assert response.status == 404
+            async with session.get(
+                f"{base}/api/fetch/http://user:path-password-not-logged@example.com/x"
+            ) as response:
+                assert response.status == 200
         # A client that goes away while the upstream thinks: nginx logs 499, so does the gateway.
         _, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
         writer.write(b"GET /api/hang HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -76,8 +80,11 @@ async def test_access_log_has_one_json_line_per_request_and_no_secrets(
     access = [
         entry for entry in lines if entry.get("msg") == "request" and entry.get("path") != "/health/ready"
     ]
-    assert [entry["path"] for entry in access] == ["/api/items", "/nowhere", "/api/hang"]
-    proxied, missing, abandoned = access
+    assert "path-password-not-logged" not in text
+    assert [entry["path"] for entry in access] == [
+        "/api/items", "/nowhere", "/api/fetch/http://***@example.com/x", "/api/hang"
+    ]  # fmt: skip
+    proxied, missing, _, abandoned = access
     assert abandoned["status"] == 499 and abandoned["route"] == "/api"
     assert abandoned["upstream"] == upstream.url and abandoned["bytes_out"] == 0
     assert proxied["method"] == "POST"

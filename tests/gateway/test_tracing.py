@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import aiozipkin as az
 import pytest
 import yaml
@@ -363,5 +364,25 @@ async def test_a_websocket_session_is_a_server_span_with_a_client_child(
         assert child["parentId"] == server["id"] and child["remoteEndpoint"]["serviceName"] == "backend"
         assert child["tags"]["http.status_code"] == "101" and "error" not in child["tags"]
         assert seen[0].split("-")[2] == child["id"]
+    finally:
+        await client.close()
+
+
+async def test_a_refused_websocket_upgrade_tags_its_client_span_with_the_refusal(
+    tmp_path: Path, collector: Any, aiohttp_server: Any
+) -> None:
+    async def refuse(request: web.Request) -> web.Response:
+        return web.json_response({"detail": "no"}, status=403)
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", refuse)
+    backend = await aiohttp_server(app)
+    client = await _gateway(tmp_path, str(backend.make_url("")).rstrip("/"), ZIPKIN_URL=collector[1])
+    try:
+        with pytest.raises(aiohttp.WSServerHandshakeError):
+            await client.ws_connect("/api/v1/clusters/watch")
+        await _flush(client)
+        (child,) = collector[0].by_kind("CLIENT")
+        assert child["tags"]["http.status_code"] == "403" and child["tags"]["peer.target"]
     finally:
         await client.close()
