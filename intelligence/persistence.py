@@ -481,6 +481,13 @@ class ChatPersistenceService:
                     except BaseException:
                         await _abandon(conn, cur, in_transaction=begin is not None and not committing)
                         raise
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise  # a real cancel: the caller is gone
+                # aiopg reports a statement PostgreSQL cancelled (statement_timeout) as a
+                # CancelledError nobody asked for: the database is too slow, a 503.
+                raise DatabaseUnavailable("PostgreSQL unavailable: the statement timed out") from None
             except _CONNECTION_ERRORS as exc:
                 broken = conn is not None and conn.closed
                 if broken:

@@ -17,7 +17,11 @@ import pytest
 import redis
 from chat_helpers import Service, headers, wait_until
 
+from intelligence.cache import ChatCache
+from intelligence.models import ChatSession, DatabaseUnavailable
+from intelligence.persistence import ChatPersistenceService, create_pool
 from intelligence.schema import apply_migrations
+from intelligence.settings import CacheSettings, PostgresSettings
 
 
 class PrivatePostgres:
@@ -212,3 +216,24 @@ async def test_sigterm_ends_within_the_drain_bound_while_a_write_waits_on_a_lock
             await cur.execute("ROLLBACK")
         with contextlib.suppress(aiohttp.ClientError):
             await blocked
+
+
+async def test_a_statement_past_its_timeout_is_database_unavailable_not_a_cancel(
+    database: str, user: str
+) -> None:
+    """aiopg reports PostgreSQL's statement_timeout as a CancelledError: the API answered nothing
+    at all (the connection closed) where it should say 503."""
+    pool = await create_pool(PostgresSettings(dsn=database, statement_timeout=0.3))
+    svc = ChatPersistenceService(pool, ChatCache(None, CacheSettings()))
+    try:
+        session = await svc.save_session(ChatSession(user_id=user, title="t"))
+        async with aiopg.connect(database) as blocker, blocker.cursor() as cur:
+            await cur.execute("BEGIN")
+            await cur.execute("SELECT 1 FROM chat_sessions WHERE id = %s FOR UPDATE", (session.id,))
+            with pytest.raises(DatabaseUnavailable, match="timed out"):
+                await svc.update_session(session.id, user_id=user, title="blocked")
+            await cur.execute("ROLLBACK")
+        assert (await svc.get_session(session.id, user_id=user)).title == "t"
+    finally:
+        pool.close()
+        await pool.wait_closed()
