@@ -605,14 +605,16 @@ def _refusal_trace() -> aiohttp.TraceConfig:
 async def _proxy_websocket(
     request: web.Request, upstream: Upstream, path: str, headers: CIMultiDict[str], span: SpanRef | None
 ) -> web.StreamResponse:
-    if not web.WebSocketResponse().can_prepare(request).ok:
-        raise ApiError(400, "Invalid WebSocket upgrade request")
     protocols = [
         p.strip()
         for v in request.headers.getall("Sec-WebSocket-Protocol", ())
         for p in v.split(",")
         if p.strip()
     ]
+    # With the client's own subprotocols: a probe that knows none warns, once per session, that
+    # they "don't overlap" (the upstream chooses among them below).
+    if not web.WebSocketResponse(protocols=protocols).can_prepare(request).ok:
+        raise ApiError(400, "Invalid WebSocket upgrade request")
     for name in list(headers):
         if name.lower() in _WS_HANDSHAKE_HEADERS:
             del headers[name]
