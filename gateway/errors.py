@@ -20,6 +20,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .metrics import metrics_key, route_label
+from .state import CLIENT_CLOSED
 
 __all__ = ["ApiError", "body_too_large", "client_text", "error_middleware", "error_response"]
 
@@ -103,7 +104,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             raise
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
         return error_response(exc.status, _phrase(exc.status), headers=headers)
-    except Exception:
+    except Exception as exc:
+        transport = request.transport
+        if isinstance(exc, ConnectionResetError) and (transport is None or transport.is_closing()):
+            # The client hung up while its request was being read (a body read finds the
+            # connection gone before aiohttp cancels the handler): nobody to answer, and
+            # nothing went wrong here. Logged and counted as nginx does.
+            return error_response(CLIENT_CLOSED, "Client Closed Request")
         # The traceback goes to the log; the client only learns that it was our fault.
         log.exception("unhandled error", extra={"path": request.path, "method": request.method})
         return error_response(500, "Internal Server Error")

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from typing import Any
+
+import aiohttp
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 from aiohttp.test_utils import TestClient
 
+from gateway.errors import error_middleware
 from gateway.keys import request_id_key
 from tests.conftest import GatewayTestServer
+from tests.helpers import wait_for
 
 marker = web.AppKey("marker", str)
 
@@ -86,3 +94,30 @@ async def test_the_fallback_500_carries_the_request_id_the_access_log_has() -> N
         assert response.status == 500
         assert await response.json() == {"detail": "Internal Server Error"}
         assert response.headers["X-Request-ID"] == "req-assigned-1"
+
+
+class _Statuses(AbstractAccessLogger):
+    seen: list[int] = []
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.seen.append(response.status)
+
+
+async def test_a_client_gone_while_its_request_is_read_is_a_499_not_an_unhandled_error(caplog: Any) -> None:
+    """A body read that finds the connection lost raises ConnectionResetError before aiohttp has
+    cancelled the handler: that is the client leaving, not a bug to log with a traceback."""
+
+    async def reads_after_the_client_left(request: web.Request) -> web.Response:
+        request.transport.close()  # as connection_lost leaves it
+        raise ConnectionResetError("Connection lost")
+
+    app = web.Application(middlewares=[error_middleware])
+    app.router.add_post("/", reads_after_the_client_left)
+    _Statuses.seen = []
+    server = GatewayTestServer(app, access_log_class=_Statuses, access_log=logging.getLogger("test.access"))
+    async with TestClient(server) as client:
+        with contextlib.suppress(aiohttp.ClientError):
+            await client.post("/", data=b"{}")
+        await wait_for(lambda: bool(_Statuses.seen), what="the access line")
+    assert _Statuses.seen == [499]
+    assert not [r for r in caplog.records if r.getMessage() == "unhandled error"]
