@@ -43,7 +43,8 @@ class ConnectFailed(OSError):
     """The target refused the connection, reset it during connect, or its name does not resolve."""
 
 
-# Status codes whose answers never have a body, as the status line's bytes 9-11 spell them.
+# Status codes whose answers never have a body, as the status line spells them from byte 9 (no
+# slice is made: this is asked of every response head).
 _BODILESS_STATUS = (b"204", b"304")
 
 
@@ -95,7 +96,7 @@ class UpstreamProtocol(ResponseHandler):
         if self._body_left and data:
             self._feed_body(data)
             return
-        if (self._skip_payload or data[9:12] in _BODILESS_STATUS) and data.startswith(b"HTTP/1."):
+        if (self._skip_payload or data.startswith(_BODILESS_STATUS, 9)) and data.startswith(b"HTTP/1."):
             data = self._cut_after_head(data)
         super().data_received(data)
         if self._buffer and not self._skip_payload:
@@ -106,7 +107,7 @@ class UpstreamProtocol(ResponseHandler):
         # head belong to no answer (an application answering HEAD as GET sends its body anyway).
         # Fed to the parser they would be a malformed next answer and this one a 502, or not,
         # depending on how the packets fell. The head is relayed; the connection is not reused.
-        if data[9:10] == b"1":
+        if data.startswith(b"1", 9):
             return data  # an interim answer; the final one follows
         end = data.find(b"\r\n\r\n") + 4
         if end < 4 or end == len(data):
