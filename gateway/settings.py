@@ -28,6 +28,7 @@ __all__ = [
     "Settings",
     "SettingsError",
     "Timeouts",
+    "decode_utf8",
     "load_settings",
     "parse_host",
     "parse_int",
@@ -461,18 +462,25 @@ def _refuse_duplicate_keys(node: yaml.Node, where: str, path: str, seen: set[int
             _refuse_duplicate_keys(item, f"{where}[{index}]", path, seen)
 
 
+def decode_utf8(data: bytes) -> str:
+    """``data`` as UTF-8 text, or ValueError saying where it stops being UTF-8, in words fit for
+    one line about a file."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ValueError(f"not UTF-8 at byte {exc.start} (line {line})") from None
+
+
 def _read_yaml(path: str) -> Any:
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise SettingsError(f"GATEWAY_CONFIG: cannot read {path}: {exc.strerror or exc}") from exc
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise SettingsError(
-            f"{path}: not UTF-8 at byte {exc.start} (line {line}); save it as UTF-8"
-        ) from None
+        text = decode_utf8(data)
+    except ValueError as exc:
+        raise SettingsError(f"{path}: {exc}; save it as UTF-8") from None
     try:
         loader = yaml.SafeLoader(text)
         try:

@@ -20,6 +20,8 @@ from pathlib import Path
 import aiopg
 import psycopg2
 
+from gateway.settings import decode_utf8
+
 from .models import DatabaseUnavailable, MigrationError, MigrationsPending
 
 __all__ = [
@@ -88,12 +90,9 @@ def load_migrations(directory: str | Path | None = None) -> tuple[Migration, ...
         except OSError as exc:
             raise MigrationError(f"cannot read migration file {entry.name}: {exc.strerror or exc}") from exc
         try:
-            sql = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            line = data.count(b"\n", 0, exc.start) + 1
-            raise MigrationError(
-                f"migration file {entry.name}: not UTF-8 at byte {exc.start} (line {line})"
-            ) from None
+            sql = decode_utf8(data)
+        except ValueError as exc:
+            raise MigrationError(f"migration file {entry.name}: {exc}") from None
         found[version] = Migration(version, entry.name, sql)
     return tuple(found[v] for v in sorted(found))
 
