@@ -11,7 +11,6 @@ import multiprocessing.connection
 import os
 import signal
 import socket
-import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -338,8 +337,3 @@ def run_workers(
         w.process.exitcode for w in workers if w.process.exitcode not in (0, -signal.SIGTERM, -signal.SIGINT)
     ]
     return 1 if failed else 0
-
-
-def fail(message: str) -> None:
-    print(f"gateway: {message}", file=sys.stderr)
-    raise SystemExit(2)
