@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import redis
 from aiohttp import web
@@ -102,6 +103,21 @@ class Service:
             stdout=self.log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         return self.process
+
+    async def serving(self) -> subprocess.Popen[bytes]:
+        """Start it and wait until it answers ``/health`` (failing with its output if it dies)."""
+        process = self.start()
+
+        async def up() -> bool:
+            assert process.poll() is None, self.output()
+            try:
+                async with aiohttp.ClientSession() as http, http.get(self.url + "/health") as resp:
+                    return resp.status == 200
+            except aiohttp.ClientConnectionError:
+                return False
+
+        await wait_until(up, timeout=20, what="python -m intelligence to listen")
+        return process
 
     def output(self) -> str:
         return Path(self.log.name).read_text(errors="replace")

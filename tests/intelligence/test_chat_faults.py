@@ -132,17 +132,7 @@ async def test_data_survives_sigkill_and_a_flushed_cache(
     svc = service_process(env)
     h = headers(user)
     async with aiohttp.ClientSession(svc.url) as http:
-        proc = svc.start()
-
-        async def up() -> bool:
-            assert proc.poll() is None, svc.output()
-            try:
-                async with http.get("/health") as resp:
-                    return resp.status == 200
-            except aiohttp.ClientConnectionError:
-                return False
-
-        await wait_until(up, timeout=20, what="python -m intelligence to listen")
+        await svc.serving()
         async with http.post("/api/v1/chat/sessions", json={"title": "durable"}, headers=h) as resp:
             session = await resp.json()
         url = f"/api/v1/chat/sessions/{session['id']}"
@@ -163,8 +153,7 @@ async def test_data_survives_sigkill_and_a_flushed_cache(
         flushed.delete(*keys)
         flushed.close()
 
-        proc = svc.start()
-        await wait_until(up, timeout=20, what="python -m intelligence to listen again")
+        await svc.serving()
         async with http.get(url, headers=h) as resp:
             assert await resp.json() == session_before
         async with http.get(url + "/messages", headers=h) as resp:
@@ -182,17 +171,7 @@ async def test_sigterm_ends_within_the_drain_bound_while_a_write_waits_on_a_lock
     )
     h = headers(user)
     async with aiohttp.ClientSession(svc.url) as http:
-        proc = svc.start()
-
-        async def up() -> bool:
-            assert proc.poll() is None, svc.output()
-            try:
-                async with http.get("/health") as resp:
-                    return resp.status == 200
-            except aiohttp.ClientConnectionError:
-                return False
-
-        await wait_until(up, timeout=20, what="python -m intelligence to listen")
+        proc = await svc.serving()
         async with http.post("/api/v1/chat/sessions", json={}, headers=h) as resp:
             session = await resp.json()
         async with aiopg.connect(database) as blocker, blocker.cursor() as cur:
