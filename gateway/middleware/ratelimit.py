@@ -31,12 +31,17 @@ limits are the ones the client runs into)::
 
     RateLimit-Policy: "default";q=100;w=60           (IETF draft-ietf-httpapi-ratelimit-headers-11)
     RateLimit: "default";r=99;t=1                    r: remaining, t: seconds until full again
+    RateLimit-Limit: 100  RateLimit-Remaining: 99  RateLimit-Reset: 1     (draft-06, as Kong sends)
     X-RateLimit-Limit: 100  X-RateLimit-Remaining: 99  X-RateLimit-Reset: 1 (delta seconds)
     Retry-After: 1                                   on 429 only; rounded up, never early
 
 The policy is named ``"default"`` when ``RATE_LIMIT_DEFAULT`` applies and ``"route"`` when the
 route sets its own ``rate_limit``. On a 429 the ``t`` of ``RateLimit`` equals ``Retry-After``;
 ``X-RateLimit-Reset`` is always the time until the bucket is full again.
+
+Three spellings because clients read three: the current draft's two fields, the separate
+``RateLimit-Limit/-Remaining/-Reset`` of its earlier drafts (what Kong sends, and what most
+client libraries and API checkers look for under "RateLimit-*"), and the older ``X-`` names.
 """
 
 from __future__ import annotations
@@ -76,7 +81,7 @@ class Policy(NamedTuple):
     limit: RateLimit
     name: str  # "route" or "default"
     policy_header: str  # RateLimit-Policy
-    limit_header: str  # X-RateLimit-Limit
+    limit_header: str  # RateLimit-Limit, X-RateLimit-Limit
     bucket_suffix: str  # ends every bucket key of this route under this limit
 
 
@@ -92,14 +97,18 @@ def make_policy(prefix: str, name: str, limit: RateLimit) -> Policy:
 def ratelimit_headers(policy: Policy, decision: Decision) -> dict[str, str]:
     """The response headers for one decision (see the module docstring)."""
     reset = math.ceil(decision.reset_after)
+    reset_header = str(reset)
     remaining = str(decision.remaining)
     name = policy.name
     headers = {
         "RateLimit-Policy": policy.policy_header,
         "RateLimit": f'"{name}";r={remaining};t={reset}',
+        "RateLimit-Limit": policy.limit_header,
+        "RateLimit-Remaining": remaining,
+        "RateLimit-Reset": reset_header,
         "X-RateLimit-Limit": policy.limit_header,
         "X-RateLimit-Remaining": remaining,
-        "X-RateLimit-Reset": str(reset),
+        "X-RateLimit-Reset": reset_header,
     }
     if not decision.allowed:
         retry = str(max(1, math.ceil(decision.retry_after)))

@@ -16,6 +16,9 @@ AUTH_ENV = {"AUTH_JWT_SECRET": SECRET}
 RATELIMIT_FIELDS = (
     "RateLimit-Policy",
     "RateLimit",
+    "RateLimit-Limit",
+    "RateLimit-Remaining",
+    "RateLimit-Reset",
     "X-RateLimit-Limit",
     "X-RateLimit-Remaining",
     "X-RateLimit-Reset",

@@ -14,8 +14,9 @@ from tests.gateway.chain import AUTH_ENV, bearer
 
 ORIGIN = "https://app.example.com"
 CORS_ENV = {**AUTH_ENV, "CORS_ALLOW_ORIGINS": f"{ORIGIN},https://admin.example.com"}
-MUST_EXPOSE = {"x-request-id", "ratelimit", "ratelimit-policy", "x-ratelimit-limit", "x-ratelimit-remaining",
-               "x-ratelimit-reset", "retry-after"}  # fmt: skip
+MUST_EXPOSE = {"x-request-id", "ratelimit", "ratelimit-policy", "ratelimit-limit", "ratelimit-remaining",
+               "ratelimit-reset", "x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset",
+               "retry-after"}  # fmt: skip
 BACKEND_CORS = {
     "Access-Control-Allow-Origin": "https://evil.example",
     "Access-Control-Allow-Credentials": "true",

@@ -59,6 +59,8 @@ def assert_limit_headers(response: Any, remaining: int, policy: str = POLICY_3_P
     assert headers["RateLimit-Policy"] == policy
     assert headers["X-RateLimit-Remaining"] == str(remaining)
     assert headers["X-RateLimit-Limit"] == re.search(r"q=(\d+)", policy).group(1)
+    for field in ("Limit", "Remaining", "Reset"):
+        assert headers[f"RateLimit-{field}"] == headers[f"X-RateLimit-{field}"]
     name, r, t = re.fullmatch(r'"(\w+)";r=(\d+);t=(\d+)', headers["RateLimit"]).groups()
     assert (name, int(r)) == (policy.split(";")[0].strip('"'), remaining)
     if response.status != 429:

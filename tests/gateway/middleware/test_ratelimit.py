@@ -294,6 +294,8 @@ async def test_headers_on_allowed_and_limited_responses(aiohttp_client):
     assert first.headers["RateLimit"] == '"route";r=2;t=4'  # 3.33 s of debt, rounded up
     assert (first.headers["X-RateLimit-Limit"], first.headers["X-RateLimit-Remaining"]) == ("3", "2")
     assert first.headers["X-RateLimit-Reset"] == "4"
+    # The draft's earlier spelling, as Kong sends it, says the same.
+    assert [first.headers[f"RateLimit-{f}"] for f in ("Limit", "Remaining", "Reset")] == ["3", "2", "4"]
     assert "Retry-After" not in first.headers
     await client.get("/api/limited/x")
     await client.get("/api/limited/x")
@@ -304,6 +306,7 @@ async def test_headers_on_allowed_and_limited_responses(aiohttp_client):
     assert limited.headers["RateLimit"] == '"route";r=0;t=4'
     assert limited.headers["X-RateLimit-Remaining"] == "0"
     assert limited.headers["X-RateLimit-Reset"] == "10"
+    assert [limited.headers[f"RateLimit-{f}"] for f in ("Limit", "Remaining", "Reset")] == ["3", "0", "10"]
     assert POLICY.match(limited.headers["RateLimit-Policy"])
 
 
