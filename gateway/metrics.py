@@ -8,7 +8,8 @@ scraped. Rare events (errors, rejections, reloads) use ordinary prometheus-clien
 
 Every app has its own ``CollectorRegistry``: tests and several apps in one process never share
 values. Labels are bounded: the route's prefix (never the raw path), the method from a fixed set,
-the status class, the service name, fixed kinds and reasons.
+the status class, the service name, fixed kinds and reasons. Requests aiohttp's parser refused
+(400/431, before any middleware) are counted by ``gateway.httpserver`` as route ``malformed``.
 
     gateway_requests_total{route,method,status}            counter    status: 2xx, 3xx, 4xx, 5xx
     gateway_request_duration_seconds{route,method}          histogram  the whole request
@@ -46,6 +47,7 @@ from .state import status_when_cancelled
 
 __all__ = [
     "DURATION_BUCKETS",
+    "MALFORMED_ROUTE",
     "UPSTREAM_ERROR_KINDS",
     "Metrics",
     "metrics_handler",
@@ -58,6 +60,9 @@ DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset", "invalid")
 AUTH_REASONS = frozenset({"missing", "invalid", "insufficient_scope"})
 VALIDATION_STATUSES = frozenset({413, 415, 422})
+# The route label of requests aiohttp's parser refused (malformed or oversized heads, 400/431):
+# no route was looked up, and their method and path are not known.
+MALFORMED_ROUTE = "malformed"
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _STATUS_CLASS = ("1xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 

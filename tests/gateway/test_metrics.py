@@ -11,7 +11,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.keys import limiter_key, tracing_key
-from tests.helpers import one_service, wait_for
+from tests.helpers import one_service, parse_responses, raw_exchange, wait_for
 
 SECRET = "metrics-test-secret-" + "x" * 32
 
@@ -206,3 +206,26 @@ async def test_component_health_is_the_last_known(
     assert value(samples, "gateway_component_up", component="postgresql") == 0
     assert value(samples, "gateway_component_up", component="redis") == 1  # disabled is not down
     assert len(good.requests) == 1  # scraping does not probe
+
+
+async def test_requests_the_parser_refuses_are_counted_as_malformed(
+    make_gateway: Any, make_upstream: Any
+) -> None:
+    # They never reach the middlewares; a 4xx-rate alert must still see them.
+    upstream = await make_upstream()
+    client = await make_gateway(one_service(upstream.url))
+    refused = [
+        b"GARBAGE\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+        b"GET /x HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n",
+    ]
+    statuses = []
+    for data in refused:
+        (response,) = parse_responses(await raw_exchange(client.port, data))
+        statuses.append(response.status)
+    assert statuses == [400, 400, 431]
+
+    samples = await scrape(client)
+    assert value(samples, "gateway_requests_total", route="malformed", method="OTHER", status="4xx") == 3
+    assert value(samples, "gateway_request_duration_seconds_count", route="malformed", method="OTHER") == 3
+    assert upstream.requests == []
