@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 from typing import Any
 
 import jwt
+import yaml
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.keys import limiter_key, tracing_key
+from gateway.reload import reload_routes
 from tests.helpers import one_service, parse_responses, raw_exchange, wait_for
 
 SECRET = "metrics-test-secret-" + "x" * 32
@@ -206,6 +209,30 @@ async def test_component_health_is_the_last_known(
     assert value(samples, "gateway_component_up", component="postgresql") == 0
     assert value(samples, "gateway_component_up", component="redis") == 1  # disabled is not down
     assert len(good.requests) == 1  # scraping does not probe
+
+
+async def test_component_health_survives_a_reload(
+    make_gateway: Any, make_upstream: Any, refused_url: str, tmp_path: Path
+) -> None:
+    # A reload forgets the cached /health/detailed report; the gauge must not vanish with it (an
+    # alert on a backend still down would resolve), except for services the reload removed.
+    good = await make_upstream()
+    cfg = {
+        "services": {"good": {"url": good.url}, "down": {"url": refused_url}},
+        "routes": [{"prefix": "/", "service": "good", "auth": "none"}],
+    }
+    client = await make_gateway(cfg)
+    assert (await client.get("/health/detailed")).status == 200
+    reloaded = tmp_path / "reloaded.yaml"  # "good" removed
+    route = {"prefix": "/", "service": "down", "auth": "none"}
+    reloaded.write_text(yaml.safe_dump({"services": {"down": {"url": refused_url}}, "routes": [route]}))
+    assert await reload_routes(client.app, {"GATEWAY_CONFIG": str(reloaded)})
+    samples = await scrape(client)
+    assert {dict(labels)["component"]: n for labels, n in samples["gateway_component_up"].items()} == {
+        "down": 0,
+        "postgresql": 0,
+        "redis": 1,
+    }
 
 
 async def test_requests_the_parser_refuses_are_counted_as_malformed(
