@@ -106,6 +106,9 @@ def create_app(settings: Settings) -> web.Application:
     if reporter is not None:
         metrics.spans_dropped = lambda: reporter.dropped
     metrics.fallback_active = lambda: bool(getattr(limiter, "fallback_active", False))
+    jwks = verifier.jwks if verifier is not None else None
+    if jwks is not None:
+        metrics.jwks_fetch_errors = lambda: jwks.fetch_errors
     app.cleanup_ctx.append(http_client_ctx)
     app.cleanup_ctx.append(upstream_pools_ctx)
     app.cleanup_ctx.append(partial(tracing_ctx, tracing=tracing))

@@ -96,7 +96,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ApiError as exc:
-        if exc.status < 500 and (metrics := request.app.get(metrics_key)) is not None:
+        # A 5xx of the gateway's own making counts as a rejection only when it names a reason
+        # (the JWKS 503); 502/503/504 from the upstream side have their own metrics.
+        counted = exc.status < 500 or exc.reason is not None
+        if counted and (metrics := request.app.get(metrics_key)) is not None:
             metrics.record_rejection(route_label(request), exc.status, exc.reason)
         return error_response(exc.status, exc.detail, exc.errors, exc.headers)
     except web.HTTPException as exc:

@@ -69,12 +69,19 @@ async def _timed(check: Callable[[], Awaitable[Component | None]]) -> Component:
     return entry
 
 
+# Components probed whatever the route table says, after the services.
+_BUILT_IN = ("redis", "postgresql")
+
+
 class HealthChecker:
     def __init__(self, app: web.Application, *, redis: aioredis.Redis | None) -> None:
         self._app = app
         self._redis = redis
         self._cached: tuple[float, dict[str, Any]] | None = None
         self._inflight: asyncio.Future[dict[str, Any]] | None = None
+        # Each component's status in the latest report, for gateway_component_up: kept when the
+        # cached report is invalidated (a reload), which must not make the gauge disappear.
+        self._last: dict[str, str] = {}
 
     async def report(self) -> tuple[dict[str, Any], float]:
         """The latest report and its age in seconds; at most one round of probes at a time."""
@@ -89,18 +96,27 @@ class HealthChecker:
 
     def last_statuses(self) -> dict[str, str]:
         """Each component's status in the latest report (empty before the first)."""
-        if self._cached is None:
-            return {}
-        return {name: entry["status"] for name, entry in self._cached[1].items()}
+        return self._last
 
     def invalidate(self) -> None:
-        """Forget the cached report (the set of components changed)."""
+        """Forget the cached report (the set of components changed): the next one probes again.
+
+        The last known statuses stay for the components still configured, so that a reload does
+        not make ``gateway_component_up`` vanish (resolving an alert on a backend still down)
+        until someone asks ``/health/detailed``; services the reload removed are dropped.
+        """
         self._cached = None
+        services = self._app[route_table_key].current.upstreams
+        self._last = {
+            name: status for name, status in self._last.items() if name in services or name in _BUILT_IN
+        }
 
     def _done(self, future: asyncio.Future[dict[str, Any]]) -> None:
         self._inflight = None
         if not future.cancelled() and future.exception() is None:
-            self._cached = (time.monotonic(), future.result())
+            report = future.result()
+            self._cached = (time.monotonic(), report)
+            self._last = {name: entry["status"] for name, entry in report.items()}
 
     async def _probe(self) -> dict[str, Any]:
         upstreams = self._app[route_table_key].current.upstreams
@@ -109,7 +125,7 @@ class HealthChecker:
         checks.append(self._check_redis())
         checks.append(self._check_postgres(upstreams.get(POSTGRES_VIA)))
         results = await asyncio.gather(*checks)
-        return dict(zip([*names, "redis", "postgresql"], results, strict=True))
+        return dict(zip([*names, *_BUILT_IN], results, strict=True))
 
     async def _get(self, url: str) -> int:
         session = self._app[http_client_key]

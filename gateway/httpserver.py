@@ -6,7 +6,9 @@ smuggling: ``Content-Length`` with ``Transfer-Encoding``, duplicate or non-numer
 before the colon, malformed chunk sizes. Its own answer to them is a ``text/plain`` 400 that
 quotes the offending bytes and a logged traceback; ``GatewayRunner`` answers them in the
 contract's JSON instead, logs one line, and closes the connection. Only malformed requests take
-this path, so it costs nothing per good request.
+this path, so it costs nothing per good request. They never reach the app's middlewares, so
+the answer is also counted here in ``gateway_requests_total`` (route ``malformed``, method
+``OTHER``) and given a SERVER span of its own.
 
 Limits (per connection, all enforced by aiohttp's protocol):
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from functools import partial
 from time import perf_counter
 from typing import Any
@@ -42,8 +45,10 @@ from aiohttp.web_protocol import RequestHandler
 
 from .errors import ApiError, error_response
 from .headers import drop_server_banner
-from .keys import continue_key, request_id_key
+from .keys import continue_key, request_id_key, tracing_key
+from .metrics import MALFORMED_ROUTE, metrics_key
 from .middleware.request_id import REQUEST_ID_HEADER, new_request_id
+from .middleware.tracing import trace_refusal
 
 __all__ = [
     "BODY_IDLE_TIMEOUT",
@@ -110,6 +115,22 @@ class _GatewayRequestHandler(RequestHandler):
                 self._task_handler.cancel()
             self.force_close()
 
+    def _make_error_handler(
+        self, err_info: Any
+    ) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+        # Only requests the parser refused come this way (aiohttp's _ErrInfo, always a 400 here).
+        answer = partial(
+            self.handle_error, status=err_info.status, exc=err_info.exc, message=err_info.message
+        )
+        observe: _Observer | None = getattr(self._manager, "observe_refusal", None)
+
+        async def refuse(request: web.BaseRequest) -> web.StreamResponse:
+            if observe is None:
+                return answer(request)
+            return observe(request, partial(answer, request))
+
+        return refuse
+
     def handle_error(
         self,
         request: web.BaseRequest,
@@ -139,6 +160,29 @@ class _GatewayRequestHandler(RequestHandler):
         )
         response.force_close()
         return response
+
+
+_Observer = Callable[[web.BaseRequest, Callable[[], web.StreamResponse]], web.StreamResponse]
+
+
+def _refusal_observer(app: web.Application) -> _Observer | None:
+    """What the app's middlewares would have done for a request the parser refused: a SERVER
+    span around the answer, and a count in ``gateway_requests_total``. Operators alert on 4xx
+    rates; these are 4xx answers like any other."""
+    metrics = app.get(metrics_key)
+    tracing = app.get(tracing_key)
+    if metrics is None and tracing is None:
+        return None
+
+    def observe(request: web.BaseRequest, answer: Callable[[], web.StreamResponse]) -> web.StreamResponse:
+        response = answer() if tracing is None else trace_refusal(tracing, request, answer)
+        if metrics is not None:
+            received = getattr(request, "received", None)
+            seconds = perf_counter() - received if received is not None else 0.0
+            metrics.record_request(MALFORMED_ROUTE, "OTHER", response.status, seconds)
+        return response
+
+    return observe
 
 
 class _ErrorAnswer(web.Response):
@@ -247,6 +291,7 @@ class GatewayRunner(web.AppRunner):
             return request
 
         server.request_factory = request_factory
+        server.observe_refusal = _refusal_observer(self._app)  # type: ignore[attr-defined]
         return server
 
 

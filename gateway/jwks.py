@@ -18,6 +18,9 @@
   availability over revocation, which only an issuer that is up can announce anyway. A token
   naming a kid outside that set is then simply unknown.
 
+Each failed fetch is counted in ``fetch_errors`` by kind (``FETCH_ERROR_KINDS``), which
+``/metrics`` reads as ``gateway_jwks_fetch_errors_total``.
+
 Only public signature keys are kept: symmetric (``oct``) keys and keys whose ``use`` is not
 ``sig`` are ignored, so a JWKS can never turn an HMAC secret into something a token may name.
 """
@@ -34,16 +37,24 @@ from typing import Any
 import aiohttp
 import jwt
 
-__all__ = ["THUMBPRINT_PARAMS", "JwksCache", "JwksError", "JwksUnavailable"]
+__all__ = ["FETCH_ERROR_KINDS", "THUMBPRINT_PARAMS", "JwksCache", "JwksError", "JwksUnavailable"]
 
 log = logging.getLogger("gateway.auth")
 
 _PUBLIC_KEY_TYPES = frozenset({"RSA", "EC", "OKP"})
 THUMBPRINT_PARAMS = ("x5t#S256", "x5t")
+# Why a fetch failed: the issuer refused or could not be reached, did not answer in time, closed
+# the connection, answered with a status other than 200, or sent something that is not a JWKS
+# with a usable key (not HTTP, not JSON, no "keys" list). The first three as the upstream errors.
+FETCH_ERROR_KINDS = ("connect", "timeout", "reset", "status", "invalid")
 
 
 class JwksError(Exception):
-    """The JWKS document could not be fetched or read."""
+    """The JWKS document could not be fetched or read; ``kind`` is one of ``FETCH_ERROR_KINDS``."""
+
+    def __init__(self, message: str, kind: str = "invalid") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class JwksUnavailable(JwksError):
@@ -89,6 +100,7 @@ class JwksCache:
         self._failure = ""
         self._inflight: asyncio.Future[None] | None = None
         self.fetches = 0
+        self.fetch_errors = dict.fromkeys(FETCH_ERROR_KINDS, 0)
 
     def has(self, kid: str) -> bool:
         return kid in self._keys
@@ -198,6 +210,7 @@ class JwksCache:
         except JwksError as exc:
             # Stored here rather than in _fetch_done, so that a waiting lookup sees it on waking.
             self._failed_at, self._failure = self._clock(), str(exc)
+            self.fetch_errors[exc.kind] += 1
             raise
         self._keys = keys
         self._fetched_at = self._clock()
@@ -211,10 +224,10 @@ class JwksCache:
                 self.url, timeout=self._timeout, headers={"Accept": "application/json"}
             ) as response:
                 if response.status != 200:
-                    raise JwksError(f"{self.url} answered {response.status}")
+                    raise JwksError(f"{self.url} answered {response.status}", "status")
                 return await response.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError, RecursionError) as exc:
-            raise JwksError(f"{self.url}: {exc!r}") from exc
+            raise JwksError(f"{self.url}: {exc!r}", _error_kind(exc)) from exc
 
     async def close(self) -> None:
         if self._inflight is not None:
@@ -222,6 +235,16 @@ class JwksCache:
         if self._own_session and self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _error_kind(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):  # aiohttp's own timeouts are TimeoutErrors too
+        return "timeout"
+    if isinstance(exc, aiohttp.ClientConnectorError):  # refused, unreachable, not resolvable
+        return "connect"
+    if isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError):  # closed, cut off
+        return "reset"
+    return "invalid"  # not HTTP, not JSON, nested too deep
 
 
 def parse_jwks(document: Any) -> dict[str, jwt.PyJWK]:

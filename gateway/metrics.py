@@ -8,7 +8,8 @@ scraped. Rare events (errors, rejections, reloads) use ordinary prometheus-clien
 
 Every app has its own ``CollectorRegistry``: tests and several apps in one process never share
 values. Labels are bounded: the route's prefix (never the raw path), the method from a fixed set,
-the status class, the service name, fixed kinds and reasons.
+the status class, the service name, fixed kinds and reasons. Requests aiohttp's parser refused
+(400/431, before any middleware) are counted by ``gateway.httpserver`` as route ``malformed``.
 
     gateway_requests_total{route,method,status}            counter    status: 2xx, 3xx, 4xx, 5xx
     gateway_request_duration_seconds{route,method}          histogram  the whole request
@@ -18,6 +19,8 @@ the status class, the service name, fixed kinds and reasons.
                                                                        (retried attempts included)
     gateway_ratelimit_rejections_total{route}               counter
     gateway_auth_failures_total{route,reason}               counter    missing|invalid|insufficient_scope
+                                                                       |jwks_unavailable (the 503)
+    gateway_jwks_fetch_errors_total{kind}                   counter    connect|timeout|reset|status|invalid
     gateway_validation_rejections_total{route,status}       counter    413|415|422
     gateway_spans_dropped_total                             counter    from the Zipkin reporter
     gateway_ratelimit_fallback_active                       gauge      1 while Redis is bypassed
@@ -31,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import os
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from time import perf_counter
 from typing import Any
 
@@ -46,6 +49,7 @@ from .state import status_when_cancelled
 
 __all__ = [
     "DURATION_BUCKETS",
+    "MALFORMED_ROUTE",
     "UPSTREAM_ERROR_KINDS",
     "Metrics",
     "metrics_handler",
@@ -56,8 +60,11 @@ __all__ = [
 
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset", "invalid")
-AUTH_REASONS = frozenset({"missing", "invalid", "insufficient_scope"})
+AUTH_REASONS = frozenset({"missing", "invalid", "insufficient_scope", "jwks_unavailable"})
 VALIDATION_STATUSES = frozenset({413, 415, 422})
+# The route label of requests aiohttp's parser refused (malformed or oversized heads, 400/431):
+# no route was looked up, and their method and path are not known.
+MALFORMED_ROUTE = "malformed"
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _STATUS_CLASS = ("1xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 
@@ -99,6 +106,7 @@ class Metrics:
         self.spans_dropped: Callable[[], int] = lambda: 0
         self.fallback_active: Callable[[], bool] = lambda: False
         self.components: Callable[[], dict[str, str]] = dict
+        self.jwks_fetch_errors: Callable[[], Mapping[str, int]] = dict
         self.upstream_errors = Counter(
             "gateway_upstream_errors",
             "Upstream failures, by kind: connect, timeout, reset (closed or cut off), invalid",
@@ -143,7 +151,7 @@ class Metrics:
         histogram.observe(seconds)
 
     def record_rejection(self, route: str, status: int, reason: str | None) -> None:
-        """A request the gateway refused itself (called for its own 4xx answers only)."""
+        """A request the gateway refused itself: its own 4xx answers, and 5xx ones with a reason."""
         if status == 429:
             self.ratelimit_rejections.labels(route).inc()
         elif reason in AUTH_REASONS:
@@ -184,6 +192,15 @@ class _Collector(Collector):
             upstream.add_metric([service], histogram.cumulative(), histogram.sum)
         yield upstream
         yield GaugeMetricFamily("gateway_requests_in_flight", "Requests being handled", value=m.in_flight)
+        jwks_errors = CounterMetricFamily(
+            "gateway_jwks_fetch_errors",
+            "Failed fetches of the issuer's signing keys (AUTH_JWKS_URL), by kind: connect, timeout,"
+            " reset, status (not 200), invalid (not a JWKS)",
+            labels=["kind"],
+        )
+        for kind, count in m.jwks_fetch_errors().items():
+            jwks_errors.add_metric([kind], count)
+        yield jwks_errors
         yield CounterMetricFamily(
             "gateway_spans_dropped", "Trace spans dropped by the Zipkin reporter", value=m.spans_dropped()
         )

@@ -36,10 +36,15 @@ class ErrorSchema(Schema):
     )
 
 
-def _error(description: str, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
+def _error(
+    description: str, headers: Mapping[str, str] | None = None, *, example: str | None = None
+) -> dict[str, Any]:
+    media: dict[str, Any] = {"schema": "Error"}
+    if example is not None:
+        media["example"] = {"detail": example}
     response: dict[str, Any] = {
         "description": description,
-        "content": {"application/json": {"schema": "Error"}},
+        "content": {"application/json": media},
         "headers": {"x-request-id": {"$ref": "#/components/headers/RequestId"}},
     }
     for name, text in (headers or {}).items():
@@ -47,7 +52,12 @@ def _error(description: str, headers: Mapping[str, str] | None = None) -> dict[s
     return response
 
 
-# Name -> (status, response). Referenced by every proxied operation that has a body schema.
+# A backend may answer 502/503/504 itself; that answer is relayed as it was sent, not this one.
+_BACKEND_OWN = " A backend's own answer with this status passes through untouched."
+
+
+# Name -> (status, response). Referenced by every proxied operation that has a body schema: the
+# answers the gateway gives itself, in the contract's error format.
 ERROR_RESPONSES: Mapping[str, tuple[str, dict[str, Any]]] = {
     "Unauthorized": (
         "401",
@@ -85,6 +95,33 @@ ERROR_RESPONSES: Mapping[str, tuple[str, dict[str, Any]]] = {
                 "X-RateLimit-Remaining": "Requests left (0 here).",
                 "X-RateLimit-Reset": "Seconds until the whole quota is back.",
             },
+        ),
+    ),
+    "BadGateway": (
+        "502",
+        _error(
+            "The backend is unreachable (connection refused, name not resolved), closed the connection"
+            " before answering, or sent an answer that is not HTTP." + _BACKEND_OWN,
+            example="Upstream 'cluster-registry' is unreachable",
+        ),
+    ),
+    "ServiceUnavailable": (
+        "503",
+        _error(
+            "No healthy target for the route's service (every one was ejected after failing to"
+            " connect), or the bearer token cannot be verified now: the issuer's signing keys"
+            " (AUTH_JWKS_URL) could not be loaded since the gateway started. The token may be good;"
+            " retry after Retry-After." + _BACKEND_OWN,
+            {"Retry-After": "Seconds until the issuer's keys may be fetched again (when they are why)."},
+            example="The token cannot be verified now: the issuer's signing keys are unavailable",
+        ),
+    ),
+    "GatewayTimeout": (
+        "504",
+        _error(
+            "The backend did not accept the connection or send its response head within the"
+            " service's timeouts (connect, read)." + _BACKEND_OWN,
+            example="Upstream 'cluster-registry' timed out",
         ),
     ),
 }

@@ -226,6 +226,10 @@ class TokenVerifier:
             and (cached.kid is None or self._jwks_has(cached.kid))
         )
 
+    @property
+    def jwks(self) -> JwksCache | None:
+        return self._jwks
+
     def _jwks_has(self, kid: str) -> bool:
         return self._jwks is not None and self._jwks.has(kid)
 
@@ -343,6 +347,7 @@ def auth_middleware(settings: AuthSettings, *, verifier: TokenVerifier | None = 
                 503,
                 "The token cannot be verified now: the issuer's signing keys are unavailable",
                 headers={"Retry-After": str(exc.retry_after)},
+                reason="jwks_unavailable",
             ) from None
         if route.scopes and not identity.scopes.issuperset(route.scopes):
             needed = " ".join(route.scopes)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextvars import ContextVar, Token
 from functools import partial
 from types import TracebackType
@@ -43,7 +43,7 @@ from ..tracecontext import (
     trusted_context,
 )
 from ..zipkin import ZipkinReporter
-from .request_id import request_id_for
+from .request_id import new_request_id, request_id_for
 
 __all__ = [
     "Tracing",
@@ -51,6 +51,7 @@ __all__ = [
     "current_trace",
     "downstream_headers",
     "inject_trace_headers",
+    "trace_refusal",
     "tracing_ctx",
     "tracing_middleware",
 ]
@@ -236,6 +237,40 @@ def _finish_server_span(span: SpanAbc, request: web.Request, status: int) -> Non
     if status >= 500:
         span.tag("error", str(status))
     span.finish()
+
+
+# The name OpenTelemetry's HTTP conventions give a span whose method is not known.
+REFUSED_SPAN_NAME = "HTTP"
+
+
+def trace_refusal(
+    tracing: Tracing, request: web.BaseRequest, answer: Callable[[], web.StreamResponse]
+) -> web.StreamResponse:
+    """A SERVER span around ``answer()``, the gateway's answer to a request aiohttp's parser
+    refused (``gateway.httpserver``): such a request never reaches the middlewares.
+
+    Its head was not parsed, so neither the caller's trace context nor its method and path are
+    known: the span starts a trace of its own, sampled at the configured rate, and is named
+    ``HTTP``. While ``answer()`` runs it is the current span, so the line it logs carries its ids,
+    as does the access line (``request[span_key]``).
+    """
+    request_id = request.get(request_id_key)
+    if request_id is None:
+        request_id = request[request_id_key] = new_request_id()
+    trace = new_root(sampled=random.random() < tracing.sample_rate)
+    ref = request[span_key] = tracing.start(
+        trace, None, kind=az.SERVER, name=REFUSED_SPAN_NAME, request_id=request_id
+    )
+    token = _current.set(ref)
+    try:
+        response = answer()
+    finally:
+        _current.reset(token)
+    if ref.record is not None:
+        ref.record.tag("http.status_code", str(response.status))
+        ref.record.tag("request_id", request_id)
+        ref.record.finish()
+    return response
 
 
 def client_span(tracing: Tracing, *, name: str, service: str) -> ClientSpan:

@@ -13,7 +13,9 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from gateway.jwks import FETCH_ERROR_KINDS
 from tests.gateway.chain import service
+from tests.gateway.test_metrics import scrape, value
 from tests.helpers import parse_responses, raw_exchange
 
 ISSUER = "https://issuer.chain.test"
@@ -462,6 +464,28 @@ async def test_an_unreachable_issuer_on_a_cold_cache_is_503_with_retry_after(
         await assert_unavailable(await client.get(path, headers=bearer(value)))
     assert failing_issuers["hits"]["count"] == attempts  # the failure was remembered
     assert upstream.requests == []
+
+
+@pytest.mark.parametrize(
+    ("failure", "kind"), [("refused", "connect"), ("404", "status"), ("not-http", "invalid")]
+)
+async def test_failed_jwks_fetches_and_the_503s_they_cause_are_counted(
+    make_gateway, upstream, keys, failing_issuers, failure, kind
+):
+    client = await make_gateway(service(upstream.url, routes()), unavailable_env(failing_issuers[failure]))
+    assert (
+        value(await scrape(client), "gateway_jwks_fetch_errors_total", kind=kind) == 0
+    )  # there from the start
+    value_ = mint(keys["rsa"], "rsa-1")
+    for _ in range(3):
+        await assert_unavailable(await client.get("/required", headers=bearer(value_)))
+
+    samples = await scrape(client)
+    # One fetch failed (the failure is remembered), three requests were refused for it.
+    assert {dict(labels)["kind"]: n for labels, n in samples["gateway_jwks_fetch_errors_total"].items()} == {
+        k: (1 if k == kind else 0) for k in FETCH_ERROR_KINDS
+    }
+    assert value(samples, "gateway_auth_failures_total", route="/required", reason="jwks_unavailable") == 3
 
 
 async def test_a_never_answering_issuer_delays_the_first_requests_by_the_fetch_timeout_only(

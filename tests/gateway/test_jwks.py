@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.jwks import JwksCache, JwksError, JwksUnavailable, parse_jwks
+from gateway.jwks import FETCH_ERROR_KINDS, JwksCache, JwksError, JwksUnavailable, parse_jwks
 from tests.helpers import wait_for
 
 KEY = ec.generate_private_key(ec.SECP256R1())
@@ -154,6 +154,47 @@ async def test_an_issuer_answering_nonsense_is_unavailable(make_raw_upstream, ma
 
     with pytest.raises(JwksUnavailable):
         await jwks.get("k1")
+
+
+async def _answering(answer: bytes | None) -> Any:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        if answer is None:
+            await reader.read()  # never answers: until the client gives up
+        else:
+            writer.write(answer)
+            await writer.drain()
+
+    return serve
+
+
+@pytest.mark.parametrize(
+    ("answer", "kind"),
+    [
+        (None, "timeout"),
+        (b"", "reset"),  # closes without an answer
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n{", "reset"),  # cut off
+        (b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", "status"),
+        (b"SSH-2.0-OpenSSH_9.6\r\n", "invalid"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", "invalid"),
+        (b'HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n{"keys": 1}\n', "invalid"),
+    ],
+    ids=["timeout", "closed", "cut-off", "404", "not-http", "not-json", "not-a-jwks"],
+)
+async def test_each_failed_fetch_is_counted_by_kind(make_raw_upstream, make_cache, answer, kind):
+    jwks = make_cache(await make_raw_upstream(await _answering(answer)) + "/jwks", timeout=0.3)
+    assert jwks.fetch_errors == dict.fromkeys(FETCH_ERROR_KINDS, 0)
+    for _ in range(3):  # one fetch: the failure is remembered
+        with pytest.raises(JwksUnavailable):
+            await jwks.get("k1")
+    assert jwks.fetch_errors == {k: (1 if k == kind else 0) for k in FETCH_ERROR_KINDS}
+
+
+async def test_a_refused_fetch_is_a_connect_error(make_cache, refused_url):
+    jwks = make_cache(refused_url + "/jwks")
+    with pytest.raises(JwksUnavailable):
+        await jwks.get("k1")
+    assert jwks.fetch_errors["connect"] == 1
 
 
 async def test_an_unknown_kid_while_the_issuer_is_down_is_unknown(issuer, make_cache):

@@ -120,3 +120,27 @@ async def test_an_error_quoting_a_non_utf8_header_has_the_access_lines_request_i
     assert access["status"] == 415
     assert access["request_id"] == response.headers["X-Request-ID"]
     assert not [e for e in lines(json_logs) if e["level"] in ("error", "critical")]
+
+
+async def test_a_request_the_parser_refuses_is_logged_with_its_trace_ids(
+    json_logs: io.StringIO, make_upstream: Any, tmp_path: Path
+) -> None:
+    upstream = await make_upstream()
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(one_service(upstream.url)))
+    server = GatewayTestServer(create_app(load_settings({"GATEWAY_CONFIG": str(path)})))
+    await server.start_server(
+        access_log_class=JsonAccessLogger, access_log=logging.getLogger("gateway.access")
+    )
+    data = await raw_exchange(server.port, b"GARBAGE\r\n\r\n")
+    await server.close()
+    (response,) = parse_responses(data)
+    assert response.status == 400
+
+    await wait_for(lambda: any(e.get("msg") == "request" for e in lines(json_logs)), what="the access line")
+    entries = lines(json_logs)
+    access = next(e for e in entries if e["msg"] == "request")
+    refused = next(e for e in entries if e["msg"] == "malformed request")
+    assert access["request_id"] == refused["request_id"] == response.headers["X-Request-ID"]
+    assert len(access["trace_id"]) == 32 and access["trace_id"] == refused["trace_id"]
+    assert access["span_id"] == refused["span_id"]

@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import shutil
+from asyncio.subprocess import PIPE, STDOUT
+from pathlib import Path
 from typing import Any
 
 import jwt
+import yaml
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.keys import limiter_key, tracing_key
-from tests.helpers import one_service, wait_for
+from gateway.reload import reload_routes
+from tests.helpers import one_service, parse_responses, raw_exchange, wait_for
 
 SECRET = "metrics-test-secret-" + "x" * 32
+KEY = ec.generate_private_key(ec.SECP256R1())
 
 
 async def scrape(client: Any) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
@@ -206,3 +214,121 @@ async def test_component_health_is_the_last_known(
     assert value(samples, "gateway_component_up", component="postgresql") == 0
     assert value(samples, "gateway_component_up", component="redis") == 1  # disabled is not down
     assert len(good.requests) == 1  # scraping does not probe
+
+
+async def test_component_health_survives_a_reload(
+    make_gateway: Any, make_upstream: Any, refused_url: str, tmp_path: Path
+) -> None:
+    # A reload forgets the cached /health/detailed report; the gauge must not vanish with it (an
+    # alert on a backend still down would resolve), except for services the reload removed.
+    good = await make_upstream()
+    cfg = {
+        "services": {"good": {"url": good.url}, "down": {"url": refused_url}},
+        "routes": [{"prefix": "/", "service": "good", "auth": "none"}],
+    }
+    client = await make_gateway(cfg)
+    assert (await client.get("/health/detailed")).status == 200
+    reloaded = tmp_path / "reloaded.yaml"  # "good" removed
+    route = {"prefix": "/", "service": "down", "auth": "none"}
+    reloaded.write_text(yaml.safe_dump({"services": {"down": {"url": refused_url}}, "routes": [route]}))
+    assert await reload_routes(client.app, {"GATEWAY_CONFIG": str(reloaded)})
+    samples = await scrape(client)
+    assert {dict(labels)["component"]: n for labels, n in samples["gateway_component_up"].items()} == {
+        "down": 0,
+        "postgresql": 0,
+        "redis": 1,
+    }
+
+
+async def test_requests_the_parser_refuses_are_counted_as_malformed(
+    make_gateway: Any, make_upstream: Any
+) -> None:
+    # They never reach the middlewares; a 4xx-rate alert must still see them.
+    upstream = await make_upstream()
+    client = await make_gateway(one_service(upstream.url))
+    refused = [
+        b"GARBAGE\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+        b"GET /x HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n",
+    ]
+    statuses = []
+    for data in refused:
+        (response,) = parse_responses(await raw_exchange(client.port, data))
+        statuses.append(response.status)
+    assert statuses == [400, 400, 431]
+
+    samples = await scrape(client)
+    assert value(samples, "gateway_requests_total", route="malformed", method="OTHER", status="4xx") == 3
+    assert value(samples, "gateway_request_duration_seconds_count", route="malformed", method="OTHER") == 3
+    assert upstream.requests == []
+
+
+# promtool's own lint (`promtool check metrics`) where it is installed (Debian: `prometheus`);
+# the rules it applies that this exposition could break are checked here in any case.
+PROMTOOL = shutil.which("promtool")
+_NON_BASE_UNITS = re.compile(
+    r"_(milliseconds|microseconds|nanoseconds|minutes|hours|days|ms|us|ns|kilobytes|megabytes|percent)(_|$)"
+)
+
+
+async def test_the_exposition_after_varied_traffic_passes_the_prometheus_lint(
+    make_gateway: Any, make_upstream: Any, refused_url: str
+) -> None:
+    async def reply(request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            async for msg in ws:
+                await ws.send_str(msg.data)
+            return ws
+        return web.json_response({}, status=int(request.query.get("status", "200")))
+
+    upstream = await make_upstream(reply)
+    cfg = {
+        "services": {"svc": {"url": upstream.url}, "dead": {"url": refused_url}},
+        "routes": [
+            {"prefix": "/open", "service": "svc", "auth": "none", "rate_limit": "3/minute"},
+            {"prefix": "/secure", "service": "svc", "scopes": ["clusters:write"]},
+            {"prefix": "/dead", "service": "dead", "auth": "none"},
+            {"prefix": "/api/v1/chat", "service": "svc", "auth": "none", "max_body": 32},
+        ],
+    }
+    env = {"AUTH_JWT_SECRET": SECRET, "AUTH_JWKS_URL": refused_url + "/jwks"}
+    client = await make_gateway(cfg, env)
+    assert [(await client.get(p)).status for p in ("/open", "/open?status=500", "/nowhere")] == [
+        200,
+        500,
+        404,
+    ]
+    async with client.ws_connect("/open/ws") as ws:
+        await ws.send_str("hi")
+        assert (await ws.receive()).data == "hi"
+    assert (await client.get("/open")).status == 429
+    es256 = jwt.encode({"sub": "u", "exp": 2**31}, KEY, algorithm="ES256", headers={"kid": "k1"})
+    for headers, status in [({}, 401), ({"Authorization": f"Bearer {es256}"}, 503)]:
+        assert (await client.get("/secure", headers=headers)).status == status
+    assert (await client.post("/dead", json={})).status == 502
+    assert (await client.post("/api/v1/chat/sessions", json={"title": 5})).status == 422
+    (refused,) = parse_responses(await raw_exchange(client.port, b"GARBAGE\r\n\r\n"))
+    assert refused.status == 400
+
+    response = await client.get("/metrics")
+    text = await response.text()
+    families = list(text_string_to_metric_families(text))  # raises on anything malformed
+    assert {"1xx", "2xx", "4xx", "5xx"} <= {
+        s.labels["status"] for f in families if f.name == "gateway_requests" for s in f.samples
+    }
+    for family in families:
+        assert family.documentation, family.name
+        assert re.fullmatch(r"gateway_[a-z_]+", family.name), family.name
+        assert not _NON_BASE_UNITS.search(family.name), family.name
+        if family.type == "counter":
+            assert {s.name for s in family.samples} <= {family.name + "_total", family.name + "_created"}
+        if family.type == "histogram":
+            assert family.name.endswith("_seconds"), family.name
+    if PROMTOOL is not None:
+        lint = await asyncio.create_subprocess_exec(
+            PROMTOOL, "check", "metrics", stdin=PIPE, stdout=PIPE, stderr=STDOUT
+        )
+        output, _ = await lint.communicate(text.encode())
+        assert (lint.returncode, output) == (0, b"")

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
+import jwt
 import pytest
+import requests
+import schemathesis
+from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import ec
 from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import validate as validate_spec
+from schemathesis.core.transport import Response as StResponse
 
 from gateway.openapi import ERROR_RESPONSES, build_openapi
 from gateway.schemas import SCHEMAS
@@ -37,6 +44,17 @@ def test_document_is_valid_openapi_3(document: dict[str, Any]) -> None:
     validate_spec(document)  # raises on any violation of the OpenAPI 3.0 schema and its rules
 
 
+def test_document_loads_in_schemathesis_with_every_operation(document: dict[str, Any]) -> None:
+    schema = schemathesis.openapi.from_dict(document)
+    schema.validate()  # schemathesis' own check against the OpenAPI meta-schema
+    assert list(schema.iter_schema_warnings()) == []
+    loaded = {(result.ok().method.upper(), result.ok().path) for result in schema.get_all_operations()}
+    described = {
+        (m.upper(), path) for path, item in document["paths"].items() for m in item if m != "parameters"
+    }
+    assert loaded == described
+
+
 def test_document_is_plain_json(document: dict[str, Any]) -> None:
     assert json.loads(json.dumps(document)) == document
 
@@ -57,7 +75,7 @@ def test_every_validated_body_is_described_with_the_gateway_errors(
     operation = document["paths"][path][method.lower()]
     assert operation["requestBody"]["required"] is True
     assert body_ref(document, method, path).startswith("#/components/schemas/")
-    for status in ("401", "403", "413", "415", "422", "429"):
+    for status in ("401", "403", "413", "415", "422", "429", "502", "503", "504"):
         ref = operation["responses"][status]["$ref"]
         response = document["components"]["responses"][ref.rsplit("/", 1)[1]]
         schema = response["content"]["application/json"]["schema"]
@@ -79,7 +97,56 @@ async def test_rate_limit_and_auth_responses_document_the_headers_they_send(
     }
     assert {n.lower() for n in document["components"]["responses"]["TooManyRequests"]["headers"]} == sent
     assert "WWW-Authenticate" in document["components"]["responses"]["Unauthorized"]["headers"]
-    assert {status for status, _ in ERROR_RESPONSES.values()} == {"401", "403", "413", "415", "422", "429"}
+    assert {status for status, _ in ERROR_RESPONSES.values()} == {
+        "401", "403", "413", "415", "422", "429", "502", "503", "504"
+    }  # fmt: skip
+
+
+def _as_schemathesis(response: Any, body: bytes) -> StResponse:
+    request = requests.Request(response.method, str(response.url)).prepare()
+    headers = {name.lower(): response.headers.getall(name) for name in response.headers}
+    return StResponse(
+        status_code=response.status, headers=headers, content=body, request=request, elapsed=0, verify=True
+    )
+
+
+async def test_the_gateways_own_5xx_answers_are_as_documented(
+    document: dict[str, Any], make_gateway: Any, make_upstream: Any, refused_url: str
+) -> None:
+    never = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        await never.wait()
+        return web.json_response({})
+
+    slow = (await make_upstream(hang)).url
+    operation = schemathesis.openapi.from_dict(document).find_operation_by_path("POST", "/api/v1/clusters")
+
+    async def gateway(url: str, auth: str, env: dict[str, str] | None = None) -> Any:
+        service = {"url": url, "timeout": {"connect": 1, "read": 0.3}}
+        route = {"prefix": "/api/v1/clusters", "service": "svc", "auth": auth}
+        return await make_gateway({"services": {"svc": service}, "routes": [route]}, env)
+
+    async def answer(client: Any, status: int, headers: dict[str, str] | None = None) -> Any:
+        response = await client.post("/api/v1/clusters", json=CLUSTER, headers=headers)
+        body = await response.read()
+        assert response.status == status, body
+        operation.validate_response(_as_schemathesis(response, body))  # raises on any mismatch
+        name = operation.definition.raw["responses"][str(status)]["$ref"].rsplit("/", 1)[1]
+        documented = {n.lower() for n in document["components"]["responses"][name]["headers"]}
+        assert {"retry-after", "x-request-id"} & {n.lower() for n in response.headers} <= documented
+        return response
+
+    unreachable = await gateway(refused_url, "none")
+    await answer(unreachable, 502)  # the connect fails and the only target is ejected...
+    await answer(unreachable, 503)  # ...so the next request finds no healthy target
+    await answer(await gateway(slow, "none"), 504)
+    key = ec.generate_private_key(ec.SECP256R1())
+    token = jwt.encode({"sub": "u1", "exp": 2**31}, key, algorithm="ES256", headers={"kid": "k1"})
+    issuer_down = await gateway(slow, "required", {"AUTH_JWKS_URL": refused_url + "/jwks"})
+    response = await answer(issuer_down, 503, {"Authorization": f"Bearer {token}"})
+    assert int(response.headers["Retry-After"]) >= 1
+    never.set()
 
 
 def test_error_schema_matches_the_contract_envelope(document: dict[str, Any]) -> None:

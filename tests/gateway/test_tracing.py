@@ -21,7 +21,7 @@ from gateway.keys import tracing_key
 from gateway.middleware.tracing import inject_trace_headers
 from gateway.settings import load_settings
 from gateway.zipkin import ZipkinReporter
-from tests.helpers import Collector, wait_for
+from tests.helpers import Collector, one_service, parse_responses, raw_exchange, wait_for
 
 INCOMING_TRACE = "0af7651916cd43dd8448eb211c80319c"
 INCOMING_PARENT = "b7ad6b7169203331"
@@ -152,6 +152,23 @@ async def test_rejected_request_still_gets_a_span_with_its_status(traced: Any, c
     # No route: named by the method alone, so that paths clients invent do not each make a name.
     assert server["name"] == "GET" and "http.route" not in server["tags"]
     assert server["tags"]["http.path"] == "/nowhere/7f3a"
+
+
+async def test_a_request_the_parser_refuses_gets_a_server_span_of_its_own(
+    make_gateway: Any, make_upstream: Any, collector: Any
+) -> None:
+    # Its head was not parsed: no caller context, method or path to name it by.
+    upstream = await make_upstream()
+    client = await make_gateway(one_service(upstream.url), {"ZIPKIN_URL": collector[1]})
+    (response,) = parse_responses(await raw_exchange(client.port, b"GARBAGE\r\n\r\n"))
+    assert response.status == 400
+    await _flush(client)
+    (server,) = collector[0].spans
+    assert server["kind"] == "SERVER" and "parentId" not in server
+    assert server["name"] == "HTTP"
+    assert server["tags"]["http.status_code"] == "400"
+    assert server["tags"]["request_id"] == response.headers["X-Request-ID"]
+    assert "error" not in server["tags"]
 
 
 async def test_the_gateways_own_endpoints_are_named_by_their_paths(traced: Any, collector: Any) -> None:
