@@ -125,7 +125,15 @@ def set_cors_headers(request: web.Request, response: web.StreamResponse) -> None
         del out[name]
     for name, value in headers.items():
         if name == "Vary":
-            vary = out.get("Vary")
-            out["Vary"] = f"{vary}, Origin" if vary and "origin" not in vary.lower() else (vary or value)
+            # A backend may send Vary on several lines: each one counts (RFC 9110 section 5.3).
+            vary = out.getall("Vary", ())
+            if not vary:
+                out["Vary"] = value
+            elif not _varies_on_origin(vary):
+                out["Vary"] = ", ".join((*vary, value))
         else:
             out[name] = value
+
+
+def _varies_on_origin(vary: Sequence[str]) -> bool:
+    return any(token.strip().lower() in ("origin", "*") for line in vary for token in line.split(","))

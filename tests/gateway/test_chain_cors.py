@@ -41,6 +41,11 @@ async def upstream(make_upstream: Any, hang: asyncio.Event) -> Any:
             async for msg in ws:
                 await ws.send_str(f"echo:{msg.data}")
             return ws
+        if request.path.startswith("/open/vary"):
+            response = web.json_response({})
+            for line in request.query.getall("vary"):
+                response.headers.add("Vary", line)
+            return response
         if request.path.endswith("/stream"):
             response = web.StreamResponse(headers=BACKEND_CORS)
             await response.prepare(request)
@@ -204,6 +209,27 @@ async def test_backend_cors_headers_never_leak_to_other_origins(client, origin):
     assert response.status == 200
     assert not any(name.lower().startswith("access-control-") for name in response.headers)
     assert [v.strip().lower() for v in response.headers["Vary"].split(",")] == ["accept", "origin"]
+
+
+def vary_tokens(response: Any) -> list[str]:
+    return [token.strip().lower() for line in response.headers.getall("Vary") for token in line.split(",")]
+
+
+@pytest.mark.parametrize("origin", [ORIGIN, None])
+@pytest.mark.parametrize(
+    ("sent", "expected"),
+    [
+        (["Accept", "Accept-Encoding"], ["accept", "accept-encoding", "origin"]),
+        (["X-Origin-Region"], ["x-origin-region", "origin"]),
+        (["Accept-Encoding", "Origin"], ["accept-encoding", "origin"]),
+    ],
+)
+async def test_every_vary_line_of_the_backend_is_kept_and_origin_added_once(client, origin, sent, expected):
+    query = "&".join(f"vary={name}" for name in sent)
+    response = await client.get(f"/open/vary?{query}", headers={"Origin": origin} if origin else {})
+
+    assert response.status == 200
+    assert vary_tokens(response) == expected
 
 
 # -- WebSocket ----------------------------------------------------------------------------------
