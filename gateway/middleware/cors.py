@@ -8,6 +8,8 @@ backend. This middleware keeps aiohttp-cors's semantics and sits before those la
 
 Policy (fixed): origins from ``CORS_ALLOW_ORIGINS``; with explicit origins credentials are
 allowed and ``Vary: Origin`` is sent; with ``*`` every origin is allowed without credentials.
+A WebSocket handshake from a browser (it has ``Origin``) whose origin is neither allowed nor the
+gateway's own host is refused with a 403: browsers apply no CORS to WebSockets.
 """
 
 from __future__ import annotations
@@ -91,10 +93,24 @@ def cors_middleware(allow_origins: Sequence[str]) -> Any:
             if not any_origin:
                 headers["Vary"] = "Origin, Access-Control-Request-Method, Access-Control-Request-Headers"
             return _answered(web.Response(status=204, headers=headers))
-        request[cors_headers_key] = headers_for(origin) if allowed else no_cors
+        if allowed:
+            request[cors_headers_key] = headers_for(origin)
+            return handler(request)
+        request[cors_headers_key] = no_cors
+        if request.headers.get("Upgrade", "").lower() == "websocket" and not _same_host(origin, request):
+            # Browsers apply no CORS to a WebSocket: any page may open one and read what comes
+            # back, so the handshake is where the origin is checked (as Spring, gorilla/websocket
+            # and Django Channels do). A page served through the gateway itself is same-origin.
+            raise ApiError(403, f"CORS: origin '{client_text(origin)}' is not allowed")
         return handler(request)
 
     return cors
+
+
+def _same_host(origin: str, request: web.Request) -> bool:
+    """Whether ``origin`` names the host the request was sent to (``Host``), scheme aside: behind
+    a TLS-terminating balancer the page is ``https`` and the gateway hears ``http``."""
+    return origin.partition("://")[2].lower() == request.host.lower()
 
 
 async def _answered(response: web.StreamResponse) -> web.StreamResponse:
@@ -112,7 +128,15 @@ def set_cors_headers(request: web.Request, response: web.StreamResponse) -> None
         del out[name]
     for name, value in headers.items():
         if name == "Vary":
-            vary = out.get("Vary")
-            out["Vary"] = f"{vary}, Origin" if vary and "origin" not in vary.lower() else (vary or value)
+            # A backend may send Vary on several lines: each one counts (RFC 9110 section 5.3).
+            vary = out.getall("Vary", ())
+            if not vary:
+                out["Vary"] = value
+            elif not _varies_on_origin(vary):
+                out["Vary"] = ", ".join((*vary, value))
         else:
             out[name] = value
+
+
+def _varies_on_origin(vary: Sequence[str]) -> bool:
+    return any(token.strip().lower() in ("origin", "*") for line in vary for token in line.split(","))

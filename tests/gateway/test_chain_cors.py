@@ -7,8 +7,9 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import pytest
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 from tests.gateway.chain import AUTH_ENV, bearer
 
@@ -35,6 +36,17 @@ async def hang() -> AsyncIterator[asyncio.Event]:
 @pytest.fixture
 async def upstream(make_upstream: Any, hang: asyncio.Event) -> Any:
     async def reply(request: web.Request) -> web.StreamResponse:
+        if request.path.startswith("/ws"):
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            async for msg in ws:
+                await ws.send_str(f"echo:{msg.data}")
+            return ws
+        if request.path.startswith("/open/vary"):
+            response = web.json_response({})
+            for line in request.query.getall("vary"):
+                response.headers.add("Vary", line)
+            return response
         if request.path.endswith("/stream"):
             response = web.StreamResponse(headers=BACKEND_CORS)
             await response.prepare(request)
@@ -65,6 +77,7 @@ def config(url: str, dead_url: str) -> dict[str, Any]:
             {"prefix": "/api/v1/clusters", "service": "svc"},
             {"prefix": "/slow", "service": "slow", "auth": "none"},
             {"prefix": "/dead", "service": "dead", "auth": "none"},
+            {"prefix": "/ws", "service": "svc", "auth": "none"},
         ],
     }
 
@@ -199,6 +212,80 @@ async def test_backend_cors_headers_never_leak_to_other_origins(client, origin):
     assert [v.strip().lower() for v in response.headers["Vary"].split(",")] == ["accept", "origin"]
 
 
+def vary_tokens(response: Any) -> list[str]:
+    return [token.strip().lower() for line in response.headers.getall("Vary") for token in line.split(",")]
+
+
+@pytest.mark.parametrize("origin", [ORIGIN, None])
+@pytest.mark.parametrize(
+    ("sent", "expected"),
+    [
+        (["Accept", "Accept-Encoding"], ["accept", "accept-encoding", "origin"]),
+        (["X-Origin-Region"], ["x-origin-region", "origin"]),
+        (["Accept-Encoding", "Origin"], ["accept-encoding", "origin"]),
+    ],
+)
+async def test_every_vary_line_of_the_backend_is_kept_and_origin_added_once(client, origin, sent, expected):
+    query = "&".join(f"vary={name}" for name in sent)
+    response = await client.get(f"/open/vary?{query}", headers={"Origin": origin} if origin else {})
+
+    assert response.status == 200
+    assert vary_tokens(response) == expected
+
+
+# -- WebSocket ----------------------------------------------------------------------------------
+
+
+def websocket_handshake(origin: str) -> dict[str, str]:
+    """What Chromium sends for ``new WebSocket("ws://gateway/ws/feed")`` from a page at ``origin``."""
+    return {
+        "Origin": origin,
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Extensions": "permessage-deflate; client_max_window_bits",
+    }
+
+
+async def test_websocket_from_a_disallowed_origin_is_refused_before_the_backend(client, upstream):
+    # Browsers apply no CORS to WebSockets: any page may open one, and reads what comes back.
+    response = await client.get("/ws/feed", headers=websocket_handshake("https://evil.example"))
+    try:
+        assert response.status == 403
+        assert await response.json() == {"detail": "CORS: origin 'https://evil.example' is not allowed"}
+    finally:
+        response.close()  # an accepted upgrade would leave the relay open
+    assert response.headers["X-Request-ID"]
+    assert not any(name.lower().startswith("access-control-") for name in response.headers)
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("origin", [ORIGIN, None, "same-host"])
+async def test_websocket_from_an_allowed_origin_same_host_or_no_browser_is_relayed(client, origin):
+    if origin == "same-host":  # a page served through the gateway itself
+        origin = f"http://{client.server.host}:{client.server.port}"
+    ws = await client.ws_connect("/ws/feed", origin=origin)
+
+    await ws.send_str("ping")
+    reply = await ws.receive(timeout=5)
+
+    assert (reply.type, reply.data) == (WSMsgType.TEXT, "echo:ping")
+    await ws.close()
+
+
+async def test_websocket_from_a_disallowed_origin_fails_the_handshake(client):
+    try:
+        ws = await client.ws_connect("/ws/feed", origin="https://evil.example")
+    except aiohttp.WSServerHandshakeError as refused:
+        status = refused.status
+    else:
+        await ws.close()
+        status = 101
+
+    assert status == 403
+
+
 # -- the wildcard ------------------------------------------------------------------------------
 
 
@@ -209,6 +296,8 @@ async def test_wildcard_origin_never_allows_credentials(make_client, upstream):
     pre = await client.options("/api/x", headers={**preflight(), "Origin": anywhere})
     actual = await client.get("/open/x", headers={"Origin": anywhere})
     refused = await client.get("/api/x", headers={"Origin": anywhere})
+    ws = await client.ws_connect("/ws/feed", origin=anywhere)
+    await ws.close()
 
     assert (pre.status, actual.status, refused.status) == (204, 200, 401)
     for response in (pre, actual, refused):
