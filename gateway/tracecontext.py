@@ -30,16 +30,15 @@ Decisions where the specs leave room:
   copy names the parent is unknowable). Leading and trailing OWS around a value are stripped.
 - W3C flags ``00`` is read as sampled=False, not "defer": W3C has no defer state. On output a
   deferred decision (sampled=None) is written as ``00``.
-- ``tracestate`` (W3C section 4.3 lets a vendor discard invalid entries or the whole header):
-  invalid members are dropped one by one and the order of the rest is kept; empty and OWS-only
-  members are skipped; only the first 32 valid members are kept (truncation "SHOULD remove
-  entries starting from the end"); a key that appears twice makes the whole header unusable
-  ("only one entry per key is allowed", and no single member is the invalid one) so it is
-  discarded, as the W3C test suite requires. Note the suite's strict level also wants the whole
-  header discarded for a bad member or a 33rd member; we follow the lenient reading there, which
-  its level 1 accepts, to keep as much of other vendors' state as possible. No length limit
-  beyond the grammar (32 members of at most 256 + 1 + 256 characters); the HTTP parser's
-  header-size limit bounds it long before that.
+- ``tracestate`` (the W3C spec lets a vendor discard invalid entries or the whole header): a list
+  that breaks the grammar anywhere (a bad key or value, a key twice, more than 32 members) is
+  discarded whole, as the W3C test suite (``test/test.py``) requires at its default strictness
+  and as OpenTelemetry's Python propagator does; dropping only the bad member would forward a
+  list its sender never wrote, and the next reader could not tell. Empty and OWS-only members
+  are allowed (the spec says so: joined headers make them) and skipped; a valid list passes on
+  unchanged, in order. Keys follow the Level 1 grammar (``simple-key`` / ``tenant@system``), the
+  one the test suite checks. No length limit beyond the grammar (32 members of at most 256 + 1 +
+  256 characters); the HTTP parser's header-size limit bounds it long before that.
 - B3 ids are lowercase hex as the spec says; uppercase, wrong lengths and all-zero ids are
   malformed and make that format invalid. A present ``X-B3-ParentSpanId`` must be well formed too.
 - ``X-B3-Sampled`` accepts ``1``/``0`` and, as the spec allows for old clients, ``true``/``false``
@@ -323,7 +322,8 @@ def _from_traceparent(values: list[str], tracestate: list[str]) -> TraceContext 
 
 def _parse_tracestate(values: list[str]) -> tuple[str, ...]:
     # Several tracestate headers are one list joined with commas (RFC 9110 field order), so
-    # splitting each value in turn is the same as splitting the joined value.
+    # splitting each value in turn is the same as splitting the joined value. Any member that
+    # breaks the grammar discards the whole list (see the module docstring).
     members: list[str] = []
     keys: set[str] = set()
     for value in values:
@@ -332,13 +332,17 @@ def _parse_tracestate(values: list[str]) -> tuple[str, ...]:
             if not member:
                 continue
             key, equals, val = member.partition("=")
-            if not equals or not _TRACESTATE_KEY.fullmatch(key) or not _TRACESTATE_VALUE.fullmatch(val):
-                continue
-            if key in keys:
+            if (
+                not equals
+                or key in keys
+                or not _TRACESTATE_KEY.fullmatch(key)
+                or not _TRACESTATE_VALUE.fullmatch(val)
+                or len(members) == _MAX_TRACESTATE_MEMBERS
+            ):
                 return ()
             keys.add(key)
             members.append(member)
-    return tuple(members[:_MAX_TRACESTATE_MEMBERS])
+    return tuple(members)
 
 
 def _from_b3_single(value: str) -> TraceContext | SamplingOnly | None:
