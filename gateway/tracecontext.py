@@ -9,7 +9,7 @@ from the client would outrank them at the next hop.
 Formats, in order of precedence (the first *valid* one wins; a present but invalid one is ignored
 as if absent, so a garbled ``traceparent`` next to a good ``b3`` still joins the trace):
 
-1. W3C Trace Context Level 1: ``traceparent`` (+ ``tracestate``).
+1. W3C Trace Context (Level 1, and Level 2's random-trace-id flag): ``traceparent`` (+ ``tracestate``).
 2. B3 single header ``b3`` (openzipkin/b3-propagation: "the single-header variant takes
    precedence over the multiple header one").
 3. B3 multiple headers ``X-B3-*``.
@@ -39,6 +39,10 @@ Decisions where the specs leave room:
   unchanged, in order. Keys follow the Level 1 grammar (``simple-key`` / ``tenant@system``), the
   one the test suite checks. No length limit beyond the grammar (32 members of at most 256 + 1 +
   256 characters); the HTTP parser's header-size limit bounds it long before that.
+- Trace Context Level 2's random-trace-id flag (``02``) is kept as received when the trace is
+  continued (the spec says a participant continuing a trace sets it to the value it received);
+  the other reserved bits are cleared, as Level 1 requires. Traces started here, or read from B3,
+  do not claim it.
 - B3 ids are lowercase hex as the spec says; uppercase, wrong lengths and all-zero ids are
   malformed and make that format invalid. A present ``X-B3-ParentSpanId`` must be well formed too.
 - ``X-B3-Sampled`` accepts ``1``/``0`` and, as the spec allows for old clients, ``true``/``false``
@@ -129,6 +133,7 @@ _TRACEPARENT_FUTURE = re.compile(
     re.DOTALL,
 )
 _SAMPLED_FLAG: Final = 0x01
+_RANDOM_FLAG: Final = 0x02  # Level 2: the trace id's right-most 7 bytes are random
 
 # W3C tracestate key: simple-key / multi-tenant-key (tenant-id "@" system-id).
 _TRACESTATE_KEY = re.compile(
@@ -169,6 +174,7 @@ class _TraceFields(NamedTuple):
     debug: bool = False
     tracestate: tuple[str, ...] = ()
     origin: Origin = Origin.NEW
+    random_trace_id: bool = False
 
 
 class TraceContext(_TraceFields):
@@ -177,9 +183,10 @@ class TraceContext(_TraceFields):
     ``span_id`` is the caller's span: the parent of whatever span this process creates. It is
     None only for a trace started here (:func:`new_root`). ``trace_id`` is 32 hex, or 16 when a
     64-bit B3 id was received. ``sampled`` None means the decision is deferred to us.
+    ``random_trace_id`` is the W3C Level 2 flag as received (False for every other origin).
 
     An immutable tuple rather than a frozen dataclass: every request makes one, and a tuple is
-    made in one call where a frozen dataclass sets its six fields one by one.
+    made in one call where a frozen dataclass sets its seven fields one by one.
     """
 
     __slots__ = ()
@@ -192,6 +199,7 @@ class TraceContext(_TraceFields):
         debug: bool = False,
         tracestate: tuple[str, ...] = (),
         origin: Origin = Origin.NEW,
+        random_trace_id: bool = False,
     ) -> TraceContext:
         # Contexts are built by hand in the middleware (new_root()); a bad id there is a bug that
         # should fail at once, not go out on the wire.
@@ -201,7 +209,7 @@ class TraceContext(_TraceFields):
             raise ValueError(f"span_id must be 16 lowercase hex, not all zero: {span_id!r}")
         if debug and sampled is not True:
             raise ValueError("debug implies sampled=True")
-        return _tuple_new(cls, (trace_id, span_id, sampled, debug, tracestate, origin))
+        return _tuple_new(cls, (trace_id, span_id, sampled, debug, tracestate, origin, random_trace_id))
 
     @property
     def w3c_trace_id(self) -> str:
@@ -242,7 +250,9 @@ def new_span_id() -> str:
 def new_root(*, sampled: bool | None = None, debug: bool = False) -> TraceContext:
     """A context for a trace that starts here: new trace id, no parent span."""
     # trusted_context(), without the extra call: every request without a context starts here.
-    return _tuple_new(TraceContext, (new_trace_id(), None, True if debug else sampled, debug, (), Origin.NEW))
+    return _tuple_new(
+        TraceContext, (new_trace_id(), None, True if debug else sampled, debug, (), Origin.NEW, False)
+    )
 
 
 _tuple_new = tuple.__new__
@@ -255,13 +265,14 @@ def trusted_context(
     debug: bool,
     tracestate: tuple[str, ...],
     origin: Origin,
+    random_trace_id: bool = False,
 ) -> TraceContext:
     """A TraceContext from ids this process made or already checked, without checking them again.
 
     Every request that arrives without a context starts one here; the regular constructor's
     validation (two regex matches) is for contexts assembled elsewhere.
     """
-    return _tuple_new(TraceContext, (trace_id, span_id, sampled, debug, tracestate, origin))
+    return _tuple_new(TraceContext, (trace_id, span_id, sampled, debug, tracestate, origin, random_trace_id))
 
 
 def _collect(headers: Mapping[str, str]) -> dict[str, list[str]]:
@@ -310,13 +321,15 @@ def _from_traceparent(values: list[str], tracestate: list[str]) -> TraceContext 
     trace_id, span_id, flags = match.group("trace_id", "span_id", "flags")
     if not _is_id(trace_id, _TRACE_ID) or not _is_id(span_id, _SPAN_ID):
         return None
-    # Only the sampled bit is defined; the others are reserved and must not change our reading.
+    # Sampled and (Level 2) random are defined; the other bits are reserved and change nothing.
+    bits = int(flags, 16)
     return TraceContext(
         trace_id=trace_id,
         span_id=span_id,
-        sampled=bool(int(flags, 16) & _SAMPLED_FLAG),
+        sampled=bool(bits & _SAMPLED_FLAG),
         tracestate=_parse_tracestate(tracestate),
         origin=Origin.TRACEPARENT,
+        random_trace_id=bool(bits & _RANDOM_FLAG),
     )
 
 
@@ -397,11 +410,12 @@ def _from_b3_multi(found: dict[str, list[str]]) -> TraceContext | SamplingOnly |
 def child_headers(ctx: TraceContext, child_span_id: str, *, b3_single: bool = False) -> dict[str, str]:
     """Headers for a downstream call made from the span ``child_span_id``, a child of ``ctx.span_id``.
 
-    ``traceparent`` names the child as parent (version 00; flags 01 when sampled or debug, else 00),
-    ``tracestate`` is passed on unchanged, and the B3 set carries the child as ``x-b3-spanid`` and
-    ``ctx.span_id`` as ``x-b3-parentspanid`` (absent for a trace started here). ``x-b3-sampled`` is
-    omitted when the decision is deferred, and replaced by ``x-b3-flags: 1`` when debug, as B3 says.
-    With ``b3_single`` the single ``b3`` header is added as well.
+    ``traceparent`` names the child as parent (version 00; flag 01 when sampled or debug, 02 when
+    the received trace id was flagged random), ``tracestate`` is passed on unchanged, and the B3
+    set carries the child as ``x-b3-spanid`` and ``ctx.span_id`` as ``x-b3-parentspanid`` (absent
+    for a trace started here). ``x-b3-sampled`` is omitted when the decision is deferred, and
+    replaced by ``x-b3-flags: 1`` when debug, as B3 says. With ``b3_single`` the single ``b3``
+    header is added as well.
     """
     if not _is_id(child_span_id, _SPAN_ID):
         raise ValueError(f"child_span_id must be 16 lowercase hex, not all zero: {child_span_id!r}")
@@ -413,9 +427,11 @@ def trusted_child_headers(
 ) -> dict[str, str]:
     """:func:`child_headers` for a span id this process made (see :func:`new_span_id`), whose
     parent is ``parent_id`` rather than ``ctx.span_id`` (a span of this process in ``ctx``'s trace)."""
-    headers = {
-        "traceparent": f"00-{ctx.w3c_trace_id}-{child_span_id}-{'01' if ctx.sampled or ctx.debug else '00'}"
-    }
+    if ctx.random_trace_id:
+        flags = "03" if ctx.sampled or ctx.debug else "02"
+    else:
+        flags = "01" if ctx.sampled or ctx.debug else "00"
+    headers = {"traceparent": f"00-{ctx.w3c_trace_id}-{child_span_id}-{flags}"}
     if ctx.tracestate:
         headers["tracestate"] = ",".join(ctx.tracestate)
     headers["x-b3-traceid"] = ctx.trace_id

@@ -127,7 +127,13 @@ class Tracing:
             if incoming.sampled is None:
                 c = incoming
                 return trusted_context(
-                    c.trace_id, c.span_id, random.random() < self.sample_rate, c.debug, c.tracestate, c.origin
+                    c.trace_id,
+                    c.span_id,
+                    random.random() < self.sample_rate,
+                    c.debug,
+                    c.tracestate,
+                    c.origin,
+                    c.random_trace_id,
                 )
             return incoming
         if isinstance(incoming, SamplingOnly):

@@ -70,6 +70,44 @@ def test_valid_traceparent_is_read(value: str, trace_id: str, span_id: str, samp
     assert ctx.tracestate == ()
 
 
+@pytest.mark.parametrize(
+    ("flags", "sampled", "random_id", "written"),
+    [
+        pytest.param("00", False, False, "00", id="none"),
+        pytest.param("01", True, False, "01", id="sampled"),
+        pytest.param("02", False, True, "02", id="random"),
+        pytest.param("03", True, True, "03", id="sampled-random"),
+        pytest.param("0b", True, True, "03", id="with-a-reserved-bit"),
+        pytest.param("ff", True, True, "03", id="all"),
+        pytest.param("fc", False, False, "00", id="reserved-only"),
+    ],
+)
+def test_level_2_random_flag_is_kept_and_reserved_bits_cleared(
+    flags: str, sampled: bool, random_id: bool, written: str
+) -> None:
+    """Trace Context Level 2: a participant continuing a trace sends the random-trace-id flag
+    (02) as it received it; bits no level defines go out as zero (Level 1)."""
+    for value in (tp(flags=flags), tp(version="cc", flags=flags) + "-future"):
+        ctx = ctx_of({"traceparent": value})
+        assert (ctx.sampled, ctx.random_trace_id) == (sampled, random_id)
+        assert child_headers(ctx, CHILD)["traceparent"] == f"00-{TID}-{CHILD}-{written}"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param({"b3": f"{B3_TID}-{B3_SID}-1"}, id="b3"),
+        pytest.param({"X-B3-TraceId": B3_TID, "X-B3-SpanId": B3_SID, "X-B3-Sampled": "1"}, id="x-b3"),
+        pytest.param({"traceparent": tp(flags="03")[:-1]}, id="invalid-traceparent"),
+    ],
+)
+def test_random_flag_is_not_claimed_for_ids_of_unknown_origin(headers: dict[str, str]) -> None:
+    result = extract(headers)
+    ctx = result if isinstance(result, TraceContext) else new_root(sampled=True)
+    assert not ctx.random_trace_id
+    assert child_headers(ctx, CHILD)["traceparent"].endswith("-01")
+
+
 TRACEPARENT_INVALID = [
     pytest.param("", id="empty"),
     pytest.param("garbage", id="garbage"),

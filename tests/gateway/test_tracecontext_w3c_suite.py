@@ -18,6 +18,8 @@ reads it: one ``traceparent`` of version ``00`` with non-zero ids and no reserve
 ``tracestate`` whose every member fits the grammar, so a value its parser would refuse fails too.
 The ``AdvancedTest`` cases ask the service for three calls; the gateway makes one call per request,
 so they are three requests with the same headers.
+
+Trace Context Level 2 adds the random-trace-id flag, checked at the end.
 """
 
 from __future__ import annotations
@@ -324,3 +326,27 @@ async def test_multiple_requests_with_illegal_traceparent(through_gateway: Send)
     arrived = [await through_gateway([("traceparent", f"00-{'0' * 32}-{PARENT}-01")]) for _ in range(3)]
     assert "0" * 32 not in {a.trace_id for a in arrived}
     assert len({a.parent_id for a in arrived}) == 3
+
+
+# -- Level 2 -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("traceparent", "flags"),
+    [
+        pytest.param(f"00-{TRACE}-{PARENT}-00", 0x00, id="none"),
+        pytest.param(f"00-{TRACE}-{PARENT}-01", 0x01, id="sampled"),
+        pytest.param(f"00-{TRACE}-{PARENT}-02", 0x02, id="random"),
+        pytest.param(f"00-{TRACE}-{PARENT}-03", 0x03, id="sampled-random"),
+        pytest.param(f"00-{TRACE}-{PARENT}-ff", 0x03, id="reserved-bits-cleared"),
+        pytest.param(f"cc-{TRACE}-{PARENT}-03-future", 0x03, id="higher-version"),
+    ],
+)
+async def test_level_2_random_trace_id_flag_is_sent_as_received(
+    through_gateway: Send, traceparent: str, flags: int
+) -> None:
+    """Level 2: a participant continuing a trace started upstream sets the random-trace-id flag
+    to the value found in the incoming traceparent; the sampled flag is honoured, and bits no
+    level defines go out as zero."""
+    arrived = await through_gateway([("traceparent", traceparent)])
+    assert (arrived.trace_id, arrived.flags) == (TRACE, flags)
