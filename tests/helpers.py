@@ -60,6 +60,14 @@ async def raw_exchange(port: int, request: bytes, deadline_s: float = 5.0) -> by
             await writer.wait_closed()
 
 
+def get_request(path: str, headers: list[tuple[str, str]]) -> bytes:
+    """A GET for ``raw_exchange`` with ``headers`` written as given: repeated names, any casing,
+    whitespace around values and empty values reach the server as they are here."""
+    lines = [f"GET {path} HTTP/1.1", "Host: gateway", "Connection: close"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
 def raw_url(client: Any, raw_path: str) -> Any:
     """An absolute URL for ``raw_path`` that the client sends byte for byte (no normalisation)."""
     from yarl import URL

@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import one_service, parse_responses, raw_exchange
+from tests.helpers import get_request, one_service, parse_responses, raw_exchange
 
 TRACE = "12345678901234567890123456789012"
 PARENT = "1234567890123456"
@@ -283,11 +283,8 @@ async def through_gateway(make_gateway: Any, make_upstream: Any) -> Send:
     gateway = await make_gateway(one_service(upstream.url))
 
     async def send(headers: Headers) -> Arrived:
-        lines = ["GET /w3c HTTP/1.1", "Host: gateway", "Connection: close"]
-        lines += [f"{name}: {value}" for name, value in headers]
-        raw = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         before = len(upstream.requests)
-        (response,) = parse_responses(await raw_exchange(gateway.port, raw))
+        (response,) = parse_responses(await raw_exchange(gateway.port, get_request("/w3c", headers)))
         assert response.status == 200, response.body
         assert len(upstream.requests) == before + 1
         return read_arrived(upstream.requests[-1].headers)
