@@ -293,7 +293,14 @@ async def _proxy_http(
         if span is not None:
             headers.update(downstream_headers(span))
         started = perf_counter()
-        target, protocol, message, payload = await _send(request, upstream, path, headers, body)
+        try:
+            target, protocol, message, payload = await _send(request, upstream, path, headers, body, span)
+        except BaseException:
+            # No answer (an error, or the client left): the span still names the target tried.
+            tried = request.get(target_key)
+            if span is not None and span.record is not None and tried is not None:
+                span.record.tag("peer.target", tried.url)
+            raise
         if message.code == 101:
             # Upgrade is hop-by-hop and never forwarded here (WebSockets take their own path):
             # the client asked for nothing to switch to.
@@ -322,8 +329,12 @@ async def _send(
     path: str,
     headers: CIMultiDict[str],
     body: bytes | _Body | None,
+    span: SpanRef | None,
 ) -> tuple[Target, UpstreamProtocol, RawResponseMessage, StreamReader]:
-    """Send the request to a healthy target, retrying once elsewhere when that is safe."""
+    """Send the request to a healthy target, retrying once elsewhere when that is safe.
+
+    Each failed attempt is an annotation on the call's span (``connect http://10.0.0.7:9001``):
+    the span's tags name only the target that answered, or the last one tried."""
     method = request.method
     # A stream of unknown length goes upstream chunked; a declared length is kept as sent.
     chunked = isinstance(body, _Body) and request.content_length is None
@@ -356,6 +367,8 @@ async def _send(
                 raise BodyTimeout from None
             error, kind = _upstream_failure(upstream, target, exc)
             request.app[metrics_key].upstream_errors.labels(upstream.name, kind).inc()
+            if span is not None and span.record is not None:
+                span.record.annotate(f"{kind} {target.url}")
             attempts -= 1
             # A failed connect sent nothing: any request may go elsewhere. A connection closed
             # before any answer may have carried the request to the upstream: idempotent only.
@@ -623,6 +636,8 @@ async def _proxy_websocket(
     if target is None:
         raise ApiError(503, f"No healthy target for service '{upstream.name}'")
     request[target_key] = target
+    if span is not None and span.record is not None:
+        span.record.tag("peer.target", target.url)
     session = request.app[http_client_key]
     timeout = upstream.service.timeout
     refusal = _Refusal()
@@ -642,7 +657,6 @@ async def _proxy_websocket(
     except aiohttp.WSServerHandshakeError as exc:
         if span is not None and span.record is not None:
             span.record.tag("http.status_code", str(exc.status))
-            span.record.tag("peer.target", target.url)
         if exc.status >= 400 and refusal.status == exc.status and refusal.body is not None:
             # The upstream said no (401, 403, 404...): its answer passes through as sent.
             headers = response_headers(refusal.headers)  # type: ignore[arg-type]
@@ -669,7 +683,6 @@ async def _proxy_websocket(
     request.app[metrics_key].record_upstream(upstream.name, perf_counter() - started)  # the handshake
     if span is not None and span.record is not None:
         span.record.tag("http.status_code", "101")
-        span.record.tag("peer.target", target.url)
     # Offer the client exactly the subprotocol the upstream chose (from the client's own list).
     client_ws = web.WebSocketResponse(
         protocols=(upstream_ws.protocol,) if upstream_ws.protocol else (),
