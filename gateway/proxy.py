@@ -45,6 +45,7 @@ from .keys import (
     route_key,
     route_table_key,
     sent_status_key,
+    span_key,
     target_key,
     tracing_key,
     upstream_key,
@@ -52,7 +53,7 @@ from .keys import (
 from .metrics import metrics_key
 from .middleware.auth import identity_headers
 from .middleware.request_id import REQUEST_ID_HEADER
-from .middleware.tracing import ClientSpan, SpanRef, downstream_headers
+from .middleware.tracing import ClientSpan, SpanRef, current_trace, downstream_headers
 from .pool import ConnectFailed, ConnectTimeout, UpstreamProtocol, exchange
 from .routing import has_dot_segment, may_read_otherwise, strip_route_prefix
 from .settings import Route
@@ -481,6 +482,15 @@ async def _relay_response(
         # the client sees a short body (or no final chunk) instead of a clean end.
         log.warning("upstream failed mid-body", extra={"error": repr(exc)})
         _count_failure(request, _kind(exc))
+        # Both spans would otherwise report the 200 that went out as a clean answer.
+        detail = (
+            "Upstream timed out mid-response"
+            if isinstance(exc, TimeoutError)
+            else "Upstream closed the connection mid-response"
+        )
+        for ref in (current_trace(), request.get(span_key)):  # the call's span, the request's
+            if ref is not None and ref.record is not None:
+                ref.record.tag("error", detail)
         transport.close()
         return response
     return response

@@ -247,6 +247,43 @@ async def test_an_sse_stream_is_one_call_as_long_as_the_stream(
     assert one(spans, "SERVER")["tags"]["http.status_code"] == "200"
 
 
+@pytest.mark.parametrize("cut", ["closed", "stalled"])
+async def test_a_stream_the_upstream_cuts_off_is_an_error_on_both_spans(
+    traced: Any, collector: Any, make_raw_upstream: Any, cut: str
+) -> None:
+    """The head went out as a 200 before the upstream failed: the client sees a short body, and
+    the trace must not show a clean 200."""
+    stop = asyncio.Event()
+
+    async def dies_mid_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1000\r\n" + b"x" * 4096 + b"\r\n")
+        await writer.drain()
+        if cut == "stalled":
+            await stop.wait()  # silent past the read timeout
+        writer.close()
+
+    url = await make_raw_upstream(dies_mid_body)
+    client = await traced(one_service(url, timeout={"read": 0.2}))
+    try:
+        response = await client.get("/x", headers=TRACEPARENT)
+        assert response.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+        spans = await reported(client, collector[0], ("SERVER", "CLIENT"))
+    finally:
+        stop.set()
+    assert_linked(spans)
+    server, call = one(spans, "SERVER"), one(spans, "CLIENT")
+    detail = (
+        "Upstream timed out mid-response"
+        if cut == "stalled"
+        else "Upstream closed the connection mid-response"
+    )
+    assert server["tags"]["http.status_code"] == call["tags"]["http.status_code"] == "200"
+    assert server["tags"]["error"] == call["tags"]["error"] == detail
+
+
 async def test_a_client_that_leaves_is_a_499_and_not_an_error(
     traced: Any, collector: Any, make_raw_upstream: Any
 ) -> None:
