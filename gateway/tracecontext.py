@@ -50,11 +50,18 @@ Decisions where the specs leave room:
   ``X-B3-Flags: 1`` is debug, which implies sampled whatever ``X-B3-Sampled`` says.
 - Repeated B3 headers: the first value wins (the B3 spec says so for multiple headers; the same
   is applied to ``b3``).
+- When ``traceparent`` and B3 name the same context (same span, same trace once a 64-bit B3 id
+  is padded), B3 adds what W3C cannot carry: debug, and the trace id's 64-bit form. Both formats
+  written by one sender (this gateway, the chat API) then survive the next hop unchanged. When
+  they name different contexts, ``traceparent`` wins: it is the standard, OpenTelemetry's default
+  propagator reads nothing else, and a B3 left stale by a W3C-only hop in between is the likelier
+  mistake. (Envoy's ``USE_B3_WITH_W3C_PROPAGATION`` and an OpenTelemetry composite listing ``b3``
+  last prefer B3 instead; either choice joins one of the two traces.)
 - A ``b3`` holding only a sampling state wins over complete ``X-B3-*`` ids: the spec gives the
   single header precedence without exception. An invalid ``b3`` falls back to ``X-B3-*``.
 - 64-bit B3 trace ids are kept as received, so ``X-B3-TraceId`` goes on unchanged; ``traceparent``
-  needs 32 hex, so it gets the id left-padded with zeros (Zipkin joins the two halves of such a
-  trace only with ``STRICT_TRACE_ID=false``; a 64-bit caller reading B3 sees its own id).
+  needs 32 hex, so it gets the id left-padded with zeros (Zipkin reads a 128-bit id whose high
+  half is zero as the 64-bit one; a 64-bit caller reading B3 sees its own id).
 - :func:`child_headers` writes ``traceparent``/``tracestate`` and the multi-header B3 set named in
   the contract. The single ``b3`` header is off by default: every B3 reader understands the
   multi form, and sending both only doubles the bytes; ``b3_single=True`` adds it for receivers
@@ -299,12 +306,35 @@ def extract(headers: Mapping[str, str]) -> TraceContext | SamplingOnly | None:
     if "traceparent" in found:
         context = _from_traceparent(found["traceparent"], found.get("tracestate", []))
         if context is not None:
+            if "b3" in found or "x-b3-traceid" in found:
+                return _with_b3_of_the_same_context(context, found)
             return context
     if "b3" in found:
         result = _from_b3_single(found["b3"][0])
         if result is not None:
             return result
     return _from_b3_multi(found)
+
+
+def _with_b3_of_the_same_context(context: TraceContext, found: dict[str, list[str]]) -> TraceContext:
+    """``context`` (from ``traceparent``) with what only B3 can say, when B3 names the same context:
+    the same span and the same trace (a 64-bit B3 id is the W3C one without its 16 zeros). That
+    is one sender writing both formats (this gateway does, and so does the chat API): W3C has no
+    debug, and would widen a 64-bit trace id at every hop. A B3 context that names another span
+    is ignored, as the precedence says."""
+    b3 = _from_b3_single(found["b3"][0]) if "b3" in found else None
+    if not isinstance(b3, TraceContext):
+        b3 = _from_b3_multi(found)
+    if (
+        isinstance(b3, TraceContext)
+        and b3.span_id == context.span_id
+        and b3.trace_id.rjust(32, "0") == context.trace_id
+        and (b3.debug or len(b3.trace_id) == 16)
+    ):
+        return context._replace(
+            trace_id=b3.trace_id, sampled=True if b3.debug else context.sampled, debug=b3.debug
+        )
+    return context
 
 
 def _from_traceparent(values: list[str], tracestate: list[str]) -> TraceContext | None:

@@ -631,12 +631,59 @@ ROUND_TRIP = [
 
 @pytest.mark.parametrize("ctx", ROUND_TRIP)
 def test_round_trip_through_traceparent(ctx: TraceContext) -> None:
-    back = ctx_of(child_headers(ctx, CHILD, b3_single=True))
+    headers = child_headers(ctx, CHILD, b3_single=True)
+    back = ctx_of({k: v for k, v in headers.items() if k in ("traceparent", "tracestate")})
     assert back.origin is Origin.TRACEPARENT
     assert back.trace_id == ctx.w3c_trace_id
     assert back.span_id == CHILD
-    assert back.sampled is (ctx.sampled is True)  # W3C has no defer: it reads as not sampled
+    assert back.sampled is (ctx.sampled is True or ctx.debug)  # W3C has no defer, and no debug
     assert back.tracestate == ctx.tracestate
+
+
+@pytest.mark.parametrize("b3_single", [False, True])
+@pytest.mark.parametrize("ctx", ROUND_TRIP)
+def test_round_trip_through_everything_written(ctx: TraceContext, b3_single: bool) -> None:
+    """The next hop that reads what the gateway wrote (the chat API, another gateway) gets the
+    context back whole: debug and a 64-bit trace id survive, though traceparent wins."""
+    back = ctx_of(child_headers(ctx, CHILD, b3_single=b3_single))
+    assert back.origin is Origin.TRACEPARENT
+    assert (back.trace_id, back.span_id, back.debug, back.tracestate) == (
+        ctx.trace_id,
+        CHILD,
+        ctx.debug,
+        ctx.tracestate,
+    )
+    assert back.sampled is (ctx.sampled is True or ctx.debug)
+
+
+B3_AGREEING = {"X-B3-TraceId": TID64, "X-B3-SpanId": SID, "X-B3-Flags": "1"}
+
+
+@pytest.mark.parametrize(
+    ("headers", "trace_id", "debug"),
+    [
+        pytest.param({"traceparent": tp(trace="0" * 16 + TID64, flags="01"), **B3_AGREEING}, TID64, True,
+                     id="same-context-64-bit-debug"),
+        pytest.param({"traceparent": tp(flags="00"), "b3": f"{TID}-{SID}-d"}, TID, True,
+                     id="same-context-b3-debug-beats-w3c-deny"),
+        pytest.param({"traceparent": tp(trace="0" * 16 + TID64), "b3": f"{TID64}-{SID}-1"}, TID64, False,
+                     id="same-context-64-bit"),
+        pytest.param({"traceparent": tp(), "b3": f"{TID}-{CHILD}-d"}, TID, False, id="other-span-ignored"),
+        pytest.param({"traceparent": tp(), "b3": f"{B3_TID}-{SID}-d"}, TID, False, id="other-trace-ignored"),
+        pytest.param({"traceparent": tp(trace="1" * 16 + TID64), **B3_AGREEING}, "1" * 16 + TID64, False,
+                     id="64-bit-that-is-not-the-low-half-ignored"),
+        pytest.param({"traceparent": tp(), "b3": "d"}, TID, False, id="b3-state-only-ignored"),
+        pytest.param({"traceparent": tp(), "b3": "junk", "X-B3-TraceId": TID, "X-B3-SpanId": SID,
+                      "X-B3-Flags": "1"}, TID, True, id="invalid-b3-then-x-b3"),
+    ],
+)  # fmt: skip
+def test_b3_adds_what_w3c_cannot_say_when_it_names_the_same_context(
+    headers: dict[str, str], trace_id: str, debug: bool
+) -> None:
+    ctx = ctx_of(headers)
+    assert (ctx.origin, ctx.trace_id, ctx.span_id, ctx.debug) == (Origin.TRACEPARENT, trace_id, SID, debug)
+    if debug:
+        assert ctx.sampled is True
 
 
 @pytest.mark.parametrize("ctx", ROUND_TRIP)
@@ -678,7 +725,7 @@ def test_round_trip_property(trace_id: str, span_id: str, child: str, sampled: b
         return
     ctx = TraceContext(trace_id, span_id, sampled)
     back = ctx_of(child_headers(ctx, child))
-    assert (back.trace_id, back.span_id) == (trace_id.rjust(32, "0"), child)
+    assert (back.trace_id, back.span_id) == (trace_id, child)
 
 
 # -- id generation and new traces ----------------------------------------------------------------

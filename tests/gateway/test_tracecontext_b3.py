@@ -141,12 +141,32 @@ async def test_b3_through_the_gateway(
     assert "tracestate" not in one
 
 
-async def test_b3_64_bit_trace_id_stays_64_bit_over_several_hops(through_gateway: Send) -> None:
-    """A backend that reads B3 sees the caller's 64-bit id; one that reads W3C its padded form."""
-    first = await through_gateway([("X-B3-TraceId", T64), ("X-B3-SpanId", SPAN), ("X-B3-Sampled", "1")])
-    # The next hop sends back what it got, as a B3-only service would.
-    second = await through_gateway(
-        [(name, values[0]) for name, values in first.items() if name.startswith("x-b3-")]
-    )
-    assert first["x-b3-traceid"] == second["x-b3-traceid"] == [T64]
-    assert second["traceparent"][0].split("-")[1] == "0" * 16 + T64
+@pytest.mark.parametrize("next_hop_reads", ["everything", "b3-only"])
+@pytest.mark.parametrize(
+    "first",
+    [
+        pytest.param(
+            [("X-B3-TraceId", T64), ("X-B3-SpanId", SPAN), ("X-B3-Flags", "1")], id="x-b3-64-bit-debug"
+        ),
+        pytest.param([("b3", f"{T64}-{SPAN}-d")], id="b3-64-bit-debug"),
+        pytest.param([("X-B3-TraceId", T64), ("X-B3-SpanId", SPAN), ("X-B3-Sampled", "1")], id="x-b3-64-bit"),
+    ],
+)
+async def test_a_64_bit_id_and_debug_survive_the_next_hop(
+    through_gateway: Send, first: list[tuple[str, str]], next_hop_reads: str
+) -> None:
+    """The next hop reads what the gateway wrote (another gateway, the chat API, which prefer
+    traceparent; or a B3-only service): it must not lose debug, which W3C cannot carry, nor
+    widen a 64-bit trace id to the 32 hex of traceparent."""
+    debug = any(v.endswith("d") or k == "X-B3-Flags" for k, v in first)
+    hop1 = await through_gateway(first)
+    forwarded = [
+        (k, v[0]) for k, v in hop1.items() if next_hop_reads == "everything" or k.startswith("x-b3-")
+    ]
+    hop2 = await through_gateway(forwarded)
+    for hop in (hop1, hop2):
+        assert hop["x-b3-traceid"] == [T64]
+        assert hop["traceparent"][0].split("-")[1] == "0" * 16 + T64
+        assert hop.get("x-b3-flags") == (["1"] if debug else None)
+        assert hop.get("x-b3-sampled") == (None if debug else ["1"])
+    assert hop2["x-b3-parentspanid"] != hop1["x-b3-parentspanid"]
