@@ -45,6 +45,7 @@ from .keys import (
     route_key,
     route_table_key,
     sent_status_key,
+    span_key,
     target_key,
     tracing_key,
     upstream_key,
@@ -52,7 +53,7 @@ from .keys import (
 from .metrics import metrics_key
 from .middleware.auth import identity_headers
 from .middleware.request_id import REQUEST_ID_HEADER
-from .middleware.tracing import ClientSpan, SpanRef, downstream_headers
+from .middleware.tracing import ClientSpan, SpanRef, current_trace, downstream_headers
 from .pool import ConnectFailed, ConnectTimeout, UpstreamProtocol, exchange
 from .routing import has_dot_segment, may_read_otherwise, strip_route_prefix
 from .settings import Route
@@ -293,7 +294,14 @@ async def _proxy_http(
         if span is not None:
             headers.update(downstream_headers(span))
         started = perf_counter()
-        target, protocol, message, payload = await _send(request, upstream, path, headers, body)
+        try:
+            target, protocol, message, payload = await _send(request, upstream, path, headers, body, span)
+        except BaseException:
+            # No answer (an error, or the client left): the span still names the target tried.
+            tried = request.get(target_key)
+            if span is not None and span.record is not None and tried is not None:
+                span.record.tag("peer.target", tried.url)
+            raise
         if message.code == 101:
             # Upgrade is hop-by-hop and never forwarded here (WebSockets take their own path):
             # the client asked for nothing to switch to.
@@ -322,8 +330,12 @@ async def _send(
     path: str,
     headers: CIMultiDict[str],
     body: bytes | _Body | None,
+    span: SpanRef | None,
 ) -> tuple[Target, UpstreamProtocol, RawResponseMessage, StreamReader]:
-    """Send the request to a healthy target, retrying once elsewhere when that is safe."""
+    """Send the request to a healthy target, retrying once elsewhere when that is safe.
+
+    Each failed attempt is an annotation on the call's span (``connect http://10.0.0.7:9001``):
+    the span's tags name only the target that answered, or the last one tried."""
     method = request.method
     # A stream of unknown length goes upstream chunked; a declared length is kept as sent.
     chunked = isinstance(body, _Body) and request.content_length is None
@@ -356,6 +368,8 @@ async def _send(
                 raise BodyTimeout from None
             error, kind = _upstream_failure(upstream, target, exc)
             request.app[metrics_key].upstream_errors.labels(upstream.name, kind).inc()
+            if span is not None and span.record is not None:
+                span.record.annotate(f"{kind} {target.url}")
             attempts -= 1
             # A failed connect sent nothing: any request may go elsewhere. A connection closed
             # before any answer may have carried the request to the upstream: idempotent only.
@@ -468,6 +482,15 @@ async def _relay_response(
         # the client sees a short body (or no final chunk) instead of a clean end.
         log.warning("upstream failed mid-body", extra={"error": repr(exc)})
         _count_failure(request, _kind(exc))
+        # Both spans would otherwise report the 200 that went out as a clean answer.
+        detail = (
+            "Upstream timed out mid-response"
+            if isinstance(exc, TimeoutError)
+            else "Upstream closed the connection mid-response"
+        )
+        for ref in (current_trace(), request.get(span_key)):  # the call's span, the request's
+            if ref is not None and ref.record is not None:
+                ref.record.tag("error", detail)
         transport.close()
         return response
     return response
@@ -623,6 +646,8 @@ async def _proxy_websocket(
     if target is None:
         raise ApiError(503, f"No healthy target for service '{upstream.name}'")
     request[target_key] = target
+    if span is not None and span.record is not None:
+        span.record.tag("peer.target", target.url)
     session = request.app[http_client_key]
     timeout = upstream.service.timeout
     refusal = _Refusal()
@@ -642,7 +667,6 @@ async def _proxy_websocket(
     except aiohttp.WSServerHandshakeError as exc:
         if span is not None and span.record is not None:
             span.record.tag("http.status_code", str(exc.status))
-            span.record.tag("peer.target", target.url)
         if exc.status >= 400 and refusal.status == exc.status and refusal.body is not None:
             # The upstream said no (401, 403, 404...): its answer passes through as sent.
             headers = response_headers(refusal.headers)  # type: ignore[arg-type]
@@ -669,7 +693,6 @@ async def _proxy_websocket(
     request.app[metrics_key].record_upstream(upstream.name, perf_counter() - started)  # the handshake
     if span is not None and span.record is not None:
         span.record.tag("http.status_code", "101")
-        span.record.tag("peer.target", target.url)
     # Offer the client exactly the subprotocol the upstream chose (from the client's own list).
     client_ws = web.WebSocketResponse(
         protocols=(upstream_ws.protocol,) if upstream_ws.protocol else (),

@@ -9,7 +9,7 @@ from the client would outrank them at the next hop.
 Formats, in order of precedence (the first *valid* one wins; a present but invalid one is ignored
 as if absent, so a garbled ``traceparent`` next to a good ``b3`` still joins the trace):
 
-1. W3C Trace Context Level 1: ``traceparent`` (+ ``tracestate``).
+1. W3C Trace Context (Level 1, and Level 2's random-trace-id flag): ``traceparent`` (+ ``tracestate``).
 2. B3 single header ``b3`` (openzipkin/b3-propagation: "the single-header variant takes
    precedence over the multiple header one").
 3. B3 multiple headers ``X-B3-*``.
@@ -30,16 +30,19 @@ Decisions where the specs leave room:
   copy names the parent is unknowable). Leading and trailing OWS around a value are stripped.
 - W3C flags ``00`` is read as sampled=False, not "defer": W3C has no defer state. On output a
   deferred decision (sampled=None) is written as ``00``.
-- ``tracestate`` (W3C section 4.3 lets a vendor discard invalid entries or the whole header):
-  invalid members are dropped one by one and the order of the rest is kept; empty and OWS-only
-  members are skipped; only the first 32 valid members are kept (truncation "SHOULD remove
-  entries starting from the end"); a key that appears twice makes the whole header unusable
-  ("only one entry per key is allowed", and no single member is the invalid one) so it is
-  discarded, as the W3C test suite requires. Note the suite's strict level also wants the whole
-  header discarded for a bad member or a 33rd member; we follow the lenient reading there, which
-  its level 1 accepts, to keep as much of other vendors' state as possible. No length limit
-  beyond the grammar (32 members of at most 256 + 1 + 256 characters); the HTTP parser's
-  header-size limit bounds it long before that.
+- ``tracestate`` (the W3C spec lets a vendor discard invalid entries or the whole header): a list
+  that breaks the grammar anywhere (a bad key or value, a key twice, more than 32 members) is
+  discarded whole, as the W3C test suite (``test/test.py``) requires at its default strictness
+  and as OpenTelemetry's Python propagator does; dropping only the bad member would forward a
+  list its sender never wrote, and the next reader could not tell. Empty and OWS-only members
+  are allowed (the spec says so: joined headers make them) and skipped; a valid list passes on
+  unchanged, in order. Keys follow the Level 1 grammar (``simple-key`` / ``tenant@system``), the
+  one the test suite checks. No length limit beyond the grammar (32 members of at most 256 + 1 +
+  256 characters); the HTTP parser's header-size limit bounds it long before that.
+- Trace Context Level 2's random-trace-id flag (``02``) is kept as received when the trace is
+  continued (the spec says a participant continuing a trace sets it to the value it received);
+  the other reserved bits are cleared, as Level 1 requires. Traces started here, or read from B3,
+  do not claim it.
 - B3 ids are lowercase hex as the spec says; uppercase, wrong lengths and all-zero ids are
   malformed and make that format invalid. A present ``X-B3-ParentSpanId`` must be well formed too.
 - ``X-B3-Sampled`` accepts ``1``/``0`` and, as the spec allows for old clients, ``true``/``false``
@@ -47,11 +50,18 @@ Decisions where the specs leave room:
   ``X-B3-Flags: 1`` is debug, which implies sampled whatever ``X-B3-Sampled`` says.
 - Repeated B3 headers: the first value wins (the B3 spec says so for multiple headers; the same
   is applied to ``b3``).
+- When ``traceparent`` and B3 name the same context (same span, same trace once a 64-bit B3 id
+  is padded), B3 adds what W3C cannot carry: debug, and the trace id's 64-bit form. Both formats
+  written by one sender (this gateway, the chat API) then survive the next hop unchanged. When
+  they name different contexts, ``traceparent`` wins: it is the standard, OpenTelemetry's default
+  propagator reads nothing else, and a B3 left stale by a W3C-only hop in between is the likelier
+  mistake. (Envoy's ``USE_B3_WITH_W3C_PROPAGATION`` and an OpenTelemetry composite listing ``b3``
+  last prefer B3 instead; either choice joins one of the two traces.)
 - A ``b3`` holding only a sampling state wins over complete ``X-B3-*`` ids: the spec gives the
   single header precedence without exception. An invalid ``b3`` falls back to ``X-B3-*``.
 - 64-bit B3 trace ids are kept as received, so ``X-B3-TraceId`` goes on unchanged; ``traceparent``
-  needs 32 hex, so it gets the id left-padded with zeros (Zipkin joins the two halves of such a
-  trace only with ``STRICT_TRACE_ID=false``; a 64-bit caller reading B3 sees its own id).
+  needs 32 hex, so it gets the id left-padded with zeros (Zipkin reads a 128-bit id whose high
+  half is zero as the 64-bit one; a 64-bit caller reading B3 sees its own id).
 - :func:`child_headers` writes ``traceparent``/``tracestate`` and the multi-header B3 set named in
   the contract. The single ``b3`` header is off by default: every B3 reader understands the
   multi form, and sending both only doubles the bytes; ``b3_single=True`` adds it for receivers
@@ -130,6 +140,7 @@ _TRACEPARENT_FUTURE = re.compile(
     re.DOTALL,
 )
 _SAMPLED_FLAG: Final = 0x01
+_RANDOM_FLAG: Final = 0x02  # Level 2: the trace id's right-most 7 bytes are random
 
 # W3C tracestate key: simple-key / multi-tenant-key (tenant-id "@" system-id).
 _TRACESTATE_KEY = re.compile(
@@ -170,6 +181,7 @@ class _TraceFields(NamedTuple):
     debug: bool = False
     tracestate: tuple[str, ...] = ()
     origin: Origin = Origin.NEW
+    random_trace_id: bool = False
 
 
 class TraceContext(_TraceFields):
@@ -178,9 +190,10 @@ class TraceContext(_TraceFields):
     ``span_id`` is the caller's span: the parent of whatever span this process creates. It is
     None only for a trace started here (:func:`new_root`). ``trace_id`` is 32 hex, or 16 when a
     64-bit B3 id was received. ``sampled`` None means the decision is deferred to us.
+    ``random_trace_id`` is the W3C Level 2 flag as received (False for every other origin).
 
     An immutable tuple rather than a frozen dataclass: every request makes one, and a tuple is
-    made in one call where a frozen dataclass sets its six fields one by one.
+    made in one call where a frozen dataclass sets its seven fields one by one.
     """
 
     __slots__ = ()
@@ -193,6 +206,7 @@ class TraceContext(_TraceFields):
         debug: bool = False,
         tracestate: tuple[str, ...] = (),
         origin: Origin = Origin.NEW,
+        random_trace_id: bool = False,
     ) -> TraceContext:
         # Contexts are built by hand in the middleware (new_root()); a bad id there is a bug that
         # should fail at once, not go out on the wire.
@@ -202,7 +216,7 @@ class TraceContext(_TraceFields):
             raise ValueError(f"span_id must be 16 lowercase hex, not all zero: {span_id!r}")
         if debug and sampled is not True:
             raise ValueError("debug implies sampled=True")
-        return _tuple_new(cls, (trace_id, span_id, sampled, debug, tracestate, origin))
+        return _tuple_new(cls, (trace_id, span_id, sampled, debug, tracestate, origin, random_trace_id))
 
     @property
     def w3c_trace_id(self) -> str:
@@ -243,7 +257,9 @@ def new_span_id() -> str:
 def new_root(*, sampled: bool | None = None, debug: bool = False) -> TraceContext:
     """A context for a trace that starts here: new trace id, no parent span."""
     # trusted_context(), without the extra call: every request without a context starts here.
-    return _tuple_new(TraceContext, (new_trace_id(), None, True if debug else sampled, debug, (), Origin.NEW))
+    return _tuple_new(
+        TraceContext, (new_trace_id(), None, True if debug else sampled, debug, (), Origin.NEW, False)
+    )
 
 
 _tuple_new = tuple.__new__
@@ -256,13 +272,14 @@ def trusted_context(
     debug: bool,
     tracestate: tuple[str, ...],
     origin: Origin,
+    random_trace_id: bool = False,
 ) -> TraceContext:
     """A TraceContext from ids this process made or already checked, without checking them again.
 
     Every request that arrives without a context starts one here; the regular constructor's
     validation (two regex matches) is for contexts assembled elsewhere.
     """
-    return _tuple_new(TraceContext, (trace_id, span_id, sampled, debug, tracestate, origin))
+    return _tuple_new(TraceContext, (trace_id, span_id, sampled, debug, tracestate, origin, random_trace_id))
 
 
 def _collect(headers: Mapping[str, str]) -> dict[str, list[str]]:
@@ -289,12 +306,35 @@ def extract(headers: Mapping[str, str]) -> TraceContext | SamplingOnly | None:
     if "traceparent" in found:
         context = _from_traceparent(found["traceparent"], found.get("tracestate", []))
         if context is not None:
+            if "b3" in found or "x-b3-traceid" in found:
+                return _with_b3_of_the_same_context(context, found)
             return context
     if "b3" in found:
         result = _from_b3_single(found["b3"][0])
         if result is not None:
             return result
     return _from_b3_multi(found)
+
+
+def _with_b3_of_the_same_context(context: TraceContext, found: dict[str, list[str]]) -> TraceContext:
+    """``context`` (from ``traceparent``) with what only B3 can say, when B3 names the same context:
+    the same span and the same trace (a 64-bit B3 id is the W3C one without its 16 zeros). That
+    is one sender writing both formats (this gateway does, and so does the chat API): W3C has no
+    debug, and would widen a 64-bit trace id at every hop. A B3 context that names another span
+    is ignored, as the precedence says."""
+    b3 = _from_b3_single(found["b3"][0]) if "b3" in found else None
+    if not isinstance(b3, TraceContext):
+        b3 = _from_b3_multi(found)
+    if (
+        isinstance(b3, TraceContext)
+        and b3.span_id == context.span_id
+        and b3.trace_id.rjust(32, "0") == context.trace_id
+        and (b3.debug or len(b3.trace_id) == 16)
+    ):
+        return context._replace(
+            trace_id=b3.trace_id, sampled=True if b3.debug else context.sampled, debug=b3.debug
+        )
+    return context
 
 
 def _from_traceparent(values: list[str], tracestate: list[str]) -> TraceContext | None:
@@ -311,19 +351,22 @@ def _from_traceparent(values: list[str], tracestate: list[str]) -> TraceContext 
     trace_id, span_id, flags = match.group("trace_id", "span_id", "flags")
     if not _is_id(trace_id, _TRACE_ID) or not _is_id(span_id, _SPAN_ID):
         return None
-    # Only the sampled bit is defined; the others are reserved and must not change our reading.
+    # Sampled and (Level 2) random are defined; the other bits are reserved and change nothing.
+    bits = int(flags, 16)
     return TraceContext(
         trace_id=trace_id,
         span_id=span_id,
-        sampled=bool(int(flags, 16) & _SAMPLED_FLAG),
+        sampled=bool(bits & _SAMPLED_FLAG),
         tracestate=_parse_tracestate(tracestate),
         origin=Origin.TRACEPARENT,
+        random_trace_id=bool(bits & _RANDOM_FLAG),
     )
 
 
 def _parse_tracestate(values: list[str]) -> tuple[str, ...]:
     # Several tracestate headers are one list joined with commas (RFC 9110 field order), so
-    # splitting each value in turn is the same as splitting the joined value.
+    # splitting each value in turn is the same as splitting the joined value. Any member that
+    # breaks the grammar discards the whole list (see the module docstring).
     members: list[str] = []
     keys: set[str] = set()
     for value in values:
@@ -332,13 +375,17 @@ def _parse_tracestate(values: list[str]) -> tuple[str, ...]:
             if not member:
                 continue
             key, equals, val = member.partition("=")
-            if not equals or not _TRACESTATE_KEY.fullmatch(key) or not _TRACESTATE_VALUE.fullmatch(val):
-                continue
-            if key in keys:
+            if (
+                not equals
+                or key in keys
+                or not _TRACESTATE_KEY.fullmatch(key)
+                or not _TRACESTATE_VALUE.fullmatch(val)
+                or len(members) == _MAX_TRACESTATE_MEMBERS
+            ):
                 return ()
             keys.add(key)
             members.append(member)
-    return tuple(members[:_MAX_TRACESTATE_MEMBERS])
+    return tuple(members)
 
 
 def _from_b3_single(value: str) -> TraceContext | SamplingOnly | None:
@@ -393,11 +440,12 @@ def _from_b3_multi(found: dict[str, list[str]]) -> TraceContext | SamplingOnly |
 def child_headers(ctx: TraceContext, child_span_id: str, *, b3_single: bool = False) -> dict[str, str]:
     """Headers for a downstream call made from the span ``child_span_id``, a child of ``ctx.span_id``.
 
-    ``traceparent`` names the child as parent (version 00; flags 01 when sampled or debug, else 00),
-    ``tracestate`` is passed on unchanged, and the B3 set carries the child as ``x-b3-spanid`` and
-    ``ctx.span_id`` as ``x-b3-parentspanid`` (absent for a trace started here). ``x-b3-sampled`` is
-    omitted when the decision is deferred, and replaced by ``x-b3-flags: 1`` when debug, as B3 says.
-    With ``b3_single`` the single ``b3`` header is added as well.
+    ``traceparent`` names the child as parent (version 00; flag 01 when sampled or debug, 02 when
+    the received trace id was flagged random), ``tracestate`` is passed on unchanged, and the B3
+    set carries the child as ``x-b3-spanid`` and ``ctx.span_id`` as ``x-b3-parentspanid`` (absent
+    for a trace started here). ``x-b3-sampled`` is omitted when the decision is deferred, and
+    replaced by ``x-b3-flags: 1`` when debug, as B3 says. With ``b3_single`` the single ``b3``
+    header is added as well.
     """
     if not _is_id(child_span_id, _SPAN_ID):
         raise ValueError(f"child_span_id must be 16 lowercase hex, not all zero: {child_span_id!r}")
@@ -409,9 +457,11 @@ def trusted_child_headers(
 ) -> dict[str, str]:
     """:func:`child_headers` for a span id this process made (see :func:`new_span_id`), whose
     parent is ``parent_id`` rather than ``ctx.span_id`` (a span of this process in ``ctx``'s trace)."""
-    headers = {
-        "traceparent": f"00-{ctx.w3c_trace_id}-{child_span_id}-{'01' if ctx.sampled or ctx.debug else '00'}"
-    }
+    if ctx.random_trace_id:
+        flags = "03" if ctx.sampled or ctx.debug else "02"
+    else:
+        flags = "01" if ctx.sampled or ctx.debug else "00"
+    headers = {"traceparent": f"00-{ctx.w3c_trace_id}-{child_span_id}-{flags}"}
     if ctx.tracestate:
         headers["tracestate"] = ",".join(ctx.tracestate)
     headers["x-b3-traceid"] = ctx.trace_id

@@ -29,6 +29,7 @@ from aiozipkin.helpers import TraceContext as ZipkinContext
 from aiozipkin.span import SpanAbc
 from multidict import CIMultiDictProxy
 
+from ..errors import ApiError
 from ..keys import request_id_key, route_key, span_key
 from ..routing import CatchAll
 from ..state import status_when_cancelled
@@ -127,7 +128,13 @@ class Tracing:
             if incoming.sampled is None:
                 c = incoming
                 return trusted_context(
-                    c.trace_id, c.span_id, random.random() < self.sample_rate, c.debug, c.tracestate, c.origin
+                    c.trace_id,
+                    c.span_id,
+                    random.random() < self.sample_rate,
+                    c.debug,
+                    c.tracestate,
+                    c.origin,
+                    c.random_trace_id,
                 )
             return incoming
         if isinstance(incoming, SamplingOnly):
@@ -314,7 +321,9 @@ class ClientSpan:
         _current.reset(self._token)
         if ref.record is not None:
             # A cancel is the client going away (the SERVER span says 499), or how a WebSocket
-            # session ends: not the upstream call's error.
+            # session ends: not the upstream call's error. The gateway's own errors say what
+            # went wrong ("Upstream 'x' timed out"); anything else is named by its type only
+            # (a driver's message may quote what it was sent).
             if exc_type is not None and exc_type is not asyncio.CancelledError:
-                ref.record.tag("error", exc_type.__name__)
+                ref.record.tag("error", exc.detail if isinstance(exc, ApiError) else exc_type.__name__)
             ref.record.finish()
