@@ -24,6 +24,9 @@ span_key = web.RequestKey("span", "SpanRef")
 body_key = web.RequestKey("body", bytes)
 # Set by gateway.middleware.auth after a token is verified; absent for anonymous requests.
 auth_key = web.RequestKey("auth", "Identity")
+# Set with auth_key when the token came in the access_token query parameter: the proxy takes the
+# parameter out of the query it forwards.
+query_token_key = web.RequestKey("query_token", bool)
 client_ip_key = web.RequestKey("client_ip", str)
 # The rate-limit headers for this request's response, written by on_response_prepare.
 ratelimit_headers_key = web.RequestKey("ratelimit_headers", "dict[str, str]")
@@ -39,6 +42,7 @@ __all__ = [
     "http_client_key",
     "lifecycle_key",
     "limiter_key",
+    "query_token_key",
     "ratelimit_headers_key",
     "request_id_key",
     "route_key",

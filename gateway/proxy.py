@@ -41,6 +41,7 @@ from .keys import (
     body_key,
     http_client_key,
     lifecycle_key,
+    query_token_key,
     request_id_key,
     route_key,
     route_table_key,
@@ -51,7 +52,7 @@ from .keys import (
     upstream_key,
 )
 from .metrics import metrics_key
-from .middleware.auth import identity_headers
+from .middleware.auth import identity_headers, without_query_token
 from .middleware.request_id import REQUEST_ID_HEADER
 from .middleware.tracing import ClientSpan, SpanRef, current_trace, downstream_headers
 from .pool import ConnectFailed, ConnectTimeout, UpstreamProtocol, exchange
@@ -213,6 +214,8 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     headers[REQUEST_ID_HEADER] = request[request_id_key]
     if request.get(auth_key) is not None:
         headers.update(identity_headers(request))
+        if request.get(query_token_key):
+            path = without_query_token(path)  # the gateway took the credential; it goes no further
     if request.headers.get("Upgrade", "").lower() == "websocket":
         # The session's CLIENT span: the upstream connection, from the handshake to the close.
         with ClientSpan(request.app[tracing_key], f"GET {route.prefix}", upstream.name) as span:

@@ -19,6 +19,14 @@ from the JWKS stops being accepted at the JWKS refresh (``JwksCache.max_age``), 
 
 Route modes: ``required`` (no token: 401 ``WWW-Authenticate: Bearer``), ``optional`` (no token:
 anonymous; a bad token is still a 401), ``none`` (the Authorization header is not looked at).
+
+Where the token comes from: the ``Authorization: Bearer`` header, or, on GET and HEAD only, the
+``access_token`` query parameter (RFC 6750 section 2.3). A browser's ``WebSocket`` and
+``EventSource`` cannot send a header, so without it the realtime routes could not be used from
+a page; Envoy's ``jwt_authn`` reads the same parameter by default, Kong's ``jwt`` plugin one
+named ``jwt``. Only the literal name counts, once; with a header as well it is a 400 (the RFC:
+one method per request). The proxy takes the parameter out of the query it forwards, so the
+token does not reach the backend's URL logs; the access log and spans never carry a query.
 ``scopes`` must all be granted (``scope``: space-separated, ``scp``: list or string); on
 ``optional`` routes they are checked whenever a token is presented.
 """
@@ -33,6 +41,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 import jwt
 from aiohttp import web
@@ -41,7 +50,7 @@ from aiohttp.typedefs import Handler
 from ..claims import is_scope_token, subject_problem
 from ..errors import ApiError
 from ..jwks import THUMBPRINT_PARAMS, JwksCache, JwksUnavailable
-from ..keys import auth_key, route_key
+from ..keys import auth_key, query_token_key, route_key
 from ..settings import AuthSettings, Route
 
 __all__ = [
@@ -50,10 +59,13 @@ __all__ = [
     "TokenVerifier",
     "auth_middleware",
     "identity_headers",
+    "presented_token",
+    "without_query_token",
 ]
 
 log = logging.getLogger("gateway.auth")
 
+QUERY_TOKEN = "access_token"
 LEEWAY = 30.0
 CACHE_SIZE = 10_000
 SUBJECT_HEADER = "x-auth-subject"
@@ -319,18 +331,27 @@ def auth_middleware(settings: AuthSettings, *, verifier: TokenVerifier | None = 
     async def authenticated(request: web.Request, handler: Handler, route: Route) -> web.StreamResponse:
         values = request.headers.getall("Authorization", ())
         if len(values) > 1:
-            raise ApiError(
-                400,
-                "Only one Authorization header is allowed",
-                headers={"WWW-Authenticate": _challenge("invalid_request", "Only one Authorization header")},
-                reason="invalid",
+            raise _invalid_request(
+                "Only one Authorization header is allowed", "Only one Authorization header"
             )
-        scheme, _, token = values[0].strip().partition(" ") if values else ("", "", "")
-        if scheme.lower() != "bearer":
-            if route.auth == "optional" and not values:
-                return await handler(request)
-            raise _missing()
-        token = token.strip()
+        in_query = _query_tokens(request)
+        if in_query:
+            if len(in_query) > 1:
+                raise _invalid_request("Only one access_token parameter is allowed", "Only one access_token")
+            if values:
+                raise _invalid_request(
+                    "Send the token in the Authorization header or the access_token parameter, not both",
+                    "More than one way of sending the token",
+                )
+            token = in_query[0]
+            request[query_token_key] = True
+        else:
+            scheme, _, token = values[0].strip().partition(" ") if values else ("", "", "")
+            if scheme.lower() != "bearer":
+                if route.auth == "optional" and not values:
+                    return await handler(request)
+                raise _missing()
+            token = token.strip()
         try:
             identity = await verify(token)
         except AuthError as exc:
@@ -365,6 +386,39 @@ def auth_middleware(settings: AuthSettings, *, verifier: TokenVerifier | None = 
         return await handler(request)
 
     return auth
+
+
+def _query_tokens(request: web.Request) -> list[str]:
+    # A substring test first: most requests have no such parameter, and this runs for each.
+    if QUERY_TOKEN not in request.raw_path or request.method not in ("GET", "HEAD"):
+        return []
+    pairs = (part.partition("=") for part in request.raw_path.partition("?")[2].split("&"))
+    return [unquote(value) for name, _, value in pairs if name == QUERY_TOKEN]
+
+
+def presented_token(request: web.Request) -> str:
+    """The bearer token ``request`` presents, from the header or the query ("" when none)."""
+    scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+    if scheme.lower() == "bearer":
+        return token.strip()
+    in_query = _query_tokens(request)
+    return in_query[0] if len(in_query) == 1 else ""
+
+
+def without_query_token(path: str) -> str:
+    """``path`` (with its query) without the ``access_token`` parameter, the rest byte for byte."""
+    base, _, query = path.partition("?")
+    kept = "&".join(part for part in query.split("&") if part.partition("=")[0] != QUERY_TOKEN)
+    return f"{base}?{kept}" if kept else base
+
+
+def _invalid_request(detail: str, description: str) -> ApiError:
+    return ApiError(
+        400,
+        detail,
+        headers={"WWW-Authenticate": _challenge("invalid_request", description)},
+        reason="invalid",
+    )
 
 
 def identity_headers(request: web.Request) -> dict[str, str]:

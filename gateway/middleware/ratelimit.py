@@ -60,6 +60,7 @@ from ..errors import ApiError
 from ..keys import auth_key, client_ip_key, ratelimit_headers_key, route_key
 from ..limiter import Decision, Limiter, MemoryLimiter
 from ..settings import RateLimit, Route
+from .auth import QUERY_TOKEN, presented_token
 
 __all__ = [
     "ratelimit_headers",
@@ -215,7 +216,11 @@ def ratelimit_middleware(
             return handler(request)
         policy = policy_for(route)
         key = f"ip:{_ip_bucket(request_client_ip(request, trusted))}{policy.bucket_suffix}"
-        if not (auth_enabled and route.auth != "none" and "Authorization" in request.headers):
+        if not (
+            auth_enabled
+            and route.auth != "none"
+            and ("Authorization" in request.headers or QUERY_TOKEN in request.raw_path)
+        ):
             return pass_on(request, handler, key, policy)
         return with_token(request, handler, key, policy)
 
@@ -227,7 +232,7 @@ def ratelimit_middleware(
         if memo is not None:
             until, headers = memo
             left = until - time.monotonic()
-            if left > 0 and not (known_token is not None and known_token(_bearer(request))):
+            if left > 0 and not (known_token is not None and known_token(presented_token(request))):
                 raise ApiError(429, "Too Many Requests", headers=_with_retry(headers, left))
             del blocked[key]
         try:
@@ -247,11 +252,6 @@ def ratelimit_middleware(
         return response
 
     return ratelimit_ip
-
-
-def _bearer(request: web.Request) -> str:
-    scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else ""
 
 
 def _with_retry(headers: dict[str, str], left: float) -> dict[str, str]:
