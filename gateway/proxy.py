@@ -148,6 +148,10 @@ def routing_middleware(*, proxy: Handler) -> Any:
         raw_path = request.raw_path
         if not raw_path.startswith("/"):
             raise ApiError(400, "Request target must be a path")
+        if "#" in raw_path:
+            # Not part of a request target (RFC 9112 section 3.2), and every upstream drops it as
+            # a fragment: /a/admin#x would be routed as /a's but read upstream as /a/admin.
+            raise ApiError(400, "Request target must not contain a fragment ('#')")
         transfer_encoding = request.headers.get("Transfer-Encoding")
         if transfer_encoding is not None and transfer_encoding.strip().lower() != "chunked":
             # The parser accepts "gzip, chunked" and strips only the chunking; forwarding the

@@ -159,6 +159,18 @@ async def test_a_path_another_route_would_read_as_its_own_is_refused(
     assert (await _get(client.port, b"/a/admin/x")).status == 401
 
 
+@pytest.mark.parametrize("target", [b"/a/admin#x", b"/a/admin#/y", b"/a/admin#", b"/a/x#y", b"/a/x?q=1#y"])
+async def test_a_target_with_a_fragment_is_refused(
+    nested_routes: tuple[Any, Any, Any], target: bytes
+) -> None:
+    """A fragment is no part of a request target, and upstreams drop it: /a/admin#x, routed as
+    /a's (no prefix ends in '#'), would reach /a/admin without the token that route requires."""
+    client, admin, open_ = nested_routes
+    response = await _get(client.port, target)
+    assert response.status == 400 and "fragment" in response.json()["detail"]
+    assert admin.requests == [] and open_.requests == []
+
+
 @pytest.mark.parametrize("target", [b"/a/%7Euser/x", b"/a/x%2Fadmin", b"/a/x//y", b"/a/x;v=1", b"/a/%61bc"])
 async def test_odd_paths_every_reading_routes_alike_are_forwarded_as_sent(
     nested_routes: tuple[Any, Any, Any], target: bytes
