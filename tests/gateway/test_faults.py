@@ -118,6 +118,44 @@ async def test_upstream_that_never_answers_gets_504_within_the_read_timeout(gate
     await _assert_released(client, good, baseline)
 
 
+@pytest.mark.parametrize(
+    "interim", [b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"]
+)
+async def test_an_upstream_silent_after_an_interim_answer_gets_504_within_the_read_timeout(
+    gateway_for: Any, interim: bytes
+) -> None:
+    async def interim_then_silence(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_head(reader)
+        writer.write(interim)
+        await writer.drain()
+        await reader.read()
+
+    client, good = await gateway_for(interim_then_silence)
+    baseline = await _baseline(client)
+    started = time.monotonic()
+    async with asyncio.timeout(READ_TIMEOUT + 2):  # it used to wait for ever
+        response = await client.get("/bad/x")
+    await _assert_gateway_error(response, 504)
+    assert time.monotonic() - started < READ_TIMEOUT + 1
+    await _assert_released(client, good, baseline)
+
+
+async def test_a_final_answer_after_an_interim_one_is_relayed(gateway_for: Any) -> None:
+    async def interim_then_final(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await _read_head(reader)
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(READ_TIMEOUT / 4)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    client, _ = await gateway_for(interim_then_final)
+    for _ in range(2):  # the second on the pooled connection: no timer left over from the first
+        response = await client.get("/bad/x")
+        assert response.status == 200 and await response.read() == b"ok"
+
+
 async def test_upstream_killed_before_the_head_gets_502(gateway_for: Any) -> None:
     async def dies(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _read_head(reader)
