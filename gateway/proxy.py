@@ -441,6 +441,12 @@ async def _relay_response(
             raise ApiError(502, "Upstream closed the connection mid-response")
         return _whole_response(status, message.reason, headers, body)
 
+    if length is None and not _only_chunked(message.headers):
+        # A transfer coding the gateway does not decode (gzip, compress, deflate, or chunked twice):
+        # Transfer-Encoding is hop-by-hop and dropped, so the client would take the coded bytes
+        # for the body. nginx and Go's proxy answer 502 too.
+        _count_failure(request, "invalid")
+        raise ApiError(502, f"Upstream '{request[upstream_key].name}' sent an unsupported Transfer-Encoding")
     response = _RelayedStream(status=status, reason=message.reason, headers=headers)
     response.untyped = "Content-Type" not in headers
     if length is None and request.version == HttpVersion10:
@@ -554,6 +560,12 @@ def _kind(exc: BaseException) -> str:
 
 def _count_failure(request: web.Request, kind: str) -> None:
     request.app[metrics_key].upstream_errors.labels(request[upstream_key].name, kind).inc()
+
+
+def _only_chunked(headers: CIMultiDictProxy[str]) -> bool:
+    """Whether the response's transfer codings, if any, are ``chunked`` alone."""
+    values = headers.getall("Transfer-Encoding", ())
+    return not values or [c.strip().lower() for v in values for c in v.split(",")] == ["chunked"]
 
 
 def _content_length(headers: CIMultiDictProxy[str]) -> int | None:

@@ -399,8 +399,25 @@ async def test_an_unsolicited_extra_response_never_answers_the_next_request(gate
         b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcd",
         b"HTTP/1.1 2000 OK\r\nContent-Length: 0\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-A: a\x00b\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\nabcd",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabcd\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nabcd",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n",
     ],
-    ids=["length and chunked", "two lengths", "bad status", "NUL in a header"],
+    ids=[
+        "length and chunked",
+        "two lengths",
+        "bad status",
+        "NUL in a header",
+        "negative length",
+        "bad chunk size",
+        "gzip transfer coding",
+        "gzip then chunked",
+        "chunked twice",
+        "two chunked fields",
+    ],
 )
 async def test_an_ambiguous_upstream_response_gets_502(gateway_for: Any, head: bytes) -> None:
     async def ambiguous(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
