@@ -35,10 +35,11 @@ from time import perf_counter
 from typing import Any
 
 from aiohttp import HttpVersion11, web
+from aiohttp.helpers import DEFAULT_CHUNK_SIZE
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 from aiohttp.http_parser import HttpRequestParser, HttpRequestParserPy
-from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 
 from .errors import ApiError, error_response
 from .headers import drop_server_banner
@@ -95,7 +96,65 @@ async def read_body_chunk(content: StreamReader) -> bytes:
         raise BodyTimeout from None
 
 
+class _OneMessageAtATimeParser(HttpRequestParser):
+    """aiohttp's C request parser, made to stop after each request and go on from there.
+
+    Fed several pipelined requests at once, aiohttp's parser returns them all, or, when one of
+    them is malformed, none: it raises, and the requests before the bad one were lost. The 400
+    then went out as the answer to the first request, which the client took for the answer to a
+    request the gateway never read (and ``Connection: close`` followed by more bytes, which llhttp
+    counts as malformed, lost its own request the same way). Paused after every message, the
+    parser is resumed here until the data is used up: the requests come out in order, the error
+    after them.
+    """
+
+    def feed_data(self, data: bytes) -> tuple[Any, bool, bytes]:  # type: ignore[override]
+        messages, upgraded, tail = _feed(self, data)
+        if messages and data.find(b"\r\n\r\n") == len(data) - 4 and data[0] not in _CR_LF:
+            # The common case, one request head in one read: its blank line is the only one and
+            # ends the data, so it ended where the parser stopped, and nothing is left to parse.
+            # (A head that a previous read began may end in this one's first bytes: not here.)
+            return messages, upgraded, tail
+        protocol = self.protocol
+        later: list[Any] | None = None
+        # Not while flow control holds a request body back: resume_reading() goes on from there.
+        while not upgraded and not protocol._reading_paused:
+            try:
+                more, upgraded, tail = _feed(self, b"")
+            except HttpProcessingError as exc:
+                parsed = [*messages, *(later or ())]
+                if not parsed:
+                    raise
+                parsed.append((_ErrInfo(status=400, exc=exc, message=exc.message), EMPTY_PAYLOAD))
+                return parsed, False, b""
+            if not more:
+                break
+            later = [*(later or ()), *more]
+        if later is None:
+            return messages, upgraded, tail
+        return [*messages, *later], upgraded, tail
+
+
+_feed = HttpRequestParser.feed_data
+_CR_LF = b"\r\n"
+
+
 class _GatewayRequestHandler(RequestHandler):
+    def __init__(self, manager: web.Server, *, loop: asyncio.AbstractEventLoop, **kwargs: Any) -> None:
+        super().__init__(manager, loop=loop, **kwargs)
+        if STRICT_PARSER:
+            self._parser = _OneMessageAtATimeParser(
+                self,
+                loop,
+                kwargs.get("read_bufsize", DEFAULT_CHUNK_SIZE),
+                max_line_size=kwargs.get("max_line_size", 8190),
+                max_field_size=kwargs.get("max_field_size", 8190),
+                max_headers=kwargs.get("max_headers", 128),
+                payload_exception=RequestPayloadError,
+                auto_decompress=kwargs.get("auto_decompress", True),
+                max_msg_queue_size=1,  # pause after every message
+            )
+
     async def shutdown(self, timeout: float | None = 15.0) -> None:  # noqa: ASYNC109 - aiohttp's signature
         """On drain: the request in progress gets ``timeout`` seconds to finish, and that is all.
 
