@@ -28,8 +28,10 @@ head (the common small API call) is read without one.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+import re
 from functools import partial
 from time import perf_counter
 from typing import Any
@@ -40,6 +42,8 @@ from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineToo
 from aiohttp.http_parser import HttpRequestParser, HttpRequestParserPy
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from .errors import ApiError, error_response
 from .headers import drop_server_banner
@@ -56,8 +60,10 @@ __all__ = [
     "BodyTimeout",
     "GatewayRunner",
     "expect_continue",
+    "origin_form",
     "read_body_chunk",
     "send_continue",
+    "valid_host",
 ]
 
 log = logging.getLogger("gateway.http")
@@ -253,6 +259,55 @@ async def send_continue(request: web.Request) -> None:
     request.writer.output_size = 0  # the interim answer is not the response
 
 
+# What a Host header (and the authority of an absolute-form target) may hold: RFC 3986's
+# characters for an authority, as Envoy (nghttp2) checks them. No space, "/", "\\", "?", "#" or
+# control character: a backend building links from X-Forwarded-Host would take them as given.
+_AUTHORITY = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:%@\[\]]*")
+_ABSOLUTE = ("http://", "https://")
+
+
+@functools.lru_cache(maxsize=1024)
+def valid_host(host: str) -> bool:
+    """Whether ``host`` is a Host header value a server may accept (RFC 9112 section 3.2: an
+    invalid one is a 400). Empty is valid: a target URI without an authority has an empty Host.
+    Cached: a client sends the same value on every request."""
+    return _AUTHORITY.fullmatch(host) is not None
+
+
+def origin_form(message: Any) -> Any:
+    """An absolute-form request (``GET http://host/path HTTP/1.1``) as the origin-form one it
+    stands for: the path (and query) as the target, the URI's authority as the Host header.
+
+    RFC 9112 section 3.2.2: a server must accept the absolute-form, and a Host header sent along
+    with it is ignored for the URI's authority. Clients send it to a proxy, which is what they
+    take the gateway for when ``http_proxy`` points at it. Only ``http`` and ``https`` URIs with a
+    valid authority and no userinfo (RFC 9110 section 4.2.4) are rewritten; anything else stays
+    as it was, and the routing refuses it with a 400. ``OPTIONS http://host`` is ``OPTIONS *``
+    (RFC 9112 section 3.2.4).
+    """
+    target = message.path
+    if not target[:8].lower().startswith(_ABSOLUTE):
+        return message
+    rest = target[target.index("://") + 3 :]
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    authority, path = rest[:cut], rest[cut:]
+    if not authority or "@" in authority or not valid_host(authority):
+        return message
+    if not path:
+        path = "*" if message.method == "OPTIONS" else "/"
+    elif path.startswith("?"):
+        path = "/" + path
+    headers = CIMultiDict(message.headers)
+    headers["Host"] = authority
+    raw_headers = (
+        *((name, value) for name, value in message.raw_headers if name.lower() != b"host"),
+        (b"Host", authority.encode()),
+    )
+    return message._replace(
+        path=path, url=URL(path, encoded=True), headers=CIMultiDictProxy(headers), raw_headers=raw_headers
+    )
+
+
 class GatewayRequest(web.Request):
     """aiohttp's request with a direct ``get``.
 
@@ -295,8 +350,10 @@ class GatewayRunner(web.AppRunner):
         server.__class__ = _GatewayServer  # same object and state, only the protocol differs
         make = partial(self._app._make_request, _cls=_request_class(self._app))
 
-        def request_factory(*args: Any) -> web.BaseRequest:
-            request = make(*args)
+        def request_factory(message: Any, *args: Any) -> web.BaseRequest:
+            if not message.path.startswith("/"):
+                message = origin_form(message)
+            request = make(message, *args)
             # For the access log's duration: the loop's clock (uvloop) moves in whole milliseconds
             # and only once per loop iteration, too coarse for a hop that adds well under one.
             request.received = perf_counter()  # type: ignore[attr-defined]

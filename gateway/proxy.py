@@ -35,7 +35,7 @@ from yarl import URL
 
 from .errors import ApiError, body_too_large
 from .headers import response_headers, serialize_head, upstream_headers
-from .httpserver import BodyTimeout, read_body_chunk, send_continue
+from .httpserver import BodyTimeout, read_body_chunk, send_continue, valid_host
 from .keys import (
     auth_key,
     body_key,
@@ -142,12 +142,18 @@ def routing_middleware(*, proxy: Handler) -> Any:
         version = request.version
         if not HttpVersion10 <= version <= HttpVersion11:
             _refuse_version(request, version)
+        host = request.headers.get("Host")
+        if host is not None and not valid_host(host):
+            raise ApiError(400, "Invalid Host header")
         if request.match_info.handler is not proxy:
             request[route_key] = None
             return handler(request)
         raw_path = request.raw_path
         if not raw_path.startswith("/"):
-            raise ApiError(400, "Request target must be a path")
+            if raw_path == "*" and request.method == "OPTIONS":
+                request[route_key] = None
+                return _server_options()
+            raise ApiError(400, "Request target must be a path or an absolute http(s) URI")
         if "#" in raw_path:
             # Not part of a request target (RFC 9112 section 3.2), and every upstream drops it as
             # a fragment: /a/admin#x would be routed as /a's but read upstream as /a/admin.
@@ -175,6 +181,16 @@ def routing_middleware(*, proxy: Handler) -> Any:
         return handler(request)
 
     return routing
+
+
+# The methods the gateway forwards, as the CORS preflight lists them.
+_ALLOW = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+
+
+async def _server_options() -> web.StreamResponse:
+    """``OPTIONS *``: a question about the server as a whole (RFC 9110 section 9.3.7), which
+    the gateway answers itself; it is no route's, and no upstream's, to answer."""
+    return web.Response(status=200, headers={"Allow": _ALLOW})
 
 
 def _refuse_version(request: web.Request, version: HttpVersion) -> NoReturn:
