@@ -232,6 +232,10 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     headers[REQUEST_ID_HEADER] = request[request_id_key]
     if request.get(auth_key) is not None:
         headers.update(identity_headers(request))
+    if request.method in _MAX_FORWARDS_METHODS and "Max-Forwards" in headers:
+        answer = _count_down_max_forwards(request, headers)
+        if answer is not None:
+            return answer
     if request.headers.get("Upgrade", "").lower() == "websocket":
         # The session's CLIENT span: the upstream connection, from the handshake to the close.
         with ClientSpan(request.app[tracing_key], f"GET {route.prefix}", upstream.name) as span:
@@ -239,6 +243,35 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
                 headers.update(downstream_headers(span))
             return await _proxy_websocket(request, upstream, path, headers, span)
     return await _proxy_http(request, route, upstream, path, headers)
+
+
+_MAX_FORWARDS_METHODS = frozenset({"TRACE", "OPTIONS"})
+_MAX_FORWARDS_CAP = (
+    255  # the most the gateway passes on (RFC 9110 section 7.6.2: its "maximum supported value")
+)
+# Not reflected by a TRACE the gateway answers itself (RFC 9110 section 9.3.8: likely sensitive).
+_NOT_REFLECTED = frozenset({b"authorization", b"proxy-authorization", b"cookie"})
+
+
+def _count_down_max_forwards(request: web.Request, headers: CIMultiDict[str]) -> web.StreamResponse | None:
+    """RFC 9110 section 7.6.2, for TRACE and OPTIONS: an intermediary that receives
+    ``Max-Forwards: 0`` answers as the final recipient; a larger value is passed on one lower."""
+    value = headers["Max-Forwards"]
+    if not (value.isascii() and value.isdigit()):
+        raise ApiError(400, "Max-Forwards must be a non-negative integer")
+    remaining = int(value) if len(value) < 4 else _MAX_FORWARDS_CAP + 1
+    if remaining:
+        headers["Max-Forwards"] = str(min(remaining - 1, _MAX_FORWARDS_CAP))
+        return None
+    if request.method == "OPTIONS":
+        return web.Response(status=200, headers={"Allow": _ALLOW})
+    # TRACE: the request as the gateway received it, credentials left out, as message/http.
+    version = request.version
+    lines = [f"TRACE {request.raw_path} HTTP/{version.major}.{version.minor}".encode()]
+    lines.extend(
+        name + b": " + value for name, value in request.raw_headers if name.lower() not in _NOT_REFLECTED
+    )
+    return web.Response(status=200, body=b"\r\n".join(lines) + b"\r\n\r\n", content_type="message/http")
 
 
 # -- HTTP --------------------------------------------------------------------------------------
