@@ -196,6 +196,10 @@ class _GatewayRequestHandler(RequestHandler):
         # carry; a fresh one would point the client at a request no log line mentions.
         request_id = request.get(request_id_key) or new_request_id()
         request[request_id_key] = request_id  # for the access line, which reads it there
+        if request.version != HttpVersion11:
+            # aiohttp makes the request it could not parse an HTTP/1.0 one, and its answer's
+            # status line said HTTP/1.0 to clients that spoke 1.1; this connection speaks 1.1.
+            request._cache["version"] = HttpVersion11
         response = _ErrorAnswer(
             status=status,
             body=body,

@@ -141,6 +141,8 @@ async def test_unparseable_request_heads_get_a_json_400(
     assert len(responses) == 1
     assert_gateway_error(responses[0], 400)
     assert b"smuggled" not in data and a.requests == [] and b.requests == []
+    # In the HTTP/1.1 this connection speaks (aiohttp answered these in HTTP/1.0), saying it closes.
+    assert data.startswith(b"HTTP/1.1 400 ") and responses[0].headers["Connection"] == "close"
 
 
 async def test_an_http_2_request_line_gets_an_http_1_1_answer_and_a_closed_connection(
