@@ -34,7 +34,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .errors import ApiError, body_too_large
-from .headers import response_headers, serialize_head, upstream_headers
+from .headers import VIA, VIA_HTTP10, response_headers, serialize_head, upstream_headers
 from .httpserver import BodyTimeout, read_body_chunk, send_continue, valid_host
 from .keys import (
     auth_key,
@@ -227,7 +227,11 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     upstream = request[upstream_key]
     path = strip_route_prefix(route, request.raw_path)
     headers = upstream_headers(
-        request.headers, remote=request.remote, scheme=request.scheme, host=request.host
+        request.headers,
+        remote=request.remote,
+        scheme=request.scheme,
+        host=request.host,
+        via=VIA if request.version == HttpVersion11 else VIA_HTTP10,
     )
     headers[REQUEST_ID_HEADER] = request[request_id_key]
     if request.get(auth_key) is not None:

@@ -234,6 +234,15 @@ async def test_via_is_added(recording_gateway: tuple[Any, Any], sent: str | None
     assert upstream.requests[0].values("Via") == [expected]
 
 
+async def test_via_names_the_protocol_the_gateway_received(recording_gateway: tuple[Any, Any]) -> None:
+    """RFC 9110 section 7.6.3: Via's received-protocol is the version of the message as received;
+    an HTTP/1.0 request was announced upstream as 1.1."""
+    client, upstream = recording_gateway
+    await raw_exchange(client.port, b"GET /x HTTP/1.0\r\nVia: 1.0 edge\r\n\r\n")
+    await raw_exchange(client.port, b"GET /x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+    assert [q.values("Via") for q in upstream.requests] == [["1.0 edge, 1.0 gateway"], ["1.1 gateway"]]
+
+
 async def test_end_to_end_headers_reach_the_upstream_unchanged(recording_gateway: tuple[Any, Any]) -> None:
     client, upstream = recording_gateway
     sent = [
