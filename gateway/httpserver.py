@@ -28,7 +28,6 @@ head (the common small API call) is read without one.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import re
@@ -53,12 +52,14 @@ from .middleware.request_id import REQUEST_ID_HEADER, new_request_id
 __all__ = [
     "BODY_IDLE_TIMEOUT",
     "KEEPALIVE_TIMEOUT",
+    "KNOWN_HOSTS",
     "MAX_FIELD_SIZE",
     "MAX_HEADERS",
     "MAX_LINE_SIZE",
     "STRICT_PARSER",
     "BodyTimeout",
     "GatewayRunner",
+    "check_host",
     "expect_continue",
     "origin_form",
     "read_body_chunk",
@@ -270,12 +271,26 @@ _AUTHORITY = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:%@\[\]]*")
 _ABSOLUTE = ("http://", "https://")
 
 
-@functools.lru_cache(maxsize=1024)
 def valid_host(host: str) -> bool:
     """Whether ``host`` is a Host header value a server may accept (RFC 9112 section 3.2: an
-    invalid one is a 400). Empty is valid: a target URI without an authority has an empty Host.
-    Cached: a client sends the same value on every request."""
+    invalid one is a 400). Empty is valid: a target URI without an authority has an empty Host."""
     return _AUTHORITY.fullmatch(host) is not None
+
+
+# Host values already found valid. A client sends the same one on every request, and a set
+# membership test is the cheapest check there is (no call); bounded, so made-up hosts only
+# cost their own check.
+KNOWN_HOSTS: set[str] = set()
+_KNOWN_HOSTS_MAX = 1024
+
+
+def check_host(host: str) -> bool:
+    """``valid_host``, remembering the valid ones in ``KNOWN_HOSTS`` (ask that set first)."""
+    if not valid_host(host):
+        return False
+    if len(KNOWN_HOSTS) < _KNOWN_HOSTS_MAX:
+        KNOWN_HOSTS.add(host)
+    return True
 
 
 def origin_form(message: Any) -> Any:

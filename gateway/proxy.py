@@ -35,7 +35,7 @@ from yarl import URL
 
 from .errors import ApiError, body_too_large
 from .headers import VIA, VIA_HTTP10, response_headers, serialize_head, upstream_headers
-from .httpserver import BodyTimeout, read_body_chunk, send_continue, valid_host
+from .httpserver import KNOWN_HOSTS, BodyTimeout, check_host, read_body_chunk, send_continue
 from .keys import (
     auth_key,
     body_key,
@@ -142,9 +142,6 @@ def routing_middleware(*, proxy: Handler) -> Any:
         version = request.version
         if not HttpVersion10 <= version <= HttpVersion11:
             _refuse_version(request, version)
-        host = request.headers.get("Host")
-        if host is not None and not valid_host(host):
-            raise ApiError(400, "Invalid Host header")
         if request.match_info.handler is not proxy:
             request[route_key] = None
             return handler(request)
@@ -226,11 +223,16 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     route: Route = request[route_key]
     upstream = request[upstream_key]
     path = strip_route_prefix(route, request.raw_path)
+    host = request.host
+    if host not in KNOWN_HOSTS and not check_host(host):
+        # RFC 9112 section 3.2; it would go upstream as X-Forwarded-Host, which backends build
+        # links from.
+        raise ApiError(400, "Invalid Host header")
     headers = upstream_headers(
         request.headers,
         remote=request.remote,
         scheme=request.scheme,
-        host=request.host,
+        host=host,
         via=VIA if request.version == HttpVersion11 else VIA_HTTP10,
     )
     headers[REQUEST_ID_HEADER] = request[request_id_key]
