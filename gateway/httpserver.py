@@ -278,8 +278,8 @@ def valid_host(host: str) -> bool:
 
 
 # Host values already found valid. A client sends the same one on every request, and a set
-# membership test is the cheapest check there is (no call); bounded, so made-up hosts only
-# cost their own check.
+# membership test is the cheapest check there is (no call); bounded in count and length (at most
+# about 270 KB), so made-up hosts only cost their own check.
 KNOWN_HOSTS: set[str] = set()
 _KNOWN_HOSTS_MAX = 1024
 
@@ -288,7 +288,7 @@ def check_host(host: str) -> bool:
     """``valid_host``, remembering the valid ones in ``KNOWN_HOSTS`` (ask that set first)."""
     if not valid_host(host):
         return False
-    if len(KNOWN_HOSTS) < _KNOWN_HOSTS_MAX:
+    if len(KNOWN_HOSTS) < _KNOWN_HOSTS_MAX and len(host) <= 261:  # a DNS name and a port
         KNOWN_HOSTS.add(host)
     return True
 
