@@ -252,9 +252,8 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
 
 
 _MAX_FORWARDS_METHODS = frozenset({"TRACE", "OPTIONS"})
-_MAX_FORWARDS_CAP = (
-    255  # the most the gateway passes on (RFC 9110 section 7.6.2: its "maximum supported value")
-)
+# The most the gateway passes on (RFC 9110 section 7.6.2: the recipient's "maximum supported value").
+_MAX_FORWARDS_CAP = 255
 # Not reflected by a TRACE the gateway answers itself (RFC 9110 section 9.3.8: likely sensitive).
 _NOT_REFLECTED = frozenset({b"authorization", b"proxy-authorization", b"cookie"})
 
