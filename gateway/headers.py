@@ -20,6 +20,7 @@ __all__ = [
     "HOP_BY_HOP",
     "TRACE_HEADERS",
     "VIA",
+    "VIA_HTTP10",
     "drop_server_banner",
     "keep_header_bytes",
     "response_headers",
@@ -59,6 +60,8 @@ _REQUEST_DROP = HOP_BY_HOP | GATEWAY_OWNED | TRACE_HEADERS | {"host", "expect"}
 _RESPONSE_DROP = HOP_BY_HOP
 
 VIA = "1.1 gateway"
+# Via names the protocol of the message as the gateway received it (RFC 9110 section 7.6.3).
+VIA_HTTP10 = "1.0 gateway"
 # Headers the gateway writes itself; naming them in ``Connection`` cannot remove them.
 _FORWARDING = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via"})
 _KEEP_NONE: frozenset[str] = frozenset()
@@ -90,9 +93,10 @@ def upstream_headers(
     remote: str | None,
     scheme: str,
     host: str | None,
+    via: str = VIA,
 ) -> CIMultiDict[str]:
     """Headers for the upstream request: hop-by-hop and gateway-owned removed (also when spelled
-    with underscores, see ``GATEWAY_SET``), forwarding added.
+    with underscores, see ``GATEWAY_SET``), forwarding added (``via``: this hop's Via entry).
 
     The headers a ``Connection`` header names are dropped, unless they are ones the gateway sets
     itself below (a client cannot make the gateway forget ``X-Forwarded-For``).
@@ -112,8 +116,8 @@ def upstream_headers(
     out["X-Forwarded-Proto"] = scheme
     if host:
         out["X-Forwarded-Host"] = host
-    via = out.getall("via", ())
-    out["Via"] = ", ".join([*via, VIA]) if via else VIA
+    received = out.getall("via", ())
+    out["Via"] = ", ".join([*received, via]) if received else via
     return out
 
 

@@ -32,16 +32,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from functools import partial
 from time import perf_counter
 from typing import Any
 
 from aiohttp import HttpVersion11, web
+from aiohttp.helpers import DEFAULT_CHUNK_SIZE
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 from aiohttp.http_parser import HttpRequestParser, HttpRequestParserPy
-from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from .errors import ApiError, error_response
 from .headers import drop_server_banner
@@ -53,15 +57,19 @@ from .middleware.tracing import trace_refusal
 __all__ = [
     "BODY_IDLE_TIMEOUT",
     "KEEPALIVE_TIMEOUT",
+    "KNOWN_HOSTS",
     "MAX_FIELD_SIZE",
     "MAX_HEADERS",
     "MAX_LINE_SIZE",
     "STRICT_PARSER",
     "BodyTimeout",
     "GatewayRunner",
+    "check_host",
     "expect_continue",
+    "origin_form",
     "read_body_chunk",
     "send_continue",
+    "valid_host",
 ]
 
 log = logging.getLogger("gateway.http")
@@ -100,7 +108,65 @@ async def read_body_chunk(content: StreamReader) -> bytes:
         raise BodyTimeout from None
 
 
+class _OneMessageAtATimeParser(HttpRequestParser):
+    """aiohttp's C request parser, made to stop after each request and go on from there.
+
+    Fed several pipelined requests at once, aiohttp's parser returns them all, or, when one of
+    them is malformed, none: it raises, and the requests before the bad one were lost. The 400
+    then went out as the answer to the first request, which the client took for the answer to a
+    request the gateway never read (and ``Connection: close`` followed by more bytes, which llhttp
+    counts as malformed, lost its own request the same way). Paused after every message, the
+    parser is resumed here until the data is used up: the requests come out in order, the error
+    after them.
+    """
+
+    def feed_data(self, data: bytes) -> tuple[Any, bool, bytes]:  # type: ignore[override]
+        messages, upgraded, tail = _feed(self, data)
+        if messages and data.find(b"\r\n\r\n") == len(data) - 4 and data[0] not in _CR_LF:
+            # The common case, one request head in one read: its blank line is the only one and
+            # ends the data, so it ended where the parser stopped, and nothing is left to parse.
+            # (A head that a previous read began may end in this one's first bytes: not here.)
+            return messages, upgraded, tail
+        protocol = self.protocol
+        later: list[Any] | None = None
+        # Not while flow control holds a request body back: resume_reading() goes on from there.
+        while not upgraded and not protocol._reading_paused:
+            try:
+                more, upgraded, tail = _feed(self, b"")
+            except HttpProcessingError as exc:
+                parsed = [*messages, *(later or ())]
+                if not parsed:
+                    raise
+                parsed.append((_ErrInfo(status=400, exc=exc, message=exc.message), EMPTY_PAYLOAD))
+                return parsed, False, b""
+            if not more:
+                break
+            later = [*(later or ()), *more]
+        if later is None:
+            return messages, upgraded, tail
+        return [*messages, *later], upgraded, tail
+
+
+_feed = HttpRequestParser.feed_data
+_CR_LF = b"\r\n"
+
+
 class _GatewayRequestHandler(RequestHandler):
+    def __init__(self, manager: web.Server, *, loop: asyncio.AbstractEventLoop, **kwargs: Any) -> None:
+        super().__init__(manager, loop=loop, **kwargs)
+        if STRICT_PARSER:
+            self._parser = _OneMessageAtATimeParser(
+                self,
+                loop,
+                kwargs.get("read_bufsize", DEFAULT_CHUNK_SIZE),
+                max_line_size=kwargs.get("max_line_size", 8190),
+                max_field_size=kwargs.get("max_field_size", 8190),
+                max_headers=kwargs.get("max_headers", 128),
+                payload_exception=RequestPayloadError,
+                auto_decompress=kwargs.get("auto_decompress", True),
+                max_msg_queue_size=1,  # pause after every message
+            )
+
     async def shutdown(self, timeout: float | None = 15.0) -> None:  # noqa: ASYNC109 - aiohttp's signature
         """On drain: the request in progress gets ``timeout`` seconds to finish, and that is all.
 
@@ -152,6 +218,10 @@ class _GatewayRequestHandler(RequestHandler):
         # carry; a fresh one would point the client at a request no log line mentions.
         request_id = request.get(request_id_key) or new_request_id()
         request[request_id_key] = request_id  # for the access line, which reads it there
+        if request.version != HttpVersion11:
+            # aiohttp makes the request it could not parse an HTTP/1.0 one, and its answer's
+            # status line said HTTP/1.0 to clients that spoke 1.1; this connection speaks 1.1.
+            request._cache["version"] = HttpVersion11
         response = _ErrorAnswer(
             status=status,
             body=body,
@@ -238,6 +308,69 @@ async def send_continue(request: web.Request) -> None:
     request.writer.output_size = 0  # the interim answer is not the response
 
 
+# What a Host header (and the authority of an absolute-form target) may hold: RFC 3986's
+# characters for an authority, as Envoy (nghttp2) checks them. No space, "/", "\\", "?", "#" or
+# control character: a backend building links from X-Forwarded-Host would take them as given.
+_AUTHORITY = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:%@\[\]]*")
+_ABSOLUTE = ("http://", "https://")
+
+
+def valid_host(host: str) -> bool:
+    """Whether ``host`` is a Host header value a server may accept (RFC 9112 section 3.2: an
+    invalid one is a 400). Empty is valid: a target URI without an authority has an empty Host."""
+    return _AUTHORITY.fullmatch(host) is not None
+
+
+# Host values already found valid. A client sends the same one on every request, and a set
+# membership test is the cheapest check there is (no call); bounded in count and length (at most
+# about 270 KB), so made-up hosts only cost their own check.
+KNOWN_HOSTS: set[str] = set()
+_KNOWN_HOSTS_MAX = 1024
+
+
+def check_host(host: str) -> bool:
+    """``valid_host``, remembering the valid ones in ``KNOWN_HOSTS`` (ask that set first)."""
+    if not valid_host(host):
+        return False
+    if len(KNOWN_HOSTS) < _KNOWN_HOSTS_MAX and len(host) <= 261:  # a DNS name and a port
+        KNOWN_HOSTS.add(host)
+    return True
+
+
+def origin_form(message: Any) -> Any:
+    """An absolute-form request (``GET http://host/path HTTP/1.1``) as the origin-form one it
+    stands for: the path (and query) as the target, the URI's authority as the Host header.
+
+    RFC 9112 section 3.2.2: a server must accept the absolute-form, and a Host header sent along
+    with it is ignored for the URI's authority. Clients send it to a proxy, which is what they
+    take the gateway for when ``http_proxy`` points at it. Only ``http`` and ``https`` URIs with a
+    valid authority and no userinfo (RFC 9110 section 4.2.4) are rewritten; anything else stays
+    as it was, and the routing refuses it with a 400. ``OPTIONS http://host`` is ``OPTIONS *``
+    (RFC 9112 section 3.2.4).
+    """
+    target = message.path
+    if not target[:8].lower().startswith(_ABSOLUTE):
+        return message
+    rest = target[target.index("://") + 3 :]
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    authority, path = rest[:cut], rest[cut:]
+    if not authority or "@" in authority or not valid_host(authority):
+        return message
+    if not path:
+        path = "*" if message.method == "OPTIONS" else "/"
+    elif path.startswith("?"):
+        path = "/" + path
+    headers = CIMultiDict(message.headers)
+    headers["Host"] = authority
+    raw_headers = (
+        *((name, value) for name, value in message.raw_headers if name.lower() != b"host"),
+        (b"Host", authority.encode()),
+    )
+    return message._replace(
+        path=path, url=URL(path, encoded=True), headers=CIMultiDictProxy(headers), raw_headers=raw_headers
+    )
+
+
 class GatewayRequest(web.Request):
     """aiohttp's request with a direct ``get``.
 
@@ -280,8 +413,10 @@ class GatewayRunner(web.AppRunner):
         server.__class__ = _GatewayServer  # same object and state, only the protocol differs
         make = partial(self._app._make_request, _cls=_request_class(self._app))
 
-        def request_factory(*args: Any) -> web.BaseRequest:
-            request = make(*args)
+        def request_factory(message: Any, *args: Any) -> web.BaseRequest:
+            if not message.path.startswith("/"):
+                message = origin_form(message)
+            request = make(message, *args)
             # For the access log's duration: the loop's clock (uvloop) moves in whole milliseconds
             # and only once per loop iteration, too coarse for a hop that adds well under one.
             request.received = perf_counter()  # type: ignore[attr-defined]

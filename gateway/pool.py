@@ -361,6 +361,11 @@ async def exchange(
             message, payload = await protocol.read()
             if message.code not in _INTERIM or message.code == 101:
                 break
+            # aiohttp ends the read timeout at an interim answer (100 Continue, 103 Early Hints)
+            # as at any bodiless one: without a new one, an upstream that then fell silent held
+            # the request forever. Bytes of the final answer, when they come, move it on.
+            if not protocol._buffer:
+                protocol.start_timeout()
     except BaseException:
         if sending is not None and not sending.done():
             sending.cancel()

@@ -34,8 +34,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .errors import ApiError, body_too_large
-from .headers import response_headers, serialize_head, upstream_headers
-from .httpserver import BodyTimeout, read_body_chunk, send_continue
+from .headers import VIA, VIA_HTTP10, response_headers, serialize_head, upstream_headers
+from .httpserver import KNOWN_HOSTS, BodyTimeout, check_host, read_body_chunk, send_continue
 from .keys import (
     auth_key,
     body_key,
@@ -149,7 +149,14 @@ def routing_middleware(*, proxy: Handler) -> Any:
             return handler(request)
         raw_path = request.raw_path
         if not raw_path.startswith("/"):
-            raise ApiError(400, "Request target must be a path")
+            if raw_path == "*" and request.method == "OPTIONS":
+                request[route_key] = None
+                return _server_options()
+            raise ApiError(400, "Request target must be a path or an absolute http(s) URI")
+        if "#" in raw_path:
+            # Not part of a request target (RFC 9112 section 3.2), and every upstream drops it as
+            # a fragment: /a/admin#x would be routed as /a's but read upstream as /a/admin.
+            raise ApiError(400, "Request target must not contain a fragment ('#')")
         transfer_encoding = request.headers.get("Transfer-Encoding")
         if transfer_encoding is not None and transfer_encoding.strip().lower() != "chunked":
             # The parser accepts "gzip, chunked" and strips only the chunking; forwarding the
@@ -173,6 +180,16 @@ def routing_middleware(*, proxy: Handler) -> Any:
         return handler(request)
 
     return routing
+
+
+# The methods the gateway forwards, as the CORS preflight lists them.
+_ALLOW = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+
+
+async def _server_options() -> web.StreamResponse:
+    """``OPTIONS *``: a question about the server as a whole (RFC 9110 section 9.3.7), which
+    the gateway answers itself; it is no route's, and no upstream's, to answer."""
+    return web.Response(status=200, headers={"Allow": _ALLOW})
 
 
 def _refuse_version(request: web.Request, version: HttpVersion) -> NoReturn:
@@ -208,14 +225,27 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     route: Route = request[route_key]
     upstream = request[upstream_key]
     path = strip_route_prefix(route, request.raw_path)
+    host = request.host
+    if host not in KNOWN_HOSTS and not check_host(host):
+        # RFC 9112 section 3.2; it would go upstream as X-Forwarded-Host, which backends build
+        # links from.
+        raise ApiError(400, "Invalid Host header")
     headers = upstream_headers(
-        request.headers, remote=request.remote, scheme=request.scheme, host=request.host
+        request.headers,
+        remote=request.remote,
+        scheme=request.scheme,
+        host=host,
+        via=VIA if request.version == HttpVersion11 else VIA_HTTP10,
     )
     headers[REQUEST_ID_HEADER] = request[request_id_key]
     if request.get(auth_key) is not None:
         headers.update(identity_headers(request))
         if request.get(query_token_key):
             path = without_query_token(path)  # the gateway took the credential; it goes no further
+    if request.method in _MAX_FORWARDS_METHODS and "Max-Forwards" in headers:
+        answer = _count_down_max_forwards(request, headers)
+        if answer is not None:
+            return answer
     if request.headers.get("Upgrade", "").lower() == "websocket":
         # The session's CLIENT span: the upstream connection, from the handshake to the close.
         with ClientSpan(request.app[tracing_key], f"GET {route.prefix}", upstream.name) as span:
@@ -223,6 +253,34 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
                 headers.update(downstream_headers(span))
             return await _proxy_websocket(request, upstream, path, headers, span)
     return await _proxy_http(request, route, upstream, path, headers)
+
+
+_MAX_FORWARDS_METHODS = frozenset({"TRACE", "OPTIONS"})
+# The most the gateway passes on (RFC 9110 section 7.6.2: the recipient's "maximum supported value").
+_MAX_FORWARDS_CAP = 255
+# Not reflected by a TRACE the gateway answers itself (RFC 9110 section 9.3.8: likely sensitive).
+_NOT_REFLECTED = frozenset({b"authorization", b"proxy-authorization", b"cookie"})
+
+
+def _count_down_max_forwards(request: web.Request, headers: CIMultiDict[str]) -> web.StreamResponse | None:
+    """RFC 9110 section 7.6.2, for TRACE and OPTIONS: an intermediary that receives
+    ``Max-Forwards: 0`` answers as the final recipient; a larger value is passed on one lower."""
+    value = headers["Max-Forwards"]
+    if not (value.isascii() and value.isdigit()):
+        raise ApiError(400, "Max-Forwards must be a non-negative integer")
+    remaining = int(value) if len(value) < 4 else _MAX_FORWARDS_CAP + 1
+    if remaining:
+        headers["Max-Forwards"] = str(min(remaining - 1, _MAX_FORWARDS_CAP))
+        return None
+    if request.method == "OPTIONS":
+        return web.Response(status=200, headers={"Allow": _ALLOW})
+    # TRACE: the request as the gateway received it, credentials left out, as message/http.
+    version = request.version
+    lines = [f"TRACE {request.raw_path} HTTP/{version.major}.{version.minor}".encode()]
+    lines.extend(
+        name + b": " + value for name, value in request.raw_headers if name.lower() not in _NOT_REFLECTED
+    )
+    return web.Response(status=200, body=b"\r\n".join(lines) + b"\r\n\r\n", content_type="message/http")
 
 
 # -- HTTP --------------------------------------------------------------------------------------
@@ -454,6 +512,12 @@ async def _relay_response(
             raise ApiError(502, "Upstream closed the connection mid-response")
         return _whole_response(status, message.reason, headers, body)
 
+    if length is None and not _only_chunked(message.headers):
+        # A transfer coding the gateway does not decode (gzip, compress, deflate, or chunked twice):
+        # Transfer-Encoding is hop-by-hop and dropped, so the client would take the coded bytes
+        # for the body. nginx and Go's proxy answer 502 too.
+        _count_failure(request, "invalid")
+        raise ApiError(502, f"Upstream '{request[upstream_key].name}' sent an unsupported Transfer-Encoding")
     response = _RelayedStream(status=status, reason=message.reason, headers=headers)
     response.untyped = "Content-Type" not in headers
     if length is None and request.version == HttpVersion10:
@@ -576,6 +640,12 @@ def _kind(exc: BaseException) -> str:
 
 def _count_failure(request: web.Request, kind: str) -> None:
     request.app[metrics_key].upstream_errors.labels(request[upstream_key].name, kind).inc()
+
+
+def _only_chunked(headers: CIMultiDictProxy[str]) -> bool:
+    """Whether the response's transfer codings, if any, are ``chunked`` alone."""
+    values = headers.getall("Transfer-Encoding", ())
+    return not values or [c.strip().lower() for v in values for c in v.split(",")] == ["chunked"]
 
 
 def _content_length(headers: CIMultiDictProxy[str]) -> int | None:

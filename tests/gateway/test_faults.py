@@ -118,6 +118,44 @@ async def test_upstream_that_never_answers_gets_504_within_the_read_timeout(gate
     await _assert_released(client, good, baseline)
 
 
+@pytest.mark.parametrize(
+    "interim", [b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"]
+)
+async def test_an_upstream_silent_after_an_interim_answer_gets_504_within_the_read_timeout(
+    gateway_for: Any, interim: bytes
+) -> None:
+    async def interim_then_silence(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_head(reader)
+        writer.write(interim)
+        await writer.drain()
+        await reader.read()
+
+    client, good = await gateway_for(interim_then_silence)
+    baseline = await _baseline(client)
+    started = time.monotonic()
+    async with asyncio.timeout(READ_TIMEOUT + 2):  # it used to wait for ever
+        response = await client.get("/bad/x")
+    await _assert_gateway_error(response, 504)
+    assert time.monotonic() - started < READ_TIMEOUT + 1
+    await _assert_released(client, good, baseline)
+
+
+async def test_a_final_answer_after_an_interim_one_is_relayed(gateway_for: Any) -> None:
+    async def interim_then_final(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await _read_head(reader)
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(READ_TIMEOUT / 4)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    client, _ = await gateway_for(interim_then_final)
+    for _ in range(2):  # the second on the pooled connection: no timer left over from the first
+        response = await client.get("/bad/x")
+        assert response.status == 200 and await response.read() == b"ok"
+
+
 async def test_upstream_killed_before_the_head_gets_502(gateway_for: Any) -> None:
     async def dies(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _read_head(reader)
@@ -361,8 +399,25 @@ async def test_an_unsolicited_extra_response_never_answers_the_next_request(gate
         b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcd",
         b"HTTP/1.1 2000 OK\r\nContent-Length: 0\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-A: a\x00b\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\nabcd",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabcd\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nabcd",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n",
     ],
-    ids=["length and chunked", "two lengths", "bad status", "NUL in a header"],
+    ids=[
+        "length and chunked",
+        "two lengths",
+        "bad status",
+        "NUL in a header",
+        "negative length",
+        "bad chunk size",
+        "gzip transfer coding",
+        "gzip then chunked",
+        "chunked twice",
+        "two chunked fields",
+    ],
 )
 async def test_an_ambiguous_upstream_response_gets_502(gateway_for: Any, head: bytes) -> None:
     async def ambiguous(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

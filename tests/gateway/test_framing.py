@@ -141,6 +141,8 @@ async def test_unparseable_request_heads_get_a_json_400(
     assert len(responses) == 1
     assert_gateway_error(responses[0], 400)
     assert b"smuggled" not in data and a.requests == [] and b.requests == []
+    # In the HTTP/1.1 this connection speaks (aiohttp answered these in HTTP/1.0), saying it closes.
+    assert data.startswith(b"HTTP/1.1 400 ") and responses[0].headers["Connection"] == "close"
 
 
 async def test_an_http_2_request_line_gets_an_http_1_1_answer_and_a_closed_connection(
@@ -221,6 +223,45 @@ async def test_well_framed_variants_reach_the_upstream_exactly_as_the_gateway_pa
     (forwarded,) = a.requests
     assert forwarded.values("Transfer-Encoding") in ([], ["chunked"])
     assert not (forwarded.values("Transfer-Encoding") and forwarded.values("Content-Length"))
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        b"GET /a/first HTTP/1.1\r\n" + HOST + b"\r\n",
+        b"POST /a/first HTTP/1.1\r\n" + HOST + b"Content-Length: 3\r\n\r\nabc",
+        b"GET /a/first HTTP/1.1\r\n" + HOST + b"\r\nGET /b/second HTTP/1.1\r\n" + HOST + b"\r\n",
+    ],
+    ids=["get", "post with a body", "two gets"],
+)
+async def test_pipelined_requests_before_a_malformed_one_are_answered_in_order(
+    two_routes: tuple[Any, Any, Any], first: bytes
+) -> None:
+    """Sent in one write, the requests before a malformed one used to be lost: the 400 went out
+    as the answer to the first of them, which the upstream never saw."""
+    client, a, b = two_routes
+    malformed = b"GET /a/x HTTP/1.1\r\n" + HOST + b"Content-Length: 1\r\nContent-Length: 2\r\n\r\n"
+    data = await raw_exchange(client.port, first + malformed + SMUGGLED)
+    *answered, refused = parse_responses(data)
+    expected = [("a", "/a/first")] + ([("b", "/b/second")] if b"second" in first else [])
+    assert [(r.headers["X-Upstream"], r.json()["path"]) for r in answered] == expected
+    assert_upstreams_agree(answered, a, b)
+    assert_gateway_error(refused, 400)
+
+
+async def test_bytes_after_a_connection_close_request_do_not_cost_it_its_answer(
+    two_routes: tuple[Any, Any, Any],
+) -> None:
+    """llhttp takes anything after a ``Connection: close`` request for an error; with both in one
+    write, that error used to be the only answer. The request is answered, the rest ignored
+    (RFC 9112 section 9.6)."""
+    client, a, b = two_routes
+    data = await raw_exchange(
+        client.port, b"GET /a/x HTTP/1.1\r\n" + HOST + b"Connection: close\r\n\r\n" + SMUGGLED
+    )
+    (response,) = parse_responses(data)
+    assert response.status == 200 and response.headers["Connection"] == "close"
+    assert [q.raw_path for q in a.requests] == ["/a/x"] and b.requests == []
 
 
 async def test_a_body_split_across_packets_is_framed_once(two_routes: tuple[Any, Any, Any]) -> None:

@@ -234,6 +234,15 @@ async def test_via_is_added(recording_gateway: tuple[Any, Any], sent: str | None
     assert upstream.requests[0].values("Via") == [expected]
 
 
+async def test_via_names_the_protocol_the_gateway_received(recording_gateway: tuple[Any, Any]) -> None:
+    """RFC 9110 section 7.6.3: Via's received-protocol is the version of the message as received;
+    an HTTP/1.0 request was announced upstream as 1.1."""
+    client, upstream = recording_gateway
+    await raw_exchange(client.port, b"GET /x HTTP/1.0\r\nVia: 1.0 edge\r\n\r\n")
+    await raw_exchange(client.port, b"GET /x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+    assert [q.values("Via") for q in upstream.requests] == [["1.0 edge, 1.0 gateway"], ["1.1 gateway"]]
+
+
 async def test_end_to_end_headers_reach_the_upstream_unchanged(recording_gateway: tuple[Any, Any]) -> None:
     client, upstream = recording_gateway
     sent = [
@@ -360,3 +369,63 @@ async def test_no_server_banner_is_added_and_an_upstreams_own_server_header_stay
     assert header_names(own)["server"] == ["Python/3.11 aiohttp/3.14.5"]
     assert ours.startswith(b"HTTP/1.1 404 ")
     assert "server" not in header_names(ours)
+
+
+@pytest.mark.parametrize(
+    ("method", "sent", "forwarded"),
+    [
+        ("TRACE", "3", "2"),
+        ("OPTIONS", "1", "0"),
+        ("OPTIONS", "99999999999999999999", "255"),
+        ("GET", "0", "0"),
+    ],
+)
+async def test_max_forwards_is_counted_down_on_trace_and_options(
+    recording_gateway: tuple[Any, Any], method: str, sent: str, forwarded: str
+) -> None:
+    """RFC 9110 section 7.6.2: an intermediary passes Max-Forwards on TRACE and OPTIONS one lower
+    (other methods may ignore it, and do); it used to pass it on unchanged."""
+    client, upstream = recording_gateway
+    response = await client.request(method, "/x", headers={"Max-Forwards": sent})
+    assert response.status == 200
+    (seen,) = upstream.requests
+    assert seen.values("Max-Forwards") == [forwarded]
+
+
+async def test_options_with_max_forwards_zero_is_answered_by_the_gateway(
+    recording_gateway: tuple[Any, Any],
+) -> None:
+    client, upstream = recording_gateway
+    response = await client.options("/x", headers={"Max-Forwards": "0"})
+    assert response.status == 200 and await response.read() == b""
+    assert "OPTIONS" in response.headers["Allow"]
+    assert upstream.requests == []
+
+
+async def test_trace_with_max_forwards_zero_reflects_the_request_without_credentials(
+    recording_gateway: tuple[Any, Any],
+) -> None:
+    """The gateway is then the final recipient: it reflects the request as message/http and,
+    as RFC 9110 section 9.3.8 asks, leaves out the fields likely to carry credentials."""
+    client, upstream = recording_gateway
+    request = (
+        b"TRACE /x?q=1 HTTP/1.1\r\nHost: gw\r\nMax-Forwards: 0\r\nAuthorization: Bearer s3cret\r\n"
+        b"Cookie: session=s3cret\r\nX-Probe: 1\r\nConnection: close\r\n\r\n"
+    )
+    data = await raw_exchange(client.port, request)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"Content-Type: message/http" in head
+    assert body.startswith(b"TRACE /x?q=1 HTTP/1.1\r\n")
+    assert b"X-Probe: 1\r\n" in body and b"Max-Forwards: 0\r\n" in body
+    assert b"s3cret" not in body
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("value", ["-1", "x", "1.5", "\u0661"])
+async def test_a_malformed_max_forwards_on_trace_or_options_is_a_400(
+    recording_gateway: tuple[Any, Any], value: str
+) -> None:
+    client, upstream = recording_gateway
+    response = await client.options("/x", headers={"Max-Forwards": value})
+    assert response.status == 400 and "Max-Forwards" in (await response.json())["detail"]
+    assert upstream.requests == []

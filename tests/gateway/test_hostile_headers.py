@@ -277,3 +277,38 @@ async def test_a_refused_cors_origin_is_quoted_back_printable_and_bounded(
     detail = response.json()["detail"]
     assert detail.startswith("CORS: origin 'https://\\xe9vil.example/xxx") and len(detail) < 200
     assert upstream.requests == []
+
+
+@pytest.mark.parametrize(
+    "host",
+    [b"a b", b"x/y", b"x\\y", b"x?y", b"x#y", b"<x>", b'x"y', b"caf\xc3\xa9.example", b"x\ty"],
+    ids=["space", "slash", "backslash", "question mark", "hash", "angle brackets", "quote", "utf-8", "tab"],
+)
+async def test_an_invalid_host_header_is_a_400(make_gateway: Any, make_upstream: Any, host: bytes) -> None:
+    """RFC 9112 section 3.2: a Host field with an invalid value is a 400. It used to be passed on
+    as X-Forwarded-Host, which backends build links from."""
+    upstream = await make_upstream()
+    client = await make_gateway(_config(upstream.url))
+    data = await raw_exchange(
+        client.port, b"GET /none/x HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n"
+    )
+    (response,) = parse_responses(data)
+    assert response.status == 400 and response.json()["detail"] == "Invalid Host header"
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize(
+    "host", [b"", b"x", b"x:8080", b"[::1]:8080", b"127.0.0.1", b"xn--caf-dma.example", b"a_b.local"]
+)
+async def test_a_valid_host_header_is_forwarded_as_x_forwarded_host(
+    make_gateway: Any, make_upstream: Any, host: bytes
+) -> None:
+    upstream = await make_upstream()
+    client = await make_gateway(_config(upstream.url))
+    data = await raw_exchange(
+        client.port, b"GET /none/x HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n"
+    )
+    (response,) = parse_responses(data)
+    assert response.status == 200
+    (seen,) = upstream.requests
+    assert seen.values("X-Forwarded-Host") == ([host.decode()] if host else [])

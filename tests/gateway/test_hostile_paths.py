@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway.keys import route_table_key
 from gateway.routing import RouteTable, has_dot_segment
 from gateway.settings import Route
 from tests.helpers import parse_responses, raw_exchange
@@ -91,21 +92,82 @@ async def test_paths_outside_every_route_reach_no_upstream(
 
 
 @pytest.mark.parametrize(
+    ("target", "service", "forwarded", "authority"),
+    [
+        (b"http://other-host/b/x", "b", "/x", "other-host"),
+        (b"http://127.0.0.1:8/a/x?q=1", "a", "/a/x?q=1", "127.0.0.1:8"),
+        (b"HTTPS://x/a/x", "a", "/a/x", "x"),
+        (b"http://[::1]:8080/a/%7Ex", "a", "/a/%7Ex", "[::1]:8080"),
+    ],
+)
+async def test_an_absolute_form_target_is_routed_by_its_path_with_its_authority_as_host(
+    two_routes: tuple[Any, Any, Any], target: bytes, service: str, forwarded: str, authority: str
+) -> None:
+    """RFC 9112 section 3.2.2: a server must accept the absolute-form, and takes the URI's
+    authority over a Host header sent with it. The path goes through every check a path does."""
+    client, a, b = two_routes
+    data = await raw_exchange(
+        client.port, b"GET " + target + b" HTTP/1.1\r\nHost: not-this\r\nConnection: close\r\n\r\n"
+    )
+    (response,) = parse_responses(data)
+    assert response.status == 200
+    hit, missed = (a, b) if service == "a" else (b, a)
+    (seen,) = hit.requests
+    assert seen.raw_path == forwarded and missed.requests == []
+    assert seen.values("X-Forwarded-Host") == [authority]
+    assert seen.values("X-Forwarded-Proto") == ["http"]  # the connection's, whatever the URI says
+    assert seen.values("Host") == [
+        client.app[route_table_key].current.upstreams["svc-" + service].targets[0].pool.host_header
+    ]
+
+
+@pytest.mark.parametrize(
     "target",
     [
-        b"http://other-host/b/x",
-        b"http://127.0.0.1/a/x",
-        b"https://x/a/x",
+        b"ftp://x/a/x",
+        b"http://user@x/a/x",
+        b"http://user:pw@x/a/x",
+        b"http:///a/x",
+        b"http://x\\y/a/x",
+        b"http://x/a/../b/x",
+        b"http://x/a/x#f",
         b"other-host:80",
         b"//other-host/a/x",
     ],
 )
-async def test_absolute_and_authority_form_targets_reach_no_upstream(
+async def test_targets_that_are_neither_paths_nor_http_uris_reach_no_upstream(
     two_routes: tuple[Any, Any, Any], target: bytes
 ) -> None:
     client, a, b = two_routes
     response = await _get(client.port, target)
     assert response.status in (400, 404) and response.json()["detail"]
+    assert a.requests == [] and b.requests == []
+
+
+async def test_an_absolute_form_target_is_held_to_its_routes_policy(
+    nested_routes: tuple[Any, Any, Any],
+) -> None:
+    client, admin, open_ = nested_routes
+    assert (await _get(client.port, b"http://x/a/admin/x")).status == 401
+    assert (await _get(client.port, b"http://x/a/%61dmin/x")).status == 400
+    assert admin.requests == [] and open_.requests == []
+
+
+@pytest.mark.parametrize("target", [b"*", b"http://x", b"http://x:80"])
+async def test_options_asterisk_is_answered_by_the_gateway(
+    two_routes: tuple[Any, Any, Any], target: bytes
+) -> None:
+    """``OPTIONS *`` asks about the server as a whole (RFC 9110 section 9.3.7); ``OPTIONS
+    http://x`` is the same question (RFC 9112 section 3.2.4). It used to be a 400."""
+    client, a, b = two_routes
+    data = await raw_exchange(
+        client.port, b"OPTIONS " + target + b" HTTP/1.1\r\n" + HOST + b"Connection: close\r\n\r\n"
+    )
+    (response,) = parse_responses(data)
+    assert response.status == 200 and response.body == b""
+    assert response.headers["Content-Length"] == "0"
+    assert "OPTIONS" in response.headers["Allow"] and "GET" in response.headers["Allow"]
+    assert response.headers.get("X-Request-ID")
     assert a.requests == [] and b.requests == []
 
 
@@ -157,6 +219,18 @@ async def test_a_path_another_route_would_read_as_its_own_is_refused(
     assert admin.requests == [] and open_.requests == []
     # The plain spelling is held to its route's policy.
     assert (await _get(client.port, b"/a/admin/x")).status == 401
+
+
+@pytest.mark.parametrize("target", [b"/a/admin#x", b"/a/admin#/y", b"/a/admin#", b"/a/x#y", b"/a/x?q=1#y"])
+async def test_a_target_with_a_fragment_is_refused(
+    nested_routes: tuple[Any, Any, Any], target: bytes
+) -> None:
+    """A fragment is no part of a request target, and upstreams drop it: /a/admin#x, routed as
+    /a's (no prefix ends in '#'), would reach /a/admin without the token that route requires."""
+    client, admin, open_ = nested_routes
+    response = await _get(client.port, target)
+    assert response.status == 400 and "fragment" in response.json()["detail"]
+    assert admin.requests == [] and open_.requests == []
 
 
 @pytest.mark.parametrize("target", [b"/a/%7Euser/x", b"/a/x%2Fadmin", b"/a/x//y", b"/a/x;v=1", b"/a/%61bc"])
