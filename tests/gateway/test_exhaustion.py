@@ -13,6 +13,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
+
 from tests.helpers import one_service, running_gateway, wait_for
 
 OPEN_FILES = 64
@@ -76,3 +78,71 @@ async def test_out_of_file_descriptors_an_upstream_connection_gets_503_and_the_t
     assert len(warnings) == 1, records
     assert warnings[0]["level"] == "warning" and warnings[0]["service"] == "svc"
     assert "Traceback" not in gateway.log.read_text()
+
+
+async def test_a_client_that_stops_reading_is_cut_off_and_frees_the_upstream(
+    make_gateway: Any, make_upstream: Any
+) -> None:
+    """A client that stops reading a streamed answer: backpressure stops the upstream, and after
+    the send timeout the client's connection is aborted and the upstream's dropped (nginx's
+    send_timeout). Without it both were held for as long as the client liked."""
+    upstream_done = asyncio.Event()
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        chunk = b"x" * 65536
+        try:
+            while True:
+                await response.write(chunk)
+        finally:
+            upstream_done.set()
+
+    upstream = await make_upstream(endless)
+    client = await make_gateway(one_service(upstream.url), server_kwargs={"send_timeout": 0.3})
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", client.port))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+    try:
+        writer.write(b"GET /stream HTTP/1.1\r\nHost: gw\r\n\r\n")
+        async with asyncio.timeout(5):
+            await upstream_done.wait()  # the gateway dropped the upstream connection
+        # ... and the client's: what it reads now ends (EOF or reset) instead of waiting.
+        async with asyncio.timeout(5):
+            while await reader.read(1 << 20):
+                pass
+    except ConnectionResetError:
+        pass
+    finally:
+        writer.close()
+    # Others are served meanwhile and after.
+    response = await client.get("/other")
+    assert response.status == 200
+
+
+async def test_a_slow_but_reading_client_gets_the_whole_stream(make_gateway: Any, make_upstream: Any) -> None:
+    """The send timeout counts a client that makes no progress, not a slow one: one that keeps
+    reading gets everything, however much longer than the timeout it takes."""
+    size = 4 * 1024 * 1024
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.content_length = size
+        await response.prepare(request)
+        for _ in range(size // 65536):
+            await response.write(b"y" * 65536)
+        await response.write_eof()
+        return response
+
+    upstream = await make_upstream(big)
+    client = await make_gateway(one_service(upstream.url), server_kwargs={"send_timeout": 0.2})
+    response = await client.get("/big")
+    received = 0
+    started = asyncio.get_running_loop().time()
+    while chunk := await response.content.read(256 * 1024):
+        received += len(chunk)
+        await asyncio.sleep(0.05)  # a reader that keeps the gateway waiting, but never for 0.2 s
+    assert received == size
+    assert asyncio.get_running_loop().time() - started > 0.5  # well past the send timeout
