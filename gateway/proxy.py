@@ -88,9 +88,16 @@ _CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 
 
 async def http_client_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The one upstream session: bounded keep-alive pool, no cookie jar, no decompression."""
+    """The one upstream session (WebSocket sessions, health checks, Zipkin): no cookie jar, no
+    decompression, and no cap on connections held at once.
+
+    A WebSocket holds its upstream connection for its whole life. With aiohttp's cap (it was
+    1024, for the whole process) the 1025th session's handshake queued for a free connection
+    until it got a 504 that blamed the upstream, and health checks queued behind the sessions
+    too. Proxied HTTP requests have no such cap either (``pool.py``): the process's open-files
+    limit is the bound, and running out of it is a 503 (``_out_of_sockets``)."""
     connector = aiohttp.TCPConnector(
-        limit=1024,
+        limit=0,
         limit_per_host=0,
         keepalive_timeout=30,
         ttl_dns_cache=10,

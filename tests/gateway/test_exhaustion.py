@@ -7,8 +7,11 @@ RLIMIT_NOFILE, as ``ulimit -n`` would.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import os
+import resource
 import socket
 from pathlib import Path
 from typing import Any
@@ -125,7 +128,7 @@ async def test_a_client_that_stops_reading_is_cut_off_and_frees_the_upstream(
 async def test_a_slow_but_reading_client_gets_the_whole_stream(make_gateway: Any, make_upstream: Any) -> None:
     """The send timeout counts a client that makes no progress, not a slow one: one that keeps
     reading gets everything, however much longer than the timeout it takes."""
-    size = 4 * 1024 * 1024
+    size = 8 * 1024 * 1024
 
     async def big(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse()
@@ -137,12 +140,79 @@ async def test_a_slow_but_reading_client_gets_the_whole_stream(make_gateway: Any
         return response
 
     upstream = await make_upstream(big)
-    client = await make_gateway(one_service(upstream.url), server_kwargs={"send_timeout": 0.2})
-    response = await client.get("/big")
-    received = 0
-    started = asyncio.get_running_loop().time()
-    while chunk := await response.content.read(256 * 1024):
-        received += len(chunk)
-        await asyncio.sleep(0.05)  # a reader that keeps the gateway waiting, but never for 0.2 s
-    assert received == size
-    assert asyncio.get_running_loop().time() - started > 0.5  # well past the send timeout
+    client = await make_gateway(one_service(upstream.url), server_kwargs={"send_timeout": 0.25})
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # the gateway's writes back up
+    sock.connect(("127.0.0.1", client.port))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock, limit=65536)
+    loop = asyncio.get_running_loop()
+    try:
+        writer.write(b"GET /big HTTP/1.1\r\nHost: gw\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        started, received = loop.time(), 0
+        while received < size:
+            chunk = await reader.read(131072)
+            assert chunk, f"cut off after {received} bytes"
+            received += len(chunk)
+            await asyncio.sleep(0.005)  # the gateway waits on this client all along
+        assert loop.time() - started > 0.25  # longer than the send timeout
+    finally:
+        writer.close()
+
+
+async def test_more_websocket_sessions_than_the_old_connector_cap_all_open(
+    make_gateway: Any, make_raw_upstream: Any
+) -> None:
+    """Each WebSocket holds an upstream connection for its life. The session they are opened
+    with capped the whole process at 1024 of them: the 1025th handshake queued until it got a 504
+    blaming the upstream (after connect + read timeout), and health checks queued behind them."""
+    count = 1030
+    # Four descriptors a session here: the client's, the gateway's two, the upstream's.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = 4 * count + 512
+    if soft < needed:
+        assert hard == resource.RLIM_INFINITY or hard >= needed, f"ulimit -Hn is {hard}, {needed} needed"
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+    async def accept_and_hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        key = next(
+            line.split(b":", 1)[1].strip()
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"sec-websocket-key:")
+        )
+        accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+        )
+        await reader.read()  # until the gateway closes it
+
+    url = await make_raw_upstream(accept_and_hold)
+    client = await make_gateway(one_service(url, rate_limit="100000/second"))
+    handshake = (
+        b"GET /ws HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+
+    async def open_session() -> tuple[bytes, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        writer.write(handshake)
+        return (await reader.readuntil(b"\r\n\r\n")).split(b"\r\n")[0], writer
+
+    sessions: list[tuple[bytes, asyncio.StreamWriter]] = []
+    try:
+        async with asyncio.timeout(10):
+            for _ in range(count // 100 + 1):
+                sessions += await asyncio.gather(
+                    *(open_session() for _ in range(min(100, count - len(sessions))))
+                )
+        assert {status for status, _ in sessions} == {b"HTTP/1.1 101 Switching Protocols"}
+        assert len(sessions) == count
+        health = await client.get("/health")
+        assert health.status == 200
+    finally:
+        for _, writer in sessions:
+            writer.close()
