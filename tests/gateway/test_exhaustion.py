@@ -76,6 +76,8 @@ async def test_out_of_file_descriptors_an_upstream_connection_gets_503_and_the_t
         assert len(upstream.requests) == 1
         for _, writer in held:
             writer.close()
+        # Logs are written by a background thread: wait for the line before the process is killed.
+        await wait_for(lambda: "out of sockets" in gateway.log.read_text(), 5.0, "the warning in the log")
     records = [json.loads(line) for line in gateway.log.read_text().splitlines() if line.startswith("{")]
     warnings = [r for r in records if "out of sockets" in r["msg"]]
     assert len(warnings) == 1, records
