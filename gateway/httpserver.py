@@ -21,8 +21,14 @@ Limits (per connection, all enforced by aiohttp's protocol):
     BODY_IDLE_TIMEOUT               seconds the client may leave a request body stalled; then
                                     408, and the connection closes after aiohttp's lingering time
                                     (10 s at most of draining what the client still sends).
+    SEND_TIMEOUT                    seconds a response may wait for a client that does not read
+                                    it: from when the connection's write buffer fills (64 KiB) to
+                                    when the client has taken enough of it to go on. Then the
+                                    connection is aborted, and the upstream connection feeding the
+                                    response with it (nginx's send_timeout, 60 s).
 
-The head timeout is aiohttp's own keep-alive timer: it costs nothing extra. The body timeout
+The head timeout is aiohttp's own keep-alive timer: it costs nothing extra. The send timer is
+armed only when the transport tells the protocol to pause writing (the client is behind). The body timeout
 arms a timer only when a body read has to wait for the network; a body that arrived with its
 head (the common small API call) is read without one.
 """
@@ -34,6 +40,7 @@ import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from contextvars import Context
 from functools import partial
 from time import perf_counter
 from typing import Any
@@ -61,6 +68,7 @@ __all__ = [
     "MAX_FIELD_SIZE",
     "MAX_HEADERS",
     "MAX_LINE_SIZE",
+    "SEND_TIMEOUT",
     "STRICT_PARSER",
     "BodyTimeout",
     "GatewayRunner",
@@ -81,6 +89,10 @@ MAX_LINE_SIZE = 8190
 MAX_FIELD_SIZE = 8190
 MAX_HEADERS = 128
 BODY_IDLE_TIMEOUT = 30.0
+# Without it a client that stops reading holds its connection, the handler, and the upstream
+# connection behind a streamed answer (or a WebSocket) for as long as it likes: backpressure stops
+# the upstream from sending, and nothing else ever times out.
+SEND_TIMEOUT = 60.0
 # The guarantees above rest on aiohttp's C parser (llhttp). Without its extension (no wheel for
 # the platform, or AIOHTTP_NO_EXTENSIONS=1) aiohttp falls back to a pure-Python parser that is
 # more lenient: it takes "chunked<TAB>", HTTP/1.2 and Content-Length in trailers.
@@ -152,6 +164,8 @@ _CR_LF = b"\r\n"
 
 
 class _GatewayRequestHandler(RequestHandler):
+    _send_timer: asyncio.TimerHandle | None = None
+
     def __init__(self, manager: web.Server, *, loop: asyncio.AbstractEventLoop, **kwargs: Any) -> None:
         super().__init__(manager, loop=loop, **kwargs)
         if STRICT_PARSER:
@@ -166,6 +180,39 @@ class _GatewayRequestHandler(RequestHandler):
                 auto_decompress=kwargs.get("auto_decompress", True),
                 max_msg_queue_size=1,  # pause after every message
             )
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        timeout = getattr(self._manager, "send_timeout", SEND_TIMEOUT)
+        if timeout:
+            # An empty context: the timer must not keep the request's context variables alive.
+            self._send_timer = self._loop.call_later(timeout, self._send_timed_out, context=Context())
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._cancel_send_timer()
+
+    def _cancel_send_timer(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _send_timed_out(self) -> None:
+        self._send_timer = None
+        transport = self.transport
+        if transport is None or not self._paused:
+            return
+        peer = transport.get_extra_info("peername")
+        log.info(
+            "client stopped reading; connection aborted",
+            extra={"peer": peer[0] if isinstance(peer, tuple) else None},
+        )
+        # close() would wait to flush what the client is not reading.
+        transport.abort()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_send_timer()
+        super().connection_lost(exc)
 
     async def shutdown(self, timeout: float | None = 15.0) -> None:  # noqa: ASYNC109 - aiohttp's signature
         """On drain: the request in progress gets ``timeout`` seconds to finish, and that is all.
@@ -403,6 +450,7 @@ class GatewayRunner(web.AppRunner):
         kwargs.setdefault("max_line_size", MAX_LINE_SIZE)
         kwargs.setdefault("max_field_size", MAX_FIELD_SIZE)
         kwargs.setdefault("max_headers", MAX_HEADERS)
+        self._send_timeout = kwargs.pop("send_timeout", SEND_TIMEOUT)
         if not STRICT_PARSER:
             log.warning("aiohttp's C HTTP parser is not in use: request framing checks are weaker")
         super().__init__(app, **kwargs)
@@ -427,6 +475,7 @@ class GatewayRunner(web.AppRunner):
 
         server.request_factory = request_factory
         server.observe_refusal = _refusal_observer(self._app)  # type: ignore[attr-defined]
+        server.send_timeout = self._send_timeout  # type: ignore[attr-defined]
         return server
 
 

@@ -109,10 +109,14 @@ ERROR_RESPONSES: Mapping[str, tuple[str, dict[str, Any]]] = {
         "503",
         _error(
             "No healthy target for the route's service (every one was ejected after failing to"
-            " connect), or the bearer token cannot be verified now: the issuer's signing keys"
-            " (AUTH_JWKS_URL) could not be loaded since the gateway started. The token may be good;"
-            " retry after Retry-After." + _BACKEND_OWN,
-            {"Retry-After": "Seconds until the issuer's keys may be fetched again (when they are why)."},
+            " connect), the gateway has no file descriptor left to open a connection to it, or the"
+            " bearer token cannot be verified now: the issuer's signing keys (AUTH_JWKS_URL) could"
+            " not be loaded since the gateway started. The token may be good; retry after"
+            " Retry-After." + _BACKEND_OWN,
+            {
+                "Retry-After": "Seconds until the issuer's keys may be fetched again, or 1 when the"
+                " gateway is out of file descriptors."
+            },
             example="The token cannot be verified now: the issuer's signing keys are unavailable",
         ),
     ),

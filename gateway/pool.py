@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import socket
 import ssl
 import time
 from collections import deque
@@ -32,7 +34,15 @@ from yarl import URL
 
 from .headers import serialize_head
 
-__all__ = ["ConnectFailed", "ConnectTimeout", "TargetPool", "UpstreamProtocol", "exchange"]
+__all__ = [
+    "LOCAL_SHORTAGES",
+    "ConnectFailed",
+    "ConnectTimeout",
+    "OutOfSockets",
+    "TargetPool",
+    "UpstreamProtocol",
+    "exchange",
+]
 
 # 1xx other than 101 are interim: the real answer follows on the same connection.
 _INTERIM = range(100, 200)
@@ -41,6 +51,15 @@ _NO_BODY = frozenset({204, 304})
 
 class ConnectFailed(OSError):
     """The target refused the connection, reset it during connect, or its name does not resolve."""
+
+
+class OutOfSockets(OSError):
+    """The gateway could not make a socket for the connection: its own file descriptors (or the
+    kernel's memory for sockets) ran out. Nothing is wrong with the target."""
+
+
+# What socket() and connect() say when the shortage is the gateway's, not the target's.
+LOCAL_SHORTAGES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 # Status codes whose answers never have a body, as the status line spells them from byte 9 (no
@@ -273,6 +292,8 @@ class TargetPool:
         except TimeoutError:
             raise ConnectTimeout(f"connect to {self.host}:{self.port} timed out") from None
         except OSError as exc:  # refused, unreachable, reset, and socket.gaierror for DNS
+            if exc.errno in LOCAL_SHORTAGES and not isinstance(exc, socket.gaierror):
+                raise OutOfSockets(exc.errno, exc.strerror or str(exc)) from exc
             raise ConnectFailed(exc.errno, exc.strerror or str(exc)) from exc
         return protocol
 

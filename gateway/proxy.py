@@ -7,6 +7,7 @@ Everything else is streamed chunk by chunk with flow control on both sockets.
 Upstream failures are translated at this one boundary:
 
     connect refused / DNS       -> eject target, retry once elsewhere if idempotent, else 502
+    no socket for it (EMFILE)   -> 503 with Retry-After; the gateway's shortage, target kept
     connect or read timeout     -> eject target, (connect: retry as above), else 504
     closed before the headers   -> retry once if idempotent and nothing was sent, else 502
     closed or reset mid-body    -> the client's response is cut off (connection closed)
@@ -18,6 +19,8 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import os
+import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from time import perf_counter
@@ -55,7 +58,7 @@ from .metrics import metrics_key
 from .middleware.auth import identity_headers, without_query_token
 from .middleware.request_id import REQUEST_ID_HEADER
 from .middleware.tracing import ClientSpan, SpanRef, current_trace, downstream_headers
-from .pool import ConnectFailed, ConnectTimeout, UpstreamProtocol, exchange
+from .pool import LOCAL_SHORTAGES, ConnectFailed, ConnectTimeout, OutOfSockets, UpstreamProtocol, exchange
 from .routing import has_dot_segment, may_read_otherwise, strip_route_prefix
 from .settings import Route
 from .upstream import Target, Upstream
@@ -86,9 +89,16 @@ _CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 
 
 async def http_client_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The one upstream session: bounded keep-alive pool, no cookie jar, no decompression."""
+    """The one upstream session (WebSocket sessions, health checks, Zipkin): no cookie jar, no
+    decompression, and no cap on connections held at once.
+
+    A WebSocket holds its upstream connection for its whole life. With aiohttp's cap (it was
+    1024, for the whole process) the 1025th session's handshake queued for a free connection
+    until it got a 504 that blamed the upstream, and health checks queued behind the sessions
+    too. Proxied HTTP requests have no such cap either (``pool.py``): the process's open-files
+    limit is the bound, and running out of it is a 503 (``_out_of_sockets``)."""
     connector = aiohttp.TCPConnector(
-        limit=1024,
+        limit=0,
         limit_per_host=0,
         keepalive_timeout=30,
         ttl_dns_cache=10,
@@ -428,7 +438,8 @@ async def _send(
             if isinstance(body, _Body) and body.timed_out:
                 raise BodyTimeout from None
             error, kind = _upstream_failure(upstream, target, exc)
-            request.app[metrics_key].upstream_errors.labels(upstream.name, kind).inc()
+            if kind != "local":  # the gateway's own shortage is no failure of the upstream's
+                request.app[metrics_key].upstream_errors.labels(upstream.name, kind).inc()
             if span is not None and span.record is not None:
                 span.record.annotate(f"{kind} {target.url}")
             attempts -= 1
@@ -461,6 +472,8 @@ def _upstream_failure(upstream: Upstream, target: Target, exc: BaseException) ->
     """Translate a failure before the response head: the error, and its kind for metrics
     (connect, timeout, reset, invalid)."""
     name = upstream.name
+    if isinstance(exc, OutOfSockets):
+        return _out_of_sockets(name, exc), "local"
     if isinstance(exc, ConnectTimeout):
         # Nothing reached the upstream, and the target is likely down.
         upstream.eject(target)
@@ -479,6 +492,34 @@ def _upstream_failure(upstream: Upstream, target: Target, exc: BaseException) ->
         "upstream error", extra={"service": name, "target": target.url, "error": repr(exc)}, exc_info=exc
     )
     return ApiError(502, f"Upstream '{name}' sent an invalid response"), "invalid"
+
+
+# When the gateway runs out of file descriptors every request that needs a new upstream connection
+# fails the same way; one warning per interval says so, with how many it stands for.
+OUT_OF_SOCKETS_LOG_INTERVAL = 10.0
+_out_of_sockets_log = {"next": 0.0, "suppressed": 0}
+
+
+def _out_of_sockets(name: str, exc: OSError) -> ApiError:
+    """The gateway could not open a socket to an upstream (EMFILE and the like): its own shortage,
+    not the upstream's fault. The target is not ejected (it would stay out of the rotation after
+    descriptors come back), the failure is not counted against the upstream, and the client gets
+    a 503 it may retry, as Envoy answers an overflow, instead of a 502 blaming the upstream."""
+    state, now = _out_of_sockets_log, time.monotonic()
+    if now >= state["next"]:
+        log.warning(
+            "cannot open a connection to an upstream: the gateway is out of sockets "
+            "(raise its open-files limit, ulimit -n / RLIMIT_NOFILE, or its replicas)",
+            extra={"service": name, "error": os.strerror(exc.errno or 0), "suppressed": state["suppressed"]},
+        )
+        state["next"], state["suppressed"] = now + OUT_OF_SOCKETS_LOG_INTERVAL, 0
+    else:
+        state["suppressed"] += 1
+    return ApiError(
+        503,
+        f"The gateway cannot open a connection to upstream '{name}' now: too many open connections",
+        headers={"Retry-After": "1"},
+    )
 
 
 async def _relay_response(
@@ -748,6 +789,9 @@ async def _proxy_websocket(
             exc.status if exc.status >= 400 else 502, "Upstream refused the WebSocket upgrade"
         ) from None
     except _CONNECT_ERRORS as exc:
+        shortage = getattr(exc, "os_error", None)
+        if shortage is not None and shortage.errno in LOCAL_SHORTAGES:
+            raise _out_of_sockets(upstream.name, shortage) from None
         upstream.eject(target)
         if isinstance(exc, aiohttp.ConnectionTimeoutError):
             _count_failure(request, "timeout")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -272,6 +274,10 @@ async def wait_ready(
             await asyncio.sleep(0.05)
 
 
+def _limit_open_files(limit: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+
 @dataclass
 class GatewayProcess:
     """A ``python -m gateway`` started by ``running_gateway``."""
@@ -287,10 +293,11 @@ class GatewayProcess:
 
 @asynccontextmanager
 async def running_gateway(
-    config: dict[str, Any], tmp_path: Path, **env: str
+    config: dict[str, Any], tmp_path: Path, *, open_files: int | None = None, **env: str
 ) -> AsyncIterator[GatewayProcess]:
     """``python -m gateway`` with ``config`` as its file and ``env`` added, ready when entered (its
-    output in ``log``); killed on the way out unless the test stopped it."""
+    output in ``log``); killed on the way out unless the test stopped it. ``open_files`` sets the
+    process's RLIMIT_NOFILE (``ulimit -n``)."""
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     port = free_port()
@@ -304,8 +311,9 @@ async def running_gateway(
     log_path = tmp_path / "gateway.log"
     with log_path.open("wb") as log:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", cwd=ROOT, env=variables, stdout=log, stderr=log
-        )
+            sys.executable, "-m", "gateway", cwd=ROOT, env=variables, stdout=log, stderr=log,
+            preexec_fn=None if open_files is None else partial(_limit_open_files, open_files),
+        )  # fmt: skip
     gateway = GatewayProcess(process, port, log_path)
     try:
         await wait_ready(gateway.base, process, log_path)
