@@ -56,7 +56,7 @@ from yarl import URL
 
 from .errors import ApiError, error_response
 from .headers import drop_server_banner
-from .keys import continue_key, request_id_key, tracing_key
+from .keys import continue_key, request_id_key, span_key, tracing_key
 from .metrics import MALFORMED_ROUTE, metrics_key
 from .middleware.request_id import REQUEST_ID_HEADER, new_request_id
 from .middleware.tracing import trace_refusal
@@ -203,10 +203,15 @@ class _GatewayRequestHandler(RequestHandler):
         if transport is None or not self._paused:
             return
         peer = transport.get_extra_info("peername")
-        log.info(
-            "client stopped reading; connection aborted",
-            extra={"peer": peer[0] if isinstance(peer, tuple) else None},
-        )
+        extra = {"peer": peer[0] if isinstance(peer, tuple) else None}
+        # The timer runs outside the request's context: the line is led to its trace by hand.
+        request = self._current_request
+        if request is not None:
+            extra["request_id"] = request.get(request_id_key)
+            ref = request.get(span_key)
+            if ref is not None:
+                extra.update(trace_id=ref.trace_id, span_id=ref.span_id)
+        log.info("client stopped reading; connection aborted", extra=extra)
         # close() would wait to flush what the client is not reading.
         transport.abort()
 

@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import logging
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway import logs
@@ -144,3 +146,34 @@ async def test_a_request_the_parser_refuses_is_logged_with_its_trace_ids(
     assert access["request_id"] == refused["request_id"] == response.headers["X-Request-ID"]
     assert len(access["trace_id"]) == 32 and access["trace_id"] == refused["trace_id"]
     assert access["span_id"] == refused["span_id"]
+
+
+async def test_a_client_cut_off_for_not_reading_is_logged_with_its_trace_ids(
+    json_logs: io.StringIO, make_gateway: Any, make_upstream: Any
+) -> None:
+    # The send timer fires outside the request's context, so the line would lead nowhere.
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        while True:
+            await response.write(b"x" * 65536)
+
+    upstream = await make_upstream(endless)
+    client = await make_gateway(one_service(upstream.url), server_kwargs={"send_timeout": 0.2})
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", client.port))
+    sock.setblocking(False)
+    _, writer = await asyncio.open_connection(sock=sock, limit=4096)
+    try:
+        writer.write(b"GET /stream HTTP/1.1\r\nHost: gw\r\nX-Request-ID: stalled-reader-1\r\n\r\n")
+
+        def cut_off() -> list[dict[str, Any]]:
+            return [line for line in lines(json_logs) if line["msg"].startswith("client stopped reading")]
+
+        await wait_for(lambda: bool(cut_off()), what="the cut-off line")
+    finally:
+        writer.close()
+    [line] = cut_off()
+    assert line["request_id"] == "stalled-reader-1"
+    assert len(line["trace_id"]) == 32 and len(line["span_id"]) == 16
