@@ -27,6 +27,8 @@ the status class, the service name, fixed kinds and reasons. Requests aiohttp's 
     gateway_component_up{component}                         gauge      last /health/detailed answer
     gateway_config_reloads_total{result}                    counter    ok|rejected
     gateway_process_info{pid}                               gauge      1; tells workers apart
+    process_open_fds, process_max_fds, process_resident_memory_bytes, process_cpu_seconds_total,
+    ...                                                     prometheus-client's process collector
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -132,6 +134,9 @@ class Metrics:
             "gateway_config_reloads", "Configuration reloads, by result", ["result"], registry=self.registry
         )
         self.registry.register(_Collector(self))
+        # The standard process_* families (CPU, memory, open and maximum file descriptors), read
+        # from /proc at scrape time: running out of descriptors at accept is otherwise silent.
+        ProcessCollector(registry=self.registry)
 
     def record_request(self, route: str, method: str, status: int, seconds: float) -> None:
         if method not in _METHODS:
