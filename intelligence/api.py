@@ -96,11 +96,9 @@ def _limit(request: web.Request, bounds: tuple[int, int]) -> int:
     raw = request.query.get("limit")
     if raw is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= maximum or not raw.strip().isdigit():
+    # ASCII digits only: int() would also take " 5", "+5", "1_0" and other scripts' digits (U+0665).
+    value = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 10 else 0
+    if not 1 <= value <= maximum:
         raise ApiError(
             422, "Validation Error",
             [{"field": "limit", "message": f"expected a whole number from 1 to {maximum}", "value": raw}],

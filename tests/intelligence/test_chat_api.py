@@ -132,6 +132,12 @@ async def test_missing_subject_is_401_in_the_error_format(client: Client) -> Non
         ("GET", "/sessions?limit=0", None, 422, "limit"),
         ("GET", "/sessions?limit=abc", None, 422, "limit"),
         ("GET", "/sessions?limit=100000", None, 422, "limit"),
+        # Only ASCII digits: int() alone would read these as 5.
+        ("GET", "/sessions?limit=%D9%A5", None, 422, "limit"),
+        ("GET", "/sessions?limit=%205", None, 422, "limit"),
+        ("GET", "/sessions?limit=5%20", None, 422, "limit"),
+        ("GET", "/sessions?limit=+5", None, 422, "limit"),
+        ("GET", f"/sessions/{ANY_ID}/messages?limit=%EF%BC%95", None, 422, "limit"),
         ("GET", "/sessions?after=garbage!", None, 422, "after"),
         # Cursors that decode but name no instant: no offset, a time that leaves the calendar in
         # UTC, a time that is not text.
