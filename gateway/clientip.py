@@ -12,7 +12,7 @@ import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 
-__all__ = ["IPNetwork", "client_ip"]
+__all__ = ["IPNetwork", "client_ip", "is_trusted_peer"]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -74,6 +74,12 @@ def _strip_port(hop: str) -> str:
     if hop.count(":") == 1:
         return hop.partition(":")[0]
     return hop
+
+
+def is_trusted_peer(peer: str | None, trusted: Sequence[IPNetwork]) -> bool:
+    """Whether the socket's remote address is one of ``TRUSTED_PROXIES``."""
+    address = _parse(peer)
+    return address is not None and _is_trusted(address, trusted)
 
 
 def _is_trusted(address: _Address, trusted: Sequence[IPNetwork]) -> bool:

@@ -36,6 +36,7 @@ from aiohttp.typedefs import Handler
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from .clientip import is_trusted_peer
 from .errors import ApiError, body_too_large
 from .headers import VIA, VIA_HTTP10, response_headers, serialize_head, upstream_headers
 from .httpserver import KNOWN_HOSTS, BodyTimeout, check_host, read_body_chunk, send_continue
@@ -49,6 +50,7 @@ from .keys import (
     route_key,
     route_table_key,
     sent_status_key,
+    settings_key,
     span_key,
     target_key,
     tracing_key,
@@ -231,6 +233,24 @@ def close_when_the_connection_cannot_go_on(request: web.Request, response: web.S
         response.headers["Connection"] = "close"
 
 
+def _as_the_trusted_proxy_received_it(
+    headers: CIMultiDictProxy[str], scheme: str, host: str
+) -> tuple[str, str]:
+    """Scheme and host of the request as a proxy in ``TRUSTED_PROXIES`` (a load balancer that
+    terminates TLS) received it, from its ``X-Forwarded-Proto`` / ``X-Forwarded-Host``: the
+    backend builds its links and redirects from them, and ``http`` there would be wrong for every
+    client that came in over HTTPS. Kong (``trusted_ips``), Traefik (``forwardedHeaders``) and
+    Envoy (trusted hops) keep them the same way. One value each, ``http``/``https`` and a valid
+    host; anything else is ignored and the gateway's own connection is described instead."""
+    protos = headers.getall("X-Forwarded-Proto", ())
+    if len(protos) == 1 and protos[0].strip().lower() in ("http", "https"):
+        scheme = protos[0].strip().lower()
+    hosts = headers.getall("X-Forwarded-Host", ())
+    if len(hosts) == 1 and check_host(hosts[0].strip()):
+        host = hosts[0].strip()
+    return scheme, host
+
+
 async def proxy_handler(request: web.Request) -> web.StreamResponse:
     route: Route = request[route_key]
     upstream = request[upstream_key]
@@ -240,10 +260,14 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         # RFC 9112 section 3.2; it would go upstream as X-Forwarded-Host, which backends build
         # links from.
         raise ApiError(400, "Invalid Host header")
+    scheme = request.scheme
+    trusted = request.app[settings_key].trusted_proxies
+    if trusted and is_trusted_peer(request.remote, trusted):
+        scheme, host = _as_the_trusted_proxy_received_it(request.headers, scheme, host)
     headers = upstream_headers(
         request.headers,
         remote=request.remote,
-        scheme=request.scheme,
+        scheme=scheme,
         host=host,
         via=VIA if request.version == HttpVersion11 else VIA_HTTP10,
     )

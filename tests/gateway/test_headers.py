@@ -214,6 +214,35 @@ async def test_client_sent_x_forwarded_proto_and_host_are_replaced(
     assert received.values("X-Forwarded-Host") == ["real.test"]
 
 
+@pytest.mark.parametrize(
+    ("sent", "proto", "host"),
+    [
+        pytest.param(
+            {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "api.example.test"},
+            "https",
+            "api.example.test",
+            id="kept",
+        ),
+        pytest.param({"X-Forwarded-Proto": "HTTPS"}, "https", "real.test", id="proto-only"),
+        pytest.param(
+            {"X-Forwarded-Proto": "gopher", "X-Forwarded-Host": "bad host"}, "http", "real.test", id="invalid"
+        ),
+        pytest.param({"X-Forwarded-Proto": "https, http"}, "http", "real.test", id="a-list"),
+    ],
+)
+async def test_x_forwarded_proto_and_host_from_a_trusted_proxy_are_kept(
+    make_gateway: Any, make_upstream: Any, sent: dict[str, str], proto: str, host: str
+) -> None:
+    # Behind a load balancer that terminates TLS, the backend must hear "https" to build its links.
+    upstream = await make_upstream()
+    client = await make_gateway(one_service(upstream.url), {"TRUSTED_PROXIES": "127.0.0.1/32"})
+    await client.get("/x", headers={"Host": "real.test", **sent})
+
+    [received] = upstream.requests
+    assert received.values("X-Forwarded-Proto") == [proto]
+    assert received.values("X-Forwarded-Host") == [host]
+
+
 async def test_host_header_names_the_target(recording_gateway: tuple[Any, Any]) -> None:
     client, upstream = recording_gateway
     await client.get("/x", headers={"Host": "api.example.test"})
