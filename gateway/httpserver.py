@@ -28,9 +28,9 @@ Limits (per connection, all enforced by aiohttp's protocol):
                                     response with it (nginx's send_timeout, 60 s).
 
 The head timeout is aiohttp's own keep-alive timer: it costs nothing extra. The send timer is
-armed only when the transport tells the protocol to pause writing (the client is behind). The body timeout
-arms a timer only when a body read has to wait for the network; a body that arrived with its
-head (the common small API call) is read without one.
+armed only when the transport tells the protocol to pause writing (the client is behind). The
+body timeout arms a timer only when a body read has to wait for the network; a body that arrived
+with its head (the common small API call) is read without one.
 """
 
 from __future__ import annotations
@@ -173,9 +173,9 @@ class _GatewayRequestHandler(RequestHandler):
                 self,
                 loop,
                 kwargs.get("read_bufsize", DEFAULT_CHUNK_SIZE),
-                max_line_size=kwargs.get("max_line_size", 8190),
-                max_field_size=kwargs.get("max_field_size", 8190),
-                max_headers=kwargs.get("max_headers", 128),
+                max_line_size=kwargs.get("max_line_size", MAX_LINE_SIZE),
+                max_field_size=kwargs.get("max_field_size", MAX_FIELD_SIZE),
+                max_headers=kwargs.get("max_headers", MAX_HEADERS),
                 payload_exception=RequestPayloadError,
                 auto_decompress=kwargs.get("auto_decompress", True),
                 max_msg_queue_size=1,  # pause after every message

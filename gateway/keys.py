@@ -33,6 +33,9 @@ ratelimit_headers_key = web.RequestKey("ratelimit_headers", "dict[str, str]")
 # A request whose "Expect: 100-continue" is not answered yet: its message as parsed, to restore
 # when the 100 is sent (gateway.httpserver.send_continue).
 continue_key = web.RequestKey("continue", "RawRequestMessage | None")
+# The status of an answer whose head went out before it was complete (a streamed relay, a
+# WebSocket's 101): what the access log and the span say if the handler is then cancelled.
+sent_status_key = web.RequestKey("sent_status", int)
 
 __all__ = [
     "auth_key",
@@ -47,12 +50,10 @@ __all__ = [
     "request_id_key",
     "route_key",
     "route_table_key",
+    "sent_status_key",
     "settings_key",
     "span_key",
     "target_key",
     "tracing_key",
     "upstream_key",
 ]
-# The status of an answer whose head went out before it was complete (a streamed relay, a
-# WebSocket's 101): what the access log and the span say if the handler is then cancelled.
-sent_status_key = web.RequestKey("sent_status", int)

@@ -58,6 +58,7 @@ from .keys import (
 )
 from .metrics import metrics_key
 from .middleware.auth import identity_headers, without_query_token
+from .middleware.cors import ALLOWED_METHODS
 from .middleware.request_id import REQUEST_ID_HEADER
 from .middleware.tracing import ClientSpan, SpanRef, current_trace, downstream_headers
 from .pool import LOCAL_SHORTAGES, ConnectFailed, ConnectTimeout, OutOfSockets, UpstreamProtocol, exchange
@@ -195,13 +196,17 @@ def routing_middleware(*, proxy: Handler) -> Any:
 
 
 # The methods the gateway forwards, as the CORS preflight lists them.
-_ALLOW = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+_ALLOW = ", ".join(ALLOWED_METHODS)
+
+
+def _options_answer() -> web.Response:
+    return web.Response(status=200, headers={"Allow": _ALLOW})
 
 
 async def _server_options() -> web.StreamResponse:
     """``OPTIONS *``: a question about the server as a whole (RFC 9110 section 9.3.7), which
     the gateway answers itself; it is no route's, and no upstream's, to answer."""
-    return web.Response(status=200, headers={"Allow": _ALLOW})
+    return _options_answer()
 
 
 def _refuse_version(request: web.Request, version: HttpVersion) -> NoReturn:
@@ -307,7 +312,7 @@ def _count_down_max_forwards(request: web.Request, headers: CIMultiDict[str]) ->
         headers["Max-Forwards"] = str(min(remaining - 1, _MAX_FORWARDS_CAP))
         return None
     if request.method == "OPTIONS":
-        return web.Response(status=200, headers={"Allow": _ALLOW})
+        return _options_answer()
     # TRACE: the request as the gateway received it, credentials left out, as message/http.
     version = request.version
     lines = [f"TRACE {request.raw_path} HTTP/{version.major}.{version.minor}".encode()]

@@ -19,6 +19,8 @@ from the JWKS stops being accepted at the JWKS refresh (``JwksCache.max_age``), 
 
 Route modes: ``required`` (no token: 401 ``WWW-Authenticate: Bearer``), ``optional`` (no token:
 anonymous; a bad token is still a 401), ``none`` (the Authorization header is not looked at).
+``scopes`` must all be granted (``scope``: space-separated, ``scp``: list or string); on
+``optional`` routes they are checked whenever a token is presented.
 
 Where the token comes from: the ``Authorization: Bearer`` header, or, on GET and HEAD only, the
 ``access_token`` query parameter (RFC 6750 section 2.3). A browser's ``WebSocket`` and
@@ -27,8 +29,6 @@ a page; Envoy's ``jwt_authn`` reads the same parameter by default, Kong's ``jwt`
 named ``jwt``. Only the literal name counts, once; with a header as well it is a 400 (the RFC:
 one method per request). The proxy takes the parameter out of the query it forwards, so the
 token does not reach the backend's URL logs; the access log and spans never carry a query.
-``scopes`` must all be granted (``scope``: space-separated, ``scp``: list or string); on
-``optional`` routes they are checked whenever a token is presented.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from aiohttp.typedefs import Handler
 
 from ..errors import ApiError, client_text
 
-__all__ = ["EXPOSED_HEADERS", "cors_headers_key", "cors_middleware", "set_cors_headers"]
+__all__ = ["ALLOWED_METHODS", "EXPOSED_HEADERS", "cors_headers_key", "cors_middleware", "set_cors_headers"]
 
 # What a browser script may read from any answer: correlation and rate-limit state above all.
 EXPOSED_HEADERS = (
