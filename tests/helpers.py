@@ -49,6 +49,16 @@ async def wait_for(predicate: Callable[[], bool], deadline_s: float = 5.0, what:
         await asyncio.sleep(0.01)
 
 
+async def open_slow_reader(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to ``port`` whose receive buffer is tiny and which the test then does not
+    read: the server's writes back up after a few KB, as behind a client that stopped reading."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    return await asyncio.open_connection(sock=sock, limit=4096)
+
+
 async def raw_exchange(port: int, request: bytes, deadline_s: float = 5.0) -> bytes:
     """Send ``request`` bytes (which should say ``Connection: close``) and read until EOF."""
     async with asyncio.timeout(deadline_s):

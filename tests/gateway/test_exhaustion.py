@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.helpers import one_service, running_gateway, wait_for
+from tests.helpers import one_service, open_slow_reader, running_gateway, wait_for
 
 OPEN_FILES = 64
 
@@ -105,11 +105,7 @@ async def test_a_client_that_stops_reading_is_cut_off_and_frees_the_upstream(
 
     upstream = await make_upstream(endless)
     client = await make_gateway(one_service(upstream.url), server_kwargs={"send_timeout": 0.3})
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", client.port))
-    sock.setblocking(False)
-    reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+    reader, writer = await open_slow_reader(client.port)
     try:
         writer.write(b"GET /stream HTTP/1.1\r\nHost: gw\r\n\r\n")
         async with asyncio.timeout(5):

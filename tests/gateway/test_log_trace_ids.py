@@ -7,7 +7,6 @@ import asyncio
 import io
 import json
 import logging
-import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ from gateway.app import create_app
 from gateway.logs import JsonAccessLogger, configure_logging
 from gateway.settings import load_settings
 from tests.conftest import GatewayTestServer
-from tests.helpers import one_service, parse_responses, raw_exchange, wait_for
+from tests.helpers import one_service, open_slow_reader, parse_responses, raw_exchange, wait_for
 
 
 @pytest.fixture
@@ -160,11 +159,7 @@ async def test_a_client_cut_off_for_not_reading_is_logged_with_its_trace_ids(
 
     upstream = await make_upstream(endless)
     client = await make_gateway(one_service(upstream.url), server_kwargs={"send_timeout": 0.2})
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", client.port))
-    sock.setblocking(False)
-    _, writer = await asyncio.open_connection(sock=sock, limit=4096)
+    _, writer = await open_slow_reader(client.port)
     try:
         writer.write(b"GET /stream HTTP/1.1\r\nHost: gw\r\nX-Request-ID: stalled-reader-1\r\n\r\n")
 
