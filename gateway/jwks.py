@@ -18,6 +18,8 @@
   availability over revocation, which only an issuer that is up can announce anyway. A token
   naming a kid outside that set is then simply unknown.
 
+A fetch reads at most ``MAX_JWKS_BYTES``; a larger answer is a failed fetch, cut off there.
+
 Each failed fetch is counted in ``fetch_errors`` by kind (``FETCH_ERROR_KINDS``), which
 ``/metrics`` reads as ``gateway_jwks_fetch_errors_total``.
 
@@ -28,6 +30,7 @@ Only public signature keys are kept: symmetric (``oct``) keys and keys whose ``u
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -43,9 +46,15 @@ log = logging.getLogger("gateway.auth")
 
 _PUBLIC_KEY_TYPES = frozenset({"RSA", "EC", "OKP"})
 THUMBPRINT_PARAMS = ("x5t#S256", "x5t")
+# A real JWKS is a few KB, a few tens with a certificate chain on every key; Nimbus (Spring
+# Security's JWKS client) stops at 50 KB. Unbounded, a JWKS URL answering a large file filled
+# memory for the whole fetch timeout (200 MB in 3 s on loopback), and decoding it held the event
+# loop for over a second.
+MAX_JWKS_BYTES = 512 * 1024
 # Why a fetch failed: the issuer refused or could not be reached, did not answer in time, closed
 # the connection, answered with a status other than 200, or sent something that is not a JWKS
-# with a usable key (not HTTP, not JSON, no "keys" list). The first three as the upstream errors.
+# with a usable key (not HTTP, not JSON, no "keys" list, over MAX_JWKS_BYTES). The first three as
+# the upstream errors.
 FETCH_ERROR_KINDS = ("connect", "timeout", "reset", "status", "invalid")
 
 
@@ -225,7 +234,13 @@ class JwksCache:
             ) as response:
                 if response.status != 200:
                     raise JwksError(f"{self.url} answered {response.status}", "status")
-                return await response.json(content_type=None)
+                body = bytearray()
+                # Counted as it arrives, decompressed: a Content-Length may be absent or false.
+                async for chunk in response.content.iter_any():
+                    body += chunk
+                    if len(body) > MAX_JWKS_BYTES:
+                        raise JwksError(f"{self.url}: the JWKS is over {MAX_JWKS_BYTES} bytes", "invalid")
+                return json.loads(body)
         except (aiohttp.ClientError, TimeoutError, ValueError, RecursionError) as exc:
             raise JwksError(f"{self.url}: {exc!r}", _error_kind(exc)) from exc
 

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.jwks import FETCH_ERROR_KINDS, JwksCache, JwksError, JwksUnavailable, parse_jwks
+from gateway.jwks import FETCH_ERROR_KINDS, MAX_JWKS_BYTES, JwksCache, JwksError, JwksUnavailable, parse_jwks
 from tests.helpers import wait_for
 
 KEY = ec.generate_private_key(ec.SECP256R1())
@@ -195,6 +195,49 @@ async def test_a_refused_fetch_is_a_connect_error(make_cache, refused_url):
     with pytest.raises(JwksUnavailable):
         await jwks.get("k1")
     assert jwks.fetch_errors["connect"] == 1
+
+
+@pytest.mark.parametrize(("padding", "loaded"), [(MAX_JWKS_BYTES - 1000, True), (MAX_JWKS_BYTES, False)])
+async def test_a_jwks_is_read_up_to_max_jwks_bytes(make_cache, aiohttp_server, padding, loaded):
+    document = {"keys": [JWK], "padding": "a" * padding}
+
+    async def large(request: web.Request) -> web.Response:
+        return web.json_response(document)
+
+    app = web.Application()
+    app.router.add_get("/jwks", large)
+    jwks = make_cache(str((await aiohttp_server(app)).make_url("/jwks")))
+
+    if loaded:
+        assert await jwks.get("k1") is not None
+    else:
+        with pytest.raises(JwksUnavailable):
+            await jwks.get("k1")
+        assert jwks.fetch_errors["invalid"] == 1
+
+
+async def test_an_endless_jwks_is_cut_off_at_the_limit_not_read_until_the_timeout(
+    make_raw_upstream, make_cache
+):
+    sent = 0
+
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{"keys": [], "padding": "')
+        while True:  # until the client hangs up
+            writer.write(b"a" * 65536)
+            await writer.drain()
+            sent += 65536
+
+    jwks = make_cache(await make_raw_upstream(endless) + "/jwks", timeout=2)
+
+    started = time.monotonic()
+    with pytest.raises(JwksUnavailable):
+        await jwks.get("k1")
+    assert time.monotonic() - started < 1.5
+    assert jwks.fetch_errors["invalid"] == 1
+    assert sent < 16 * MAX_JWKS_BYTES  # what the socket buffers held, not everything until the timeout
 
 
 async def test_an_unknown_kid_while_the_issuer_is_down_is_unknown(issuer, make_cache):
