@@ -61,7 +61,10 @@ _BACKEND_OWN = " A backend's own answer with this status passes through untouche
 ERROR_RESPONSES: Mapping[str, tuple[str, dict[str, Any]]] = {
     "Unauthorized": (
         "401",
-        _error("Missing or invalid bearer token.", {"WWW-Authenticate": "Bearer realm=..., error=..."}),
+        _error(
+            "Missing or invalid bearer token.",
+            {"WWW-Authenticate": 'Bearer realm="gateway" without a token, else Bearer error=...'},
+        ),
     ),
     "Forbidden": ("403", _error("The token lacks a scope the route requires.")),
     "PayloadTooLarge": (

@@ -17,10 +17,10 @@ Verified tokens are cached by their raw text (LRU, ``CACHE_SIZE`` entries) until
 A cached token is accepted only while its ``kid`` is still in the current JWKS, so a key removed
 from the JWKS stops being accepted at the JWKS refresh (``JwksCache.max_age``), cached or not.
 
-Route modes: ``required`` (no token: 401 ``WWW-Authenticate: Bearer``), ``optional`` (no token:
-anonymous; a bad token is still a 401), ``none`` (the Authorization header is not looked at).
-``scopes`` must all be granted (``scope``: space-separated, ``scp``: list or string); on
-``optional`` routes they are checked whenever a token is presented.
+Route modes: ``required`` (no token: 401 ``WWW-Authenticate: Bearer realm="gateway"``),
+``optional`` (no token: anonymous; a bad token is still a 401), ``none`` (the Authorization
+header is not looked at). ``scopes`` must all be granted (``scope``: space-separated, ``scp``:
+list or string); on ``optional`` routes they are checked whenever a token is presented.
 
 Where the token comes from: the ``Authorization: Bearer`` header, or, on GET and HEAD only, the
 ``access_token`` query parameter (RFC 6750 section 2.3). A browser's ``WebSocket`` and
@@ -70,6 +70,7 @@ LEEWAY = 30.0
 CACHE_SIZE = 10_000
 SUBJECT_HEADER = "x-auth-subject"
 SCOPES_HEADER = "x-auth-scopes"
+REALM = "gateway"
 
 _KEY_TYPE_ALGS = {
     "RSA": frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}),
@@ -287,7 +288,9 @@ def _identity(claims: Mapping[str, Any]) -> Identity:
 
 def _challenge(error: str | None = None, description: str | None = None, scope: str | None = None) -> str:
     if error is None:
-        return "Bearer"
+        # RFC 6750 section 3: the scheme "MUST be followed by one or more auth-param values", and
+        # a request that sent no token gets no error attribute; realm is the one left to send.
+        return f'Bearer realm="{REALM}"'
     parts = [f'error="{error}"']
     if description:
         parts.append(f'error_description="{description}"')

@@ -242,11 +242,12 @@ async def test_a_thumbprint_that_names_no_key_or_another_is_refused(
 # -- refused -------------------------------------------------------------------------------------
 
 
-async def test_missing_token_is_401_with_a_bare_bearer_challenge(client, upstream):
+async def test_missing_token_is_401_with_a_realm_and_no_error(client, upstream):
     response = await client.get("/required")
 
     assert response.status == 401
-    assert response.headers["WWW-Authenticate"] == "Bearer"
+    # RFC 6750 section 3: at least one auth-param after the scheme; no error without a token.
+    assert response.headers["WWW-Authenticate"] == 'Bearer realm="gateway"'
     assert response.headers["X-Request-ID"]
     assert await response.json() == {"detail": "Authentication required"}
     assert upstream.requests == []

@@ -114,7 +114,7 @@ async def test_unauthenticated_invalid_body_is_401_not_422(client, upstream):
     response = await client.post("/api/v1/clusters", data=b'{"name": ', headers=JSON)
 
     assert response.status == 401
-    assert response.headers["WWW-Authenticate"] == "Bearer"
+    assert response.headers["WWW-Authenticate"] == 'Bearer realm="gateway"'
     assert upstream.requests == []
 
 
@@ -132,7 +132,7 @@ async def test_unauthenticated_body_is_never_read_an_endless_chunked_body_gets_4
         assert status == 401
         assert time.monotonic() - started < 3.0
         assert json.loads(body) == {"detail": "Authentication required"}
-        assert headers["www-authenticate"] == "Bearer"
+        assert headers["www-authenticate"] == 'Bearer realm="gateway"'
     finally:
         writer.close()
     assert upstream.requests == []

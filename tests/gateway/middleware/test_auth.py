@@ -169,11 +169,11 @@ async def test_expiry_within_the_leeway_is_accepted(gateway, keys):
 # -- rejected ----------------------------------------------------------------------------------
 
 
-async def test_missing_token_on_required_route_is_401_with_bare_challenge(gateway):
+async def test_missing_token_on_required_route_is_401_with_a_realm_challenge(gateway):
     client, *_ = await gateway()
     response = await client.get("/api/required")
     assert response.status == 401
-    assert response.headers["WWW-Authenticate"] == "Bearer"
+    assert response.headers["WWW-Authenticate"] == 'Bearer realm="gateway"'
     assert response.headers["Content-Type"].startswith("application/json")
     assert (await response.json()) == {"detail": "Authentication required"}
 
@@ -182,7 +182,7 @@ async def test_other_scheme_counts_as_missing(gateway):
     client, *_ = await gateway()
     response = await client.get("/api/required", headers={"Authorization": "Basic YTpi"})
     assert response.status == 401
-    assert response.headers["WWW-Authenticate"] == "Bearer"
+    assert response.headers["WWW-Authenticate"] == 'Bearer realm="gateway"'
 
 
 @pytest.mark.parametrize(
