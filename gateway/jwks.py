@@ -40,11 +40,17 @@ from typing import Any
 import aiohttp
 import jwt
 
-__all__ = ["FETCH_ERROR_KINDS", "THUMBPRINT_PARAMS", "JwksCache", "JwksError", "JwksUnavailable"]
+__all__ = ["FETCH_ERROR_KINDS", "THUMBPRINT_PARAMS", "JwksCache", "JwksError", "JwksUnavailable", "fits"]
 
 log = logging.getLogger("gateway.auth")
 
 _PUBLIC_KEY_TYPES = frozenset({"RSA", "EC", "OKP"})
+_KEY_TYPE_ALGS = {
+    "RSA": frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}),
+    "EC": frozenset({"ES256", "ES384", "ES512"}),
+    "OKP": frozenset({"EdDSA"}),
+}
+_CURVE_ALGS = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
 THUMBPRINT_PARAMS = ("x5t#S256", "x5t")
 # A real JWKS is a few KB, a few tens with a certificate chain on every key; Nimbus (Spring
 # Security's JWKS client) stops at 50 KB. Unbounded, a JWKS URL answering a large file filled
@@ -101,7 +107,7 @@ class JwksCache:
         # ends that matters more than sparing an issuer one request per few seconds.
         self._failure_ttl = failure_ttl
         self._clock = clock
-        self._keys: dict[str, jwt.PyJWK] = {}
+        self._keys: dict[str, tuple[jwt.PyJWK, ...]] = {}
         self._fetched_at: float | None = None  # last successful fetch
         self._attempted_at: float | None = None  # last attempt, successful or not
         self._miss_fetched_at = -math.inf  # last refetch for a kid the loaded set did not have
@@ -115,12 +121,16 @@ class JwksCache:
         return kid in self._keys
 
     @property
-    def keys(self) -> Mapping[str, jwt.PyJWK]:
+    def keys(self) -> Mapping[str, tuple[jwt.PyJWK, ...]]:
+        """Each kid's keys: more than one where the JWKS gives several keys one kid."""
         return self._keys
 
-    async def get(self, kid: str | None, thumbprints: Mapping[str, str] | None = None) -> jwt.PyJWK | None:
+    async def get(
+        self, kid: str | None, thumbprints: Mapping[str, str] | None = None, alg: str | None = None
+    ) -> jwt.PyJWK | None:
         """The key named ``kid``; without one, the key whose ``x5t#S256`` or ``x5t`` member equals
         the token's (``thumbprints``, header parameter to value), else the only key if there is one.
+        Of several keys under one name, the first that ``fits`` ``alg``, else the first.
 
         Raises ``JwksUnavailable`` while no key set has ever been loaded and the issuer fails.
         """
@@ -131,7 +141,7 @@ class JwksCache:
                 await self._refresh_quietly()  # nothing known against the issuer yet: wait for it
             if self._fetched_at is None:
                 raise self._unavailable(self._clock())
-        elif self._named(kid, thumbprints) is None:
+        elif not self._named(kid, thumbprints):
             # Throttled on its own clock: the first unknown kid after a load (cold start or
             # background refresh) refetches at once, so a key rotated in just after a load is
             # accepted right away; further unknown kids wait out ``min_refetch``.
@@ -141,25 +151,32 @@ class JwksCache:
         elif now - self._fetched_at >= self._max_age and self._may_fetch(now):
             self._start_refresh()  # stale: refresh behind the lookups, do not wait
         named = self._named(kid, thumbprints)
-        if named is None and kid is None and len(self._keys) == 1:
+        if not named and kid is None and len(self._keys) == 1:
             # A set of one needs no name, and a JWKS need not publish thumbprints: the signature
             # still has to verify against this key.
-            return next(iter(self._keys.values()))
-        return named
+            named = next(iter(self._keys.values()))
+        if not named:
+            return None
+        # RFC 7517 section 4.5: keys of one set may share a kid, as equivalent alternatives (an
+        # RSA and an EC key, or one RSA key published for RS256 and for PS256). The one that
+        # fits the token's alg; the first otherwise, which the caller then refuses for its alg.
+        return next((key for key in named if alg is not None and fits(key, alg)), named[0])
 
-    def _named(self, kid: str | None, thumbprints: Mapping[str, str] | None) -> jwt.PyJWK | None:
+    def _named(self, kid: str | None, thumbprints: Mapping[str, str] | None) -> tuple[jwt.PyJWK, ...]:
         if kid is not None:
-            return self._keys.get(kid)
+            return self._keys.get(kid, ())
         # A certificate's thumbprint names a key as a kid does (RFC 7515 sections 4.1.7-4.1.8),
         # when the JWK carries the same member (RFC 7517 sections 4.8-4.9); a token may name its
         # key by nothing else. SHA-256 first: a SHA-1 thumbprint is the weaker name.
         for param in THUMBPRINT_PARAMS:
             value = (thumbprints or {}).get(param)
             if value is not None:
-                for key in self._keys.values():
-                    if key._jwk_data.get(param) == value:
-                        return key
-        return None
+                named = tuple(
+                    key for keys in self._keys.values() for key in keys if key._jwk_data.get(param) == value
+                )
+                if named:
+                    return named
+        return ()
 
     def touch(self) -> None:
         """Start a background refresh if the keys are stale; never waits. Callers that skip
@@ -262,10 +279,22 @@ def _error_kind(exc: BaseException) -> str:
     return "invalid"  # not HTTP, not JSON, nested too deep
 
 
-def parse_jwks(document: Any) -> dict[str, jwt.PyJWK]:
+def fits(key: jwt.PyJWK, alg: str) -> bool:
+    """Whether ``key`` may verify an ``alg`` signature: its type's, its curve's, its own ``alg``."""
+    data = key._jwk_data
+    kty = data.get("kty")
+    if alg not in _KEY_TYPE_ALGS.get(kty, ()):
+        return False
+    if kty == "EC" and _CURVE_ALGS.get(data.get("crv")) != alg:
+        return False
+    declared = data.get("alg")
+    return declared is None or declared == alg
+
+
+def parse_jwks(document: Any) -> dict[str, tuple[jwt.PyJWK, ...]]:
     if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
         raise JwksError("not a JWKS document (no 'keys' list)")
-    keys: dict[str, jwt.PyJWK] = {}
+    keys: dict[str, tuple[jwt.PyJWK, ...]] = {}
     for index, data in enumerate(document["keys"]):
         kty = data.get("kty") if isinstance(data, dict) else None
         if not isinstance(kty, str) or kty not in _PUBLIC_KEY_TYPES:  # a list would not even hash
@@ -278,5 +307,6 @@ def parse_jwks(document: Any) -> dict[str, jwt.PyJWK]:
             log.warning("JWKS key skipped", extra={"index": index, "error": str(exc)})
             continue
         kid = data.get("kid")
-        keys[kid if isinstance(kid, str) else f"#{index}"] = key
+        name = kid if isinstance(kid, str) else f"#{index}"
+        keys[name] = (*keys.get(name, ()), key)
     return keys

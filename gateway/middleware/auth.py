@@ -9,7 +9,8 @@ Which key verifies a token is decided by the key, never by the token alone:
 - ``alg`` must be in ``AUTH_ALGORITHMS``; ``none`` never is. Keys come from ``AUTH_JWKS_URL``
   and ``AUTH_JWT_SECRET`` only, so a token carrying ``jku``, ``jwk``, ``x5u`` or ``x5c`` (a key,
   or where to fetch one) is refused; ``kid``, ``x5t`` and ``x5t#S256`` only name a key and pass.
-  A token without ``kid`` is matched to the JWK with its ``x5t#S256`` or ``x5t``.
+  A token without ``kid`` is matched to the JWK with its ``x5t#S256`` or ``x5t``. Of JWKs
+  that share a ``kid`` (RFC 7517 section 4.5), the one that fits the token's ``alg`` is used.
 - ``exp`` and ``sub`` are required; ``exp``/``nbf``/``iat`` get ``LEEWAY`` seconds of clock skew;
   ``iss`` and ``aud`` are checked when configured.
 
@@ -49,7 +50,7 @@ from aiohttp.typedefs import Handler
 
 from ..claims import is_scope_token, subject_problem
 from ..errors import ApiError
-from ..jwks import THUMBPRINT_PARAMS, JwksCache, JwksUnavailable
+from ..jwks import THUMBPRINT_PARAMS, JwksCache, JwksUnavailable, fits
 from ..keys import auth_key, query_token_key, route_key
 from ..settings import AuthSettings, Route
 
@@ -72,12 +73,6 @@ SUBJECT_HEADER = "x-auth-subject"
 SCOPES_HEADER = "x-auth-scopes"
 REALM = "gateway"
 
-_KEY_TYPE_ALGS = {
-    "RSA": frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}),
-    "EC": frozenset({"ES256", "ES384", "ES512"}),
-    "OKP": frozenset({"EdDSA"}),
-}
-_CURVE_ALGS = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
 _HMAC_ALGS = frozenset({"HS256", "HS384", "HS512"})
 # RFC 7515 section 4.1.2-4.1.6: the token brings its own key. It was made for a verifier that
 # takes keys from tokens, or made to find one; this one never looks at them.
@@ -190,10 +185,10 @@ class TokenVerifier:
         else:
             if self._jwks is None:
                 raise AuthError("The token's signing algorithm is not accepted")
-            key = await self._jwks.get(kid, thumbprints)
+            key = await self._jwks.get(kid, thumbprints, alg)
             if key is None:
                 raise AuthError("The token's signing key is unknown")
-            if not _fits(key, alg):
+            if not fits(key, alg):
                 raise AuthError("The token's signing algorithm does not match its key")
             used_kid = kid if kid is not None else _kid_of(self._jwks, key)
 
@@ -251,20 +246,9 @@ class TokenVerifier:
             await self._jwks.close()
 
 
-def _fits(key: jwt.PyJWK, alg: str) -> bool:
-    data = key._jwk_data
-    kty = data.get("kty")
-    if alg not in _KEY_TYPE_ALGS.get(kty, ()):
-        return False
-    if kty == "EC" and _CURVE_ALGS.get(data.get("crv")) != alg:
-        return False
-    declared = data.get("alg")
-    return declared is None or declared == alg
-
-
 def _kid_of(jwks: JwksCache, key: jwt.PyJWK) -> str | None:
-    for kid, candidate in jwks.keys.items():
-        if candidate is key:
+    for kid, candidates in jwks.keys.items():
+        if any(candidate is key for candidate in candidates):
             return kid
     return None
 

@@ -239,6 +239,38 @@ async def test_a_thumbprint_that_names_no_key_or_another_is_refused(
     assert upstream.requests == []
 
 
+@pytest.mark.parametrize("order", [("rsa", "ec"), ("ec", "rsa")], ids=["rsa-first", "ec-first"])
+@pytest.mark.parametrize(("key", "alg"), [("rsa", "RS256"), ("ec", "ES256")])
+async def test_keys_that_share_a_kid_each_verify_tokens_of_their_own_alg(
+    client, upstream, issuer, keys, order, key, alg
+):
+    # RFC 7517 section 4.5: keys of different types may share a kid as equivalent alternatives.
+    issuer["keys"] = [public_jwk(keys[name], "shared") for name in order]
+
+    response = await client.get("/required", headers=bearer(mint(keys[key], "shared", alg=alg)))
+
+    assert response.status == 200, response.headers.get("WWW-Authenticate")
+    assert upstream.requests[0].values("x-auth-subject") == ["alice"]
+
+
+async def test_one_key_published_for_two_algs_under_one_kid_verifies_both(
+    make_gateway, upstream, issuer, env, keys
+):
+    jwk = public_jwk(keys["rsa"], "dual")
+    issuer["keys"] = [{**jwk, "alg": "RS256"}, {**jwk, "alg": "PS256"}]
+    client = await make_gateway(
+        service(upstream.url, routes()), {**env, "AUTH_ALGORITHMS": "RS256,PS256,ES256"}
+    )
+
+    for alg in ("RS256", "PS256"):
+        response = await client.get("/required", headers=bearer(mint(keys["rsa"], "dual", alg=alg)))
+        assert response.status == 200, (alg, response.headers.get("WWW-Authenticate"))
+    # Neither alternative takes an ES256 signature.
+    response = await client.get("/required", headers=bearer(mint(keys["ec"], "dual", alg="ES256")))
+    assert response.status == 401
+    assert "does not match its key" in response.headers["WWW-Authenticate"]
+
+
 # -- refused -------------------------------------------------------------------------------------
 
 
