@@ -34,8 +34,9 @@ __all__ = ["JsonAccessLogger", "JsonFormatter", "configure_logging"]
 _RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 _SECRET_WORDS = ("authorization", "password", "secret", "token", "cookie", "dsn")
 # The user and password of a URL, wherever a line quotes one (ZIPKIN_URL and AUTH_JWKS_URL may
-# carry them; a collector or issuer that fails is logged with its URL).
-_USERINFO = re.compile(r"(?<=://)[^/@\s\"']*@")
+# carry them; a collector or issuer that fails is logged with its URL). A URL keeps any of
+# RFC 3986's sub-delimiters (!$&'()*+,;=) unescaped in its userinfo, the apostrophe included.
+_USERINFO = re.compile(r"(?<=://)[^/@\s\"]*@")
 
 
 def _without_userinfo(line: str) -> str:

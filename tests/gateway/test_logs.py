@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 
+from gateway.logs import JsonFormatter, _TextFormatter
+from gateway.settings import load_settings
 from tests.helpers import free_port, one_service, running_gateway, wait_for
 
 SECRET_TOKEN = "eyJhbGciOiJIUzI1NiJ9.c2VjcmV0LXBheWxvYWQ.c2lnbmF0dXJl"
@@ -101,3 +105,20 @@ async def test_access_log_has_one_json_line_per_request_and_no_secrets(
     assert proxied["request_id"] == "trace-me-123"
     assert missing["status"] == 404 and missing["route"] is None
     assert len(missing["request_id"]) >= 16
+
+
+# What a URL keeps unescaped in its userinfo (RFC 3986's sub-delimiters), as settings store it.
+PASSWORD = "it's-a-$ecret!(*)+,;=~"
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_a_url_password_is_hidden_whatever_characters_it_holds(fmt: str) -> None:
+    url = load_settings({"ZIPKIN_URL": f"http://user:{PASSWORD}@127.0.0.1:9411/api/v2/spans"}).zipkin_url
+    assert url is not None and PASSWORD in url
+    formatter = JsonFormatter() if fmt == "json" else _TextFormatter("%(message)s")
+    record = logging.makeLogRecord(
+        {"name": "gateway.zipkin", "levelname": "WARNING", "msg": "zipkin collector unavailable", "url": url}
+    )
+    line = formatter.format(record)
+    assert "ecret" not in line and "it's" not in line
+    assert "http://***@127.0.0.1:9411/api/v2/spans" in line
