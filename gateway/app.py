@@ -17,6 +17,7 @@ from .health import setup_health_routes
 from .httpserver import expect_continue
 from .keys import lifecycle_key, limiter_key, route_table_key, settings_key, tracing_key
 from .limiter import Limiter, create_limiter
+from .logs import lines_dropped
 from .metrics import Metrics, metrics_handler, metrics_key, metrics_middleware
 from .middleware.auth import TokenVerifier, auth_middleware
 from .middleware.cors import cors_middleware, set_cors_headers
@@ -105,6 +106,7 @@ def create_app(settings: Settings) -> web.Application:
     reporter = tracing.reporter
     if reporter is not None:
         metrics.spans_dropped = lambda: reporter.dropped
+    metrics.log_lines_dropped = lines_dropped
     metrics.fallback_active = lambda: bool(getattr(limiter, "fallback_active", False))
     jwks = verifier.jwks if verifier is not None else None
     if jwks is not None:

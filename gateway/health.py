@@ -16,6 +16,7 @@ ask for ``application/health+json`` (IETF draft-inadarei-api-health-check) get t
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -34,6 +35,10 @@ __all__ = ["CACHE_SECONDS", "CHECK_TIMEOUT", "HealthChecker", "health_checker_ke
 
 CHECK_TIMEOUT = 1.5  # per component; the whole answer stays within ~2 s
 CACHE_SECONDS = 1.0
+# The most of a health answer's body that is read: a health check answers in a few bytes, and a
+# health_path that streams (or serves a large file) must neither fill memory nor keep the check
+# reading until it times out after the status already said it all.
+MAX_HEALTH_BODY = 64 * 1024
 POSTGRES_VIA = "intelligence-engine"
 HEALTH_JSON = "application/health+json"
 
@@ -51,6 +56,17 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, aiohttp.ClientConnectorError):
         return f"cannot connect: {exc.os_error.strerror or exc.os_error}"
     return type(exc).__name__ + (f": {exc}" if str(exc) else "")
+
+
+async def _read_at_most(response: aiohttp.ClientResponse) -> bytes | None:
+    """The body, or None once it runs past ``MAX_HEALTH_BODY`` (the rest is left unread, and the
+    connection is closed rather than reused)."""
+    body = bytearray()
+    while chunk := await response.content.readany():
+        body += chunk
+        if len(body) > MAX_HEALTH_BODY:
+            return None
+    return bytes(body)
 
 
 async def _timed(check: Callable[[], Awaitable[Component | None]]) -> Component:
@@ -130,7 +146,7 @@ class HealthChecker:
     async def _get(self, url: str) -> int:
         session = self._app[http_client_key]
         async with session.get(url, allow_redirects=False, headers=inject_trace_headers()) as response:
-            await response.read()
+            await _read_at_most(response)  # read to its end, when short, so the connection is kept
             return response.status
 
     async def _check_target(self, upstream: Upstream, target: Target) -> Component:
@@ -194,9 +210,15 @@ class HealthChecker:
             session = self._app[http_client_key]
             url = target.url + "/health/db"
             async with session.get(url, allow_redirects=False, headers=inject_trace_headers()) as response:
-                body = await response.json(content_type=None) if response.status < 500 else None
                 if response.status >= 300:
                     raise RuntimeError(f"{POSTGRES_VIA} /health/db returned HTTP {response.status}")
+                raw = await _read_at_most(response)
+            if raw is None:
+                raise RuntimeError(f"{POSTGRES_VIA} /health/db answered more than {MAX_HEALTH_BODY} bytes")
+            try:
+                body = json.loads(raw)
+            except ValueError:  # UnicodeDecodeError included
+                raise RuntimeError(f"{POSTGRES_VIA} /health/db answered something other than JSON") from None
             if isinstance(body, dict) and isinstance(body.get("latency_ms"), int | float):
                 return {"database_latency_ms": body["latency_ms"]}
             return None

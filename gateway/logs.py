@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import json
 import json.encoder
 import logging
+import os
 import queue
 import re
 import sys
 import threading
 import time
 import traceback
-from typing import Any
+from typing import Any, TextIO
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -28,14 +30,15 @@ from .middleware.tracing import current_trace
 _now = time.time
 _perf_counter = time.perf_counter
 
-__all__ = ["JsonAccessLogger", "JsonFormatter", "configure_logging"]
+__all__ = ["JsonAccessLogger", "JsonFormatter", "configure_logging", "lines_dropped"]
 
 # Attributes every LogRecord has; anything else was passed in ``extra`` and is emitted as a field.
 _RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 _SECRET_WORDS = ("authorization", "password", "secret", "token", "cookie", "dsn")
 # The user and password of a URL, wherever a line quotes one (ZIPKIN_URL and AUTH_JWKS_URL may
-# carry them; a collector or issuer that fails is logged with its URL).
-_USERINFO = re.compile(r"(?<=://)[^/@\s\"']*@")
+# carry them; a collector or issuer that fails is logged with its URL). A URL keeps any of
+# RFC 3986's sub-delimiters (!$&'()*+,;=) unescaped in its userinfo, the apostrophe included.
+_USERINFO = re.compile(r"(?<=://)[^/@\s\"]*@")
 
 
 def _without_userinfo(line: str) -> str:
@@ -101,6 +104,16 @@ class _TextFormatter(logging.Formatter):
         return _without_userinfo(line)
 
 
+# The most the writer may fall behind, in characters of lines not yet written: with stderr not
+# read (a log shipper that stalled, a full pipe) the queue would otherwise grow by every request's
+# line until the process runs out of memory. Past it, lines are dropped and counted, and the
+# count is written once the writer catches up.
+MAX_PENDING = 16 * 1024 * 1024
+# What a log record is taken to cost beyond its message, for that bound.
+_RECORD_SIZE = 256
+_DROPS_REPORT_EVERY = 10.0  # seconds
+
+
 class _Writer:
     """One thread that owns stderr: formats log records and writes every line off the event loop.
 
@@ -108,44 +121,114 @@ class _Writer:
     lines (or, in text format, plain dicts). Building a LogRecord per request costs more than the
     rest of the line put together, and waking this thread once per request costs a GIL hand-off
     each time.
+
+    The thread writes to a descriptor of its own (a copy of stderr's), not through ``sys.stderr``:
+    blocked on a pipe nobody reads, it would hold the stream's lock, and the interpreter, which
+    flushes ``sys.stderr`` on its way out, could then never exit.
     """
 
-    def __init__(self, handler: logging.Handler) -> None:
-        self.handler = handler
+    def __init__(self, stream: TextIO, formatter: logging.Formatter) -> None:
+        self.formatter = formatter
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._stream = stream
+        self._encoding = getattr(stream, "encoding", None) or "utf-8"
+        self._fd = _own_descriptor(stream)
+        # Characters offered and written, and lines dropped: ``queued`` and ``dropped`` change
+        # under the lock (any thread may log), ``written`` on the writer thread only.
+        self._lock = threading.Lock()
+        self.queued = self.written = self.dropped = 0
+        self._reported = 0
+        self._reported_at = 0.0
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
         self._thread.start()
 
+    def offer(self, item: Any, size: int, lines: int) -> None:
+        """Queue ``item`` (``lines`` lines, about ``size`` characters), or drop it while the
+        writer is more than ``MAX_PENDING`` behind."""
+        with self._lock:
+            if self.queued - self.written > MAX_PENDING:
+                self.dropped += lines
+                return
+            self.queued += size
+        self.queue.put((item, size))
+
     def _run(self) -> None:
-        handler, get = self.handler, self.queue.get
-        while (item := get()) is not None:
+        get = self.queue.get
+        while (queued := get()) is not None:
+            item, size = queued
             try:
-                if isinstance(item, list):  # a batch of access lines (JSON) or entries (text)
-                    format_entry = handler.formatter.format_entry  # type: ignore[union-attr]
-                    lines = []
-                    for entry in item:
-                        if isinstance(entry, str):
-                            lines.append(entry)
-                            continue
-                        entry["ts"] = _timestamp(entry["ts"])
-                        lines.append(format_entry(entry))
-                    handler.stream.write("\n".join(lines) + "\n")  # type: ignore[attr-defined]
-                    handler.flush()
-                else:
-                    handler.handle(item)
+                self._write(self._format(item))
             except Exception:  # a log line must never take the writer down
                 traceback.print_exc(file=sys.stderr)
+            self.written += size
+            if self.dropped != self._reported:
+                self._report_drops()
+
+    def _format(self, item: Any) -> str:
+        if not isinstance(item, list):
+            return self.formatter.format(item) + "\n"
+        # A batch of access lines (JSON) or entries (text).
+        format_entry = self.formatter.format_entry  # type: ignore[attr-defined]
+        lines = []
+        for entry in item:
+            if isinstance(entry, str):
+                lines.append(entry)
+                continue
+            entry["ts"] = _timestamp(entry["ts"])
+            lines.append(format_entry(entry))
+        return "\n".join(lines) + "\n"
+
+    def _write(self, text: str) -> None:
+        if self._fd is None:  # not a file (a test's buffer)
+            self._stream.write(text)
+            self._stream.flush()
+            return
+        data = memoryview(text.encode(self._encoding, "backslashreplace"))
+        while data:
+            data = data[os.write(self._fd, data) :]
+
+    def _report_drops(self) -> None:
+        # Once the queue has emptied, or every few seconds while it stays full: one line for
+        # many lost ones, not one each.
+        now = time.monotonic()
+        if not self.queue.empty() and now - self._reported_at < _DROPS_REPORT_EVERY:
+            return
+        dropped = self.dropped
+        record = logging.makeLogRecord(
+            {
+                "name": "gateway.logs",
+                "levelno": logging.WARNING,
+                "levelname": "WARNING",
+                "msg": "log lines dropped: stderr is not keeping up",
+                "dropped": dropped - self._reported,
+            }
+        )
+        self._reported, self._reported_at = dropped, now
+        with contextlib.suppress(Exception):
+            self._write(self.formatter.format(record) + "\n")
 
     def stop(self) -> None:
         _flush_access()
         self.queue.put(None)
+        # Bounded: a writer blocked on a pipe nobody reads must not keep the process from exiting.
         self._thread.join(timeout=5)
+        if self._fd is not None and not self._thread.is_alive():
+            os.close(self._fd)
+            self._fd = None
+
+
+def _own_descriptor(stream: TextIO) -> int | None:
+    try:
+        stream.flush()
+        return os.dup(stream.fileno())
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        return None
 
 
 class _EnqueueHandler(logging.Handler):
     def __init__(self, writer: _Writer) -> None:
         super().__init__()
-        self._put = writer.queue.put
+        self._offer = writer.offer
 
     def emit(self, record: logging.LogRecord) -> None:
         # Formatting happens on the writer thread; only the message args are resolved here so a
@@ -156,7 +239,7 @@ class _EnqueueHandler(logging.Handler):
         ref = current_trace()
         if ref is not None and not hasattr(record, "trace_id"):
             record.trace_id, record.span_id, record.request_id = ref.trace_id, ref.span_id, ref.request_id
-        self._put(record)
+        self._offer(record, len(record.msg) + _RECORD_SIZE, 1)
 
 
 _writer: _Writer | None = None
@@ -170,26 +253,33 @@ _access_json = True
 ACCESS_FLUSH = 0.05
 ACCESS_BATCH = 512
 _batch: list[str | dict[str, Any]] = []
+_batch_size = 0  # characters, about
 _flush_handle: asyncio.TimerHandle | None = None
 
 
 def _flush_access() -> None:
-    global _batch, _flush_handle
+    global _batch, _batch_size, _flush_handle
     _flush_handle = None
-    if _batch and access_entries is not None:
-        access_entries.put(_batch)
-    _batch = []
+    if _batch and _writer is not None:
+        _writer.offer(_batch, _batch_size, len(_batch))
+    _batch, _batch_size = [], 0
 
 
 def _add_access(entry: str | dict[str, Any]) -> None:
-    global _flush_handle
+    global _flush_handle, _batch_size
     _batch.append(entry)
+    _batch_size += len(entry) if isinstance(entry, str) else _RECORD_SIZE + len(entry["path"])
     if len(_batch) >= ACCESS_BATCH:
         if _flush_handle is not None:
             _flush_handle.cancel()
         _flush_access()
     elif _flush_handle is None:
         _flush_handle = asyncio.get_running_loop().call_later(ACCESS_FLUSH, _flush_access)
+
+
+def lines_dropped() -> int:
+    """Log lines dropped so far because stderr was not keeping up (``MAX_PENDING``)."""
+    return _writer.dropped if _writer is not None else 0
 
 
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
@@ -199,13 +289,12 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     if _writer is not None:
         _writer.stop()
         atexit.unregister(_writer.stop)
-    stream = logging.StreamHandler(sys.stderr)
-    stream.setFormatter(
+    formatter = (
         JsonFormatter()
         if fmt == "json"
         else _TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
-    _writer = _Writer(stream)
+    _writer = _Writer(sys.stderr, formatter)
     access_entries = _writer.queue
     atexit.register(_writer.stop)
     root = logging.getLogger()

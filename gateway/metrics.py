@@ -23,6 +23,7 @@ the status class, the service name, fixed kinds and reasons. Requests aiohttp's 
     gateway_jwks_fetch_errors_total{kind}                   counter    connect|timeout|reset|status|invalid
     gateway_validation_rejections_total{route,status}       counter    413|415|422
     gateway_spans_dropped_total                             counter    from the Zipkin reporter
+    gateway_log_lines_dropped_total                         counter    stderr not keeping up
     gateway_ratelimit_fallback_active                       gauge      1 while Redis is bypassed
     gateway_component_up{component}                         gauge      last /health/detailed answer
     gateway_config_reloads_total{result}                    counter    ok|rejected
@@ -106,6 +107,7 @@ class Metrics:
         self._upstream: dict[str, _Histogram] = {}
         # Read at scrape time: zero cost until then.
         self.spans_dropped: Callable[[], int] = lambda: 0
+        self.log_lines_dropped: Callable[[], int] = lambda: 0
         self.fallback_active: Callable[[], bool] = lambda: False
         self.components: Callable[[], dict[str, str]] = dict
         self.jwks_fetch_errors: Callable[[], Mapping[str, int]] = dict
@@ -208,6 +210,11 @@ class _Collector(Collector):
         yield jwks_errors
         yield CounterMetricFamily(
             "gateway_spans_dropped", "Trace spans dropped by the Zipkin reporter", value=m.spans_dropped()
+        )
+        yield CounterMetricFamily(
+            "gateway_log_lines_dropped",
+            "Log lines dropped because stderr was not being read fast enough",
+            value=m.log_lines_dropped(),
         )
         yield GaugeMetricFamily(
             "gateway_ratelimit_fallback_active",

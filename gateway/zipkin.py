@@ -82,8 +82,14 @@ class ZipkinReporter(TransportABC):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self._session is not None:
+            # What is left gets one timeout in all, not one per batch: a full buffer is twenty
+            # batches, and a collector that takes just under the timeout for each would hold up
+            # the stop for forty seconds, past an orchestrator's grace period.
             with contextlib.suppress(Exception):
-                await self.flush()  # what is left, within one timeout
+                async with asyncio.timeout(self.timeout.total):
+                    await self.flush()
+            self.dropped += len(self.buffer)
+            self.buffer.clear()
             await self._session.close()
 
     async def _run(self) -> None:
@@ -99,10 +105,16 @@ class ZipkinReporter(TransportABC):
         while self.buffer:
             count = min(len(self.buffer), self.batch_size)
             batch = [self.buffer.popleft() for _ in range(count)]
-            if not await self._post(batch):
-                self.dropped += len(batch)
+            sent = False
+            try:
+                sent = await self._post(batch)
+            finally:  # a send cut short (the reporter closing) loses its batch too
+                if sent:
+                    self.sent += count
+                else:
+                    self.dropped += count
+            if not sent:
                 return
-            self.sent += len(batch)
 
     async def _post(self, batch: list[dict[str, Any]]) -> bool:
         assert self._session is not None

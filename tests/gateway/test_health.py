@@ -204,6 +204,60 @@ async def test_postgresql_down_behind_the_engine(make_gateway: Any, make_upstrea
     assert body["components"][ENGINE]["status"] == "healthy"
 
 
+async def streaming(request: web.Request) -> web.StreamResponse:
+    """A health answer that says 200 at once and never ends (a health_path on a stream or a
+    large download)."""
+    response = web.StreamResponse()
+    await response.prepare(request)
+    with contextlib.suppress(ConnectionError):
+        while True:
+            await response.write(b"x" * 65536)
+    return response
+
+
+async def test_a_health_answer_that_streams_is_judged_by_its_status(
+    make_gateway: Any, make_upstream: Any
+) -> None:
+    backend = await make_upstream(streaming)
+    engine = await make_upstream(db_ok)
+    client = await make_gateway(config({"svc": backend.url}, engine.url))
+    _, body, _ = await detailed(client)
+    entry = body["components"]["svc"]
+    # Not read (and buffered) until the check times out: its status said it all.
+    assert entry["status"] == "healthy", entry
+    assert entry["latency_ms"] < CHECK_TIMEOUT * 1000 / 2
+
+
+async def not_json(request: web.Request) -> web.Response:
+    return web.Response(text="<html>up</html>")
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        (streaming, "answered more than 65536 bytes"),
+        (not_json, "answered something other than JSON"),
+    ],
+    ids=["endless", "not-json"],
+)
+async def test_a_db_health_answer_that_is_not_a_report_says_so_at_once(
+    make_gateway: Any, make_upstream: Any, answer: Any, error: str
+) -> None:
+    async def engine_reply(request: web.Request) -> web.StreamResponse:
+        if request.path == "/health/db":
+            return await answer(request)
+        return web.json_response({"status": "healthy"})
+
+    backend = await make_upstream()
+    engine = await make_upstream(engine_reply)
+    client = await make_gateway(config({"svc": backend.url}, engine.url))
+    _, body, _ = await detailed(client)
+    entry = body["components"]["postgresql"]
+    assert entry["status"] == "unhealthy"
+    assert entry["error"] == f"RuntimeError: {ENGINE} /health/db {error}"
+    assert entry["latency_ms"] < CHECK_TIMEOUT * 1000 / 2
+
+
 async def test_postgresql_without_an_engine_is_unhealthy(
     make_gateway: Any, make_upstream: Any, refused_url: str
 ) -> None:

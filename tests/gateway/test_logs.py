@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
+import os
 import signal
+import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 
-from tests.helpers import free_port, one_service, running_gateway, wait_for
+from gateway import logs
+from gateway.logs import JsonFormatter, _TextFormatter, configure_logging, lines_dropped
+from gateway.settings import load_settings
+from tests.helpers import ROOT, free_port, one_service, program_env, running_gateway, wait_for
 
 SECRET_TOKEN = "eyJhbGciOiJIUzI1NiJ9.c2VjcmV0LXBheWxvYWQ.c2lnbmF0dXJl"
 
@@ -101,3 +111,104 @@ async def test_access_log_has_one_json_line_per_request_and_no_secrets(
     assert proxied["request_id"] == "trace-me-123"
     assert missing["status"] == 404 and missing["route"] is None
     assert len(missing["request_id"]) >= 16
+
+
+# What a URL keeps unescaped in its userinfo (RFC 3986's sub-delimiters), as settings store it.
+PASSWORD = "it's-a-$ecret!(*)+,;=~"
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_a_url_password_is_hidden_whatever_characters_it_holds(fmt: str) -> None:
+    url = load_settings({"ZIPKIN_URL": f"http://user:{PASSWORD}@127.0.0.1:9411/api/v2/spans"}).zipkin_url
+    assert url is not None and PASSWORD in url
+    formatter = JsonFormatter() if fmt == "json" else _TextFormatter("%(message)s")
+    record = logging.makeLogRecord(
+        {"name": "gateway.zipkin", "levelname": "WARNING", "msg": "zipkin collector unavailable", "url": url}
+    )
+    line = formatter.format(record)
+    assert "ecret" not in line and "it's" not in line
+    assert "http://***@127.0.0.1:9411/api/v2/spans" in line
+
+
+@pytest.fixture
+def unread_stderr(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[int, Any]]:
+    """The gateway's real logging set-up, its stderr a pipe whose reading end the test holds;
+    the test's logging restored after."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    stream = os.fdopen(write_fd, "w")
+    monkeypatch.setattr(sys, "stderr", stream)
+    configure_logging("INFO", "json")
+    yield read_fd, stream
+    # Whatever the test left unread is read now, so that the writer can stop.
+    os.set_blocking(read_fd, True)
+    reader = threading.Thread(target=_read_to_end, args=(read_fd,))
+    reader.start()
+    assert logs._writer is not None
+    logs._writer.stop()
+    logs._writer = logs.access_entries = None
+    root.handlers[:], _ = saved
+    root.setLevel(saved[1])
+    stream.close()
+    reader.join(timeout=10)
+    os.close(read_fd)
+
+
+def _read_to_end(fd: int) -> None:
+    while os.read(fd, 65536):
+        pass
+
+
+async def test_a_stderr_nobody_reads_holds_bounded_lines_and_the_loss_is_reported(
+    unread_stderr: tuple[int, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    read_fd, _ = unread_stderr
+    monkeypatch.setattr(logs, "MAX_PENDING", 100_000, raising=False)
+    log = logging.getLogger("gateway.test")
+    for n in range(1000):  # a megabyte of lines against a pipe that holds 64 KB
+        log.warning("%d %s", n, "x" * 1000)
+    # The rest are dropped, not queued without end.
+    assert logs._writer is not None
+    assert logs._writer.queue.qsize() <= 200
+    assert lines_dropped() >= 800
+
+    received = bytearray()
+
+    def reported() -> bool:
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(read_fd, 65536):
+                received.extend(chunk)
+        return b"log lines dropped" in received and logs._writer is not None and logs._writer.queue.empty()
+
+    await wait_for(reported, what="the writer to catch up and report the loss")
+    lines = [json.loads(line) for line in received.decode().splitlines()]
+    # A line for many lost ones (once at once, then when the queue empties), not one each.
+    reports = [line for line in lines if line["logger"] == "gateway.logs"]
+    assert 1 <= len(reports) <= 2
+    assert all(report["level"] == "warning" for report in reports)
+    assert sum(report["dropped"] for report in reports) == lines_dropped()
+    assert len(lines) - len(reports) + lines_dropped() == 1000
+
+
+async def test_a_process_whose_stderr_nobody_reads_still_exits() -> None:
+    script = (
+        "import logging; from gateway.logs import configure_logging; configure_logging(); "
+        "[logging.getLogger('gateway.test').warning('x' * 1000) for _ in range(500)]"
+    )
+    read_fd, write_fd = os.pipe()  # never read: it fills after 64 KB
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", script, cwd=ROOT, env=program_env(), stderr=write_fd
+        )
+        os.close(write_fd)
+        try:
+            async with asyncio.timeout(15):
+                assert await process.wait() == 0
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    finally:
+        os.close(read_fd)

@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import shutil
+import uuid
 from asyncio.subprocess import PIPE, STDOUT
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,32 @@ async def test_requests_by_route_method_and_status_class(make_gateway: Any, make
     assert value(samples, "gateway_upstream_duration_seconds_count", service="svc") == 4
     assert value(samples, "gateway_requests_in_flight") == 1  # the scrape itself
     assert value(samples, "gateway_process_info", pid=str(os.getpid())) == 1
+
+
+async def test_random_paths_methods_hosts_and_request_ids_add_no_series(
+    make_gateway: Any, make_upstream: Any
+) -> None:
+    upstream = await make_upstream()
+    client = await make_gateway(one_service(upstream.url, prefix="/api"))
+
+    async def hostile(n: int) -> None:
+        for method, path in ((f"X-{uuid.uuid4().hex[:8]}", "/api/a"), ("GET", f"/x/{uuid.uuid4()}"),
+                             ("PROPFIND", f"/api/{uuid.uuid4()}"), ("POST", f"/metrics/{n}")):  # fmt: skip
+            headers = {"Host": f"{uuid.uuid4()}.example", "X-Request-ID": str(uuid.uuid4())}
+            async with client.request(method, path, headers=headers) as response:
+                await response.read()
+
+    async def series() -> set[str]:
+        text = await (await client.get("/metrics")).text()
+        return {line.rpartition(" ")[0] for line in text.splitlines() if line.startswith("gateway_")}
+
+    await hostile(0)
+    await series()  # the scrape's own series, seen from the next one on
+    before = await series()
+    for n in range(1, 26):
+        await hostile(n)
+    assert await series() == before
+    assert not [line for line in before if "uuid" in line or ".example" in line or "X-" in line]
 
 
 async def test_in_flight_counts_a_slow_request(make_gateway: Any, make_upstream: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -287,6 +288,30 @@ def test_span_buffer_is_bounded_and_counts_drops() -> None:
         reporter.send(Record(context, az.create_endpoint("gateway")).start(1).finish(2))
     assert len(reporter.buffer) == 4
     assert reporter.dropped == 6
+
+
+async def test_closing_sends_what_is_left_within_one_timeout_in_all(aiohttp_server: Any) -> None:
+    async def slow(request: web.Request) -> web.Response:
+        await request.read()
+        await asyncio.sleep(0.1)  # a collector that takes its time over every batch
+        return web.Response(status=202)
+
+    app = web.Application()
+    app.router.add_post("/api/v2/spans", slow)
+    zipkin = await aiohttp_server(app)
+    reporter = ZipkinReporter(str(zipkin.make_url("/api/v2/spans")), batch_size=1, interval=3600, timeout=0.3)
+    await reporter.start()
+    for n in range(20):
+        context = ZipkinContext(INCOMING_TRACE, None, f"{n + 1:016x}", True, False, False)
+        reporter.send(Record(context, az.create_endpoint("gateway")).start(1).finish(2))
+    started = time.monotonic()
+    await reporter.close()
+    elapsed = time.monotonic() - started
+    # One batch at a time, the twenty would take two seconds: the stop waits for one timeout.
+    assert elapsed < 1.0, f"close took {elapsed:.2f}s"
+    assert not reporter.buffer
+    assert reporter.sent < 20
+    assert reporter.sent + reporter.dropped == 20  # what was not sent is counted
 
 
 def test_inject_trace_headers_outside_a_request_returns_headers_unchanged() -> None:
