@@ -34,6 +34,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from itertools import islice
 from typing import NamedTuple, Protocol
 
 import redis.asyncio as aioredis
@@ -111,8 +112,9 @@ def _decide(limit: RateLimit, allowed: bool, ahead: float, retry_after: float) -
 
 class MemoryLimiter:
     """GCRA in a dict. Idle buckets (TAT in the past) hold nothing and are swept every
-    ``sweep_every`` seconds; beyond ``max_keys`` the least recently used bucket is dropped, which
-    forgets that client's debt: size ``max_keys`` above the number of clients active per period.
+    ``sweep_every`` seconds; beyond ``max_keys`` the least recently used buckets are dropped (a
+    64th of ``max_keys`` at a time), which forgets those clients' debt: size ``max_keys`` above the
+    number of clients active per period.
     """
 
     def __init__(
@@ -126,6 +128,10 @@ class MemoryLimiter:
             raise ValueError("max_keys must be at least 1")
         self._clock = clock
         self._max_keys = max_keys
+        # Dropping one bucket per new client cost O(max_keys) a hit: every deletion leaves a hole at
+        # the front of the dict, and next(iter()) walks all of them (44 us a hit at 100,000 keys
+        # under a flood of new addresses, against 1.5). A batch pays for that walk once.
+        self._evict_batch = max(1, max_keys // 64)
         self._sweep_every = sweep_every
         self._next_sweep = clock() + sweep_every
         self._tat: dict[str, float] = {}  # insertion order = least recently used first
@@ -153,7 +159,8 @@ class MemoryLimiter:
             tat, ahead = now, 0.0
         buckets[key] = tat + interval
         if len(buckets) > self._max_keys:
-            del buckets[next(iter(buckets))]
+            for oldest in list(islice(buckets, self._evict_batch)):
+                del buckets[oldest]
         return _decide(limit, True, ahead + interval, 0.0)
 
     def _sweep(self, now: float) -> None:

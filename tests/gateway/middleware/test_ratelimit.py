@@ -126,6 +126,27 @@ async def test_idle_keys_are_swept_and_memory_is_bounded():
     assert len(limiter) == 1
 
 
+def test_a_flood_of_new_clients_past_max_keys_costs_no_more_per_hit_than_filling_up():
+    # Dropping the oldest bucket one by one walked the holes that earlier deletions left at the
+    # front of the dict: each new client cost O(max_keys), 20 times a hit's cost at 50,000 keys.
+    # CPU time of this process, and a ratio of two phases, so a busy machine does not decide it.
+    limiter = MemoryLimiter(clock=Clock(), max_keys=50_000)
+    limit = RateLimit(10, 60.0)
+    keys = [f"ip:10.{i >> 16}.{i >> 8 & 255}.{i & 255}:/x:10/60" for i in range(100_000)]
+
+    def seconds_for(batch: list[str]) -> float:
+        started = time.process_time()
+        for key in batch:
+            limiter.hit_now(key, limit)
+        return time.process_time() - started
+
+    filling = seconds_for(keys[:50_000])
+    flooding = seconds_for(keys[50_000:])
+
+    assert len(limiter) <= 50_000
+    assert flooding < 4 * filling, f"{flooding:.3f}s past max_keys against {filling:.3f}s filling up"
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     limit=st.integers(1, 20),
