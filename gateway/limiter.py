@@ -40,6 +40,7 @@ from typing import NamedTuple, Protocol
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from .settings import RateLimit
@@ -225,8 +226,12 @@ class RedisLimiter:
     def from_url(
         cls, url: str, *, prefix: str = "gateway:rl:", timeout: float = REDIS_TIMEOUT
     ) -> RedisLimiter:
-        # No retries and short socket timeouts: a slow Redis must cost a request ~timeout, not
-        # redis-py's default ten retries with exponential backoff.
+        # Short socket timeouts and no retry of a timeout: a slow Redis must cost a request
+        # ~timeout, not redis-py's default ten retries with exponential backoff. One immediate
+        # retry of a connection error: after a Redis restart every idle pooled connection is dead,
+        # and redis-py (8.x) hands them out unchecked; without it each failed a request once and
+        # flipped the gateway to local limits and back. A dead Redis refuses the retry at once. (A
+        # reply lost after the script ran would charge twice: one request's worth, rarely.)
         # A bounded pool whose callers wait for a free connection. With the default pool, a burst
         # of more concurrent requests than connections failed at once (MaxConnectionsError) and
         # flipped the gateway to local limits; waiting only as long as a slow Redis is allowed
@@ -238,7 +243,7 @@ class RedisLimiter:
             timeout=REDIS_POOL_WAIT,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             health_check_interval=0,
         )
         # from_pool: closing the client closes the pool and its connections too.

@@ -274,6 +274,33 @@ async def test_redis_outage_falls_back_with_the_same_limits_and_recovers(tmp_pat
         server.stop()
 
 
+async def test_a_redis_restarted_between_requests_is_no_outage(tmp_path, caplog):
+    # The pool's idle connections died with the old server; redis-py (8.x, its maintenance
+    # notifications on "auto") hands them out unchecked, and each failed once with "Connection
+    # closed by server": the gateway flipped to local limits and back, logging both, per connection.
+    server = PrivateRedis(tmp_path)
+    server.start()
+    limiter = FailoverLimiter(
+        RedisLimiter.from_url(server.url, prefix="t:", timeout=0.5), MemoryLimiter(), probe_interval=60
+    )
+    limit = RateLimit(100, 60.0)
+    try:
+        await asyncio.gather(*(limiter.hit(f"before-{i}", limit) for i in range(8)))  # 8 pooled
+        server.stop()
+        server.start()  # same port, empty, before any request noticed
+
+        with caplog.at_level(logging.WARNING, logger="gateway.ratelimit"):
+            await asyncio.gather(*(limiter.hit(f"after-{i}", limit) for i in range(8)))
+
+        assert not limiter.fallback_active
+        assert [r.getMessage() for r in caplog.records] == []
+        with server.client() as probe:
+            assert probe.exists(*(f"t:after-{i}" for i in range(8))) == 8
+    finally:
+        await limiter.close()
+        server.stop()
+
+
 async def test_hung_redis_costs_one_short_timeout_then_the_fallback(tmp_path):
     server = PrivateRedis(tmp_path)
     server.start()
