@@ -258,7 +258,10 @@ class RedisLimiter:
                     keys=[self._prefix + key], args=[limit.limit, repr(float(limit.period))]
                 )
         except (RedisError, OSError, TimeoutError) as exc:
-            raise LimiterUnavailable(f"redis: {exc!r}") from exc
+            # str, not repr: redis-py 8's repr is "network:ConnectionError", without the reason.
+            raise LimiterUnavailable(
+                f"redis: {type(exc).__name__}" + (f": {exc}" if str(exc) else "")
+            ) from exc
         return _decide(limit, allowed == 1, float(ahead), float(retry_after))
 
     async def close(self) -> None:

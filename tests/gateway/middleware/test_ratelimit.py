@@ -20,7 +20,7 @@ from gateway.middleware.auth import TokenVerifier
 from gateway.routing import RouteTable
 from gateway.settings import AuthSettings, RateLimit, Route
 from tests.conftest import REDIS_URL
-from tests.helpers import PrivateRedis
+from tests.helpers import PrivateRedis, free_port
 
 from .app import ROUTES, make_app
 
@@ -272,6 +272,22 @@ async def test_redis_outage_falls_back_with_the_same_limits_and_recovers(tmp_pat
     finally:
         await limiter.close()
         server.stop()
+
+
+async def test_the_outage_is_logged_with_what_failed(caplog):
+    port = free_port()  # nothing listens there
+    limiter = FailoverLimiter(
+        RedisLimiter.from_url(f"redis://127.0.0.1:{port}/0", prefix="t:"), MemoryLimiter()
+    )
+    try:
+        with caplog.at_level(logging.WARNING, logger="gateway.ratelimit"):
+            await limiter.hit("k", RateLimit(3, 60.0))
+    finally:
+        await limiter.close()
+    (record,) = caplog.records
+    # Not redis-py's repr ("redis: network:ConnectionError"): an operator needs the reason.
+    assert record.error.startswith("redis: ConnectionError: ")
+    assert f"connecting to 127.0.0.1:{port}" in record.error
 
 
 async def test_a_redis_restarted_between_requests_is_no_outage(tmp_path, caplog):
