@@ -472,6 +472,29 @@ async def test_bad_tokens_are_charged_to_the_address(aiohttp_client):
     assert (await client.get("/api/required/x")).status == 429
 
 
+async def test_a_remembered_refusal_counts_its_reset_down_with_its_retry_after(aiohttp_client):
+    clock = Clock()
+    auth = AuthSettings(jwks_url=None, algorithms=("HS256",), jwt_secret=SECRET)
+    app = make_app(
+        auth=auth,
+        verifier=TokenVerifier(auth),
+        limiter=MemoryLimiter(clock=clock),
+        default=RateLimit(3, 60.0),
+        clock=clock,
+    )
+    client = await aiohttp_client(app)
+    bad = {"Authorization": "Bearer not-a-token"}
+    assert [(await client.get("/api/required/x", headers=bad)).status for _ in range(4)] == [401] * 3 + [429]
+
+    clock.now += 10  # still refused, from the address's remembered refusal
+    again = await client.get("/api/required/x", headers=bad)
+
+    assert again.status == 429
+    assert (again.headers["Retry-After"], again.headers["RateLimit"]) == ("10", '"default";r=0;t=10')
+    # The bucket is full 60 s after the three charges, so 50 s from now: not the 60 said before.
+    assert again.headers["RateLimit-Reset"] == again.headers["X-RateLimit-Reset"] == "50"
+
+
 async def test_authenticated_clients_are_limited_by_subject_not_address(aiohttp_client):
     client = await aiohttp_client(_auth_app(RateLimit(3, 60.0)))
     alice, bob = _token("alice"), _token("bob")
