@@ -92,13 +92,21 @@ _MEDIA_RANGE_RE = re.compile(
 )
 # RFC 1123 host names, plus ``_`` (container and compose service names have it).
 _HOSTNAME_RE = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*\.?", re.IGNORECASE)
-_RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*([a-z]+)\s*$", re.IGNORECASE)
+# ASCII digits only: ``\d`` would take Arabic-Indic or other Unicode digits, and int() reads them.
+_RATE_RE = re.compile(r"^\s*([0-9]+)\s*/\s*([0-9]*)\s*([a-z]+)\s*$", re.IGNORECASE)
 _PERIODS = {
     "s": 1, "sec": 1, "second": 1, "seconds": 1,
     "m": 60, "min": 60, "minute": 60, "minutes": 60,
     "h": 3600, "hour": 3600, "hours": 3600,
     "d": 86400, "day": 86400, "days": 86400,
 }  # fmt: skip
+# Beyond these a limit is not a limit. An interval (period / count) under a microsecond is below
+# what a double of the limiter's clock can add to a bucket's TAT (a few hundredths of a microsecond
+# ulp in Redis), so the bucket stops filling and nothing is limited; no gateway process serves a
+# million requests a second to one client anyway. A period over a year overflows the millisecond
+# expiry Redis is given, and every request then fails over to in-process limits.
+MAX_RATE_PER_SECOND = 1_000_000
+MAX_RATE_PERIOD = 365 * 86400
 
 
 @dataclass(frozen=True)
@@ -197,11 +205,27 @@ def parse_rate(value: Any, key: str) -> RateLimit:
     match = _RATE_RE.match(value) if isinstance(value, str) else None
     if not match or match.group(3).lower() not in _PERIODS:
         raise SettingsError(f"{key}: expected a rate such as 100/minute or 10/second, got {value!r}")
-    count, multiplier, unit = match.groups()
-    period = _PERIODS[unit.lower()] * (int(multiplier) if multiplier else 1)
-    if int(count) < 1 or period < 1:
+    count_digits, multiplier, unit = match.groups()
+    count = _whole_number(count_digits)
+    period = _PERIODS[unit.lower()] * (_whole_number(multiplier) if multiplier else 1)
+    if count < 1:
         raise SettingsError(f"{key}: rate must allow at least one request, got {value!r}")
-    return RateLimit(int(count), float(period))
+    if period < 1:
+        raise SettingsError(f"{key}: period must be at least one second, got {value!r}")
+    if period > MAX_RATE_PERIOD:
+        raise SettingsError(f"{key}: period must be at most 365 days, got {value!r}")
+    if count > MAX_RATE_PER_SECOND * period:
+        raise SettingsError(
+            f"{key}: at most {MAX_RATE_PER_SECOND} requests per second can be limited, got {value!r}"
+        )
+    return RateLimit(count, float(period))
+
+
+def _whole_number(digits: str) -> int:
+    """``int(digits)``; a number too long to be within any bound is read as 10**20, since int()
+    refuses strings of more than 4300 digits (a ValueError and a traceback at start)."""
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 20 else 10**20
 
 
 def _redacted(value: Any) -> str:

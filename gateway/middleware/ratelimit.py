@@ -145,17 +145,19 @@ def ratelimit_middleware(
     trusted_proxies: Sequence[IPNetwork] = (),
     auth_enabled: bool = True,
     known_token: Callable[[str], bool] | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> Any:
     """Limit routed requests per route prefix; ``stage`` picks the bucket (see module docstring).
 
     ``limiter`` is shared by both stages. ``trusted_proxies`` and ``auth_enabled`` matter to the
     ``ip`` stage only: with auth disabled every request is anonymous and charged up front.
+    ``clock`` times the ``ip`` stage's memo of refused addresses; give it the limiter's in tests.
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
     trusted = tuple(trusted_proxies)
     policies: dict[str, Policy] = {}
-    blocked: dict[str, tuple[float, dict[str, str]]] = {}
+    blocked: dict[str, tuple[float, float, dict[str, str]]] = {}  # key: (retry at, full at, headers)
 
     def policy_for(route: Route) -> Policy:
         policy = policies.get(route.prefix)
@@ -176,7 +178,8 @@ def ratelimit_middleware(
                 if len(blocked) >= _MAX_BLOCKED:
                     blocked.clear()
                 # Keyed like the bucket, so a changed limit does not find the old refusal.
-                blocked[key] = (time.monotonic() + decision.retry_after, headers)
+                now = clock()
+                blocked[key] = (now + decision.retry_after, now + decision.reset_after, headers)
             raise ApiError(429, "Too Many Requests", headers=headers)
 
     async def charge(request: web.Request, key: str, policy: Policy) -> None:
@@ -230,10 +233,11 @@ def ratelimit_middleware(
         """A token to verify: charged here only if it turns out bad."""
         memo = blocked.get(key)
         if memo is not None:
-            until, headers = memo
-            left = until - time.monotonic()
+            until, full_at, headers = memo
+            now = clock()
+            left = until - now
             if left > 0 and not (known_token is not None and known_token(presented_token(request))):
-                raise ApiError(429, "Too Many Requests", headers=_with_retry(headers, left))
+                raise ApiError(429, "Too Many Requests", headers=_refused_again(headers, left, full_at - now))
             del blocked[key]
         try:
             response = await handler(request)
@@ -254,10 +258,19 @@ def ratelimit_middleware(
     return ratelimit_ip
 
 
-def _with_retry(headers: dict[str, str], left: float) -> dict[str, str]:
-    retry = str(max(1, math.ceil(left)))
+def _refused_again(headers: dict[str, str], left: float, full_in: float) -> dict[str, str]:
+    """The remembered refusal's headers, with its times counted down to now: the reset of the
+    first refusal, repeated, told a client the bucket was full later than it was."""
+    retry = max(1, math.ceil(left))
+    reset = str(max(retry, math.ceil(full_in)))
     policy = headers["RateLimit"].partition(";")[0]
-    return {**headers, "Retry-After": retry, "RateLimit": f"{policy};r=0;t={retry}"}
+    return {
+        **headers,
+        "Retry-After": str(retry),
+        "RateLimit": f"{policy};r=0;t={retry}",
+        "RateLimit-Reset": reset,
+        "X-RateLimit-Reset": reset,
+    }
 
 
 async def stamp_ratelimit_headers(request: web.Request, response: web.StreamResponse) -> None:

@@ -178,6 +178,42 @@ def test_bad_config_file_names_the_key(tmp_path: Path, config: Any, names: str) 
     assert "\n" not in message
 
 
+@pytest.mark.parametrize(
+    ("rate", "problem"),
+    [
+        ("0/second", "at least one request"),
+        ("-1/minute", "expected a rate"),
+        ("10/fortnight", "expected a rate"),
+        ("10/0s", "period must be at least one second"),
+        pytest.param("\u0661\u0660/second", "expected a rate", id="arabic-indic-digits"),  # int() reads them
+        # Past a million a second the interval is below the clock's resolution: nothing is limited.
+        ("1000001/second", "at most 1000000 requests per second"),
+        ("99999999999999999999999999/second", "at most 1000000 requests per second"),
+        pytest.param("9" * 5000 + "/second", "at most 1000000", id="5000-digit-count"),  # int() refuses
+        # Past a year Redis refuses the key's expiry, and every request fell back to local limits.
+        ("1/366days", "period must be at most 365 days"),
+        ("1/99999999999999999999day", "period must be at most 365 days"),
+        pytest.param("1/" + "9" * 5000 + "s", "period must be at most 365 days", id="5000-digit-period"),
+    ],
+)
+def test_a_rate_outside_what_can_be_limited_is_refused_naming_the_key(
+    tmp_path: Path, rate: str, problem: str
+) -> None:
+    with pytest.raises(SettingsError) as error:
+        load_settings({"GATEWAY_CONFIG": write(tmp_path, with_change("routes.0.rate_limit", rate))})
+    message = str(error.value)
+    assert message.startswith("routes[0].rate_limit: ") and problem in message
+    assert "\n" not in message
+
+    with pytest.raises(SettingsError, match=f"^RATE_LIMIT_DEFAULT: .*{problem}"):
+        load_settings({"RATE_LIMIT_DEFAULT": rate})
+
+
+@pytest.mark.parametrize("rate", ["1000000/second", "1/365days", "10/5m", "007/minute", " 3 / 2 h "])
+def test_rates_at_the_bounds_are_taken(rate: str) -> None:
+    assert load_settings({"RATE_LIMIT_DEFAULT": rate}).rate_limit_default.limit >= 1
+
+
 @pytest.mark.parametrize("key", ["GATEWAY_HOST", "INTELLIGENCE_HOST"])
 @pytest.mark.parametrize("host", ["999.1.1.1", "1.2.3", "http://gateway", "10.0.0.1:8080", "two words"])
 def test_a_listen_host_that_is_no_address_names_the_key(key: str, host: str) -> None:

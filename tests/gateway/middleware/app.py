@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 from aiohttp import web
 
@@ -52,6 +53,7 @@ def make_app(
     default: RateLimit = DEFAULT_LIMIT,
     trusted: Sequence[IPNetwork] = (),
     routes: Sequence[Route] = ROUTES,
+    clock: Callable[[], float] = time.monotonic,
 ) -> web.Application:
     auth = auth or AuthSettings(enabled=False)
     limiter = MemoryLimiter() if limiter is None else limiter
@@ -65,6 +67,7 @@ def make_app(
                 stage="ip",
                 trusted_proxies=trusted,
                 auth_enabled=auth.enabled,
+                clock=clock,
             ),
             auth_middleware(auth, verifier=verifier),
             ratelimit_middleware(limiter=limiter, default=default, stage="subject"),

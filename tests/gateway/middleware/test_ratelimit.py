@@ -20,7 +20,7 @@ from gateway.middleware.auth import TokenVerifier
 from gateway.routing import RouteTable
 from gateway.settings import AuthSettings, RateLimit, Route
 from tests.conftest import REDIS_URL
-from tests.helpers import PrivateRedis
+from tests.helpers import PrivateRedis, free_port
 
 from .app import ROUTES, make_app
 
@@ -124,6 +124,27 @@ async def test_idle_keys_are_swept_and_memory_is_bounded():
     clock.now += 2.0  # all buckets full again: nothing left worth remembering
     await limiter.hit("fresh", limit)
     assert len(limiter) == 1
+
+
+def test_a_flood_of_new_clients_past_max_keys_costs_no_more_per_hit_than_filling_up():
+    # Dropping the oldest bucket one by one walked the holes that earlier deletions left at the
+    # front of the dict: each new client cost O(max_keys), 20 times a hit's cost at 50,000 keys.
+    # CPU time of this process, and a ratio of two phases, so a busy machine does not decide it.
+    limiter = MemoryLimiter(clock=Clock(), max_keys=50_000)
+    limit = RateLimit(10, 60.0)
+    keys = [f"ip:10.{i >> 16}.{i >> 8 & 255}.{i & 255}:/x:10/60" for i in range(100_000)]
+
+    def seconds_for(batch: list[str]) -> float:
+        started = time.process_time()
+        for key in batch:
+            limiter.hit_now(key, limit)
+        return time.process_time() - started
+
+    filling = seconds_for(keys[:50_000])
+    flooding = seconds_for(keys[50_000:])
+
+    assert len(limiter) <= 50_000
+    assert flooding < 4 * filling, f"{flooding:.3f}s past max_keys against {filling:.3f}s filling up"
 
 
 @settings(max_examples=60, deadline=None)
@@ -248,6 +269,49 @@ async def test_redis_outage_falls_back_with_the_same_limits_and_recovers(tmp_pat
             assert await probe._client.exists("t:back") == 1
         finally:
             await probe.close()
+    finally:
+        await limiter.close()
+        server.stop()
+
+
+async def test_the_outage_is_logged_with_what_failed(caplog):
+    port = free_port()  # nothing listens there
+    limiter = FailoverLimiter(
+        RedisLimiter.from_url(f"redis://127.0.0.1:{port}/0", prefix="t:"), MemoryLimiter()
+    )
+    try:
+        with caplog.at_level(logging.WARNING, logger="gateway.ratelimit"):
+            await limiter.hit("k", RateLimit(3, 60.0))
+    finally:
+        await limiter.close()
+    (record,) = caplog.records
+    # Not redis-py's repr ("redis: network:ConnectionError"): an operator needs the reason.
+    assert record.error.startswith("redis: ConnectionError: ")
+    assert f"connecting to 127.0.0.1:{port}" in record.error
+
+
+async def test_a_redis_restarted_between_requests_is_no_outage(tmp_path, caplog):
+    # The pool's idle connections died with the old server; redis-py (8.x, its maintenance
+    # notifications on "auto") hands them out unchecked, and each failed once with "Connection
+    # closed by server": the gateway flipped to local limits and back, logging both, per connection.
+    server = PrivateRedis(tmp_path)
+    server.start()
+    limiter = FailoverLimiter(
+        RedisLimiter.from_url(server.url, prefix="t:", timeout=0.5), MemoryLimiter(), probe_interval=60
+    )
+    limit = RateLimit(100, 60.0)
+    try:
+        await asyncio.gather(*(limiter.hit(f"before-{i}", limit) for i in range(8)))  # 8 pooled
+        server.stop()
+        server.start()  # same port, empty, before any request noticed
+
+        with caplog.at_level(logging.WARNING, logger="gateway.ratelimit"):
+            await asyncio.gather(*(limiter.hit(f"after-{i}", limit) for i in range(8)))
+
+        assert not limiter.fallback_active
+        assert [r.getMessage() for r in caplog.records] == []
+        with server.client() as probe:
+            assert probe.exists(*(f"t:after-{i}" for i in range(8))) == 8
     finally:
         await limiter.close()
         server.stop()
@@ -406,6 +470,29 @@ async def test_bad_tokens_are_charged_to_the_address(aiohttp_client):
     assert verifier.calls == 4
     # The failures used the address's bucket, the same one anonymous requests use.
     assert (await client.get("/api/required/x")).status == 429
+
+
+async def test_a_remembered_refusal_counts_its_reset_down_with_its_retry_after(aiohttp_client):
+    clock = Clock()
+    auth = AuthSettings(jwks_url=None, algorithms=("HS256",), jwt_secret=SECRET)
+    app = make_app(
+        auth=auth,
+        verifier=TokenVerifier(auth),
+        limiter=MemoryLimiter(clock=clock),
+        default=RateLimit(3, 60.0),
+        clock=clock,
+    )
+    client = await aiohttp_client(app)
+    bad = {"Authorization": "Bearer not-a-token"}
+    assert [(await client.get("/api/required/x", headers=bad)).status for _ in range(4)] == [401] * 3 + [429]
+
+    clock.now += 10  # still refused, from the address's remembered refusal
+    again = await client.get("/api/required/x", headers=bad)
+
+    assert again.status == 429
+    assert (again.headers["Retry-After"], again.headers["RateLimit"]) == ("10", '"default";r=0;t=10')
+    # The bucket is full 60 s after the three charges, so 50 s from now: not the 60 said before.
+    assert again.headers["RateLimit-Reset"] == again.headers["X-RateLimit-Reset"] == "50"
 
 
 async def test_authenticated_clients_are_limited_by_subject_not_address(aiohttp_client):
