@@ -34,6 +34,7 @@ __all__ = [
     "run",
     "run_workers",
     "serve",
+    "stop_with_parent",
     "tune_gc",
     "tune_malloc",
 ]
@@ -213,6 +214,29 @@ async def serve(
     log.info("stopped")
 
 
+_PR_SET_PDEATHSIG = 1  # from linux/prctl.h
+
+
+def stop_with_parent(parent: int) -> bool:
+    """Have the kernel send this process SIGTERM when ``parent`` (the supervisor that forked it)
+    dies, however it dies. False where there is no such thing (not Linux).
+
+    A supervisor killed with SIGKILL (or by the OOM killer, or a bug) cannot pass anything on: its
+    workers went on serving as orphans, holding the port with SO_REUSEPORT, so a supervisor started
+    again on it shared the traffic with workers serving the old configuration, which nothing would
+    ever stop. The SIGTERM drains them like any other.
+    """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        return False
+    if prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:  # pragma: no cover
+        return False
+    if os.getppid() != parent:  # it died before the request took effect: nothing would come
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
+
+
 class WorkerStartError(StartupError):
     """A worker exited before it was serving; the message is its own reason when it gave one."""
 
@@ -248,11 +272,13 @@ def run_workers(
     and WorkerStartError says why, once. SIGTERM and SIGINT are passed on to every worker, and the
     supervisor returns when all of them have drained. SIGHUP (reload) is passed on too, and
     nothing stops; ``on_hangup`` runs in the supervisor first, so that a worker it starts later
-    serves what the reload put in force.
+    serves what the reload put in force. Workers drain and stop when the supervisor dies, even
+    by SIGKILL (``stop_with_parent``).
     """
     context = multiprocessing.get_context("fork")
     workers: list[_Worker] = []
     stopping = False
+    supervisor = os.getpid()
 
     def in_worker(reports: Connection) -> None:
         # The supervisor's handlers are no use in a worker: stop plainly until the worker's loop
@@ -260,6 +286,7 @@ def run_workers(
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        stop_with_parent(supervisor)
         serving = False
 
         def ready() -> None:

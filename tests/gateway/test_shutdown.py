@@ -1,9 +1,12 @@
 """Draining a real ``python -m gateway`` on SIGTERM: within the bound the operator set, and with
-a WebSocket close frame rather than a dropped connection."""
+a WebSocket close frame rather than a dropped connection. With ``GATEWAY_WORKERS=2``, no worker
+outlives its supervisor."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
 import time
 from pathlib import Path
@@ -12,7 +15,7 @@ from typing import Any
 import aiohttp
 from aiohttp import WSMsgType, web
 
-from tests.helpers import one_service, running_gateway
+from tests.helpers import one_service, running_gateway, wait_for
 
 SHUTDOWN_TIMEOUT = 3
 
@@ -69,3 +72,33 @@ async def test_sigterm_drains_within_the_timeout_and_closes_websockets_with_1001
                 pass  # cut off: the drain bound ran out
     finally:
         never.set()
+
+
+def children_of(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def gone(pid: int) -> bool:
+    try:
+        return "zombie" in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+
+
+async def test_workers_stop_when_their_supervisor_is_killed(make_upstream: Any, tmp_path: Path) -> None:
+    upstream = await make_upstream()
+    async with running_gateway(
+        one_service(upstream.url), tmp_path, GATEWAY_WORKERS="2", LOG_LEVEL="WARNING"
+    ) as gateway:
+        supervisor = gateway.process.pid
+        await wait_for(lambda: len(children_of(supervisor)) == 2, what="both workers")
+        workers = children_of(supervisor)
+        try:
+            gateway.process.kill()  # SIGKILL: the supervisor can pass nothing on
+            await gateway.process.wait()
+            # Orphans would go on serving the port, beside whatever is started on it next.
+            await wait_for(lambda: all(gone(pid) for pid in workers), 10, "the orphaned workers to stop")
+        finally:
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
