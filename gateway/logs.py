@@ -28,7 +28,7 @@ from .middleware.tracing import current_trace
 _now = time.time
 _perf_counter = time.perf_counter
 
-__all__ = ["JsonAccessLogger", "JsonFormatter", "configure_logging"]
+__all__ = ["JsonAccessLogger", "JsonFormatter", "configure_logging", "flush_logs"]
 
 # Attributes every LogRecord has; anything else was passed in ``extra`` and is emitted as a field.
 _RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
@@ -131,6 +131,8 @@ class _Writer:
                         lines.append(format_entry(entry))
                     handler.stream.write("\n".join(lines) + "\n")  # type: ignore[attr-defined]
                     handler.flush()
+                elif isinstance(item, threading.Event):  # flush_logs() waits for it
+                    item.set()
                 else:
                     handler.handle(item)
             except Exception:  # a log line must never take the writer down
@@ -190,6 +192,21 @@ def _add_access(entry: str | dict[str, Any]) -> None:
         _flush_access()
     elif _flush_handle is None:
         _flush_handle = asyncio.get_running_loop().call_later(ACCESS_FLUSH, _flush_access)
+
+
+def flush_logs(timeout: float = 5.0) -> None:
+    """Wait until every line logged so far, access lines included, is written.
+
+    For a process that ends in ``os._exit`` (a forked worker): atexit, where the writer is
+    otherwise flushed, does not run there, and the lines still queued or batched (the access lines
+    of the requests that finished while draining, "stopped") were lost.
+    """
+    if _writer is None:
+        return
+    _flush_access()
+    written = threading.Event()
+    _writer.queue.put(written)
+    written.wait(timeout)
 
 
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:

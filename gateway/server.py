@@ -21,7 +21,7 @@ from aiohttp import web
 
 from .httpserver import GatewayRunner
 from .keys import lifecycle_key
-from .logs import JsonAccessLogger
+from .logs import JsonAccessLogger, flush_logs
 
 __all__ = [
     "GC_THRESHOLD",
@@ -302,6 +302,8 @@ def run_workers(
             # The supervisor prints it: one line however many workers hit the same problem.
             reports.send(str(exc))
             raise SystemExit(2) from None
+        finally:
+            flush_logs()  # a forked process ends in os._exit, without atexit's flush
 
     def start_worker() -> _Worker:
         reports, writer = context.Pipe(duplex=False)

@@ -102,3 +102,35 @@ async def test_workers_stop_when_their_supervisor_is_killed(make_upstream: Any, 
             for pid in workers:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+
+
+async def test_each_worker_logs_the_requests_it_drained_before_it_exits(
+    make_upstream: Any, tmp_path: Path
+) -> None:
+    release, arrived = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        arrived.set()
+        await asyncio.wait_for(release.wait(), 15)
+        return web.Response(text="finished")
+
+    upstream = await make_upstream(slow)
+    async with (
+        running_gateway(one_service(upstream.url), tmp_path, GATEWAY_WORKERS="2") as gateway,
+        aiohttp.ClientSession() as session,
+    ):
+        # Both serving: one still starting up would stop at once, logging nothing.
+        await wait_for(lambda: gateway.log.read_text().count('"listening"') == 2, what="both workers")
+        in_flight = asyncio.create_task(session.get(f"{gateway.base}/slow"))
+        async with asyncio.timeout(5):
+            await arrived.wait()
+        gateway.process.send_signal(signal.SIGTERM)
+        await wait_for(lambda: '"draining"' in gateway.log.read_text(), what="the drain")
+        release.set()
+        async with asyncio.timeout(10):
+            assert (await in_flight).status == 200
+            assert await gateway.process.wait() == 0
+    # A worker ends in os._exit: what its log thread had not written yet was lost with it.
+    lines = gateway.log.read_text().splitlines()
+    assert [line for line in lines if '"path": "/slow"' in line and '"status": 200' in line]
+    assert sum('"msg": "stopped"' in line for line in lines) == 2
