@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 from aiohttp import WSMsgType, web
 
+from gateway.keys import lifecycle_key
 from tests.helpers import one_service, running_gateway, wait_for
 
 SHUTDOWN_TIMEOUT = 3
@@ -134,3 +135,18 @@ async def test_each_worker_logs_the_requests_it_drained_before_it_exits(
     lines = gateway.log.read_text().splitlines()
     assert [line for line in lines if '"path": "/slow"' in line and '"status": 200' in line]
     assert sum('"msg": "stopped"' in line for line in lines) == 2
+
+
+async def test_answers_given_while_draining_tell_the_client_the_connection_closes(
+    make_gateway: Any, make_upstream: Any
+) -> None:
+    client = await make_gateway(one_service((await make_upstream()).url))
+    response = await client.get("/x")
+    assert response.status == 200 and "Connection" not in response.headers
+
+    client.app[lifecycle_key].draining = True  # what SIGTERM sets before connections are closed
+
+    # Else a keep-alive client sends its next request on a connection about to close: reset, unanswered.
+    for path, status in (("/x", 200), ("/health/ready", 503), ("/health", 200)):
+        response = await client.get(path)
+        assert (response.status, response.headers.get("Connection")) == (status, "close"), path
