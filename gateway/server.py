@@ -211,6 +211,9 @@ async def serve(
             await runner.cleanup()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
+        # Removing the handler restores the default action, and SIGHUP's is to terminate: a
+        # reload sent while the process finished its drain ended it with 129 instead of 0.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     log.info("stopped")
 
 
@@ -303,6 +306,10 @@ def run_workers(
             reports.send(str(exc))
             raise SystemExit(2) from None
         finally:
+            # Drained (or failed): a signal now could only turn the exit code it reports into a
+            # default action's (129 for a reload, a KeyboardInterrupt for a second Ctrl-C).
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(signum, signal.SIG_IGN)
             flush_logs()  # a forked process ends in os._exit, without atexit's flush
 
     def start_worker() -> _Worker:
@@ -358,6 +365,9 @@ def run_workers(
             workers[index] = start_worker()
         if stopping and all(w.process.exitcode is not None for w in workers):
             break
+    # Nothing is left to reload, and the interpreter's exit resets a Python handler to the
+    # default action, which for SIGHUP is to terminate.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     for worker in workers:
         worker.reports.close()
     if failure is not None:
