@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import gc
 import logging
@@ -322,7 +323,11 @@ def run_workers(
     def signal_workers(signum: int) -> None:
         for worker in workers:
             if worker.process.pid and worker.process.is_alive():
-                os.kill(worker.process.pid, signum)
+                # This runs in a signal handler, which may interrupt the loop below just as it
+                # reaped this worker: is_alive() cannot tell then, and the pid is gone. Raised
+                # from the handler, ProcessLookupError ended the supervisor with a traceback.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.process.pid, signum)
 
     def forward(signum: int, _frame: Any) -> None:
         nonlocal stopping
