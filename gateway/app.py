@@ -35,7 +35,7 @@ from .proxy import (
 )
 from .routing import CatchAll, LiveTable, RouteTable
 from .settings import Settings
-from .state import Lifecycle
+from .state import Lifecycle, close_while_draining
 from .upstream import Upstream
 
 __all__ = ["create_app"]
@@ -130,13 +130,14 @@ def create_app(settings: Settings) -> web.Application:
 
 async def stamp_response(request: web.Request, response: web.StreamResponse) -> None:
     """``on_response_prepare``, so streamed and error responses get them too: the request id, the
-    CORS answer, the rate-limit headers, closing after a declined upgrade or a chunked body, and
-    no ``Server`` banner. One hook calling plain functions: a coroutine per stamp per response is
-    measurable on the proxy's hot path."""
+    CORS answer, the rate-limit headers, closing after a declined upgrade or a chunked body or
+    while draining, and no ``Server`` banner. One hook calling plain functions: a coroutine per
+    stamp per response is measurable on the proxy's hot path."""
     set_request_id_header(request, response)
     set_cors_headers(request, response)
     set_ratelimit_headers(request, response)
     close_when_the_connection_cannot_go_on(request, response)
+    close_while_draining(request, response)
     drop_server_banner(response)
 
 

@@ -30,7 +30,7 @@ from .middleware.tracing import current_trace
 _now = time.time
 _perf_counter = time.perf_counter
 
-__all__ = ["JsonAccessLogger", "JsonFormatter", "configure_logging", "lines_dropped"]
+__all__ = ["JsonAccessLogger", "JsonFormatter", "configure_logging", "flush_logs", "lines_dropped"]
 
 # Attributes every LogRecord has; anything else was passed in ``extra`` and is emitted as a field.
 _RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
@@ -157,7 +157,10 @@ class _Writer:
         while (queued := get()) is not None:
             item, size = queued
             try:
-                self._write(self._format(item))
+                if isinstance(item, threading.Event):  # flush_logs() waits for it
+                    item.set()
+                else:
+                    self._write(self._format(item))
             except Exception:  # a log line must never take the writer down
                 traceback.print_exc(file=sys.stderr)
             self.written += size
@@ -280,6 +283,21 @@ def _add_access(entry: str | dict[str, Any]) -> None:
 def lines_dropped() -> int:
     """Log lines dropped so far because stderr was not keeping up (``MAX_PENDING``)."""
     return _writer.dropped if _writer is not None else 0
+
+
+def flush_logs(timeout: float = 5.0) -> None:
+    """Wait until every line logged so far, access lines included, is written.
+
+    For a process that ends in ``os._exit`` (a forked worker): atexit, where the writer is
+    otherwise flushed, does not run there, and the lines still queued or batched (the access lines
+    of the requests that finished while draining, "stopped") were lost.
+    """
+    if _writer is None:
+        return
+    _flush_access()
+    written = threading.Event()
+    _writer.queue.put((written, 0))
+    written.wait(timeout)
 
 
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:

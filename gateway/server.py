@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import gc
 import logging
@@ -21,7 +22,7 @@ from aiohttp import web
 
 from .httpserver import GatewayRunner
 from .keys import lifecycle_key
-from .logs import JsonAccessLogger
+from .logs import JsonAccessLogger, flush_logs
 
 __all__ = [
     "GC_THRESHOLD",
@@ -34,6 +35,7 @@ __all__ = [
     "run",
     "run_workers",
     "serve",
+    "stop_with_parent",
     "tune_gc",
     "tune_malloc",
 ]
@@ -210,7 +212,33 @@ async def serve(
             await runner.cleanup()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
+        # Removing the handler restores the default action, and SIGHUP's is to terminate: a
+        # reload sent while the process finished its drain ended it with 129 instead of 0.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     log.info("stopped")
+
+
+_PR_SET_PDEATHSIG = 1  # from linux/prctl.h
+
+
+def stop_with_parent(parent: int) -> bool:
+    """Have the kernel send this process SIGTERM when ``parent`` (the supervisor that forked it)
+    dies, however it dies. False where there is no such thing (not Linux).
+
+    A supervisor killed with SIGKILL (or by the OOM killer, or a bug) cannot pass anything on: its
+    workers went on serving as orphans, holding the port with SO_REUSEPORT, so a supervisor started
+    again on it shared the traffic with workers serving the old configuration, which nothing would
+    ever stop. The SIGTERM drains them like any other.
+    """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        return False
+    if prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:  # pragma: no cover
+        return False
+    if os.getppid() != parent:  # it died before the request took effect: nothing would come
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
 
 
 class WorkerStartError(StartupError):
@@ -248,11 +276,13 @@ def run_workers(
     and WorkerStartError says why, once. SIGTERM and SIGINT are passed on to every worker, and the
     supervisor returns when all of them have drained. SIGHUP (reload) is passed on too, and
     nothing stops; ``on_hangup`` runs in the supervisor first, so that a worker it starts later
-    serves what the reload put in force.
+    serves what the reload put in force. Workers drain and stop when the supervisor dies, even
+    by SIGKILL (``stop_with_parent``).
     """
     context = multiprocessing.get_context("fork")
     workers: list[_Worker] = []
     stopping = False
+    supervisor = os.getpid()
 
     def in_worker(reports: Connection) -> None:
         # The supervisor's handlers are no use in a worker: stop plainly until the worker's loop
@@ -260,6 +290,7 @@ def run_workers(
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        stop_with_parent(supervisor)
         serving = False
 
         def ready() -> None:
@@ -275,6 +306,12 @@ def run_workers(
             # The supervisor prints it: one line however many workers hit the same problem.
             reports.send(str(exc))
             raise SystemExit(2) from None
+        finally:
+            # Drained (or failed): a signal now could only turn the exit code it reports into a
+            # default action's (129 for a reload, a KeyboardInterrupt for a second Ctrl-C).
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(signum, signal.SIG_IGN)
+            flush_logs()  # a forked process ends in os._exit, without atexit's flush
 
     def start_worker() -> _Worker:
         reports, writer = context.Pipe(duplex=False)
@@ -286,7 +323,11 @@ def run_workers(
     def signal_workers(signum: int) -> None:
         for worker in workers:
             if worker.process.pid and worker.process.is_alive():
-                os.kill(worker.process.pid, signum)
+                # This runs in a signal handler, which may interrupt the loop below just as it
+                # reaped this worker: is_alive() cannot tell then, and the pid is gone. Raised
+                # from the handler, ProcessLookupError ended the supervisor with a traceback.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.process.pid, signum)
 
     def forward(signum: int, _frame: Any) -> None:
         nonlocal stopping
@@ -329,6 +370,9 @@ def run_workers(
             workers[index] = start_worker()
         if stopping and all(w.process.exitcode is not None for w in workers):
             break
+    # Nothing is left to reload, and the interpreter's exit resets a Python handler to the
+    # default action, which for SIGHUP is to terminate.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     for worker in workers:
         worker.reports.close()
     if failure is not None:

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from .keys import lifecycle_key, sent_status_key
 
-__all__ = ["CLIENT_CLOSED", "Lifecycle", "status_when_cancelled"]
+__all__ = ["CLIENT_CLOSED", "Lifecycle", "close_while_draining", "status_when_cancelled"]
 
 # A client that went away before its answer: nginx's convention.
 CLIENT_CLOSED = 499
@@ -43,3 +43,19 @@ def status_when_cancelled(request: web.Request) -> int:
     if lifecycle is not None and lifecycle.draining:
         return 503
     return CLIENT_CLOSED
+
+
+def close_while_draining(request: web.Request, response: web.StreamResponse) -> None:
+    """Part of ``on_response_prepare``: an answer given while draining says the connection closes.
+
+    aiohttp closes each connection once the request in progress on it is answered, but the answer
+    still offered keep-alive: a client that sent its next request on the connection meanwhile had
+    it reset, unanswered, with no way to know whether it was processed (a POST cannot simply be
+    sent again). Told ``Connection: close``, it sends the next one on a new connection, which
+    reaches a replica that is not going away. A 101 is left alone: the connection is the
+    WebSocket's now, and draining closes that with 1001.
+    """
+    if request.app[lifecycle_key].draining and response.status != 101:
+        response.force_close()
+        # The hook runs after aiohttp wrote its framing headers: say it ourselves.
+        response.headers["Connection"] = "close"

@@ -509,3 +509,30 @@ async def test_a_worker_that_dies_while_serving_is_replaced_with_the_reloaded_ro
     }
     assert answers == {(200, b'{"upstream": "reloaded"}'), 404}
     assert await gateway.stop() == 0
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_a_reload_that_comes_while_the_gateway_stops_leaves_its_exit_code_0(
+    gateway_process: Any, named_upstream: Any, tmp_path: Path, workers: str
+) -> None:
+    url, gate = await named_upstream("old")
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump(table({"/a": url})))
+    gateway = gateway_process(config, GATEWAY_WORKERS=workers)
+    await gateway.ready()
+    in_flight = asyncio.ensure_future(gateway.get("/a/slow"))
+    await asyncio.wait_for(gate.arrived.wait(), 5)
+
+    gateway.process.send_signal(signal.SIGTERM)
+    gate.release.set()
+    # A reloader (a sidecar watching the ConfigMap) knows nothing of the rollout: its SIGHUPs
+    # keep coming until the process is gone, the last ones after its handlers are removed.
+    deadline = time.monotonic() + 15
+    while gateway.process.poll() is None:
+        assert time.monotonic() < deadline, gateway.log.read_text()
+        gateway.process.send_signal(signal.SIGHUP)
+        await asyncio.sleep(0.002)  # the pace of the reloads, not a wait for anything
+
+    assert await in_flight == (200, b'{"upstream": "old"}')
+    assert gateway.process.returncode == 0  # not -1: killed by SIGHUP's default action
+    await gateway.stop()

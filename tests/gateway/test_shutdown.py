@@ -1,9 +1,12 @@
 """Draining a real ``python -m gateway`` on SIGTERM: within the bound the operator set, and with
-a WebSocket close frame rather than a dropped connection."""
+a WebSocket close frame rather than a dropped connection. With ``GATEWAY_WORKERS=2``, no worker
+outlives its supervisor."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
 import time
 from pathlib import Path
@@ -12,7 +15,8 @@ from typing import Any
 import aiohttp
 from aiohttp import WSMsgType, web
 
-from tests.helpers import one_service, running_gateway
+from gateway.keys import lifecycle_key
+from tests.helpers import one_service, running_gateway, wait_for
 
 SHUTDOWN_TIMEOUT = 3
 
@@ -69,3 +73,80 @@ async def test_sigterm_drains_within_the_timeout_and_closes_websockets_with_1001
                 pass  # cut off: the drain bound ran out
     finally:
         never.set()
+
+
+def children_of(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def gone(pid: int) -> bool:
+    try:
+        return "zombie" in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+
+
+async def test_workers_stop_when_their_supervisor_is_killed(make_upstream: Any, tmp_path: Path) -> None:
+    upstream = await make_upstream()
+    async with running_gateway(
+        one_service(upstream.url), tmp_path, GATEWAY_WORKERS="2", LOG_LEVEL="WARNING"
+    ) as gateway:
+        supervisor = gateway.process.pid
+        await wait_for(lambda: len(children_of(supervisor)) == 2, what="both workers")
+        workers = children_of(supervisor)
+        try:
+            gateway.process.kill()  # SIGKILL: the supervisor can pass nothing on
+            await gateway.process.wait()
+            # Orphans would go on serving the port, beside whatever is started on it next.
+            await wait_for(lambda: all(gone(pid) for pid in workers), 10, "the orphaned workers to stop")
+        finally:
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+async def test_each_worker_logs_the_requests_it_drained_before_it_exits(
+    make_upstream: Any, tmp_path: Path
+) -> None:
+    release, arrived = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        arrived.set()
+        await asyncio.wait_for(release.wait(), 15)
+        return web.Response(text="finished")
+
+    upstream = await make_upstream(slow)
+    async with (
+        running_gateway(one_service(upstream.url), tmp_path, GATEWAY_WORKERS="2") as gateway,
+        aiohttp.ClientSession() as session,
+    ):
+        # Both serving: one still starting up would stop at once, logging nothing.
+        await wait_for(lambda: gateway.log.read_text().count('"listening"') == 2, what="both workers")
+        in_flight = asyncio.create_task(session.get(f"{gateway.base}/slow"))
+        async with asyncio.timeout(5):
+            await arrived.wait()
+        gateway.process.send_signal(signal.SIGTERM)
+        await wait_for(lambda: '"draining"' in gateway.log.read_text(), what="the drain")
+        release.set()
+        async with asyncio.timeout(10):
+            assert (await in_flight).status == 200
+            assert await gateway.process.wait() == 0
+    # A worker ends in os._exit: what its log thread had not written yet was lost with it.
+    lines = gateway.log.read_text().splitlines()
+    assert [line for line in lines if '"path": "/slow"' in line and '"status": 200' in line]
+    assert sum('"msg": "stopped"' in line for line in lines) == 2
+
+
+async def test_answers_given_while_draining_tell_the_client_the_connection_closes(
+    make_gateway: Any, make_upstream: Any
+) -> None:
+    client = await make_gateway(one_service((await make_upstream()).url))
+    response = await client.get("/x")
+    assert response.status == 200 and "Connection" not in response.headers
+
+    client.app[lifecycle_key].draining = True  # what SIGTERM sets before connections are closed
+
+    # Else a keep-alive client sends its next request on a connection about to close: reset, unanswered.
+    for path, status in (("/x", 200), ("/health/ready", 503), ("/health", 200)):
+        response = await client.get(path)
+        assert (response.status, response.headers.get("Connection")) == (status, "close"), path
