@@ -30,7 +30,16 @@ log = logging.getLogger("gateway.reload")
 
 
 async def reload_routes(app: web.Application, environ: Mapping[str, str] | None = None) -> bool:
-    """Reload services and routes from the environment's ``GATEWAY_CONFIG``; True when applied."""
+    """Reload services and routes from the environment's ``GATEWAY_CONFIG``; True when applied.
+
+    Reloads run one at a time, each reading the file after the one before installed its table,
+    so the last signal's file is the one in force.
+    """
+    async with app[route_table_key].reloading:
+        return await _reload(app, environ)
+
+
+async def _reload(app: web.Application, environ: Mapping[str, str] | None) -> bool:
     try:
         settings = await asyncio.get_running_loop().run_in_executor(None, load_settings, environ)
     except SettingsError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
@@ -88,10 +89,13 @@ class LiveTable:
     reload affects new requests only; those in flight finish on the table they started with.
     """
 
-    __slots__ = ("current",)
+    __slots__ = ("current", "reloading")
 
     def __init__(self, table: RouteTable) -> None:
         self.current = table
+        # Held by a reload from reading the file to installing it: two SIGHUPs in quick
+        # succession would otherwise race, and the older file's table could be installed last.
+        self.reloading = asyncio.Lock()
 
 
 def has_dot_segment(path: str) -> bool:

@@ -132,6 +132,35 @@ async def test_an_unchanged_service_keeps_its_upstream(
     assert await served_by(client, "/z/x") == (200, "other")
 
 
+async def test_two_reloads_in_quick_succession_leave_the_later_file_in_force(
+    aiohttp_client: Any, named_upstream: Any, tmp_path: Path
+) -> None:
+    first_url, _ = await named_upstream("first")
+    second_url, _ = await named_upstream("second")
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(table({"/a": first_url})))
+    client = await aiohttp_client(TestServer(create_app(load_settings({"GATEWAY_CONFIG": str(path)}))))
+    # The first reload reads a pipe, so its read is still going on when the second one starts,
+    # as when a file on a slow volume changes between two SIGHUPs.
+    pipe = tmp_path / "slow.yaml"
+    os.mkfifo(pipe)
+    first = asyncio.ensure_future(reload_routes(client.app, {"GATEWAY_CONFIG": str(pipe)}))
+    later = tmp_path / "later.yaml"
+    later.write_text(yaml.safe_dump(table({"/a": second_url})))
+    second = asyncio.ensure_future(reload_routes(client.app, {"GATEWAY_CONFIG": str(later)}))
+    went_ahead, _ = await asyncio.wait([second], timeout=0.2)
+
+    def write_pipe() -> None:
+        with pipe.open("w") as writer:
+            writer.write(yaml.safe_dump(table({"/a": first_url})))
+
+    await asyncio.get_running_loop().run_in_executor(None, write_pipe)
+    assert await asyncio.wait_for(first, 5) is True
+    assert await asyncio.wait_for(second, 5) is True
+    assert not went_ahead, "the second reload went ahead while the first was still reading its file"
+    assert await served_by(client, "/a/x") == (200, "second")
+
+
 async def test_a_changed_rate_limit_applies_after_the_reload(
     aiohttp_client: Any, named_upstream: Any, tmp_path: Path
 ) -> None:
