@@ -270,3 +270,22 @@ async def test_a_finished_session_is_counted_as_101_not_as_a_client_error(
         assert asyncio.get_running_loop().time() < deadline, "the session was never counted"
         await asyncio.sleep(0.02)  # poll interval
     assert statuses == {"1xx": 1.0}
+
+
+async def test_a_message_larger_than_the_read_buffer_reaches_the_upstream(
+    ws_gateway: tuple[Any, Seen],
+) -> None:
+    """Over 512 KiB a message fills aiohttp's WebSocket queue, which pauses reading the client.
+    The gateway's one-request-at-a-time parser had left the connection marked as plain HTTP, so
+    that pause failed inside aiohttp and the session was closed with a 1000 as if it had ended."""
+    client, seen = ws_gateway
+    ws = await connect(client)
+    payload = b"x" * (1024 * 1024)
+
+    await ws.send_bytes(payload)
+    reply = await ws.receive(timeout=5)
+
+    assert reply.type is WSMsgType.BINARY, reply
+    assert reply.data == b"echo:" + payload
+    assert seen.messages == [payload]
+    await ws.close()
