@@ -134,10 +134,18 @@ class _OneMessageAtATimeParser(HttpRequestParser):
 
     def feed_data(self, data: bytes) -> tuple[Any, bool, bytes]:  # type: ignore[override]
         messages, upgraded, tail = _feed(self, data)
-        if messages and data.find(b"\r\n\r\n") == len(data) - 4 and data[0] not in _CR_LF:
+        if (
+            messages
+            and data.find(b"\r\n\r\n") == len(data) - 4
+            and data[0] not in _CR_LF
+            and not messages[-1][0].upgrade
+        ):
             # The common case, one request head in one read: its blank line is the only one and
             # ends the data, so it ended where the parser stopped, and nothing is left to parse.
             # (A head that a previous read began may end in this one's first bytes: not here.)
+            # Not an upgrade: paused after the message, llhttp has not said "upgraded" yet, and
+            # a WebSocket connection the server thinks is still HTTP fails its first flow-control
+            # pause (aiohttp pauses the HTTP parser, which asserts it is mid-body).
             return messages, upgraded, tail
         protocol = self.protocol
         later: list[Any] | None = None

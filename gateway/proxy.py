@@ -86,7 +86,12 @@ SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Conte
 _WS_HANDSHAKE_HEADERS = frozenset(
     {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol"}
 )
+# The largest WebSocket message relayed either way; a larger one closes the session with 1009 on
+# both sides. Each message is held whole in memory on its way through, so this bounds a session's
+# memory; Envoy and Traefik, which relay frames without reading them, have no such limit.
 _WS_MAX_MESSAGE = 16 * 1024 * 1024
+# How long a close handshake may take with either side before its connection is dropped.
+_WS_CLOSE_TIMEOUT = 10.0
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "TRACE"})
 _CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 
@@ -804,8 +809,8 @@ async def _proxy_websocket(
                 protocols=protocols,
                 autoping=False,
                 autoclose=True,
-                max_msg_size=_WS_MAX_MESSAGE,
-                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10.0),
+                max_msg_size=_WS_MAX_MESSAGE + 1,  # aiohttp refuses a message of max_msg_size itself
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=_WS_CLOSE_TIMEOUT),
             )
     except aiohttp.WSServerHandshakeError as exc:
         if span is not None and span.record is not None:
@@ -844,28 +849,33 @@ async def _proxy_websocket(
         protocols=(upstream_ws.protocol,) if upstream_ws.protocol else (),
         autoping=False,
         autoclose=True,
-        max_msg_size=_WS_MAX_MESSAGE,
+        max_msg_size=_WS_MAX_MESSAGE + 1,
         compress=False,
+        timeout=_WS_CLOSE_TIMEOUT,
     )
     websockets = request.app[lifecycle_key].websockets
     try:
         await client_ws.prepare(request)
         request[sent_status_key] = 101
         websockets.add(client_ws)
-        to_upstream = asyncio.create_task(_pump(client_ws, upstream_ws))
-        to_client = asyncio.create_task(_pump(upstream_ws, client_ws))
+        pumps = (
+            asyncio.create_task(_pump(client_ws, upstream_ws)),
+            asyncio.create_task(_pump(upstream_ws, client_ws)),
+        )
         try:
-            await asyncio.wait((to_upstream, to_client), return_when=asyncio.FIRST_COMPLETED)
-            # One side closed and the pump forwarded its close; the other pump ends with it.
-            await asyncio.wait((to_upstream, to_client), timeout=10.0)
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (to_upstream, to_client):
+            # One side closed and its pump passes the close on; the other pump ends with it. Also
+            # when this handler is cancelled because the client's connection ended: the pumps are
+            # tasks of their own, and what they received (a close code, a 1009) still goes on.
+            _, pending = await asyncio.wait(pumps, timeout=_WS_CLOSE_TIMEOUT)
+            for task in pending:
                 task.cancel()
     finally:
         websockets.discard(client_ws)
-        # The client may hang up right after its close frame was answered, which cancels this
-        # handler before the pump forwarded that frame: pass the client's close code on here.
-        await upstream_ws.close(code=client_ws.close_code or WSCloseCode.OK)
+        # A pump cut off at the deadline may not have passed the client's close on: done here
+        # (a no-op when the upstream is closed already).
+        await _close(upstream_ws, _sendable(client_ws.close_code))
     return client_ws
 
 
@@ -886,10 +896,41 @@ async def _pump(source: _WSLike, sink: _WSLike) -> None:
             elif kind is WSMsgType.PONG:
                 await sink.pong(msg.data)
             elif kind is WSMsgType.CLOSE:
-                await sink.close(code=msg.data, message=(msg.extra or "").encode())
+                await _close(sink, _sendable(msg.data), (msg.extra or "").encode())
                 return
-            else:  # CLOSING, CLOSED, ERROR: the source is gone without a close code of its own
-                await sink.close(code=1011 if kind is WSMsgType.ERROR else 1001)
+            elif kind is WSMsgType.ERROR:
+                # The source broke the protocol or sent too much (1002, 1007, 1009): aiohttp closed
+                # it with that code, and the other side is told the same.
+                error = msg.data
+                await _close(sink, error.code if isinstance(error, aiohttp.WebSocketError) else 1011)
+                return
+            else:  # CLOSING, CLOSED: the source is gone without a close code of its own
+                await _close(sink, WSCloseCode.GOING_AWAY)
                 return
         except (ConnectionError, aiohttp.ClientConnectionError):
             return
+
+
+# Close codes that only report what happened locally and that no endpoint may send (RFC 6455
+# section 7.4.1): no status (1005), no close frame (1006), TLS failure (1015).
+_UNSENDABLE = frozenset({1005, 1006, 1015})
+
+
+def _sendable(code: int | None) -> int:
+    """The close code to pass on for ``code`` (0: a close frame without one, which aiohttp
+    cannot send on; 1000 is the nearest)."""
+    if not code:
+        return WSCloseCode.OK
+    return WSCloseCode.GOING_AWAY if code in _UNSENDABLE else code
+
+
+async def _close(ws: _WSLike, code: int, message: bytes = b"") -> None:
+    """Close ``ws`` and wait for its answering close frame, ``_WS_CLOSE_TIMEOUT`` at most.
+
+    aiohttp's client ``close()`` times each message it reads while it waits, not the wait: an
+    upstream that keeps sending and never reads (a push-only feed) kept the session, its upstream
+    connection and the gateway reading it open for good after its client had left. Cut short,
+    ``close()`` drops the connection."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(_WS_CLOSE_TIMEOUT):
+            await ws.close(code=code, message=message)

@@ -9,10 +9,11 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
+from gateway import proxy
 from tests.gateway.test_metrics import scrape
-from tests.helpers import one_service, wait_for
+from tests.helpers import one_service, open_slow_reader, wait_for
 
 
 @dataclass
@@ -270,3 +271,203 @@ async def test_a_finished_session_is_counted_as_101_not_as_a_client_error(
         assert asyncio.get_running_loop().time() < deadline, "the session was never counted"
         await asyncio.sleep(0.02)  # poll interval
     assert statuses == {"1xx": 1.0}
+
+
+async def test_a_message_larger_than_the_read_buffer_reaches_the_upstream(
+    ws_gateway: tuple[Any, Seen],
+) -> None:
+    """Over 512 KiB a message fills aiohttp's WebSocket queue, which pauses reading the client.
+    The gateway's one-request-at-a-time parser had left the connection marked as plain HTTP, so
+    that pause failed inside aiohttp and the session was closed with a 1000 as if it had ended."""
+    client, seen = ws_gateway
+    ws = await connect(client)
+    payload = b"x" * (1024 * 1024)
+
+    await ws.send_bytes(payload)
+    reply = await ws.receive(timeout=5)
+
+    assert reply.type is WSMsgType.BINARY, reply
+    assert reply.data == b"echo:" + payload
+    assert seen.messages == [payload]
+    await ws.close()
+
+
+@dataclass
+class Feed:
+    """A push-only upstream: it sends and never reads, as a price or log feed does."""
+
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    close_code: int | None = None
+
+
+@pytest.fixture
+async def feed_gateway(make_gateway: Any, make_upstream: Any, monkeypatch: Any) -> tuple[Any, Feed]:
+    monkeypatch.setattr(proxy, "_WS_CLOSE_TIMEOUT", 0.2, raising=False)
+    feed = Feed()
+
+    async def endpoint(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        try:
+            while True:
+                await ws.send_str("tick")
+                await asyncio.sleep(0.02)  # the feed's own pace
+        except ConnectionError:
+            pass
+        finally:
+            feed.ended.set()
+        return ws
+
+    upstream = await make_upstream(endpoint)
+    return await make_gateway(one_service(upstream.url, prefix="/ws")), feed
+
+
+async def test_an_upstream_that_never_reads_is_let_go_when_the_client_closes(
+    feed_gateway: tuple[Any, Feed],
+) -> None:
+    """aiohttp's client close() waits for the upstream's answering close frame with a timeout
+    per message read: a feed that kept sending and never answered kept the session, the upstream
+    connection and the gateway reading it, for good, after every client that left."""
+    client, feed = feed_gateway
+    ws = await client.ws_connect("/ws/feed")
+    assert (await ws.receive(timeout=5)).data == "tick"
+
+    await ws.close()
+
+    await wait_for(feed.ended.is_set, what="the gateway to drop the feed's connection")
+
+
+async def test_an_upstream_that_never_reads_is_let_go_when_the_client_vanishes(
+    feed_gateway: tuple[Any, Feed],
+) -> None:
+    client, feed = feed_gateway
+    ws = await client.ws_connect("/ws/feed")
+    assert (await ws.receive(timeout=5)).data == "tick"
+
+    ws._response.connection.transport.abort()  # no close frame: the client's network is gone
+
+    await wait_for(feed.ended.is_set, what="the gateway to drop the feed's connection")
+
+
+@pytest.fixture
+async def small_limit_gateway(make_gateway: Any, make_upstream: Any, monkeypatch: Any) -> tuple[Any, Seen]:
+    """An echo upstream that can send a large message, behind a gateway with a 1000-byte limit."""
+    monkeypatch.setattr(proxy, "_WS_MAX_MESSAGE", 1000)
+    seen = Seen()
+
+    async def endpoint(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type is WSMsgType.TEXT and msg.data == "send a large one":
+                await ws.send_bytes(b"x" * 2000)
+            elif msg.type is WSMsgType.TEXT:
+                await ws.send_str(msg.data)
+        seen.close_code = ws.close_code
+        seen.closed = True
+        return ws
+
+    upstream = await make_upstream(endpoint)
+    return await make_gateway(one_service(upstream.url, prefix="/ws")), seen
+
+
+async def test_a_client_message_over_the_limit_closes_both_sides_with_1009(
+    small_limit_gateway: tuple[Any, Seen],
+) -> None:
+    client, seen = small_limit_gateway
+    ws = await client.ws_connect("/ws/room")
+
+    await ws.send_bytes(b"x" * 2000)
+    closing = await ws.receive(timeout=5)
+
+    assert (closing.type, closing.data) == (WSMsgType.CLOSE, WSCloseCode.MESSAGE_TOO_BIG)
+    await wait_for(lambda: seen.closed, what="the upstream to see the close")
+    assert seen.close_code == WSCloseCode.MESSAGE_TOO_BIG
+
+
+async def test_an_upstream_message_over_the_limit_closes_both_sides_with_1009(
+    small_limit_gateway: tuple[Any, Seen],
+) -> None:
+    """It was a 1011 (internal error) to the client, which reads as a fault of the gateway's."""
+    client, seen = small_limit_gateway
+    ws = await client.ws_connect("/ws/room")
+
+    await ws.send_str("send a large one")
+    closing = await ws.receive(timeout=5)
+
+    assert (closing.type, closing.data) == (WSMsgType.CLOSE, WSCloseCode.MESSAGE_TOO_BIG)
+    await wait_for(lambda: seen.closed, what="the upstream to see the close")
+    assert seen.close_code == WSCloseCode.MESSAGE_TOO_BIG
+
+
+async def test_messages_up_to_the_limit_cross(small_limit_gateway: tuple[Any, Seen]) -> None:
+    client, _ = small_limit_gateway
+    ws = await client.ws_connect("/ws/room")
+
+    await ws.send_str("y" * 1000)
+
+    assert (await ws.receive(timeout=5)).data == "y" * 1000
+    await ws.close()
+
+
+async def test_a_close_frame_without_a_code_reaches_the_upstream_as_a_normal_close(
+    ws_gateway: tuple[Any, Seen],
+) -> None:
+    """A close frame may carry no status code. Passed on as code 0, which no endpoint may send,
+    the upstream saw a protocol error (1002) instead of the client's ordinary goodbye."""
+    client, seen = ws_gateway
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    try:
+        writer.write(b"GET /ws/room HTTP/1.1\r\nHost: gw\r\n" + _raw_upgrade_headers() + b"\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 101 ")
+        writer.write(b"\x88\x80" + b"\x00\x00\x00\x00")  # FIN + close, masked, empty payload
+
+        await wait_for(lambda: seen.closed, what="the upstream to see the close")
+    finally:
+        writer.close()
+    assert seen.close_code == WSCloseCode.OK
+
+
+def _raw_upgrade_headers() -> bytes:
+    return b"".join(f"{name}: {value}\r\n".encode() for name, value in _UPGRADE.items())
+
+
+async def test_a_client_that_stops_reading_pauses_the_upstream_and_is_cut_off(
+    make_gateway: Any, make_upstream: Any, monkeypatch: Any
+) -> None:
+    """Backpressure crosses the gateway: the upstream's sends block once the buffers between
+    it and a client that reads nothing are full, and after the send timeout the client is cut
+    off and the upstream let go, as for a streamed HTTP answer."""
+    monkeypatch.setattr(proxy, "_WS_CLOSE_TIMEOUT", 0.2, raising=False)
+    sent_when_blocked: list[int] = []
+    ended = asyncio.Event()
+
+    async def flood(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        loop, sent = asyncio.get_running_loop(), 0
+        try:
+            while True:
+                started = loop.time()
+                await ws.send_bytes(b"x" * 65536)
+                if loop.time() - started > 0.1 and not sent_when_blocked:  # waited for the peer
+                    sent_when_blocked.append(sent)
+                sent += 65536
+        except ConnectionError:
+            pass
+        finally:
+            ended.set()
+        return ws
+
+    upstream = await make_upstream(flood)
+    client = await make_gateway(one_service(upstream.url, prefix="/ws"), server_kwargs={"send_timeout": 0.5})
+    _, writer = await open_slow_reader(client.port)
+    try:
+        writer.write(b"GET /ws/feed HTTP/1.1\r\nHost: gw\r\n" + _raw_upgrade_headers() + b"\r\n")
+
+        await wait_for(ended.is_set, what="the gateway to let the upstream go")
+    finally:
+        writer.close()
+    # Socket buffers and a message or two in aiohttp's queues, not the GB/s of a loopback.
+    assert sent_when_blocked and sent_when_blocked[0] < 16 * 1024 * 1024
