@@ -256,6 +256,10 @@ class ChatCache:
             return False
         if self._stale:
             async with self._bumping:  # one bump, however many requests find the cache stale
+                if time.monotonic() < self._down_until:
+                    # The bump this one waited for failed: against a hung Redis every waiter's
+                    # own try would cost a timeout, one after the other (seconds for the last).
+                    return False
                 if self._stale:
                     return await self._bump()
         return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 import uuid
 from typing import Any
@@ -314,3 +315,36 @@ async def test_entries_left_stale_by_a_slow_redis_are_not_served_when_it_answers
     await wait_until(repaired, what="the cache to be repaired")
     assert (await (await client.get(url, headers=h)).json())["title"] == "B"
     assert int(admin.get(cache(client)._gen_key)) >= 1  # the generation moved on
+
+
+async def test_a_hung_redis_costs_a_request_at_most_one_timeout_while_the_cache_is_stale(
+    make_client: Any, private_redis: PrivateRedis, user: str
+) -> None:
+    """Redis hangs (SIGSTOP) while the cache is stale: of the requests that find it so, one tries
+    the generation bump and the others go to PostgreSQL at once. Each of them used to try again
+    after the one before it had timed out, so the last of 30 answered after seconds."""
+    client = await make_client(redis_url=private_redis.url)
+    h = headers(user)
+    session = await (await client.post("/api/v1/chat/sessions", json={"title": "A"}, headers=h)).json()
+    url = f"/api/v1/chat/sessions/{session['id']}"
+    chat_cache = cache(client)
+    assert private_redis.process is not None
+    private_redis.process.send_signal(signal.SIGSTOP)
+    try:
+        resp = await client.patch(url, json={"title": "B"}, headers=h)  # its write-through times out
+        assert resp.status == 200
+        assert not chat_cache.usable
+        await wait_until(
+            lambda: time.monotonic() >= chat_cache._down_until, what="the pause after the failure to end"
+        )
+
+        async def timed_read() -> float:
+            started = time.monotonic()
+            resp = await client.get(url, headers=h)
+            assert resp.status == 200 and (await resp.json())["title"] == "B"
+            return time.monotonic() - started
+
+        durations = await asyncio.gather(*(timed_read() for _ in range(30)))
+    finally:
+        private_redis.process.send_signal(signal.SIGCONT)
+    assert max(durations) < 1.5, sorted(durations)
