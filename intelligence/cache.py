@@ -7,7 +7,9 @@ Correctness rules, all enforced inside Lua scripts so they hold across replicas:
 * Versioned writes: an entry carries the version of the row it was made from (a session's
   ``version`` column, a message list's last ``seq``) and a write only lands if it is newer, so a
   slow, older write can never overwrite a newer entry. A deleted session leaves a tombstone with
-  an infinite version for the TTL, so a late write-through cannot resurrect it.
+  an infinite version for the TTL, so a late write-through cannot resurrect it. A message whose
+  append finds no list to extend leaves its seq as the list's version (holding no messages), so
+  a reader's fill from an older snapshot cannot land over it.
 * Generations: every key lives under ``<prefix><gen>:``, where ``gen`` is a counter in Redis. A
   process that failed (or skipped) a write while Redis was down or slow knows the cache may be
   stale; before it uses Redis again it increments ``gen``, which retires every older entry at
@@ -127,26 +129,19 @@ return 1
 """
 
 # KEYS: gen; ARGV: epoch, prefix, suffix, seq, item, ttl, keep -> 1 appended, 0 not, -1 epoch gone
-# Out of order (a concurrent writer's append is late or lost): keep the high-water mark but drop
-# the held messages, so a reader refills from PostgreSQL and no older fill can land.
+# No entry, or out of order (a concurrent writer's append is late or lost): leave a high-water
+# mark holding no messages, so a reader refills from PostgreSQL and no older fill can land (a
+# reader that missed and read PostgreSQL before this message committed fills after it).
 _APPEND_MESSAGE = """
 local g = redis.call('GET', KEYS[1]) or '0'
 if g ~= ARGV[1] then return -1 end
 local key = ARGV[2] .. g .. ARGV[3]
 local seq = tonumber(ARGV[4])
 local h = redis.pcall('HMGET', key, 'v', 'n')
-if h.err then
-  redis.call('DEL', key)
-  return 0
-end
-if not h[1] then return 0 end
-local v, n = tonumber(h[1]), tonumber(h[2])
-if not v or not n then
-  redis.call('DEL', key)
-  return 0
-end
-if v >= seq then return 0 end
-if v ~= seq - 1 then
+local v, n
+if not h.err then v, n = tonumber(h[1]), tonumber(h[2]) end
+if v and n and v >= seq then return 0 end
+if not (v and n) or v ~= seq - 1 then
   redis.call('DEL', key)
   redis.call('HSET', key, 'v', seq, 'n', 0)
   redis.call('EXPIRE', key, tonumber(ARGV[6]))

@@ -63,6 +63,25 @@ async def test_out_of_order_appends_are_never_served_with_a_gap(client: Any, use
     assert page is not None and page.items == ()  # still knows seq 3 is the newest
 
 
+async def test_a_late_fill_cannot_hide_a_message_appended_while_the_entry_was_absent(
+    client: Any, user: str
+) -> None:
+    """A reader misses (the entry expired, was evicted, or the generation moved on), reads
+    PostgreSQL, and fills the cache after a writer's message committed. The writer's append found
+    no entry to extend and left none, so the older fill landed as the newest state: the message,
+    acknowledged with a 201, was missing from every page until the next append or the TTL."""
+    svc, chat_cache = service(client), cache(client)
+    session = await svc.save_session(ChatSession(user_id=user))
+    first = await svc.save_message(ChatMessage(session_id=session.id, role="user", content="one"))
+    epoch = await chat_cache.epoch()
+    await chat_cache.discard_messages(epoch, str(session.id))  # expired or evicted
+    # The reader's snapshot holds seq 1 only; then the next message commits and is written through.
+    second = await svc.save_message(ChatMessage(session_id=session.id, role="user", content="two"))
+    await chat_cache.put_messages(epoch, str(session.id), 1, [_dump_message(first)], fill=True)
+    assert [m.content for m in await svc.get_messages(session.id, user_id=user)] == ["one", "two"]
+    assert await svc.get_messages(session.id, after=1, user_id=user) == [second]
+
+
 # (key, field, value) written by hand over a good entry: broken JSON, JSON of another shape, a
 # version that is not a number.
 UNREADABLE = [
