@@ -246,6 +246,17 @@ class ChatCache:
                 log.warning("redis unavailable; serving from PostgreSQL", extra={"error": repr(exc)})
             self._down_until = time.monotonic() + self._cfg.retry_after
 
+    def distrust(self, reason: str) -> None:
+        """PostgreSQL may no longer hold what the entries were made from: retire them all before
+        the cache is used again. An entry ahead of the database (one restored from a backup, a
+        standby promoted without the last commits) would refuse every later write-through as
+        older, and keep serving what the database lost until its TTL."""
+        if self._redis is None:
+            return
+        log.warning("cache retired before its next use", extra={"reason": reason})
+        self._stale = True
+        self._failures += 1
+
     async def _ready(self) -> bool:
         if self._redis is None or time.monotonic() < self._down_until:
             return False

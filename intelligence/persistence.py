@@ -12,7 +12,9 @@ the database, not from this process, so they hold across replicas:
 PostgreSQL failures become DatabaseUnavailable; a transaction that fails is rolled back, and a
 connection that broke is thrown away. Reads and the id-idempotent writes are retried once on a
 fresh connection when theirs broke (a pooled connection may have died with a database restart);
-an explicit transaction only if it broke before COMMIT was sent.
+an explicit transaction only if it broke before COMMIT was sent. A new connection that reaches a
+server started at another time than the last one (restarted, restored from a backup, a standby
+promoted) retires the cache, whose entries may be ahead of what that server holds.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import functools
 import json
 import logging
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Final, ParamSpec, TypeVar
@@ -165,6 +168,7 @@ ORDER BY seq
 LIMIT %(limit)s
 """
 PING = "SELECT 1"
+SERVER_STARTED = "SELECT pg_postmaster_start_time()"
 
 
 async def create_pool(settings: PostgresSettings) -> aiopg.Pool:
@@ -192,6 +196,8 @@ class ChatPersistenceService:
         self._cache = cache
         self._tracing = tracing
         self._writes: set[asyncio.Future[Any]] = set()  # running, whether or not anyone waits
+        self._server_started: datetime | None = None  # of the server the last new connection reached
+        self._connections: weakref.WeakSet[aiopg.Connection] = weakref.WeakSet()  # those checked
 
     async def abandon_writes(self) -> None:
         """Cancel the writes still running (on shutdown, after the drain)."""
@@ -471,6 +477,9 @@ class ChatPersistenceService:
             try:
                 async with self._pool.acquire() as conn, conn.cursor() as cur:
                     try:
+                        if conn not in self._connections:
+                            await self._check_server(cur)
+                            self._connections.add(conn)
                         if begin is not None:
                             await cur.execute(begin)
                         result = await work(cur)
@@ -495,6 +504,16 @@ class ChatPersistenceService:
                 if broken and retry and attempt == 1 and not committing:
                     continue
                 raise DatabaseUnavailable(_describe(exc)) from exc
+
+    async def _check_server(self, cur: aiopg.Cursor) -> None:
+        # A new connection may reach another server than the cache was filled from: the same one
+        # restored from a backup, or a standby promoted without the last commits. Its entries can
+        # then be ahead of the database, and would refuse every later write-through as older.
+        await cur.execute(SERVER_STARTED)
+        (started,) = await cur.fetchone()
+        if self._server_started is not None and started != self._server_started:
+            self._cache.distrust("PostgreSQL restarted or failed over")
+        self._server_started = started
 
 
 async def _abandon(conn: aiopg.Connection, cur: aiopg.Cursor, *, in_transaction: bool) -> None:

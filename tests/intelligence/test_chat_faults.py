@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import signal
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -50,6 +52,11 @@ def private_postgres() -> Iterator[PrivatePostgres]:
         asyncio.run(apply_migrations(server.dsn))
         yield server
         server.stop()
+
+
+def copy_tree(source: Path, target: Path) -> None:
+    """A data directory as a backup tool copies it: owner (pgserver's own user) and modes kept."""
+    subprocess.run(["cp", "-a", str(source), str(target)], check=True)
 
 
 async def counts(dsn: str, session_id: str) -> tuple[int, int]:
@@ -107,6 +114,42 @@ async def test_postgres_down_is_503_without_partial_writes_then_recovers_without
     assert (await resp.json())["title"] == "t" and (await resp.json())["message_count"] == 3
     resp = await client.get("/api/v1/chat/sessions", headers=h)
     assert [s["id"] for s in (await resp.json())["data"]] == [session["id"]]
+
+
+async def test_a_database_restored_from_a_backup_wins_over_what_the_cache_held(
+    make_client: Any, private_postgres: PrivatePostgres, user: str, tmp_path: Path
+) -> None:
+    """PostgreSQL restored from a backup (or a standby promoted without the last commits) while the
+    app and Redis stay up: the cache held versions the database no longer had, every later write
+    came back with a version that was not newer, and its write-through was refused. PATCH and POST
+    answered 200 and 201, and reads showed the lost title and message until the TTL."""
+    client = await make_client(dsn=private_postgres.dsn)
+    h = headers(user)
+    session = await (await client.post("/api/v1/chat/sessions", json={"title": "A"}, headers=h)).json()
+    url = f"/api/v1/chat/sessions/{session['id']}"
+    resp = await client.post(url + "/messages", json={"role": "user", "content": "m1"}, headers=h)
+    assert resp.status == 201
+    backup = tmp_path / "backup"
+    private_postgres.stop()
+    copy_tree(private_postgres.datadir, backup)
+    private_postgres.start()
+    assert (await client.patch(url, json={"title": "lost"}, headers=h)).status == 200
+    resp = await client.post(url + "/messages", json={"role": "user", "content": "lost"}, headers=h)
+    assert resp.status == 201
+    assert (await (await client.get(url, headers=h)).json())["title"] == "lost"  # cached
+    assert len((await (await client.get(url + "/messages", headers=h)).json())["data"]) == 2
+
+    private_postgres.stop()
+    shutil.rmtree(private_postgres.datadir)
+    copy_tree(backup, private_postgres.datadir)
+    private_postgres.start()
+    assert (await client.patch(url, json={"title": "B"}, headers=h)).status == 200
+    resp = await client.post(url + "/messages", json={"role": "user", "content": "m2"}, headers=h)
+    assert resp.status == 201 and (await resp.json())["seq"] == 2
+    got = await (await client.get(url, headers=h)).json()
+    assert (got["title"], got["message_count"]) == ("B", 2)
+    page = await (await client.get(url + "/messages", headers=h)).json()
+    assert [m["content"] for m in page["data"]] == ["m1", "m2"]
 
 
 async def test_every_pooled_connection_dying_costs_no_request_after_postgres_returns(
