@@ -196,6 +196,7 @@ class ChatPersistenceService:
         self._cache = cache
         self._tracing = tracing
         self._writes: set[asyncio.Future[Any]] = set()  # running, whether or not anyone waits
+        self._connection_lost = False  # since the last call that PostgreSQL answered
         self._server_started: datetime | None = None  # of the server the last new connection reached
         self._connections: weakref.WeakSet[aiopg.Connection] = weakref.WeakSet()  # those checked
 
@@ -486,6 +487,9 @@ class ChatPersistenceService:
                         if begin is not None:
                             committing = True
                             await cur.execute("COMMIT")
+                        if self._connection_lost:
+                            self._connection_lost = False
+                            self._cache.distrust("a PostgreSQL connection broke while in use")
                         return result
                     except BaseException:
                         await _abandon(conn, cur, in_transaction=begin is not None and not committing)
@@ -498,6 +502,11 @@ class ChatPersistenceService:
                 # CancelledError nobody asked for: the database is too slow, a 503.
                 raise DatabaseUnavailable("PostgreSQL unavailable: the statement timed out") from None
             except _CONNECTION_ERRORS as exc:
+                if conn is not None:
+                    # A write on it may have committed unseen (then no write-through followed):
+                    # the cache is retired once PostgreSQL answers again (not now: while it is
+                    # away, the cache still serves reads).
+                    self._connection_lost = True
                 broken = conn is not None and conn.closed
                 if broken:
                     await self._pool.clear()  # its siblings most likely died with it

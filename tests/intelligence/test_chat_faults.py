@@ -17,7 +17,7 @@ import aiohttp
 import aiopg
 import pytest
 import redis
-from chat_helpers import Service, headers, wait_until
+from chat_helpers import PostgresProxy, Service, cache, headers, wait_until
 
 from intelligence.cache import ChatCache
 from intelligence.models import ChatSession, DatabaseUnavailable
@@ -259,3 +259,31 @@ async def test_a_statement_past_its_timeout_is_database_unavailable_not_a_cancel
     finally:
         pool.close()
         await pool.wait_closed()
+
+
+async def test_a_message_committed_unseen_shows_in_every_later_read(
+    make_client: Any, database: str, user: str
+) -> None:
+    """The connection breaks after PostgreSQL committed a message, before its answer arrived: the
+    retry finds the message stored and answers 200 (the same body is a retry), but nothing wrote
+    it through, and the cached pages and message_count went without it until the next append or
+    the TTL."""
+    async with PostgresProxy(database) as proxy:
+        client = await make_client(dsn=proxy.dsn)
+        h = headers(user)
+        session = await (await client.post("/api/v1/chat/sessions", json={}, headers=h)).json()
+        url = f"/api/v1/chat/sessions/{session['id']}"
+        resp = await client.post(url + "/messages", json={"role": "user", "content": "m1"}, headers=h)
+        assert resp.status == 201
+        assert len((await (await client.get(url + "/messages", headers=h)).json())["data"]) == 1  # cached
+        assert (await (await client.get(url, headers=h)).json())["message_count"] == 1
+
+        proxy.cut_after(b"INSERT INTO chat_messages")
+        resp = await client.post(url + "/messages", json={"role": "user", "content": "m2"}, headers=h)
+        assert proxy.cuts == 1
+        assert resp.status == 200 and (await resp.json())["seq"] == 2, await resp.text()
+
+        page = await (await client.get(url + "/messages", headers=h)).json()
+        assert [m["content"] for m in page["data"]] == ["m1", "m2"]
+        assert (await (await client.get(url, headers=h)).json())["message_count"] == 2
+        assert cache(client).usable  # and the cache was used again, not left aside
