@@ -476,24 +476,28 @@ class ChatPersistenceService:
             conn: aiopg.Connection | None = None
             committing = False
             try:
-                async with self._pool.acquire() as conn, conn.cursor() as cur:
-                    try:
-                        if conn not in self._connections:
-                            await self._check_server(cur)
-                            self._connections.add(conn)
-                        if begin is not None:
-                            await cur.execute(begin)
-                        result = await work(cur)
-                        if begin is not None:
-                            committing = True
-                            await cur.execute("COMMIT")
-                        if self._connection_lost:
-                            self._connection_lost = False
-                            self._cache.distrust("a PostgreSQL connection broke while in use")
-                        return result
-                    except BaseException:
-                        await _abandon(conn, cur, in_transaction=begin is not None and not committing)
-                        raise
+                conn = await self._acquire()
+                try:
+                    async with conn.cursor() as cur:
+                        try:
+                            if conn not in self._connections:
+                                await self._check_server(cur)
+                                self._connections.add(conn)
+                            if begin is not None:
+                                await cur.execute(begin)
+                            result = await work(cur)
+                            if begin is not None:
+                                committing = True
+                                await cur.execute("COMMIT")
+                            if self._connection_lost:
+                                self._connection_lost = False
+                                self._cache.distrust("a PostgreSQL connection broke while in use")
+                            return result
+                        except BaseException:
+                            await _abandon(conn, cur, in_transaction=begin is not None and not committing)
+                            raise
+                finally:
+                    await self._pool.release(conn)
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if task is None or task.cancelling():
@@ -513,6 +517,17 @@ class ChatPersistenceService:
                 if broken and retry and attempt == 1 and not committing:
                     continue
                 raise DatabaseUnavailable(_describe(exc)) from exc
+
+    async def _acquire(self) -> aiopg.Connection:
+        for _ in range(self._pool.maxsize + 1):
+            try:
+                return await self._pool.acquire()
+            except AssertionError:
+                # aiopg's pool, once it has waited for a new connection, hands out the oldest free
+                # one without looking at it again (an assert): one that died meanwhile (its server
+                # process killed, a restart under load) is dropped by then. Ask again.
+                continue
+        raise DatabaseUnavailable("PostgreSQL unavailable: every pooled connection died")
 
     async def _check_server(self, cur: aiopg.Cursor) -> None:
         # A new connection may reach another server than the cache was filled from: the same one

@@ -17,7 +17,7 @@ import aiohttp
 import aiopg
 import pytest
 import redis
-from chat_helpers import PostgresProxy, Service, cache, headers, wait_until
+from chat_helpers import PostgresProxy, Service, cache, headers, pool, wait_until
 
 from intelligence.cache import ChatCache
 from intelligence.models import ChatSession, DatabaseUnavailable
@@ -287,3 +287,40 @@ async def test_a_message_committed_unseen_shows_in_every_later_read(
         assert [m["content"] for m in page["data"]] == ["m1", "m2"]
         assert (await (await client.get(url, headers=h)).json())["message_count"] == 2
         assert cache(client).usable  # and the cache was used again, not left aside
+
+
+async def test_a_free_connection_killed_while_the_pool_opens_another_is_not_a_500(
+    make_client: Any, database: str, user: str
+) -> None:
+    """aiopg's pool, once it has waited for a new connection, hands out the oldest free one without
+    looking at it again (an assert): one whose server process was killed meanwhile
+    (pg_terminate_backend, a restart under load) made the request a 500."""
+    async with PostgresProxy(database) as proxy:
+        client = await make_client(dsn=proxy.dsn, redis_url=None)
+        h = headers(user)
+        session = await (await client.post("/api/v1/chat/sessions", json={}, headers=h)).json()
+        url = f"/api/v1/chat/sessions/{session['id']}"
+        connections = pool(client)
+        assert (connections.size, connections.freesize) == (1, 1)
+        async with aiopg.connect(database) as blocker, blocker.cursor() as cur:
+            await cur.execute("BEGIN")
+            await cur.execute("SELECT 1 FROM chat_sessions WHERE id = %s FOR UPDATE", (session["id"],))
+            patch = asyncio.ensure_future(client.patch(url, json={"title": "t"}, headers=h))
+            await wait_until(lambda: connections.freesize == 0, what="the PATCH to hold the connection")
+            proxy.gate.clear()
+            listing = asyncio.ensure_future(client.get("/api/v1/chat/sessions", headers=h))
+            await wait_until(lambda: proxy.held == 1, what="the pool to open a second connection")
+            await cur.execute("ROLLBACK")
+            await wait_until(lambda: connections.freesize == 1, what="the PATCH to free its connection")
+            await cur.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND application_name = 'intelligence'"
+            )
+            await wait_until(
+                lambda: all(c.closed for c in connections._free), what="aiopg to see the connection die"
+            )
+        proxy.gate.set()
+        assert (await patch).status == 200
+        resp = await listing
+        assert resp.status == 200, await resp.text()
+        assert [s["id"] for s in (await resp.json())["data"]] == [session["id"]]
