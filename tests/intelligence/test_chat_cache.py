@@ -82,6 +82,38 @@ async def test_a_late_fill_cannot_hide_a_message_appended_while_the_entry_was_ab
     assert await svc.get_messages(session.id, after=1, user_id=user) == [second]
 
 
+async def test_a_write_through_from_before_a_generation_bump_keeps_an_older_fill_out(
+    client: Any, make_client: Any, user: str, cache_prefix: str
+) -> None:
+    """The generation moves on (a replica starts, or one repairs after an outage) while a message
+    is written: its write-through, made under the old generation, was dropped whole, and a reader
+    that had missed in the new one and read PostgreSQL before the commit filled the cache without
+    it. The message, answered 201, was missing from every page until the next append or the TTL."""
+    svc, chat_cache = service(client), cache(client)
+    session = await svc.save_session(ChatSession(user_id=user))
+    sid = str(session.id)
+    first = await svc.save_message(ChatMessage(session_id=session.id, role="user", content="one"))
+    before = await svc.get_session(session.id, user_id=user)
+    old = await chat_cache.epoch()  # the writer observes the generation, then writes PostgreSQL
+    redis_sync().incr(f"{cache_prefix}gen")  # another replica starts
+    new = await chat_cache.epoch()
+    # A reader misses in the new generation and reads PostgreSQL (one message); then the message
+    # commits (written by a replica without a cache, so only the write-through below reaches it).
+    writer = service(await make_client(redis_url=None))
+    second = await writer.save_message(ChatMessage(session_id=session.id, role="user", content="two"))
+    after = await writer.get_session(session.id, user_id=user)
+    await chat_cache.put_session(old, sid, after.version, _dump_session(after))
+    await chat_cache.append_message(old, sid, 2, _dump_message(second))
+    # The reader's fills land last.
+    await chat_cache.put_session(new, sid, before.version, _dump_session(before), fill=True)
+    await chat_cache.put_messages(new, sid, 1, [_dump_message(first)], fill=True)
+    assert [m.content for m in await svc.get_messages(session.id, user_id=user)] == ["one", "two"]
+    assert (await svc.get_session(session.id, user_id=user)).message_count == 2
+    # And the entries fill again from PostgreSQL.
+    _, cached = await chat_cache.get_messages(sid, after=0, limit=10)
+    assert cached is not None and len(cached.items) == 2
+
+
 # (key, field, value) written by hand over a good entry: broken JSON, JSON of another shape, a
 # version that is not a number.
 UNREADABLE = [
