@@ -519,6 +519,7 @@ class ChatPersistenceService:
                 raise DatabaseUnavailable(_describe(exc)) from exc
 
     async def _acquire(self) -> aiopg.Connection:
+        refused: list[RuntimeError] = []
         for _ in range(self._pool.maxsize + 1):
             try:
                 return await self._pool.acquire()
@@ -527,7 +528,14 @@ class ChatPersistenceService:
                 # one without looking at it again (an assert): one that died meanwhile (its server
                 # process killed, a restart under load) is dropped by then. Ask again.
                 continue
-        raise DatabaseUnavailable("PostgreSQL unavailable: every pooled connection died")
+            except RuntimeError as exc:
+                # uvloop: "unable to perform operation on <UVPoll closed=True>". While PostgreSQL
+                # restarts, aiopg leaves the loop watching sockets that libpq has closed (on TCP),
+                # and a new connection's socket that gets one of those numbers cannot be watched
+                # (aiopg issues 856, 909). Holding the error holds that socket open, so the next
+                # try gets another number.
+                refused.append(exc)
+        raise DatabaseUnavailable("PostgreSQL unavailable: no connection could be opened")
 
     async def _check_server(self, cur: aiopg.Cursor) -> None:
         # A new connection may reach another server than the cache was filled from: the same one
