@@ -7,13 +7,17 @@ Correctness rules, all enforced inside Lua scripts so they hold across replicas:
 * Versioned writes: an entry carries the version of the row it was made from (a session's
   ``version`` column, a message list's last ``seq``) and a write only lands if it is newer, so a
   slow, older write can never overwrite a newer entry. A deleted session leaves a tombstone with
-  an infinite version for the TTL, so a late write-through cannot resurrect it.
+  an infinite version for the TTL, so a late write-through cannot resurrect it. A message whose
+  append finds no list to extend leaves its seq as the list's version (holding no messages), so
+  a reader's fill from an older snapshot cannot land over it.
 * Generations: every key lives under ``<prefix><gen>:``, where ``gen`` is a counter in Redis. A
   process that failed (or skipped) a write while Redis was down or slow knows the cache may be
   stale; before it uses Redis again it increments ``gen``, which retires every older entry at
   once for all replicas (the old keys just expire). Writers and filling readers observe ``gen``
-  before they read PostgreSQL and their write is dropped if it changed in between, so nothing
-  read before the repair can land after it.
+  before they read PostgreSQL. A fill is dropped if it changed in between, so nothing read
+  before the repair can land after it; a write-through leaves only a mark of its version in the
+  new generation (its row may be older than the lost write, but a fill from before its commit
+  must not land either). A tombstone is always written.
 * An entry that cannot be read (not JSON, another shape, a version that is not a number, a key
   of another Redis type) is a miss: the reader drops it and refills it from PostgreSQL. The
   scripts read such a version as absent and delete a key of the wrong type (``pcall``), so no
@@ -63,18 +67,32 @@ end
 return {g, h[1], h[2]}
 """
 
-# KEYS: gen; ARGV: epoch, prefix, suffix, version, data, ttl -> 1 set, 0 older, -1 epoch gone
+# A write-through whose generation moved on while it wrote PostgreSQL is the row as committed,
+# but maybe older than a write whose loss the new generation repairs: it leaves only a mark of its
+# version, holding no data (a miss for readers), so that a reader's fill from a snapshot taken
+# before its commit cannot land; a fill of that version or newer replaces the mark. A fill under
+# an older generation is dropped. (Dropping the write-through too let such a fill land.)
+
+# KEYS: gen; ARGV: epoch, prefix, suffix, version, data, ttl, fill -> 1 set, 0 older, -1 epoch gone
 _PUT = """
 local g = redis.call('GET', KEYS[1]) or '0'
-if g ~= ARGV[1] then return -1 end
 local key = ARGV[2] .. g .. ARGV[3]
-local cur = redis.pcall('HGET', key, 'v')
-if type(cur) == 'table' and cur.err then
+local v = tonumber(ARGV[4])
+local h = redis.pcall('HMGET', key, 'v', 'd')
+local cv, held = -1, false
+if h.err then
   redis.call('DEL', key)
-  cur = false
+else
+  cv, held = tonumber(h[1]) or -1, h[2] and h[2] ~= ''
 end
-cur = tonumber(cur) or -1
-if cur >= tonumber(ARGV[4]) then return 0 end
+if g ~= ARGV[1] then
+  if ARGV[7] == '1' or cv >= v then return -1 end
+  redis.call('DEL', key)
+  redis.call('HSET', key, 'v', v, 'd', '')
+  redis.call('EXPIRE', key, tonumber(ARGV[6]))
+  return -1
+end
+if cv > v or (cv == v and held) then return 0 end
 redis.call('HSET', key, 'v', ARGV[4], 'd', ARGV[5])
 redis.call('EXPIRE', key, tonumber(ARGV[6]))
 return 1
@@ -107,50 +125,50 @@ end
 return out
 """.replace("TOMB", str(TOMBSTONE))
 
-# KEYS: gen; ARGV: epoch, prefix, suffix, version, ttl, first_seq, items... -> 1 / 0 / -1
+# KEYS: gen; ARGV: epoch, prefix, suffix, version, ttl, first_seq, fill, items... -> 1 / 0 / -1
 _FILL_MESSAGES = """
 local g = redis.call('GET', KEYS[1]) or '0'
-if g ~= ARGV[1] then return -1 end
 local key = ARGV[2] .. g .. ARGV[3]
 local v = tonumber(ARGV[4])
-local n = #ARGV - 6
+local n = #ARGV - 7
 local h = redis.pcall('HMGET', key, 'v', 'n')
 if h.err then h = {} end
 local cv, cn = tonumber(h[1]) or -1, tonumber(h[2]) or 0
+if g ~= ARGV[1] then
+  if ARGV[7] == '1' or cv >= v then return -1 end
+  redis.call('DEL', key)
+  redis.call('HSET', key, 'v', v, 'n', 0)
+  redis.call('EXPIRE', key, tonumber(ARGV[5]))
+  return -1
+end
 if cv > v or (cv == v and cn >= n) then return 0 end
 redis.call('DEL', key)
 redis.call('HSET', key, 'v', v, 'n', n)
 local first = tonumber(ARGV[6])
-for i = 7, #ARGV do redis.call('HSET', key, tostring(first + i - 7), ARGV[i]) end
+for i = 8, #ARGV do redis.call('HSET', key, tostring(first + i - 8), ARGV[i]) end
 redis.call('EXPIRE', key, tonumber(ARGV[5]))
 return 1
 """
 
 # KEYS: gen; ARGV: epoch, prefix, suffix, seq, item, ttl, keep -> 1 appended, 0 not, -1 epoch gone
-# Out of order (a concurrent writer's append is late or lost): keep the high-water mark but drop
-# the held messages, so a reader refills from PostgreSQL and no older fill can land.
+# No entry, out of order (a concurrent writer's append is late or lost), or a generation that
+# moved on: leave a high-water mark holding no messages, so a reader refills from PostgreSQL and
+# no older fill can land (a reader that missed and read PostgreSQL before this message committed
+# fills after it).
 _APPEND_MESSAGE = """
 local g = redis.call('GET', KEYS[1]) or '0'
-if g ~= ARGV[1] then return -1 end
 local key = ARGV[2] .. g .. ARGV[3]
 local seq = tonumber(ARGV[4])
 local h = redis.pcall('HMGET', key, 'v', 'n')
-if h.err then
-  redis.call('DEL', key)
-  return 0
-end
-if not h[1] then return 0 end
-local v, n = tonumber(h[1]), tonumber(h[2])
-if not v or not n then
-  redis.call('DEL', key)
-  return 0
-end
-if v >= seq then return 0 end
-if v ~= seq - 1 then
+local v, n
+if not h.err then v, n = tonumber(h[1]), tonumber(h[2]) end
+local moved = g ~= ARGV[1]
+if v and n and v >= seq then return moved and -1 or 0 end
+if moved or not (v and n) or v ~= seq - 1 then
   redis.call('DEL', key)
   redis.call('HSET', key, 'v', seq, 'n', 0)
   redis.call('EXPIRE', key, tonumber(ARGV[6]))
-  return 0
+  return moved and -1 or 0
 end
 local keep = tonumber(ARGV[7])
 redis.call('HSET', key, tostring(seq), ARGV[5], 'v', seq)
@@ -165,9 +183,9 @@ return 1
 """
 
 # KEYS: gen; ARGV: epoch, prefix, session suffix, messages suffix, ttl
+# Under whatever generation is current: the row is gone, so a tombstone is never stale.
 _TOMBSTONE = """
 local g = redis.call('GET', KEYS[1]) or '0'
-if g ~= ARGV[1] then return -1 end
 local s, m = ARGV[2] .. g .. ARGV[3], ARGV[2] .. g .. ARGV[4]
 redis.call('DEL', s, m)
 redis.call('HSET', s, 'v', TOMB, 'd', '')
@@ -251,11 +269,26 @@ class ChatCache:
                 log.warning("redis unavailable; serving from PostgreSQL", extra={"error": repr(exc)})
             self._down_until = time.monotonic() + self._cfg.retry_after
 
+    def distrust(self, reason: str) -> None:
+        """PostgreSQL may no longer hold what the entries were made from: retire them all before
+        the cache is used again. An entry ahead of the database (one restored from a backup, a
+        standby promoted without the last commits) would refuse every later write-through as
+        older, and keep serving what the database lost until its TTL."""
+        if self._redis is None:
+            return
+        log.warning("cache retired before its next use", extra={"reason": reason})
+        self._stale = True
+        self._failures += 1
+
     async def _ready(self) -> bool:
         if self._redis is None or time.monotonic() < self._down_until:
             return False
         if self._stale:
             async with self._bumping:  # one bump, however many requests find the cache stale
+                if time.monotonic() < self._down_until:
+                    # The bump this one waited for failed: against a hung Redis every waiter's
+                    # own try would cost a timeout, one after the other (seconds for the last).
+                    return False
                 if self._stale:
                     return await self._bump()
         return True
@@ -336,7 +369,15 @@ class ChatCache:
             return
         await self._call(
             self._put,
-            [epoch, self._cfg.prefix, self._session_suffix(session_id), version, data, self._cfg.session_ttl],
+            [
+                epoch,
+                self._cfg.prefix,
+                self._session_suffix(session_id),
+                version,
+                data,
+                self._cfg.session_ttl,
+                int(fill),
+            ],
             wrote=not fill,
         )
 
@@ -367,7 +408,7 @@ class ChatCache:
         await self._call(
             self._fill_messages,
             [epoch, self._cfg.prefix, self._messages_suffix(session_id), last_seq,
-             self._cfg.messages_ttl, first, *items],
+             self._cfg.messages_ttl, first, int(fill), *items],
             wrote=not fill,
         )  # fmt: skip
 

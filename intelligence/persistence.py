@@ -12,7 +12,9 @@ the database, not from this process, so they hold across replicas:
 PostgreSQL failures become DatabaseUnavailable; a transaction that fails is rolled back, and a
 connection that broke is thrown away. Reads and the id-idempotent writes are retried once on a
 fresh connection when theirs broke (a pooled connection may have died with a database restart);
-an explicit transaction only if it broke before COMMIT was sent.
+an explicit transaction only if it broke before COMMIT was sent. A new connection that reaches a
+server started at another time than the last one (restarted, restored from a backup, a standby
+promoted) retires the cache, whose entries may be ahead of what that server holds.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import functools
 import json
 import logging
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Final, ParamSpec, TypeVar
@@ -165,6 +168,7 @@ ORDER BY seq
 LIMIT %(limit)s
 """
 PING = "SELECT 1"
+SERVER_STARTED = "SELECT pg_postmaster_start_time()"
 
 
 async def create_pool(settings: PostgresSettings) -> aiopg.Pool:
@@ -192,6 +196,9 @@ class ChatPersistenceService:
         self._cache = cache
         self._tracing = tracing
         self._writes: set[asyncio.Future[Any]] = set()  # running, whether or not anyone waits
+        self._connection_lost = False  # since the last call that PostgreSQL answered
+        self._server_started: datetime | None = None  # of the server the last new connection reached
+        self._connections: weakref.WeakSet[aiopg.Connection] = weakref.WeakSet()  # those checked
 
     async def abandon_writes(self) -> None:
         """Cancel the writes still running (on shutdown, after the drain)."""
@@ -469,18 +476,28 @@ class ChatPersistenceService:
             conn: aiopg.Connection | None = None
             committing = False
             try:
-                async with self._pool.acquire() as conn, conn.cursor() as cur:
-                    try:
-                        if begin is not None:
-                            await cur.execute(begin)
-                        result = await work(cur)
-                        if begin is not None:
-                            committing = True
-                            await cur.execute("COMMIT")
-                        return result
-                    except BaseException:
-                        await _abandon(conn, cur, in_transaction=begin is not None and not committing)
-                        raise
+                conn = await self._acquire()
+                try:
+                    async with conn.cursor() as cur:
+                        try:
+                            if conn not in self._connections:
+                                await self._check_server(cur)
+                                self._connections.add(conn)
+                            if begin is not None:
+                                await cur.execute(begin)
+                            result = await work(cur)
+                            if begin is not None:
+                                committing = True
+                                await cur.execute("COMMIT")
+                            if self._connection_lost:
+                                self._connection_lost = False
+                                self._cache.distrust("a PostgreSQL connection broke while in use")
+                            return result
+                        except BaseException:
+                            await _abandon(conn, cur, in_transaction=begin is not None and not committing)
+                            raise
+                finally:
+                    await self._pool.release(conn)
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if task is None or task.cancelling():
@@ -489,12 +506,46 @@ class ChatPersistenceService:
                 # CancelledError nobody asked for: the database is too slow, a 503.
                 raise DatabaseUnavailable("PostgreSQL unavailable: the statement timed out") from None
             except _CONNECTION_ERRORS as exc:
+                if conn is not None:
+                    # A write on it may have committed unseen (then no write-through followed):
+                    # the cache is retired once PostgreSQL answers again (not now: while it is
+                    # away, the cache still serves reads).
+                    self._connection_lost = True
                 broken = conn is not None and conn.closed
                 if broken:
                     await self._pool.clear()  # its siblings most likely died with it
                 if broken and retry and attempt == 1 and not committing:
                     continue
                 raise DatabaseUnavailable(_describe(exc)) from exc
+
+    async def _acquire(self) -> aiopg.Connection:
+        refused: list[RuntimeError] = []
+        for _ in range(self._pool.maxsize + 1):
+            try:
+                return await self._pool.acquire()
+            except AssertionError:
+                # aiopg's pool, once it has waited for a new connection, hands out the oldest free
+                # one without looking at it again (an assert): one that died meanwhile (its server
+                # process killed, a restart under load) is dropped by then. Ask again.
+                continue
+            except RuntimeError as exc:
+                # uvloop: "unable to perform operation on <UVPoll closed=True>". While PostgreSQL
+                # restarts, aiopg leaves the loop watching sockets that libpq has closed (on TCP),
+                # and a new connection's socket that gets one of those numbers cannot be watched
+                # (aiopg issues 856, 909). Holding the error holds that socket open, so the next
+                # try gets another number.
+                refused.append(exc)
+        raise DatabaseUnavailable("PostgreSQL unavailable: no connection could be opened")
+
+    async def _check_server(self, cur: aiopg.Cursor) -> None:
+        # A new connection may reach another server than the cache was filled from: the same one
+        # restored from a backup, or a standby promoted without the last commits. Its entries can
+        # then be ahead of the database, and would refuse every later write-through as older.
+        await cur.execute(SERVER_STARTED)
+        (started,) = await cur.fetchone()
+        if self._server_started is not None and started != self._server_started:
+            self._cache.distrust("PostgreSQL restarted or failed over")
+        self._server_started = started
 
 
 async def _abandon(conn: aiopg.Connection, cur: aiopg.Cursor, *, in_transaction: bool) -> None:

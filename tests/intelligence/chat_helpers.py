@@ -134,6 +134,82 @@ class Service:
         Path(self.log.name).unlink(missing_ok=True)
 
 
+class PostgresProxy:
+    """A TCP proxy on loopback in front of PostgreSQL, to break the network where a test says.
+
+    ``cut_after(pattern)``: the next query containing ``pattern`` reaches the server, and its
+    connection is cut before the answer comes back (the server commits, the client never hears).
+    ``gate``: while it is clear, new connections wait before they reach the server.
+    """
+
+    def __init__(self, dsn: str) -> None:
+        self._params = dict(p.split("=", 1) for p in dsn.split())
+        self._server: asyncio.Server | None = None
+        self._pattern: bytes | None = None
+        self.cuts = 0
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.held = 0  # new connections that waited at the gate
+        self._tasks: set[asyncio.Future[None]] = set()
+
+    async def __aenter__(self) -> PostgresProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        self.gate.set()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    @property
+    def dsn(self) -> str:
+        assert self._server is not None
+        port = self._server.sockets[0].getsockname()[1]
+        return " ".join(f"{k}={v}" for k, v in {**self._params, "host": "127.0.0.1", "port": port}.items())
+
+    def cut_after(self, pattern: bytes) -> None:
+        self._pattern = pattern
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        if not self.gate.is_set():
+            self.held += 1
+            await self.gate.wait()
+        server_r, server_w = await asyncio.open_connection(
+            self._params.get("host", "127.0.0.1"), int(self._params.get("port", "5432"))
+        )
+        cut = asyncio.Event()
+
+        async def upstream() -> None:
+            while data := await client_r.read(65536):
+                if self._pattern is not None and self._pattern in data:
+                    self._pattern = None
+                    cut.set()
+                server_w.write(data)
+                await server_w.drain()
+
+        async def downstream() -> None:
+            while data := await server_r.read(65536):
+                if cut.is_set():
+                    self.cuts += 1
+                    return
+                client_w.write(data)
+                await client_w.drain()
+
+        tasks = [asyncio.ensure_future(upstream()), asyncio.ensure_future(downstream())]
+        self._tasks.update(tasks)
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+                self._tasks.discard(task)
+            for writer in (client_w, server_w):
+                writer.close()
+
+
 def redis_sync(url: str = REDIS_URL) -> redis.Redis:
     client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 import uuid
 from typing import Any
@@ -60,6 +61,57 @@ async def test_out_of_order_appends_are_never_served_with_a_gap(client: Any, use
     assert page is None  # a miss (PostgreSQL answers), not [1, 3]
     _, page = await chat_cache.get_messages(str(session.id), after=3, limit=10)
     assert page is not None and page.items == ()  # still knows seq 3 is the newest
+
+
+async def test_a_late_fill_cannot_hide_a_message_appended_while_the_entry_was_absent(
+    client: Any, user: str
+) -> None:
+    """A reader misses (the entry expired, was evicted, or the generation moved on), reads
+    PostgreSQL, and fills the cache after a writer's message committed. The writer's append found
+    no entry to extend and left none, so the older fill landed as the newest state: the message,
+    acknowledged with a 201, was missing from every page until the next append or the TTL."""
+    svc, chat_cache = service(client), cache(client)
+    session = await svc.save_session(ChatSession(user_id=user))
+    first = await svc.save_message(ChatMessage(session_id=session.id, role="user", content="one"))
+    epoch = await chat_cache.epoch()
+    await chat_cache.discard_messages(epoch, str(session.id))  # expired or evicted
+    # The reader's snapshot holds seq 1 only; then the next message commits and is written through.
+    second = await svc.save_message(ChatMessage(session_id=session.id, role="user", content="two"))
+    await chat_cache.put_messages(epoch, str(session.id), 1, [_dump_message(first)], fill=True)
+    assert [m.content for m in await svc.get_messages(session.id, user_id=user)] == ["one", "two"]
+    assert await svc.get_messages(session.id, after=1, user_id=user) == [second]
+
+
+async def test_a_write_through_from_before_a_generation_bump_keeps_an_older_fill_out(
+    client: Any, make_client: Any, user: str, cache_prefix: str
+) -> None:
+    """The generation moves on (a replica starts, or one repairs after an outage) while a message
+    is written: its write-through, made under the old generation, was dropped whole, and a reader
+    that had missed in the new one and read PostgreSQL before the commit filled the cache without
+    it. The message, answered 201, was missing from every page until the next append or the TTL."""
+    svc, chat_cache = service(client), cache(client)
+    session = await svc.save_session(ChatSession(user_id=user))
+    sid = str(session.id)
+    first = await svc.save_message(ChatMessage(session_id=session.id, role="user", content="one"))
+    before = await svc.get_session(session.id, user_id=user)
+    old = await chat_cache.epoch()  # the writer observes the generation, then writes PostgreSQL
+    redis_sync().incr(f"{cache_prefix}gen")  # another replica starts
+    new = await chat_cache.epoch()
+    # A reader misses in the new generation and reads PostgreSQL (one message); then the message
+    # commits (written by a replica without a cache, so only the write-through below reaches it).
+    writer = service(await make_client(redis_url=None))
+    second = await writer.save_message(ChatMessage(session_id=session.id, role="user", content="two"))
+    after = await writer.get_session(session.id, user_id=user)
+    await chat_cache.put_session(old, sid, after.version, _dump_session(after))
+    await chat_cache.append_message(old, sid, 2, _dump_message(second))
+    # The reader's fills land last.
+    await chat_cache.put_session(new, sid, before.version, _dump_session(before), fill=True)
+    await chat_cache.put_messages(new, sid, 1, [_dump_message(first)], fill=True)
+    assert [m.content for m in await svc.get_messages(session.id, user_id=user)] == ["one", "two"]
+    assert (await svc.get_session(session.id, user_id=user)).message_count == 2
+    # And the entries fill again from PostgreSQL.
+    _, cached = await chat_cache.get_messages(sid, after=0, limit=10)
+    assert cached is not None and len(cached.items) == 2
 
 
 # (key, field, value) written by hand over a good entry: broken JSON, JSON of another shape, a
@@ -314,3 +366,36 @@ async def test_entries_left_stale_by_a_slow_redis_are_not_served_when_it_answers
     await wait_until(repaired, what="the cache to be repaired")
     assert (await (await client.get(url, headers=h)).json())["title"] == "B"
     assert int(admin.get(cache(client)._gen_key)) >= 1  # the generation moved on
+
+
+async def test_a_hung_redis_costs_a_request_at_most_one_timeout_while_the_cache_is_stale(
+    make_client: Any, private_redis: PrivateRedis, user: str
+) -> None:
+    """Redis hangs (SIGSTOP) while the cache is stale: of the requests that find it so, one tries
+    the generation bump and the others go to PostgreSQL at once. Each of them used to try again
+    after the one before it had timed out, so the last of 30 answered after seconds."""
+    client = await make_client(redis_url=private_redis.url)
+    h = headers(user)
+    session = await (await client.post("/api/v1/chat/sessions", json={"title": "A"}, headers=h)).json()
+    url = f"/api/v1/chat/sessions/{session['id']}"
+    chat_cache = cache(client)
+    assert private_redis.process is not None
+    private_redis.process.send_signal(signal.SIGSTOP)
+    try:
+        resp = await client.patch(url, json={"title": "B"}, headers=h)  # its write-through times out
+        assert resp.status == 200
+        assert not chat_cache.usable
+        await wait_until(
+            lambda: time.monotonic() >= chat_cache._down_until, what="the pause after the failure to end"
+        )
+
+        async def timed_read() -> float:
+            started = time.monotonic()
+            resp = await client.get(url, headers=h)
+            assert resp.status == 200 and (await resp.json())["title"] == "B"
+            return time.monotonic() - started
+
+        durations = await asyncio.gather(*(timed_read() for _ in range(30)))
+    finally:
+        private_redis.process.send_signal(signal.SIGCONT)
+    assert max(durations) < 1.5, sorted(durations)
