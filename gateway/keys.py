@@ -36,6 +36,9 @@ continue_key = web.RequestKey("continue", "RawRequestMessage | None")
 # The status of an answer whose head went out before it was complete (a streamed relay, a
 # WebSocket's 101): what the access log and the span say if the handler is then cancelled.
 sent_status_key = web.RequestKey("sent_status", int)
+# A WebSocket session's message bytes, client to upstream and upstream to client: the access log
+# adds them to the handshake's, as nginx and Envoy count what crossed an upgraded connection.
+relayed_key = web.RequestKey("relayed", "list[int]")
 
 __all__ = [
     "auth_key",
@@ -47,6 +50,7 @@ __all__ = [
     "limiter_key",
     "query_token_key",
     "ratelimit_headers_key",
+    "relayed_key",
     "request_id_key",
     "route_key",
     "route_table_key",

@@ -24,7 +24,7 @@ from typing import Any, TextIO
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from .keys import request_id_key, route_key, span_key, target_key
+from .keys import relayed_key, request_id_key, route_key, span_key, target_key
 from .middleware.tracing import current_trace
 
 _now = time.time
@@ -345,6 +345,10 @@ class JsonAccessLogger(AbstractAccessLogger):
         if "@" in path:  # a URL in the path may carry a password (/fetch/http://u:p@host/x)
             path = _without_userinfo(path)
         bytes_in = getattr(request.content, "total_bytes", 0)
+        bytes_out = response.body_length
+        if response.status == 101 and (relayed := get(relayed_key)) is not None:  # a WebSocket session
+            bytes_in += relayed[0]
+            bytes_out += relayed[1]
         # Stamped when the request was parsed (gateway.httpserver); aiohttp's loop-clock figure if not.
         received = getattr(request, "received", None)
         if received is not None:
@@ -363,7 +367,7 @@ class JsonAccessLogger(AbstractAccessLogger):
                     "upstream": target.url if target is not None else None,
                     "status": response.status,
                     "bytes_in": bytes_in,
-                    "bytes_out": response.body_length,
+                    "bytes_out": bytes_out,
                     "duration_ms": round(time * 1000, 3),
                     "request_id": request_id,
                     "trace_id": span.trace_id if span is not None else None,
@@ -388,7 +392,7 @@ class JsonAccessLogger(AbstractAccessLogger):
             f'{{"ts": "{_timestamp(_now())}", "level": "info", "logger": {self._logger_json}, '
             f'"msg": "request", "method": {_str(request.method)}, "path": {_str(path)}, '
             f'"route": {route_json}, "upstream": {"null" if target is None else _str(target.url)}, '
-            f'"status": {response.status}, "bytes_in": {bytes_in}, "bytes_out": {response.body_length}, '
+            f'"status": {response.status}, "bytes_in": {bytes_in}, "bytes_out": {bytes_out}, '
             f'"duration_ms": {us // 1000}.{us % 1000:03d}, '
             f'"request_id": {"null" if request_id is None else _str(request_id)}, '
             f'"trace_id": {span_json}, "remote": {"null" if remote is None else _str(remote)}}}'

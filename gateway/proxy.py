@@ -46,6 +46,7 @@ from .keys import (
     http_client_key,
     lifecycle_key,
     query_token_key,
+    relayed_key,
     request_id_key,
     route_key,
     route_table_key,
@@ -858,9 +859,10 @@ async def _proxy_websocket(
         await client_ws.prepare(request)
         request[sent_status_key] = 101
         websockets.add(client_ws)
+        relayed = request[relayed_key] = [0, 0]
         pumps = (
-            asyncio.create_task(_pump(client_ws, upstream_ws)),
-            asyncio.create_task(_pump(upstream_ws, client_ws)),
+            asyncio.create_task(_pump(client_ws, upstream_ws, relayed, 0)),
+            asyncio.create_task(_pump(upstream_ws, client_ws, relayed, 1)),
         )
         try:
             await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
@@ -882,14 +884,19 @@ async def _proxy_websocket(
 _WSLike = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
 
-async def _pump(source: _WSLike, sink: _WSLike) -> None:
+async def _pump(source: _WSLike, sink: _WSLike, relayed: list[int], direction: int) -> None:
+    """Relay ``source``'s messages to ``sink`` until one side closes; their payload bytes are
+    added up in ``relayed[direction]``."""
     while True:
         msg = await source.receive()
         kind = msg.type
         try:
             if kind is WSMsgType.TEXT:
-                await sink.send_str(msg.data)
+                text = msg.data
+                relayed[direction] += len(text) if text.isascii() else len(text.encode())
+                await sink.send_str(text)
             elif kind is WSMsgType.BINARY:
+                relayed[direction] += len(msg.data)
                 await sink.send_bytes(msg.data)
             elif kind is WSMsgType.PING:
                 await sink.ping(msg.data)

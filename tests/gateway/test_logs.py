@@ -113,6 +113,37 @@ async def test_access_log_has_one_json_line_per_request_and_no_secrets(
     assert len(missing["request_id"]) >= 16
 
 
+async def test_a_websocket_sessions_line_counts_the_messages_that_crossed(
+    make_upstream: Any, tmp_path: Path
+) -> None:
+    async def echo(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type is aiohttp.WSMsgType.TEXT:
+                await ws.send_str("echo:" + msg.data)
+            elif msg.type is aiohttp.WSMsgType.BINARY:
+                await ws.send_bytes(b"echo:" + msg.data)
+        return ws
+
+    upstream = await make_upstream(echo)
+    async with running_gateway(one_service(upstream.url, prefix="/ws"), tmp_path) as gateway:
+        async with aiohttp.ClientSession() as session, session.ws_connect(f"{gateway.base}/ws/room") as ws:
+            await ws.send_str("héllo")  # 6 bytes in UTF-8
+            assert (await ws.receive(timeout=5)).data == "echo:héllo"
+            await ws.send_bytes(b"x" * 1000)
+            assert (await ws.receive(timeout=5)).data == b"echo:" + b"x" * 1000
+        await wait_for(lambda: '"path": "/ws/room"' in gateway.log.read_text(), what="the session's line")
+
+    (line,) = [
+        json.loads(text) for text in gateway.log.read_text().splitlines() if '"path": "/ws/room"' in text
+    ]
+    assert line["status"] == 101
+    assert line["bytes_in"] == 6 + 1000
+    handshake = line["bytes_out"] - (11 + 1005)
+    assert 0 < handshake < 1000, line
+
+
 # What a URL keeps unescaped in its userinfo (RFC 3986's sub-delimiters), as settings store it.
 PASSWORD = "it's-a-$ecret!(*)+,;=~"
 
