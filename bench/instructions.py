@@ -47,7 +47,7 @@ CALLGRIND_CONTROL = shutil.which("callgrind_control") or "/usr/bin/callgrind_con
 CONFIG = """services:
   bench: {{url: 'http://127.0.0.1:{port}'}}
 routes:
-  - {{prefix: /, service: bench, max_body: unlimited, auth: none, rate_limit: 1000000000/second,
+  - {{prefix: /, service: bench, max_body: unlimited, auth: none, rate_limit: 1000000/second,
       content_types: ['*/*']}}
 """
 

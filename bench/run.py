@@ -350,7 +350,7 @@ class Bench:
     def write_gateway_config(self) -> None:
         # auth none and a limit nobody reaches: the benchmark measures the proxy path, but with
         # the middleware chain present (and production logging on).
-        common = "max_body: unlimited, auth: none, rate_limit: 1000000000/second, content_types: ['*/*']"
+        common = "max_body: unlimited, auth: none, rate_limit: 1000000/second, content_types: ['*/*']"
         (self.tmp / "gateway.yaml").write_text(
             "services:\n"
             f"  bench: {{url: 'http://127.0.0.1:{self.ports['direct']}'}}\n"
@@ -368,7 +368,7 @@ class Bench:
             GATEWAY_CONFIG=str(self.tmp / "gateway.yaml"),
             GATEWAY_WORKERS=str(workers),
             GATEWAY_SHUTDOWN_TIMEOUT="2",
-            RATE_LIMIT_DEFAULT="1000000000/second",
+            RATE_LIMIT_DEFAULT="1000000/second",
             LOG_LEVEL=self.args.log_level,
             LOG_FORMAT="json",
         )

@@ -69,7 +69,7 @@ from run import (  # noqa: E402  (bench/ is not a package; reuse the wrk harness
 # The workload: shares of the non-streaming operations (SSE streams are on a timer per worker).
 MIX = (("get_1k", 0.72), ("post_cluster", 0.12), ("chat_write", 0.13), ("chat_read", 0.03))
 SSE_EVENTS, SSE_MS = 20, 100  # one stream: 20 events 100 ms apart, about 2 s
-HUGE_RATE = "1000000000/second"
+HUGE_RATE = "1000000/second"
 POOL_MAX_IDLE = 256  # gateway/pool.py TargetPool.max_idle: idle keep-alive sockets kept per target
 POOL_IDLE_TIMEOUT = 15.0  # gateway/pool.py TargetPool.idle_timeout
 # gateway/limiter.py; subject buckets are "sub:<subject>:<prefix>:<limit>/<period>"
