@@ -42,6 +42,14 @@ def _warn_about(settings: Settings) -> None:
             "no AUTH_JWKS_URL or AUTH_JWT_SECRET: every route with auth: required answers 401 "
             "(set one, or use `python -m gateway up` for a development secret)"
         )
+    everyone = [str(net) for net in settings.trusted_proxies if net.prefixlen == 0]
+    if everyone:
+        # Accepted, as a deliberate choice behind a load balancer that overwrites the header, but
+        # a surprise anywhere else: any client then picks its own address and rate-limit bucket.
+        log.warning(
+            "TRUSTED_PROXIES trusts every address: any client's X-Forwarded-For is believed",
+            extra={"trusted": everyone},
+        )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

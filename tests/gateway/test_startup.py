@@ -6,16 +6,18 @@ found only while starting: the listening address, the worker processes.
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
 
 from gateway.server import Listener, ListenError
-from tests.helpers import program_env, refusal, run_program
+from tests.helpers import one_service, program_env, refusal, run_program, running_gateway, wait_for
 
 
 def test_serve_on_a_port_in_use_names_the_address_and_the_keys(busy_port: int) -> None:
@@ -138,3 +140,22 @@ def test_token_mints_what_the_gateway_accepts(tmp_path: Path) -> None:
     claims = jwt.decode(result.stdout.strip(), secret, algorithms=["HS256"])
     assert (claims["sub"], claims["scope"]) == ("alice", "read write")
     assert not any(tmp_path.iterdir())  # with AUTH_JWT_SECRET the data dir is not touched
+
+
+@pytest.mark.parametrize(
+    ("trusted", "warned"), [("10.0.0.0/8,0.0.0.0/0", "0.0.0.0/0"), ("::/0", "::/0"), ("10.0.0.0/8", None)]
+)
+async def test_trusting_every_address_is_warned_about_at_start(
+    make_upstream: Any, tmp_path: Path, trusted: str, warned: str | None
+) -> None:
+    upstream = await make_upstream()
+    async with running_gateway(one_service(upstream.url), tmp_path, TRUSTED_PROXIES=trusted) as gateway:
+        # One thread writes the lines in order, and the warning comes before "listening".
+        await wait_for(lambda: '"msg": "listening"' in gateway.log.read_text(), what="the listening line")
+        lines = [json.loads(line) for line in gateway.log.read_text().splitlines() if line.startswith("{")]
+    warnings = [line for line in lines if "TRUSTED_PROXIES" in line["msg"]]
+    if warned is None:
+        assert warnings == []
+    else:
+        (warning,) = warnings
+        assert warning["level"] == "warning" and warning["trusted"] == [warned]
