@@ -358,7 +358,11 @@ class ChatPersistenceService:
             "metadata": Json(message.metadata),
         }
 
+        tries = 0
+
         async def append(cur: aiopg.Cursor) -> tuple[ChatSession, ChatMessage]:
+            nonlocal tries
+            tries += 1
             await cur.execute(APPEND_MESSAGE, params)
             row = await cur.fetchone()
             if row is None:
@@ -370,11 +374,13 @@ class ChatPersistenceService:
         except psycopg2.errors.UniqueViolation as exc:
             if exc.diag.constraint_name != "chat_messages_pkey":
                 raise
-            # A retry of a message already stored (perhaps by a concurrent twin of this request).
+            # A retry of a message already stored: the client's own (perhaps by a concurrent twin of
+            # this request), or ours, when the first attempt's connection broke after its commit;
+            # then this request created it (201), and the cache is retired (see _run).
             existing = await self._existing_message(message, user_id)
             if existing is None:  # pragma: no cover - the id was deleted with its session meanwhile
                 raise IdConflict(f"message {message.id} was written and deleted concurrently") from None
-            return existing, False
+            return existing, tries > 1
         assert stored.seq is not None
         await self._cache.put_session(epoch, str(session.id), session.version, _dump_session(session))
         await self._cache.append_message(epoch, str(session.id), stored.seq, _dump_message(stored))

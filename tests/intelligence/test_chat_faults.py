@@ -309,9 +309,9 @@ async def test_a_message_committed_unseen_shows_in_every_later_read(
     make_client: Any, database: str, user: str
 ) -> None:
     """The connection breaks after PostgreSQL committed a message, before its answer arrived: the
-    retry finds the message stored and answers 200 (the same body is a retry), but nothing wrote
-    it through, and the cached pages and message_count went without it until the next append or
-    the TTL."""
+    retry finds the message stored. It answered 200 (as to a client's own retry), though this
+    request created it; and nothing wrote it through, so the cached pages and message_count went
+    without it until the next append or the TTL."""
     async with PostgresProxy(database) as proxy:
         client = await make_client(dsn=proxy.dsn)
         h = headers(user)
@@ -325,7 +325,7 @@ async def test_a_message_committed_unseen_shows_in_every_later_read(
         proxy.cut_after(b"INSERT INTO chat_messages")
         resp = await client.post(url + "/messages", json={"role": "user", "content": "m2"}, headers=h)
         assert proxy.cuts == 1
-        assert resp.status == 200 and (await resp.json())["seq"] == 2, await resp.text()
+        assert resp.status == 201 and (await resp.json())["seq"] == 2, await resp.text()
 
         page = await (await client.get(url + "/messages", headers=h)).json()
         assert [m["content"] for m in page["data"]] == ["m1", "m2"]
