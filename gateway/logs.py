@@ -87,6 +87,11 @@ class JsonFormatter(logging.Formatter):
 
 
 class _TextFormatter(logging.Formatter):
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        # The access lines' ISO 8601 UTC stamp, not logging's local "2026-11-27 08:59:04,002":
+        # one format per file for whoever parses it.
+        return _timestamp(record.created)
+
     def format_entry(self, entry: dict[str, Any]) -> str:
         head = f"{entry.pop('ts')} {entry.pop('level').upper()} {entry.pop('logger')}: {entry.pop('msg')}"
         return head + " " + " ".join(f"{k}={v}" for k, v in entry.items())

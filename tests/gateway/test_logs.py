@@ -161,6 +161,17 @@ def test_a_url_password_is_hidden_whatever_characters_it_holds(fmt: str) -> None
     assert "http://***@127.0.0.1:9411/api/v2/spans" in line
 
 
+def test_text_lines_carry_the_same_timestamp_as_access_lines() -> None:
+    formatter = _TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    record = logging.makeLogRecord({"name": "gateway", "levelname": "INFO", "msg": "listening"})
+    record.created = 1_795_000_000.25
+    access = formatter.format_entry({"ts": logs._timestamp(1_795_000_000.25), "level": "info",
+                                     "logger": "gateway.access", "msg": "request"})  # fmt: skip
+    stamp = "2026-11-18T11:06:40.250Z"
+    assert formatter.format(record) == f"{stamp} INFO gateway: listening"
+    assert access.startswith(f"{stamp} INFO gateway.access: request")
+
+
 @pytest.fixture
 def unread_stderr(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[int, Any]]:
     """The gateway's real logging set-up, its stderr a pipe whose reading end the test holds;
