@@ -173,6 +173,9 @@ async def serve(
             task.add_done_callback(hangups.discard)
 
         loop.add_signal_handler(signal.SIGHUP, hangup)
+        # A worker is forked with SIGHUP blocked (run_workers): one sent while it started is
+        # delivered now, to the handler, rather than lost.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     runners: list[GatewayRunner] = []
     bound: list[tuple[Listener, int]] = []
     try:
@@ -286,10 +289,12 @@ def run_workers(
 
     def in_worker(reports: Connection) -> None:
         # The supervisor's handlers are no use in a worker: stop plainly until the worker's loop
-        # installs its own, and ignore a reload that comes before (the config is read at start).
+        # installs its own. SIGHUP stays blocked, as it was at the fork, until then (serve): a
+        # reload sent while the worker starts is kept pending, not ignored; the worker would
+        # otherwise keep the table it was forked with, older than the supervisor's.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
         stop_with_parent(supervisor)
         serving = False
 
@@ -313,12 +318,24 @@ def run_workers(
                 signal.signal(signum, signal.SIG_IGN)
             flush_logs()  # a forked process ends in os._exit, without atexit's flush
 
-    def start_worker() -> _Worker:
-        reports, writer = context.Pipe(duplex=False)
-        process = context.Process(target=in_worker, args=(writer,), name="gateway-worker", daemon=False)
-        process.start()
-        writer.close()  # the worker's copy is the only one: its exit closes the pipe
-        return _Worker(process, reports)
+    def start_worker(index: int | None = None) -> None:
+        """Fork a worker into ``workers`` (appended, or in place of the one at ``index``)."""
+        # SIGHUP is held back from the fork until the worker is in the list: a reload that comes
+        # meanwhile then reaches it too (the worker inherits the block and takes the signal once
+        # its loop can). Forwarded before it was listed, it missed the worker, which kept the
+        # table it was forked with.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            reports, writer = context.Pipe(duplex=False)
+            process = context.Process(target=in_worker, args=(writer,), name="gateway-worker", daemon=False)
+            process.start()
+            writer.close()  # the worker's copy is the only one: its exit closes the pipe
+            if index is None:
+                workers.append(_Worker(process, reports))
+            else:
+                workers[index] = _Worker(process, reports)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
     def signal_workers(signum: int) -> None:
         for worker in workers:
@@ -340,7 +357,8 @@ def run_workers(
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGHUP, forward)
-    workers.extend(start_worker() for _ in range(count))
+    for _ in range(count):
+        start_worker()
     failure: str | None = None
     last_restart = 0.0
     while True:
@@ -367,7 +385,7 @@ def run_workers(
                 extra={"pid": worker.process.pid, "exitcode": worker.process.exitcode},
             )
             last_restart = time.monotonic()
-            workers[index] = start_worker()
+            start_worker(index)
         if stopping and all(w.process.exitcode is not None for w in workers):
             break
     # Nothing is left to reload, and the interpreter's exit resets a Python handler to the

@@ -565,3 +565,50 @@ async def test_a_reload_that_comes_while_the_gateway_stops_leaves_its_exit_code_
     assert await in_flight == (200, b'{"upstream": "old"}')
     assert gateway.process.returncode == 0  # not -1: killed by SIGHUP's default action
     await gateway.stop()
+
+
+# A supervisor with one worker whose start takes as long as the test says: it serves an empty app
+# and marks each reload it takes with a file.
+_SLOW_START_WORKER = """
+import os, sys, time
+from pathlib import Path
+from aiohttp import web
+from gateway.server import Listener, run, run_workers, serve
+
+out, port = Path(sys.argv[1]), int(sys.argv[2])
+
+def target(ready):
+    (out / "forked").write_text(str(os.getpid()))
+    while not (out / "go").exists():  # the worker's start (building the app) still going on
+        time.sleep(0.01)
+
+    async def reloaded():
+        (out / "reloaded").touch()
+
+    listener = Listener(web.Application(), "127.0.0.1", port, "gateway")
+    run(serve([listener], shutdown_timeout=1, reuse_port=True, on_started=lambda _: ready(),
+              on_hangup=reloaded))
+
+sys.exit(run_workers(1, target))
+"""
+
+
+async def test_a_reload_sent_while_a_worker_starts_reaches_it_once_it_serves(tmp_path: Path) -> None:
+    script = tmp_path / "supervisor.py"
+    script.write_text(_SLOW_START_WORKER)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), str(tmp_path), str(free_port()), cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    try:
+        await wait_for(lambda: (tmp_path / "forked").exists(), what="the worker to be forked")
+        process.send_signal(signal.SIGHUP)  # the supervisor passes it on to the starting worker
+        (tmp_path / "go").touch()
+        await wait_for(lambda: (tmp_path / "reloaded").exists(), what="the worker to take the reload")
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
