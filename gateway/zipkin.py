@@ -63,6 +63,7 @@ class ZipkinReporter(TransportABC):
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self._last_failure_log = 0.0
+        self._failing = False  # since the last failure logged: its recovery is logged once too
 
     def send(self, record: Record) -> None:
         if len(self.buffer) >= self.max_buffer:
@@ -126,6 +127,12 @@ class ZipkinReporter(TransportABC):
             ) as response:
                 await response.read()
                 if response.status < 300:
+                    if self._failing:
+                        self._failing = False
+                        log.info(
+                            "zipkin collector available again",
+                            extra={"url": self.url, "spans_dropped_total": self.dropped},
+                        )
                     return True
                 problem = f"HTTP {response.status}"
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -133,6 +140,7 @@ class ZipkinReporter(TransportABC):
         now = time.monotonic()
         if now - self._last_failure_log > 60:  # the collector being down is news once a minute
             self._last_failure_log = now
+            self._failing = True
             log.warning(
                 "zipkin collector unavailable; dropping spans", extra={"url": self.url, "error": problem}
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from pathlib import Path
@@ -312,6 +313,36 @@ async def test_closing_sends_what_is_left_within_one_timeout_in_all(aiohttp_serv
     assert not reporter.buffer
     assert reporter.sent < 20
     assert reporter.sent + reporter.dropped == 20  # what was not sent is counted
+
+
+async def test_a_collector_coming_back_is_logged_once_after_its_failure(
+    aiohttp_server: Any, caplog: Any
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.zipkin")
+    answers = [503, 202, 202]
+
+    async def collector(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=answers.pop(0))
+
+    app = web.Application()
+    app.router.add_post("/api/v2/spans", collector)
+    zipkin = await aiohttp_server(app)
+    reporter = ZipkinReporter(str(zipkin.make_url("/api/v2/spans")), interval=3600)
+    await reporter.start()
+    try:
+        for n in range(3):
+            context = ZipkinContext(INCOMING_TRACE, None, f"{n + 1:016x}", True, False, False)
+            reporter.send(Record(context, az.create_endpoint("gateway")).start(1).finish(2))
+            await reporter.flush()
+    finally:
+        await reporter.close()
+    news = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "gateway.zipkin"]
+    assert news == [
+        ("WARNING", "zipkin collector unavailable; dropping spans"),
+        ("INFO", "zipkin collector available again"),
+    ]
+    assert (reporter.sent, reporter.dropped) == (2, 1)
 
 
 def test_inject_trace_headers_outside_a_request_returns_headers_unchanged() -> None:
