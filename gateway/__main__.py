@@ -34,6 +34,9 @@ def _fail(message: str) -> int:
     return 2
 
 
+MIN_HS256_SECRET = 32  # bytes: the hash's output size, as RFC 7518 section 3.2 requires
+
+
 def _warn_about(settings: Settings) -> None:
     if not settings.auth.enabled:
         log.warning("AUTH_ENABLED=false: requests are NOT authenticated")
@@ -41,6 +44,13 @@ def _warn_about(settings: Settings) -> None:
         log.warning(
             "no AUTH_JWKS_URL or AUTH_JWT_SECRET: every route with auth: required answers 401 "
             "(set one, or use `python -m gateway up` for a development secret)"
+        )
+    secret = settings.auth.jwt_secret
+    if settings.auth.enabled and secret is not None and len(secret.encode()) < MIN_HS256_SECRET:
+        log.warning(
+            f"AUTH_JWT_SECRET is shorter than the {MIN_HS256_SECRET} bytes HS256 needs (RFC 7518 "
+            "section 3.2): tokens signed with it can be forged by guessing it",
+            extra={"length": len(secret.encode())},
         )
     everyone = [str(net) for net in settings.trusted_proxies if net.prefixlen == 0]
     if everyone:

@@ -323,6 +323,9 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [_EnqueueHandler(_writer)]
     root.setLevel(level)
+    # A library's warning (PyJWT's about a short key, a deprecation) is a line like the others,
+    # not raw text between the JSON lines.
+    logging.captureWarnings(True)
     # Per-record bookkeeping nobody reads.
     logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
 

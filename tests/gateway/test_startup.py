@@ -10,9 +10,11 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import jwt
 import pytest
 
@@ -159,3 +161,26 @@ async def test_trusting_every_address_is_warned_about_at_start(
     else:
         (warning,) = warnings
         assert warning["level"] == "warning" and warning["trusted"] == [warned]
+
+
+@pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")  # minting the test's token
+async def test_a_short_jwt_secret_is_warned_about_and_every_line_stays_json(
+    make_upstream: Any, tmp_path: Path
+) -> None:
+    secret = "only-17-bytes-xyz"
+    upstream = await make_upstream()
+    config = one_service(upstream.url)
+    config["routes"][0]["auth"] = "required"
+    async with running_gateway(config, tmp_path, AUTH_JWT_SECRET=secret) as gateway:
+        token = jwt.encode({"sub": "alice", "exp": time.time() + 60}, secret, algorithm="HS256")
+        async with aiohttp.ClientSession() as session:
+            async with session.get(
+                f"{gateway.base}/x", headers={"Authorization": f"Bearer {token}"}
+            ) as answer:
+                assert answer.status == 200
+        await wait_for(lambda: '"path": "/x"' in gateway.log.read_text(), what="the request's line")
+        text = gateway.log.read_text()
+    lines = [json.loads(line) for line in text.splitlines()]  # PyJWT's own warning too
+    warnings = [line for line in lines if "AUTH_JWT_SECRET" in line["msg"]]
+    assert [(w["level"], w["length"]) for w in warnings] == [("warning", 17)]
+    assert secret not in text
