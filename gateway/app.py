@@ -108,6 +108,7 @@ def create_app(settings: Settings) -> web.Application:
         metrics.spans_dropped = lambda: reporter.dropped
     metrics.log_lines_dropped = lines_dropped
     metrics.fallback_active = lambda: bool(getattr(limiter, "fallback_active", False))
+    metrics.fallbacks = lambda: int(getattr(limiter, "fallbacks", 0))
     jwks = verifier.jwks if verifier is not None else None
     if jwks is not None:
         metrics.jwks_fetch_errors = lambda: jwks.fetch_errors

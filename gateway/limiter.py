@@ -290,6 +290,7 @@ class FailoverLimiter:
         self._clock = clock
         self._next_probe = 0.0
         self.fallback_active = False
+        self.fallbacks = 0  # switches to the fallback: an outage between two scrapes still shows
 
     async def hit(self, key: str, limit: RateLimit) -> Decision:
         if self.fallback_active:
@@ -302,6 +303,7 @@ class FailoverLimiter:
         except LimiterUnavailable as exc:
             if not self.fallback_active:
                 self.fallback_active = True
+                self.fallbacks += 1
                 self._next_probe = self._clock() + self._probe_interval
                 log.warning(
                     "rate limits: Redis unavailable, using in-process limits", extra={"error": str(exc)}

@@ -25,6 +25,7 @@ the status class, the service name, fixed kinds and reasons. Requests aiohttp's 
     gateway_spans_dropped_total                             counter    from the Zipkin reporter
     gateway_log_lines_dropped_total                         counter    stderr not keeping up
     gateway_ratelimit_fallback_active                       gauge      1 while Redis is bypassed
+    gateway_ratelimit_fallbacks_total                       counter    switches to the fallback
     gateway_component_up{component}                         gauge      last /health/detailed answer
     gateway_config_reloads_total{result}                    counter    ok|rejected
     gateway_process_info{pid}                               gauge      1; tells workers apart
@@ -109,6 +110,7 @@ class Metrics:
         self.spans_dropped: Callable[[], int] = lambda: 0
         self.log_lines_dropped: Callable[[], int] = lambda: 0
         self.fallback_active: Callable[[], bool] = lambda: False
+        self.fallbacks: Callable[[], int] = lambda: 0
         self.components: Callable[[], dict[str, str]] = dict
         self.jwks_fetch_errors: Callable[[], Mapping[str, int]] = dict
         self.upstream_errors = Counter(
@@ -220,6 +222,11 @@ class _Collector(Collector):
             "gateway_ratelimit_fallback_active",
             "1 while the shared (Redis) rate-limit store is unreachable and in-process limits apply",
             value=1 if m.fallback_active() else 0,
+        )
+        yield CounterMetricFamily(
+            "gateway_ratelimit_fallbacks",
+            "Switches from the shared (Redis) rate-limit store to in-process limits",
+            value=m.fallbacks(),
         )
         components = GaugeMetricFamily(
             "gateway_component_up",

@@ -219,9 +219,11 @@ async def test_redis_fallback_gauge(make_gateway: Any, make_upstream: Any, refus
     redis_url = refused_url.replace("http://", "redis://") + "/0"
     client = await make_gateway(one_service(upstream.url), {"REDIS_URL": redis_url})
     assert value(await scrape(client), "gateway_ratelimit_fallback_active") == 0
+    assert value(await scrape(client), "gateway_ratelimit_fallbacks_total") == 0
     assert (await client.get("/x")).status == 200  # limited in process while Redis is away
     await wait_for(lambda: client.app[limiter_key].fallback_active, what="the fallback")
     assert value(await scrape(client), "gateway_ratelimit_fallback_active") == 1
+    assert value(await scrape(client), "gateway_ratelimit_fallbacks_total") == 1
 
 
 async def test_component_health_is_the_last_known(
