@@ -61,11 +61,18 @@ async def domain_errors_middleware(request: web.Request, handler: Handler) -> we
         raise ApiError(409, "Conflict", [{"field": "id", "message": str(exc)}]) from exc
     except DatabaseUnavailable as exc:
         request.app.logger.warning("database unavailable: %s", exc)
-        raise ApiError(
-            503,
-            "The chat database is unavailable; nothing was stored. Try again shortly.",
-            headers={"Retry-After": "1"},
-        ) from exc
+        if request.method in ("GET", "HEAD"):
+            detail = "The chat database is unavailable. Try again shortly."
+        elif exc.maybe_applied:
+            # The connection broke after the server may have committed: saying nothing was stored
+            # would have a client send a message twice, or give up on one that was kept.
+            detail = (
+                "The chat database is unavailable, and the connection broke while this change was"
+                " being stored: it may have been applied. Read it back before sending it again."
+            )
+        else:
+            detail = "The chat database is unavailable; nothing was stored. Try again shortly."
+        raise ApiError(503, detail, headers={"Retry-After": "1"}) from exc
 
 
 # -- input ------------------------------------------------------------------------------------

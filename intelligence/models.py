@@ -123,9 +123,14 @@ class IdConflict(PersistenceError):
 class DatabaseUnavailable(PersistenceError):
     """PostgreSQL is down, unreachable or too slow.
 
-    The write was rolled back, except in the one ambiguous case of a connection lost while the
-    server committed: then it may have been stored, and retrying with the same id is safe.
+    The write was rolled back, except when the connection was lost after the server may have
+    committed it (``maybe_applied``): then it may have been stored, and retrying with the same
+    id is safe.
     """
+
+    def __init__(self, message: str, *, maybe_applied: bool = False) -> None:
+        super().__init__(message)
+        self.maybe_applied = maybe_applied
 
 
 class MigrationError(PersistenceError):

@@ -477,6 +477,7 @@ class ChatPersistenceService:
         self, work: Callable[[aiopg.Cursor], Awaitable[T]], *, begin: str | None, retry: bool
     ) -> T:
         attempt = 0
+        maybe_applied = False  # by an attempt whose connection broke: its outcome is not known
         while True:
             attempt += 1
             conn: aiopg.Connection | None = None
@@ -520,9 +521,12 @@ class ChatPersistenceService:
                 broken = conn is not None and conn.closed
                 if broken:
                     await self._pool.clear()  # its siblings most likely died with it
+                # A transaction cut before its COMMIT was sent is rolled back by the server; a
+                # COMMIT, or a statement outside a transaction, may have been carried out.
+                maybe_applied = maybe_applied or committing or (begin is None and conn is not None)
                 if broken and retry and attempt == 1 and not committing:
                     continue
-                raise DatabaseUnavailable(_describe(exc)) from exc
+                raise DatabaseUnavailable(_describe(exc), maybe_applied=maybe_applied) from exc
 
     async def _acquire(self) -> aiopg.Connection:
         refused: list[RuntimeError] = []

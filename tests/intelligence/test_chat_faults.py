@@ -333,6 +333,25 @@ async def test_a_message_committed_unseen_shows_in_every_later_read(
         assert cache(client).usable  # and the cache was used again, not left aside
 
 
+async def test_a_change_whose_commit_went_unanswered_is_not_said_to_be_lost(
+    make_client: Any, database: str, user: str
+) -> None:
+    """The connection breaks after the COMMIT reached PostgreSQL: the 503 said "nothing was
+    stored", and the session was stored; a client believing it would create it twice."""
+    async with PostgresProxy(database) as proxy:
+        client = await make_client(dsn=proxy.dsn)
+        h = headers(user)
+        proxy.cut_after(b"COMMIT")
+        resp = await client.post("/api/v1/chat/sessions", json={"title": "kept"}, headers=h)
+        assert proxy.cuts == 1
+        assert resp.status == 503, await resp.text()
+        detail = (await resp.json())["detail"]
+        assert "nothing was stored" not in detail and "may have been applied" in detail
+
+        listing = await (await client.get("/api/v1/chat/sessions", headers=h)).json()
+        assert [s["title"] for s in listing["data"]] == ["kept"]
+
+
 async def test_a_free_connection_killed_while_the_pool_opens_another_is_not_a_500(
     make_client: Any, database: str, user: str
 ) -> None:
