@@ -62,7 +62,7 @@ from .middleware.cors import ALLOWED_METHODS
 from .middleware.request_id import REQUEST_ID_HEADER
 from .middleware.tracing import ClientSpan, SpanRef, current_trace, downstream_headers
 from .pool import LOCAL_SHORTAGES, ConnectFailed, ConnectTimeout, OutOfSockets, UpstreamProtocol, exchange
-from .routing import has_dot_segment, may_read_otherwise, strip_route_prefix
+from .routing import has_dot_segment, has_encoded_control, may_read_otherwise, strip_route_prefix
 from .settings import Route
 from .upstream import Target, Upstream
 
@@ -187,12 +187,17 @@ def routing_middleware(*, proxy: Handler) -> Any:
         path = raw_path.partition("?")[0]
         if has_dot_segment(path):
             raise ApiError(400, "Path must not contain '.' or '..' segments, encoded or not")
+        if "%" in path and has_encoded_control(path):
+            raise ApiError(400, "Path must not contain control characters, encoded or not")
         table = request.app[route_table_key].current
         route = table.match(path)
         if route is None:
             raise ApiError(404, "No route for this path")
         if may_read_otherwise(path) and not table.same_for_every_reading(path, route):
-            raise ApiError(400, "Path is ambiguous: decoded or normalised, it would match another route")
+            raise ApiError(
+                400,
+                "Path is ambiguous: decoded, normalised or read without case, it would match another route",
+            )
         request[route_key] = route
         request[upstream_key] = table.upstreams.get(route.service)  # type: ignore[assignment]
         return handler(request)

@@ -24,7 +24,7 @@ from urllib.parse import unquote
 
 from marshmallow import Schema
 
-from .routing import lenient_reading, may_read_otherwise
+from .routing import fold_case, lenient_reading, may_read_otherwise
 from .schemas import SCHEMAS
 
 __all__ = [
@@ -94,6 +94,13 @@ class SchemaTable:
         for candidates in self._by_method.values():
             # Most literal segments first, and earlier literals before later ones.
             candidates.sort(key=lambda c: tuple(part is None for part in c[0]))
+        # The same, as a backend that ignores case compares them.
+        self._folded_by_method = {
+            method: [
+                (tuple(p if p is None else fold_case(p) for p in parts), *rest) for parts, *rest in candidates
+            ]
+            for method, candidates in self._by_method.items()
+        }
 
     def find(self, method: str, path: str) -> tuple[str, Schema] | None:
         candidates = self._by_method.get(method.upper())
@@ -102,9 +109,13 @@ class SchemaTable:
         path = path.split("?", 1)[0]
         found = _first_match(candidates, _segments(path))
         if found is None and may_read_otherwise(path):
-            # A backend that decodes %2F, honours "\\" or drops ";params" may still route this
-            # spelling to a pattern's handler: the body is checked as that handler's.
-            found = _first_match(candidates, tuple(s for s in lenient_reading(path).split("/") if s))
+            # A backend that decodes %2F, honours "\\", drops ";params" or ignores case may still
+            # route this spelling to a pattern's handler: the body is checked as that handler's.
+            lenient = lenient_reading(path)
+            found = _first_match(candidates, tuple(s for s in lenient.split("/") if s))
+            if found is None:
+                folded = tuple(s for s in fold_case(lenient).split("/") if s)
+                found = _first_match(self._folded_by_method[method.upper()], folded)
         return found
 
 
