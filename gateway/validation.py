@@ -6,6 +6,7 @@
     is_json_media_type(content_type)   -> application/json, */*+json
     media_type_allowed(content_type, allowed)
     content_codings(values)            -> the codings of Content-Encoding other than identity
+    foreign_charset(content_type)      -> a charset parameter other than UTF-8, or None
 
 An error is ``{"field": "labels.env", "message": "...", "value": ...}``; the middleware answers
 ``ApiError(422, "Validation Error", errors)``. Validation only reads the body: what passes is
@@ -34,6 +35,7 @@ __all__ = [
     "SchemaTable",
     "content_codings",
     "find_schema",
+    "foreign_charset",
     "is_json_media_type",
     "media_type_allowed",
     "parse_json_object",
@@ -461,6 +463,24 @@ def is_json_media_type(content_type: str | None) -> bool:
     """``application/json`` (with any parameters, such as ``charset=utf-8``) or any ``+json`` type."""
     media = _media_type(content_type)
     return media is not None and (media == ("application", "json") or media[1].endswith("+json"))
+
+
+def foreign_charset(content_type: str | None) -> str | None:
+    """The ``charset`` parameter of ``content_type`` when it names anything but UTF-8, else None.
+
+    JSON is UTF-8 (RFC 8259 section 8.1) and defines no charset parameter, but aiohttp's
+    ``request.json()`` and other decoders honour one: the gateway would check the UTF-8 reading of
+    a body that the backend reads as Latin-1 (``é`` as ``Ã©``, each string up to four times
+    longer than the length that was checked)."""
+    if content_type is None or ";" not in content_type:
+        return None
+    for parameter in content_type.split(";")[1:]:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset":
+            charset = value.strip().strip('"')
+            if charset.lower() not in ("utf-8", "utf8"):
+                return charset
+    return None
 
 
 def media_type_allowed(content_type: str | None, allowed: tuple[str, ...]) -> bool:
