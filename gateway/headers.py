@@ -18,6 +18,7 @@ __all__ = [
     "GATEWAY_OWNED",
     "GATEWAY_SET",
     "HOP_BY_HOP",
+    "PATH_OVERRIDES",
     "TRACE_HEADERS",
     "VIA",
     "VIA_HTTP10",
@@ -54,8 +55,14 @@ TRACE_HEADERS = frozenset(
      "x-b3-sampled", "x-b3-flags"}
 )  # fmt: skip
 
+# Headers that tell a server to serve another path than the request line's: IIS's URL Rewrite
+# sets them for the application behind it, and some PHP frameworks take their word for the path
+# (Yii; Symfony and Zend Framework before their 2018 fixes). From a client, X-Original-URL: /a/admin on GET /a/x would reach /a/admin's
+# handler under /a's route, its auth and its scopes.
+PATH_OVERRIDES = frozenset({"x-original-url", "x-rewrite-url"})
+
 # The gateway answered ``Expect: 100-continue`` itself; Host is the target's.
-_REQUEST_DROP = HOP_BY_HOP | GATEWAY_OWNED | TRACE_HEADERS | {"host", "expect"}
+_REQUEST_DROP = HOP_BY_HOP | GATEWAY_OWNED | TRACE_HEADERS | PATH_OVERRIDES | {"host", "expect"}
 # aiohttp recomputes the framing of what it sends.
 _RESPONSE_DROP = HOP_BY_HOP
 
@@ -74,6 +81,11 @@ _KEEP_NONE: frozenset[str] = frozenset()
 # nginx (underscores_in_headers off) and Envoy (headers_with_underscores_action) drop every name
 # with an underscore; other names with underscores pass, as they always did.
 GATEWAY_SET = GATEWAY_OWNED | TRACE_HEADERS | _FORWARDING | {"x-request-id"}
+# Not spelled with underscores either: the names the gateway sets, the path overrides it drops,
+# and the method overrides the routing refuses (Symfony reads HTTP_X_HTTP_METHOD_OVERRIDE).
+_NO_UNDERSCORE_SPELLING = (
+    GATEWAY_SET | PATH_OVERRIDES | {"x-http-method-override", "x-http-method", "x-method-override"}
+)
 
 
 # Nearly every request and answer names the same few options (``keep-alive``, ``close``): the set
@@ -95,8 +107,9 @@ def upstream_headers(
     host: str | None,
     via: str = VIA,
 ) -> CIMultiDict[str]:
-    """Headers for the upstream request: hop-by-hop and gateway-owned removed (also when spelled
-    with underscores, see ``GATEWAY_SET``), forwarding added (``via``: this hop's Via entry).
+    """Headers for the upstream request: hop-by-hop, gateway-owned and path overrides removed
+    (also when spelled with underscores, see ``GATEWAY_SET``), forwarding added (``via``: this
+    hop's Via entry).
 
     The headers a ``Connection`` header names are dropped, unless they are ones the gateway sets
     itself below (a client cannot make the gateway forget ``X-Forwarded-For``).
@@ -122,7 +135,9 @@ def upstream_headers(
 
 
 def _drop_underscore_spellings(headers: CIMultiDict[str]) -> None:
-    for name in [n for n in headers.keys() if "_" in n and n.replace("_", "-").lower() in GATEWAY_SET]:
+    for name in [
+        n for n in headers.keys() if "_" in n and n.replace("_", "-").lower() in _NO_UNDERSCORE_SPELLING
+    ]:
         headers.popall(name, None)
 
 

@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from time import perf_counter
 from typing import Any, NoReturn
+from urllib.parse import unquote_plus
 
 import aiohttp
 from aiohttp import HttpVersion, HttpVersion10, HttpVersion11, WSCloseCode, WSMsgType, web
@@ -63,7 +64,7 @@ from .middleware.cors import ALLOWED_METHODS
 from .middleware.request_id import REQUEST_ID_HEADER
 from .middleware.tracing import ClientSpan, SpanRef, current_trace, downstream_headers
 from .pool import LOCAL_SHORTAGES, ConnectFailed, ConnectTimeout, OutOfSockets, UpstreamProtocol, exchange
-from .routing import has_dot_segment, may_read_otherwise, strip_route_prefix
+from .routing import has_dot_segment, has_encoded_control, may_read_otherwise, strip_route_prefix
 from .settings import Route
 from .upstream import Target, Upstream
 
@@ -185,20 +186,50 @@ def routing_middleware(*, proxy: Handler) -> Any:
             # No defined meaning, and the classic way to hide a request from a server that skips
             # such bodies: refused rather than forwarded.
             raise ApiError(400, f"A {request.method} request must not have a body")
+        if _overrides_method(request):
+            raise ApiError(
+                400,
+                "Method overrides (X-HTTP-Method-Override, X-HTTP-Method, X-Method-Override, a "
+                "_method parameter) are not accepted: send the request with its own method",
+            )
         path = raw_path.partition("?")[0]
         if has_dot_segment(path):
             raise ApiError(400, "Path must not contain '.' or '..' segments, encoded or not")
+        if "%" in path and has_encoded_control(path):
+            raise ApiError(400, "Path must not contain control characters, encoded or not")
         table = request.app[route_table_key].current
         route = table.match(path)
         if route is None:
             raise ApiError(404, "No route for this path")
         if may_read_otherwise(path) and not table.same_for_every_reading(path, route):
-            raise ApiError(400, "Path is ambiguous: decoded or normalised, it would match another route")
+            raise ApiError(
+                400,
+                "Path is ambiguous: decoded, normalised or read without case, it would match another route",
+            )
         request[route_key] = route
         request[upstream_key] = table.upstreams.get(route.service)  # type: ignore[assignment]
         return handler(request)
 
     return routing
+
+
+# Headers and a query parameter by which Symfony and Laravel, Rails (Rack::MethodOverride), Express
+# (method-override), gorilla/handlers and ASP.NET Core's middleware take a POST for another
+# method. The gateway decides by the method on the request line which body schema applies and
+# which content types are accepted: POST /api/v1/clusters/x, which has no schema, would reach such a
+# backend as a PATCH whose body was never checked.
+_METHOD_OVERRIDE_HEADERS = ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override")
+_METHOD_PARAMETER = "_method"
+
+
+def _overrides_method(request: web.Request) -> bool:
+    headers = request.headers
+    if any(name in headers for name in _METHOD_OVERRIDE_HEADERS):
+        return True
+    if request.method != "POST" or "method" not in request.raw_path:  # they honour it on POST only
+        return False
+    query = request.raw_path.partition("?")[2]
+    return any(unquote_plus(part.partition("=")[0]) == _METHOD_PARAMETER for part in query.split("&"))
 
 
 # The methods the gateway forwards, as the CORS preflight lists them.

@@ -19,7 +19,9 @@ __all__ = [
     "CatchAll",
     "LiveTable",
     "RouteTable",
+    "fold_case",
     "has_dot_segment",
+    "has_encoded_control",
     "lenient_reading",
     "may_read_otherwise",
     "strip_route_prefix",
@@ -54,10 +56,17 @@ class RouteTable:
         self.upstreams: Mapping[str, Upstream] = upstreams or {}
         self._by_prefix = {route.prefix: route for route in self.routes}
         self._catch_all = self._by_prefix.get("/")
+        # As a server that ignores case reads the prefixes; of two that differ only in case, the
+        # first listed.
+        self._by_folded: dict[str, Route] = {}
+        for route in self.routes:
+            self._by_folded.setdefault(fold_case(route.prefix), route)
 
     def match(self, path: str) -> Route | None:
         """``path`` is the raw path without the query: ``%2F`` is not a segment boundary."""
-        by_prefix = self._by_prefix
+        return self._match(path, self._by_prefix)
+
+    def _match(self, path: str, by_prefix: Mapping[str, Route]) -> Route | None:
         candidate = path.rstrip("/") if len(path) > 1 else path
         while candidate:
             route = by_prefix.get(candidate)
@@ -74,12 +83,17 @@ class RouteTable:
         where ``may_read_otherwise(path)``: otherwise there is one reading).
 
         The table matches the raw path, which is forwarded as sent; but an upstream may decode
-        ``%61`` as ``a`` (RFC 3986 says it must), ``%2F`` as ``/``, merge ``//``, or drop
-        ``;params``. Were one such reading to match a route of its own, a client could reach the
+        ``%61`` as ``a`` (RFC 3986 says it must), ``%2F`` as ``/``, merge ``//``, drop
+        ``;params``, or ignore case (Express and ASP.NET Core route ``/A/ADMIN`` to ``/a/admin``'s
+        handler). Were one such reading to match a route of its own, a client could reach the
         resources behind that route (with its stricter auth or scopes) under the other route's
         policy. Such paths are refused: no client has a reason to spell a path two routes can claim.
         """
-        return all(self.match(reading) is route for reading in _readings(path))
+        folded = self._by_folded
+        return all(
+            self.match(reading) is route and self._match(fold_case(reading), folded) is route
+            for reading in _readings(path)
+        )
 
 
 class LiveTable:
@@ -110,12 +124,24 @@ def has_dot_segment(path: str) -> bool:
     lowered = path.lower()
     while "%25" in lowered:
         lowered = lowered.replace("%25", "%")
-    return any(segment.replace("%2e", ".") in (".", "..") for segment in _SEGMENT_BOUNDARY.split(lowered))
+    # Windows drops the spaces after a segment: ".. " (..%20) is its "..".
+    return any(
+        segment.replace("%2e", ".").replace("%20", " ").rstrip(" ") in (".", "..")
+        for segment in _SEGMENT_BOUNDARY.split(lowered)
+    )
 
+
+# A control character, percent-encoded once or more (%0a, %250A). Starlette, and so FastAPI, match
+# routes with re.match and "$", which matches before a final newline too: /a/admin%0a is their
+# /a/admin, where the route table reads a segment "admin%0a". C code ends a path at NUL. No client
+# has a reason to send either, and the raw characters never get past the HTTP parser.
+has_encoded_control = re.compile(r"%(?:25)*(?:[01][0-9a-f]|7f)", re.IGNORECASE).search
 
 # Whether some server could read a path (raw, without the query) as another path: a match or
-# None. A bound C method, as the proxy asks it of every request.
-may_read_otherwise = re.compile(r"%|//|;|\\").search
+# None. Escapes, "//", ";" and "\\" (see ``lenient_reading``); letters in upper case or outside
+# ASCII (servers that ignore case, ``fold_case``); a segment ending in "." (Windows drops it).
+# A bound C method, as the proxy asks it of every request.
+may_read_otherwise = re.compile(r"%|//|;|\\|[A-Z]|[^\x00-\x7f]|\.(?:/|$)").search
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _LENIENT_SEPARATOR = re.compile(r"[/\\]")
@@ -130,13 +156,28 @@ def _readings(path: str) -> tuple[str, str]:
 
 def lenient_reading(path: str) -> str:
     """``path`` as the most lenient server reads it: every escape decoded (repeatedly, for double
-    decoders), ``\\`` a separator, ``;params`` dropped, empty segments merged."""
+    decoders; IIS's ``%u0061`` too), ``\\`` a separator, ``;params`` dropped, spaces around a
+    segment and dots after it dropped (Windows, and Spring's ``trimTokens``), empty segments
+    merged."""
     while "%25" in path.lower():
         path = re.sub("%25", "%", path, flags=re.IGNORECASE)
+    if "%u" in path or "%U" in path:
+        path = _IIS_ESCAPE.sub(lambda m: chr(int(m[1], 16)), path)
     segments = (
-        segment.partition(";")[0] for segment in _LENIENT_SEPARATOR.split(unquote(path, errors="replace"))
+        segment.partition(";")[0].strip(" ").rstrip(". ")
+        for segment in _LENIENT_SEPARATOR.split(unquote(path, errors="replace"))
     )
     return "/" + "/".join(segment for segment in segments if segment)
+
+
+_IIS_ESCAPE = re.compile(r"%u([0-9A-Fa-f]{4})")
+
+
+def fold_case(path: str) -> str:
+    """``path`` as a server that ignores case compares it. Upper then lower: ASP.NET Core compares
+    ``ToUpperInvariant``, which makes the dotless i (U+0131) an ``I`` and the long s (U+017F) an
+    ``S``."""
+    return path.upper().lower()
 
 
 def strip_route_prefix(route: Route, raw_path: str) -> str:

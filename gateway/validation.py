@@ -6,6 +6,7 @@
     is_json_media_type(content_type)   -> application/json, */*+json
     media_type_allowed(content_type, allowed)
     content_codings(values)            -> the codings of Content-Encoding other than identity
+    foreign_charset(content_type)      -> a charset parameter other than UTF-8, or None
 
 An error is ``{"field": "labels.env", "message": "...", "value": ...}``; the middleware answers
 ``ApiError(422, "Validation Error", errors)``. Validation only reads the body: what passes is
@@ -24,7 +25,7 @@ from urllib.parse import unquote
 
 from marshmallow import Schema
 
-from .routing import lenient_reading, may_read_otherwise
+from .routing import fold_case, lenient_reading, may_read_otherwise
 from .schemas import SCHEMAS
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "SchemaTable",
     "content_codings",
     "find_schema",
+    "foreign_charset",
     "is_json_media_type",
     "media_type_allowed",
     "parse_json_object",
@@ -94,6 +96,13 @@ class SchemaTable:
         for candidates in self._by_method.values():
             # Most literal segments first, and earlier literals before later ones.
             candidates.sort(key=lambda c: tuple(part is None for part in c[0]))
+        # The same, as a backend that ignores case compares them.
+        self._folded_by_method = {
+            method: [
+                (tuple(p if p is None else fold_case(p) for p in parts), *rest) for parts, *rest in candidates
+            ]
+            for method, candidates in self._by_method.items()
+        }
 
     def find(self, method: str, path: str) -> tuple[str, Schema] | None:
         candidates = self._by_method.get(method.upper())
@@ -102,9 +111,13 @@ class SchemaTable:
         path = path.split("?", 1)[0]
         found = _first_match(candidates, _segments(path))
         if found is None and may_read_otherwise(path):
-            # A backend that decodes %2F, honours "\\" or drops ";params" may still route this
-            # spelling to a pattern's handler: the body is checked as that handler's.
-            found = _first_match(candidates, tuple(s for s in lenient_reading(path).split("/") if s))
+            # A backend that decodes %2F, honours "\\", drops ";params" or ignores case may still
+            # route this spelling to a pattern's handler: the body is checked as that handler's.
+            lenient = lenient_reading(path)
+            found = _first_match(candidates, tuple(s for s in lenient.split("/") if s))
+            if found is None:
+                folded = tuple(s for s in fold_case(lenient).split("/") if s)
+                found = _first_match(self._folded_by_method[method.upper()], folded)
         return found
 
 
@@ -450,6 +463,24 @@ def is_json_media_type(content_type: str | None) -> bool:
     """``application/json`` (with any parameters, such as ``charset=utf-8``) or any ``+json`` type."""
     media = _media_type(content_type)
     return media is not None and (media == ("application", "json") or media[1].endswith("+json"))
+
+
+def foreign_charset(content_type: str | None) -> str | None:
+    """The ``charset`` parameter of ``content_type`` when it names anything but UTF-8, else None.
+
+    JSON is UTF-8 (RFC 8259 section 8.1) and defines no charset parameter, but aiohttp's
+    ``request.json()`` and other decoders honour one: the gateway would check the UTF-8 reading of
+    a body that the backend reads as Latin-1 (``é`` as ``Ã©``, each string up to four times
+    longer than the length that was checked)."""
+    if content_type is None or ";" not in content_type:
+        return None
+    for parameter in content_type.split(";")[1:]:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset":
+            charset = value.strip().strip('"')
+            if charset.lower() not in ("utf-8", "utf8"):
+                return charset
+    return None
 
 
 def media_type_allowed(content_type: str | None, allowed: tuple[str, ...]) -> bool:

@@ -5,7 +5,7 @@ Two layers, because a request that will be refused for its token must not get it
 - ``body_checks_middleware`` (before rate limits and authentication): a declared
   ``Content-Length`` over the route's limit is a 413 before any of the body is read, and a
   POST/PUT/PATCH body must declare a type the route accepts (415); a body with a schema must
-  also be JSON and not compressed (415). Bodies without a schema keep streaming, compressed or
+  also be JSON, UTF-8 and not compressed (415). Bodies without a schema keep streaming, compressed or
   not, as sent; the proxy counts them against the same limit as they pass.
 - ``schema_validation_middleware`` (after authentication): a body with a schema
   (``gateway.schemas``) is read up to the route's limit, checked, and on success forwarded as the
@@ -26,6 +26,7 @@ from ..keys import body_key, route_key
 from ..validation import (
     content_codings,
     find_schema,
+    foreign_charset,
     is_json_media_type,
     media_type_allowed,
     validate_body,
@@ -61,12 +62,19 @@ def body_checks_middleware() -> Any:
                 raise _unsupported(content_type, route.content_types)
             json_body = is_json_media_type(content_type)
             coded = "Content-Encoding" in request.headers
-            if (not json_body or coded) and find_schema(request.method, request.raw_path):
+            charset = foreign_charset(content_type)
+            if (not json_body or coded or charset) and find_schema(request.method, request.raw_path):
                 # A body with a schema must be JSON even where the route takes */*: many backends
                 # parse JSON whatever the header says, so another type would be a way around the
-                # check.
+                # check. It is checked as UTF-8, so it must be read as UTF-8 upstream too.
                 if not json_body:
                     raise _unsupported(content_type, ("application/json",))
+                if charset:
+                    raise ApiError(
+                        415,
+                        f"JSON must be UTF-8: charset '{client_text(charset)}' is not accepted on this route",
+                        headers={"Accept": "application/json"},
+                    )
                 if codings := content_codings(request.headers.getall("Content-Encoding")):
                     raise _encoded(codings)
         return handler(request)

@@ -438,3 +438,27 @@ async def test_fuzzed_requests_from_the_openapi_document_never_get_a_5xx(fuzz_ta
 
 
 TOKEN = token("fuzzer", ttl=3600)
+
+
+# -- 415 for a JSON body with a schema in another charset: it is checked as UTF-8 -----------------
+
+
+@pytest.mark.parametrize("charset", ["iso-8859-1", '"utf-16"', "latin1", "UTF-32"])
+async def test_a_json_body_with_a_schema_in_another_charset_is_415(client, upstream, charset):
+    """aiohttp's request.json() decodes by the charset parameter: a display_name of 256 "é" passed
+    the schema's 256-character limit as UTF-8 and reached such a backend as 512 characters."""
+    body = json.dumps({**CLUSTER, "display_name": "é" * 256}, ensure_ascii=False).encode()
+    content_type = f"application/json; charset={charset}"
+    response = await client.post(
+        "/api/v1/clusters", data=body, headers={"Content-Type": content_type, **bearer()}
+    )
+
+    assert response.status == 415
+    assert "UTF-8" in (await response.json())["detail"]
+    assert upstream.requests == []
+
+
+async def test_another_charset_still_passes_where_no_schema_applies(client, upstream):
+    headers = {"Content-Type": "text/plain; charset=iso-8859-1"}
+    assert (await client.post("/upload/x", data=b"caf\xe9", headers=headers)).status == 200
+    assert [r.body for r in upstream.requests] == [b"caf\xe9"]

@@ -312,3 +312,88 @@ async def test_a_valid_host_header_is_forwarded_as_x_forwarded_host(
     assert response.status == 200
     (seen,) = upstream.requests
     assert seen.values("X-Forwarded-Host") == ([host.decode()] if host else [])
+
+
+@pytest.mark.parametrize(
+    "name", ["X-Original-URL", "X-Rewrite-URL", "x-original-url", "X_Original_URL", "X_REWRITE_URL"]
+)
+async def test_headers_that_name_another_path_never_reach_the_upstream(
+    make_gateway: Any, make_upstream: Any, name: str
+) -> None:
+    """Yii (and Symfony and Zend Framework before 2018) serve the path X-Original-URL or
+    X-Rewrite-URL names instead of the request line's: /none/x with /required/x in one of them
+    was /required/x to them, past that route's token."""
+    upstream = await make_upstream()
+    client = await make_gateway(_config(upstream.url))
+    response = await client.get("/none/x", headers={name: "/required/x"})
+    assert response.status == 200
+    (seen,) = upstream.requests
+    assert seen.raw_path == "/none/x"
+    assert cgi_values(seen, "x-original-url") == [] and cgi_values(seen, "x-rewrite-url") == []
+
+
+METHOD_OVERRIDES = [
+    ("POST", "/none/x", {"X-HTTP-Method-Override": "PATCH"}),
+    ("POST", "/none/x", {"x-http-method-override": "DELETE"}),
+    ("POST", "/none/x", {"X-HTTP-Method": "PUT"}),
+    ("POST", "/none/x", {"X-Method-Override": "PATCH"}),
+    ("GET", "/none/x", {"X-HTTP-Method-Override": "DELETE"}),
+    ("POST", "/none/x?_method=PATCH", {}),
+    ("POST", "/none/x?a=1&%5Fmethod=PUT", {}),
+]
+
+
+@pytest.mark.parametrize(("method", "target", "headers"), METHOD_OVERRIDES)
+async def test_a_method_override_is_refused(
+    make_gateway: Any, make_upstream: Any, method: str, target: str, headers: dict[str, str]
+) -> None:
+    """Symfony and Laravel, Rails, Express's method-override and gorilla take a POST with one of
+    these for the method it names; the gateway picks the body schema by the request line's."""
+    upstream = await make_upstream()
+    client = await make_gateway(_config(upstream.url))
+    response = await client.request(method, target, headers=headers, data=b"{}" if method == "POST" else None)
+    assert response.status == 400 and "override" in (await response.json())["detail"]
+    assert upstream.requests == []
+
+
+async def test_a_method_override_cannot_take_a_body_past_its_schema(
+    make_gateway: Any, make_upstream: Any
+) -> None:
+    """POST /api/v1/clusters/{id} has no schema, PATCH does: as a POST overridden to PATCH the
+    body reached an Express backend as a PATCH nobody had checked."""
+    upstream = await make_upstream()
+    config = {
+        "services": {"svc": {"url": upstream.url}},
+        "routes": [{"prefix": "/api/v1/clusters", "service": "svc", "auth": "none"}],
+    }
+    client = await make_gateway(config)
+    body = b'{"unknown": 1}'
+    headers = {"Content-Type": "application/json"}
+    assert (await client.patch("/api/v1/clusters/c1", data=body, headers=headers)).status == 422
+    overridden = {**headers, "X-HTTP-Method-Override": "PATCH"}
+    assert (await client.post("/api/v1/clusters/c1", data=body, headers=overridden)).status == 400
+    assert upstream.requests == []
+
+
+async def test_a_parameter_merely_named_like_the_override_passes(
+    make_gateway: Any, make_upstream: Any
+) -> None:
+    upstream = await make_upstream()
+    client = await make_gateway(_config(upstream.url))
+    for target in ("/none/x?http_method=1", "/none/x?_method=PATCH"):  # the second: a GET, never overridden
+        method = "POST" if "http_method" in target else "GET"
+        response = await client.request(method, target, data=b"{}" if method == "POST" else None)
+        assert response.status == 200
+    assert [q.raw_path for q in upstream.requests] == ["/none/x?http_method=1", "/none/x?_method=PATCH"]
+
+
+async def test_an_underscore_spelling_of_a_method_override_never_reaches_the_upstream(
+    make_gateway: Any, make_upstream: Any
+) -> None:
+    """Symfony reads HTTP_X_HTTP_METHOD_OVERRIDE, which is also what CGI makes of this spelling."""
+    upstream = await make_upstream()
+    client = await make_gateway(_config(upstream.url))
+    response = await client.post("/none/x", data=b"{}", headers={"X_HTTP_Method_Override": "PATCH"})
+    assert response.status == 200
+    (seen,) = upstream.requests
+    assert cgi_values(seen, "x-http-method-override") == []

@@ -55,6 +55,7 @@ ESCAPES = [
     b"/a/%252e%252e%252fb/x",
     b"/a/./../b/x",
     b"/b/..%2f..%2fa/x",
+    b"/a/..%20/b/x",
 ]
 
 
@@ -204,9 +205,12 @@ async def nested_routes(make_gateway: Any, make_upstream: Any) -> tuple[Any, Any
     return await make_gateway(config, {"AUTH_JWT_SECRET": "s" * 32}), admin, open_
 
 
-# Each is /a/admin/x to a server that decodes, merges or drops what the raw path keeps.
+# Each is /a/admin/x to a server that decodes, merges or drops what the raw path keeps, or that
+# ignores case (Express, ASP.NET Core: also the dotless i), or trims segments (Windows, IIS).
 OTHER_READINGS = [b"/a/%61dmin/x", b"/a/%61%64%6D%69%6E/x", b"/a//admin/x", b"/a/admin;v=1/x",
-                  b"/a%2Fadmin/x", b"/a/%2561dmin/x", b"/a\\admin/x", b"/a/x/../admin"]  # fmt: skip
+                  b"/a%2Fadmin/x", b"/a/%2561dmin/x", b"/a\\admin/x", b"/a/x/../admin", b"/a/ADMIN/x",
+                  b"/a/Admin", b"/a/%41dmin/x", b"/a/adm%C4%B1n/x", "/a/adm\u0131n/x".encode(),
+                  b"/a/admin./x", b"/a/admin%20/x", b"/a/%20admin", b"/a/%u0061dmin/x"]  # fmt: skip
 
 
 @pytest.mark.parametrize("target", OTHER_READINGS, ids=[t.decode() for t in OTHER_READINGS])
@@ -221,6 +225,29 @@ async def test_a_path_another_route_would_read_as_its_own_is_refused(
     assert (await _get(client.port, b"/a/admin/x")).status == 401
 
 
+@pytest.mark.parametrize(
+    "target",
+    [
+        b"/a/admin%0a",
+        b"/a/admin%0A?q=1",
+        b"/a/x%00",
+        b"/a/x%00.json",
+        b"/a/x%0d%0ay",
+        b"/a/x%250a",
+        b"/a/%7f",
+    ],
+)
+async def test_a_path_with_an_encoded_control_character_is_refused(
+    nested_routes: tuple[Any, Any, Any], target: bytes
+) -> None:
+    """Starlette (FastAPI) matches its routes with a "$" that also matches before a final newline:
+    /a/admin%0a, routed as /a's, was its /a/admin. NUL ends a path in C."""
+    client, admin, open_ = nested_routes
+    response = await _get(client.port, target)
+    assert response.status == 400 and "control" in response.json()["detail"]
+    assert admin.requests == [] and open_.requests == []
+
+
 @pytest.mark.parametrize("target", [b"/a/admin#x", b"/a/admin#/y", b"/a/admin#", b"/a/x#y", b"/a/x?q=1#y"])
 async def test_a_target_with_a_fragment_is_refused(
     nested_routes: tuple[Any, Any, Any], target: bytes
@@ -233,7 +260,19 @@ async def test_a_target_with_a_fragment_is_refused(
     assert admin.requests == [] and open_.requests == []
 
 
-@pytest.mark.parametrize("target", [b"/a/%7Euser/x", b"/a/x%2Fadmin", b"/a/x//y", b"/a/x;v=1", b"/a/%61bc"])
+@pytest.mark.parametrize(
+    "target",
+    [
+        b"/a/%7Euser/x",
+        b"/a/x%2Fadmin",
+        b"/a/x//y",
+        b"/a/x;v=1",
+        b"/a/%61bc",
+        b"/a/Xyz/ABC",
+        b"/a/v1./x",
+        b"/a/x%20y",
+    ],
+)
 async def test_odd_paths_every_reading_routes_alike_are_forwarded_as_sent(
     nested_routes: tuple[Any, Any, Any], target: bytes
 ) -> None:
@@ -261,12 +300,15 @@ async def test_a_long_path_under_the_limit_is_forwarded_whole(two_routes: tuple[
 
 def liberal_resolve(path: str) -> str:
     """The path as the most liberal upstream might resolve it: decoded repeatedly, backslashes and
-    ``;params`` honoured, then dot segments removed (RFC 3986 section 5.2.4)."""
+    ``;params`` honoured, case ignored, segments trimmed, then dot segments removed (RFC 3986
+    section 5.2.4)."""
     while (decoded := unquote(path)) != path:
         path = decoded
-    path = re.sub(r";[^/]*", "", path.replace("\\", "/"))
+    path = re.sub(r";[^/]*", "", path.replace("\\", "/")).upper().lower()
     out: list[str] = []
     for segment in path.split("/")[1:]:
+        if segment.strip(". "):  # Windows trims spaces and dots, but ".." stays ".."
+            segment = segment.strip(" ").rstrip(". ")
         if segment == "..":
             if out:
                 out.pop()
@@ -277,7 +319,7 @@ def liberal_resolve(path: str) -> str:
 
 TABLE = RouteTable(Route(prefix=p, service="s", auth="none") for p in ("/a", "/a/b", "/api/v1/chat", "/b"))
 TOKENS = ["/", "a", "b", "api", "v1", "chat", ".", "..", "%2e", "%2E", "%2f", "%2F", "%5c", "\\", ";", "x=1",
-          "%25", "%252e", "%00", "~", "%41", "%61", "%62", "%2562", "//"]  # fmt: skip
+          "%25", "%252e", "%00", "~", "%41", "%61", "%62", "%2562", "//", "A", "B", "%42", "%20", "%0a"]  # fmt: skip
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
