@@ -34,7 +34,7 @@ from aiohttp.http import RawResponseMessage
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import StreamReader
 from aiohttp.typedefs import Handler
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 from yarl import URL
 
 from .clientip import is_trusted_peer
@@ -218,13 +218,16 @@ def routing_middleware(*, proxy: Handler) -> Any:
 # method. The gateway decides by the method on the request line which body schema applies and
 # which content types are accepted: POST /api/v1/clusters/x, which has no schema, would reach such a
 # backend as a PATCH whose body was never checked.
-_METHOD_OVERRIDE_HEADERS = ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override")
+# istr: asked of every request, a name multidict need not fold first.
+_OVERRIDE, _HTTP_METHOD, _METHOD_OVERRIDE = (
+    istr(name) for name in ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override")
+)
 _METHOD_PARAMETER = "_method"
 
 
 def _overrides_method(request: web.Request) -> bool:
     headers = request.headers
-    if any(name in headers for name in _METHOD_OVERRIDE_HEADERS):
+    if _OVERRIDE in headers or _HTTP_METHOD in headers or _METHOD_OVERRIDE in headers:
         return True
     if request.method != "POST" or "method" not in request.raw_path:  # they honour it on POST only
         return False
