@@ -15,6 +15,7 @@ from aiohttp.http import SERVER_SOFTWARE
 from multidict import CIMultiDict, CIMultiDictProxy
 
 __all__ = [
+    "CLIENT_ADDRESS",
     "GATEWAY_OWNED",
     "GATEWAY_SET",
     "HOP_BY_HOP",
@@ -61,8 +62,16 @@ TRACE_HEADERS = frozenset(
 # handler under /a's route, its auth and its scopes.
 PATH_OVERRIDES = frozenset({"x-original-url", "x-rewrite-url"})
 
+# Where a client says its address, host and scheme are, other than X-Forwarded-*: Spring's
+# ForwardedHeaderFilter prefers ``Forwarded`` (RFC 7239) to them, nginx's realip and chi's RealIP
+# take ``X-Real-IP`` or ``True-Client-IP``. Only a trusted proxy's (TRUSTED_PROXIES) reach the
+# upstream: from anyone else they would be the client's word for its own address (an allow-list,
+# a rate limit behind the gateway) and for the host the backend builds links with.
+CLIENT_ADDRESS = frozenset({"forwarded", "x-real-ip", "true-client-ip", "x-client-ip", "x-cluster-client-ip"})
+
 # The gateway answered ``Expect: 100-continue`` itself; Host is the target's.
 _REQUEST_DROP = HOP_BY_HOP | GATEWAY_OWNED | TRACE_HEADERS | PATH_OVERRIDES | {"host", "expect"}
+_REQUEST_DROP_UNTRUSTED = _REQUEST_DROP | CLIENT_ADDRESS
 # aiohttp recomputes the framing of what it sends.
 _RESPONSE_DROP = HOP_BY_HOP
 
@@ -84,7 +93,10 @@ GATEWAY_SET = GATEWAY_OWNED | TRACE_HEADERS | _FORWARDING | {"x-request-id"}
 # Not spelled with underscores either: the names the gateway sets, the path overrides it drops,
 # and the method overrides the routing refuses (Symfony reads HTTP_X_HTTP_METHOD_OVERRIDE).
 _NO_UNDERSCORE_SPELLING = (
-    GATEWAY_SET | PATH_OVERRIDES | {"x-http-method-override", "x-http-method", "x-method-override"}
+    GATEWAY_SET
+    | PATH_OVERRIDES
+    | CLIENT_ADDRESS
+    | {"x-http-method-override", "x-http-method", "x-method-override"}
 )
 
 
@@ -106,15 +118,17 @@ def upstream_headers(
     scheme: str,
     host: str | None,
     via: str = VIA,
+    trusted_peer: bool = False,
 ) -> CIMultiDict[str]:
     """Headers for the upstream request: hop-by-hop, gateway-owned and path overrides removed
-    (also when spelled with underscores, see ``GATEWAY_SET``), forwarding added (``via``: this
+    (also when spelled with underscores, see ``GATEWAY_SET``), and the client-address headers
+    unless the peer is a trusted proxy (``CLIENT_ADDRESS``); forwarding added (``via``: this
     hop's Via entry).
 
     The headers a ``Connection`` header names are dropped, unless they are ones the gateway sets
     itself below (a client cannot make the gateway forget ``X-Forwarded-For``).
     """
-    drop = _REQUEST_DROP
+    drop = _REQUEST_DROP if trusted_peer else _REQUEST_DROP_UNTRUSTED
     connection = incoming.getall("connection", ())
     if connection:
         drop = _drop_with(drop, tuple(connection), _FORWARDING)

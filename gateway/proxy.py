@@ -307,7 +307,8 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, "Invalid Host header")
     scheme = request.scheme
     trusted = request.app[settings_key].trusted_proxies
-    if trusted and is_trusted_peer(request.remote, trusted):
+    trusted_peer = bool(trusted) and is_trusted_peer(request.remote, trusted)
+    if trusted_peer:
         scheme, host = _as_the_trusted_proxy_received_it(request.headers, scheme, host)
     headers = upstream_headers(
         request.headers,
@@ -315,6 +316,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         scheme=scheme,
         host=host,
         via=VIA if request.version == HttpVersion11 else VIA_HTTP10,
+        trusted_peer=trusted_peer,
     )
     headers[REQUEST_ID_HEADER] = request[request_id_key]
     if request.get(auth_key) is not None:

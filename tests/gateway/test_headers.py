@@ -243,6 +243,40 @@ async def test_x_forwarded_proto_and_host_from_a_trusted_proxy_are_kept(
     assert received.values("X-Forwarded-Host") == [host]
 
 
+CLIENT_ADDRESS_HEADERS = {
+    "Forwarded": "for=203.0.113.9;host=spoofed.test;proto=https",
+    "X-Real-IP": "203.0.113.9",
+    "True-Client-IP": "203.0.113.9",
+    "X-Client-IP": "203.0.113.9",
+    "X-Cluster-Client-IP": "203.0.113.9",
+    "X_Real_IP": "203.0.113.9",
+}
+
+
+async def test_a_clients_word_for_its_own_address_does_not_reach_the_upstream(
+    recording_gateway: tuple[Any, Any],
+) -> None:
+    # A backend behind nginx's realip or Spring's ForwardedHeaderFilter would take it as true.
+    client, upstream = recording_gateway
+    await client.get("/x", headers={"Host": "real.test", **CLIENT_ADDRESS_HEADERS})
+
+    [received] = upstream.requests
+    assert not [name for name in CLIENT_ADDRESS_HEADERS if received.values(name)]
+    assert received.values("X-Forwarded-Host") == ["real.test"]
+
+
+async def test_a_trusted_proxys_client_address_headers_reach_the_upstream(
+    make_gateway: Any, make_upstream: Any
+) -> None:
+    upstream = await make_upstream()
+    client = await make_gateway(one_service(upstream.url), {"TRUSTED_PROXIES": "127.0.0.1/32"})
+    sent = {name: value for name, value in CLIENT_ADDRESS_HEADERS.items() if "_" not in name}
+    await client.get("/x", headers=sent)
+
+    [received] = upstream.requests
+    assert {name: received.values(name) for name in sent} == {name: [value] for name, value in sent.items()}
+
+
 async def test_host_header_names_the_target(recording_gateway: tuple[Any, Any]) -> None:
     client, upstream = recording_gateway
     await client.get("/x", headers={"Host": "api.example.test"})
