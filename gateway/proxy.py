@@ -6,9 +6,10 @@ Everything else is streamed chunk by chunk with flow control on both sockets.
 
 Upstream failures are translated at this one boundary:
 
-    connect refused / DNS       -> eject target, retry once elsewhere if idempotent, else 502
+    connect refused / DNS       -> eject target, retry once elsewhere (nothing was sent), else 502
     no socket for it (EMFILE)   -> 503 with Retry-After; the gateway's shortage, target kept
-    connect or read timeout     -> eject target, (connect: retry as above), else 504
+    connect timeout             -> eject target, retry as above, else 504
+    read timeout                -> 504, target kept (it is up; one endpoint is slow)
     closed before the headers   -> retry once if idempotent and nothing was sent, else 502
     closed or reset mid-body    -> the client's response is cut off (connection closed)
 """
