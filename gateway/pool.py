@@ -19,6 +19,7 @@ import contextlib
 import errno
 import socket
 import ssl
+import struct
 import time
 from collections import deque
 from collections.abc import AsyncIterable
@@ -86,9 +87,14 @@ class UpstreamProtocol(ResponseHandler):
     # the next response on this connection, half-parsed: such a connection is closed instead.
     in_use = True
 
+    # Set when the upstream answered before it had the whole request body: the rest of the body
+    # is not sent, and the answer is read to its end on this connection all the same.
+    answered_early = False
+
     def begin(self, *, read_timeout: float, head: bool) -> None:
         """Set up for the next response (instead of ``set_response_params``)."""
         self.in_use = True
+        self.answered_early = False
         self._skip_payload = head
         self._read_timeout = read_timeout
         parser = None if head else self._reusable
@@ -237,11 +243,32 @@ class UpstreamProtocol(ResponseHandler):
         self._cancel_timer()
 
     def close(self) -> None:
-        super().close()
+        transport = self.transport
+        payload = self._payload
+        if payload is not None and not payload.is_eof():
+            # aiohttp's close() lets go of the payload before the connection is lost, so nothing
+            # would end it: whoever relays it would wait for the rest of the body for good.
+            payload.set_exception(ClientPayloadError("Connection to the upstream closed mid-body"))
+        if transport is not None and transport.get_write_buffer_size():
+            # Bytes of a request body still queued for an upstream that is not reading them (it
+            # answered early, or stopped reading): a graceful close waits for them to be sent,
+            # which keeps the socket, and its descriptor, for as long as the upstream likes. They
+            # are not wanted: reset the connection.
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+            super().abort()
+        else:
+            super().close()
         # An answer parsed but never read (its request was cancelled) holds its payload, which
         # refers back to this protocol: a cycle that kept the body's buffered bytes until the
         # garbage collector came by. Nothing reads from a closed connection.
         self._buffer.clear()
+
+
+# SO_LINGER on, zero seconds: close() sends a reset and drops whatever is queued.
+_RESET = struct.pack("ii", 1, 0)
 
 
 class TargetPool:
@@ -393,8 +420,10 @@ async def exchange(
         raise
     if sending is not None and not sending.done():
         # The upstream answered before it had the whole body: this connection cannot be reused,
-        # and the rest of the body is not wanted.
+        # and the rest of the body is not wanted. The answer is still read from it (the sender
+        # must not drop the connection under it), then the connection is closed.
         protocol.force_close()
+        protocol.answered_early = True
         sending.cancel()
     return message, payload
 
@@ -410,10 +439,11 @@ async def _send_body(protocol: UpstreamProtocol, writer: StreamWriter, body: Asy
             await writer.write(chunk)
         await writer.write_eof()
     except BaseException:
-        # Whatever went wrong (the client's body broke, or crossed its limit), the upstream must
-        # not take a truncated body for a whole one: drop the connection.
         protocol.force_close()
-        with contextlib.suppress(Exception):
-            protocol.abort()
+        if not protocol.answered_early:
+            # Whatever went wrong (the client's body broke, or crossed its limit), the upstream
+            # must not take a truncated body for a whole one: drop the connection.
+            with contextlib.suppress(Exception):
+                protocol.abort()
         raise
     protocol.start_timeout()

@@ -1,0 +1,79 @@
+"""The network between the gateway and its peers misbehaving: an upstream that answers before it
+has read the upload."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from tests.gateway.test_faults import _held_connections_to
+from tests.helpers import one_service, wait_for
+
+READ_TIMEOUT = 0.4
+CHUNK = b"u" * 65536
+
+
+async def _upload(chunks: int) -> AsyncIterator[bytes]:
+    for _ in range(chunks):
+        yield CHUNK
+        await asyncio.sleep(0)  # a client that keeps sending, as fast as it is let
+
+
+def _port(url: str) -> int:
+    return int(url.rpartition(":")[2])
+
+
+@pytest.mark.parametrize("status", [200, 413])
+async def test_an_answer_the_upstream_gives_before_reading_the_upload_is_relayed_whole(
+    make_gateway: Any, make_raw_upstream: Any, status: int
+) -> None:
+    """The upstream answers (a 413, a 401, or a streamed 200) before it read the whole body: the
+    rest of the upload is not sent, but its answer is relayed to its end. The body was cut
+    after its first packet and the client's read then hung for good."""
+    size = 1_000_000
+
+    async def answers_early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.read(1000)
+        writer.write(b"HTTP/1.1 %d Early\r\nContent-Length: %d\r\n\r\n" % (status, size))
+        for _ in range(size // 10_000):
+            writer.write(b"a" * 10_000)
+            await writer.drain()
+        await reader.read()  # until the gateway drops the connection
+
+    url = await make_raw_upstream(answers_early)
+    client = await make_gateway(one_service(url, timeout={"connect": 1, "read": 2}))
+
+    async with asyncio.timeout(5):
+        response = await client.post("/upload", data=_upload(100))
+        body = await response.read()
+    assert response.status == status
+    assert len(body) == size
+    await wait_for(lambda: _held_connections_to(_port(url)) == 0, 5.0, "the upstream connection dropped")
+
+
+async def test_an_early_answer_from_an_upstream_that_no_longer_reads_frees_its_connection(
+    make_gateway: Any, make_raw_upstream: Any
+) -> None:
+    """Unsent body bytes were still queued when the upstream's early answer ended: a graceful
+    close waits to send them, and the upstream never read them, so the socket (and a file
+    descriptor) stayed open for as long as the upstream kept its end."""
+
+    async def rejects_without_reading(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.3)  # the gateway's send buffers fill meanwhile
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big!")
+        await writer.drain()
+        await asyncio.sleep(30)  # keeps its end open, reading nothing; cancelled at teardown
+
+    url = await make_raw_upstream(rejects_without_reading)
+    client = await make_gateway(one_service(url, timeout={"connect": 1, "read": 2}))
+
+    async with asyncio.timeout(5):
+        response = await client.post("/upload", data=_upload(3000))
+        assert response.status == 413
+        assert await response.read() == b"too big!"
+    await wait_for(lambda: _held_connections_to(_port(url)) == 0, 2.0, "the upstream connection dropped")
