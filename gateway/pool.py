@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import AsyncIterable
 from contextvars import Context
 
-from aiohttp.client_exceptions import ClientPayloadError
+from aiohttp.client_exceptions import ClientPayloadError, SocketTimeoutError
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.helpers import DEFAULT_CHUNK_SIZE
 from aiohttp.http import HttpResponseParser, RawResponseMessage, StreamWriter
@@ -95,6 +95,7 @@ class UpstreamProtocol(ResponseHandler):
         """Set up for the next response (instead of ``set_response_params``)."""
         self.in_use = True
         self.answered_early = False
+        self.sending = True
         self._skip_payload = head
         self._read_timeout = read_timeout
         parser = None if head else self._reusable
@@ -230,6 +231,41 @@ class UpstreamProtocol(ResponseHandler):
             handle.cancel()
             self._read_timeout_handle = None
 
+    # The read timeout also bounds a request body the upstream stops taking: armed when the
+    # socket's write buffer fills, cancelled when the upstream reads enough of it to go on. Without
+    # it an upstream that accepted a streamed upload and then stopped reading (a stalled process,
+    # a peer gone silent) held the request, its client and both connections for good: the read
+    # timeout only starts once the body is sent (nginx's proxy_send_timeout, between two writes).
+    _send_timer: asyncio.TimerHandle | None = None
+    # From the request's first byte to its answer's head; after that what is left unsent is unwanted.
+    sending = False
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        timeout = self._read_timeout
+        if timeout and self.sending and self._send_timer is None:
+            self._send_timer = self._loop.call_later(timeout, self._send_timed_out, context=Context())
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._cancel_send_timer()
+
+    def end_sending(self) -> None:
+        self.sending = False
+        self._cancel_send_timer()
+
+    def _cancel_send_timer(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _send_timed_out(self) -> None:
+        self._send_timer = None
+        if self._paused and self.transport is not None:
+            # The exchange waiting for the answer gets the timeout (a 504), and drops the
+            # connection; close() resets it, since the upstream will never take what is queued.
+            self.set_exception(SocketTimeoutError("Timeout on writing the request body to the upstream"))
+
     def resume_reading(self, resume_parser: bool = True) -> None:
         # aiohttp calls this at every body's end and at most reads, paused or not; unpaused it
         # re-runs data_received with no data through the parser. Nothing here pauses parsing
@@ -241,6 +277,7 @@ class UpstreamProtocol(ResponseHandler):
         self._reusable = None  # the parser refers back to this protocol
         super().connection_lost(exc)
         self._cancel_timer()
+        self._cancel_send_timer()
 
     def close(self) -> None:
         transport = self.transport
@@ -418,6 +455,8 @@ async def exchange(
         if sending is not None and not sending.done():
             sending.cancel()
         raise
+    finally:
+        protocol.end_sending()
     if sending is not None and not sending.done():
         # The upstream answered before it had the whole body: this connection cannot be reused,
         # and the rest of the body is not wanted. The answer is still read from it (the sender

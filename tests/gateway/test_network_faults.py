@@ -1,9 +1,10 @@
-"""The network between the gateway and its peers misbehaving: an upstream that answers before it
-has read the upload."""
+"""The network between the gateway and its peers misbehaving: an upstream that stops reading an
+upload or answers before it has read it."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,6 +25,32 @@ async def _upload(chunks: int) -> AsyncIterator[bytes]:
 
 def _port(url: str) -> int:
     return int(url.rpartition(":")[2])
+
+
+async def test_an_upload_the_upstream_stops_reading_gets_504_within_the_read_timeout(
+    make_gateway: Any, make_raw_upstream: Any
+) -> None:
+    """The upstream took the head, then read nothing more (a stalled process, a link gone
+    silent): the body backs up and the wait for it is bounded by the read timeout, as nginx's
+    proxy_send_timeout bounds it. It used to wait for good, the client with it."""
+    head_read = asyncio.Event()
+
+    async def stops_reading(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        head_read.set()
+        await asyncio.sleep(30)  # never reads again; cancelled at teardown
+
+    url = await make_raw_upstream(stops_reading)
+    client = await make_gateway(one_service(url, timeout={"connect": 1, "read": READ_TIMEOUT}))
+
+    started = time.monotonic()
+    async with asyncio.timeout(5):
+        response = await client.post("/upload", data=_upload(1000))
+        body = await response.json()
+    assert response.status == 504, body
+    assert head_read.is_set()
+    assert time.monotonic() - started < READ_TIMEOUT + 2
+    await wait_for(lambda: _held_connections_to(_port(url)) == 0, 5.0, "the upstream connection dropped")
 
 
 @pytest.mark.parametrize("status", [200, 413])
