@@ -4,6 +4,7 @@ make_upstream(handler=None)   an aiohttp server that records every request it re
 make_raw_upstream(handler)    an asyncio socket server for byte-level misbehaviour
 make_gateway(config, env)     the gateway app for ``config`` behind an aiohttp test client
 refused_url                   a loopback URL whose port is bound but not listening
+unaccepting_url               a loopback URL that takes no connection: a connect there times out
 redis_client                  the local Redis (fails, never skips, when it is down)
 """
 
@@ -161,6 +162,35 @@ def busy_port() -> Iterator[int]:
 @pytest.fixture
 def refused_url(bound_socket: Callable[[], socket.socket]) -> str:
     return f"http://127.0.0.1:{bound_socket().getsockname()[1]}"
+
+
+@pytest.fixture
+def unaccepting_url() -> Iterator[str]:
+    """A loopback listener whose accept queue is full: the kernel drops further SYNs, so a
+    connect neither succeeds nor is refused (Linux with ``tcp_abort_on_overflow=0``)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    address = listener.getsockname()
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(address)
+        fillers.append(filler)
+    probe = socket.socket()
+    probe.settimeout(0.2)
+    try:
+        probe.connect(address)
+    except TimeoutError:
+        pass
+    else:
+        pytest.skip("this kernel completes connections to a full accept queue")
+    finally:
+        probe.close()
+    yield f"http://127.0.0.1:{address[1]}"
+    for sock in [*fillers, listener]:
+        sock.close()
 
 
 class GatewayTestServer(TestServer):

@@ -1,5 +1,5 @@
-"""The network between the gateway and its peers misbehaving: an upstream that stops reading an
-upload or answers before it has read it."""
+"""The network between the gateway and its peers misbehaving: a black-holed target, an upstream
+that stops reading an upload or answers before it has read it, a client that shuts its side."""
 
 from __future__ import annotations
 
@@ -25,6 +25,23 @@ async def _upload(chunks: int) -> AsyncIterator[bytes]:
 
 def _port(url: str) -> int:
     return int(url.rpartition(":")[2])
+
+
+async def test_a_black_holed_target_is_ejected_and_any_request_goes_to_the_other(
+    make_gateway: Any, make_upstream: Any, unaccepting_url: str
+) -> None:
+    """SYNs dropped: the connect times out, nothing reached the target, so even a POST is sent to
+    the other target; the silent one sits out its cooldown and costs nothing after."""
+    healthy = await make_upstream()
+    client = await make_gateway(
+        one_service([unaccepting_url, healthy.url], timeout={"connect": 0.2, "read": 5}, eject_seconds=60)
+    )
+
+    started = time.monotonic()
+    statuses = [(await client.post("/p", data=b"{}")).status, (await client.get("/g")).status]
+    assert statuses == [200, 200]
+    assert time.monotonic() - started < 1.5  # one connect timeout at most, then never again
+    assert [(r.method, r.body) for r in healthy.requests] == [("POST", b"{}"), ("GET", b"")]
 
 
 async def test_an_upload_the_upstream_stops_reading_gets_504_within_the_read_timeout(
@@ -104,3 +121,23 @@ async def test_an_early_answer_from_an_upstream_that_no_longer_reads_frees_its_c
         assert response.status == 413
         assert await response.read() == b"too big!"
     await wait_for(lambda: _held_connections_to(_port(url)) == 0, 2.0, "the upstream connection dropped")
+
+
+async def test_a_fin_in_the_middle_of_a_request_body_still_ends_the_request(
+    make_gateway: Any, make_upstream: Any
+) -> None:
+    """A FIN before the body is whole: nothing more can come, so the request ends and no
+    truncated body is taken for a whole one."""
+    upstream = await make_upstream()
+    client = await make_gateway(one_service(upstream.url))
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    try:
+        writer.write(b"POST /x HTTP/1.1\r\nHost: gw\r\nContent-Length: 100000\r\n\r\nshort")
+        await writer.drain()
+        writer.write_eof()
+        async with asyncio.timeout(5):
+            data = await reader.read()
+    finally:
+        writer.close()
+    assert not data.startswith(b"HTTP/1.1 200 "), data
+    assert upstream.requests == []

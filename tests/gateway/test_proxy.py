@@ -10,7 +10,6 @@ import io
 import logging
 import os
 import resource
-import socket
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -580,35 +579,6 @@ async def test_a_large_compressed_upload_is_streamed_through_as_sent(
 async def test_connection_refused_gives_502(make_gateway: Any, refused_url: str) -> None:
     client = await make_gateway(one_service(refused_url))
     await assert_contract_error(await client.get("/x"), 502)
-
-
-@pytest.fixture
-def unaccepting_url() -> Iterator[str]:
-    """A loopback listener whose accept queue is full: the kernel drops further SYNs, so a
-    connect neither succeeds nor is refused (Linux with ``tcp_abort_on_overflow=0``)."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    address = listener.getsockname()
-    fillers = []
-    for _ in range(4):
-        filler = socket.socket()
-        filler.setblocking(False)
-        filler.connect_ex(address)
-        fillers.append(filler)
-    probe = socket.socket()
-    probe.settimeout(0.2)
-    try:
-        probe.connect(address)
-    except TimeoutError:
-        pass
-    else:
-        pytest.skip("this kernel completes connections to a full accept queue")
-    finally:
-        probe.close()
-    yield f"http://127.0.0.1:{address[1]}"
-    for sock in [*fillers, listener]:
-        sock.close()
 
 
 async def test_connect_timeout_gives_504(make_gateway: Any, unaccepting_url: str) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import aiohttp
+import pytest
 from aiohttp import web
 
 from tests.helpers import one_service
@@ -64,3 +66,37 @@ async def test_pause_between_events_shorter_than_the_read_timeout_keeps_the_stre
         body = await response.read()
 
     assert body == b"data: a\n\ndata: b\n\n"
+
+
+@pytest.mark.parametrize("heartbeat", [False, True], ids=["silent", "heartbeat"])
+async def test_a_stream_quiet_for_longer_than_the_read_timeout_is_cut_unless_it_sends_heartbeats(
+    make_gateway: Any, make_upstream: Any, heartbeat: bool
+) -> None:
+    """The read timeout is the longest silence between two reads (nginx's proxy_read_timeout),
+    not a deadline for the whole stream: a stream quiet for longer is cut off, its client told so
+    by a missing last chunk; comment lines (": ping") keep it open as long as they come."""
+    read_timeout = 0.3
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: a\n\n")
+        for _ in range(5):  # 2.5 read timeouts between the two events
+            await asyncio.sleep(read_timeout / 2)  # the stream's quiet period
+            if heartbeat:
+                await response.write(b": ping\n\n")
+        await response.write(b"data: b\n\n")
+        await response.write_eof()
+        return response
+
+    upstream = await make_upstream(events)
+    client = await make_gateway(one_service(upstream.url, timeout={"read": read_timeout}))
+
+    async with asyncio.timeout(5):
+        response = await client.get("/events")
+        assert await response.content.readuntil(b"\n\n") == b"data: a\n\n"
+        if heartbeat:
+            assert (await response.read()).endswith(b": ping\n\ndata: b\n\n")
+        else:
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await response.read()
