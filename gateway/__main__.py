@@ -121,13 +121,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             f"  {service.name:<26} {', '.join(service.urls)}  (health {service.health_path}, connect {t.connect:g}s, read {t.read:g}s)"
         )
     print("\nroutes (longest prefix wins):")
-    header = f"  {'prefix':<22} {'service':<26} {'max_body':>9} {'rate_limit':>12} {'auth':<9} {'scopes':<16} strip"
+    header = f"  {'prefix':<22} {'service':<26} {'max_body':>9} {'rate_limit':<24} {'auth':<9} {'scopes':<16} strip"
     print(header)
     for route in sorted(settings.routes, key=lambda r: r.prefix):
         max_body = "unlimited" if route.max_body is None else _human(route.max_body)
         rate = str(route.rate_limit) if route.rate_limit else f"{settings.rate_limit_default} (default)"
         print(
-            f"  {route.prefix:<22} {route.service:<26} {max_body:>9} {rate:>12} {route.auth:<9} "
+            f"  {route.prefix:<22} {route.service:<26} {max_body:>9} {rate:<24} {route.auth:<9} "
             f"{','.join(route.scopes) or '-':<16} {'yes' if route.strip_prefix else 'no'}"
         )
     return 0

@@ -131,7 +131,13 @@ class RateLimit:
     period: float  # seconds
 
     def __str__(self) -> str:
-        return f"{self.limit}/{self.period:g}s"
+        """As it could be written in the config file, in the largest unit that divides the
+        period: ``600/minute``, ``1000/5minutes``, ``1/365days`` (not ``1/3.1536e+07s``)."""
+        for unit, seconds in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
+            count, rest = divmod(self.period, seconds)
+            if count and not rest:
+                return f"{self.limit}/{unit}" if count == 1 else f"{self.limit}/{count:g}{unit}s"
+        return f"{self.limit}/{self.period:g}seconds"  # pragma: no cover - periods are whole seconds
 
 
 @dataclass(frozen=True)

@@ -214,6 +214,25 @@ def test_rates_at_the_bounds_are_taken(rate: str) -> None:
     assert load_settings({"RATE_LIMIT_DEFAULT": rate}).rate_limit_default.limit >= 1
 
 
+@pytest.mark.parametrize(
+    ("rate", "shown"),
+    [
+        ("1/365days", "1/365days"),
+        ("600/minute", "600/minute"),
+        ("1000/5m", "1000/5minutes"),
+        ("2/3seconds", "2/3seconds"),
+        ("10/90s", "10/90seconds"),
+        ("4/2h", "4/2hours"),
+        ("5/120minutes", "5/2hours"),
+    ],
+)
+def test_a_rate_is_shown_as_it_could_be_written_and_reads_back_the_same(rate: str, shown: str) -> None:
+    # check-config's route table; it showed 1/365days as 1/3.1536e+07s.
+    limit = load_settings({"RATE_LIMIT_DEFAULT": rate}).rate_limit_default
+    assert str(limit) == shown
+    assert load_settings({"RATE_LIMIT_DEFAULT": shown}).rate_limit_default == limit
+
+
 @pytest.mark.parametrize("key", ["GATEWAY_HOST", "INTELLIGENCE_HOST"])
 @pytest.mark.parametrize("host", ["999.1.1.1", "1.2.3", "http://gateway", "10.0.0.1:8080", "two words"])
 def test_a_listen_host_that_is_no_address_names_the_key(key: str, host: str) -> None:
