@@ -27,6 +27,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from gateway.app import create_app
 from gateway.httpserver import GatewayRunner
 from gateway.settings import load_settings
+from tests.helpers import Collector
 
 UpstreamHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -202,6 +203,16 @@ class GatewayTestServer(TestServer):
 
     async def _make_runner(self, **kwargs: Any) -> GatewayRunner:
         return GatewayRunner(self.app, **{**kwargs, **self._runner_kwargs})
+
+
+@pytest.fixture
+async def collector(aiohttp_server: Any) -> tuple[Collector, str]:
+    """A Zipkin v2 collector stub on loopback (``tests.helpers.Collector``) and its spans URL."""
+    stub = Collector()
+    app = web.Application()
+    app.router.add_post("/api/v2/spans", stub.handle)
+    server = await aiohttp_server(app)
+    return stub, str(server.make_url("/api/v2/spans"))
 
 
 @pytest.fixture

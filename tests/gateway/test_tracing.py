@@ -23,19 +23,10 @@ from gateway.keys import tracing_key
 from gateway.middleware.tracing import inject_trace_headers
 from gateway.settings import load_settings
 from gateway.zipkin import ZipkinReporter
-from tests.helpers import Collector, one_service, parse_responses, raw_exchange, wait_for
+from tests.helpers import one_service, parse_responses, raw_exchange, wait_for
 
 INCOMING_TRACE = "0af7651916cd43dd8448eb211c80319c"
 INCOMING_PARENT = "b7ad6b7169203331"
-
-
-@pytest.fixture
-async def collector(aiohttp_server: Any) -> tuple[Collector, str]:
-    collector = Collector()
-    app = web.Application()
-    app.router.add_post("/api/v2/spans", collector.handle)
-    server = await aiohttp_server(app)
-    return collector, str(server.make_url("/api/v2/spans"))
 
 
 @pytest.fixture

@@ -32,15 +32,6 @@ TRACEPARENT = {"traceparent": f"00-{TRACE}-{CALLER}-01"}
 
 
 @pytest.fixture
-async def collector(aiohttp_server: Any) -> tuple[Collector, str]:
-    collector = Collector()
-    app = web.Application()
-    app.router.add_post("/api/v2/spans", collector.handle)
-    server = await aiohttp_server(app)
-    return collector, str(server.make_url("/api/v2/spans"))
-
-
-@pytest.fixture
 def traced(make_gateway: Any, collector: tuple[Collector, str]) -> Callable[..., Awaitable[TestClient]]:
     """``traced(config, **env)``: the gateway for ``config``, reporting to the collector."""
 

@@ -6,7 +6,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 from gateway.devauth import mint_token
 from gateway.keys import tracing_key
@@ -23,13 +22,12 @@ Post = Callable[[dict[str, str]], Awaitable[list[dict[str, Any]]]]
 
 
 @pytest.fixture
-async def create_session(aiohttp_server: Any, make_gateway: Any, database: str) -> Post:
+async def create_session(
+    aiohttp_server: Any, make_gateway: Any, database: str, collector: tuple[Collector, str]
+) -> Post:
     """POST a chat session through the gateway with extra ``headers``; every span both programs
     reported for it (each batch checked by the Zipkin collector stub)."""
-    collector = Collector()
-    zipkin = web.Application()
-    zipkin.router.add_post("/api/v2/spans", collector.handle)
-    zipkin_url = str((await aiohttp_server(zipkin)).make_url("/api/v2/spans"))
+    stub, zipkin_url = collector
 
     chat_settings = IntelligenceSettings(postgres=PostgresSettings(dsn=database), zipkin_url=zipkin_url)
     chat_server = await aiohttp_server(create_chat_app(chat_settings))
@@ -52,7 +50,7 @@ async def create_session(aiohttp_server: Any, make_gateway: Any, database: str) 
         # The chat API finished its spans before it answered, the gateway before its answer ended.
         await gateway.app[tracing_key].reporter.flush()
         await chat_server.app[tracing_key].reporter.flush()
-        return collector.spans
+        return stub.spans
 
     return post
 
