@@ -40,7 +40,6 @@ import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from contextvars import Context
 from functools import partial
 from time import perf_counter
 from typing import Any
@@ -60,6 +59,7 @@ from .keys import continue_key, request_id_key, span_key, tracing_key
 from .metrics import MALFORMED_ROUTE, metrics_key
 from .middleware.request_id import REQUEST_ID_HEADER, new_request_id
 from .middleware.tracing import trace_refusal
+from .writedeadline import WriteDeadline
 
 __all__ = [
     "BODY_IDLE_TIMEOUT",
@@ -171,9 +171,7 @@ _feed = HttpRequestParser.feed_data
 _CR_LF = b"\r\n"
 
 
-class _GatewayRequestHandler(RequestHandler):
-    _send_timer: asyncio.TimerHandle | None = None
-
+class _GatewayRequestHandler(WriteDeadline, RequestHandler):
     def __init__(self, manager: web.Server, *, loop: asyncio.AbstractEventLoop, **kwargs: Any) -> None:
         super().__init__(manager, loop=loop, **kwargs)
         if STRICT_PARSER:
@@ -193,20 +191,9 @@ class _GatewayRequestHandler(RequestHandler):
         super().pause_writing()
         timeout = getattr(self._manager, "send_timeout", SEND_TIMEOUT)
         if timeout:
-            # An empty context: the timer must not keep the request's context variables alive.
-            self._send_timer = self._loop.call_later(timeout, self._send_timed_out, context=Context())
+            self._arm_send_timer(timeout)
 
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        self._cancel_send_timer()
-
-    def _cancel_send_timer(self) -> None:
-        if self._send_timer is not None:
-            self._send_timer.cancel()
-            self._send_timer = None
-
-    def _send_timed_out(self) -> None:
-        self._send_timer = None
+    def _write_timed_out(self) -> None:
         transport = self.transport
         if transport is None or not self._paused:
             return

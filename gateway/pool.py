@@ -34,6 +34,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from .headers import serialize_head
+from .writedeadline import WriteDeadline
 
 __all__ = [
     "LOCAL_SHORTAGES",
@@ -72,7 +73,7 @@ class ConnectTimeout(TimeoutError):
     """The TCP (or TLS) connect did not finish within the service's connect timeout."""
 
 
-class UpstreamProtocol(ResponseHandler):
+class UpstreamProtocol(WriteDeadline, ResponseHandler):
     """aiohttp's client protocol with the response parser made once per connection.
 
     ``ResponseHandler.set_response_params`` builds a new C parser for every request; a keep-alive
@@ -231,36 +232,25 @@ class UpstreamProtocol(ResponseHandler):
             handle.cancel()
             self._read_timeout_handle = None
 
+    # From the request's first byte to its answer's head; after that what is left unsent is unwanted.
+    sending = False
+
     # The read timeout also bounds a request body the upstream stops taking: armed when the
     # socket's write buffer fills, cancelled when the upstream reads enough of it to go on. Without
     # it an upstream that accepted a streamed upload and then stopped reading (a stalled process,
     # a peer gone silent) held the request, its client and both connections for good: the read
     # timeout only starts once the body is sent (nginx's proxy_send_timeout, between two writes).
-    _send_timer: asyncio.TimerHandle | None = None
-    # From the request's first byte to its answer's head; after that what is left unsent is unwanted.
-    sending = False
-
     def pause_writing(self) -> None:
         super().pause_writing()
         timeout = self._read_timeout
-        if timeout and self.sending and self._send_timer is None:
-            self._send_timer = self._loop.call_later(timeout, self._send_timed_out, context=Context())
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        self._cancel_send_timer()
+        if timeout and self.sending:
+            self._arm_send_timer(timeout)
 
     def end_sending(self) -> None:
         self.sending = False
         self._cancel_send_timer()
 
-    def _cancel_send_timer(self) -> None:
-        if self._send_timer is not None:
-            self._send_timer.cancel()
-            self._send_timer = None
-
-    def _send_timed_out(self) -> None:
-        self._send_timer = None
+    def _write_timed_out(self) -> None:
         if self._paused and self.transport is not None:
             # The exchange waiting for the answer gets the timeout (a 504), and drops the
             # connection; close() resets it, since the upstream will never take what is queued.
