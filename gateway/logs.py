@@ -117,6 +117,7 @@ MAX_PENDING = 16 * 1024 * 1024
 # What a log record is taken to cost beyond its message, for that bound.
 _RECORD_SIZE = 256
 _DROPS_REPORT_EVERY = 10.0  # seconds
+STOP_TIMEOUT = 5.0  # seconds the exiting process waits for the writer to drain its queue
 
 
 class _Writer:
@@ -219,7 +220,7 @@ class _Writer:
         _flush_access()
         self.queue.put(None)
         # Bounded: a writer blocked on a pipe nobody reads must not keep the process from exiting.
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=STOP_TIMEOUT)
         if self._fd is not None and not self._thread.is_alive():
             os.close(self._fd)
             self._fd = None

@@ -24,6 +24,15 @@ import yaml
 from aiohttp import web
 from multidict import CIMultiDict
 
+# The fuzz tests' example counts are for one ordinary run of the suite, which must stay fast:
+# FUZZ_SCALE=10 pytest tests/gateway/test_fuzz.py searches ten times as long, for a deeper look.
+FUZZ_SCALE = float(os.environ.get("FUZZ_SCALE", "1"))
+
+
+def fuzz_examples(n: int) -> int:
+    """``n`` hypothesis examples, scaled by ``FUZZ_SCALE``."""
+    return max(1, round(n * FUZZ_SCALE))
+
 
 def one_service(url: str | list[str], prefix: str = "/", **route: Any) -> dict[str, Any]:
     """A config with one service ``svc`` and one route to it: auth off, any body type or size

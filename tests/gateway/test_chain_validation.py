@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.gateway.chain import AUTH_ENV, Counting, bearer, counting_handler, read_head, service, token
-from tests.helpers import parse_responses, raw_exchange
+from tests.helpers import fuzz_examples, parse_responses, raw_exchange
 
 CLUSTER = {
     "name": "prod-eu-1",
@@ -425,7 +425,9 @@ async def fuzz_target(make_gateway: Any, make_upstream: Any) -> tuple[Any, list[
     return client, operations
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=fuzz_examples(80), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=st.data())
 async def test_fuzzed_requests_from_the_openapi_document_never_get_a_5xx(fuzz_target, data):
     client, operations = fuzz_target

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from gateway import httpserver
 from gateway.keys import request_id_key
-from tests.helpers import parse_responses, raw_exchange
+from tests.helpers import fuzz_examples, parse_responses, raw_exchange
 
 SMUGGLED = b"GET /b/smuggled HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 HOST = b"Host: x\r\n"
@@ -462,7 +462,9 @@ def mutated_requests(draw: st.DrawFn) -> bytes:
     return data
 
 
-@settings(max_examples=100, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@settings(
+    max_examples=fuzz_examples(60), deadline=None, database=None, suppress_health_check=list(HealthCheck)
+)
 @given(data=mutated_requests())
 async def test_mutated_requests_never_desynchronise_gateway_and_upstreams(
     make_gateway: Any, make_upstream: Any, monkeypatch: pytest.MonkeyPatch, data: bytes

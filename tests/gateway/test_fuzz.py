@@ -29,9 +29,10 @@ from gateway.httpserver import GatewayRunner
 from gateway.middleware.auth import AuthError, TokenVerifier
 from gateway.settings import DEFAULT_ROUTES, AuthSettings, load_settings
 from gateway.tracecontext import TraceContext, child_headers, extract, new_span_id
+from tests.helpers import fuzz_examples
 
 FAST = settings(
-    max_examples=25,
+    max_examples=fuzz_examples(25),
     deadline=None,
     database=None,
     suppress_health_check=list(HealthCheck),
@@ -133,7 +134,7 @@ def test_schemathesis_finds_no_gateway_failure_in_the_openapi_surface(live_gatew
             continue  # nothing in a parameterless GET to get wrong
 
         # Positive cases must pass validation and reach the stub; negative ones get a JSON 4xx.
-        @settings(FAST, max_examples=8)
+        @settings(FAST, max_examples=fuzz_examples(5))
         @given(case=operation.as_strategy(generation_mode=mode))
         def check(case: Any) -> None:
             response = case.call(base_url=live_gateway.url, session=session, timeout=5)
@@ -174,7 +175,7 @@ PATH = st.lists(
 ).map(lambda parts: "/" + "/".join(parts).replace(" ", "%20"))
 
 
-@settings(FAST, max_examples=150)
+@settings(FAST, max_examples=fuzz_examples(80))
 @given(
     method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]), path=PATH, headers=HEADERS
 )
@@ -194,7 +195,7 @@ def test_arbitrary_headers_and_paths_never_make_the_gateway_fail(
 # -- the parsers themselves ----------------------------------------------------------------------
 
 
-@settings(max_examples=300, deadline=None, database=None)
+@settings(max_examples=fuzz_examples(150), deadline=None, database=None)
 @given(headers=HEADERS, remote=st.one_of(st.none(), st.ip_addresses().map(str)))
 def test_upstream_headers_never_pass_hop_by_hop_or_gateway_owned_headers(
     headers: list[tuple[str, str]], remote: str | None
@@ -216,7 +217,7 @@ HEX = st.text("0123456789abcdefABCDEF-", max_size=40)
 TRACE_VALUE = st.one_of(HEX, VALUE, st.builds("-".join, st.lists(HEX, max_size=5)))
 
 
-@settings(max_examples=400, deadline=None, database=None)
+@settings(max_examples=fuzz_examples(200), deadline=None, database=None)
 @given(st.dictionaries(st.sampled_from(sorted(TRACE_HEADERS | {"x-b3-parentspanid"})), TRACE_VALUE))
 def test_trace_context_parser_accepts_or_ignores_anything(headers: dict[str, str]) -> None:
     ctx = extract(CIMultiDictProxy(CIMultiDict(headers)))
@@ -323,7 +324,7 @@ async def fuzz_verifier(aiohttp_server: Any) -> Any:
 
 
 @settings(
-    max_examples=400,
+    max_examples=fuzz_examples(200),
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],

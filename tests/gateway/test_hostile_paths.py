@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from gateway.keys import route_table_key
 from gateway.routing import RouteTable, has_dot_segment
 from gateway.settings import Route
-from tests.helpers import parse_responses, raw_exchange
+from tests.helpers import fuzz_examples, parse_responses, raw_exchange
 
 HOST = b"Host: x\r\n"
 
@@ -322,7 +322,7 @@ TOKENS = ["/", "a", "b", "api", "v1", "chat", ".", "..", "%2e", "%2E", "%2f", "%
           "%25", "%252e", "%00", "~", "%41", "%61", "%62", "%2562", "//", "A", "B", "%42", "%20", "%0a"]  # fmt: skip
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=fuzz_examples(200), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.sampled_from(["", "/a", "/a/b", "/b", "/api/v1/chat"]),
     st.lists(st.sampled_from(TOKENS), max_size=10).map("".join),
@@ -336,7 +336,7 @@ def test_an_accepted_path_resolves_inside_its_route_prefix(prefix: str, rest: st
     assert resolved == route.prefix or resolved.startswith(route.prefix + "/"), (path, resolved)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=fuzz_examples(200), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.sampled_from(["", "/a", "/a/b", "/b", "/api/v1/chat"]),
     st.lists(st.sampled_from(TOKENS), max_size=10).map("".join),

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.jwks import FETCH_ERROR_KINDS, MAX_JWKS_BYTES, JwksCache, JwksError, JwksUnavailable, parse_jwks
-from tests.helpers import wait_for
+from tests.helpers import fuzz_examples, wait_for
 
 KEY = ec.generate_private_key(ec.SECP256R1())
 JWK = {**jwt.algorithms.ECAlgorithm.to_jwk(KEY.public_key(), as_dict=True), "kid": "k1", "use": "sig"}
@@ -264,7 +264,7 @@ KEYS = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=200, deadline=None, database=None)
+@settings(max_examples=fuzz_examples(100), deadline=None, database=None)
 @given(document=JSON | st.fixed_dictionaries({"keys": st.lists(KEYS | JSON, max_size=3)}))
 def test_a_jwks_document_of_any_shape_gives_keys_or_a_jwks_error(document: Any) -> None:
     try:

@@ -236,7 +236,7 @@ async def test_a_stderr_nobody_reads_holds_bounded_lines_and_the_loss_is_reporte
 
 async def test_a_process_whose_stderr_nobody_reads_still_exits() -> None:
     script = (
-        "import logging; from gateway.logs import configure_logging; configure_logging(); "
+        "import logging; from gateway import logs; logs.STOP_TIMEOUT = 0.5; logs.configure_logging(); "
         "[logging.getLogger('gateway.test').warning('x' * 1000) for _ in range(500)]"
     )
     read_fd, write_fd = os.pipe()  # never read: it fills after 64 KB

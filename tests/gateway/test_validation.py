@@ -24,6 +24,7 @@ from gateway.validation import (
     parse_json_object,
     validate_body,
 )
+from tests.helpers import fuzz_examples
 
 CLUSTER_ID = "3f2c9a1e-8b7d-4c6e-9f10-2a3b4c5d6e7f"
 OTHER_ID = "0b6f1a4e-2c3d-4e5f-8a9b-0c1d2e3f4a5b"
@@ -765,7 +766,7 @@ def _assert_well_formed(errors: Any) -> None:
         json.dumps(error)
 
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=fuzz_examples(80), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @FUZZ
