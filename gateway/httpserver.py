@@ -46,7 +46,7 @@ from typing import Any
 
 from aiohttp import HttpVersion11, web
 from aiohttp.helpers import DEFAULT_CHUNK_SIZE
-from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
+from aiohttp.http_exceptions import BadHttpMessage, BadHttpMethod, HttpProcessingError, LineTooLong
 from aiohttp.http_parser import HttpRequestParser, HttpRequestParserPy
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
@@ -133,7 +133,12 @@ class _OneMessageAtATimeParser(HttpRequestParser):
     """
 
     def feed_data(self, data: bytes) -> tuple[Any, bool, bytes]:  # type: ignore[override]
-        messages, upgraded, tail = _feed(self, data)
+        try:
+            messages, upgraded, tail = _feed(self, data)
+        except BadHttpMethod as exc:
+            if _REQUEST_LINE.match(data):
+                raise UnknownMethod(error=exc.message) from None
+            raise
         if (
             messages
             and data.find(b"\r\n\r\n") == len(data) - 4
@@ -168,6 +173,15 @@ class _OneMessageAtATimeParser(HttpRequestParser):
 
 
 _feed = HttpRequestParser.feed_data
+# A well-formed request line, whatever its method: when llhttp, which knows a fixed list of methods
+# (the WebDAV, RTSP and other registered ones among them), refuses one of these, the method is
+# merely unknown to it, not malformed.
+_REQUEST_LINE = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+ [!-~]+ HTTP/1\.[01]\r?\n")
+
+
+class UnknownMethod(BadHttpMethod):
+    """A request in good form with a method the parser does not know: RFC 9110 section 9.1's
+    501, not a 400 (Apache answers so; nginx forwards any method, which aiohttp's parser cannot)."""
 _CR_LF = b"\r\n"
 
 
@@ -313,6 +327,8 @@ class _ErrorAnswer(web.Response):
 
 def _describe(exc: BaseException | None, status: int) -> tuple[int, str]:
     # The parser's own message quotes the client's bytes back; only a fixed phrase is sent.
+    if isinstance(exc, UnknownMethod):
+        return 501, "Request method not implemented by the gateway"
     if isinstance(exc, LineTooLong):
         return 431, "Request line or header field too large"
     if isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc.message):

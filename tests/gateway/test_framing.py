@@ -145,6 +145,33 @@ async def test_unparseable_request_heads_get_a_json_400(
     assert data.startswith(b"HTTP/1.1 400 ") and responses[0].headers["Connection"] == "close"
 
 
+@pytest.mark.parametrize("method", [b"BREW", b"FOO-BAR", b"get", b"X_CUSTOM.1"])
+async def test_a_method_the_parser_does_not_know_gets_a_json_501_not_a_400(
+    two_routes: tuple[Any, Any, Any], method: bytes
+) -> None:
+    """A request in good form with an unregistered method (RFC 9110 section 9.1: 501). The ones
+    llhttp knows (PROPFIND, PURGE, QUERY, ...) are forwarded like any other."""
+    client, a, b = two_routes
+    data = await raw_exchange(client.port, method + b" /a/x HTTP/1.1\r\n" + HOST + b"\r\n" + SMUGGLED)
+    (response,) = parse_responses(data)
+    assert_gateway_error(response, 501)
+    assert data.startswith(b"HTTP/1.1 501 ") and response.headers["Connection"] == "close"
+    assert a.requests == [] and b.requests == []
+
+
+@pytest.mark.parametrize("method", ["PROPFIND", "PURGE", "QUERY", "MKCOL", "LINK"])
+async def test_registered_methods_beyond_the_common_ones_are_forwarded(
+    two_routes: tuple[Any, Any, Any], method: str
+) -> None:
+    client, a, _ = two_routes
+    data = await raw_exchange(
+        client.port, f"{method} /a/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+    )
+    (response,) = parse_responses(data)
+    assert response.status == 200 and response.json()["method"] == method
+    assert len(a.requests) == 1
+
+
 async def test_an_http_2_request_line_gets_an_http_1_1_answer_and_a_closed_connection(
     two_routes: tuple[Any, Any, Any],
 ) -> None:
