@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import AsyncIterable
 from contextvars import Context
 
+from aiohttp import hdrs
 from aiohttp.client_exceptions import ClientPayloadError, SocketTimeoutError
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.helpers import DEFAULT_CHUNK_SIZE
@@ -92,6 +93,10 @@ class UpstreamProtocol(WriteDeadline, ResponseHandler):
     # is not sent, and the answer is read to its end on this connection all the same.
     answered_early = False
 
+    # Seconds this connection may sit idle in its pool, when the upstream said how long it keeps
+    # it (``Keep-Alive: timeout=N``); None: the pool's own idle timeout.
+    idle_limit: float | None = None
+
     def begin(self, *, read_timeout: float, head: bool) -> None:
         """Set up for the next response (instead of ``set_response_params``)."""
         self.in_use = True
@@ -143,6 +148,9 @@ class UpstreamProtocol(WriteDeadline, ResponseHandler):
         return data[:end]
 
     def _bypass_parser(self, message: RawResponseMessage, payload: StreamReader) -> None:
+        keep_alive = message.headers.get(hdrs.KEEP_ALIVE)
+        if keep_alive is not None:
+            self.idle_limit = keep_alive_limit(keep_alive)
         # The C parser copies every body chunk it passes on (a slice of the socket's buffer). Once
         # the head is parsed and the body's length is known, what remains of it is counted here
         # and handed to the payload as the socket delivered it: one copy less of a large body.
@@ -298,12 +306,30 @@ class UpstreamProtocol(WriteDeadline, ResponseHandler):
 _RESET = struct.pack("ii", 1, 0)
 
 
+# Taken off an upstream's ``Keep-Alive: timeout=N``: its close, sent as the N seconds run out, may
+# cross a request the gateway sends on the connection just then (undici does the same).
+KEEP_ALIVE_MARGIN = 1.0
+
+
+def keep_alive_limit(value: str) -> float | None:
+    """How long a connection may stay idle by the upstream's ``Keep-Alive`` header (RFC 2068
+    section 19.7.1.1, still sent by Node.js, Apache and others), or None when it does not say."""
+    for parameter in value.split(","):
+        name, _, seconds = parameter.partition("=")
+        if name.strip().lower() == "timeout":
+            seconds = seconds.strip()
+            return max(int(seconds) - KEEP_ALIVE_MARGIN, 0.0) if seconds.isdigit() else None
+    return None
+
+
 class TargetPool:
     """Idle keep-alive connections to one target, most recently used first.
 
-    At most ``max_idle`` idle connections are kept, each for at most ``idle_timeout`` seconds
-    (shorter than common server keep-alive timeouts, so the upstream rarely closes one under us;
-    when it does, the proxy retries idempotent requests).
+    At most ``max_idle`` idle connections are kept, each for at most ``idle_timeout`` seconds, or
+    a second less than the upstream said it keeps one (``Keep-Alive: timeout=N``), whichever is
+    shorter. An upstream that closes idle connections sooner without saying so (uvicorn after
+    5 s, gunicorn after 2 s) may close one as the gateway reuses it; the proxy then retries
+    idempotent requests on a new connection.
     """
 
     def __init__(self, url: str, *, max_idle: int = 256, idle_timeout: float = 15.0) -> None:
@@ -323,8 +349,8 @@ class TargetPool:
         """An idle pooled connection, or a new one (always a new one when ``fresh``)."""
         idle, now = self._idle, time.monotonic()
         while idle and not fresh:
-            protocol, released = idle.pop()
-            if now - released < self.idle_timeout and protocol.is_connected() and not protocol.should_close:
+            protocol, expires = idle.pop()
+            if now < expires and protocol.is_connected() and not protocol.should_close:
                 return protocol
             protocol.close()
         loop = asyncio.get_running_loop()
@@ -371,15 +397,22 @@ class TargetPool:
         ):
             protocol.close()
             return
+        limit = protocol.idle_limit
+        if limit is None or limit > self.idle_timeout:
+            limit = self.idle_timeout
+        elif not limit:
+            protocol.close()  # the upstream keeps it too briefly to reuse safely
+            return
         protocol.in_use = False
         now = time.monotonic()
-        self._idle.append((protocol, now))
+        self._idle.append((protocol, now + limit))
         self.sweep()  # expire from the cold end while we are here: idle sockets must not pile up
 
     def sweep(self) -> None:
-        """Close idle connections past ``idle_timeout`` (also when no request comes to do it)."""
+        """Close idle connections past their time from the cold end (also when no request comes
+        to do it; one with a shorter limit further in is caught when ``acquire`` reaches it)."""
         idle, now = self._idle, time.monotonic()
-        while idle and now - idle[0][1] >= self.idle_timeout:
+        while idle and now >= idle[0][1]:
             idle.popleft()[0].close()
 
     def retire(self) -> None:

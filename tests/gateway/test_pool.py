@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.pool import TargetPool, exchange
+from gateway.pool import TargetPool, exchange, keep_alive_limit
 from tests.helpers import wait_for
 
 
@@ -94,6 +94,68 @@ async def test_idle_connections_are_closed_by_the_sweep_after_the_idle_timeout(a
     fresh, message = await _get(pool)
     assert message.code == 200 and fresh is not protocol
     pool.close()
+
+
+async def _hinting_upstream(aiohttp_server: Any, keep_alive: str) -> tuple[Any, list[Any]]:
+    """An upstream that says how long it keeps idle connections, as Node.js does."""
+    peers: list[Any] = []
+
+    async def reply(request: web.Request) -> web.Response:
+        peers.append(request.transport.get_extra_info("peername"))
+        return web.Response(text="ok", headers={"Keep-Alive": keep_alive})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", reply)
+    return await aiohttp_server(app), peers
+
+
+async def test_an_upstream_keep_alive_timeout_shortens_the_idle_time(aiohttp_server: Any) -> None:
+    # Node.js closes an idle connection after 5 s and says so; kept for the pool's 15 s, the
+    # connection could be reused just as the upstream's close is on its way: a 502 for a POST.
+    server, peers = await _hinting_upstream(aiohttp_server, "timeout=2, max=100")
+    pool = TargetPool(f"http://127.0.0.1:{server.port}", idle_timeout=15.0)
+    first, _ = await _get(pool)
+    second, _ = await _get(pool)
+    assert first is second and peers[0] == peers[1]  # reused within the upstream's time
+    released = time.monotonic()
+
+    def swept() -> bool:
+        pool.sweep()
+        return not second.is_connected()
+
+    # The aiohttp upstream really keeps it for 75 s: only the hint can close it within the wait.
+    await wait_for(swept, deadline_s=5.0, what="the pool to drop the connection before the hint's 2 s")
+    assert time.monotonic() - released >= 0.9
+    third, _ = await _get(pool)
+    assert third is not second and peers[2] != peers[1]
+    pool.close()
+
+
+async def test_an_upstream_keep_alive_timeout_too_short_to_trust_means_no_reuse(aiohttp_server: Any) -> None:
+    server, peers = await _hinting_upstream(aiohttp_server, "timeout=1")
+    pool = TargetPool(f"http://127.0.0.1:{server.port}")
+    first, _ = await _get(pool)
+    assert not first.is_connected()
+    second, message = await _get(pool)
+    assert message.code == 200 and second is not first and peers[0] != peers[1]
+    pool.close()
+
+
+@pytest.mark.parametrize(
+    ("value", "limit"),
+    [
+        ("timeout=5", 4.0),
+        ("timeout=5, max=1000", 4.0),
+        ("max=99, Timeout = 20", 19.0),
+        ("timeout=0", 0.0),
+        ("max=5", None),
+        ("timeout=soon", None),
+        ("timeout=-3", None),
+        ("", None),
+    ],
+)
+def test_the_keep_alive_header_is_read_for_its_timeout(value: str, limit: float | None) -> None:
+    assert keep_alive_limit(value) == limit
 
 
 async def test_at_most_max_idle_connections_are_kept(aiohttp_server: Any) -> None:
@@ -531,7 +593,7 @@ async def test_a_shorter_read_timeout_on_a_reused_connection_is_kept(make_raw_up
 UVLOOP_TIMEOUTS = """
 import asyncio, aiohttp, uvloop
 from multidict import CIMultiDict
-from gateway.pool import TargetPool, exchange
+from gateway.pool import TargetPool, exchange, keep_alive_limit
 
 async def silent(reader, writer):
     while await reader.read(65536):
