@@ -1,7 +1,8 @@
 """The gateway's own endpoints for probes: liveness, readiness and the aggregated view.
 
 ``/health/detailed`` checks every backend (each target of each), Redis (PING) and PostgreSQL
-(through the intelligence engine's ``/health/db``) concurrently, each under its own timeout, so
+(through the intelligence engine's ``/health/db``, on each of its targets: one healthy answer will
+do, since one engine replica down says nothing about the database) concurrently, each under its own timeout, so
 the answer comes within ~2 s even when something hangs; a check never raises. Callers arriving
 together share one round of probes (single flight), and an answer is reused for
 ``CACHE_SECONDS``: a burst of a thousand callers costs one probe per component. ``age_seconds``
@@ -204,12 +205,27 @@ class HealthChecker:
                 "latency_ms": 0.0,
                 "error": f"no {POSTGRES_VIA} service configured",
             }
-        target = upstream.targets[0]
+        # PostgreSQL is one database behind every replica of the engine: one replica that is down
+        # says nothing about it. Each is asked at once; a healthy answer from any of them decides,
+        # and otherwise the first replica that did answer (say, 503: the database is down) speaks
+        # for it, before one that could not be reached at all.
+        results = await asyncio.gather(*(self._check_postgres_via(t) for t in upstream.targets))
+        healthy = [entry for entry, _ in results if entry["status"] == "healthy"]
+        if healthy:
+            return min(healthy, key=lambda entry: entry["latency_ms"])
+        answered = [entry for entry, reached in results if reached]
+        return answered[0] if answered else results[0][0]
+
+    async def _check_postgres_via(self, target: Target) -> tuple[Component, bool]:
+        """The check through one replica of the engine, and whether that replica answered."""
+        reached = False
 
         async def check() -> Component | None:
+            nonlocal reached
             session = self._app[http_client_key]
             url = target.url + "/health/db"
             async with session.get(url, allow_redirects=False, headers=inject_trace_headers()) as response:
+                reached = True
                 if response.status >= 300:
                     raise RuntimeError(f"{POSTGRES_VIA} /health/db returned HTTP {response.status}")
                 raw = await _read_at_most(response)
@@ -223,7 +239,8 @@ class HealthChecker:
                 return {"database_latency_ms": body["latency_ms"]}
             return None
 
-        return await _timed(check)
+        entry = await _timed(check)
+        return entry, reached
 
 
 health_checker_key = web.AppKey("health_checker", HealthChecker)

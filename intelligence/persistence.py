@@ -210,7 +210,23 @@ class ChatPersistenceService:
     # -- sessions -----------------------------------------------------------------------------
 
     async def save_session(self, session: ChatSession) -> ChatSession:
-        return (await self.create_session(session))[0]
+        """Store ``session`` as it is now: insert it, or give the stored session with its id its
+        title and metadata (the owner never changes: another user's id is an IdConflict).
+
+        Unlike ``create_session`` (POST, where a taken id with another body is a 409), saving a
+        changed session is what "save" is for; the cache is written through either way.
+        """
+        try:
+            return (await self.create_session(session))[0]
+        except IdConflict:
+            pass
+        try:
+            return await self.update_session(
+                session.id, user_id=session.user_id, title=session.title, metadata=session.metadata
+            )
+        except SessionNotFound:
+            # Another user's session, or deleted since the insert found it: not this owner's to save.
+            raise IdConflict(f"session {session.id} belongs to another user") from None
 
     @_to_the_end
     async def create_session(self, session: ChatSession) -> tuple[ChatSession, bool]:

@@ -89,15 +89,25 @@ def current_trace() -> SpanRef | None:
 def inject_trace_headers(headers: Mapping[str, str] | None = None) -> dict[str, str]:
     """``headers`` plus the trace context of the current span, for a call made from it.
 
-    Outside a traced request the headers come back unchanged (as a new dict).
+    Outside a traced request the headers come back unchanged (as a new dict). Inside one, any
+    trace context already in ``headers`` (in any spelling: ``Traceparent``, a ``b3`` the caller
+    sent, ``X-B3-Flags``) is replaced, not added to: headers copied from the incoming request
+    would otherwise reach the next hop next to the fresh ones, and a stale ``b3`` outranks the
+    ``x-b3-*`` set there, as the proxy's header rules already see to for proxied requests.
     """
-    out = dict(headers) if headers else {}
     ref = _current.get()
-    if ref is not None:
-        out.update(downstream_headers(ref))
-        if ref.request_id:
-            out["x-request-id"] = ref.request_id
+    if ref is None:
+        return dict(headers) if headers else {}
+    replaced = _REPLACED if ref.request_id else PROPAGATION_HEADERS
+    out = {k: v for k, v in headers.items() if k.lower() not in replaced} if headers else {}
+    out.update(downstream_headers(ref))
+    if ref.request_id:
+        out["x-request-id"] = ref.request_id
     return out
+
+
+# What inject_trace_headers() sets for the current span, whatever the caller's headers said.
+_REPLACED = PROPAGATION_HEADERS | {"x-request-id"}
 
 
 def downstream_headers(ref: SpanRef) -> dict[str, str]:

@@ -204,6 +204,35 @@ async def test_postgresql_down_behind_the_engine(make_gateway: Any, make_upstrea
     assert body["components"][ENGINE]["status"] == "healthy"
 
 
+async def test_postgresql_is_judged_through_every_engine_target(
+    make_gateway: Any, make_upstream: Any, refused_url: str
+) -> None:
+    """One engine replica down is the engine's problem, not the database's: another replica's
+    healthy /health/db decides; with none healthy, the replica that answered speaks for it."""
+
+    async def db_down(request: web.Request) -> web.Response:
+        if request.path == "/health/db":
+            return web.json_response({"status": "unhealthy", "error": "connection refused"}, status=503)
+        return web.json_response({"status": "healthy"})
+
+    backend = await make_upstream()
+    engine = await make_upstream(db_ok)
+    cfg = config({"svc": backend.url}, engine.url)
+    cfg["services"][ENGINE] = {"urls": [refused_url, engine.url]}
+    client = await make_gateway(cfg)
+    _, body, _ = await detailed(client)
+    assert body["components"]["postgresql"]["status"] == "healthy", body["components"]["postgresql"]
+    assert body["components"]["postgresql"]["database_latency_ms"] == 0.7
+    assert body["status"] == "healthy"
+
+    down = await make_upstream(db_down)
+    cfg["services"][ENGINE] = {"urls": [refused_url, down.url]}
+    client = await make_gateway(cfg)
+    _, body, _ = await detailed(client)
+    assert body["components"]["postgresql"]["status"] == "unhealthy"
+    assert "HTTP 503" in body["components"]["postgresql"]["error"]
+
+
 async def streaming(request: web.Request) -> web.StreamResponse:
     """A health answer that says 200 at once and never ends (a health_path on a stream or a
     large download)."""

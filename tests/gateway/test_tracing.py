@@ -20,7 +20,7 @@ from aiozipkin.record import Record
 
 from gateway.app import create_app
 from gateway.keys import tracing_key
-from gateway.middleware.tracing import inject_trace_headers
+from gateway.middleware.tracing import Tracing, inject_trace_headers, tracing_middleware
 from gateway.settings import load_settings
 from gateway.zipkin import ZipkinReporter
 from tests.helpers import one_service, parse_responses, raw_exchange, wait_for
@@ -339,6 +339,47 @@ async def test_a_collector_coming_back_is_logged_once_after_its_failure(
 def test_inject_trace_headers_outside_a_request_returns_headers_unchanged() -> None:
     assert inject_trace_headers({"a": "b"}) == {"a": "b"}
     assert inject_trace_headers() == {}
+
+
+async def test_inject_trace_headers_replaces_the_context_in_headers_it_is_given(
+    aiohttp_client: Any, upstream: Any
+) -> None:
+    """The seed's usage from a handler that passes on the caller's headers: the next hop gets the
+    current span's context alone, not the caller's stale b3 (which outranks x-b3-*), its debug
+    flag or its tracestate next to it, nor two spellings of one header."""
+    stale = {
+        "Accept": "application/json",
+        "Traceparent": f"00-{INCOMING_TRACE}-{INCOMING_PARENT}-01",
+        "TraceState": "congo=t61rcWkgMzE",
+        "b3": f"{INCOMING_TRACE}-{INCOMING_PARENT}-1",
+        "X-B3-Flags": "1",
+        "X-Request-ID": "stale-id",
+    }
+    sent: list[dict[str, str]] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        headers = inject_trace_headers(stale)
+        sent.append(headers)
+        async with aiohttp.ClientSession() as session, session.get(upstream[1], headers=headers) as r:
+            await r.read()
+        return web.Response()
+
+    tracing = Tracing(service_name="caller", zipkin_url=None, sample_rate=1.0)
+    app = web.Application(middlewares=[tracing_middleware(tracing)])
+    app.router.add_get("/", handler)
+    client = await aiohttp_client(app)
+    response = await client.get("/", headers={"x-request-id": "incoming-1"})
+    assert response.status == 200
+    (headers,) = sent
+    names = [name.lower() for name in headers]
+    assert len(names) == len(set(names))
+    assert headers["Accept"] == "application/json"
+    seen = upstream[0][-1]
+    trace_id = seen["traceparent"].split("-")[1]
+    assert trace_id != INCOMING_TRACE and seen["x-b3-traceid"] == trace_id
+    assert seen["x-b3-sampled"] == "1"
+    assert not {"b3", "x-b3-flags", "tracestate"} & seen.keys()
+    assert seen["x-request-id"] == "incoming-1"
 
 
 async def test_a_collector_that_never_answers_does_not_hold_up_requests(

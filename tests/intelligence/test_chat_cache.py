@@ -6,13 +6,36 @@ import asyncio
 import signal
 import time
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import pytest
 from chat_helpers import PrivateRedis, cache, headers, pool, redis_sync, service, wait_until
 
-from intelligence.models import ChatMessage, ChatSession
+from intelligence.models import ChatMessage, ChatSession, IdConflict
 from intelligence.persistence import _dump_message, _dump_session
+
+
+async def test_save_session_of_a_changed_session_updates_postgresql_and_the_cache(
+    client: Any, user: str
+) -> None:
+    """The seed's save_session(session) stores the session as it is now (an upsert), written
+    through to the cache; only the owner can save it."""
+    svc, chat_cache = service(client), cache(client)
+    first = await svc.save_session(ChatSession(user_id=user, title="v1", metadata={"a": 1}))
+    saved = await svc.save_session(replace(first, title="v2", metadata={"b": 2}))
+    assert (saved.id, saved.title, saved.metadata, saved.user_id) == (first.id, "v2", {"b": 2}, user)
+    assert saved.version > first.version
+    async with pool(client).acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT title, metadata FROM chat_sessions WHERE id = %(id)s", {"id": first.id})
+        assert await cur.fetchone() == ("v2", {"b": 2})
+    _, cached = await chat_cache.get_session(str(first.id))
+    assert cached is not None and '"title": "v2"' in cached
+    assert await svc.save_session(saved) == saved  # nothing changed: nothing written
+
+    with pytest.raises(IdConflict):
+        await svc.save_session(replace(saved, user_id=f"{user}-other", title="mine now"))
+    assert (await svc.get_session(first.id)).user_id == user
 
 
 async def test_a_slow_older_write_cannot_overwrite_a_newer_entry(client: Any, user: str) -> None:
