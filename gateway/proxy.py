@@ -29,7 +29,7 @@ from typing import Any, NoReturn
 from urllib.parse import unquote_plus
 
 import aiohttp
-from aiohttp import HttpVersion, HttpVersion10, HttpVersion11, WSCloseCode, WSMsgType, web
+from aiohttp import HttpVersion, HttpVersion10, HttpVersion11, web
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import RawResponseMessage
 from aiohttp.http_exceptions import HttpProcessingError
@@ -38,6 +38,7 @@ from aiohttp.typedefs import Handler
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 from yarl import URL
 
+from . import wsrelay
 from .clientip import is_trusted_peer
 from .errors import ApiError, body_too_large
 from .headers import VIA, VIA_HTTP10, response_headers, serialize_head, upstream_headers
@@ -89,12 +90,6 @@ SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Conte
 _WS_HANDSHAKE_HEADERS = frozenset(
     {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol"}
 )
-# The largest WebSocket message relayed either way; a larger one closes the session with 1009 on
-# both sides. Each message is held whole in memory on its way through, so this bounds a session's
-# memory; Envoy and Traefik, which relay frames without reading them, have no such limit.
-_WS_MAX_MESSAGE = 16 * 1024 * 1024
-# How long a close handshake may take with either side before its connection is dropped.
-_WS_CLOSE_TIMEOUT = 10.0
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "TRACE"})
 _CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 
@@ -846,9 +841,10 @@ async def _proxy_websocket(
                 headers=headers,
                 protocols=protocols,
                 autoping=False,
-                autoclose=True,
-                max_msg_size=_WS_MAX_MESSAGE + 1,  # aiohttp refuses a message of max_msg_size itself
-                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=_WS_CLOSE_TIMEOUT),
+                autoclose=False,
+                # aiohttp refuses a message of max_msg_size itself
+                max_msg_size=wsrelay.MAX_MESSAGE + 1,
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=wsrelay.CLOSE_TIMEOUT),
             )
     except aiohttp.WSServerHandshakeError as exc:
         if span is not None and span.record is not None:
@@ -886,95 +882,27 @@ async def _proxy_websocket(
     client_ws = web.WebSocketResponse(
         protocols=(upstream_ws.protocol,) if upstream_ws.protocol else (),
         autoping=False,
-        autoclose=True,
-        max_msg_size=_WS_MAX_MESSAGE + 1,
+        autoclose=False,
+        max_msg_size=wsrelay.MAX_MESSAGE + 1,
         compress=False,
-        timeout=_WS_CLOSE_TIMEOUT,
+        timeout=wsrelay.CLOSE_TIMEOUT,
     )
-    websockets = request.app[lifecycle_key].websockets
+    sessions = request.app[lifecycle_key].websockets
+    relay: wsrelay.Session | None = None
     try:
         await client_ws.prepare(request)
         request[sent_status_key] = 101
-        websockets.add(client_ws)
         relayed = request[relayed_key] = [0, 0]
-        pumps = (
-            asyncio.create_task(_pump(client_ws, upstream_ws, relayed, 0)),
-            asyncio.create_task(_pump(upstream_ws, client_ws, relayed, 1)),
-        )
-        try:
-            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            # One side closed and its pump passes the close on; the other pump ends with it. Also
-            # when this handler is cancelled because the client's connection ended: the pumps are
-            # tasks of their own, and what they received (a close code, a 1009) still goes on.
-            _, pending = await asyncio.wait(pumps, timeout=_WS_CLOSE_TIMEOUT)
-            for task in pending:
-                task.cancel()
+        # The read timeout is the longest silence allowed: here, no frame either way.
+        relay = wsrelay.Session(client_ws, upstream_ws, relayed=relayed, idle_timeout=timeout.read)
+        sessions.add(relay)
+        await relay.run()
+        # The handshake, for the access log (which adds the messages): aiohttp counts nothing
+        # for a WebSocket.
+        client_ws._body_length = request.writer.output_size
     finally:
-        websockets.discard(client_ws)
-        # A pump cut off at the deadline may not have passed the client's close on: done here
-        # (a no-op when the upstream is closed already).
-        await _close(upstream_ws, _sendable(client_ws.close_code))
+        if relay is None:  # the client left during its handshake
+            upstream_ws._response.close()
+        else:
+            sessions.discard(relay)
     return client_ws
-
-
-_WSLike = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
-
-
-async def _pump(source: _WSLike, sink: _WSLike, relayed: list[int], direction: int) -> None:
-    """Relay ``source``'s messages to ``sink`` until one side closes; their payload bytes are
-    added up in ``relayed[direction]``."""
-    while True:
-        msg = await source.receive()
-        kind = msg.type
-        try:
-            if kind is WSMsgType.TEXT:
-                text = msg.data
-                relayed[direction] += len(text) if text.isascii() else len(text.encode())
-                await sink.send_str(text)
-            elif kind is WSMsgType.BINARY:
-                relayed[direction] += len(msg.data)
-                await sink.send_bytes(msg.data)
-            elif kind is WSMsgType.PING:
-                await sink.ping(msg.data)
-            elif kind is WSMsgType.PONG:
-                await sink.pong(msg.data)
-            elif kind is WSMsgType.CLOSE:
-                await _close(sink, _sendable(msg.data), (msg.extra or "").encode())
-                return
-            elif kind is WSMsgType.ERROR:
-                # The source broke the protocol or sent too much (1002, 1007, 1009): aiohttp closed
-                # it with that code, and the other side is told the same.
-                error = msg.data
-                await _close(sink, error.code if isinstance(error, aiohttp.WebSocketError) else 1011)
-                return
-            else:  # CLOSING, CLOSED: the source is gone without a close code of its own
-                await _close(sink, WSCloseCode.GOING_AWAY)
-                return
-        except (ConnectionError, aiohttp.ClientConnectionError):
-            return
-
-
-# Close codes that only report what happened locally and that no endpoint may send (RFC 6455
-# section 7.4.1): no status (1005), no close frame (1006), TLS failure (1015).
-_UNSENDABLE = frozenset({1005, 1006, 1015})
-
-
-def _sendable(code: int | None) -> int:
-    """The close code to pass on for ``code`` (0: a close frame without one, which aiohttp
-    cannot send on; 1000 is the nearest)."""
-    if not code:
-        return WSCloseCode.OK
-    return WSCloseCode.GOING_AWAY if code in _UNSENDABLE else code
-
-
-async def _close(ws: _WSLike, code: int, message: bytes = b"") -> None:
-    """Close ``ws`` and wait for its answering close frame, ``_WS_CLOSE_TIMEOUT`` at most.
-
-    aiohttp's client ``close()`` times each message it reads while it waits, not the wait: an
-    upstream that keeps sending and never reads (a push-only feed) kept the session, its upstream
-    connection and the gateway reading it open for good after its client had left. Cut short,
-    ``close()`` drops the connection."""
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(_WS_CLOSE_TIMEOUT):
-            await ws.close(code=code, message=message)
