@@ -806,15 +806,33 @@ def _refusal_trace() -> aiohttp.TraceConfig:
     return trace
 
 
-async def _proxy_websocket(
-    request: web.Request, upstream: Upstream, path: str, headers: CIMultiDict[str], span: SpanRef | None
-) -> web.StreamResponse:
-    protocols = [
+def _offered_protocols(request: web.Request) -> list[str]:
+    return [
         p.strip()
         for v in request.headers.getall("Sec-WebSocket-Protocol", ())
         for p in v.split(",")
         if p.strip()
     ]
+
+
+def _handshake_problem(upstream_ws: aiohttp.ClientWebSocketResponse, offered: list[str]) -> str | None:
+    """What is wrong with the upstream's 101, if anything: a client must fail a connection whose
+    server chose a subprotocol or an extension it did not offer (RFC 6455 section 4.1). aiohttp
+    ignores either; passed on, the browser would fail it, or the upstream's frames would not
+    parse. The gateway offers no extension (its messages cross uncompressed)."""
+    headers = upstream_ws._response.headers
+    chosen = headers.getall("Sec-WebSocket-Protocol", ())
+    if chosen and (len(chosen) > 1 or chosen[0].strip() not in offered):
+        return "Upstream chose a WebSocket subprotocol the client did not offer"
+    if "Sec-WebSocket-Extensions" in headers:
+        return "Upstream accepted a WebSocket extension that was not offered"
+    return None
+
+
+async def _proxy_websocket(
+    request: web.Request, upstream: Upstream, path: str, headers: CIMultiDict[str], span: SpanRef | None
+) -> web.StreamResponse:
+    protocols = _offered_protocols(request)
     # With the client's own subprotocols: a probe that knows none warns, once per session, that
     # they "don't overlap" (the upstream chooses among them below).
     if not web.WebSocketResponse(protocols=protocols).can_prepare(request).ok:
@@ -874,6 +892,13 @@ async def _proxy_websocket(
         _count_failure(request, "invalid")
         raise ApiError(502, f"Upstream '{upstream.name}' failed the WebSocket upgrade") from None
 
+    problem = _handshake_problem(upstream_ws, protocols)
+    if problem is not None:
+        upstream_ws._response.close()  # failed, not closed: no Close frame (RFC 6455 section 7.1.7)
+        _count_failure(request, "invalid")
+        if span is not None and span.record is not None:
+            span.record.tag("http.status_code", "502")
+        raise ApiError(502, problem)
     upstream.succeeded(target)
     request.app[metrics_key].record_upstream(upstream.name, perf_counter() - started)  # the handshake
     if span is not None and span.record is not None:

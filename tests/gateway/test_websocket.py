@@ -14,6 +14,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from gateway import wsrelay
 from tests.gateway.test_metrics import scrape
 from tests.helpers import one_service, open_slow_reader, wait_for
+from tests.wsframes import raw_upstream
 
 
 @dataclass
@@ -101,6 +102,62 @@ async def test_subprotocol_is_negotiated_with_the_upstream(ws_gateway: tuple[Any
     assert [p.strip() for value in seen.offered for p in value.split(",")] == ["v2.chat", "v1.chat"]
     # The gateway's checks are no reason for a warning per session ("don't overlap").
     assert not [r for r in caplog.records if r.name == "aiohttp.websocket" and "overlap" in r.getMessage()]
+    await ws.close()
+
+
+@pytest.mark.parametrize(
+    ("offered", "chosen"),
+    [
+        ("v1.chat", "v9.evil"),  # not among the client's
+        (None, "v1.chat"),  # the client offered none
+        ("v1.chat, v2.chat", "v1.chat, v2.chat"),  # more than one
+    ],
+)
+async def test_an_upstream_choosing_a_subprotocol_the_client_did_not_offer_gives_502(
+    make_gateway: Any, offered: str | None, chosen: str
+) -> None:
+    """RFC 6455 section 4.1: the client must fail such a connection. aiohttp's client ignored the
+    choice, so the client got a 101 without it, to a backend that speaks the protocol it chose."""
+    async with raw_upstream(f"Sec-WebSocket-Protocol: {chosen}\r\n") as url:
+        client = await make_gateway(one_service(url, prefix="/ws"))
+        headers = {**_UPGRADE, **({"Sec-WebSocket-Protocol": offered} if offered else {})}
+
+        response = await client.get("/ws/room", headers=headers)
+
+        assert response.status == 502
+        body = await response.json()
+    assert body["detail"] == "Upstream chose a WebSocket subprotocol the client did not offer"
+
+
+async def test_an_upstream_accepting_an_extension_nobody_offered_gives_502(make_gateway: Any) -> None:
+    """The gateway offers no extension upstream; a 101 that agrees to permessage-deflate anyway
+    would send compressed frames that neither the gateway nor the client agreed to read."""
+    async with raw_upstream("Sec-WebSocket-Extensions: permessage-deflate\r\n") as url:
+        client = await make_gateway(one_service(url, prefix="/ws"))
+
+        response = await client.get(
+            "/ws/room", headers={**_UPGRADE, "Sec-WebSocket-Extensions": "permessage-deflate"}
+        )
+
+        assert response.status == 502
+        body = await response.json()
+    assert body["detail"] == "Upstream accepted a WebSocket extension that was not offered"
+
+
+async def test_a_browser_offering_permessage_deflate_gets_no_extension_and_its_messages_cross(
+    ws_gateway: tuple[Any, Seen],
+) -> None:
+    """The upstream (aiohttp, which accepts permessage-deflate when offered) is not offered it,
+    and the client is not granted it: each side reads the frames the other sends."""
+    client, seen = ws_gateway
+
+    ws = await connect(client, compress=15)  # what a browser offers
+    await ws.send_str("a" * 10_000)
+    reply = await ws.receive(timeout=5)
+
+    assert ws.compress == 0
+    assert "Sec-WebSocket-Extensions" not in seen.headers
+    assert (reply.type, reply.data) == (WSMsgType.TEXT, "echo:" + "a" * 10_000)
     await ws.close()
 
 
