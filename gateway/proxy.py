@@ -780,30 +780,53 @@ _refusal: contextvars.ContextVar[_Refusal | None] = contextvars.ContextVar("ws_r
 
 
 def _refusal_trace() -> aiohttp.TraceConfig:
-    """``ws_connect`` raises on an answer other than 101 and drops it, body and all; this trace
-    hook reads it first, for the handshake of the request that asked (a contextvar says which)."""
+    """``ws_connect`` raises on an answer other than 101 and drops it, body and all, and follows
+    a redirect itself; these trace hooks read the answer first, for the handshake of the request
+    that asked (a contextvar says which), and stop a redirect from being followed: the gateway
+    would have opened the session wherever the upstream pointed, identity headers and all.
+    nginx and Envoy switch protocols only on a 101 and pass any other answer on as sent."""
 
-    async def on_request_end(
-        session: aiohttp.ClientSession, context: Any, params: aiohttp.TraceRequestEndParams
-    ) -> None:
+    async def keep(response: aiohttp.ClientResponse) -> _Refusal | None:
         refusal = _refusal.get()
-        response = params.response
         if refusal is None or response.status == 101:
-            return
+            return None
         refusal.status, refusal.reason, refusal.headers = response.status, response.reason, response.headers
         chunks, size = [], 0
         with contextlib.suppress(aiohttp.ClientError, OSError):
             while chunk := await response.content.readany():
                 size += len(chunk)
                 if size > BUFFER_LIMIT:  # a refusal is an error page; a large one is not relayed
-                    return
+                    return refusal
                 chunks.append(chunk)
             refusal.body = b"".join(chunks)
+        return refusal
+
+    async def on_request_end(
+        session: aiohttp.ClientSession, context: Any, params: aiohttp.TraceRequestEndParams
+    ) -> None:
+        await keep(params.response)
+
+    async def on_request_redirect(
+        session: aiohttp.ClientSession, context: Any, params: aiohttp.TraceRequestRedirectParams
+    ) -> None:
+        response = params.response
+        if await keep(response) is not None:
+            raise aiohttp.WSServerHandshakeError(
+                response.request_info, (), status=response.status, message="redirect not followed"
+            )
 
     trace = aiohttp.TraceConfig()
     trace.on_request_end.append(on_request_end)
+    trace.on_request_redirect.append(on_request_redirect)
     trace.freeze()
     return trace
+
+
+def _relayed_refusal(refusal: _Refusal) -> web.StreamResponse:
+    headers = response_headers(refusal.headers)  # type: ignore[arg-type]
+    if refusal.status in (204, 304):  # no body, and no Content-Length to say so
+        return web.Response(status=refusal.status, reason=refusal.reason, headers=headers)
+    return _whole_response(refusal.status, refusal.reason, headers, refusal.body or b"")
 
 
 def _offered_protocols(request: web.Request) -> list[str]:
@@ -867,10 +890,10 @@ async def _proxy_websocket(
     except aiohttp.WSServerHandshakeError as exc:
         if span is not None and span.record is not None:
             span.record.tag("http.status_code", str(exc.status))
-        if exc.status >= 400 and refusal.status == exc.status and refusal.body is not None:
-            # The upstream said no (401, 403, 404...): its answer passes through as sent.
-            headers = response_headers(refusal.headers)  # type: ignore[arg-type]
-            return _whole_response(refusal.status, refusal.reason, headers, refusal.body)
+        if refusal.status == exc.status and refusal.body is not None and exc.status >= 200:
+            # The upstream answered without switching (401, 403, 404, a 200 page, a redirect):
+            # its answer passes through as sent.
+            return _relayed_refusal(refusal)
         raise ApiError(
             exc.status if exc.status >= 400 else 502, "Upstream refused the WebSocket upgrade"
         ) from None

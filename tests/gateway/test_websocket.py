@@ -271,13 +271,45 @@ async def test_a_refusal_too_large_to_keep_gets_the_gateways_error_with_its_stat
     assert (await response.json())["detail"] == "Upstream refused the WebSocket upgrade"
 
 
-async def test_upstream_answering_without_upgrade_gives_502(make_gateway: Any, make_upstream: Any) -> None:
-    client = await make_gateway(one_service((await make_upstream()).url, prefix="/ws"))
+async def test_upstream_answering_200_instead_of_101_has_its_answer_relayed(
+    make_gateway: Any, make_upstream: Any
+) -> None:
+    """It was a 502 from the gateway. nginx and Envoy switch protocols only on a 101 and pass any
+    other answer on as sent: a page saying where WebSockets are served is the upstream's to give."""
 
-    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-        await client.ws_connect("/ws/room")
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(status=200, text="use /ws/v2 instead", headers={"X-Backend": "realtime"})
 
-    assert refused.value.status == 502
+    client = await make_gateway(one_service((await make_upstream(page)).url, prefix="/ws"))
+
+    response = await client.get("/ws/room", headers=_UPGRADE)
+
+    assert response.status == 200
+    assert await response.text() == "use /ws/v2 instead"
+    assert response.headers["X-Backend"] == "realtime"
+    assert response.headers["Connection"] == "close"
+    assert "Upgrade" not in response.headers
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_a_redirect_answering_the_upgrade_is_relayed_not_followed(
+    make_gateway: Any, make_upstream: Any, status: int
+) -> None:
+    """aiohttp's ws_connect followed it: the gateway opened the session wherever the upstream
+    pointed (any host), with the client's identity headers, and the client never knew."""
+    elsewhere = await make_upstream()
+
+    async def redirect(request: web.Request) -> web.Response:
+        return web.Response(status=status, headers={"Location": f"{elsewhere.url}/ws"}, text="moved")
+
+    client = await make_gateway(one_service((await make_upstream(redirect)).url, prefix="/ws"))
+
+    response = await client.get("/ws/room", headers=_UPGRADE, allow_redirects=False)
+
+    assert response.status == status
+    assert response.headers["Location"] == f"{elsewhere.url}/ws"
+    assert await response.text() == "moved"
+    assert elsewhere.requests == []
 
 
 async def test_unreachable_websocket_upstream_gives_502(make_gateway: Any, refused_url: str) -> None:
