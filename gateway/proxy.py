@@ -90,6 +90,11 @@ SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Conte
 _WS_HANDSHAKE_HEADERS = frozenset(
     {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol"}
 )
+# The upstream's 101 headers that belong to its own handshake with the gateway: the client's are
+# the gateway's to make.
+_WS_101_OWN_HEADERS = frozenset(
+    {"sec-websocket-accept", "sec-websocket-extensions", "sec-websocket-protocol", "content-length"}
+)
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "TRACE"})
 _CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 
@@ -935,6 +940,12 @@ async def _proxy_websocket(
         compress=False,
         timeout=wsrelay.CLOSE_TIMEOUT,
     )
+    # The rest of the upstream's 101 (a sticky-session cookie, its own headers) passes on, as
+    # nginx and Envoy pass it.
+    upstream_101 = response_headers(upstream_ws._response.headers)
+    for name in upstream_101.keys() & _WS_101_OWN_HEADERS:
+        upstream_101.popall(name)
+    client_ws.headers.extend(upstream_101)
     sessions = request.app[lifecycle_key].websockets
     relay: wsrelay.Session | None = None
     try:

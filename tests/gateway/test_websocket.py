@@ -161,6 +161,33 @@ async def test_a_browser_offering_permessage_deflate_gets_no_extension_and_its_m
     await ws.close()
 
 
+async def test_the_upstreams_own_headers_on_its_101_reach_the_client(
+    make_gateway: Any, make_upstream: Any
+) -> None:
+    """A sticky-session cookie set on the 101 (socket.io behind a load balancer) or any header of
+    the backend's was dropped: the client got the gateway's own 101. nginx and Envoy pass them."""
+
+    async def endpoint(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(protocols=("v1.chat",))
+        ws.set_cookie("affinity", "node-7")
+        ws.headers["X-Backend"] = "realtime-streaming"
+        await ws.prepare(request)
+        await ws.receive()
+        return ws
+
+    client = await make_gateway(one_service((await make_upstream(endpoint)).url, prefix="/ws"))
+
+    ws = await client.ws_connect("/ws/room", protocols=("v1.chat",))
+
+    headers = ws._response.headers
+    assert headers["Set-Cookie"].startswith("affinity=node-7")
+    assert headers["X-Backend"] == "realtime-streaming"
+    assert len(headers.getall("Sec-WebSocket-Accept")) == 1  # the gateway's, for the client's key
+    assert headers.getall("Sec-WebSocket-Protocol") == ["v1.chat"]
+    assert "x-request-id" in headers
+    await ws.close()
+
+
 async def test_no_subprotocol_when_the_client_offers_none(ws_gateway: tuple[Any, Seen]) -> None:
     client, seen = ws_gateway
 
