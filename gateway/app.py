@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
 
-from aiohttp import WSCloseCode, web
+from aiohttp import web
 
 from .errors import error_middleware
 from .headers import drop_server_banner, keep_header_bytes
@@ -167,13 +167,10 @@ async def _mark_ready(app: web.Application) -> None:
 async def _mark_draining(app: web.Application) -> None:
     lifecycle = app[lifecycle_key]
     lifecycle.draining = True
-    # A WebSocket lives until one side closes it: without a close frame now, its client would see
-    # the connection drop when the drain bound runs out. 1001 is "going away"; each proxy task
-    # then closes its upstream side with the same code.
+    # A WebSocket lives until one side closes it: without a close frame now, both its ends would
+    # see the connection drop when the drain bound runs out. 1001 is "going away". Only the frames
+    # are sent here; the replies are read by each session's handler, which the drain bound limits.
     await asyncio.gather(
-        *(
-            ws.close(code=WSCloseCode.GOING_AWAY, message=b"gateway shutting down")
-            for ws in list(lifecycle.websockets)
-        ),
+        *(session.go_away("gateway shutting down") for session in list(lifecycle.websockets)),
         return_exceptions=True,
     )

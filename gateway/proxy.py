@@ -29,7 +29,7 @@ from typing import Any, NoReturn
 from urllib.parse import unquote_plus
 
 import aiohttp
-from aiohttp import HttpVersion, HttpVersion10, HttpVersion11, WSCloseCode, WSMsgType, web
+from aiohttp import HttpVersion, HttpVersion10, HttpVersion11, web
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import RawResponseMessage
 from aiohttp.http_exceptions import HttpProcessingError
@@ -38,6 +38,7 @@ from aiohttp.typedefs import Handler
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 from yarl import URL
 
+from . import wsrelay
 from .clientip import is_trusted_peer
 from .errors import ApiError, body_too_large
 from .headers import VIA, VIA_HTTP10, response_headers, serialize_head, upstream_headers
@@ -89,12 +90,11 @@ SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Conte
 _WS_HANDSHAKE_HEADERS = frozenset(
     {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol"}
 )
-# The largest WebSocket message relayed either way; a larger one closes the session with 1009 on
-# both sides. Each message is held whole in memory on its way through, so this bounds a session's
-# memory; Envoy and Traefik, which relay frames without reading them, have no such limit.
-_WS_MAX_MESSAGE = 16 * 1024 * 1024
-# How long a close handshake may take with either side before its connection is dropped.
-_WS_CLOSE_TIMEOUT = 10.0
+# The upstream's 101 headers that belong to its own handshake with the gateway: the client's are
+# the gateway's to make.
+_WS_101_OWN_HEADERS = frozenset(
+    {"sec-websocket-accept", "sec-websocket-extensions", "sec-websocket-protocol", "content-length"}
+)
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "TRACE"})
 _CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 
@@ -785,41 +785,82 @@ _refusal: contextvars.ContextVar[_Refusal | None] = contextvars.ContextVar("ws_r
 
 
 def _refusal_trace() -> aiohttp.TraceConfig:
-    """``ws_connect`` raises on an answer other than 101 and drops it, body and all; this trace
-    hook reads it first, for the handshake of the request that asked (a contextvar says which)."""
+    """``ws_connect`` raises on an answer other than 101 and drops it, body and all, and follows
+    a redirect itself; these trace hooks read the answer first, for the handshake of the request
+    that asked (a contextvar says which), and stop a redirect from being followed: the gateway
+    would have opened the session wherever the upstream pointed, identity headers and all.
+    nginx and Envoy switch protocols only on a 101 and pass any other answer on as sent."""
 
-    async def on_request_end(
-        session: aiohttp.ClientSession, context: Any, params: aiohttp.TraceRequestEndParams
-    ) -> None:
+    async def keep(response: aiohttp.ClientResponse) -> _Refusal | None:
         refusal = _refusal.get()
-        response = params.response
         if refusal is None or response.status == 101:
-            return
+            return None
         refusal.status, refusal.reason, refusal.headers = response.status, response.reason, response.headers
         chunks, size = [], 0
         with contextlib.suppress(aiohttp.ClientError, OSError):
             while chunk := await response.content.readany():
                 size += len(chunk)
                 if size > BUFFER_LIMIT:  # a refusal is an error page; a large one is not relayed
-                    return
+                    return refusal
                 chunks.append(chunk)
             refusal.body = b"".join(chunks)
+        return refusal
+
+    async def on_request_end(
+        session: aiohttp.ClientSession, context: Any, params: aiohttp.TraceRequestEndParams
+    ) -> None:
+        await keep(params.response)
+
+    async def on_request_redirect(
+        session: aiohttp.ClientSession, context: Any, params: aiohttp.TraceRequestRedirectParams
+    ) -> None:
+        response = params.response
+        if await keep(response) is not None:
+            raise aiohttp.WSServerHandshakeError(
+                response.request_info, (), status=response.status, message="redirect not followed"
+            )
 
     trace = aiohttp.TraceConfig()
     trace.on_request_end.append(on_request_end)
+    trace.on_request_redirect.append(on_request_redirect)
     trace.freeze()
     return trace
 
 
-async def _proxy_websocket(
-    request: web.Request, upstream: Upstream, path: str, headers: CIMultiDict[str], span: SpanRef | None
-) -> web.StreamResponse:
-    protocols = [
+def _relayed_refusal(refusal: _Refusal) -> web.StreamResponse:
+    headers = response_headers(refusal.headers)  # type: ignore[arg-type]
+    if refusal.status in (204, 304):  # no body, and no Content-Length to say so
+        return web.Response(status=refusal.status, reason=refusal.reason, headers=headers)
+    return _whole_response(refusal.status, refusal.reason, headers, refusal.body or b"")
+
+
+def _offered_protocols(request: web.Request) -> list[str]:
+    return [
         p.strip()
         for v in request.headers.getall("Sec-WebSocket-Protocol", ())
         for p in v.split(",")
         if p.strip()
     ]
+
+
+def _handshake_problem(upstream_ws: aiohttp.ClientWebSocketResponse, offered: list[str]) -> str | None:
+    """What is wrong with the upstream's 101, if anything: a client must fail a connection whose
+    server chose a subprotocol or an extension it did not offer (RFC 6455 section 4.1). aiohttp
+    ignores either; passed on, the browser would fail it, or the upstream's frames would not
+    parse. The gateway offers no extension (its messages cross uncompressed)."""
+    headers = upstream_ws._response.headers
+    chosen = headers.getall("Sec-WebSocket-Protocol", ())
+    if chosen and (len(chosen) > 1 or chosen[0].strip() not in offered):
+        return "Upstream chose a WebSocket subprotocol the client did not offer"
+    if "Sec-WebSocket-Extensions" in headers:
+        return "Upstream accepted a WebSocket extension that was not offered"
+    return None
+
+
+async def _proxy_websocket(
+    request: web.Request, upstream: Upstream, path: str, headers: CIMultiDict[str], span: SpanRef | None
+) -> web.StreamResponse:
+    protocols = _offered_protocols(request)
     # With the client's own subprotocols: a probe that knows none warns, once per session, that
     # they "don't overlap" (the upstream chooses among them below).
     if not web.WebSocketResponse(protocols=protocols).can_prepare(request).ok:
@@ -846,17 +887,18 @@ async def _proxy_websocket(
                 headers=headers,
                 protocols=protocols,
                 autoping=False,
-                autoclose=True,
-                max_msg_size=_WS_MAX_MESSAGE + 1,  # aiohttp refuses a message of max_msg_size itself
-                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=_WS_CLOSE_TIMEOUT),
+                autoclose=False,
+                # aiohttp refuses a message of max_msg_size itself
+                max_msg_size=wsrelay.MAX_MESSAGE + 1,
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=wsrelay.CLOSE_TIMEOUT),
             )
     except aiohttp.WSServerHandshakeError as exc:
         if span is not None and span.record is not None:
             span.record.tag("http.status_code", str(exc.status))
-        if exc.status >= 400 and refusal.status == exc.status and refusal.body is not None:
-            # The upstream said no (401, 403, 404...): its answer passes through as sent.
-            headers = response_headers(refusal.headers)  # type: ignore[arg-type]
-            return _whole_response(refusal.status, refusal.reason, headers, refusal.body)
+        if refusal.status == exc.status and refusal.body is not None and exc.status >= 200:
+            # The upstream answered without switching (401, 403, 404, a 200 page, a redirect):
+            # its answer passes through as sent.
+            return _relayed_refusal(refusal)
         raise ApiError(
             exc.status if exc.status >= 400 else 502, "Upstream refused the WebSocket upgrade"
         ) from None
@@ -878,6 +920,13 @@ async def _proxy_websocket(
         _count_failure(request, "invalid")
         raise ApiError(502, f"Upstream '{upstream.name}' failed the WebSocket upgrade") from None
 
+    problem = _handshake_problem(upstream_ws, protocols)
+    if problem is not None:
+        upstream_ws._response.close()  # failed, not closed: no Close frame (RFC 6455 section 7.1.7)
+        _count_failure(request, "invalid")
+        if span is not None and span.record is not None:
+            span.record.tag("http.status_code", "502")
+        raise ApiError(502, problem)
     upstream.succeeded(target)
     request.app[metrics_key].record_upstream(upstream.name, perf_counter() - started)  # the handshake
     if span is not None and span.record is not None:
@@ -886,95 +935,33 @@ async def _proxy_websocket(
     client_ws = web.WebSocketResponse(
         protocols=(upstream_ws.protocol,) if upstream_ws.protocol else (),
         autoping=False,
-        autoclose=True,
-        max_msg_size=_WS_MAX_MESSAGE + 1,
+        autoclose=False,
+        max_msg_size=wsrelay.MAX_MESSAGE + 1,
         compress=False,
-        timeout=_WS_CLOSE_TIMEOUT,
+        timeout=wsrelay.CLOSE_TIMEOUT,
     )
-    websockets = request.app[lifecycle_key].websockets
+    # The rest of the upstream's 101 (a sticky-session cookie, its own headers) passes on, as
+    # nginx and Envoy pass it.
+    upstream_101 = response_headers(upstream_ws._response.headers)
+    for name in upstream_101.keys() & _WS_101_OWN_HEADERS:
+        upstream_101.popall(name)
+    client_ws.headers.extend(upstream_101)
+    sessions = request.app[lifecycle_key].websockets
+    relay: wsrelay.Session | None = None
     try:
         await client_ws.prepare(request)
         request[sent_status_key] = 101
-        websockets.add(client_ws)
         relayed = request[relayed_key] = [0, 0]
-        pumps = (
-            asyncio.create_task(_pump(client_ws, upstream_ws, relayed, 0)),
-            asyncio.create_task(_pump(upstream_ws, client_ws, relayed, 1)),
-        )
-        try:
-            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            # One side closed and its pump passes the close on; the other pump ends with it. Also
-            # when this handler is cancelled because the client's connection ended: the pumps are
-            # tasks of their own, and what they received (a close code, a 1009) still goes on.
-            _, pending = await asyncio.wait(pumps, timeout=_WS_CLOSE_TIMEOUT)
-            for task in pending:
-                task.cancel()
+        # The read timeout is the longest silence allowed: here, no frame either way.
+        relay = wsrelay.Session(client_ws, upstream_ws, relayed=relayed, idle_timeout=timeout.read)
+        sessions.add(relay)
+        await relay.run()
+        # The handshake, for the access log (which adds the messages): aiohttp counts nothing
+        # for a WebSocket.
+        client_ws._body_length = request.writer.output_size
     finally:
-        websockets.discard(client_ws)
-        # A pump cut off at the deadline may not have passed the client's close on: done here
-        # (a no-op when the upstream is closed already).
-        await _close(upstream_ws, _sendable(client_ws.close_code))
+        if relay is None:  # the client left during its handshake
+            upstream_ws._response.close()
+        else:
+            sessions.discard(relay)
     return client_ws
-
-
-_WSLike = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
-
-
-async def _pump(source: _WSLike, sink: _WSLike, relayed: list[int], direction: int) -> None:
-    """Relay ``source``'s messages to ``sink`` until one side closes; their payload bytes are
-    added up in ``relayed[direction]``."""
-    while True:
-        msg = await source.receive()
-        kind = msg.type
-        try:
-            if kind is WSMsgType.TEXT:
-                text = msg.data
-                relayed[direction] += len(text) if text.isascii() else len(text.encode())
-                await sink.send_str(text)
-            elif kind is WSMsgType.BINARY:
-                relayed[direction] += len(msg.data)
-                await sink.send_bytes(msg.data)
-            elif kind is WSMsgType.PING:
-                await sink.ping(msg.data)
-            elif kind is WSMsgType.PONG:
-                await sink.pong(msg.data)
-            elif kind is WSMsgType.CLOSE:
-                await _close(sink, _sendable(msg.data), (msg.extra or "").encode())
-                return
-            elif kind is WSMsgType.ERROR:
-                # The source broke the protocol or sent too much (1002, 1007, 1009): aiohttp closed
-                # it with that code, and the other side is told the same.
-                error = msg.data
-                await _close(sink, error.code if isinstance(error, aiohttp.WebSocketError) else 1011)
-                return
-            else:  # CLOSING, CLOSED: the source is gone without a close code of its own
-                await _close(sink, WSCloseCode.GOING_AWAY)
-                return
-        except (ConnectionError, aiohttp.ClientConnectionError):
-            return
-
-
-# Close codes that only report what happened locally and that no endpoint may send (RFC 6455
-# section 7.4.1): no status (1005), no close frame (1006), TLS failure (1015).
-_UNSENDABLE = frozenset({1005, 1006, 1015})
-
-
-def _sendable(code: int | None) -> int:
-    """The close code to pass on for ``code`` (0: a close frame without one, which aiohttp
-    cannot send on; 1000 is the nearest)."""
-    if not code:
-        return WSCloseCode.OK
-    return WSCloseCode.GOING_AWAY if code in _UNSENDABLE else code
-
-
-async def _close(ws: _WSLike, code: int, message: bytes = b"") -> None:
-    """Close ``ws`` and wait for its answering close frame, ``_WS_CLOSE_TIMEOUT`` at most.
-
-    aiohttp's client ``close()`` times each message it reads while it waits, not the wait: an
-    upstream that keeps sending and never reads (a push-only feed) kept the session, its upstream
-    connection and the gateway reading it open for good after its client had left. Cut short,
-    ``close()`` drops the connection."""
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(_WS_CLOSE_TIMEOUT):
-            await ws.close(code=code, message=message)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from .keys import lifecycle_key, sent_status_key
+from .wsrelay import Session
 
 __all__ = ["CLIENT_CLOSED", "Lifecycle", "close_while_draining", "status_when_cancelled"]
 
@@ -20,8 +21,8 @@ class Lifecycle:
     started_at: float = field(default_factory=time.monotonic)
     ready: bool = False
     draining: bool = False
-    # Proxied WebSockets, client side: closed with 1001 (going away) when the gateway drains.
-    websockets: set[web.WebSocketResponse] = field(default_factory=set)
+    # Proxied WebSocket sessions: closed with 1001 (going away) on both sides when the gateway drains.
+    websockets: set[Session] = field(default_factory=set)
 
     @property
     def uptime(self) -> float:

@@ -17,6 +17,7 @@ from aiohttp import WSMsgType, web
 
 from gateway.keys import lifecycle_key
 from tests.helpers import one_service, running_gateway, wait_for
+from tests.wsframes import CLOSE, close_payload, raw_client, read_frame
 
 SHUTDOWN_TIMEOUT = 3
 
@@ -73,6 +74,34 @@ async def test_sigterm_drains_within_the_timeout_and_closes_websockets_with_1001
                 pass  # cut off: the drain bound ran out
     finally:
         never.set()
+
+
+async def test_a_websocket_client_that_never_answers_the_close_does_not_hold_the_drain(
+    make_upstream: Any, tmp_path: Path
+) -> None:
+    """Both sides get 1001; the client's reply, which never comes, is awaited within the drain
+    bound only (the close timeout is 10 s), and the process exits."""
+    upstream_close: list[int | None] = []
+
+    async def upstream_handler(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for _ in ws:
+            pass
+        upstream_close.append(ws.close_code)
+        return ws
+
+    upstream = await make_upstream(upstream_handler, read_body=False)
+    async with running_gateway(
+        one_service(upstream.url), tmp_path, GATEWAY_SHUTDOWN_TIMEOUT="1", LOG_LEVEL="WARNING"
+    ) as gateway:
+        async with raw_client(gateway.port, "/ws") as (reader, _):  # reads nothing until the end
+            gateway.process.send_signal(signal.SIGTERM)
+
+            async with asyncio.timeout(5):  # the 1 s bound, and the process's own start and stop
+                assert await gateway.process.wait() == 0
+            assert await read_frame(reader) == (CLOSE, close_payload(1001, b"gateway shutting down"))
+    assert upstream_close == [1001]
 
 
 def children_of(pid: int) -> list[int]:

@@ -11,9 +11,10 @@ import aiohttp
 import pytest
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from gateway import proxy
+from gateway import wsrelay
 from tests.gateway.test_metrics import scrape
 from tests.helpers import one_service, open_slow_reader, wait_for
+from tests.wsframes import raw_upstream
 
 
 @dataclass
@@ -101,6 +102,89 @@ async def test_subprotocol_is_negotiated_with_the_upstream(ws_gateway: tuple[Any
     assert [p.strip() for value in seen.offered for p in value.split(",")] == ["v2.chat", "v1.chat"]
     # The gateway's checks are no reason for a warning per session ("don't overlap").
     assert not [r for r in caplog.records if r.name == "aiohttp.websocket" and "overlap" in r.getMessage()]
+    await ws.close()
+
+
+@pytest.mark.parametrize(
+    ("offered", "chosen"),
+    [
+        ("v1.chat", "v9.evil"),  # not among the client's
+        (None, "v1.chat"),  # the client offered none
+        ("v1.chat, v2.chat", "v1.chat, v2.chat"),  # more than one
+    ],
+)
+async def test_an_upstream_choosing_a_subprotocol_the_client_did_not_offer_gives_502(
+    make_gateway: Any, offered: str | None, chosen: str
+) -> None:
+    """RFC 6455 section 4.1: the client must fail such a connection. aiohttp's client ignored the
+    choice, so the client got a 101 without it, to a backend that speaks the protocol it chose."""
+    async with raw_upstream(f"Sec-WebSocket-Protocol: {chosen}\r\n") as url:
+        client = await make_gateway(one_service(url, prefix="/ws"))
+        headers = {**_UPGRADE, **({"Sec-WebSocket-Protocol": offered} if offered else {})}
+
+        response = await client.get("/ws/room", headers=headers)
+
+        assert response.status == 502
+        body = await response.json()
+    assert body["detail"] == "Upstream chose a WebSocket subprotocol the client did not offer"
+
+
+async def test_an_upstream_accepting_an_extension_nobody_offered_gives_502(make_gateway: Any) -> None:
+    """The gateway offers no extension upstream; a 101 that agrees to permessage-deflate anyway
+    would send compressed frames that neither the gateway nor the client agreed to read."""
+    async with raw_upstream("Sec-WebSocket-Extensions: permessage-deflate\r\n") as url:
+        client = await make_gateway(one_service(url, prefix="/ws"))
+
+        response = await client.get(
+            "/ws/room", headers={**_UPGRADE, "Sec-WebSocket-Extensions": "permessage-deflate"}
+        )
+
+        assert response.status == 502
+        body = await response.json()
+    assert body["detail"] == "Upstream accepted a WebSocket extension that was not offered"
+
+
+async def test_a_browser_offering_permessage_deflate_gets_no_extension_and_its_messages_cross(
+    ws_gateway: tuple[Any, Seen],
+) -> None:
+    """The upstream (aiohttp, which accepts permessage-deflate when offered) is not offered it,
+    and the client is not granted it: each side reads the frames the other sends."""
+    client, seen = ws_gateway
+
+    ws = await connect(client, compress=15)  # what a browser offers
+    await ws.send_str("a" * 10_000)
+    reply = await ws.receive(timeout=5)
+
+    assert ws.compress == 0
+    assert "Sec-WebSocket-Extensions" not in seen.headers
+    assert (reply.type, reply.data) == (WSMsgType.TEXT, "echo:" + "a" * 10_000)
+    await ws.close()
+
+
+async def test_the_upstreams_own_headers_on_its_101_reach_the_client(
+    make_gateway: Any, make_upstream: Any
+) -> None:
+    """A sticky-session cookie set on the 101 (socket.io behind a load balancer) or any header of
+    the backend's was dropped: the client got the gateway's own 101. nginx and Envoy pass them."""
+
+    async def endpoint(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(protocols=("v1.chat",))
+        ws.set_cookie("affinity", "node-7")
+        ws.headers["X-Backend"] = "realtime-streaming"
+        await ws.prepare(request)
+        await ws.receive()
+        return ws
+
+    client = await make_gateway(one_service((await make_upstream(endpoint)).url, prefix="/ws"))
+
+    ws = await client.ws_connect("/ws/room", protocols=("v1.chat",))
+
+    headers = ws._response.headers
+    assert headers["Set-Cookie"].startswith("affinity=node-7")
+    assert headers["X-Backend"] == "realtime-streaming"
+    assert len(headers.getall("Sec-WebSocket-Accept")) == 1  # the gateway's, for the client's key
+    assert headers.getall("Sec-WebSocket-Protocol") == ["v1.chat"]
+    assert "x-request-id" in headers
     await ws.close()
 
 
@@ -214,13 +298,45 @@ async def test_a_refusal_too_large_to_keep_gets_the_gateways_error_with_its_stat
     assert (await response.json())["detail"] == "Upstream refused the WebSocket upgrade"
 
 
-async def test_upstream_answering_without_upgrade_gives_502(make_gateway: Any, make_upstream: Any) -> None:
-    client = await make_gateway(one_service((await make_upstream()).url, prefix="/ws"))
+async def test_upstream_answering_200_instead_of_101_has_its_answer_relayed(
+    make_gateway: Any, make_upstream: Any
+) -> None:
+    """It was a 502 from the gateway. nginx and Envoy switch protocols only on a 101 and pass any
+    other answer on as sent: a page saying where WebSockets are served is the upstream's to give."""
 
-    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-        await client.ws_connect("/ws/room")
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(status=200, text="use /ws/v2 instead", headers={"X-Backend": "realtime"})
 
-    assert refused.value.status == 502
+    client = await make_gateway(one_service((await make_upstream(page)).url, prefix="/ws"))
+
+    response = await client.get("/ws/room", headers=_UPGRADE)
+
+    assert response.status == 200
+    assert await response.text() == "use /ws/v2 instead"
+    assert response.headers["X-Backend"] == "realtime"
+    assert response.headers["Connection"] == "close"
+    assert "Upgrade" not in response.headers
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_a_redirect_answering_the_upgrade_is_relayed_not_followed(
+    make_gateway: Any, make_upstream: Any, status: int
+) -> None:
+    """aiohttp's ws_connect followed it: the gateway opened the session wherever the upstream
+    pointed (any host), with the client's identity headers, and the client never knew."""
+    elsewhere = await make_upstream()
+
+    async def redirect(request: web.Request) -> web.Response:
+        return web.Response(status=status, headers={"Location": f"{elsewhere.url}/ws"}, text="moved")
+
+    client = await make_gateway(one_service((await make_upstream(redirect)).url, prefix="/ws"))
+
+    response = await client.get("/ws/room", headers=_UPGRADE, allow_redirects=False)
+
+    assert response.status == status
+    assert response.headers["Location"] == f"{elsewhere.url}/ws"
+    assert await response.text() == "moved"
+    assert elsewhere.requests == []
 
 
 async def test_unreachable_websocket_upstream_gives_502(make_gateway: Any, refused_url: str) -> None:
@@ -302,7 +418,7 @@ class Feed:
 
 @pytest.fixture
 async def feed_gateway(make_gateway: Any, make_upstream: Any, monkeypatch: Any) -> tuple[Any, Feed]:
-    monkeypatch.setattr(proxy, "_WS_CLOSE_TIMEOUT", 0.2, raising=False)
+    monkeypatch.setattr(wsrelay, "CLOSE_TIMEOUT", 0.2)
     feed = Feed()
 
     async def endpoint(request: web.Request) -> web.StreamResponse:
@@ -352,7 +468,7 @@ async def test_an_upstream_that_never_reads_is_let_go_when_the_client_vanishes(
 @pytest.fixture
 async def small_limit_gateway(make_gateway: Any, make_upstream: Any, monkeypatch: Any) -> tuple[Any, Seen]:
     """An echo upstream that can send a large message, behind a gateway with a 1000-byte limit."""
-    monkeypatch.setattr(proxy, "_WS_MAX_MESSAGE", 1000)
+    monkeypatch.setattr(wsrelay, "MAX_MESSAGE", 1000)
     seen = Seen()
 
     async def endpoint(request: web.Request) -> web.StreamResponse:
@@ -410,11 +526,12 @@ async def test_messages_up_to_the_limit_cross(small_limit_gateway: tuple[Any, Se
     await ws.close()
 
 
-async def test_a_close_frame_without_a_code_reaches_the_upstream_as_a_normal_close(
+async def test_a_close_frame_without_a_code_reaches_the_upstream_without_one(
     ws_gateway: tuple[Any, Seen],
 ) -> None:
     """A close frame may carry no status code. Passed on as code 0, which no endpoint may send,
-    the upstream saw a protocol error (1002) instead of the client's ordinary goodbye."""
+    the upstream saw a protocol error (1002) instead of the client's ordinary goodbye; then it
+    was made a 1000. It stays empty (aiohttp reports that as 0): test_websocket_lifecycle.py."""
     client, seen = ws_gateway
     reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
     try:
@@ -426,7 +543,7 @@ async def test_a_close_frame_without_a_code_reaches_the_upstream_as_a_normal_clo
         await wait_for(lambda: seen.closed, what="the upstream to see the close")
     finally:
         writer.close()
-    assert seen.close_code == WSCloseCode.OK
+    assert seen.close_code == 0
 
 
 def _raw_upgrade_headers() -> bytes:
@@ -439,7 +556,7 @@ async def test_a_client_that_stops_reading_pauses_the_upstream_and_is_cut_off(
     """Backpressure crosses the gateway: the upstream's sends block once the buffers between
     it and a client that reads nothing are full, and after the send timeout the client is cut
     off and the upstream let go, as for a streamed HTTP answer."""
-    monkeypatch.setattr(proxy, "_WS_CLOSE_TIMEOUT", 0.2, raising=False)
+    monkeypatch.setattr(wsrelay, "CLOSE_TIMEOUT", 0.2)
     sent_when_blocked: list[int] = []
     ended = asyncio.Event()
 
