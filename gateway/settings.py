@@ -673,9 +673,15 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     trusted = []
     for item in _csv(env.get("TRUSTED_PROXIES"), "TRUSTED_PROXIES"):
         try:
-            trusted.append(ipaddress.ip_network(item, strict=False))
+            network = ipaddress.ip_network(item, strict=False)
         except ValueError as exc:
             raise SettingsError(f"TRUSTED_PROXIES: {item!r} is not an address or CIDR") from exc
+        mapped = network.network_address.ipv4_mapped if network.version == 6 else None
+        if mapped is not None and network.prefixlen >= 96:
+            # A peer is compared as the gateway names it, an IPv4-mapped one as IPv4 (clientip):
+            # ::ffff:10.0.0.0/104, as written for a dual-stack socket, is 10.0.0.0/8.
+            network = ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+        trusted.append(network)
 
     origins = _csv(env.get("CORS_ALLOW_ORIGINS"), "CORS_ALLOW_ORIGINS")
     if "*" in origins and len(origins) > 1:

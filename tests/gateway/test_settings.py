@@ -464,6 +464,13 @@ def test_a_redis_host_that_is_an_address_or_a_name_makes_the_url(host: str, url:
     assert load_settings({"REDIS_HOST": host}).redis_url == url
 
 
+def test_an_ipv4_mapped_trusted_proxy_network_is_its_ipv4_network() -> None:
+    """Peers are matched as the gateway names them, an IPv4 client of a dual-stack socket as IPv4:
+    written IPv4-mapped, as it shows in ``ss`` on such a socket, the entry matched no peer at all."""
+    settings = load_settings({"TRUSTED_PROXIES": "::ffff:10.0.0.0/104,::ffff:192.0.2.7,2001:db8::/32"})
+    assert [str(net) for net in settings.trusted_proxies] == ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"]
+
+
 def test_blank_lists_that_default_to_none_stay_none() -> None:
     settings = load_settings({"TRUSTED_PROXIES": "", "CORS_ALLOW_ORIGINS": " "})
     assert (settings.trusted_proxies, settings.cors_allow_origins) == ((), ())
