@@ -51,8 +51,10 @@ from aiohttp.http_parser import HttpRequestParser, HttpRequestParserPy
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 from multidict import CIMultiDict, CIMultiDictProxy
+from propcache import under_cached_property
 from yarl import URL
 
+from .clientip import peer_host
 from .errors import ApiError, error_response
 from .headers import drop_server_banner
 from .keys import continue_key, request_id_key, span_key, tracing_key
@@ -187,6 +189,15 @@ class _GatewayRequestHandler(WriteDeadline, RequestHandler):
                 max_msg_queue_size=1,  # pause after every message
             )
 
+    @under_cached_property
+    def peername(self) -> Any:
+        """The socket's remote address, its host as ``clientip.peer_host`` names it (IPv4 for an
+        IPv4-mapped IPv6 address); aiohttp's ``request.remote`` is read from it."""
+        peer = None if self.transport is None else self.transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and isinstance(peer[0], str) and (host := peer_host(peer[0])) != peer[0]:
+            return (host, peer[1])
+        return peer
+
     def pause_writing(self) -> None:
         super().pause_writing()
         timeout = getattr(self._manager, "send_timeout", SEND_TIMEOUT)
@@ -197,7 +208,7 @@ class _GatewayRequestHandler(WriteDeadline, RequestHandler):
         transport = self.transport
         if transport is None or not self._paused:
             return
-        peer = transport.get_extra_info("peername")
+        peer = self.peername
         extra = {"peer": peer[0] if isinstance(peer, tuple) else None}
         # The timer runs outside the request's context: the line is led to its trace by hand.
         request = self._current_request
