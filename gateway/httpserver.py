@@ -36,6 +36,7 @@ with its head (the common small API call) is read without one.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import re
@@ -373,10 +374,32 @@ _AUTHORITY = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:%@\[\]]*")
 _ABSOLUTE = ("http://", "https://")
 
 
+# An IP literal and its port (RFC 3986 section 3.2.2): "[" only first, "]" only before the port.
+_IP_LITERAL = re.compile(r"\[([0-9A-Fa-f:.]+|v[0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+,;=:]+)\](?::[0-9]*)?")
+
+
 def valid_host(host: str) -> bool:
     """Whether ``host`` is a Host header value a server may accept (RFC 9112 section 3.2: an
-    invalid one is a 400). Empty is valid: a target URI without an authority has an empty Host."""
-    return _AUTHORITY.fullmatch(host) is not None
+    invalid one is a 400). Empty is valid: a target URI without an authority has an empty Host.
+
+    Brackets hold an IPv6 address (``[::1]:8080``) and nothing else; a host with two colons and
+    no brackets (``::1``) cannot be told from its port. Either, passed on as X-Forwarded-Host,
+    made a backend's links point nowhere (``http://[::1/x``).
+    """
+    if _AUTHORITY.fullmatch(host) is None:
+        return False
+    if "[" in host or "]" in host:
+        literal = _IP_LITERAL.fullmatch(host)
+        return literal is not None and (literal[1][0] == "v" or _is_ipv6(literal[1]))
+    return host.count(":") < 2
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 # Host values already found valid. A client sends the same one on every request, and a set
