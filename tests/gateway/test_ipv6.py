@@ -1,16 +1,27 @@
 """IPv6 and dual-stack, through real sockets on both loopbacks (127.0.0.1 and ::1): the listening
-socket and IPv4 clients of a dual-stack socket."""
+socket, IPv4 clients of a dual-stack socket, and IPv6 upstream targets."""
 
 from __future__ import annotations
 
 import json
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from tests.helpers import one_service, running_gateway, wait_for
+
+
+@pytest.fixture
+def refused_ipv6_url() -> Iterator[str]:
+    """An IPv6 loopback port that is bound but not listening: a connect there is refused."""
+    with socket.socket(socket.AF_INET6) as sock:
+        sock.bind(("::1", 0))
+        yield f"http://[::1]:{sock.getsockname()[1]}"
 
 
 async def _status(url: str, **headers: str) -> int:
@@ -64,3 +75,56 @@ async def test_an_ipv4_client_of_a_dual_stack_socket_is_named_by_its_ipv4_addres
     assert seen.values("X-Forwarded-For") == ["203.0.113.7, 127.0.0.1"]
     assert seen.values("X-Forwarded-Host") == ["api.example"]  # the peer matched 127.0.0.0/8
     assert line["remote"] == "127.0.0.1"
+
+
+async def test_ipv6_targets_are_balanced_retried_and_ejected(
+    make_gateway: Any, make_upstream: Any, refused_ipv6_url: str
+) -> None:
+    first, second = await make_upstream(host="::1"), await make_upstream(host="::1")
+    client = await make_gateway(one_service([refused_ipv6_url, first.url, second.url]))
+
+    statuses = [(await client.post(f"/r{i}", data=b"x")).status for i in range(4)]
+
+    assert statuses == [200] * 4  # the refused connect retried on the next target
+    assert len(first.requests) + len(second.requests) == 4 and first.requests and second.requests
+    port = first.url.rpartition(":")[2]
+    assert first.requests[0].values("Host") == [f"[::1]:{port}"]
+    detailed = await (await client.get("/health/detailed")).json()
+    targets = detailed["components"]["svc"]["targets"]
+    assert targets[refused_ipv6_url]["ejected"] is True
+    assert targets[first.url]["status"] == targets[second.url]["status"] == "healthy"
+
+
+async def test_a_websocket_is_relayed_to_an_ipv6_target(make_gateway: Any, make_upstream: Any) -> None:
+    async def echo(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            await ws.send_str(f"echo {message.data}")
+        return ws
+
+    upstream = await make_upstream(echo, read_body=False, host="::1")
+    client = await make_gateway(one_service(upstream.url))
+
+    async with client.ws_connect("/ws") as ws:
+        await ws.send_str("hi")
+        assert await ws.receive_str(timeout=5) == "echo hi"
+
+
+async def test_ipv6_clients_share_a_rate_limit_per_64_and_mapped_ones_are_ipv4(
+    make_gateway: Any, make_upstream: Any
+) -> None:
+    """The documented bucket (docs/edge.md): a host owns its /64 and picks addresses from it at
+    will (RFC 8981), so a per-address limit would be no limit. ``::ffff:a.b.c.d`` is a.b.c.d."""
+    upstream = await make_upstream()
+    config = one_service(upstream.url, rate_limit="1/minute")
+    client = await make_gateway(config, {"TRUSTED_PROXIES": "127.0.0.1"})
+
+    async def status(address: str) -> int:
+        return (await client.get("/x", headers={"X-Forwarded-For": address})).status
+
+    assert await status("2001:db8::1") == 200
+    assert await status("2001:db8::2") == 429  # same /64
+    assert await status("2001:db8:0:1::1") == 200  # the next /64
+    assert await status("203.0.113.7") == 200
+    assert await status("::ffff:203.0.113.7") == 429
