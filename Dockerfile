@@ -1,4 +1,6 @@
 # The gateway image. `python -m intelligence` runs the chat API from the same image.
+# Both listen on :: — every address of both families on one dual-stack socket — so the image
+# serves on IPv4-only, dual-stack and IPv6-only networks alike.
 # Python 3.11, not a newer one: on the proxy's hot path 3.12 and 3.13 execute about 16% more
 # instructions per request (bench/instructions.py: 524k on 3.11, 607k on 3.12, 612k on 3.13) and
 # 3.12 used 18% more CPU per request in an interleaved wrk A/B. 3.11 has security support until
@@ -9,8 +11,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    GATEWAY_HOST=0.0.0.0 \
-    INTELLIGENCE_HOST=0.0.0.0
+    GATEWAY_HOST=:: \
+    INTELLIGENCE_HOST=::
 
 WORKDIR /app
 

@@ -12,7 +12,7 @@ import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 
-__all__ = ["IPNetwork", "client_ip", "is_trusted_peer"]
+__all__ = ["IPNetwork", "client_ip", "is_trusted_peer", "peer_host"]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -49,6 +49,21 @@ def client_ip(
         if not _is_trusted(address, trusted):
             break
     return str(address)
+
+
+def peer_host(host: str) -> str:
+    """A socket's remote address as the gateway names its client everywhere (``request.remote``:
+    the access log, ``X-Forwarded-For``, ``TRUSTED_PROXIES``, rate-limit buckets).
+
+    An IPv4 client of a dual-stack socket (``GATEWAY_HOST=::``) arrives as ``::ffff:10.0.0.5``:
+    it is 10.0.0.5, as Go's listeners (Traefik) report it. A link-local peer's zone
+    (``fe80::1%eth0``) names an interface of this host, meaningless to a backend: dropped, as
+    nginx's ``$remote_addr`` does.
+    """
+    if ":" not in host:
+        return host
+    address = _parse(host)
+    return host if address is None else str(address)
 
 
 @functools.lru_cache(maxsize=4096)  # the same peers and proxies come back again and again

@@ -36,6 +36,7 @@ with its head (the common small API call) is read without one.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import re
@@ -51,8 +52,10 @@ from aiohttp.http_parser import HttpRequestParser, HttpRequestParserPy
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 from multidict import CIMultiDict, CIMultiDictProxy
+from propcache import under_cached_property
 from yarl import URL
 
+from .clientip import peer_host
 from .errors import ApiError, error_response
 from .headers import drop_server_banner
 from .keys import continue_key, request_id_key, span_key, tracing_key
@@ -203,6 +206,15 @@ class _GatewayRequestHandler(WriteDeadline, RequestHandler):
                 max_msg_queue_size=1,  # pause after every message
             )
 
+    @under_cached_property
+    def peername(self) -> Any:
+        """The socket's remote address, its host as ``clientip.peer_host`` names it (IPv4 for an
+        IPv4-mapped IPv6 address); aiohttp's ``request.remote`` is read from it."""
+        peer = None if self.transport is None else self.transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and isinstance(peer[0], str) and (host := peer_host(peer[0])) != peer[0]:
+            return (host, peer[1])
+        return peer
+
     def pause_writing(self) -> None:
         super().pause_writing()
         timeout = getattr(self._manager, "send_timeout", SEND_TIMEOUT)
@@ -213,7 +225,7 @@ class _GatewayRequestHandler(WriteDeadline, RequestHandler):
         transport = self.transport
         if transport is None or not self._paused:
             return
-        peer = transport.get_extra_info("peername")
+        peer = self.peername
         extra = {"peer": peer[0] if isinstance(peer, tuple) else None}
         # The timer runs outside the request's context: the line is led to its trace by hand.
         request = self._current_request
@@ -380,10 +392,32 @@ _AUTHORITY = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:%@\[\]]*")
 _ABSOLUTE = ("http://", "https://")
 
 
+# An IP literal and its port (RFC 3986 section 3.2.2): "[" only first, "]" only before the port.
+_IP_LITERAL = re.compile(r"\[([0-9A-Fa-f:.]+|v[0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+,;=:]+)\](?::[0-9]*)?")
+
+
 def valid_host(host: str) -> bool:
     """Whether ``host`` is a Host header value a server may accept (RFC 9112 section 3.2: an
-    invalid one is a 400). Empty is valid: a target URI without an authority has an empty Host."""
-    return _AUTHORITY.fullmatch(host) is not None
+    invalid one is a 400). Empty is valid: a target URI without an authority has an empty Host.
+
+    Brackets hold an IPv6 address (``[::1]:8080``) and nothing else; a host with two colons and
+    no brackets (``::1``) cannot be told from its port. Either, passed on as X-Forwarded-Host,
+    made a backend's links point nowhere (``http://[::1/x``).
+    """
+    if _AUTHORITY.fullmatch(host) is None:
+        return False
+    if "[" in host or "]" in host:
+        literal = _IP_LITERAL.fullmatch(host)
+        return literal is not None and (literal[1][0] == "v" or _is_ipv6(literal[1]))
+    return host.count(":") < 2
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 # Host values already found valid. A client sends the same one on every request, and a set

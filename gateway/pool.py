@@ -24,6 +24,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterable
 from contextvars import Context
+from urllib.parse import unquote
 
 from aiohttp import hdrs
 from aiohttp.client_exceptions import ClientPayloadError, SocketTimeoutError
@@ -340,6 +341,14 @@ class TargetPool:
         self.ssl: ssl.SSLContext | None = ssl.create_default_context() if parsed.scheme == "https" else None
         # As RFC 9110 has it: an IPv6 literal in brackets, the port only when not the default.
         self.host_header = parsed.host_port_subcomponent
+        if "%" in self.host and ":" in self.host:
+            # A link-local target's zone, http://[fe80::1%25eth0]:8080 (RFC 6874): the resolver
+            # takes it as fe80::1%eth0 (it could not resolve "%25eth0"), and it is this host's
+            # interface, so it never goes out: "an HTTP client, proxy, or other intermediary MUST
+            # remove any ZoneID attached to an outgoing URI" (RFC 6874 section 4).
+            address, _, zone = self.host.partition("%")
+            self.host = f"{address}%{unquote(zone.removeprefix('25'))}"
+            self.host_header = self.host_header.replace(f"%{zone}", "", 1)
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self._idle: deque[tuple[UpstreamProtocol, float]] = deque()

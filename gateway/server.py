@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ctypes
 import gc
+import ipaddress
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -129,6 +130,43 @@ def tune_malloc() -> bool:
     )
 
 
+LISTEN_BACKLOG = 1024
+
+
+def _site(runner: GatewayRunner, listener: Listener, *, reuse_port: bool) -> web.BaseSite:
+    """Where ``listener`` is served: ``::`` is one socket that takes both IPv4 and IPv6 clients.
+
+    asyncio and uvloop set ``IPV6_V6ONLY`` on every IPv6 socket they bind, so ``::`` took IPv6
+    clients only and IPv4 ones were refused: on a dual-stack pod, kubelet's probes and half the
+    Service's traffic. Go's listeners (Traefik) take both families on ``[::]``, as do Envoy's with
+    ``ipv4_compat`` and nginx's with ``ipv6only=off``; an IPv4 client then shows up as
+    ``::ffff:10.0.0.5``, which the request handler (``httpserver``) reads back as 10.0.0.5. Any
+    other address, or a host name, is bound as given.
+    """
+    if _is_ipv6_any(listener.host):
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(("::", listener.port))
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return web.SockSite(runner, sock, backlog=LISTEN_BACKLOG)
+    return web.TCPSite(runner, listener.host, listener.port, reuse_port=reuse_port, backlog=LISTEN_BACKLOG)
+
+
+def _is_ipv6_any(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.version == 6 and address.is_unspecified
+
+
 def run(main: Coroutine[Any, Any, None]) -> None:
     """Run ``main`` on uvloop when it is installed, on asyncio's loop otherwise."""
     try:
@@ -190,8 +228,8 @@ async def serve(
             )
             await runner.setup()
             runners.append(runner)
-            site = web.TCPSite(runner, listener.host, listener.port, reuse_port=reuse_port, backlog=1024)
             try:
+                site = _site(runner, listener, reuse_port=reuse_port)
                 await site.start()
             except OSError as exc:
                 raise ListenError(listener, exc) from exc

@@ -92,6 +92,8 @@ _MEDIA_RANGE_RE = re.compile(
 )
 # RFC 1123 host names, plus ``_`` (container and compose service names have it).
 _HOSTNAME_RE = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*\.?", re.IGNORECASE)
+# "10.0.0.1:8080", "[::1]:8080", "redis:6379": a URL's authority where only the host belongs.
+_HOST_AND_PORT_RE = re.compile(r"(\[[0-9a-f:.]+\]|[^:\[\]]+):[0-9]+", re.IGNORECASE)
 # ASCII digits only: ``\d`` would take Arabic-Indic or other Unicode digits, and int() reads them.
 _RATE_RE = re.compile(r"^\s*([0-9]+)\s*/\s*([0-9]*)\s*([a-z]+)\s*$", re.IGNORECASE)
 _PERIODS = {
@@ -293,19 +295,30 @@ def parse_int(value: Any, key: str, *, minimum: int, maximum: int) -> int:
 
 
 def parse_host(value: str, key: str) -> str:
-    """An address or host name to listen on; ``""`` (every interface) passes as it always did."""
+    """An address or host name to listen on; ``""`` (every interface) passes as it always did.
+
+    An IPv6 address may come in the brackets of URLs and nginx's ``listen [::]:80``: ``[::]`` is
+    ``::``. A port after the host is refused with the key that takes it.
+    """
     host = value.strip()
     if not host:
         return host
+    bracketed = host.startswith("[") and host.endswith("]")
+    literal = host[1:-1] if bracketed else host
     try:
-        ipaddress.ip_address(host)
-        return host
+        address = ipaddress.ip_address(literal)
     except ValueError:
         pass
+    else:
+        if not bracketed or address.version == 6:
+            return literal
     # A name's last label is never all digits (RFC 1123 2.1), so 999.1.1.1 is a mistyped address
     # that would only fail, with a resolver's message, when the socket is bound.
     if not _HOSTNAME_RE.fullmatch(host) or host.rstrip(".").rsplit(".", 1)[-1].isdigit():
-        raise SettingsError(f"{key}: {host!r} is neither an IP address nor a host name")
+        problem = f"{key}: {host!r} is neither an IP address nor a host name"
+        if _HOST_AND_PORT_RE.fullmatch(host) and key.endswith("_HOST"):
+            problem += f" (the port goes in {key.removesuffix('_HOST')}_PORT)"
+        raise SettingsError(problem)
     return host
 
 
@@ -660,9 +673,15 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     trusted = []
     for item in _csv(env.get("TRUSTED_PROXIES"), "TRUSTED_PROXIES"):
         try:
-            trusted.append(ipaddress.ip_network(item, strict=False))
+            network = ipaddress.ip_network(item, strict=False)
         except ValueError as exc:
             raise SettingsError(f"TRUSTED_PROXIES: {item!r} is not an address or CIDR") from exc
+        mapped = network.network_address.ipv4_mapped if network.version == 6 else None
+        if mapped is not None and network.prefixlen >= 96:
+            # A peer is compared as the gateway names it, an IPv4-mapped one as IPv4 (clientip):
+            # ::ffff:10.0.0.0/104, as written for a dual-stack socket, is 10.0.0.0/8.
+            network = ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+        trusted.append(network)
 
     origins = _csv(env.get("CORS_ALLOW_ORIGINS"), "CORS_ALLOW_ORIGINS")
     if "*" in origins and len(origins) > 1:

@@ -56,7 +56,8 @@ class Upstream:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.port}"
+        host = self.server.host
+        return f"http://[{host}]:{self.server.port}" if ":" in host else f"http://{host}:{self.server.port}"
 
 
 async def _default_reply(request: web.Request) -> web.StreamResponse:
@@ -74,12 +75,17 @@ async def make_upstream(aiohttp_server: Any) -> AsyncIterator[Callable[..., Awai
     then answers with ``handler`` (JSON ok by default).
 
     With ``read_body=False`` the handler gets the request unread and records nothing itself.
-    ``sock`` serves on an already bound socket (a target that comes back on the same port).
+    ``sock`` serves on an already bound socket (a target that comes back on the same port);
+    ``host="::1"`` listens on the IPv6 loopback (its ``url`` is ``http://[::1]:PORT``).
     """
     servers: list[TestServer] = []
 
     async def make(
-        handler: UpstreamHandler | None = None, *, read_body: bool = True, sock: socket.socket | None = None
+        handler: UpstreamHandler | None = None,
+        *,
+        read_body: bool = True,
+        sock: socket.socket | None = None,
+        host: str = "127.0.0.1",
     ) -> Upstream:
         reply = handler or _default_reply
         upstream: Upstream
@@ -93,7 +99,7 @@ async def make_upstream(aiohttp_server: Any) -> AsyncIterator[Callable[..., Awai
         app = web.Application(client_max_size=16 * 1024**2, handler_args={"auto_decompress": False})
         app.router.add_route("*", "/{tail:.*}", recording)
         if sock is None:
-            upstream = Upstream(await aiohttp_server(app))
+            upstream = Upstream(await aiohttp_server(app, host=host))
         else:
             server = TestServer(app, port=sock.getsockname()[1], socket_factory=lambda *_: sock.dup())
             await server.start_server()

@@ -222,9 +222,13 @@ def refusal(result: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on ``host``; on both families for ``::`` (which the gateway binds dual-stack)."""
+    host = host.strip("[]")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        if host == "::":
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
@@ -304,26 +308,37 @@ class GatewayProcess:
     process: asyncio.subprocess.Process
     port: int
     log: Path
+    host: str = "127.0.0.1"  # GATEWAY_HOST; "::" is reached at ::1
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.url_at("::1" if self.host.strip("[]") == "::" else self.host)
+
+    def url_at(self, address: str) -> str:
+        """The gateway's base URL through ``address`` (``127.0.0.1``, ``::1``)."""
+        return f"http://[{address}]:{self.port}" if ":" in address else f"http://{address}:{self.port}"
 
 
 @asynccontextmanager
 async def running_gateway(
-    config: dict[str, Any], tmp_path: Path, *, open_files: int | None = None, **env: str
+    config: dict[str, Any],
+    tmp_path: Path,
+    *,
+    open_files: int | None = None,
+    host: str = "127.0.0.1",
+    **env: str,
 ) -> AsyncIterator[GatewayProcess]:
     """``python -m gateway`` with ``config`` as its file and ``env`` added, ready when entered (its
     output in ``log``); killed on the way out unless the test stopped it. ``open_files`` sets the
-    process's RLIMIT_NOFILE (``ulimit -n``)."""
+    process's RLIMIT_NOFILE (``ulimit -n``); ``host`` is its GATEWAY_HOST."""
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    port = free_port()
+    port = free_port(host)
     variables = {
         "PATH": os.environ.get("PATH", ""),
         "PYTHONPATH": str(ROOT),
         "GATEWAY_CONFIG": str(path),
+        "GATEWAY_HOST": host,
         "GATEWAY_PORT": str(port),
         **env,
     }
@@ -333,7 +348,7 @@ async def running_gateway(
             sys.executable, "-m", "gateway", cwd=ROOT, env=variables, stdout=log, stderr=log,
             preexec_fn=None if open_files is None else partial(_limit_open_files, open_files),
         )  # fmt: skip
-    gateway = GatewayProcess(process, port, log_path)
+    gateway = GatewayProcess(process, port, log_path, host)
     try:
         await wait_ready(gateway.base, process, log_path)
         yield gateway

@@ -4,16 +4,20 @@ expects."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import kubernetes_validate
 import pytest
 import yaml
 
 from gateway.settings import load_config_file
+from tests.helpers import one_service, running_gateway
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "kubernetes"
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy" / "kubernetes"
 # The oldest Kubernetes we target (preStop exec, autoscaling/v2 and policy/v1 are all GA there)
 # and the newest schemas the package ships.
 VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
@@ -118,3 +122,33 @@ def test_migration_job_runs_migrate() -> None:
     (container,) = job["spec"]["template"]["spec"]["containers"]
     assert container["command"][-3:] == ["-m", "intelligence", "migrate"]
     assert job["spec"]["template"]["spec"]["restartPolicy"] in ("OnFailure", "Never")
+
+
+def _env(deployment: str) -> dict[str, str | None]:
+    (container,) = by_kind("Deployment")[deployment]["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e.get("value") for e in container["env"]}
+
+
+@pytest.mark.parametrize(
+    ("deployment", "key"), [("gateway", "GATEWAY_HOST"), ("intelligence", "INTELLIGENCE_HOST")]
+)
+def test_the_image_and_the_deployments_listen_on_both_families(deployment: str, key: str) -> None:
+    """0.0.0.0 takes IPv4 only: on an IPv6-only (or IPv6-first) cluster the pod's address is
+    IPv6, and the kubelet's probes and the Service's traffic were refused."""
+    assert _env(deployment)[key] == "::"
+    image_env = dict(re.findall(r"^\s*([A-Z_]+)=(\S+?)(?:\s*\\)?$", (ROOT / "Dockerfile").read_text(), re.M))
+    assert image_env[key] == "::"
+    assert by_kind("Service")["gateway"]["spec"]["ipFamilyPolicy"] == "PreferDualStack"
+
+
+async def test_the_deployments_listen_address_takes_ipv4_and_ipv6_clients(
+    make_upstream: Any, tmp_path: Path
+) -> None:
+    upstream = await make_upstream()
+    host = _env("gateway")["GATEWAY_HOST"]
+    assert host is not None
+    async with running_gateway(one_service(upstream.url), tmp_path, host=host) as gateway:
+        async with aiohttp.ClientSession() as session:
+            for address in ("127.0.0.1", "::1"):  # a pod's IPv4 and IPv6 addresses, on loopback
+                async with session.get(f"{gateway.url_at(address)}/health/ready") as response:
+                    assert response.status == 200

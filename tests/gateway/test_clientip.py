@@ -2,7 +2,7 @@ import ipaddress
 
 import pytest
 
-from gateway.clientip import client_ip
+from gateway.clientip import client_ip, peer_host
 
 TRUSTED = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8"))
 
@@ -52,3 +52,17 @@ def test_rotating_the_header_cannot_change_an_untrusted_peers_address():
 def test_prepending_hops_cannot_change_the_client_behind_a_trusted_proxy():
     seen = {client_ip("10.0.0.1", [f"1.1.1.{i}, 198.51.100.9"], TRUSTED) for i in range(50)}
     assert seen == {"198.51.100.9"}
+
+
+@pytest.mark.parametrize(
+    ("peer", "named"),
+    [
+        ("10.0.0.5", "10.0.0.5"),
+        ("::ffff:10.0.0.5", "10.0.0.5"),  # an IPv4 client of a dual-stack socket
+        ("2001:db8::1", "2001:db8::1"),
+        ("fe80::1%eth0", "fe80::1"),  # the zone is this host's interface, nothing to a backend
+        ("/run/gateway.sock", "/run/gateway.sock"),
+    ],
+)
+def test_a_peer_is_named_as_its_client_everywhere(peer: str, named: str) -> None:
+    assert peer_host(peer) == named

@@ -6,6 +6,7 @@ import asyncio
 import contextvars
 import functools
 import gc
+import socket
 import subprocess
 import sys
 import time
@@ -310,6 +311,18 @@ async def test_an_ipv6_target_gets_its_host_header_in_brackets(make_gateway: Any
     finally:
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.parametrize("url", ["http://[fe80::1%25lo]:8080", "http://[fe80::1%lo]:8080"])
+def test_a_link_local_targets_zone_reaches_the_resolver_and_not_the_host_header(url: str) -> None:
+    """RFC 6874 writes the zone %25-encoded in a URL; the resolver could not resolve "%25lo", so
+    every request to such a target was a 502. The zone is this host's interface: it never goes
+    out (section 4), so the Host header has none."""
+    pool = TargetPool(url)
+
+    ((*_, address),) = socket.getaddrinfo(pool.host, pool.port, type=socket.SOCK_STREAM)
+    assert address == ("fe80::1", 8080, 0, socket.if_nametoindex("lo"))
+    assert pool.host_header == "[fe80::1]:8080"
 
 
 def _split_body(first: bytes, rest: bytes, *, then_close: bool) -> tuple[Any, asyncio.Event]:

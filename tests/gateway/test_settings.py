@@ -246,6 +246,36 @@ def test_listen_hosts_that_are_addresses_or_names_are_kept(host: str) -> None:
     assert (settings.host, settings.intelligence_host) == (host, host)
 
 
+@pytest.mark.parametrize(("host", "kept"), [("[::]", "::"), ("[::1]", "::1"), ("[fd00::2]", "fd00::2")])
+def test_an_ipv6_listen_host_may_be_written_in_brackets(host: str, kept: str) -> None:
+    """As in URLs and nginx's ``listen [::]:80``; it was refused as no address."""
+    settings = load_settings({"GATEWAY_HOST": host, "INTELLIGENCE_HOST": host})
+    assert (settings.host, settings.intelligence_host) == (kept, kept)
+
+
+@pytest.mark.parametrize(
+    ("key", "host", "port_key"),
+    [
+        ("GATEWAY_HOST", "[::1]:8080", "GATEWAY_PORT"),
+        ("GATEWAY_HOST", "10.0.0.1:8080", "GATEWAY_PORT"),
+        ("INTELLIGENCE_HOST", "chat:8081", "INTELLIGENCE_PORT"),
+        ("REDIS_HOST", "redis:6379", "REDIS_PORT"),
+    ],
+)
+def test_a_host_with_a_port_says_which_key_takes_the_port(key: str, host: str, port_key: str) -> None:
+    with pytest.raises(SettingsError) as refused:
+        load_settings({key: host})
+    assert str(refused.value) == (
+        f"{key}: {host!r} is neither an IP address nor a host name (the port goes in {port_key})"
+    )
+
+
+@pytest.mark.parametrize("host", ["[::1", "::1]", "[127.0.0.1]", "[localhost]", "[::1]x"])
+def test_a_listen_host_with_stray_brackets_is_refused(host: str) -> None:
+    with pytest.raises(SettingsError, match=r"^GATEWAY_HOST: .* is neither an IP address nor a host name$"):
+        load_settings({"GATEWAY_HOST": host})
+
+
 @pytest.mark.parametrize(
     ("entry", "request_type"),
     [
@@ -420,8 +450,9 @@ def test_a_redis_url_its_client_cannot_use_names_the_key(url: str) -> None:
 def test_check_config_refuses_a_redis_host_that_is_no_host_in_one_line(host: str) -> None:
     result = run_program("gateway", "check-config", env=program_env(REDIS_HOST=host))
 
+    hint = " (the port goes in REDIS_PORT)" if host == "redis:6379" else ""
     assert refusal(result) == (
-        f"gateway: configuration error: REDIS_HOST: {host!r} is neither an IP address nor a host name"
+        f"gateway: configuration error: REDIS_HOST: {host!r} is neither an IP address nor a host name{hint}"
     )
 
 
@@ -431,6 +462,13 @@ def test_check_config_refuses_a_redis_host_that_is_no_host_in_one_line(host: str
 )
 def test_a_redis_host_that_is_an_address_or_a_name_makes_the_url(host: str, url: str | None) -> None:
     assert load_settings({"REDIS_HOST": host}).redis_url == url
+
+
+def test_an_ipv4_mapped_trusted_proxy_network_is_its_ipv4_network() -> None:
+    """Peers are matched as the gateway names them, an IPv4 client of a dual-stack socket as IPv4:
+    written IPv4-mapped, as it shows in ``ss`` on such a socket, the entry matched no peer at all."""
+    settings = load_settings({"TRUSTED_PROXIES": "::ffff:10.0.0.0/104,::ffff:192.0.2.7,2001:db8::/32"})
+    assert [str(net) for net in settings.trusted_proxies] == ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"]
 
 
 def test_blank_lists_that_default_to_none_stay_none() -> None:
