@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import gc
 import ipaddress
 import logging
@@ -142,9 +143,23 @@ def _site(runner: GatewayRunner, listener: Listener, *, reuse_port: bool) -> web
     ``ipv4_compat`` and nginx's with ``ipv6only=off``; an IPv4 client then shows up as
     ``::ffff:10.0.0.5``, which the request handler (``httpserver``) reads back as 10.0.0.5. Any
     other address, or a host name, is bound as given.
+
+    On a kernel without IPv6 (booted with ``ipv6.disable=1``), ``::`` means every IPv4 address,
+    as Go's listeners fall back: the image's default must not keep such a host from serving.
     """
     if _is_ipv6_any(listener.host):
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        except OSError as exc:
+            if exc.errno != errno.EAFNOSUPPORT:
+                raise
+            log.warning(
+                f"{listener.name}: :: asked for, but this kernel has no IPv6: listening on 0.0.0.0 instead",
+                extra={"port": listener.port},
+            )
+            return web.TCPSite(
+                runner, "0.0.0.0", listener.port, reuse_port=reuse_port, backlog=LISTEN_BACKLOG
+            )
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if reuse_port:

@@ -3,6 +3,7 @@ socket, IPv4 clients of a dual-stack socket, and IPv6 upstream targets."""
 
 from __future__ import annotations
 
+import errno
 import json
 import socket
 from collections.abc import Iterator
@@ -13,7 +14,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.helpers import one_service, running_gateway, wait_for
+from gateway import server
+from tests.helpers import free_port, one_service, running_gateway, wait_for
 
 
 @pytest.fixture
@@ -128,3 +130,35 @@ async def test_ipv6_clients_share_a_rate_limit_per_64_and_mapped_ones_are_ipv4(
     assert await status("2001:db8:0:1::1") == 200  # the next /64
     assert await status("203.0.113.7") == 200
     assert await status("::ffff:203.0.113.7") == 429
+
+
+async def test_without_ipv6_in_the_kernel_every_ipv6_address_means_every_ipv4_one(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The image listens on ``::``; a host booted with ``ipv6.disable=1`` has no AF_INET6 at all
+    (EAFNOSUPPORT, simulated here: this machine has IPv6). Go's listeners fall back to IPv4 there,
+    and so does the gateway, saying so, rather than refusing to start."""
+    real_socket = socket.socket
+
+    def without_ipv6(family: int = socket.AF_INET, *args: Any, **kwargs: Any) -> socket.socket:
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        return real_socket(family, *args, **kwargs)
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hello")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(socket, "socket", without_ipv6)
+            site = server._site(runner, server.Listener(app, "::", port, "gateway"), reuse_port=False)
+        await site.start()
+        assert await _status(f"http://127.0.0.1:{port}/") == 200
+    finally:
+        await runner.cleanup()
+    assert "this kernel has no IPv6: listening on 0.0.0.0" in caplog.text
