@@ -115,22 +115,35 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     source = settings.config_file or "built-in default table"
     print(f"configuration OK ({source})\n")
     print("services:")
+    services = []
     for service in settings.services.values():
         t = service.timeout
-        print(
-            f"  {service.name:<26} {', '.join(service.urls)}  (health {service.health_path}, connect {t.connect:g}s, read {t.read:g}s)"
-        )
+        detail = f"(health {service.health_path}, connect {t.connect:g}s, read {t.read:g}s)"
+        services.append((service.name, ", ".join(service.urls), detail))
+    print("\n".join(_aligned(services)))
     print("\nroutes (longest prefix wins):")
-    header = f"  {'prefix':<22} {'service':<26} {'max_body':>9} {'rate_limit':<24} {'auth':<9} {'scopes':<16} strip"
-    print(header)
+    routes = [("prefix", "service", "max_body", "rate_limit", "auth", "scopes", "strip")]
     for route in sorted(settings.routes, key=lambda r: r.prefix):
         max_body = "unlimited" if route.max_body is None else _human(route.max_body)
         rate = str(route.rate_limit) if route.rate_limit else f"{settings.rate_limit_default} (default)"
-        print(
-            f"  {route.prefix:<22} {route.service:<26} {max_body:>9} {rate:<24} {route.auth:<9} "
-            f"{','.join(route.scopes) or '-':<16} {'yes' if route.strip_prefix else 'no'}"
-        )
+        scopes = ",".join(route.scopes) or "-"
+        strip = "yes" if route.strip_prefix else "no"
+        routes.append((route.prefix, route.service, max_body, rate, route.auth, scopes, strip))
+    print("\n".join(_aligned(routes, right={2})))
     return 0
+
+
+def _aligned(rows: list[tuple[str, ...]], right: frozenset[int] | set[int] = frozenset()) -> list[str]:
+    """``rows`` as lines of columns, each as wide as its widest cell: a long prefix or service
+    name must not push the rest of its line out of its columns."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  "
+        + " ".join(
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in rows
+    ]
 
 
 def _human(size: int) -> str:

@@ -523,6 +523,30 @@ def test_check_config_prints_the_table_for_a_good_file(tmp_path: Path) -> None:
         assert text in result.stdout
 
 
+def test_check_config_keeps_its_columns_for_long_prefixes_and_service_names(tmp_path: Path) -> None:
+    config = {
+        "services": {"observability-collector-for-the-eu-west-clusters": {"url": "http://127.0.0.1:9001"}},
+        "routes": [
+            {
+                "prefix": "/api/v1/clusters/eu-west/nodes/pods",
+                "service": "observability-collector-for-the-eu-west-clusters",
+            },
+            {"prefix": "/a", "service": "observability-collector-for-the-eu-west-clusters", "auth": "none"},
+        ],
+    }
+    result = check_config(write(tmp_path, config))
+    assert result.returncode == 0, result.stderr
+    table = result.stdout.split("routes (longest prefix wins):\n", 1)[1].splitlines()
+    header, rows = table[0], table[1:]
+    assert len(rows) == 2
+    for column in ("service", "rate_limit", "auth"):
+        start = header.index(column)
+        for row in rows:
+            assert row[start - 1] == " " and row[start] != " ", (column, header, row)
+    auth = header.index("auth")
+    assert [row[auth:].split()[0] for row in rows] == ["none", "required"]
+
+
 def test_check_config_fails_with_one_clear_line_for_a_bad_file(tmp_path: Path) -> None:
     result = check_config(write(tmp_path, with_change("routes.0.max_body", "12 parsecs")))
 
