@@ -182,6 +182,8 @@ _REQUEST_LINE = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+ [!-~]+ HTTP/1\.[01]\r?
 class UnknownMethod(BadHttpMethod):
     """A request in good form with a method the parser does not know: RFC 9110 section 9.1's
     501, not a 400 (Apache answers so; nginx forwards any method, which aiohttp's parser cannot)."""
+
+
 _CR_LF = b"\r\n"
 
 

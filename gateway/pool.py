@@ -42,6 +42,7 @@ __all__ = [
     "ConnectTimeout",
     "OutOfSockets",
     "TargetPool",
+    "TlsFailed",
     "UpstreamProtocol",
     "exchange",
 ]
@@ -53,6 +54,21 @@ _NO_BODY = frozenset({204, 304})
 
 class ConnectFailed(OSError):
     """The target refused the connection, reset it during connect, or its name does not resolve."""
+
+
+class TlsFailed(ConnectFailed):
+    """The TLS handshake with an ``https://`` target failed: its certificate did not verify (another
+    CA's, expired, for another name), or it does not speak TLS. A connect failure like the others
+    (nothing was sent; nginx and Envoy count it so too), with the reason for the log in ``str()``."""
+
+
+def tls_reason(exc: ssl.SSLError) -> str:
+    """What OpenSSL said, for a log line: ``certificate verify failed: certificate has expired``."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"certificate verify failed: {exc.verify_message}"
+    if exc.reason:
+        return exc.reason.lower().replace("_", " ")  # WRONG_VERSION_NUMBER, as nginx logs it
+    return str(exc)
 
 
 class OutOfSockets(OSError):
@@ -345,6 +361,8 @@ class TargetPool:
                     raise
         except TimeoutError:
             raise ConnectTimeout(f"connect to {self.host}:{self.port} timed out") from None
+        except ssl.SSLError as exc:  # an OSError too, whose errno is OpenSSL's, not the kernel's
+            raise TlsFailed(tls_reason(exc)) from exc
         except OSError as exc:  # refused, unreachable, reset, and socket.gaierror for DNS
             if exc.errno in LOCAL_SHORTAGES and not isinstance(exc, socket.gaierror):
                 raise OutOfSockets(exc.errno, exc.strerror or str(exc)) from exc

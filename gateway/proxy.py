@@ -7,6 +7,7 @@ Everything else is streamed chunk by chunk with flow control on both sockets.
 Upstream failures are translated at this one boundary:
 
     connect refused / DNS       -> eject target, retry once elsewhere (nothing was sent), else 502
+    TLS handshake failed        -> logged with the reason, then as a refused connect
     no socket for it (EMFILE)   -> 503 with Retry-After; the gateway's shortage, target kept
     connect timeout             -> eject target, retry as above, else 504
     read timeout                -> 504, target kept (it is up; one endpoint is slow)
@@ -64,7 +65,15 @@ from .middleware.auth import identity_headers, without_query_token
 from .middleware.cors import ALLOWED_METHODS
 from .middleware.request_id import REQUEST_ID_HEADER
 from .middleware.tracing import ClientSpan, SpanRef, current_trace, downstream_headers
-from .pool import LOCAL_SHORTAGES, ConnectFailed, ConnectTimeout, OutOfSockets, UpstreamProtocol, exchange
+from .pool import (
+    LOCAL_SHORTAGES,
+    ConnectFailed,
+    ConnectTimeout,
+    OutOfSockets,
+    TlsFailed,
+    UpstreamProtocol,
+    exchange,
+)
 from .routing import has_dot_segment, has_encoded_control, may_read_otherwise, strip_route_prefix
 from .settings import Route
 from .upstream import Target, Upstream
@@ -550,6 +559,9 @@ def _upstream_failure(upstream: Upstream, target: Target, exc: BaseException) ->
         # Nothing reached the upstream, and the target is likely down.
         upstream.eject(target)
         return ApiError(504, f"Upstream '{name}' timed out"), "timeout"
+    if isinstance(exc, TlsFailed):
+        upstream.eject(target)
+        return _tls_failed(name, target, str(exc)), "connect"
     if isinstance(exc, ConnectFailed):
         upstream.eject(target)
         return ApiError(502, f"Upstream '{name}' is unreachable"), "connect"
@@ -564,6 +576,18 @@ def _upstream_failure(upstream: Upstream, target: Target, exc: BaseException) ->
         "upstream error", extra={"service": name, "target": target.url, "error": repr(exc)}, exc_info=exc
     )
     return ApiError(502, f"Upstream '{name}' sent an invalid response"), "invalid"
+
+
+def _tls_failed(name: str, target: Target, reason: str) -> ApiError:
+    """A target whose TLS handshake failed: most often the operator's to fix (the CA to trust, a
+    renewed certificate), so the log says which target and what OpenSSL objected to, as nginx's
+    "SSL_do_handshake() failed ... while SSL handshaking to upstream" does. The client gets a 502
+    that names neither: the reason is about the gateway's trust, not the client's request."""
+    log.warning(
+        "TLS handshake with an upstream failed",
+        extra={"service": name, "target": target.url, "error": reason},
+    )
+    return ApiError(502, f"Upstream '{name}' failed the TLS handshake")
 
 
 # When the gateway runs out of file descriptors every request that needs a new upstream connection
