@@ -73,6 +73,7 @@ from .pool import (
     TlsFailed,
     UpstreamProtocol,
     exchange,
+    tls_reason,
 )
 from .routing import has_dot_segment, has_encoded_control, may_read_otherwise, strip_route_prefix
 from .settings import Route
@@ -867,6 +868,7 @@ async def _proxy_websocket(
         async with asyncio.timeout(timeout.connect + timeout.read):
             upstream_ws = await session.ws_connect(
                 URL(target.url + path, encoded=True),
+                ssl=target.pool.ssl or True,  # the CAs proxied requests trust (pool.upstream_tls_context)
                 headers=headers,
                 protocols=protocols,
                 autoping=False,
@@ -884,6 +886,10 @@ async def _proxy_websocket(
         raise ApiError(
             exc.status if exc.status >= 400 else 502, "Upstream refused the WebSocket upgrade"
         ) from None
+    except aiohttp.ClientSSLError as exc:  # a ClientConnectorError: caught before those below
+        upstream.eject(target)
+        _count_failure(request, "connect")
+        raise _tls_failed(upstream.name, target, tls_reason(exc)) from None
     except _CONNECT_ERRORS as exc:
         shortage = getattr(exc, "os_error", None)
         if shortage is not None and shortage.errno in LOCAL_SHORTAGES:

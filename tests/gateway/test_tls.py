@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -24,7 +25,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.helpers import one_service
+from gateway.keys import route_table_key
+from tests.helpers import one_service, running_gateway
 
 # -- a throwaway CA -------------------------------------------------------------------------------
 
@@ -451,3 +453,124 @@ async def test_an_http_target_that_speaks_tls_gets_502_at_once(
     assert response.status == 502
     assert response.content_type == "application/json"
     assert upstream.requests == []
+
+
+# -- the ClientSession's paths: WebSocket upgrades and /health/detailed ---------------------------
+
+
+def _ws_echo(app: web.Application) -> None:
+    async def echo(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            await ws.send_str(f"echo {msg.data} via {request.headers.get('Host')}")
+        return ws
+
+    app.router.add_get("/ws/echo", echo)
+
+
+async def test_a_websocket_reaches_an_upstream_through_an_https_target(
+    make_gateway: Any, make_tls_upstream: Any
+) -> None:
+    """The handshake goes over TLS (``wss``) when the target URL is ``https://``, and trusts the
+    same CA as proxied HTTP."""
+    upstream = await make_tls_upstream(routes=_ws_echo)
+    client = await make_gateway(one_service(upstream.url))
+
+    async with client.ws_connect("/ws/echo") as ws:
+        await ws.send_str("hi")
+        assert await ws.receive_str() == f"echo hi via 127.0.0.1:{upstream.server.port}"
+
+
+async def test_a_websocket_to_a_target_failing_its_handshake_gets_502_and_a_log_line(
+    make_gateway: Any, make_tls_upstream: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    upstream = await make_tls_upstream(cert="expired", routes=_ws_echo)
+    client = await make_gateway(one_service(upstream.url))
+
+    with caplog.at_level(logging.INFO, logger="gateway"):
+        response = await client.get(
+            "/ws/echo",
+            headers={
+                "Connection": "Upgrade",
+                "Upgrade": "websocket",
+                "Sec-WebSocket-Version": "13",
+                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+            },
+        )
+
+    assert response.status == 502
+    assert (await response.json())["detail"] == "Upstream 'svc' failed the TLS handshake"
+    (record,) = [r for r in caplog.records if r.getMessage() == "TLS handshake with an upstream failed"]
+    assert record.target == upstream.url  # type: ignore[attr-defined]
+    assert "certificate has expired" in record.error  # type: ignore[attr-defined]
+
+
+def _health_config(url: str) -> dict[str, Any]:
+    config = one_service(url)
+    config["services"]["svc"]["health_path"] = "/healthz"
+    return config
+
+
+async def test_health_detailed_probes_an_https_backend(make_gateway: Any, make_tls_upstream: Any) -> None:
+    upstream = await make_tls_upstream()
+    client = await make_gateway(_health_config(upstream.url))
+
+    response = await client.get("/health/detailed")
+
+    assert response.status == 200
+    svc = (await response.json())["components"]["svc"]
+    assert svc["status"] == "healthy", svc
+    assert [r.path for r in upstream.requests] == ["/healthz"]
+
+
+@pytest.mark.parametrize("cert", list(_TLS_REASONS))
+async def test_health_detailed_says_why_an_https_backend_failed_its_handshake(
+    make_gateway: Any, make_tls_upstream: Any, cert: str
+) -> None:
+    upstream = await make_tls_upstream(cert=cert)
+    client = await make_gateway(_health_config(upstream.url))
+
+    response = await client.get("/health/detailed")
+
+    assert response.status == 200
+    svc = (await response.json())["components"]["svc"]
+    assert svc["status"] == "unhealthy"
+    assert svc["error"].startswith(f"TLS handshake failed: certificate verify failed: {_TLS_REASONS[cert]}")
+
+
+async def test_every_https_target_shares_one_tls_context(make_gateway: Any, make_tls_upstream: Any) -> None:
+    """Each context loads the whole CA bundle (~80 ms of the event loop, ~0.9 MB): one for all
+    targets, services and reloads, which the ClientSession's paths use too."""
+    a, b = await make_tls_upstream(), await make_tls_upstream(host="localhost")
+    config = one_service([a.url, b.url])
+    config["services"]["other"] = {"url": a.url}
+    client = await make_gateway(config)
+
+    upstreams = client.app[route_table_key].current.upstreams
+    contexts = {id(t.pool.ssl) for u in upstreams.values() for t in u.targets}
+    assert len(contexts) == 1
+
+
+async def test_python_m_gateway_trusts_the_ca_in_ssl_cert_file_on_every_path(
+    make_tls_upstream: Any, trust_ca: Pki, tmp_path: Path
+) -> None:
+    """The operator's way, in the real program (on uvloop): ``SSL_CERT_FILE`` in its environment,
+    and proxied HTTP, a WebSocket and /health/detailed all reach the private CA's backend."""
+    upstream = await make_tls_upstream(routes=_ws_echo)
+    config = _health_config(upstream.url)
+
+    async with (
+        running_gateway(
+            config, tmp_path, SSL_CERT_FILE=str(trust_ca.ca_file), AUTH_ENABLED="false"
+        ) as gateway,
+        aiohttp.ClientSession() as session,
+    ):
+        async with session.get(f"{gateway.base}/x") as response:
+            assert response.status == 200, await response.text()
+            assert (await response.json())["path"] == "/x"
+        async with session.ws_connect(f"{gateway.base}/ws/echo") as ws:
+            await ws.send_str("hi")
+            assert await ws.receive_str() == f"echo hi via 127.0.0.1:{upstream.server.port}"
+        async with session.get(f"{gateway.base}/health/detailed") as response:
+            assert (await response.json())["components"]["svc"]["status"] == "healthy"
