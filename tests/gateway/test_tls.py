@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.keys import route_table_key
-from tests.helpers import one_service, running_gateway
+from tests.helpers import one_service, running_gateway, wait_for
 
 # -- a throwaway CA -------------------------------------------------------------------------------
 
@@ -489,21 +489,64 @@ async def test_a_websocket_to_a_target_failing_its_handshake_gets_502_and_a_log_
     client = await make_gateway(one_service(upstream.url))
 
     with caplog.at_level(logging.INFO, logger="gateway"):
-        response = await client.get(
-            "/ws/echo",
-            headers={
-                "Connection": "Upgrade",
-                "Upgrade": "websocket",
-                "Sec-WebSocket-Version": "13",
-                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-            },
-        )
+        response = await client.get("/ws/echo", headers=_UPGRADE)
 
     assert response.status == 502
     assert (await response.json())["detail"] == "Upstream 'svc' failed the TLS handshake"
     (record,) = [r for r in caplog.records if r.getMessage() == "TLS handshake with an upstream failed"]
     assert record.target == upstream.url  # type: ignore[attr-defined]
     assert "certificate has expired" in record.error  # type: ignore[attr-defined]
+
+
+_UPGRADE = {
+    "Connection": "Upgrade",
+    "Upgrade": "websocket",
+    "Sec-WebSocket-Version": "13",
+    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+}
+
+
+async def test_a_websocket_to_a_handshake_that_never_completes_gets_504_within_the_connect_timeout(
+    make_gateway: Any, make_raw_upstream: Any, trust_ca: Pki
+) -> None:
+    """The same bound as a proxied request's: the connect timeout, not connect + read (30 s)."""
+    url = _https(await make_raw_upstream(_silent))
+    client = await make_gateway(one_service(url, timeout={"connect": CONNECT_TIMEOUT, "read": 30}))
+
+    response = await asyncio.wait_for(client.get("/ws/echo", headers=_UPGRADE), timeout=10)
+
+    assert response.status == 504
+    assert (await response.json())["detail"] == "Upstream 'svc' timed out"
+
+
+async def test_a_websocket_upstream_slower_than_the_connect_timeout_to_accept_gets_its_read_timeout(
+    make_gateway: Any, make_tls_upstream: Any
+) -> None:
+    """Once connected, the upgrade's answer has the read timeout: the connect timeout does not
+    cut short an upstream that takes longer than it to say 101."""
+    accept = asyncio.Event()
+
+    def slow_ws(app: web.Application) -> None:
+        async def handler(request: web.Request) -> web.WebSocketResponse:
+            await accept.wait()
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            await ws.send_str("late but fine")
+            await ws.close()
+            return ws
+
+        app.router.add_get("/ws/slow", handler)
+
+    upstream = await make_tls_upstream(routes=slow_ws)
+    client = await make_gateway(one_service(upstream.url, timeout={"connect": CONNECT_TIMEOUT, "read": 30}))
+
+    connecting = asyncio.ensure_future(client.ws_connect("/ws/slow"))
+    await wait_for(lambda: len(upstream.server_names) == 1, what="the upstream's TLS handshake")
+    await asyncio.sleep(CONNECT_TIMEOUT * 2)  # past the connect timeout, with the upstream silent
+    accept.set()
+    ws = await asyncio.wait_for(connecting, timeout=10)
+    assert await ws.receive_str() == "late but fine"
+    await ws.close()
 
 
 def _health_config(url: str) -> dict[str, Any]:
