@@ -452,6 +452,7 @@ async def test_an_http_target_that_speaks_tls_gets_502_at_once(
 
     assert response.status == 502
     assert response.content_type == "application/json"
+    assert (await response.json())["detail"] == "Upstream 'svc' closed the connection"
     assert upstream.requests == []
 
 
