@@ -30,6 +30,7 @@ from .httpserver import expect_continue
 from .keys import http_client_key, lifecycle_key, limiter_key, route_table_key, settings_key
 from .metrics import metrics_key
 from .middleware.tracing import inject_trace_headers
+from .pool import tls_reason
 from .upstream import Target, Upstream
 
 __all__ = ["CACHE_SECONDS", "CHECK_TIMEOUT", "HealthChecker", "health_checker_key", "setup_health_routes"]
@@ -54,6 +55,8 @@ def _component(status: str, started: float, error: str | None = None) -> Compone
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return f"TLS handshake failed: {tls_reason(exc)}"
     if isinstance(exc, aiohttp.ClientConnectorError):
         return f"cannot connect: {exc.os_error.strerror or exc.os_error}"
     return type(exc).__name__ + (f": {exc}" if str(exc) else "")
@@ -144,15 +147,20 @@ class HealthChecker:
         results = await asyncio.gather(*checks)
         return dict(zip([*names, *_BUILT_IN], results, strict=True))
 
-    async def _get(self, url: str) -> int:
+    async def _get(self, target: Target, path: str) -> int:
         session = self._app[http_client_key]
-        async with session.get(url, allow_redirects=False, headers=inject_trace_headers()) as response:
+        async with session.get(
+            target.url + path,
+            ssl=target.pool.ssl or True,
+            allow_redirects=False,
+            headers=inject_trace_headers(),
+        ) as response:
             await _read_at_most(response)  # read to its end, when short, so the connection is kept
             return response.status
 
     async def _check_target(self, upstream: Upstream, target: Target) -> Component:
         async def check() -> None:
-            status = await self._get(target.url + upstream.service.health_path)
+            status = await self._get(target, upstream.service.health_path)
             if status >= 500:
                 raise RuntimeError(f"health check returned HTTP {status}")
 
@@ -224,7 +232,9 @@ class HealthChecker:
             nonlocal reached
             session = self._app[http_client_key]
             url = target.url + "/health/db"
-            async with session.get(url, allow_redirects=False, headers=inject_trace_headers()) as response:
+            async with session.get(
+                url, ssl=target.pool.ssl or True, allow_redirects=False, headers=inject_trace_headers()
+            ) as response:
                 reached = True
                 if response.status >= 300:
                     raise RuntimeError(f"{POSTGRES_VIA} /health/db returned HTTP {response.status}")

@@ -7,6 +7,7 @@ Everything else is streamed chunk by chunk with flow control on both sockets.
 Upstream failures are translated at this one boundary:
 
     connect refused / DNS       -> eject target, retry once elsewhere (nothing was sent), else 502
+    TLS handshake failed        -> logged with the reason, then as a refused connect
     no socket for it (EMFILE)   -> 503 with Retry-After; the gateway's shortage, target kept
     connect timeout             -> eject target, retry as above, else 504
     read timeout                -> 504, target kept (it is up; one endpoint is slow)
@@ -65,7 +66,16 @@ from .middleware.auth import identity_headers, without_query_token
 from .middleware.cors import ALLOWED_METHODS
 from .middleware.request_id import REQUEST_ID_HEADER
 from .middleware.tracing import ClientSpan, SpanRef, current_trace, downstream_headers
-from .pool import LOCAL_SHORTAGES, ConnectFailed, ConnectTimeout, OutOfSockets, UpstreamProtocol, exchange
+from .pool import (
+    LOCAL_SHORTAGES,
+    ConnectFailed,
+    ConnectTimeout,
+    OutOfSockets,
+    TlsFailed,
+    UpstreamProtocol,
+    exchange,
+    tls_reason,
+)
 from .routing import has_dot_segment, has_encoded_control, may_read_otherwise, strip_route_prefix
 from .settings import Route
 from .upstream import Target, Upstream
@@ -122,7 +132,7 @@ async def http_client_ctx(app: web.Application) -> AsyncIterator[None]:
         timeout=aiohttp.ClientTimeout(total=None),
         skip_auto_headers=SKIP_AUTO_HEADERS,
         trust_env=False,
-        trace_configs=[_refusal_trace()],
+        trace_configs=[_refusal_trace(), _connect_deadline_trace()],
     ) as session:
         app[http_client_key] = session
         yield
@@ -550,6 +560,9 @@ def _upstream_failure(upstream: Upstream, target: Target, exc: BaseException) ->
         # Nothing reached the upstream, and the target is likely down.
         upstream.eject(target)
         return ApiError(504, f"Upstream '{name}' timed out"), "timeout"
+    if isinstance(exc, TlsFailed):
+        upstream.eject(target)
+        return _tls_failed(name, target, str(exc)), "connect"
     if isinstance(exc, ConnectFailed):
         upstream.eject(target)
         return ApiError(502, f"Upstream '{name}' is unreachable"), "connect"
@@ -564,6 +577,18 @@ def _upstream_failure(upstream: Upstream, target: Target, exc: BaseException) ->
         "upstream error", extra={"service": name, "target": target.url, "error": repr(exc)}, exc_info=exc
     )
     return ApiError(502, f"Upstream '{name}' sent an invalid response"), "invalid"
+
+
+def _tls_failed(name: str, target: Target, reason: str) -> ApiError:
+    """A target whose TLS handshake failed: most often the operator's to fix (the CA to trust, a
+    renewed certificate), so the log says which target and what OpenSSL objected to, as nginx's
+    "SSL_do_handshake() failed ... while SSL handshaking to upstream" does. The client gets a 502
+    that names neither: the reason is about the gateway's trust, not the client's request."""
+    log.warning(
+        "TLS handshake with an upstream failed",
+        extra={"service": name, "target": target.url, "error": reason},
+    )
+    return ApiError(502, f"Upstream '{name}' failed the TLS handshake")
 
 
 # When the gateway runs out of file descriptors every request that needs a new upstream connection
@@ -827,6 +852,32 @@ def _refusal_trace() -> aiohttp.TraceConfig:
     return trace
 
 
+# The deadline of a WebSocket handshake in progress and the read timeout it moves to once connected.
+_ws_deadline: contextvars.ContextVar[tuple[asyncio.Timeout, float] | None] = contextvars.ContextVar(
+    "ws_deadline", default=None
+)
+
+
+def _connect_deadline_trace() -> aiohttp.TraceConfig:
+    """``ws_connect`` takes no connect timeout of its own (the session has none, for the
+    sessions' sake): the handshake starts under the service's connect timeout, and this hook moves
+    the deadline on by its read timeout once a connection (TCP, and TLS for ``https://``) is made.
+    Under one deadline of connect + read, a target that accepted TCP and never finished the TLS
+    handshake held the upgrade for 32 s by default where a proxied request got its 504 in 2."""
+
+    async def connected(session: aiohttp.ClientSession, context: Any, params: Any) -> None:
+        deadline = _ws_deadline.get()
+        if deadline is not None:
+            timeout, read = deadline
+            timeout.reschedule(asyncio.get_running_loop().time() + read)
+
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_create_end.append(connected)
+    trace.on_connection_reuseconn.append(connected)
+    trace.freeze()
+    return trace
+
+
 def _relayed_refusal(refusal: _Refusal) -> web.StreamResponse:
     headers = response_headers(refusal.headers)  # type: ignore[arg-type]
     if refusal.status in (204, 304):  # no body, and no Content-Length to say so
@@ -881,9 +932,11 @@ async def _proxy_websocket(
     _refusal.set(refusal)
     started = perf_counter()
     try:
-        async with asyncio.timeout(timeout.connect + timeout.read):
+        async with asyncio.timeout(timeout.connect) as deadline:
+            _ws_deadline.set((deadline, timeout.read))
             upstream_ws = await session.ws_connect(
                 URL(target.url + path, encoded=True),
+                ssl=target.pool.ssl or True,  # the CAs proxied requests trust (pool.upstream_tls_context)
                 headers=headers,
                 protocols=protocols,
                 autoping=False,
@@ -902,6 +955,10 @@ async def _proxy_websocket(
         raise ApiError(
             exc.status if exc.status >= 400 else 502, "Upstream refused the WebSocket upgrade"
         ) from None
+    except aiohttp.ClientSSLError as exc:  # a ClientConnectorError: caught before those below
+        upstream.eject(target)
+        _count_failure(request, "connect")
+        raise _tls_failed(upstream.name, target, tls_reason(exc)) from None
     except _CONNECT_ERRORS as exc:
         shortage = getattr(exc, "os_error", None)
         if shortage is not None and shortage.errno in LOCAL_SHORTAGES:
