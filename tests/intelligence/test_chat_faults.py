@@ -20,6 +20,7 @@ import pytest
 import redis
 from chat_helpers import PostgresProxy, Service, cache, free_port, headers, pool, wait_until
 
+from gateway.up import embedded_postgres_package
 from intelligence.cache import ChatCache
 from intelligence.models import ChatSession, DatabaseUnavailable
 from intelligence.persistence import ChatPersistenceService, create_pool
@@ -31,8 +32,7 @@ class PrivatePostgres:
     """An embedded PostgreSQL (pgserver) of this test's own, which it may stop and start."""
 
     def __init__(self, datadir: Path) -> None:
-        import pgserver
-
+        pgserver = embedded_postgres_package()
         self._pgserver = pgserver
         self.datadir = datadir
         self.server = pgserver.get_server(datadir)
