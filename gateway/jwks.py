@@ -30,6 +30,7 @@ Only public signature keys are kept: symmetric (``oct``) keys and keys whose ``u
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import math
@@ -40,7 +41,15 @@ from typing import Any
 import aiohttp
 import jwt
 
-__all__ = ["FETCH_ERROR_KINDS", "THUMBPRINT_PARAMS", "JwksCache", "JwksError", "JwksUnavailable", "fits"]
+__all__ = [
+    "FETCH_ERROR_KINDS",
+    "MAX_KEYS_PER_TOKEN",
+    "THUMBPRINT_PARAMS",
+    "JwksCache",
+    "JwksError",
+    "JwksUnavailable",
+    "fits",
+]
 
 log = logging.getLogger("gateway.auth")
 
@@ -62,6 +71,11 @@ MAX_JWKS_BYTES = 512 * 1024
 # with a usable key (not HTTP, not JSON, no "keys" list, over MAX_JWKS_BYTES). The first three as
 # the upstream errors.
 FETCH_ERROR_KINDS = ("connect", "timeout", "reset", "status", "invalid")
+# A token that names no key (no kid, no thumbprint a key has) is checked against each key that fits
+# its alg, the first this many in the JWKS's order: an issuer that signs without kid publishes one
+# key, or two or three around a rotation (the next, the current, the previous). Each is one more
+# signature check for every such token, a bad one included.
+MAX_KEYS_PER_TOKEN = 4
 
 
 class JwksError(Exception):
@@ -128,9 +142,20 @@ class JwksCache:
     async def get(
         self, kid: str | None, thumbprints: Mapping[str, str] | None = None, alg: str | None = None
     ) -> jwt.PyJWK | None:
-        """The key named ``kid``; without one, the key whose ``x5t#S256`` or ``x5t`` member equals
-        the token's (``thumbprints``, header parameter to value), else the only key if there is one.
-        Of several keys under one name, the first that ``fits`` ``alg``, else the first.
+        """The first of ``candidates`` that ``fits`` ``alg``, else the first, else None."""
+        named = await self.candidates(kid, thumbprints, alg)
+        if not named:
+            return None
+        return next((key for key in named if alg is not None and fits(key, alg)), named[0])
+
+    async def candidates(
+        self, kid: str | None, thumbprints: Mapping[str, str] | None = None, alg: str | None = None
+    ) -> tuple[jwt.PyJWK, ...]:
+        """The keys that may have signed a token, in the JWKS's order: those named ``kid``;
+        without one, those whose ``x5t#S256`` or ``x5t`` member equals the token's
+        (``thumbprints``, header parameter to value); without either (or a thumbprint no key
+        has), the first ``MAX_KEYS_PER_TOKEN`` that ``fit`` ``alg``. Named keys are returned
+        whether they fit ``alg`` or not: the caller tells "no such key" from "not for this alg".
 
         Raises ``JwksUnavailable`` while no key set has ever been loaded and the issuer fails.
         """
@@ -141,7 +166,7 @@ class JwksCache:
                 await self._refresh_quietly()  # nothing known against the issuer yet: wait for it
             if self._fetched_at is None:
                 raise self._unavailable(self._clock())
-        elif not self._named(kid, thumbprints):
+        elif not self._known(kid, thumbprints, alg):
             # Throttled on its own clock: the first unknown kid after a load (cold start or
             # background refresh) refetches at once, so a key rotated in just after a load is
             # accepted right away; further unknown kids wait out ``min_refetch``.
@@ -150,17 +175,28 @@ class JwksCache:
                 await self._refresh_quietly()
         elif now - self._fetched_at >= self._max_age and self._may_fetch(now):
             self._start_refresh()  # stale: refresh behind the lookups, do not wait
-        named = self._named(kid, thumbprints)
-        if not named and kid is None and len(self._keys) == 1:
-            # A set of one needs no name, and a JWKS need not publish thumbprints: the signature
-            # still has to verify against this key.
-            named = next(iter(self._keys.values()))
-        if not named:
-            return None
         # RFC 7517 section 4.5: keys of one set may share a kid, as equivalent alternatives (an
-        # RSA and an EC key, or one RSA key published for RS256 and for PS256). The one that
-        # fits the token's alg; the first otherwise, which the caller then refuses for its alg.
-        return next((key for key in named if alg is not None and fits(key, alg)), named[0])
+        # RSA and an EC key, or one RSA key published for RS256 and for PS256).
+        named = self._named(kid, thumbprints)
+        if not named and kid is None:
+            return self._unnamed(alg)
+        return named
+
+    def _known(self, kid: str | None, thumbprints: Mapping[str, str] | None, alg: str | None) -> bool:
+        """Whether the set holds the token's key: the one it names, or, naming none, one for its alg."""
+        if kid is not None or thumbprints:
+            return bool(self._named(kid, thumbprints))
+        return bool(self._unnamed(alg))
+
+    def _unnamed(self, alg: str | None) -> tuple[jwt.PyJWK, ...]:
+        """The keys a token that names none may be verified with: each that fits its ``alg``
+        (type, curve, declared ``alg``; ``use`` is ``sig`` for every key kept), as Envoy's
+        ``jwt_authn`` tries every key of the JWKS, and at most ``MAX_KEYS_PER_TOKEN`` of them, so
+        no token makes the gateway check its signature against a whole large key set."""
+        if alg is None:
+            return ()
+        fitting = (key for keys in self._keys.values() for key in keys if fits(key, alg))
+        return tuple(itertools.islice(fitting, MAX_KEYS_PER_TOKEN))
 
     def _named(self, kid: str | None, thumbprints: Mapping[str, str] | None) -> tuple[jwt.PyJWK, ...]:
         if kid is not None:

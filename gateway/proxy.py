@@ -13,6 +13,9 @@ Upstream failures are translated at this one boundary:
     read timeout                -> 504, target kept (it is up; one endpoint is slow)
     closed before the headers   -> retry once if idempotent and nothing was sent, else 502
     closed or reset mid-body    -> the client's response is cut off (connection closed)
+
+A WebSocket upgrade follows the same rules up to its 101 (``_ws_connect``): a failed connect is
+retried once elsewhere; no answer to the handshake within the read timeout is a 504, target kept.
 """
 
 from __future__ import annotations
@@ -852,9 +855,18 @@ def _refusal_trace() -> aiohttp.TraceConfig:
     return trace
 
 
-# The deadline of a WebSocket handshake in progress and the read timeout it moves to once connected.
-_ws_deadline: contextvars.ContextVar[tuple[asyncio.Timeout, float] | None] = contextvars.ContextVar(
-    "ws_deadline", default=None
+@dataclass
+class _Handshake:
+    """A WebSocket handshake in progress: its deadline, the read timeout that deadline moves to
+    once a connection is made, and whether one was (a timeout after it is a read timeout)."""
+
+    deadline: asyncio.Timeout
+    read: float
+    connected: bool = False
+
+
+_ws_handshake: contextvars.ContextVar[_Handshake | None] = contextvars.ContextVar(
+    "ws_handshake", default=None
 )
 
 
@@ -866,10 +878,10 @@ def _connect_deadline_trace() -> aiohttp.TraceConfig:
     handshake held the upgrade for 32 s by default where a proxied request got its 504 in 2."""
 
     async def connected(session: aiohttp.ClientSession, context: Any, params: Any) -> None:
-        deadline = _ws_deadline.get()
-        if deadline is not None:
-            timeout, read = deadline
-            timeout.reschedule(asyncio.get_running_loop().time() + read)
+        handshake = _ws_handshake.get()
+        if handshake is not None:
+            handshake.connected = True
+            handshake.deadline.reschedule(asyncio.get_running_loop().time() + handshake.read)
 
     trace = aiohttp.TraceConfig()
     trace.on_connection_create_end.append(connected)
@@ -908,6 +920,104 @@ def _handshake_problem(upstream_ws: aiohttp.ClientWebSocketResponse, offered: li
     return None
 
 
+async def _ws_connect(
+    request: web.Request,
+    upstream: Upstream,
+    path: str,
+    headers: CIMultiDict[str],
+    protocols: list[str],
+    span: SpanRef | None,
+) -> tuple[Target, aiohttp.ClientWebSocketResponse] | web.StreamResponse:
+    """The upgrade sent to a healthy target: its 101, or the upstream's other answer to relay.
+
+    As for a proxied request (``_send``), an upgrade whose connect failed (refused, DNS, TLS
+    handshake, connect timeout) sent nothing and is tried once more on another healthy target, as
+    nginx (``proxy_next_upstream error timeout``) and Envoy retry an upgrade's connect; each failed
+    attempt is an annotation on the session's span. Once connected, nothing is retried."""
+    session = request.app[http_client_key]
+    timeout = upstream.service.timeout
+    target = upstream.pick()
+    attempts = 2
+    while True:
+        if target is None:
+            raise ApiError(503, f"No healthy target for service '{upstream.name}'")
+        request[target_key] = target
+        if span is not None and span.record is not None:
+            span.record.tag("peer.target", target.url)
+        refusal = _Refusal()
+        _refusal.set(refusal)
+        handshake: _Handshake | None = None
+        try:
+            async with asyncio.timeout(timeout.connect) as deadline:
+                handshake = _Handshake(deadline, timeout.read)
+                _ws_handshake.set(handshake)
+                upstream_ws = await session.ws_connect(
+                    URL(target.url + path, encoded=True),
+                    ssl=target.pool.ssl or True,  # the CAs proxied requests trust (pool.upstream_tls_context)
+                    headers=headers,
+                    protocols=protocols,
+                    autoping=False,
+                    autoclose=False,
+                    # aiohttp refuses a message of max_msg_size itself
+                    max_msg_size=wsrelay.MAX_MESSAGE + 1,
+                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=wsrelay.CLOSE_TIMEOUT),
+                )
+        except aiohttp.WSServerHandshakeError as exc:
+            if span is not None and span.record is not None:
+                span.record.tag("http.status_code", str(exc.status))
+            if refusal.status == exc.status and refusal.body is not None and exc.status >= 200:
+                # The upstream answered without switching (401, 403, 404, a 200 page, a redirect):
+                # its answer passes through as sent.
+                return _relayed_refusal(refusal)
+            raise ApiError(
+                exc.status if exc.status >= 400 else 502, "Upstream refused the WebSocket upgrade"
+            ) from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            connected = handshake is not None and handshake.connected
+            error, kind, sent_nothing = _ws_upgrade_failure(upstream, target, exc, connected=connected)
+            if kind != "local":  # the gateway's own shortage is no failure of the upstream's
+                _count_failure(request, kind)
+            if span is not None and span.record is not None:
+                span.record.annotate(f"{kind} {target.url}")
+            attempts -= 1
+            retry = upstream.pick(exclude=target) if sent_nothing and attempts > 0 else None
+            if retry is None:
+                raise error from None
+            target = retry
+            continue
+        finally:
+            _ws_handshake.set(None)
+        return target, upstream_ws
+
+
+def _ws_upgrade_failure(
+    upstream: Upstream, target: Target, exc: BaseException, *, connected: bool
+) -> tuple[ApiError, str, bool]:
+    """Translate a failed upgrade as ``_upstream_failure`` does a failed request: the error, its
+    kind for metrics, and whether nothing was sent (the connect failed; another target may be
+    tried). The target is ejected only when it could not be connected to."""
+    name = upstream.name
+    if isinstance(exc, aiohttp.ClientSSLError):  # a ClientConnectorError: before those below
+        upstream.eject(target)
+        return _tls_failed(name, target, tls_reason(exc)), "connect", True
+    if isinstance(exc, _CONNECT_ERRORS):
+        shortage = getattr(exc, "os_error", None)
+        if shortage is not None and shortage.errno in LOCAL_SHORTAGES:
+            return _out_of_sockets(name, shortage), "local", False
+        upstream.eject(target)
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            return ApiError(504, f"Upstream '{name}' timed out"), "timeout", True
+        return ApiError(502, f"Upstream '{name}' is unreachable"), "connect", True
+    if isinstance(exc, TimeoutError):
+        if not connected:  # the connect timeout: nothing reached the upstream
+            upstream.eject(target)
+            return ApiError(504, f"Upstream '{name}' timed out"), "timeout", True
+        # Not ejected: the target took the connection and is up; one slow endpoint must not take
+        # the service out of rotation for everyone (a proxied request's read timeout, likewise).
+        return ApiError(504, f"Upstream '{name}' timed out"), "timeout", False
+    return ApiError(502, f"Upstream '{name}' failed the WebSocket upgrade"), "invalid", False
+
+
 async def _proxy_websocket(
     request: web.Request, upstream: Upstream, path: str, headers: CIMultiDict[str], span: SpanRef | None
 ) -> web.StreamResponse:
@@ -920,62 +1030,11 @@ async def _proxy_websocket(
         if name.lower() in _WS_HANDSHAKE_HEADERS:
             del headers[name]
 
-    target = upstream.pick()
-    if target is None:
-        raise ApiError(503, f"No healthy target for service '{upstream.name}'")
-    request[target_key] = target
-    if span is not None and span.record is not None:
-        span.record.tag("peer.target", target.url)
-    session = request.app[http_client_key]
-    timeout = upstream.service.timeout
-    refusal = _Refusal()
-    _refusal.set(refusal)
     started = perf_counter()
-    try:
-        async with asyncio.timeout(timeout.connect) as deadline:
-            _ws_deadline.set((deadline, timeout.read))
-            upstream_ws = await session.ws_connect(
-                URL(target.url + path, encoded=True),
-                ssl=target.pool.ssl or True,  # the CAs proxied requests trust (pool.upstream_tls_context)
-                headers=headers,
-                protocols=protocols,
-                autoping=False,
-                autoclose=False,
-                # aiohttp refuses a message of max_msg_size itself
-                max_msg_size=wsrelay.MAX_MESSAGE + 1,
-                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=wsrelay.CLOSE_TIMEOUT),
-            )
-    except aiohttp.WSServerHandshakeError as exc:
-        if span is not None and span.record is not None:
-            span.record.tag("http.status_code", str(exc.status))
-        if refusal.status == exc.status and refusal.body is not None and exc.status >= 200:
-            # The upstream answered without switching (401, 403, 404, a 200 page, a redirect):
-            # its answer passes through as sent.
-            return _relayed_refusal(refusal)
-        raise ApiError(
-            exc.status if exc.status >= 400 else 502, "Upstream refused the WebSocket upgrade"
-        ) from None
-    except aiohttp.ClientSSLError as exc:  # a ClientConnectorError: caught before those below
-        upstream.eject(target)
-        _count_failure(request, "connect")
-        raise _tls_failed(upstream.name, target, tls_reason(exc)) from None
-    except _CONNECT_ERRORS as exc:
-        shortage = getattr(exc, "os_error", None)
-        if shortage is not None and shortage.errno in LOCAL_SHORTAGES:
-            raise _out_of_sockets(upstream.name, shortage) from None
-        upstream.eject(target)
-        if isinstance(exc, aiohttp.ConnectionTimeoutError):
-            _count_failure(request, "timeout")
-            raise ApiError(504, f"Upstream '{upstream.name}' timed out") from None
-        _count_failure(request, "connect")
-        raise ApiError(502, f"Upstream '{upstream.name}' is unreachable") from None
-    except TimeoutError:
-        upstream.eject(target)
-        _count_failure(request, "timeout")
-        raise ApiError(504, f"Upstream '{upstream.name}' timed out") from None
-    except aiohttp.ClientError:
-        _count_failure(request, "invalid")
-        raise ApiError(502, f"Upstream '{upstream.name}' failed the WebSocket upgrade") from None
+    connected = await _ws_connect(request, upstream, path, headers, protocols, span)
+    if isinstance(connected, web.StreamResponse):
+        return connected  # the upstream's own answer, not a 101
+    target, upstream_ws = connected
 
     problem = _handshake_problem(upstream_ws, protocols)
     if problem is not None:
@@ -1010,7 +1069,9 @@ async def _proxy_websocket(
         request[sent_status_key] = 101
         relayed = request[relayed_key] = [0, 0]
         # The read timeout is the longest silence allowed: here, no frame either way.
-        relay = wsrelay.Session(client_ws, upstream_ws, relayed=relayed, idle_timeout=timeout.read)
+        relay = wsrelay.Session(
+            client_ws, upstream_ws, relayed=relayed, idle_timeout=upstream.service.timeout.read
+        )
         sessions.add(relay)
         await relay.run()
         # The handshake, for the access log (which adds the messages): aiohttp counts nothing

@@ -9,8 +9,10 @@ Which key verifies a token is decided by the key, never by the token alone:
 - ``alg`` must be in ``AUTH_ALGORITHMS``; ``none`` never is. Keys come from ``AUTH_JWKS_URL``
   and ``AUTH_JWT_SECRET`` only, so a token carrying ``jku``, ``jwk``, ``x5u`` or ``x5c`` (a key,
   or where to fetch one) is refused; ``kid``, ``x5t`` and ``x5t#S256`` only name a key and pass.
-  A token without ``kid`` is matched to the JWK with its ``x5t#S256`` or ``x5t``. Of JWKs
-  that share a ``kid`` (RFC 7517 section 4.5), the one that fits the token's ``alg`` is used.
+  A token without ``kid`` is matched to the JWK with its ``x5t#S256`` or ``x5t``; one that
+  names no key that way either is checked against each JWK that fits its ``alg``, the first
+  ``MAX_KEYS_PER_TOKEN`` in the JWKS's order, as Envoy's ``jwt_authn`` tries every key. Of JWKs
+  that share a ``kid`` (RFC 7517 section 4.5), those that fit the token's ``alg`` are used.
 - ``exp`` and ``sub`` are required; ``exp``/``nbf``/``iat`` get ``LEEWAY`` seconds of clock skew;
   ``iss`` and ``aud`` are checked when configured.
 
@@ -50,7 +52,7 @@ from aiohttp.typedefs import Handler
 
 from ..claims import is_scope_token, subject_problem
 from ..errors import ApiError
-from ..jwks import THUMBPRINT_PARAMS, JwksCache, JwksUnavailable, fits
+from ..jwks import MAX_KEYS_PER_TOKEN, THUMBPRINT_PARAMS, JwksCache, JwksUnavailable, fits
 from ..keys import auth_key, query_token_key, route_key
 from ..settings import AuthSettings, Route
 
@@ -177,23 +179,48 @@ class TokenVerifier:
         if not all(isinstance(value, str) for value in thumbprints.values()):
             raise AuthError("The token's key id is malformed")
 
-        key: Any
+        keys: tuple[Any, ...]
         if alg in _HMAC_ALGS:
             if not self._secret:
                 raise AuthError("The token's signing algorithm is not accepted")
-            key, used_kid = self._secret, None
+            keys = (self._secret,)
         else:
             if self._jwks is None:
                 raise AuthError("The token's signing algorithm is not accepted")
-            key = await self._jwks.get(kid, thumbprints, alg)
-            if key is None:
+            named = await self._jwks.candidates(kid, thumbprints, alg)
+            if not named:
                 raise AuthError("The token's signing key is unknown")
-            if not fits(key, alg):
+            keys = tuple(key for key in named if fits(key, alg))[:MAX_KEYS_PER_TOKEN]
+            if not keys:
                 raise AuthError("The token's signing algorithm does not match its key")
+
+        # More than one key for a token that names none while several fit its alg (or for keys
+        # that share its kid): the first whose signature verifies is the token's, as in Envoy.
+        for tried, key in enumerate(keys, 1):
+            try:
+                claims = self._decode(token, key, alg)
+                break
+            except jwt.InvalidSignatureError:
+                if tried == len(keys):
+                    raise AuthError("The token's signature is invalid") from None
+        if alg in _HMAC_ALGS or self._jwks is None:
+            used_kid = None
+        else:
             used_kid = kid if kid is not None else _kid_of(self._jwks, key)
 
+        identity = _identity(claims)
+        exp = claims["exp"]
+        if isinstance(exp, int | float):
+            self._cache[token] = _Cached(identity, float(min(exp, _NEVER)), used_kid)
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return identity
+
+    def _decode(self, token: str, key: Any, alg: str) -> dict[str, Any]:
+        """The token's claims as ``key`` verifies them, or AuthError; a signature ``key`` did not
+        make is left a ``jwt.InvalidSignatureError`` for the caller, which may have another key."""
         try:
-            claims = jwt.decode(
+            return jwt.decode(
                 token,
                 key,
                 algorithms=[alg],
@@ -213,17 +240,9 @@ class TokenVerifier:
         except jwt.MissingRequiredClaimError as exc:
             raise AuthError(f"The token has no '{exc.claim}' claim") from None
         except jwt.InvalidSignatureError:
-            raise AuthError("The token's signature is invalid") from None
+            raise
         except (jwt.PyJWTError, ValueError, TypeError):
             raise AuthError("The token is invalid") from None
-
-        identity = _identity(claims)
-        exp = claims["exp"]
-        if isinstance(exp, int | float):
-            self._cache[token] = _Cached(identity, float(min(exp, _NEVER)), used_kid)
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return identity
 
     def knows(self, token: str) -> bool:
         """Whether ``token`` was verified before and still holds: a dict lookup, no crypto."""

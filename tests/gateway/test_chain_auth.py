@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from gateway.jwks import FETCH_ERROR_KINDS
+from gateway.jwks import FETCH_ERROR_KINDS, MAX_KEYS_PER_TOKEN
 from tests.gateway.chain import service
 from tests.gateway.test_metrics import scrape, value
 from tests.helpers import parse_responses, raw_exchange
@@ -179,11 +179,12 @@ async def test_optional_route_with_a_token_forwards_the_identity(client, upstrea
     assert upstream.requests[0].values("x-auth-subject") == ["dave"]
 
 
-def thumbprinted(header: dict[str, Any]) -> Any:
-    """A token signed with the RSA key that names it only by ``header``'s thumbprints, no kid."""
+def thumbprinted(header: dict[str, Any], key: str = "rsa") -> Any:
+    """A token signed with the RSA key (or ``key``) that names it only by ``header``'s
+    thumbprints, no kid."""
     return lambda k: jwt.encode(
         {"sub": "erin", "iss": ISSUER, "aud": AUDIENCE, "exp": int(time.time()) + 300},
-        k["rsa"],
+        k[key],
         algorithm="RS256",
         headers=header,
     )
@@ -222,12 +223,10 @@ async def test_a_thumbprint_a_single_key_does_not_publish_leaves_it_the_key(clie
     ("header", "description"),
     [
         ({"x5t": "ZWMtc2hhMQ"}, "does not match its key"),  # the EC key's: the token is RS256
-        ({"x5t": "bm9uZQ"}, "signing key is unknown"),
-        ({"x5t#S256": "cnNhLXNoYTE"}, "signing key is unknown"),  # the RSA key's x5t, as x5t#S256
         ({"x5t": 7}, "key id is malformed"),
     ],
 )
-async def test_a_thumbprint_that_names_no_key_or_another_is_refused(
+async def test_a_thumbprint_that_names_another_key_or_is_malformed_is_refused(
     client, upstream, issuer, keys, header, description
 ):
     issuer["keys"] = [{**jwk, **X5T[jwk["kid"]]} for jwk in issuer["keys"]]
@@ -237,6 +236,113 @@ async def test_a_thumbprint_that_names_no_key_or_another_is_refused(
     assert response.status == 401
     assert description in response.headers["WWW-Authenticate"]
     assert upstream.requests == []
+
+
+NO_KEYS_THUMBPRINT = [{"x5t": "bm9uZQ"}, {"x5t#S256": "cnNhLXNoYTE"}]  # the second: the RSA key's x5t
+
+
+@pytest.mark.parametrize("header", NO_KEYS_THUMBPRINT)
+async def test_a_thumbprint_no_key_has_leaves_the_token_to_the_keys_that_fit_its_alg(
+    client, upstream, issuer, keys, header
+):
+    """As a token that names no key: a JWKS need not publish the thumbprints its tokens carry
+    (many publish ``x5c`` alone), and Envoy, which reads no thumbprint, verifies such a token."""
+    issuer["keys"] = [{**jwk, **X5T[jwk["kid"]]} for jwk in issuer["keys"]]
+
+    response = await client.get("/required", headers=bearer(thumbprinted(header)(keys)))
+
+    assert response.status == 200, response.headers.get("WWW-Authenticate")
+    assert upstream.requests[0].values("x-auth-subject") == ["erin"]
+
+
+@pytest.mark.parametrize("header", NO_KEYS_THUMBPRINT)
+async def test_a_thumbprint_no_key_has_on_a_token_no_key_signed_is_refused(
+    client, upstream, issuer, keys, header
+):
+    issuer["keys"] = [{**jwk, **X5T[jwk["kid"]]} for jwk in issuer["keys"]]
+
+    response = await client.get("/required", headers=bearer(thumbprinted(header, key="rsa-next")(keys)))
+
+    assert response.status == 401
+    assert "signature is invalid" in response.headers["WWW-Authenticate"]
+    assert upstream.requests == []
+
+
+# -- tokens without a kid: every key that fits their alg, a bounded number ----------------------
+
+
+def kidless(private_key: Any, *, alg: str = "RS256", sub: str = "frank") -> str:
+    claims = {"sub": sub, "iss": ISSUER, "aud": AUDIENCE, "exp": int(time.time()) + 300}
+    return jwt.encode(claims, private_key, algorithm=alg)
+
+
+@pytest.mark.parametrize("signer", ["rsa", "rsa-next"])
+async def test_a_token_without_kid_is_verified_by_whichever_published_key_signed_it(
+    client, upstream, issuer, keys, signer
+):
+    """A rotation that publishes two keys, and an issuer that signs without kid: the token was
+    refused whenever the JWKS held more than one key. Envoy's jwt_authn tries each key."""
+    issuer["keys"] = [*issuer["keys"], public_jwk(keys["rsa-next"], "rsa-2")]
+    assert "kid" not in jwt.get_unverified_header(kidless(keys[signer]))
+
+    response = await client.get("/required", headers=bearer(kidless(keys[signer], sub=signer)))
+
+    assert response.status == 200, response.headers.get("WWW-Authenticate")
+    assert upstream.requests[0].values("x-auth-subject") == [signer]
+
+
+async def test_keys_without_kid_of_their_own_verify_a_token_without_kid(client, upstream, issuer, keys):
+    issuer["keys"] = [
+        {k: v for k, v in public_jwk(keys[name], "-").items() if k != "kid"}
+        for name in ("ec", "rsa", "rsa-next")
+    ]
+
+    for signer, alg in (("rsa-next", "RS256"), ("ec", "ES256"), ("rsa", "RS256")):
+        response = await client.get("/required", headers=bearer(kidless(keys[signer], alg=alg)))
+        assert response.status == 200, (signer, response.headers.get("WWW-Authenticate"))
+
+
+async def test_a_token_without_kid_signed_by_no_published_key_is_refused(client, upstream, issuer, keys):
+    issuer["keys"] = [*issuer["keys"], public_jwk(keys["rsa-next"], "rsa-2")]
+    stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+    response = await client.get("/required", headers=bearer(kidless(stranger)))
+
+    assert response.status == 401
+    assert "signature is invalid" in response.headers["WWW-Authenticate"]
+    assert upstream.requests == []
+
+
+async def test_a_token_without_kid_is_tried_only_against_keys_of_its_alg(client, upstream, issuer, keys):
+    """An ES256 token is never checked against the RSA keys, nor an RS256 one against EC keys:
+    with only RSA keys published, an ES256 token has no key (not a bad signature)."""
+    issuer["keys"] = [public_jwk(keys["rsa"], "rsa-1"), public_jwk(keys["rsa-next"], "rsa-2")]
+
+    response = await client.get("/required", headers=bearer(kidless(keys["ec"], alg="ES256")))
+
+    assert response.status == 401
+    assert "signing key is unknown" in response.headers["WWW-Authenticate"]
+
+
+async def test_a_token_without_kid_is_checked_against_a_bounded_number_of_keys(
+    client, upstream, issuer, keys
+):
+    """A large JWKS must not make each token without kid (a bad one too) cost a signature check
+    per key: the first MAX_KEYS_PER_TOKEN keys that fit its alg, in the JWKS's order."""
+    published = [ec.generate_private_key(ec.SECP256R1()) for _ in range(MAX_KEYS_PER_TOKEN + 1)]
+    # Keys of another type, curve or use before them take no place among the keys tried.
+    issuer["keys"] = [
+        public_jwk(keys["rsa"], "rsa-1"),
+        public_jwk(ec.generate_private_key(ec.SECP384R1()), "p384"),
+        {**public_jwk(published[-1], "for-encryption"), "use": "enc"},
+        *(public_jwk(key, f"ec-{index}") for index, key in enumerate(published)),
+    ]
+
+    last_tried = kidless(published[MAX_KEYS_PER_TOKEN - 1], alg="ES256")
+    assert (await client.get("/required", headers=bearer(last_tried))).status == 200
+    beyond = await client.get("/required", headers=bearer(kidless(published[-1], alg="ES256")))
+    assert beyond.status == 401
+    assert "signature is invalid" in beyond.headers["WWW-Authenticate"]
 
 
 @pytest.mark.parametrize("order", [("rsa", "ec"), ("ec", "rsa")], ids=["rsa-first", "ec-first"])

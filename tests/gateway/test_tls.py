@@ -499,6 +499,20 @@ async def test_a_websocket_to_a_target_failing_its_handshake_gets_502_and_a_log_
     assert "certificate has expired" in record.error  # type: ignore[attr-defined]
 
 
+async def test_a_websocket_to_a_target_failing_its_handshake_goes_to_another_target(
+    make_gateway: Any, make_tls_upstream: Any
+) -> None:
+    """A failed TLS handshake is a failed connect: nothing was sent, the upgrade goes elsewhere."""
+    bad = await make_tls_upstream(cert="expired", routes=_ws_echo)
+    good = await make_tls_upstream(routes=_ws_echo)
+    client = await make_gateway(one_service([bad.url, good.url], eject_seconds=60))
+
+    for _ in range(2):  # whichever target the round-robin starts with
+        async with client.ws_connect("/ws/echo") as ws:
+            await ws.send_str("hi")
+            assert await ws.receive_str() == f"echo hi via 127.0.0.1:{good.server.port}"
+
+
 _UPGRADE = {
     "Connection": "Upgrade",
     "Upgrade": "websocket",

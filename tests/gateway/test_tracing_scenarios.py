@@ -216,6 +216,30 @@ async def test_a_retry_on_another_target_is_one_call_to_the_target_that_answered
     assert told == {s["id"] for s in spans if s["kind"] == "CLIENT"}
 
 
+async def test_a_websocket_upgrade_retried_elsewhere_is_one_call_to_the_target_that_switched(
+    traced: Any, collector: Any, make_upstream: Any, refused_url: str
+) -> None:
+    async def echo(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            await ws.send_str(msg.data)
+        return ws
+
+    upstream = await make_upstream(echo)
+    client = await traced(one_service([refused_url, upstream.url], eject_seconds=60))
+    # The round-robin starts with the refused target: this upgrade is the retried one.
+    async with client.ws_connect("/ws", headers=TRACEPARENT) as ws:
+        await ws.send_str("hi")
+        assert (await ws.receive(timeout=5)).data == "hi"
+
+    spans = await reported(client, collector[0], ("SERVER", "CLIENT"))
+    assert_linked(spans)
+    call = one(spans, "CLIENT")
+    assert call["tags"] == {"http.status_code": "101", "peer.target": upstream.url}
+    assert [a["value"] for a in call["annotations"]] == [f"connect {refused_url}"]
+
+
 async def test_an_sse_stream_is_one_call_as_long_as_the_stream(
     traced: Any, collector: Any, make_upstream: Any
 ) -> None:

@@ -348,6 +348,119 @@ async def test_unreachable_websocket_upstream_gives_502(make_gateway: Any, refus
     assert refused.value.status == 502
 
 
+# -- several targets: which one an upgrade goes to ------------------------------------------------
+
+
+async def _echo(request: web.Request) -> web.StreamResponse:
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    async for msg in ws:
+        await ws.send_str(f"echo:{msg.data}")
+    return ws
+
+
+async def _echoes_through(client: Any) -> None:
+    async with client.ws_connect("/ws/room") as ws:
+        await ws.send_str("hi")
+        assert (await ws.receive(timeout=5)).data == "echo:hi"
+
+
+async def test_an_upgrade_whose_connect_was_refused_goes_to_another_target(
+    make_gateway: Any, make_upstream: Any, refused_url: str
+) -> None:
+    """Nothing was sent: the upgrade is tried once more elsewhere, as a proxied request is (and as
+    nginx's ``proxy_next_upstream error`` and Envoy do for upgrades). It was a 502."""
+    healthy = await make_upstream(_echo)
+    client = await make_gateway(one_service([refused_url, healthy.url], prefix="/ws", eject_seconds=60))
+
+    for _ in range(2):  # whichever target the round-robin starts with
+        await _echoes_through(client)
+
+    assert len(healthy.requests) == 2
+
+
+async def test_an_upgrade_whose_connect_timed_out_goes_to_another_target(
+    make_gateway: Any, make_upstream: Any, unaccepting_url: str
+) -> None:
+    healthy = await make_upstream(_echo)
+    client = await make_gateway(
+        one_service(
+            [unaccepting_url, healthy.url],
+            prefix="/ws",
+            timeout={"connect": 0.3, "read": 30},
+            eject_seconds=60,
+        )
+    )
+
+    for _ in range(2):
+        await _echoes_through(client)
+
+    assert len(healthy.requests) == 2
+
+
+async def test_an_upgrade_is_tried_on_two_targets_at_most(
+    make_gateway: Any, make_upstream: Any, bound_socket: Any
+) -> None:
+    """One retry, as for a proxied request: two refusing targets are a 502, the third is not
+    tried (an outage does not multiply each upgrade's connects by the number of targets)."""
+    healthy = await make_upstream(_echo)
+    refusing = [f"http://127.0.0.1:{bound_socket().getsockname()[1]}" for _ in range(2)]
+    client = await make_gateway(one_service([*refusing, healthy.url], prefix="/ws", eject_seconds=60))
+
+    response = await client.get("/ws/room", headers=_UPGRADE)
+
+    assert response.status == 502
+    assert (await response.json())["detail"] == "Upstream 'svc' is unreachable"
+    assert healthy.requests == []
+    await _echoes_through(client)  # both refusing targets sit out their cooldown now
+
+
+async def _never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.read()  # takes the connection and the upgrade, says nothing until the peer leaves
+
+
+async def test_an_upgrade_never_answered_gets_504_and_keeps_its_target(
+    make_gateway: Any, make_raw_upstream: Any
+) -> None:
+    """The target accepted the connection: it is up, and one endpoint is slow, as with a proxied
+    request's read timeout. It was ejected, so the next request got 503 "No healthy target"."""
+    silent = await make_raw_upstream(_never_answers)
+    client = await make_gateway(
+        one_service(silent, prefix="/ws", timeout={"connect": 5, "read": 0.3}, eject_seconds=60)
+    )
+
+    for _ in range(2):
+        response = await client.get("/ws/room", headers=_UPGRADE)
+        assert response.status == 504
+        assert (await response.json())["detail"] == "Upstream 'svc' timed out"
+
+
+async def test_an_upgrade_never_answered_is_not_sent_to_another_target(
+    make_gateway: Any, make_raw_upstream: Any, make_upstream: Any
+) -> None:
+    """The upgrade reached the upstream, which may have acted on it: as a proxied request after a
+    read timeout, it is not sent again."""
+    silent = await make_raw_upstream(_never_answers)
+    healthy = await make_upstream(_echo)
+    client = await make_gateway(
+        one_service(
+            [silent, healthy.url], prefix="/ws", timeout={"connect": 5, "read": 0.3}, eject_seconds=60
+        )
+    )
+
+    statuses = []
+    for _ in range(2):  # whichever target the round-robin starts with
+        try:
+            await _echoes_through(client)
+        except aiohttp.WSServerHandshakeError as refused:
+            statuses.append(refused.status)
+        else:
+            statuses.append(101)
+
+    assert sorted(statuses) == [101, 504]
+    assert len(healthy.requests) == 1
+
+
 async def test_handshake_carries_forwarding_headers_and_drops_client_identity(
     ws_gateway: tuple[Any, Seen],
 ) -> None:

@@ -19,6 +19,7 @@ from gateway.headers import upstream_headers
 from gateway.jwks import JwksCache
 from gateway.middleware.auth import AuthError, TokenVerifier
 from gateway.settings import AuthSettings
+from tests.helpers import wait_for
 
 from .app import make_app
 
@@ -483,3 +484,66 @@ async def test_verification_cache_skips_the_signature_check(issuer, keys, monkey
         assert calls == []
     finally:
         await verifier.close()
+
+
+# -- tokens without a kid --------------------------------------------------------------------------
+
+
+def mint_kidless(private_key, alg="RS256", **overrides) -> str:
+    return jwt.encode(claims(**overrides), private_key, algorithm=alg)
+
+
+async def test_a_token_without_kid_is_accepted_among_several_keys_without_a_refetch(gateway, keys, issuer):
+    """Every key that fits its alg is tried (Envoy's jwt_authn): the token names none, so no key
+    is missing and the issuer is not asked again."""
+    issuer["keys"].append(_jwk(keys["rsa2"], "rsa-2"))
+    client, *_ = await gateway()
+
+    for key, sub in ((keys["rsa2"], "bob"), (keys["rsa"], "alice"), (keys["ec"], "carol")):
+        alg = "ES256" if key is keys["ec"] else "RS256"
+        response = await client.get("/api/required", headers=bearer(mint_kidless(key, alg, sub=sub)))
+        assert response.status == 200
+        assert (await response.json())["subject"] == sub
+    assert issuer["hits"] == 1
+
+
+async def test_a_token_without_kid_for_an_alg_no_key_has_refetches_as_an_unknown_kid(gateway, keys, issuer):
+    issuer["keys"] = [_jwk(keys["rsa"], "rsa-1"), _jwk(keys["rsa2"], "rsa-2")]
+    client, _, _, clock = await gateway()
+    assert (await client.get("/api/required", headers=bearer(mint(keys["rsa"])))).status == 200
+    issuer["keys"].append(_jwk(keys["ec"], "ec-1"))  # an EC key published, signing at once
+    clock.now += 1
+
+    response = await client.get("/api/required", headers=bearer(mint_kidless(keys["ec"], "ES256")))
+
+    assert response.status == 200
+    assert issuer["hits"] == 2
+
+
+async def test_a_cached_token_without_kid_goes_with_the_key_that_verified_it(gateway, keys, issuer):
+    """Not the first key that fits its alg: removing that one leaves the token accepted."""
+    issuer["keys"].append(_jwk(keys["rsa2"], "rsa-2"))
+    client, _, jwks, clock = await gateway()
+    token = mint_kidless(keys["rsa2"])
+    assert (await client.get("/api/required", headers=bearer(token))).status == 200
+
+    issuer["keys"] = [_jwk(keys["rsa2"], "rsa-2")]  # rsa-1 removed, the token's key kept
+    clock.now += 301
+    assert (await client.get("/api/required", headers=bearer(token))).status == 200
+    await wait_for(lambda: not jwks.has("rsa-1"), what="the JWKS refresh")
+    assert (await client.get("/api/required", headers=bearer(token))).status == 200
+
+    issuer["keys"] = [_jwk(keys["rsa"], "rsa-1")]  # and now the token's key removed
+    clock.now += 301
+    assert (await client.get("/api/required", headers=bearer(token))).status == 200  # starts the refresh
+    await wait_for(lambda: not jwks.has("rsa-2"), what="the JWKS refresh")
+    await assert_invalid(await client.get("/api/required", headers=bearer(token)), "signature is invalid")
+
+
+async def test_claims_of_a_token_without_kid_are_judged_once_a_key_verified_it(gateway, keys, issuer):
+    """An expired token signed by the second key says it expired: the first key's bad signature
+    is no verdict on the token."""
+    issuer["keys"].append(_jwk(keys["rsa2"], "rsa-2"))
+    client, *_ = await gateway()
+    token = mint_kidless(keys["rsa2"], exp=int(time.time()) - 600)
+    await assert_invalid(await client.get("/api/required", headers=bearer(token)), "expired")
