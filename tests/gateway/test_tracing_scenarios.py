@@ -15,16 +15,21 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from gateway.app import create_app
 from gateway.keys import tracing_key
+from gateway.settings import load_settings
+from tests.conftest import GatewayTestServer
 from tests.gateway.chain import AUTH_ENV, bearer
-from tests.helpers import Collector, one_service, wait_for
+from tests.helpers import Collector, get_request, one_service, parse_responses, wait_for
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER = "00f067aa0ba902b7"
@@ -432,3 +437,91 @@ async def test_the_collector_refuses_what_zipkin_would(
     assert collector[0].refused and problem in collector[0].refused[0]
     with pytest.raises(AssertionError):
         collector[0].spans  # noqa: B018 - reading it is what fails
+
+
+# -- remote endpoints ----------------------------------------------------------------------------
+
+
+async def _get_from(
+    host: str, port: int, path: str, headers: list[tuple[str, str]] | None = None
+) -> tuple[int, int]:
+    """GET ``path`` on a connection of its own: the status, and the client's own port."""
+    async with asyncio.timeout(5):
+        reader, writer = await asyncio.open_connection(host, port)
+        client_port = writer.get_extra_info("sockname")[1]
+        try:
+            writer.write(get_request(path, headers or []))
+            await writer.drain()
+            (response,) = parse_responses(await reader.read())
+        finally:
+            writer.close()
+            await writer.wait_closed()
+    return response.status, client_port
+
+
+async def test_a_server_span_names_the_client_as_its_remote_endpoint(
+    traced: Any, collector: Any, make_upstream: Any
+) -> None:
+    """Brave and Envoy record the caller's address and port on a SERVER span; operators search by it."""
+    upstream = await make_upstream()
+    client = await traced(one_service(upstream.url))
+    status, port = await _get_from("127.0.0.1", client.port, "/x")
+    assert status == 200
+    server = one(await reported(client, collector[0], ("SERVER", "CLIENT")), "SERVER")
+    assert server["remoteEndpoint"] == {"ipv4": "127.0.0.1", "port": port}
+
+
+async def test_an_ipv6_client_is_named_in_the_ipv6_field(
+    aiohttp_client: Any, tmp_path: Path, collector: Any, make_upstream: Any
+) -> None:
+    upstream = await make_upstream()
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(one_service(upstream.url)))
+    settings = load_settings({"GATEWAY_CONFIG": str(path), "ZIPKIN_URL": collector[1]})
+    client = await aiohttp_client(GatewayTestServer(create_app(settings), host="::1"))
+    status, port = await _get_from("::1", client.port, "/x")
+    assert status == 200
+    server = one(await reported(client, collector[0], ("SERVER", "CLIENT")), "SERVER")
+    assert server["remoteEndpoint"] == {"ipv6": "::1", "port": port}
+
+
+@pytest.mark.parametrize(
+    ("trusted", "forwarded", "endpoint"),
+    [
+        pytest.param("127.0.0.1", "203.0.113.7", {"ipv4": "203.0.113.7"}, id="trusted-proxy-ipv4"),
+        pytest.param("127.0.0.1", "2001:db8::7, 198.51.100.1", {"ipv4": "198.51.100.1"}, id="last-untrusted-hop"),
+        pytest.param("127.0.0.0/8", "2001:db8::7, 127.0.0.9", {"ipv6": "2001:db8::7"}, id="trusted-proxy-ipv6"),
+        pytest.param("", "203.0.113.7", None, id="untrusted-peer-cannot-choose"),
+    ],
+)  # fmt: skip
+async def test_behind_a_trusted_proxy_the_remote_endpoint_is_the_forwarded_client(
+    traced: Any,
+    collector: Any,
+    make_upstream: Any,
+    trusted: str,
+    forwarded: str,
+    endpoint: dict[str, Any] | None,
+) -> None:
+    """The client the gateway believes (the rate limiter's): a forwarded address has no port."""
+    upstream = await make_upstream()
+    env = {"TRUSTED_PROXIES": trusted} if trusted else {}
+    client = await traced(one_service(upstream.url), **env)
+    status, port = await _get_from("127.0.0.1", client.port, "/x", [("X-Forwarded-For", forwarded)])
+    assert status == 200
+    server = one(await reported(client, collector[0], ("SERVER", "CLIENT")), "SERVER")
+    assert server["remoteEndpoint"] == (endpoint or {"ipv4": "127.0.0.1", "port": port})
+
+
+async def test_a_request_the_parser_refuses_names_its_peer(
+    traced: Any, collector: Any, make_upstream: Any
+) -> None:
+    upstream = await make_upstream()
+    client = await traced(one_service(upstream.url))
+    async with asyncio.timeout(5):
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        port = writer.get_extra_info("sockname")[1]
+        writer.write(b"GARBAGE\r\n\r\n")
+        await reader.read()
+        writer.close()
+    (server,) = await reported(client, collector[0], ("SERVER",))
+    assert server["remoteEndpoint"] == {"ipv4": "127.0.0.1", "port": port}
