@@ -246,14 +246,14 @@ def _log_abandoned(request: web.BaseRequest, status: int) -> None:
 
 
 def remote_endpoint(span: SpanAbc, service: str | None, host: str | None, port: int | None) -> None:
-    """Name the other side of ``span``'s call: ``service`` (lower case, as Zipkin stores it), the
-    address in ``ipv4`` or ``ipv6`` as it is one (nothing for a host name: Zipkin's endpoint
-    has no field for one), and ``port`` (never 0: the v2 API says to leave it out instead)."""
+    """Name the other side of ``span``'s call: ``service``, the address in ``ipv4`` or ``ipv6``
+    as it is one (nothing for a host name: Zipkin's endpoint has no field for one), and ``port``
+    (never 0: the v2 API says to leave it out instead)."""
     address = ip_address(host)
     ipv4 = str(address) if address is not None and address.version == 4 else None
     ipv6 = str(address) if address is not None and address.version == 6 else None
     if service or address is not None:
-        span.remote_endpoint(service.lower() if service else None, ipv4=ipv4, ipv6=ipv6, port=port or None)
+        span.remote_endpoint(service or None, ipv4=ipv4, ipv6=ipv6, port=port or None)
 
 
 def _client_endpoint(span: SpanAbc, request: web.BaseRequest, trusted: Sequence[IPNetwork]) -> None:
@@ -363,7 +363,7 @@ class ClientSpan:
             server.trace, server.span_id, kind=az.CLIENT, name=self._name, request_id=server.request_id
         )
         if ref.record is not None:
-            ref.record.remote_endpoint(self._service)
+            remote_endpoint(ref.record, self._service, None, None)
         self._token: Token[SpanRef | None] = _current.set(ref)
         return ref
 

@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+import yarl
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
@@ -76,7 +77,7 @@ def assert_linked(
     assert server.get("parentId") == caller
     assert client["parentId"] == server["id"] != client["id"]
     assert server["localEndpoint"] == client["localEndpoint"] == {"serviceName": "gateway"}
-    assert client["remoteEndpoint"] == {"serviceName": "svc"}
+    assert client["remoteEndpoint"]["serviceName"] == "svc"  # the address: test_*_remote_endpoint_*
     assert server["timestamp"] <= client["timestamp"]
     assert client["timestamp"] + client["duration"] <= server["timestamp"] + server["duration"]
     if upstream_headers is not None:
@@ -328,6 +329,7 @@ async def test_a_websocket_session_spans_validate_and_link(
     server, call = one(spans, "SERVER"), one(spans, "CLIENT")
     assert server["tags"]["http.status_code"] == call["tags"]["http.status_code"] == "101"
     assert call["tags"]["peer.target"] == upstream.url
+    assert call["remoteEndpoint"] == _endpoint_of(upstream.url)
 
 
 # -- sampling ------------------------------------------------------------------------------------
@@ -525,3 +527,47 @@ async def test_a_request_the_parser_refuses_names_its_peer(
         writer.close()
     (server,) = await reported(client, collector[0], ("SERVER",))
     assert server["remoteEndpoint"] == {"ipv4": "127.0.0.1", "port": port}
+
+
+def _endpoint_of(url: str) -> dict[str, Any]:
+    """The remote endpoint Zipkin expects for a loopback target: its address in the field of its
+    family, and its port."""
+    parsed = yarl.URL(url)
+    field = "ipv6" if ":" in parsed.host else "ipv4"
+    return {"serviceName": "svc", field: parsed.host, "port": parsed.port}
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+async def test_a_client_span_names_the_target_as_its_remote_endpoint(
+    traced: Any, collector: Any, make_upstream: Any, host: str
+) -> None:
+    upstream = await make_upstream(host=host)
+    client = await traced(one_service(upstream.url))
+    assert (await client.get("/x")).status == 200
+    call = one(await reported(client, collector[0], ("SERVER", "CLIENT")), "CLIENT")
+    assert call["remoteEndpoint"] == _endpoint_of(upstream.url)
+
+
+async def test_a_host_name_target_is_named_by_the_address_it_resolved_to(
+    traced: Any, collector: Any, make_upstream: Any
+) -> None:
+    """Zipkin's endpoint has no field for a host name: the address the connection reached."""
+    upstream = await make_upstream()
+    url = upstream.url.replace("127.0.0.1", "localhost")
+    client = await traced(one_service(url))
+    assert (await client.get("/x")).status == 200
+    call = one(await reported(client, collector[0], ("SERVER", "CLIENT")), "CLIENT")
+    assert call["remoteEndpoint"] in (
+        _endpoint_of(upstream.url),
+        _endpoint_of(f"http://[::1]:{upstream.server.port}"),
+    )
+    assert call["tags"]["peer.target"] == url
+
+
+async def test_a_target_that_refused_the_connection_is_still_the_remote_endpoint(
+    traced: Any, collector: Any, refused_url: str
+) -> None:
+    client = await traced(one_service(refused_url))
+    assert (await client.get("/x")).status == 502
+    call = one(await reported(client, collector[0], ("SERVER", "CLIENT")), "CLIENT")
+    assert call["remoteEndpoint"] == _endpoint_of(refused_url)
