@@ -19,15 +19,19 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import aiozipkin as az
 import pytest
 import yaml
 import yarl
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from aiozipkin.helpers import TraceContext as ZipkinContext
+from aiozipkin.record import Record
 
 from gateway.app import create_app
 from gateway.keys import tracing_key
 from gateway.settings import load_settings
+from gateway.zipkin import ZipkinReporter
 from tests.conftest import GatewayTestServer
 from tests.gateway.chain import AUTH_ENV, bearer
 from tests.helpers import Collector, get_request, one_service, parse_responses, wait_for
@@ -571,3 +575,95 @@ async def test_a_target_that_refused_the_connection_is_still_the_remote_endpoint
     assert (await client.get("/x")).status == 502
     call = one(await reported(client, collector[0], ("SERVER", "CLIENT")), "CLIENT")
     assert call["remoteEndpoint"] == _endpoint_of(refused_url)
+
+
+# -- batches and collector limits ----------------------------------------------------------------
+
+
+@pytest.fixture
+async def limited_collector(aiohttp_server: Any) -> Callable[[int], Awaitable[tuple[Collector, str]]]:
+    """``limited_collector(max_body)``: a collector answering 413 to bodies over ``max_body`` bytes."""
+
+    async def make(max_body: int) -> tuple[Collector, str]:
+        stub = Collector(max_body)
+        app = web.Application()
+        app.router.add_post("/api/v2/spans", stub.handle)
+        server = await aiohttp_server(app)
+        return stub, str(server.make_url("/api/v2/spans"))
+
+    return make
+
+
+async def _spans_dropped(client: TestClient) -> float:
+    text = await (await client.get("/metrics")).text()
+    (line,) = [line for line in text.splitlines() if line.startswith("gateway_spans_dropped_total ")]
+    return float(line.split()[1])
+
+
+async def test_a_batch_the_collector_refuses_as_too_large_is_split_until_it_fits(
+    make_gateway: Any, limited_collector: Any, make_upstream: Any
+) -> None:
+    """A 413 dropped the whole batch: forty spans lost for a limit any one of them fits."""
+    collector, url = await limited_collector(8192)
+    upstream = await make_upstream()
+    client = await make_gateway(one_service(upstream.url), {"ZIPKIN_URL": url})
+    long = "/x/" + "a" * 1500  # each SERVER span about 2 KB
+    for n in range(20):
+        assert (await client.get(f"{long}/{n}", headers={"x-request-id": f"req-{n}"})).status == 200
+    reporter = client.app[tracing_key].reporter
+    await reporter.flush()
+    assert collector.too_large >= 1
+    assert len(collector.spans) == 40 and reporter.dropped == 0
+    servers = [s for s in collector.spans if s["kind"] == "SERVER"]
+    assert sorted(s["tags"]["request_id"] for s in servers) == sorted(f"req-{n}" for n in range(20))
+    # What the collector took is remembered: later batches are not refused first.
+    refused = collector.too_large
+    for n in range(20):
+        assert (await client.get(f"{long}/{n}")).status == 200
+    await reporter.flush()
+    assert collector.too_large == refused and len(collector.spans) == 80
+    assert await _spans_dropped(client) == 0
+
+
+async def test_only_a_span_the_collector_takes_in_no_batch_is_dropped_and_counted(
+    make_gateway: Any, limited_collector: Any, make_upstream: Any
+) -> None:
+    collector, url = await limited_collector(4096)
+    upstream = await make_upstream()
+    client = await make_gateway(one_service(upstream.url), {"ZIPKIN_URL": url})
+    assert (await client.get("/x/" + "a" * 6000)).status == 200  # its SERVER span: over 6 KB
+    reporter = client.app[tracing_key].reporter
+    await reporter.flush()
+    assert [s["kind"] for s in collector.spans] == ["CLIENT"]
+    assert reporter.dropped == 1
+    assert await _spans_dropped(client) == 1
+
+
+async def test_batches_stay_under_a_collectors_usual_body_limit(
+    traced: Any, collector: Any, make_upstream: Any
+) -> None:
+    """500 spans of 7 KB are 3.5 MB: over the 1 MiB an nginx (or this aiohttp stub) in front of a
+    collector takes by default. Batches are bounded in bytes too, so none is refused at all."""
+    upstream = await make_upstream()
+    client = await traced(one_service(upstream.url))
+    long = "/x/" + "a" * 7000
+    async with asyncio.TaskGroup() as group:
+        for n in range(160):
+            group.create_task(client.get(f"{long}/{n}"))
+    reporter = client.app[tracing_key].reporter
+    await wait_for(lambda: len(reporter.buffer) + reporter.sent >= 320, what="320 spans finished")
+    await reporter.flush()
+    assert collector[0].too_large == 0
+    assert len(collector[0].spans) == 320 and reporter.dropped == 0
+    assert collector[0].posts >= 2
+
+
+def test_the_span_buffer_is_bounded_in_bytes_too() -> None:
+    """While the collector is down, spans of a few KB each must not fill memory up to the count."""
+    reporter = ZipkinReporter("http://127.0.0.1:9/api/v2/spans", max_buffer_bytes=100_000)
+    for n in range(100):
+        context = ZipkinContext(TRACE, None, f"{n + 1:016x}", True, False, False)
+        record = Record(context, az.create_endpoint("gateway")).start(1).finish(2)
+        reporter.send(record.set_tag("http.path", "/" + "a" * 5000))
+    assert 0 < reporter.buffered_bytes <= 100_000
+    assert len(reporter.buffer) + reporter.dropped == 100 and reporter.dropped >= 80
