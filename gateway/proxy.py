@@ -465,6 +465,8 @@ async def _proxy_http(
         request.app[metrics_key].record_upstream(upstream.name, perf_counter() - started)
         if span is not None and span.record is not None:
             span.record.tag("http.status_code", str(message.code))
+            if message.code >= 500:  # as on the SERVER span, and as Envoy marks an upstream's 5xx
+                span.record.tag("error", str(message.code))
             _name_target(span.record, upstream, target, protocol)
         try:
             response = await _relay_response(request, message, payload)

@@ -15,6 +15,7 @@ backends' traces join up with whatever the caller started.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextvars import ContextVar, Token
@@ -32,7 +33,7 @@ from multidict import CIMultiDictProxy
 from ..clientip import IPNetwork, client_ip, ip_address
 from ..errors import ApiError
 from ..keys import client_ip_key, request_id_key, route_key, span_key
-from ..routing import CatchAll
+from ..routing import CatchAll, shown_path
 from ..state import status_when_cancelled
 from ..tracecontext import (
     PROPAGATION_HEADERS,
@@ -290,7 +291,7 @@ def _finish_server_span(
         pattern = None if resource is None or isinstance(resource, CatchAll) else resource.canonical
     span.name(f"{request.method} {pattern}" if pattern is not None else request.method)
     span.tag("http.method", request.method)
-    span.tag("http.path", request.path)
+    span.tag("http.path", shown_path(request))
     if pattern is not None:
         span.tag("http.route", pattern)
     span.tag("http.status_code", str(status))
@@ -376,9 +377,25 @@ class ClientSpan:
         _current.reset(self._token)
         if ref.record is not None:
             # A cancel is the client going away (the SERVER span says 499), or how a WebSocket
-            # session ends: not the upstream call's error. The gateway's own errors say what
-            # went wrong ("Upstream 'x' timed out"); anything else is named by its type only
-            # (a driver's message may quote what it was sent).
-            if exc_type is not None and exc_type is not asyncio.CancelledError:
-                ref.record.tag("error", exc.detail if isinstance(exc, ApiError) else exc_type.__name__)
+            # session ends: not the upstream call's error.
+            if exc is not None and exc_type is not asyncio.CancelledError:
+                ref.record.tag("error", _call_error(exc))
             ref.record.finish()
+
+
+def _call_error(exc: BaseException) -> str:
+    """What a CLIENT span's ``error`` says: the gateway's own error ("Upstream 'x' is unreachable")
+    and, when a socket error caused it, the system's or OpenSSL's reason (": Connection refused",
+    ": Name or service not known", ": certificate verify failed"), as Brave tags a failed call
+    with its exception's message. Anything else is named by its type only (a driver's message may
+    quote what it was sent)."""
+    if not isinstance(exc, ApiError):
+        return type(exc).__name__
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, OSError):
+        # asyncio's refusal reads "Connect call failed ('10.0.0.7', 9001)": the errno says more.
+        errno = cause.errno
+        reason = os.strerror(errno) if isinstance(errno, int) and errno > 0 else cause.strerror or str(cause)
+        if reason:
+            return f"{exc.detail}: {reason}"
+    return exc.detail

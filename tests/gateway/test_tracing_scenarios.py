@@ -34,7 +34,7 @@ from gateway.settings import load_settings
 from gateway.zipkin import ZipkinReporter
 from tests.conftest import GatewayTestServer
 from tests.gateway.chain import AUTH_ENV, bearer
-from tests.helpers import Collector, get_request, one_service, parse_responses, wait_for
+from tests.helpers import Collector, get_request, one_service, parse_responses, send_raw_path, wait_for
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER = "00f067aa0ba902b7"
@@ -172,8 +172,9 @@ async def test_502_upstream_refused_marks_both_spans_as_errors(
     assert_linked(spans)
     server, call = one(spans, "SERVER"), one(spans, "CLIENT")
     assert server["tags"]["error"] == server["tags"]["http.status_code"] == "502"
-    # What went wrong, and where: not the name of an exception class.
-    assert call["tags"] == {"error": "Upstream 'svc' is unreachable", "peer.target": refused_url}
+    # What went wrong, why, and where: not the name of an exception class.
+    error = "Upstream 'svc' is unreachable: Connection refused"
+    assert call["tags"] == {"error": error, "peer.target": refused_url}
     assert [a["value"] for a in call["annotations"]] == [f"connect {refused_url}"]
 
 
@@ -196,7 +197,8 @@ async def test_504_upstream_timeout_marks_both_spans_as_errors(
     assert_linked(spans, headers_of(upstream))
     server, call = one(spans, "SERVER"), one(spans, "CLIENT")
     assert server["tags"]["error"] == server["tags"]["http.status_code"] == "504"
-    assert call["tags"] == {"error": "Upstream 'svc' timed out", "peer.target": upstream.url}
+    error = "Upstream 'svc' timed out: Timeout on reading data from socket"
+    assert call["tags"] == {"error": error, "peer.target": upstream.url}
     assert [a["value"] for a in call["annotations"]] == [f"timeout {upstream.url}"]
     assert call["duration"] >= 200_000
 
@@ -667,3 +669,58 @@ def test_the_span_buffer_is_bounded_in_bytes_too() -> None:
         reporter.send(record.set_tag("http.path", "/" + "a" * 5000))
     assert 0 < reporter.buffered_bytes <= 100_000
     assert len(reporter.buffer) + reporter.dropped == 100 and reporter.dropped >= 80
+
+
+# -- tags ----------------------------------------------------------------------------------------
+
+
+async def test_an_upstream_5xx_marks_the_call_as_an_error_too(
+    traced: Any, collector: Any, make_upstream: Any
+) -> None:
+    """Envoy marks an upstream span answered 5xx as an error, as the gateway did on its SERVER span
+    only: a search for errors found the request but not the call that failed."""
+
+    async def broken(request: web.Request) -> web.Response:
+        return web.json_response({"detail": "down"}, status=503)
+
+    upstream = await make_upstream(broken)
+    client = await traced(one_service(upstream.url))
+    assert (await client.get("/x")).status == 503
+    spans = await reported(client, collector[0], ("SERVER", "CLIENT"))
+    server, call = one(spans, "SERVER"), one(spans, "CLIENT")
+    assert server["tags"]["error"] == call["tags"]["error"] == "503"
+    assert call["tags"]["http.status_code"] == "503"
+
+
+async def test_a_4xx_from_the_upstream_is_no_error_of_the_call(
+    traced: Any, collector: Any, make_upstream: Any
+) -> None:
+    async def missing(request: web.Request) -> web.Response:
+        return web.json_response({"detail": "no such cluster"}, status=404)
+
+    upstream = await make_upstream(missing)
+    client = await traced(one_service(upstream.url))
+    assert (await client.get("/x")).status == 404
+    spans = await reported(client, collector[0], ("SERVER", "CLIENT"))
+    assert all("error" not in s["tags"] for s in spans)
+
+
+@pytest.mark.parametrize(
+    ("raw_path", "shown"),
+    [
+        pytest.param("/api/a%2Fb?token=secret", "/api/a%2Fb", id="as-sent-without-query"),
+        pytest.param("/api/fetch/http://user:s3cret@example.com/x", "/api/fetch/http://***@example.com/x",
+                     id="password-in-a-url-in-the-path"),
+    ],
+)  # fmt: skip
+async def test_http_path_is_the_path_as_sent_without_secrets(
+    traced: Any, collector: Any, make_upstream: Any, raw_path: str, shown: str
+) -> None:
+    """``http.path`` was the decoded path: ``%2F`` shown as the ``/`` the table did not match on,
+    and the password of a URL in the path sent to the tracing backend the access log hides it from."""
+    upstream = await make_upstream()
+    client = await traced(one_service(upstream.url, prefix="/api"))
+    assert (await send_raw_path(client, raw_path)).status == 200
+    server = one(await reported(client, collector[0], ("SERVER", "CLIENT")), "SERVER")
+    assert server["tags"]["http.path"] == shown
+    assert server["name"] == "GET /api" and server["tags"]["http.route"] == "/api"
