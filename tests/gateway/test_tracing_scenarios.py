@@ -367,6 +367,13 @@ B3_SPAN = "e457b5a2e4d86bd1"
         pytest.param("0", {"b3": f"{B3}-{B3_SPAN}-1"}, True, False, B3_SPAN, id="b3-accept"),
         pytest.param("0", {"b3": f"{B3}-{B3_SPAN}-d"}, True, True, B3_SPAN, id="b3-debug"),
         pytest.param("0", {"b3": "d"}, True, True, None, id="b3-debug-only"),
+        pytest.param("0", {"X-B3-Flags": "1"}, True, True, None, id="x-b3-debug-only"),
+        pytest.param("0", {"X-B3-TraceId": B3, "X-B3-SpanId": B3_SPAN, "X-B3-Sampled": "0", "X-B3-Flags": "1"},
+                     True, True, B3_SPAN, id="x-b3-debug-over-deny"),
+        pytest.param("0", {"traceparent": f"00-{TRACE}-{CALLER}-00", "X-B3-TraceId": TRACE,
+                           "X-B3-SpanId": CALLER, "X-B3-Flags": "1"}, True, True, CALLER, id="w3c-and-b3-debug"),
+        pytest.param("1.0", {"b3": "0", "X-B3-TraceId": B3, "X-B3-SpanId": B3_SPAN, "X-B3-Sampled": "1"}, False,
+                     False, None, id="b3-deny-over-x-b3"),
     ],
 )  # fmt: skip
 async def test_sampling_decisions_are_honoured(
