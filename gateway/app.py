@@ -46,7 +46,10 @@ log = logging.getLogger("gateway")
 def create_app(settings: Settings) -> web.Application:
     keep_header_bytes()
     tracing = Tracing(
-        service_name="gateway", zipkin_url=settings.zipkin_url, sample_rate=settings.trace_sample_rate
+        service_name="gateway",
+        zipkin_url=settings.zipkin_url,
+        sample_rate=settings.trace_sample_rate,
+        trusted_proxies=settings.trusted_proxies,
     )
     limiter = create_limiter(settings.redis_url)
     verifier = TokenVerifier(settings.auth) if settings.auth.enabled else None

@@ -12,7 +12,7 @@ import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 
-__all__ = ["IPNetwork", "client_ip", "is_trusted_peer", "peer_host"]
+__all__ = ["IPNetwork", "client_ip", "ip_address", "is_trusted_peer", "peer_host"]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -64,6 +64,12 @@ def peer_host(host: str) -> str:
         return host
     address = _parse(host)
     return host if address is None else str(address)
+
+
+def ip_address(value: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``value`` as an address, as :func:`peer_host` names it (IPv4-mapped IPv6 as IPv4, no
+    zone), or None when it is not one (a host name, a Unix socket, empty)."""
+    return _parse(value)
 
 
 @functools.lru_cache(maxsize=4096)  # the same peers and proxies come back again and again

@@ -26,6 +26,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from .keys import relayed_key, request_id_key, route_key, span_key, target_key
 from .middleware.tracing import current_trace
+from .routing import shown_path
 
 _now = time.time
 _perf_counter = time.perf_counter
@@ -349,10 +350,7 @@ class JsonAccessLogger(AbstractAccessLogger):
         span = get(span_key)
         request_id = get(request_id_key)
         remote = request.remote
-        # The query string may carry tokens; the path alone identifies the call.
-        path = request.raw_path.partition("?")[0]
-        if "@" in path:  # a URL in the path may carry a password (/fetch/http://u:p@host/x)
-            path = _without_userinfo(path)
+        path = shown_path(request)
         bytes_in = getattr(request.content, "total_bytes", 0)
         bytes_out = response.body_length
         if response.status == 101 and (relayed := get(relayed_key)) is not None:  # a WebSocket session

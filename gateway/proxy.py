@@ -39,11 +39,12 @@ from aiohttp.http import RawResponseMessage
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import StreamReader
 from aiohttp.typedefs import Handler
+from aiozipkin.span import SpanAbc
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 from yarl import URL
 
 from . import wsrelay
-from .clientip import is_trusted_peer
+from .clientip import ip_address, is_trusted_peer
 from .errors import ApiError, body_too_large
 from .headers import VIA, VIA_HTTP10, response_headers, serialize_head, upstream_headers
 from .httpserver import KNOWN_HOSTS, BodyTimeout, check_host, read_body_chunk, send_continue
@@ -68,7 +69,7 @@ from .metrics import metrics_key
 from .middleware.auth import identity_headers, without_query_token
 from .middleware.cors import ALLOWED_METHODS
 from .middleware.request_id import REQUEST_ID_HEADER
-from .middleware.tracing import ClientSpan, SpanRef, current_trace, downstream_headers
+from .middleware.tracing import ClientSpan, SpanRef, current_trace, downstream_headers, remote_endpoint
 from .pool import (
     LOCAL_SHORTAGES,
     ConnectFailed,
@@ -456,7 +457,7 @@ async def _proxy_http(
             # No answer (an error, or the client left): the span still names the target tried.
             tried = request.get(target_key)
             if span is not None and span.record is not None and tried is not None:
-                span.record.tag("peer.target", tried.url)
+                _name_target(span.record, upstream, tried, None)
             raise
         if message.code == 101:
             # Upgrade is hop-by-hop and never forwarded here (WebSockets take their own path):
@@ -467,7 +468,9 @@ async def _proxy_http(
         request.app[metrics_key].record_upstream(upstream.name, perf_counter() - started)
         if span is not None and span.record is not None:
             span.record.tag("http.status_code", str(message.code))
-            span.record.tag("peer.target", target.url)
+            if message.code >= 500:  # as on the SERVER span, and as Envoy marks an upstream's 5xx
+                span.record.tag("error", str(message.code))
+            _name_target(span.record, upstream, target, protocol)
         try:
             response = await _relay_response(request, message, payload)
         except BaseException:
@@ -478,6 +481,22 @@ async def _proxy_http(
         else:
             protocol.close()
         return response
+
+
+def _name_target(
+    record: SpanAbc, upstream: Upstream, target: Target, protocol: UpstreamProtocol | None
+) -> None:
+    """The CLIENT span's other side: the target's URL as a tag, and as Zipkin's remote endpoint
+    the service, the target's address (for a host name, the one the connection reached, when
+    there is one) and port, as Brave's HTTP clients record them."""
+    record.tag("peer.target", target.url)
+    pool = target.pool
+    host: str | None = pool.host
+    if ip_address(host) is None:
+        transport = protocol.transport if protocol is not None else None
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        host = peer[0] if isinstance(peer, tuple) and peer and isinstance(peer[0], str) else None
+    remote_endpoint(record, upstream.name, host, pool.port)
 
 
 async def _send(
@@ -943,7 +962,7 @@ async def _ws_connect(
             raise ApiError(503, f"No healthy target for service '{upstream.name}'")
         request[target_key] = target
         if span is not None and span.record is not None:
-            span.record.tag("peer.target", target.url)
+            _name_target(span.record, upstream, target, None)
         refusal = _Refusal()
         _refusal.set(refusal)
         handshake: _Handshake | None = None

@@ -24,6 +24,7 @@ __all__ = [
     "has_encoded_control",
     "lenient_reading",
     "may_read_otherwise",
+    "shown_path",
     "strip_route_prefix",
 ]
 
@@ -178,6 +179,19 @@ def fold_case(path: str) -> str:
     ``ToUpperInvariant``, which makes the dotless i (U+0131) an ``I`` and the long s (U+017F) an
     ``S``."""
     return path.upper().lower()
+
+
+# The user and password of a URL inside a path, as gateway.logs hides them in any line.
+_USERINFO = re.compile(r"(?<=://)[^/@\s\"]*@")
+
+
+def shown_path(request: web.BaseRequest) -> str:
+    """The request's path as the access log and the SERVER span's ``http.path`` show it: as sent,
+    not decoded (these are the bytes the table matched; ``%2F`` is not ``/``), without the query
+    (it may carry tokens), and a URL in it without its user and password
+    (``/fetch/http://u:p@host/x``)."""
+    path = request.raw_path.partition("?")[0]
+    return _USERINFO.sub("***@", path) if "@" in path else path
 
 
 def strip_route_prefix(route: Route, raw_path: str) -> str:

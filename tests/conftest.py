@@ -203,8 +203,8 @@ def unaccepting_url() -> Iterator[str]:
 class GatewayTestServer(TestServer):
     """A test server on the production runner: same limits and error answers as ``serve``."""
 
-    def __init__(self, app: web.Application, **runner_kwargs: Any) -> None:
-        super().__init__(app)
+    def __init__(self, app: web.Application, *, host: str = "127.0.0.1", **runner_kwargs: Any) -> None:
+        super().__init__(app, host=host)
         self._runner_kwargs = runner_kwargs
 
     async def _make_runner(self, **kwargs: Any) -> GatewayRunner:

@@ -161,10 +161,14 @@ class Collector:
     ``spans`` fail with the reason (an assertion in the handler would only reach the reporter).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_body: int | None = None) -> None:
         self._spans: list[dict[str, Any]] = []
         self.refused: list[str] = []
         self.posts = 0
+        # A body over the limit is answered 413, as every collector does over its own (Zipkin's
+        # 10 MiB, the OpenTelemetry collector's 20 MiB, the aiohttp app's 1 MiB by default).
+        self.max_body = max_body
+        self.too_large = 0
 
     @property
     def spans(self) -> list[dict[str, Any]]:
@@ -175,7 +179,15 @@ class Collector:
         problems: list[str] = []
         if request.content_type != "application/json":
             problems.append(f"Content-Type {request.content_type}")
-        body = json.loads(await request.read())
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            self.too_large += 1
+            raise
+        if self.max_body is not None and len(raw) > self.max_body:
+            self.too_large += 1
+            return web.Response(status=413)
+        body = json.loads(raw)
         problems += [f"schema: {e.message} at {list(e.absolute_path)}" for e in VALIDATOR.iter_errors(body)]
         for span in body if isinstance(body, list) else []:
             problems += [f"{problem} in {span}" for problem in zipkin_span_problems(span)]

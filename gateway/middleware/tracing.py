@@ -15,8 +15,9 @@ backends' traces join up with whatever the caller started.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextvars import ContextVar, Token
 from functools import partial
 from types import TracebackType
@@ -29,9 +30,10 @@ from aiozipkin.helpers import TraceContext as ZipkinContext
 from aiozipkin.span import SpanAbc
 from multidict import CIMultiDictProxy
 
+from ..clientip import IPNetwork, client_ip, ip_address
 from ..errors import ApiError
-from ..keys import request_id_key, route_key, span_key
-from ..routing import CatchAll
+from ..keys import client_ip_key, request_id_key, route_key, span_key
+from ..routing import CatchAll, shown_path
 from ..state import status_when_cancelled
 from ..tracecontext import (
     PROPAGATION_HEADERS,
@@ -52,6 +54,7 @@ __all__ = [
     "current_trace",
     "downstream_headers",
     "inject_trace_headers",
+    "remote_endpoint",
     "trace_refusal",
     "tracing_ctx",
     "tracing_middleware",
@@ -118,8 +121,17 @@ def downstream_headers(ref: SpanRef) -> dict[str, str]:
 class Tracing:
     """The tracer and the sampling policy, built once from the settings."""
 
-    def __init__(self, *, service_name: str, zipkin_url: str | None, sample_rate: float) -> None:
+    def __init__(
+        self,
+        *,
+        service_name: str,
+        zipkin_url: str | None,
+        sample_rate: float,
+        trusted_proxies: Sequence[IPNetwork] = (),
+    ) -> None:
         self.sample_rate = sample_rate
+        # Whose X-Forwarded-For names the client a SERVER span's remote endpoint is (TRUSTED_PROXIES).
+        self.trusted_proxies = tuple(trusted_proxies)
         self.reporter = ZipkinReporter(zipkin_url) if zipkin_url else None
         self.tracer = (
             az.Tracer(self.reporter, az.Sampler(sample_rate=sample_rate), az.create_endpoint(service_name))
@@ -210,7 +222,7 @@ def tracing_middleware(tracing: Tracing) -> Any:
         finally:
             _current.reset(token)
             if ref.record is not None:
-                _finish_server_span(ref.record, request, status)
+                _finish_server_span(ref.record, request, status, tracing.trusted_proxies)
 
     return trace
 
@@ -234,7 +246,40 @@ def _log_abandoned(request: web.BaseRequest, status: int) -> None:
         logger.log(request, _Abandoned(status, request.writer.output_size), 0.0)  # type: ignore[arg-type]
 
 
-def _finish_server_span(span: SpanAbc, request: web.Request, status: int) -> None:
+def remote_endpoint(span: SpanAbc, service: str | None, host: str | None, port: int | None) -> None:
+    """Name the other side of ``span``'s call: ``service``, the address in ``ipv4`` or ``ipv6``
+    as it is one (nothing for a host name: Zipkin's endpoint has no field for one), and ``port``
+    (never 0: the v2 API says to leave it out instead)."""
+    address = ip_address(host)
+    ipv4 = str(address) if address is not None and address.version == 4 else None
+    ipv6 = str(address) if address is not None and address.version == 6 else None
+    if service or address is not None:
+        span.remote_endpoint(service or None, ipv4=ipv4, ipv6=ipv6, port=port or None)
+
+
+def _client_endpoint(span: SpanAbc, request: web.BaseRequest, trusted: Sequence[IPNetwork]) -> None:
+    """The SERVER span's remote endpoint: the client, as Brave's and Envoy's Zipkin tracers record
+    it. Its address is the one the gateway trusts (the peer, or with ``TRUSTED_PROXIES`` what
+    they forwarded, as the rate limiter reads it; Envoy's trusted hops do the same); the port is
+    the peer's, when the address is the peer's too: a forwarded address comes without one."""
+    remote = request.remote
+    ip = request.get(client_ip_key)
+    if ip is None:
+        forwarded = request.headers.getall("X-Forwarded-For", ()) if trusted else ()
+        ip = client_ip(remote, forwarded, trusted)
+    port = None
+    peer = ip_address(remote)
+    if peer is not None and str(peer) == ip and request.protocol is not None:
+        peername = request.protocol.peername
+        if isinstance(peername, tuple) and len(peername) >= 2 and isinstance(peername[1], int):
+            port = peername[1]
+    remote_endpoint(span, None, ip, port)
+
+
+def _finish_server_span(
+    span: SpanAbc, request: web.Request, status: int, trusted: Sequence[IPNetwork]
+) -> None:
+    _client_endpoint(span, request, trusted)
     route = request.get(route_key)
     if route is not None:
         pattern: str | None = route.prefix
@@ -246,7 +291,7 @@ def _finish_server_span(span: SpanAbc, request: web.Request, status: int) -> Non
         pattern = None if resource is None or isinstance(resource, CatchAll) else resource.canonical
     span.name(f"{request.method} {pattern}" if pattern is not None else request.method)
     span.tag("http.method", request.method)
-    span.tag("http.path", request.path)
+    span.tag("http.path", shown_path(request))
     if pattern is not None:
         span.tag("http.route", pattern)
     span.tag("http.status_code", str(status))
@@ -284,6 +329,7 @@ def trace_refusal(
     finally:
         _current.reset(token)
     if ref.record is not None:
+        _client_endpoint(ref.record, request, ())  # its headers were not parsed: the peer
         ref.record.tag("http.status_code", str(response.status))
         ref.record.tag("request_id", request_id)
         ref.record.finish()
@@ -318,7 +364,7 @@ class ClientSpan:
             server.trace, server.span_id, kind=az.CLIENT, name=self._name, request_id=server.request_id
         )
         if ref.record is not None:
-            ref.record.remote_endpoint(self._service)
+            remote_endpoint(ref.record, self._service, None, None)
         self._token: Token[SpanRef | None] = _current.set(ref)
         return ref
 
@@ -331,9 +377,25 @@ class ClientSpan:
         _current.reset(self._token)
         if ref.record is not None:
             # A cancel is the client going away (the SERVER span says 499), or how a WebSocket
-            # session ends: not the upstream call's error. The gateway's own errors say what
-            # went wrong ("Upstream 'x' timed out"); anything else is named by its type only
-            # (a driver's message may quote what it was sent).
-            if exc_type is not None and exc_type is not asyncio.CancelledError:
-                ref.record.tag("error", exc.detail if isinstance(exc, ApiError) else exc_type.__name__)
+            # session ends: not the upstream call's error.
+            if exc is not None and exc_type is not asyncio.CancelledError:
+                ref.record.tag("error", _call_error(exc))
             ref.record.finish()
+
+
+def _call_error(exc: BaseException) -> str:
+    """What a CLIENT span's ``error`` says: the gateway's own error ("Upstream 'x' is unreachable")
+    and, when a socket error caused it, the system's or OpenSSL's reason (": Connection refused",
+    ": Name or service not known", ": certificate verify failed"), as Brave tags a failed call
+    with its exception's message. Anything else is named by its type only (a driver's message may
+    quote what it was sent)."""
+    if not isinstance(exc, ApiError):
+        return type(exc).__name__
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, OSError):
+        # asyncio's refusal reads "Connect call failed ('10.0.0.7', 9001)": the errno says more.
+        errno = cause.errno
+        reason = os.strerror(errno) if isinstance(errno, int) and errno > 0 else cause.strerror or str(cause)
+        if reason:
+            return f"{exc.detail}: {reason}"
+    return exc.detail

@@ -15,16 +15,26 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import aiozipkin as az
 import pytest
+import yaml
+import yarl
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from aiozipkin.helpers import TraceContext as ZipkinContext
+from aiozipkin.record import Record
 
+from gateway.app import create_app
 from gateway.keys import tracing_key
+from gateway.settings import load_settings
+from gateway.zipkin import ZipkinReporter
+from tests.conftest import GatewayTestServer
 from tests.gateway.chain import AUTH_ENV, bearer
-from tests.helpers import Collector, one_service, wait_for
+from tests.helpers import Collector, get_request, one_service, parse_responses, send_raw_path, wait_for
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER = "00f067aa0ba902b7"
@@ -71,7 +81,7 @@ def assert_linked(
     assert server.get("parentId") == caller
     assert client["parentId"] == server["id"] != client["id"]
     assert server["localEndpoint"] == client["localEndpoint"] == {"serviceName": "gateway"}
-    assert client["remoteEndpoint"] == {"serviceName": "svc"}
+    assert client["remoteEndpoint"]["serviceName"] == "svc"  # the address: test_*_remote_endpoint_*
     assert server["timestamp"] <= client["timestamp"]
     assert client["timestamp"] + client["duration"] <= server["timestamp"] + server["duration"]
     if upstream_headers is not None:
@@ -162,8 +172,9 @@ async def test_502_upstream_refused_marks_both_spans_as_errors(
     assert_linked(spans)
     server, call = one(spans, "SERVER"), one(spans, "CLIENT")
     assert server["tags"]["error"] == server["tags"]["http.status_code"] == "502"
-    # What went wrong, and where: not the name of an exception class.
-    assert call["tags"] == {"error": "Upstream 'svc' is unreachable", "peer.target": refused_url}
+    # What went wrong, why, and where: not the name of an exception class.
+    error = "Upstream 'svc' is unreachable: Connection refused"
+    assert call["tags"] == {"error": error, "peer.target": refused_url}
     assert [a["value"] for a in call["annotations"]] == [f"connect {refused_url}"]
 
 
@@ -186,7 +197,8 @@ async def test_504_upstream_timeout_marks_both_spans_as_errors(
     assert_linked(spans, headers_of(upstream))
     server, call = one(spans, "SERVER"), one(spans, "CLIENT")
     assert server["tags"]["error"] == server["tags"]["http.status_code"] == "504"
-    assert call["tags"] == {"error": "Upstream 'svc' timed out", "peer.target": upstream.url}
+    error = "Upstream 'svc' timed out: Timeout on reading data from socket"
+    assert call["tags"] == {"error": error, "peer.target": upstream.url}
     assert [a["value"] for a in call["annotations"]] == [f"timeout {upstream.url}"]
     assert call["duration"] >= 200_000
 
@@ -347,6 +359,7 @@ async def test_a_websocket_session_spans_validate_and_link(
     server, call = one(spans, "SERVER"), one(spans, "CLIENT")
     assert server["tags"]["http.status_code"] == call["tags"]["http.status_code"] == "101"
     assert call["tags"]["peer.target"] == upstream.url
+    assert call["remoteEndpoint"] == _endpoint_of(upstream.url)
 
 
 # -- sampling ------------------------------------------------------------------------------------
@@ -378,6 +391,13 @@ B3_SPAN = "e457b5a2e4d86bd1"
         pytest.param("0", {"b3": f"{B3}-{B3_SPAN}-1"}, True, False, B3_SPAN, id="b3-accept"),
         pytest.param("0", {"b3": f"{B3}-{B3_SPAN}-d"}, True, True, B3_SPAN, id="b3-debug"),
         pytest.param("0", {"b3": "d"}, True, True, None, id="b3-debug-only"),
+        pytest.param("0", {"X-B3-Flags": "1"}, True, True, None, id="x-b3-debug-only"),
+        pytest.param("0", {"X-B3-TraceId": B3, "X-B3-SpanId": B3_SPAN, "X-B3-Sampled": "0", "X-B3-Flags": "1"},
+                     True, True, B3_SPAN, id="x-b3-debug-over-deny"),
+        pytest.param("0", {"traceparent": f"00-{TRACE}-{CALLER}-00", "X-B3-TraceId": TRACE,
+                           "X-B3-SpanId": CALLER, "X-B3-Flags": "1"}, True, True, CALLER, id="w3c-and-b3-debug"),
+        pytest.param("1.0", {"b3": "0", "X-B3-TraceId": B3, "X-B3-SpanId": B3_SPAN, "X-B3-Sampled": "1"}, False,
+                     False, None, id="b3-deny-over-x-b3"),
     ],
 )  # fmt: skip
 async def test_sampling_decisions_are_honoured(
@@ -456,3 +476,282 @@ async def test_the_collector_refuses_what_zipkin_would(
     assert collector[0].refused and problem in collector[0].refused[0]
     with pytest.raises(AssertionError):
         collector[0].spans  # noqa: B018 - reading it is what fails
+
+
+# -- remote endpoints ----------------------------------------------------------------------------
+
+
+async def _get_from(
+    host: str, port: int, path: str, headers: list[tuple[str, str]] | None = None
+) -> tuple[int, int]:
+    """GET ``path`` on a connection of its own: the status, and the client's own port."""
+    async with asyncio.timeout(5):
+        reader, writer = await asyncio.open_connection(host, port)
+        client_port = writer.get_extra_info("sockname")[1]
+        try:
+            writer.write(get_request(path, headers or []))
+            await writer.drain()
+            (response,) = parse_responses(await reader.read())
+        finally:
+            writer.close()
+            await writer.wait_closed()
+    return response.status, client_port
+
+
+async def test_a_server_span_names_the_client_as_its_remote_endpoint(
+    traced: Any, collector: Any, make_upstream: Any
+) -> None:
+    """Brave and Envoy record the caller's address and port on a SERVER span; operators search by it."""
+    upstream = await make_upstream()
+    client = await traced(one_service(upstream.url))
+    status, port = await _get_from("127.0.0.1", client.port, "/x")
+    assert status == 200
+    server = one(await reported(client, collector[0], ("SERVER", "CLIENT")), "SERVER")
+    assert server["remoteEndpoint"] == {"ipv4": "127.0.0.1", "port": port}
+
+
+async def test_an_ipv6_client_is_named_in_the_ipv6_field(
+    aiohttp_client: Any, tmp_path: Path, collector: Any, make_upstream: Any
+) -> None:
+    upstream = await make_upstream()
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(one_service(upstream.url)))
+    settings = load_settings({"GATEWAY_CONFIG": str(path), "ZIPKIN_URL": collector[1]})
+    client = await aiohttp_client(GatewayTestServer(create_app(settings), host="::1"))
+    status, port = await _get_from("::1", client.port, "/x")
+    assert status == 200
+    server = one(await reported(client, collector[0], ("SERVER", "CLIENT")), "SERVER")
+    assert server["remoteEndpoint"] == {"ipv6": "::1", "port": port}
+
+
+@pytest.mark.parametrize(
+    ("trusted", "forwarded", "endpoint"),
+    [
+        pytest.param("127.0.0.1", "203.0.113.7", {"ipv4": "203.0.113.7"}, id="trusted-proxy-ipv4"),
+        pytest.param("127.0.0.1", "2001:db8::7, 198.51.100.1", {"ipv4": "198.51.100.1"}, id="last-untrusted-hop"),
+        pytest.param("127.0.0.0/8", "2001:db8::7, 127.0.0.9", {"ipv6": "2001:db8::7"}, id="trusted-proxy-ipv6"),
+        pytest.param("", "203.0.113.7", None, id="untrusted-peer-cannot-choose"),
+    ],
+)  # fmt: skip
+async def test_behind_a_trusted_proxy_the_remote_endpoint_is_the_forwarded_client(
+    traced: Any,
+    collector: Any,
+    make_upstream: Any,
+    trusted: str,
+    forwarded: str,
+    endpoint: dict[str, Any] | None,
+) -> None:
+    """The client the gateway believes (the rate limiter's): a forwarded address has no port."""
+    upstream = await make_upstream()
+    env = {"TRUSTED_PROXIES": trusted} if trusted else {}
+    client = await traced(one_service(upstream.url), **env)
+    status, port = await _get_from("127.0.0.1", client.port, "/x", [("X-Forwarded-For", forwarded)])
+    assert status == 200
+    server = one(await reported(client, collector[0], ("SERVER", "CLIENT")), "SERVER")
+    assert server["remoteEndpoint"] == (endpoint or {"ipv4": "127.0.0.1", "port": port})
+
+
+async def test_a_request_the_parser_refuses_names_its_peer(
+    traced: Any, collector: Any, make_upstream: Any
+) -> None:
+    upstream = await make_upstream()
+    client = await traced(one_service(upstream.url))
+    async with asyncio.timeout(5):
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        port = writer.get_extra_info("sockname")[1]
+        writer.write(b"GARBAGE\r\n\r\n")
+        await reader.read()
+        writer.close()
+    (server,) = await reported(client, collector[0], ("SERVER",))
+    assert server["remoteEndpoint"] == {"ipv4": "127.0.0.1", "port": port}
+
+
+def _endpoint_of(url: str) -> dict[str, Any]:
+    """The remote endpoint Zipkin expects for a loopback target: its address in the field of its
+    family, and its port."""
+    parsed = yarl.URL(url)
+    field = "ipv6" if ":" in parsed.host else "ipv4"
+    return {"serviceName": "svc", field: parsed.host, "port": parsed.port}
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+async def test_a_client_span_names_the_target_as_its_remote_endpoint(
+    traced: Any, collector: Any, make_upstream: Any, host: str
+) -> None:
+    upstream = await make_upstream(host=host)
+    client = await traced(one_service(upstream.url))
+    assert (await client.get("/x")).status == 200
+    call = one(await reported(client, collector[0], ("SERVER", "CLIENT")), "CLIENT")
+    assert call["remoteEndpoint"] == _endpoint_of(upstream.url)
+
+
+async def test_a_host_name_target_is_named_by_the_address_it_resolved_to(
+    traced: Any, collector: Any, make_upstream: Any
+) -> None:
+    """Zipkin's endpoint has no field for a host name: the address the connection reached."""
+    upstream = await make_upstream()
+    url = upstream.url.replace("127.0.0.1", "localhost")
+    client = await traced(one_service(url))
+    assert (await client.get("/x")).status == 200
+    call = one(await reported(client, collector[0], ("SERVER", "CLIENT")), "CLIENT")
+    assert call["remoteEndpoint"] in (
+        _endpoint_of(upstream.url),
+        _endpoint_of(f"http://[::1]:{upstream.server.port}"),
+    )
+    assert call["tags"]["peer.target"] == url
+
+
+async def test_a_target_that_refused_the_connection_is_still_the_remote_endpoint(
+    traced: Any, collector: Any, refused_url: str
+) -> None:
+    client = await traced(one_service(refused_url))
+    assert (await client.get("/x")).status == 502
+    call = one(await reported(client, collector[0], ("SERVER", "CLIENT")), "CLIENT")
+    assert call["remoteEndpoint"] == _endpoint_of(refused_url)
+
+
+# -- batches and collector limits ----------------------------------------------------------------
+
+
+@pytest.fixture
+async def limited_collector(aiohttp_server: Any) -> Callable[[int], Awaitable[tuple[Collector, str]]]:
+    """``limited_collector(max_body)``: a collector answering 413 to bodies over ``max_body`` bytes."""
+
+    async def make(max_body: int) -> tuple[Collector, str]:
+        stub = Collector(max_body)
+        app = web.Application()
+        app.router.add_post("/api/v2/spans", stub.handle)
+        server = await aiohttp_server(app)
+        return stub, str(server.make_url("/api/v2/spans"))
+
+    return make
+
+
+async def _spans_dropped(client: TestClient) -> float:
+    text = await (await client.get("/metrics")).text()
+    (line,) = [line for line in text.splitlines() if line.startswith("gateway_spans_dropped_total ")]
+    return float(line.split()[1])
+
+
+async def test_a_batch_the_collector_refuses_as_too_large_is_split_until_it_fits(
+    make_gateway: Any, limited_collector: Any, make_upstream: Any
+) -> None:
+    """A 413 dropped the whole batch: forty spans lost for a limit any one of them fits."""
+    collector, url = await limited_collector(8192)
+    upstream = await make_upstream()
+    client = await make_gateway(one_service(upstream.url), {"ZIPKIN_URL": url})
+    long = "/x/" + "a" * 1500  # each SERVER span about 2 KB
+    for n in range(20):
+        assert (await client.get(f"{long}/{n}", headers={"x-request-id": f"req-{n}"})).status == 200
+    reporter = client.app[tracing_key].reporter
+    await reporter.flush()
+    assert collector.too_large >= 1
+    assert len(collector.spans) == 40 and reporter.dropped == 0
+    servers = [s for s in collector.spans if s["kind"] == "SERVER"]
+    assert sorted(s["tags"]["request_id"] for s in servers) == sorted(f"req-{n}" for n in range(20))
+    # What the collector took is remembered: later batches are not refused first.
+    refused = collector.too_large
+    for n in range(20):
+        assert (await client.get(f"{long}/{n}")).status == 200
+    await reporter.flush()
+    assert collector.too_large == refused and len(collector.spans) == 80
+    assert await _spans_dropped(client) == 0
+
+
+async def test_only_a_span_the_collector_takes_in_no_batch_is_dropped_and_counted(
+    make_gateway: Any, limited_collector: Any, make_upstream: Any
+) -> None:
+    collector, url = await limited_collector(4096)
+    upstream = await make_upstream()
+    client = await make_gateway(one_service(upstream.url), {"ZIPKIN_URL": url})
+    assert (await client.get("/x/" + "a" * 6000)).status == 200  # its SERVER span: over 6 KB
+    reporter = client.app[tracing_key].reporter
+    await reporter.flush()
+    assert [s["kind"] for s in collector.spans] == ["CLIENT"]
+    assert reporter.dropped == 1
+    assert await _spans_dropped(client) == 1
+
+
+async def test_batches_stay_under_a_collectors_usual_body_limit(
+    traced: Any, collector: Any, make_upstream: Any
+) -> None:
+    """500 spans of 7 KB are 3.5 MB: over the 1 MiB an nginx (or this aiohttp stub) in front of a
+    collector takes by default. Batches are bounded in bytes too, so none is refused at all."""
+    upstream = await make_upstream()
+    client = await traced(one_service(upstream.url))
+    long = "/x/" + "a" * 7000
+    async with asyncio.TaskGroup() as group:
+        for n in range(160):
+            group.create_task(client.get(f"{long}/{n}"))
+    reporter = client.app[tracing_key].reporter
+    await wait_for(lambda: len(reporter.buffer) + reporter.sent >= 320, what="320 spans finished")
+    await reporter.flush()
+    assert collector[0].too_large == 0
+    assert len(collector[0].spans) == 320 and reporter.dropped == 0
+    assert collector[0].posts >= 2
+
+
+def test_the_span_buffer_is_bounded_in_bytes_too() -> None:
+    """While the collector is down, spans of a few KB each must not fill memory up to the count."""
+    reporter = ZipkinReporter("http://127.0.0.1:9/api/v2/spans", max_buffer_bytes=100_000)
+    for n in range(100):
+        context = ZipkinContext(TRACE, None, f"{n + 1:016x}", True, False, False)
+        record = Record(context, az.create_endpoint("gateway")).start(1).finish(2)
+        reporter.send(record.set_tag("http.path", "/" + "a" * 5000))
+    assert 0 < reporter.buffered_bytes <= 100_000
+    assert len(reporter.buffer) + reporter.dropped == 100 and reporter.dropped >= 80
+
+
+# -- tags ----------------------------------------------------------------------------------------
+
+
+async def test_an_upstream_5xx_marks_the_call_as_an_error_too(
+    traced: Any, collector: Any, make_upstream: Any
+) -> None:
+    """Envoy marks an upstream span answered 5xx as an error, as the gateway did on its SERVER span
+    only: a search for errors found the request but not the call that failed."""
+
+    async def broken(request: web.Request) -> web.Response:
+        return web.json_response({"detail": "down"}, status=503)
+
+    upstream = await make_upstream(broken)
+    client = await traced(one_service(upstream.url))
+    assert (await client.get("/x")).status == 503
+    spans = await reported(client, collector[0], ("SERVER", "CLIENT"))
+    server, call = one(spans, "SERVER"), one(spans, "CLIENT")
+    assert server["tags"]["error"] == call["tags"]["error"] == "503"
+    assert call["tags"]["http.status_code"] == "503"
+
+
+async def test_a_4xx_from_the_upstream_is_no_error_of_the_call(
+    traced: Any, collector: Any, make_upstream: Any
+) -> None:
+    async def missing(request: web.Request) -> web.Response:
+        return web.json_response({"detail": "no such cluster"}, status=404)
+
+    upstream = await make_upstream(missing)
+    client = await traced(one_service(upstream.url))
+    assert (await client.get("/x")).status == 404
+    spans = await reported(client, collector[0], ("SERVER", "CLIENT"))
+    assert all("error" not in s["tags"] for s in spans)
+
+
+@pytest.mark.parametrize(
+    ("raw_path", "shown"),
+    [
+        pytest.param("/api/a%2Fb?token=secret", "/api/a%2Fb", id="as-sent-without-query"),
+        pytest.param("/api/fetch/http://user:s3cret@example.com/x", "/api/fetch/http://***@example.com/x",
+                     id="password-in-a-url-in-the-path"),
+    ],
+)  # fmt: skip
+async def test_http_path_is_the_path_as_sent_without_secrets(
+    traced: Any, collector: Any, make_upstream: Any, raw_path: str, shown: str
+) -> None:
+    """``http.path`` was the decoded path: ``%2F`` shown as the ``/`` the table did not match on,
+    and the password of a URL in the path sent to the tracing backend the access log hides it from."""
+    upstream = await make_upstream()
+    client = await traced(one_service(upstream.url, prefix="/api"))
+    assert (await send_raw_path(client, raw_path)).status == 200
+    server = one(await reported(client, collector[0], ("SERVER", "CLIENT")), "SERVER")
+    assert server["tags"]["http.path"] == shown
+    assert server["name"] == "GET /api" and server["tags"]["http.route"] == "/api"
