@@ -633,6 +633,17 @@ async def _spans_dropped(client: TestClient) -> float:
     return float(line.split()[1])
 
 
+async def _flushed_until(reporter: Any, done: Callable[[], bool], deadline_s: float = 5.0) -> None:
+    """Flush until ``done``: the last request's spans may still be finishing when its client has
+    the answer (the response is sent before the SERVER span ends)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        await reporter.flush()
+        if done() or time.monotonic() > deadline:
+            return
+        await asyncio.sleep(0.01)
+
+
 async def test_a_batch_the_collector_refuses_as_too_large_is_split_until_it_fits(
     make_gateway: Any, limited_collector: Any, make_upstream: Any
 ) -> None:
@@ -644,7 +655,7 @@ async def test_a_batch_the_collector_refuses_as_too_large_is_split_until_it_fits
     for n in range(20):
         assert (await client.get(f"{long}/{n}", headers={"x-request-id": f"req-{n}"})).status == 200
     reporter = client.app[tracing_key].reporter
-    await reporter.flush()
+    await _flushed_until(reporter, lambda: len(collector.spans) >= 40)
     assert collector.too_large >= 1
     assert len(collector.spans) == 40 and reporter.dropped == 0
     servers = [s for s in collector.spans if s["kind"] == "SERVER"]
@@ -653,7 +664,7 @@ async def test_a_batch_the_collector_refuses_as_too_large_is_split_until_it_fits
     refused = collector.too_large
     for n in range(20):
         assert (await client.get(f"{long}/{n}")).status == 200
-    await reporter.flush()
+    await _flushed_until(reporter, lambda: len(collector.spans) >= 80)
     assert collector.too_large == refused and len(collector.spans) == 80
     assert await _spans_dropped(client) == 0
 
