@@ -111,7 +111,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     environ = dict(os.environ)
     if args.file:
         environ["GATEWAY_CONFIG"] = args.file
-    settings = _settings(environ)
+        try:
+            settings = load_settings(environ)
+        except SettingsError as exc:
+            # The file came as the argument: naming GATEWAY_CONFIG, which may be unset, would mislead.
+            print(
+                f"gateway: configuration error: {str(exc).removeprefix('GATEWAY_CONFIG: ')}", file=sys.stderr
+            )
+            return 2
+    else:
+        settings = _settings(environ)
     source = settings.config_file or "built-in default table"
     print(f"configuration OK ({source})\n")
     print("services:")

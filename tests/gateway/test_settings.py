@@ -547,6 +547,14 @@ def test_check_config_keeps_its_columns_for_long_prefixes_and_service_names(tmp_
     assert [row[auth:].split()[0] for row in rows] == ["none", "required"]
 
 
+def test_check_config_of_a_missing_file_names_the_file_not_gateway_config(tmp_path: Path) -> None:
+    result = check_config(str(tmp_path / "nowhere.yaml"))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (
+        f"gateway: configuration error: cannot read {tmp_path / 'nowhere.yaml'}: No such file or directory\n"
+    )
+
+
 def test_check_config_fails_with_one_clear_line_for_a_bad_file(tmp_path: Path) -> None:
     result = check_config(write(tmp_path, with_change("routes.0.max_body", "12 parsecs")))
 
