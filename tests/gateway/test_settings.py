@@ -636,7 +636,7 @@ async def test_sigterm_lets_the_in_flight_request_finish_and_exits_0(
                     pass
                 assert process.returncode is None, (tmp_path / "gateway.log").read_text()
                 assert time.monotonic() < deadline, "the gateway did not become ready"
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.01)
 
             in_flight = asyncio.create_task(session.get(f"{base}/slow"))
             await wait_for(lambda: bool(upstream.requests), what="the slow request to reach the upstream")
