@@ -12,6 +12,7 @@ run_in_process(program, *args, **env)  ``python -m PROGRAM ARGS`` run in this pr
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib
 import logging
 import os
@@ -36,6 +37,14 @@ from tests.helpers import ROOT, Collector, program_env
 
 UpstreamHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # What the run keeps to its end (the collected items, hypothesis, schemathesis, the modules) is
+    # left out of later collections, as the gateway's tune_gc does for its start-up objects: every
+    # full collection walked it again. Garbage the tests make is collected as before.
+    gc.collect()
+    gc.freeze()
 
 
 @dataclass
