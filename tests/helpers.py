@@ -306,7 +306,7 @@ async def wait_ready(
                 pass
             assert process.returncode is None, log.read_text(errors="replace")
             assert time.monotonic() < deadline, "the gateway did not become ready"
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.01)
 
 
 def _limit_open_files(limit: int) -> None:

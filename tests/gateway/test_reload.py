@@ -372,7 +372,7 @@ class Gateway:
             except aiohttp.ClientConnectionError:
                 pass
             assert time.monotonic() < deadline, f"gateway not ready:\n{self.log.read_text()}"
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.01)
 
     async def stop(self) -> int:
         if self.process.poll() is None:

@@ -21,7 +21,7 @@ from aiohttp import web
 from gateway.keys import lifecycle_key
 from gateway.settings import SettingsError, Timeouts, load_settings
 from gateway.validation import media_type_allowed
-from tests.helpers import one_service, program_env, refusal, run_program, wait_for
+from tests.helpers import one_service, refusal, wait_for
 
 WORKTREE = Path(__file__).resolve().parents[2]
 GOOD = {
@@ -447,8 +447,10 @@ def test_a_redis_url_its_client_cannot_use_names_the_key(url: str) -> None:
 
 
 @pytest.mark.parametrize("host", ["redis:6379", "bad host", "redis://cache"])
-def test_check_config_refuses_a_redis_host_that_is_no_host_in_one_line(host: str) -> None:
-    result = run_program("gateway", "check-config", env=program_env(REDIS_HOST=host))
+def test_check_config_refuses_a_redis_host_that_is_no_host_in_one_line(
+    host: str, run_in_process: Any
+) -> None:
+    result = run_in_process("gateway", "check-config", REDIS_HOST=host)
 
     hint = " (the port goes in REDIS_PORT)" if host == "redis:6379" else ""
     assert refusal(result) == (
@@ -476,8 +478,8 @@ def test_blank_lists_that_default_to_none_stay_none() -> None:
     assert (settings.trusted_proxies, settings.cors_allow_origins) == ((), ())
 
 
-def test_check_config_refuses_an_empty_auth_algorithms() -> None:
-    result = run_program("gateway", "check-config", env=program_env(AUTH_ALGORITHMS=""))
+def test_check_config_refuses_an_empty_auth_algorithms(run_in_process: Any) -> None:
+    result = run_in_process("gateway", "check-config", AUTH_ALGORITHMS="")
 
     assert refusal(result).startswith("gateway: configuration error: AUTH_ALGORITHMS: empty")
     assert result.stdout == ""
@@ -504,6 +506,8 @@ def clean_env() -> dict[str, str]:
 
 
 def check_config(path: str) -> subprocess.CompletedProcess[str]:
+    """The real ``python -m gateway check-config``; the other tests of the command run its ``main``
+    in this process (``run_in_process``), which is the same code without an interpreter's start."""
     return subprocess.run(
         [sys.executable, "-m", "gateway", "check-config", path],
         cwd=WORKTREE,
@@ -523,7 +527,9 @@ def test_check_config_prints_the_table_for_a_good_file(tmp_path: Path) -> None:
         assert text in result.stdout
 
 
-def test_check_config_keeps_its_columns_for_long_prefixes_and_service_names(tmp_path: Path) -> None:
+def test_check_config_keeps_its_columns_for_long_prefixes_and_service_names(
+    tmp_path: Path, run_in_process: Any
+) -> None:
     config = {
         "services": {"observability-collector-for-the-eu-west-clusters": {"url": "http://127.0.0.1:9001"}},
         "routes": [
@@ -534,7 +540,7 @@ def test_check_config_keeps_its_columns_for_long_prefixes_and_service_names(tmp_
             {"prefix": "/a", "service": "observability-collector-for-the-eu-west-clusters", "auth": "none"},
         ],
     }
-    result = check_config(write(tmp_path, config))
+    result = run_in_process("gateway", "check-config", write(tmp_path, config))
     assert result.returncode == 0, result.stderr
     table = result.stdout.split("routes (longest prefix wins):\n", 1)[1].splitlines()
     header, rows = table[0], table[1:]
@@ -547,16 +553,19 @@ def test_check_config_keeps_its_columns_for_long_prefixes_and_service_names(tmp_
     assert [row[auth:].split()[0] for row in rows] == ["none", "required"]
 
 
-def test_check_config_of_a_missing_file_names_the_file_not_gateway_config(tmp_path: Path) -> None:
-    result = check_config(str(tmp_path / "nowhere.yaml"))
+def test_check_config_of_a_missing_file_names_the_file_not_gateway_config(
+    tmp_path: Path, run_in_process: Any
+) -> None:
+    result = run_in_process("gateway", "check-config", str(tmp_path / "nowhere.yaml"))
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == (
         f"gateway: configuration error: cannot read {tmp_path / 'nowhere.yaml'}: No such file or directory\n"
     )
 
 
-def test_check_config_fails_with_one_clear_line_for_a_bad_file(tmp_path: Path) -> None:
-    result = check_config(write(tmp_path, with_change("routes.0.max_body", "12 parsecs")))
+def test_check_config_fails_with_one_clear_line_for_a_bad_file(tmp_path: Path, run_in_process: Any) -> None:
+    path = write(tmp_path, with_change("routes.0.max_body", "12 parsecs"))
+    result = run_in_process("gateway", "check-config", path)
 
     assert result.returncode != 0
     assert result.stdout == ""
@@ -565,18 +574,19 @@ def test_check_config_fails_with_one_clear_line_for_a_bad_file(tmp_path: Path) -
     assert "routes[0].max_body" in lines[0]
 
 
-def test_check_config_refuses_a_file_that_is_not_utf8_in_one_line(tmp_path: Path) -> None:
+def test_check_config_refuses_a_file_that_is_not_utf8_in_one_line(
+    tmp_path: Path, run_in_process: Any
+) -> None:
     path = write(tmp_path, b"\xff\xfe\x00bad")
 
-    assert refusal(check_config(path)) == (
+    assert refusal(run_in_process("gateway", "check-config", path)) == (
         f"gateway: configuration error: {path}: not UTF-8 at byte 0 (line 1); save it as UTF-8"
     )
 
 
-def test_check_config_never_prints_a_service_urls_password(tmp_path: Path) -> None:
-    result = check_config(
-        write(tmp_path, with_change("services.metrics.urls", ["http://u:hunter2@127.0.0.1"]))
-    )
+def test_check_config_never_prints_a_service_urls_password(tmp_path: Path, run_in_process: Any) -> None:
+    path = write(tmp_path, with_change("services.metrics.urls", ["http://u:hunter2@127.0.0.1"]))
+    result = run_in_process("gateway", "check-config", path)
 
     assert refusal(result).startswith("gateway: configuration error: services.metrics.urls[0]: ")
     assert "hunter2" not in result.stdout + result.stderr
@@ -636,7 +646,7 @@ async def test_sigterm_lets_the_in_flight_request_finish_and_exits_0(
                     pass
                 assert process.returncode is None, (tmp_path / "gateway.log").read_text()
                 assert time.monotonic() < deadline, "the gateway did not become ready"
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.01)
 
             in_flight = asyncio.create_task(session.get(f"{base}/slow"))
             await wait_for(lambda: bool(upstream.requests), what="the slow request to reach the upstream")

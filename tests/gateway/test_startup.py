@@ -92,24 +92,18 @@ def test_a_worker_that_crashes_before_serving_stops_the_supervisor() -> None:
     ("subject", "problem"),
     [("", "the subject is empty"), ("   ", "the subject starts or ends with white space")],
 )
-def test_token_refuses_a_subject_the_gateway_would_refuse(tmp_path: Path, subject: str, problem: str) -> None:
-    result = run_program(
-        "gateway", "token", "--sub", subject, env=program_env(GATEWAY_DATA_DIR=str(tmp_path))
-    )
+def test_token_refuses_a_subject_the_gateway_would_refuse(
+    tmp_path: Path, subject: str, problem: str, run_in_process: Any
+) -> None:
+    result = run_in_process("gateway", "token", "--sub", subject, GATEWAY_DATA_DIR=str(tmp_path))
 
     assert refusal(result) == f"gateway: --sub: {problem}; the gateway would refuse the token"
     assert result.stdout == ""
 
 
-def test_token_refuses_a_scope_the_gateway_would_ignore(tmp_path: Path) -> None:
-    result = run_program(
-        "gateway",
-        "token",
-        "--sub",
-        "alice",
-        "--scope",
-        'say"hi',
-        env=program_env(GATEWAY_DATA_DIR=str(tmp_path)),
+def test_token_refuses_a_scope_the_gateway_would_ignore(tmp_path: Path, run_in_process: Any) -> None:
+    result = run_in_process(
+        "gateway", "token", "--sub", "alice", "--scope", 'say"hi', GATEWAY_DATA_DIR=str(tmp_path)
     )
 
     assert refusal(result).startswith("gateway: --scope: 'say\"hi' is not a scope")
@@ -119,12 +113,12 @@ def test_token_refuses_a_scope_the_gateway_would_ignore(tmp_path: Path) -> None:
     ("data_dir", "problem"), [("/proc/nope", "no such file or directory"), ("file", "not a directory")]
 )
 def test_token_with_a_data_dir_that_cannot_keep_the_secret_names_it(
-    tmp_path: Path, data_dir: str, problem: str
+    tmp_path: Path, data_dir: str, problem: str, run_in_process: Any
 ) -> None:
     if data_dir == "file":
         data_dir = str(tmp_path / "file")
         Path(data_dir).write_text("")
-    result = run_program("gateway", "token", "--sub", "alice", env=program_env(GATEWAY_DATA_DIR=data_dir))
+    result = run_in_process("gateway", "token", "--sub", "alice", GATEWAY_DATA_DIR=data_dir)
 
     assert refusal(result) == (
         f"gateway: configuration error: GATEWAY_DATA_DIR: cannot keep the development secret in {data_dir}: {problem}"

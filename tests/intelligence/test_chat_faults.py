@@ -57,11 +57,24 @@ class PrivatePostgres:
         return f"host=127.0.0.1 port={port} user=postgres dbname=postgres"
 
 
-@pytest.fixture
-def private_postgres() -> Iterator[PrivatePostgres]:
-    with tempfile.TemporaryDirectory(prefix="chat-pg-") as datadir:
-        server = PrivatePostgres(Path(datadir))
+@pytest.fixture(scope="module")
+def postgres_template() -> Iterator[Path]:
+    """A migrated, stopped data directory, made once: initdb is most of a new server's start
+    (~0.9 s against ~0.2 s for a copy)."""
+    with tempfile.TemporaryDirectory(prefix="chat-pg-template-") as root:
+        server = PrivatePostgres(Path(root) / "data")
         asyncio.run(apply_migrations(server.dsn))
+        server.stop()
+        yield server.datadir
+
+
+@pytest.fixture
+def private_postgres(postgres_template: Path) -> Iterator[PrivatePostgres]:
+    with tempfile.TemporaryDirectory(prefix="chat-pg-") as root:
+        datadir = Path(root) / "data"
+        copy_tree(postgres_template, datadir)
+        server = PrivatePostgres(datadir)
+        asyncio.run(apply_migrations(server.dsn))  # the template's are in: nothing left to apply
         yield server
         server.stop()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from tests.helpers import program_env, refusal, run_program
@@ -31,6 +33,6 @@ def test_serve_on_a_port_in_use_names_the_address_and_the_keys(database: str, bu
     ],
 )
 def test_serve_with_a_setting_libpq_or_the_migrations_reject_is_one_line(
-    env: dict[str, str], line: str
+    env: dict[str, str], line: str, run_in_process: Any
 ) -> None:
-    assert refusal(run_program("intelligence", env=program_env(**env))) == line
+    assert refusal(run_in_process("intelligence", **env)) == line

@@ -44,11 +44,11 @@ async def _start(
         )
     await wait_ready(f"http://127.0.0.1:{port}", process, log, deadline_s=90)
     match = None
-    for _ in range(100):  # the banner follows readiness by a moment
+    for _ in range(500):  # the banner follows readiness by a moment (5 s at most)
         match = re.findall(r"export TOKEN=(\S+)", log.read_text())
         if match:
             break
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.01)
     assert match, log.read_text()
     return process, match[-1]
 
@@ -142,7 +142,7 @@ async def _banner(process: asyncio.subprocess.Process, log: Path, deadline_s: fl
     while "/health/detailed" not in (text := log.read_text(errors="replace")):
         assert process.returncode is None, text
         assert time.monotonic() < deadline, f"no banner within {deadline_s} s:\n{text}"
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.01)
     return text
 
 
