@@ -24,6 +24,15 @@ class Ended:
     pongs: list[bytes] = field(default_factory=list)
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
+    async def first_close_received(self, request: web.Request) -> web.StreamResponse:
+        """An upstream endpoint that waits for the session's first frame, a Close, and keeps it."""
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        msg = await ws.receive()
+        self.close = (msg.data, msg.extra)
+        self.done.set()
+        return ws
+
 
 async def test_the_clients_close_reaches_the_upstream_and_the_upstreams_reply_the_client(
     make_gateway: Any, make_upstream: Any
@@ -137,15 +146,7 @@ async def test_a_session_with_no_frame_either_way_for_the_read_timeout_is_closed
 ) -> None:
     """It lived for ever, holding a socket at each end and two in the gateway."""
     ended = Ended()
-
-    async def endpoint(request: web.Request) -> web.StreamResponse:
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        msg = await ws.receive()
-        ended.close = (msg.data, msg.extra)
-        ended.done.set()
-        return ws
-
+    endpoint = ended.first_close_received
     client = await make_gateway(one_service((await make_upstream(endpoint)).url, prefix="/ws", **IDLE))
     with caplog.at_level(logging.INFO, logger="gateway"):
         ws = await client.ws_connect("/ws/room")
@@ -185,15 +186,7 @@ async def test_pings_keep_a_session_alive_past_the_read_timeout(
 
 async def test_draining_closes_both_sides_with_1001(make_gateway: Any, make_upstream: Any) -> None:
     ended = Ended()
-
-    async def endpoint(request: web.Request) -> web.StreamResponse:
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        msg = await ws.receive()
-        ended.close = (msg.data, msg.extra)
-        ended.done.set()
-        return ws
-
+    endpoint = ended.first_close_received
     client = await make_gateway(one_service((await make_upstream(endpoint)).url, prefix="/ws"))
     ws = await client.ws_connect("/ws/room")
 
@@ -239,15 +232,7 @@ async def test_a_client_that_vanishes_has_the_upstream_told_1001(
     make_gateway: Any, make_upstream: Any
 ) -> None:
     ended = Ended()
-
-    async def endpoint(request: web.Request) -> web.StreamResponse:
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        msg = await ws.receive()
-        ended.close = (msg.data, msg.extra)
-        ended.done.set()
-        return ws
-
+    endpoint = ended.first_close_received
     client = await make_gateway(one_service((await make_upstream(endpoint)).url, prefix="/ws"))
     ws = await client.ws_connect("/ws/room")
 
