@@ -68,6 +68,11 @@ def _embedded_postgres(data_dir: str) -> str:
             f"GATEWAY_DATA_DIR: cannot create {path}: {(exc.strerror or str(exc)).lower()}"
         ) from None
     log.info("starting embedded PostgreSQL", extra={"data": str(path)})
+    # Its INFO lines are every command line it runs with that command's whole output (initdb's
+    # included): 15 lines and 5 KB on a first start, most of a new user's screen before the banner.
+    # Its failures are logged at ERROR and still show; LOG_LEVEL=DEBUG shows the rest.
+    if not log.isEnabledFor(logging.DEBUG):
+        logging.getLogger(pgserver.__name__).setLevel(logging.WARNING)
     # Stopped when this process exits; the data stays for the next start.
     server = pgserver.get_server(path, cleanup_mode="stop")
     return str(server.get_uri())

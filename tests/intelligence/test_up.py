@@ -94,6 +94,34 @@ async def test_up_keeps_chats_with_tool_calls_across_a_restart(tmp_path: Path) -
             await process.wait()
 
 
+async def test_ups_first_start_at_the_default_log_level_shows_the_banner_not_pgservers_chatter(
+    tmp_path: Path,
+) -> None:
+    """A new user's first `up` (no LOG_LEVEL, a new data dir): the embedded server's command lines
+    and initdb's output are not printed at INFO, where they were most of the screen before the
+    banner; `up`'s own lines and the banner are; Ctrl-C ends it with 0."""
+    port = free_port()
+    log = tmp_path / "up.log"
+    env = _env(tmp_path / "data", port, free_port())
+    del env["LOG_LEVEL"]
+    with log.open("ab") as out:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "up", cwd=ROOT, env=env, stdout=out, stderr=out
+        )
+    try:
+        text = await _banner(process, log, deadline_s=90)
+    finally:
+        process.send_signal(signal.SIGINT)
+        async with asyncio.timeout(30):
+            assert await process.wait() == 0, log.read_text()
+    text = log.read_text()
+    assert '"msg": "starting embedded PostgreSQL"' in text, text
+    assert '"msg": "applied migrations"' in text, text
+    assert "export TOKEN=" in text, text
+    chatter = [line for line in text.splitlines() if '"logger": "pgserver"' in line or "initdb" in line]
+    assert chatter == [], text
+
+
 async def test_up_reports_the_chat_apis_spans_under_the_gateways(
     tmp_path: Path, database: str, aiohttp_server: Any
 ) -> None:
