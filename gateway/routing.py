@@ -27,6 +27,7 @@ __all__ = [
     "may_read_otherwise",
     "resolve_catch_all_directly",
     "shown_path",
+    "shown_target",
     "strip_route_prefix",
 ]
 
@@ -248,7 +249,12 @@ def shown_path(request: web.BaseRequest) -> str:
     not decoded (these are the bytes the table matched; ``%2F`` is not ``/``), without the query
     (it may carry tokens), and a URL in it without its user and password
     (``/fetch/http://u:p@host/x``)."""
-    path = request.raw_path.partition("?")[0]
+    return shown_target(request.raw_path)
+
+
+def shown_target(target: str) -> str:
+    """A request target (path and query) as :func:`shown_path` shows it."""
+    path = target.partition("?")[0]
     return _USERINFO.sub("***@", path) if "@" in path else path
 
 
