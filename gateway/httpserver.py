@@ -62,6 +62,7 @@ from .keys import continue_key, request_id_key, span_key, tracing_key
 from .metrics import MALFORMED_ROUTE, metrics_key
 from .middleware.request_id import REQUEST_ID_HEADER, new_request_id
 from .middleware.tracing import trace_refusal
+from .routing import resolve_catch_all_directly
 from .writedeadline import WriteDeadline
 
 __all__ = [
@@ -510,6 +511,7 @@ class GatewayRunner(web.AppRunner):
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         _drop_current_app_layer(self._app)
+        resolve_catch_all_directly(self._app)
         server.__class__ = _GatewayServer  # same object and state, only the protocol differs
         make = partial(self._app._make_request, _cls=_request_class(self._app))
 

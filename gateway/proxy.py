@@ -80,7 +80,13 @@ from .pool import (
     exchange,
     tls_reason,
 )
-from .routing import has_dot_segment, has_encoded_control, may_read_otherwise, strip_route_prefix
+from .routing import (
+    has_dot_segment,
+    has_encoded_control,
+    may_read_otherwise,
+    shown_target,
+    strip_route_prefix,
+)
 from .settings import Route
 from .upstream import Target, Upstream
 
@@ -450,6 +456,10 @@ async def _proxy_http(
     with ClientSpan(request.app[tracing_key], f"{method} {route.prefix}", upstream.name) as span:
         if span is not None:
             headers.update(downstream_headers(span))
+            if span.record is not None:
+                # As Brave tags a call: its method, and the path as the backend receives it.
+                span.record.tag("http.method", method)
+                span.record.tag("http.path", shown_target(path))
         started = perf_counter()
         try:
             target, protocol, message, payload = await _send(request, upstream, path, headers, body, span)

@@ -195,3 +195,41 @@ async def test_an_encoded_slash_that_would_change_the_route_is_refused(
     # Inside one route an encoded slash changes nothing and is forwarded as sent.
     assert (await send_raw_path(client, "/api/v1/clusters/a%2Fb")).status == 200
     assert [r.raw_path for r in clusters.requests] == ["/api/v1/clusters/a%2Fb"]
+
+
+async def test_the_gateways_own_endpoints_and_the_proxy_split_paths_as_aiohttps_router_does(
+    make_gateway: Any, make_upstream: Any
+) -> None:
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    from gateway.routing import _GatewayRouter
+
+    upstream = await make_upstream()
+    client = await make_gateway(table([("/", "a")], {"a": upstream.url}))
+    app = client.server.app
+    router = app.router
+    assert isinstance(router, _GatewayRouter)  # the runner gave it the shortcut
+    paths = [
+        "/health", "/health/ready", "/health/detailed", "/metrics", "/openapi.json", "/metrics?x=1",
+        "/health/", "/healthz", "/Health", "/x/metrics", "/metrics/x", "/", "/heal%74h",
+        "/health%2Fready", "/%6detrics?a=b", "/api/v1/clusters",
+    ]  # fmt: skip
+    for path in paths:
+        for method in ("GET", "POST", "HEAD"):
+            request = make_mocked_request(method, path, app=app)
+            walked = await web.UrlDispatcher.resolve(router, request)
+            shortcut = await router.resolve(request)
+            assert shortcut.handler is walked.handler, (method, path)
+            assert shortcut.route is walked.route, (method, path)
+
+    assert (await client.get("/health")).status == 200
+    assert (await client.get("/healthz")).status == 200
+    assert (await client.post("/metrics")).status == 200
+    # Not comparable above: a made-up request reads "//metrics" as a URL with a host.
+    assert (await send_raw_path(client, "//metrics")).status == 200
+    assert [(r.method, r.raw_path) for r in upstream.requests] == [
+        ("GET", "/healthz"),
+        ("POST", "/metrics"),
+        ("GET", "//metrics"),
+    ]

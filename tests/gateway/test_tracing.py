@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -119,6 +120,8 @@ async def test_server_and_client_spans_form_parent_and_child(
     assert server["tags"]["http.path"] == "/api/v1/clusters/abc"
     assert server["tags"]["http.status_code"] == "200"
     assert child["remoteEndpoint"]["serviceName"] == "backend"
+    assert child["tags"]["http.method"] == "GET"
+    assert child["tags"]["http.path"] == "/api/v1/clusters/abc"
     # The client span lies within the server span.
     assert server["timestamp"] <= child["timestamp"]
     assert child["timestamp"] + child["duration"] <= server["timestamp"] + server["duration"]
@@ -491,3 +494,30 @@ async def test_a_refused_websocket_upgrade_tags_its_client_span_with_the_refusal
         assert child["tags"]["http.status_code"] == "403" and child["tags"]["peer.target"]
     finally:
         await client.close()
+
+
+async def test_a_client_span_names_the_call_as_the_backend_received_it_without_the_query(
+    tmp_path: Path, collector: Any, upstream: Any
+) -> None:
+    config = tmp_path / "stripped.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "services": {"backend": {"url": upstream[1]}},
+                "routes": [
+                    {"prefix": "/api/v1/clusters", "service": "backend", "auth": "none", "strip_prefix": True}
+                ],
+            }
+        )
+    )
+    app = create_app(load_settings({"GATEWAY_CONFIG": str(config), "ZIPKIN_URL": collector[1]}))
+    async with TestClient(TestServer(app)) as client:
+        response = await client.delete("/api/v1/clusters/abc/nodes?access_token=secret&x=1")
+        assert response.status == 200
+        await _flush(client)
+    (server,) = collector[0].by_kind("SERVER")
+    (call,) = collector[0].by_kind("CLIENT")
+    assert server["tags"]["http.path"] == "/api/v1/clusters/abc/nodes"
+    assert call["tags"]["http.method"] == "DELETE"
+    assert call["tags"]["http.path"] == "/abc/nodes"
+    assert "secret" not in json.dumps(collector[0].spans)
