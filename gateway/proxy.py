@@ -353,6 +353,8 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         with ClientSpan(request.app[tracing_key], f"GET {route.prefix}", upstream.name) as span:
             if span is not None:
                 headers.update(downstream_headers(span))
+                if span.record is not None:
+                    span.record.tag("http.method", "GET")
             return await _proxy_websocket(request, upstream, path, headers, span)
     return await _proxy_http(request, route, upstream, path, headers)
 
@@ -457,9 +459,7 @@ async def _proxy_http(
         if span is not None:
             headers.update(downstream_headers(span))
             if span.record is not None:
-                # As Brave tags a call: its method, and the path as the backend receives it.
-                span.record.tag("http.method", method)
-                span.record.tag("http.path", shown_target(path))
+                span.record.tag("http.method", method)  # and http.path once a target is chosen
         started = perf_counter()
         try:
             target, protocol, message, payload = await _send(request, upstream, path, headers, body, span)
@@ -467,7 +467,7 @@ async def _proxy_http(
             # No answer (an error, or the client left): the span still names the target tried.
             tried = request.get(target_key)
             if span is not None and span.record is not None and tried is not None:
-                _name_target(span.record, upstream, tried, None)
+                _name_target(span.record, upstream, tried, None, path)
             raise
         if message.code == 101:
             # Upgrade is hop-by-hop and never forwarded here (WebSockets take their own path):
@@ -480,7 +480,7 @@ async def _proxy_http(
             span.record.tag("http.status_code", str(message.code))
             if message.code >= 500:  # as on the SERVER span, and as Envoy marks an upstream's 5xx
                 span.record.tag("error", str(message.code))
-            _name_target(span.record, upstream, target, protocol)
+            _name_target(span.record, upstream, target, protocol, path)
         try:
             response = await _relay_response(request, message, payload)
         except BaseException:
@@ -494,12 +494,14 @@ async def _proxy_http(
 
 
 def _name_target(
-    record: SpanAbc, upstream: Upstream, target: Target, protocol: UpstreamProtocol | None
+    record: SpanAbc, upstream: Upstream, target: Target, protocol: UpstreamProtocol | None, path: str
 ) -> None:
     """The CLIENT span's other side: the target's URL as a tag, and as Zipkin's remote endpoint
     the service, the target's address (for a host name, the one the connection reached, when
-    there is one) and port, as Brave's HTTP clients record them."""
+    there is one) and port, as Brave's HTTP clients record them; and, as Brave tags a call, the
+    path as that target receives it (its own base path first; shown as the SERVER span's)."""
     record.tag("peer.target", target.url)
+    record.tag("http.path", target.base_path + shown_target(path))
     pool = target.pool
     host: str | None = pool.host
     if ip_address(host) is None:
@@ -972,7 +974,7 @@ async def _ws_connect(
             raise ApiError(503, f"No healthy target for service '{upstream.name}'")
         request[target_key] = target
         if span is not None and span.record is not None:
-            _name_target(span.record, upstream, target, None)
+            _name_target(span.record, upstream, target, None, path)
         refusal = _Refusal()
         _refusal.set(refusal)
         handshake: _Handshake | None = None

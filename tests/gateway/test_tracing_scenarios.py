@@ -39,6 +39,8 @@ from tests.helpers import Collector, get_request, one_service, parse_responses, 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER = "00f067aa0ba902b7"
 TRACEPARENT = {"traceparent": f"00-{TRACE}-{CALLER}-01"}
+# What every CLIENT span of a "GET /x" on the route "/" carries, whatever became of the call.
+CALL_TAGS = {"http.method": "GET", "http.path": "/x"}
 
 
 @pytest.fixture
@@ -174,7 +176,7 @@ async def test_502_upstream_refused_marks_both_spans_as_errors(
     assert server["tags"]["error"] == server["tags"]["http.status_code"] == "502"
     # What went wrong, why, and where: not the name of an exception class.
     error = "Upstream 'svc' is unreachable: Connection refused"
-    assert call["tags"] == {"error": error, "peer.target": refused_url}
+    assert call["tags"] == {**CALL_TAGS, "error": error, "peer.target": refused_url}
     assert [a["value"] for a in call["annotations"]] == [f"connect {refused_url}"]
 
 
@@ -198,7 +200,7 @@ async def test_504_upstream_timeout_marks_both_spans_as_errors(
     server, call = one(spans, "SERVER"), one(spans, "CLIENT")
     assert server["tags"]["error"] == server["tags"]["http.status_code"] == "504"
     error = "Upstream 'svc' timed out: Timeout on reading data from socket"
-    assert call["tags"] == {"error": error, "peer.target": upstream.url}
+    assert call["tags"] == {**CALL_TAGS, "error": error, "peer.target": upstream.url}
     assert [a["value"] for a in call["annotations"]] == [f"timeout {upstream.url}"]
     assert call["duration"] >= 200_000
 
@@ -217,7 +219,7 @@ async def test_a_retry_on_another_target_is_one_call_to_the_target_that_answered
     for server in [s for s in spans if s["kind"] == "SERVER"]:
         (call,) = [s for s in spans if s.get("parentId") == server["id"]]
         assert_linked([server, call])
-        assert call["tags"] == {"http.status_code": "200", "peer.target": upstream.url}
+        assert call["tags"] == {**CALL_TAGS, "http.status_code": "200", "peer.target": upstream.url}
         # A refused attempt is an annotation on the span of the request it delayed.
         attempts = [a["value"] for a in call.get("annotations", [])]
         assert attempts in ([], [f"connect {refused_url}"])
@@ -248,7 +250,12 @@ async def test_a_websocket_upgrade_retried_elsewhere_is_one_call_to_the_target_t
     spans = await reported(client, collector[0], ("SERVER", "CLIENT"))
     assert_linked(spans)
     call = one(spans, "CLIENT")
-    assert call["tags"] == {"http.status_code": "101", "peer.target": upstream.url}
+    assert call["tags"] == {
+        "http.method": "GET",
+        "http.path": "/ws",
+        "http.status_code": "101",
+        "peer.target": upstream.url,
+    }
     assert [a["value"] for a in call["annotations"]] == [f"connect {refused_url}"]
 
 
@@ -332,7 +339,7 @@ async def test_a_client_that_leaves_is_a_499_and_not_an_error(
     server, call = one(spans, "SERVER"), one(spans, "CLIENT")
     assert server["tags"]["http.status_code"] == "499"
     assert "error" not in server["tags"]
-    assert call["tags"] == {"peer.target": url}  # no answer, no status; not the call's error
+    assert call["tags"] == {**CALL_TAGS, "peer.target": url}  # no answer, no status; not the call's error
 
 
 async def test_a_websocket_session_spans_validate_and_link(
@@ -674,11 +681,14 @@ async def test_only_a_span_the_collector_takes_in_no_batch_is_dropped_and_counte
 ) -> None:
     collector, url = await limited_collector(4096)
     upstream = await make_upstream()
-    client = await make_gateway(one_service(upstream.url), {"ZIPKIN_URL": url})
-    assert (await client.get("/x/" + "a" * 6000)).status == 200  # its SERVER span: over 6 KB
+    # A target with a long base path: in the CLIENT span's tags twice, over 12 KB; the SERVER span
+    # shows the path the client sent, "/x".
+    target = upstream.url + "/" + "a" * 6000
+    client = await make_gateway(one_service(target), {"ZIPKIN_URL": url})
+    assert (await client.get("/x")).status == 200
     reporter = client.app[tracing_key].reporter
     await reporter.flush()
-    assert [s["kind"] for s in collector.spans] == ["CLIENT"]
+    assert [s["kind"] for s in collector.spans] == ["SERVER"]
     assert reporter.dropped == 1
     assert await _spans_dropped(client) == 1
 
