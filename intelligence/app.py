@@ -8,6 +8,7 @@ from functools import partial
 from aiohttp import web
 
 from gateway.errors import error_middleware
+from gateway.headers import drop_server_banner
 from gateway.keys import tracing_key
 from gateway.middleware.request_id import stamp_request_id
 from gateway.middleware.tracing import Tracing, tracing_ctx, tracing_middleware
@@ -55,6 +56,13 @@ async def service_ctx(app: web.Application) -> AsyncIterator[None]:
     await service.abandon_writes()
 
 
+async def _no_server_banner(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: aiohttp's ``Server: Python/3.x aiohttp/3.y`` would reach the
+    gateway's clients through it, naming the versions to look up, as the gateway's own answers
+    do not."""
+    drop_server_banner(response)
+
+
 def create_app(settings: IntelligenceSettings) -> web.Application:
     tracing = Tracing(
         service_name="intelligence-engine",
@@ -70,6 +78,7 @@ def create_app(settings: IntelligenceSettings) -> web.Application:
     app[settings_key] = settings
     app[tracing_key] = tracing
     app.on_response_prepare.append(stamp_request_id)
+    app.on_response_prepare.append(_no_server_banner)
     app.cleanup_ctx.append(partial(tracing_ctx, tracing=tracing))
     app.cleanup_ctx.extend([postgres_ctx, cache_ctx, service_ctx])
     setup_health_routes(app)

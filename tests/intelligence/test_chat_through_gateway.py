@@ -64,6 +64,8 @@ async def test_a_conversation_with_tool_calls_round_trips_through_the_gateway(ch
         "/api/v1/chat/sessions", json={"id": session_id, "title": "failing pods"}, headers=auth
     )
     assert response.status == 201, await response.text()
+    # Neither the engine nor the gateway names its software and versions.
+    assert "Server" not in response.headers
     for message in MESSAGES:
         response = await gateway.post(
             f"/api/v1/chat/sessions/{session_id}/messages", json=message, headers=auth
