@@ -422,7 +422,17 @@ class UpstreamProtocol(WriteDeadline, ResponseHandler):
 
     def end_sending(self) -> None:
         self.sending = False
-        self._cancel_send_timer()
+        if self._send_timer is not None:
+            self._cancel_send_timer()
+
+    # aiohttp's start_timeout only calls _reschedule_timeout: one call per request instead of two.
+    start_timeout = _reschedule_timeout
+
+    @property
+    def reusable(self) -> bool:
+        """Connected, and fit for another request by aiohttp's own account (``should_close``)."""
+        transport = self.transport
+        return transport is not None and not transport.is_closing() and not self.should_close
 
     def _write_timed_out(self) -> None:
         if self._paused and self.transport is not None:
@@ -524,7 +534,7 @@ class TargetPool:
         idle, now = self._idle, time.monotonic()
         while idle and not fresh:
             protocol, expires = idle.pop()
-            if now < expires and protocol.is_connected() and not protocol.should_close:
+            if now < expires and protocol.reusable:
                 return protocol
             protocol.close()
         loop = asyncio.get_running_loop()
@@ -565,12 +575,7 @@ class TargetPool:
 
     def release(self, protocol: UpstreamProtocol) -> None:
         """Return a connection whose response was read to the end; anything else is closed."""
-        if (
-            self.retired
-            or not protocol.is_connected()
-            or protocol.should_close
-            or len(self._idle) >= self.max_idle
-        ):
+        if self.retired or not protocol.reusable or len(self._idle) >= self.max_idle:
             protocol.close()
             return
         limit = protocol.idle_limit
@@ -580,9 +585,10 @@ class TargetPool:
             protocol.close()  # the upstream keeps it too briefly to reuse safely
             return
         protocol.in_use = False
-        now = time.monotonic()
-        self._idle.append((protocol, now + limit))
-        self.sweep()  # expire from the cold end while we are here: idle sockets must not pile up
+        idle, now = self._idle, time.monotonic()
+        idle.append((protocol, now + limit))
+        if now >= idle[0][1]:
+            self.sweep()  # expire from the cold end while we are here: idle sockets must not pile up
 
     def sweep(self) -> None:
         """Close idle connections past their time from the cold end (also when no request comes
