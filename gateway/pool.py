@@ -38,7 +38,7 @@ from aiohttp.client_exceptions import (
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.helpers import DEFAULT_CHUNK_SIZE
 from aiohttp.http import HttpResponseParser, RawResponseMessage, StreamWriter
-from aiohttp.streams import StreamReader
+from aiohttp.streams import EofStream, StreamReader
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -116,6 +116,18 @@ LOCAL_SHORTAGES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EN
 # Status codes whose answers never have a body, as the status line spells them from byte 9 (no
 # slice is made: this is asked of every response head).
 _BODILESS_STATUS = (b"204", b"304")
+# Answers never taken whole (see UpstreamProtocol._take_whole): interim ones, and the bodiless.
+_NOT_WHOLE_STATUS = (b"1", *_BODILESS_STATUS)
+_CR_LF = (ord("\r"), ord("\n"))
+
+# The largest body an answer may have to be taken whole with its head; the proxy's BUFFER_LIMIT,
+# up to which it reads a body whole anyway (a larger one is streamed to the client).
+WHOLE_LIMIT = 64 * 1024
+_CONTENT_LENGTH, _TRANSFER_ENCODING, _KEEP_ALIVE = (
+    hdrs.CONTENT_LENGTH,
+    hdrs.TRANSFER_ENCODING,
+    hdrs.KEEP_ALIVE,
+)
 
 
 class ConnectTimeout(TimeoutError):
@@ -132,9 +144,10 @@ class UpstreamProtocol(WriteDeadline, ResponseHandler):
     """
 
     _reusable: HttpResponseParser | None = None
-    # False while the connection sits idle in its pool: nothing may arrive then. An upstream that
-    # sends bytes there (more body than it declared, a response to nothing) would leave them for
-    # the next response on this connection, half-parsed: such a connection is closed instead.
+    # False while the connection sits idle in its pool, or once its answer was taken whole: nothing
+    # may arrive then. An upstream that sends bytes there (more body than it declared, a response
+    # to nothing) would leave them for the next response on this connection, half-parsed: such a
+    # connection is closed instead.
     in_use = True
 
     # Set when the upstream answered before it had the whole request body: the rest of the body
@@ -145,11 +158,23 @@ class UpstreamProtocol(WriteDeadline, ResponseHandler):
     # it (``Keep-Alive: timeout=N``); None: the pool's own idle timeout.
     idle_limit: float | None = None
 
+    # True from ``begin`` to the first bytes of the answer: the response parser sits between two
+    # answers then, so those bytes may be taken without it (``_take_whole``).
+    _at_start = False
+    # Set when the last answer's head was parsed for ``_take_whole`` in vain (chunked, unframed,
+    # its body still to come), and the response parser parsed it again; cleared by an answer the
+    # response parser finds whole. While set, answers go to the response parser alone: an
+    # upstream that answers chunked does not pay for every head twice.
+    _whole_missed = False
+    # The parser of heads alone for ``_take_whole``, made once per connection like ``_reusable``.
+    _heads: HttpResponseParser | None = None
+
     def begin(self, *, read_timeout: float, head: bool) -> None:
         """Set up for the next response (instead of ``set_response_params``)."""
         self.in_use = True
         self.answered_early = False
         self.sending = True
+        self._at_start = not (head or self._whole_missed)
         self._skip_payload = head
         self._read_timeout = read_timeout
         parser = None if head else self._reusable
@@ -176,11 +201,101 @@ class UpstreamProtocol(WriteDeadline, ResponseHandler):
         if self._body_left and data:
             self._feed_body(data)
             return
+        if self._at_start:
+            self._at_start = False
+            if not data.startswith(_NOT_WHOLE_STATUS, 9) and self._take_whole(data):
+                return
         if (self._skip_payload or data.startswith(_BODILESS_STATUS, 9)) and data.startswith(b"HTTP/1."):
             data = self._cut_after_head(data)
         super().data_received(data)
         if self._buffer and not self._skip_payload:
             self._bypass_parser(*self._buffer[-1][0])  # the DataQueue holds ((message, payload), size)
+
+    def _take_whole(self, data: bytes) -> bool:
+        """Hand the waiting ``exchange`` the answer in ``data`` as (head, body bytes), when it is
+        all there is in it: its head, and exactly the body its ``Content-Length`` declares (most
+        answers of an API, which arrive in one read). Such an answer needs no payload stream: the
+        head alone is parsed, by a parser that never makes one, and the body is what follows it.
+
+        Anything else returns False having changed nothing, and takes the usual way through the
+        response parser, which has not seen these bytes: a head or body still to come, bytes
+        beyond the body (the connection is then not reused), chunked or unframed bodies, an
+        answer that closes the connection, a head that may end before its first CRLFCRLF."""
+        head, blank, body = data.partition(b"\r\n\r\n")
+        if not blank or not head or len(body) > WHOLE_LIMIT or head[-1] in _CR_LF:
+            # The last test: the parser also ends a line at a lone LF, so where the first CRLFCRLF
+            # follows an LF (or a CR), the head may have ended at a blank line before it, and the
+            # bytes between are body. (Where they are anything but CRs and LFs, the parser below
+            # takes them for a second answer, or fails on them: the answer is not taken whole.)
+            return False
+        parser = self._heads
+        if parser is None:
+            # No payload is ever made by this parser, so it keeps no reference to the protocol.
+            parser = self._heads = HttpResponseParser(
+                None,
+                self._loop,
+                DEFAULT_CHUNK_SIZE,
+                payload_exception=ClientPayloadError,
+                response_with_body=False,
+                read_until_eof=True,
+                auto_decompress=False,
+            )
+        try:
+            ((message, _),), upgraded, _ = parser.feed_data(head + blank)
+        except Exception:  # not one whole head after all: the response parser will say why
+            self._heads = None
+            self._whole_missed = True
+            return False
+        code = message.code
+        if message.should_close or upgraded or code < 200:
+            self._heads = None  # it refuses bytes after "Connection: close", and after a 101
+            self._whole_missed = True
+            return False
+        headers = message.headers
+        length = headers.get(_CONTENT_LENGTH)
+        if length is None or not length.isdigit() or _TRANSFER_ENCODING in headers or code in _NO_BODY:
+            self._whole_missed = True
+            return False
+        beyond = len(body) - int(length)
+        if beyond:
+            if beyond > 0:
+                # More than the upstream declared (a second answer, to nothing): the parser takes
+                # it for the next answer, and would keep a partial one for the next request.
+                self._should_close = True
+            self._whole_missed = True
+            return False
+        keep_alive = headers.get(_KEEP_ALIVE)
+        if keep_alive is not None:
+            self.idle_limit = keep_alive_limit(keep_alive)
+        self._deadline = 0.0  # the answer is complete: no read timeout (see _drop_timeout)
+        self._payload = None
+        self.in_use = False  # nothing more may come before the next request
+        answer = (message, body)
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            self.feed_data(answer)  # nobody waits yet (or any more): queued as the parser's are
+        else:
+            self._waiter = None
+            waiter.set_result(answer)
+        return True
+
+    async def read(self) -> tuple[RawResponseMessage, StreamReader | bytes]:  # type: ignore[override]
+        """The next answer: queued by the response parser (with its payload), or handed over
+        whole by ``_take_whole`` through the waiter itself (with its body)."""
+        if not self._buffer and not self._eof:
+            self._waiter = waiter = self._loop.create_future()
+            try:
+                answer = await waiter
+            except (asyncio.CancelledError, TimeoutError):
+                self._waiter = None
+                raise
+            if answer is not None:
+                return answer  # type: ignore[no-any-return]
+        if self._buffer:
+            return self._buffer.popleft()[0]
+        if self._exception is not None:
+            raise self._exception
+        raise EofStream
 
     def _cut_after_head(self, data: bytes) -> bytes:
         # An answer that has no body whatever it declares (to HEAD; a 204, a 304): bytes after its
@@ -208,7 +323,10 @@ class UpstreamProtocol(WriteDeadline, ResponseHandler):
             # response on this connection gets a parser of its own.
             self._reusable = None
             return
-        if payload.is_eof() or message.code < 200 or message.code in _NO_BODY:
+        if payload.is_eof():
+            self._whole_missed = False  # whole with its head: the next one may be too
+            return
+        if message.code < 200 or message.code in _NO_BODY:
             return
         length = message.headers.get("Content-Length")
         if length is None or not length.isdigit():
@@ -304,7 +422,17 @@ class UpstreamProtocol(WriteDeadline, ResponseHandler):
 
     def end_sending(self) -> None:
         self.sending = False
-        self._cancel_send_timer()
+        if self._send_timer is not None:
+            self._cancel_send_timer()
+
+    # aiohttp's start_timeout only calls _reschedule_timeout: one call per request instead of two.
+    start_timeout = _reschedule_timeout
+
+    @property
+    def reusable(self) -> bool:
+        """Connected, and fit for another request by aiohttp's own account (``should_close``)."""
+        transport = self.transport
+        return transport is not None and not transport.is_closing() and not self.should_close
 
     def _write_timed_out(self) -> None:
         if self._paused and self.transport is not None:
@@ -406,7 +534,7 @@ class TargetPool:
         idle, now = self._idle, time.monotonic()
         while idle and not fresh:
             protocol, expires = idle.pop()
-            if now < expires and protocol.is_connected() and not protocol.should_close:
+            if now < expires and protocol.reusable:
                 return protocol
             protocol.close()
         loop = asyncio.get_running_loop()
@@ -447,12 +575,7 @@ class TargetPool:
 
     def release(self, protocol: UpstreamProtocol) -> None:
         """Return a connection whose response was read to the end; anything else is closed."""
-        if (
-            self.retired
-            or not protocol.is_connected()
-            or protocol.should_close
-            or len(self._idle) >= self.max_idle
-        ):
+        if self.retired or not protocol.reusable or len(self._idle) >= self.max_idle:
             protocol.close()
             return
         limit = protocol.idle_limit
@@ -462,9 +585,10 @@ class TargetPool:
             protocol.close()  # the upstream keeps it too briefly to reuse safely
             return
         protocol.in_use = False
-        now = time.monotonic()
-        self._idle.append((protocol, now + limit))
-        self.sweep()  # expire from the cold end while we are here: idle sockets must not pile up
+        idle, now = self._idle, time.monotonic()
+        idle.append((protocol, now + limit))
+        if now >= idle[0][1]:
+            self.sweep()  # expire from the cold end while we are here: idle sockets must not pile up
 
     def sweep(self) -> None:
         """Close idle connections past their time from the cold end (also when no request comes
@@ -492,8 +616,10 @@ async def exchange(
     body: bytes | AsyncIterable[bytes] | None,
     chunked: bool,
     read_timeout: float,
-) -> tuple[RawResponseMessage, StreamReader]:
-    """Send one request on ``protocol`` and wait for the response head.
+) -> tuple[RawResponseMessage, StreamReader | bytes]:
+    """Send one request on ``protocol`` and wait for the response head: with its payload to read,
+    or, when the whole answer came with its head (``UpstreamProtocol._take_whole``), with its body
+    as bytes; the connection is then ready for its next request.
 
     ``headers`` must already carry the framing: ``Content-Length`` for bytes and for a stream of
     known length, nothing for ``chunked`` streams (``Transfer-Encoding`` is added here). A streamed

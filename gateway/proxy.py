@@ -481,6 +481,12 @@ async def _proxy_http(
             if message.code >= 500:  # as on the SERVER span, and as Envoy marks an upstream's 5xx
                 span.record.tag("error", str(message.code))
             _name_target(span.record, upstream, target, protocol, path)
+        if type(payload) is bytes:  # the whole answer came with its head: nothing more to read
+            response = _whole_response(
+                message.code, message.reason, response_headers(message.headers), payload
+            )
+            target.pool.release(protocol)
+            return response
         try:
             response = await _relay_response(request, message, payload)
         except BaseException:
@@ -518,7 +524,7 @@ async def _send(
     headers: CIMultiDict[str],
     body: bytes | _Body | None,
     span: SpanRef | None,
-) -> tuple[Target, UpstreamProtocol, RawResponseMessage, StreamReader]:
+) -> tuple[Target, UpstreamProtocol, RawResponseMessage, StreamReader | bytes]:
     """Send the request to a healthy target, retrying once elsewhere when that is safe.
 
     Each failed attempt is an annotation on the call's span (``connect http://10.0.0.7:9001``):

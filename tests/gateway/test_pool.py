@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
 from gateway.pool import TargetPool, exchange, keep_alive_limit
@@ -38,9 +39,14 @@ async def _send(pool: TargetPool, method: str = "GET", path: str = "/x") -> tupl
     return protocol, message, payload
 
 
+async def _read(payload: Any) -> bytes:
+    """The body: read from its payload, or the bytes themselves when the answer came whole."""
+    return payload if isinstance(payload, bytes) else await payload.read()
+
+
 async def _get(pool: TargetPool, path: str = "/x") -> Any:
     protocol, message, payload = await _send(pool, path=path)
-    await payload.read()
+    await _read(payload)
     pool.release(protocol)
     return protocol, message
 
@@ -204,7 +210,7 @@ async def test_one_connection_carries_responses_of_every_framing_in_turn(aiohttp
         ("GET", "/sized"),
     ]:
         protocol, message, payload = await _send(pool, method, path)
-        seen.append((method, path, message.code, await payload.read()))
+        seen.append((method, path, message.code, await _read(payload)))
         pool.release(protocol)
     assert seen == [
         ("GET", "/sized", 200, b"x" * 1000),
@@ -375,7 +381,7 @@ async def test_a_body_arriving_in_pieces_after_its_head_is_whole_and_the_connect
 
     again, message, payload = await _send(pool)
     assert again is protocol and connections == 1
-    assert (message.code, message.headers["X-Second"], await payload.read()) == (201, "yes", b"next")
+    assert (message.code, message.headers["X-Second"], await _read(payload)) == (201, "yes", b"next")
     pool.release(again)
     pool.close()
 
@@ -587,7 +593,7 @@ async def test_a_shorter_read_timeout_on_a_reused_connection_is_kept(make_raw_up
 
     pool = TargetPool(await make_raw_upstream(answer_once))
     protocol = await pool.acquire(2.0)
-    assert await (await _exchange(pool, protocol, read_timeout=60.0)).read() == b"ok"
+    assert await _read(await _exchange(pool, protocol, read_timeout=60.0)) == b"ok"
     pool.release(protocol)
 
     again = await pool.acquire(2.0)
@@ -654,3 +660,184 @@ def test_read_timeouts_off_uvloops_millisecond_clock_fire_without_spinning() -> 
     )
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) <= 2 * 9, out.stdout
+
+
+# -- Answers taken whole with their head (UpstreamProtocol._take_whole) ------------------------
+
+
+async def test_an_answer_arriving_whole_comes_as_bytes_and_the_connection_is_reused(
+    make_raw_upstream: Any,
+) -> None:
+    connections = 0
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while await reader.readuntil(b"\r\n\r\n"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-One: 1\r\n\r\nhello")
+            await writer.drain()
+
+    pool = TargetPool(await make_raw_upstream(upstream))
+    for _ in range(3):
+        protocol, message, payload = await _send(pool)
+        assert (message.code, message.headers["X-One"], payload) == (200, "1", b"hello")
+        pool.release(protocol)
+    assert connections == 1
+    pool.close()
+
+
+_SPLIT_ANSWER = (
+    b"HTTP/1.1 201 Created\r\nContent-Length: 11\r\nKeep-Alive: timeout=60\r\nX-Split: yes\r\n\r\nhello world"
+)
+
+
+async def test_an_answer_split_across_two_reads_at_any_byte_is_relayed_whole(make_raw_upstream: Any) -> None:
+    """The first read of an answer holds its head or body cut short at every offset in turn: the
+    answer takes the parser's way, and the answers after it on the connection start clean (the
+    next through the parser, the one after taken whole again)."""
+    asked, gate = asyncio.Event(), asyncio.Event()
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while head := await reader.readuntil(b"\r\n\r\n"):
+            asked.set()
+            cut = int(head.split(b" ")[1].strip(b"/"))
+            writer.write(_SPLIT_ANSWER[:cut])
+            await writer.drain()
+            if cut < len(_SPLIT_ANSWER):
+                await gate.wait()
+                gate.clear()
+                writer.write(_SPLIT_ANSWER[cut:])
+                await writer.drain()
+
+    pool = TargetPool(await make_raw_upstream(upstream))
+    whole = len(_SPLIT_ANSWER)
+    for cut in range(1, whole):
+        protocol = await pool.acquire(2.0, fresh=True)
+        # Split, it takes the parser's way; so does the next one when the split answer's head was
+        # parsed in vain (as an upstream that answers chunked must not have every head parsed
+        # twice); the one after is taken whole.
+        parsed_in_vain = cut >= _SPLIT_ANSWER.index(b"\r\n\r\n") + 4
+        for path, taken_whole in ((cut, False), (whole, not parsed_in_vain), (whole, True)):
+            answer = asyncio.create_task(
+                exchange(
+                    protocol,
+                    method="GET",
+                    target=f"/{path}",
+                    headers=CIMultiDict({"Host": pool.host_header}),
+                    body=None,
+                    chunked=False,
+                    read_timeout=5.0,
+                )
+            )
+            if path == cut:
+                await asked.wait()  # begin() has run: the first read of the answer clears this
+                await wait_for(lambda p=protocol: not p._at_start, what=f"the first {cut} bytes to be read")
+                gate.set()
+            message, payload = await answer
+            asked.clear()
+            seen = (message.code, message.headers["X-Split"], await _read(payload), protocol.idle_limit)
+            assert seen == (201, "yes", b"hello world", 59.0), f"cut at {cut}, then /{path}"
+            assert isinstance(payload, bytes) is taken_whole, f"cut at {cut}, then /{path}"
+            pool.release(protocol)
+            assert await pool.acquire(2.0) is protocol, f"cut at {cut}: the connection was not reused"
+        pool.release(protocol)
+    pool.close()
+
+
+@pytest.mark.parametrize(
+    ("after", "first"),
+    [
+        (b"", b"ok"),
+        (b"EXTRA", None),  # no answer at all: the parser fails the read, as it always did
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged", b"ok"),  # a whole second answer
+        (b"HTTP/1.1 200 OK\r\nContent-Le", b"ok"),  # a second answer's first bytes
+    ],
+)
+async def test_bytes_after_an_answer_in_the_same_read_are_never_the_next_answer(
+    make_raw_upstream: Any, after: bytes, first: bytes | None
+) -> None:
+    """More than the answer declared, arriving with it: whatever they are, the next request must
+    not get them (or a parser still holding them) for its answer; the connection is dropped."""
+    connections = 0
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        real = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nreal"
+        reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + after if connections == 1 else real
+        while await reader.readuntil(b"\r\n\r\n"):
+            writer.write(reply)
+            await writer.drain()
+            reply = real
+
+    pool = TargetPool(await make_raw_upstream(upstream))
+    if first is None:
+        with pytest.raises(HttpProcessingError):
+            await _send(pool)  # the proxy closes such a connection (a 502)
+    else:
+        protocol, message, payload = await _send(pool)
+        assert (message.code, await _read(payload)) == (200, first)
+        pool.release(protocol)
+    again, message, payload = await _send(pool)
+    assert (message.code, await _read(payload)) == (200, b"real")
+    assert connections == (1 if not after else 2)
+    pool.release(again)
+    pool.close()
+
+
+@pytest.mark.parametrize(
+    ("answer", "body"),
+    [
+        (b"HTTP/1.1 200 OK\nContent-Length: 4\n\n\r\n\r\nHTTP", b"\r\n\r\n"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\n\r\n\r\nHTTP", b"\r\n\r\n"),
+        (b"HTTP/1.1 200 OK\nContent-Length: 4\n\nab\r\n\r\n", b"ab\r\n"),
+        (b"HTTP/1.1 200 OK\nContent-Length: 19\n\nHTTP/1.1 200 OK\r\n\r\n", b"HTTP/1.1 200 OK\r\n\r\n"),
+    ],
+)
+async def test_a_head_ended_by_bare_line_feeds_is_framed_where_the_parser_ends_it(
+    make_raw_upstream: Any, answer: bytes, body: bytes
+) -> None:
+    """The parser ends a head at a blank line of bare LFs; a CRLFCRLF after it is body. Taken
+    whole by the first CRLFCRLF, the answer would lose those bytes and keep later ones."""
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        await reader.read()
+
+    pool = TargetPool(await make_raw_upstream(upstream))
+    protocol, message, payload = await _send(pool)
+    assert (message.code, await _read(payload)) == (200, body)
+    protocol.close()
+    pool.close()
+
+
+async def test_a_forged_answer_after_a_whole_one_never_reaches_the_next_client(
+    make_gateway: Any, make_raw_upstream: Any
+) -> None:
+    """An upstream that sends a second answer's first bytes with the first (a response to nothing,
+    or a desynchronised backend): the next request, perhaps another client's, gets its own answer
+    on a new connection, not one begun by those bytes."""
+    connections = 0
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        forged = (
+            b"HTTP/1.1 200 OK\r\nSet-Cookie: session=first-client\r\nContent-Le" if connections == 1 else b""
+        )
+        while await reader.readuntil(b"\r\n\r\n"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + forged)
+            await writer.drain()
+            forged = b""
+
+    url = await make_raw_upstream(upstream)
+    client = await make_gateway(
+        {"services": {"s": {"url": url}}, "routes": [{"prefix": "/", "service": "s", "auth": "none"}]}
+    )
+    for _ in range(3):
+        response = await client.get("/x")
+        assert (response.status, await response.read()) == (200, b"ok")
+        assert "Set-Cookie" not in response.headers
+    assert connections == 2  # the first connection was dropped, the second kept
