@@ -218,14 +218,23 @@ async def serve(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     hangups: set[asyncio.Task[object]] = set()
+    taking_hangups = on_hangup is not None
     if on_hangup is not None:
 
         def hangup() -> None:
+            if not taking_hangups:  # scheduled by a signal that came just before the drain ended
+                return
             task = loop.create_task(on_hangup())  # type: ignore[arg-type]
             hangups.add(task)
             task.add_done_callback(hangups.discard)
 
-        loop.add_signal_handler(signal.SIGHUP, hangup)
+        # Not loop.add_signal_handler: its removal (ours below, or the loop's when it closes)
+        # restores the default action, and SIGHUP's is to terminate. A reload that came between
+        # that and our SIG_IGN ended a drained process with 129 instead of 0. A plain handler is
+        # replaced by SIG_IGN in one sigaction, so SIGHUP is never left at its default. It runs
+        # on the main thread, where the loop runs; the loop is woken by call_soon_threadsafe (and
+        # by the wakeup fd that asyncio and uvloop both set), so an idle gateway reloads at once.
+        signal.signal(signal.SIGHUP, lambda _signum, _frame: loop.call_soon_threadsafe(hangup))
         # A worker is forked with SIGHUP blocked (run_workers): one sent while it started is
         # delivered now, to the handler, rather than lost.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
@@ -266,11 +275,13 @@ async def serve(
                 listener.app[lifecycle_key].draining = True
         for runner in reversed(runners):
             await runner.cleanup()
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(signum)
-        # Removing the handler restores the default action, and SIGHUP's is to terminate: a
-        # reload sent while the process finished its drain ended it with 129 instead of 0.
+        # Drained: nothing is left to reload. Ignored rather than reset, since the default action
+        # would end the process with 129 instead of 0; and before the loop closes, where the
+        # handler's call_soon_threadsafe would raise.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        taking_hangups = False
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
     log.info("stopped")
 
 
@@ -341,8 +352,8 @@ def run_workers(
     supervisor = os.getpid()
 
     def in_worker(reports: Connection) -> None:
-        # The supervisor's handlers are no use in a worker: stop plainly until the worker's loop
-        # installs its own. SIGHUP stays blocked, as it was at the fork, until then (serve): a
+        # The supervisor's handlers are no use in a worker: stop plainly until serve() installs
+        # the worker's own. SIGHUP stays blocked, as it was at the fork, until then (serve): a
         # reload sent while the worker starts is kept pending, not ignored; the worker would
         # otherwise keep the table it was forked with, older than the supervisor's.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

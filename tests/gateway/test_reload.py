@@ -612,3 +612,62 @@ async def test_a_reload_sent_while_a_worker_starts_reaches_it_once_it_serves(tmp
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+# serve() again and again in one process, each stopped by its own SIGTERM as soon as it listens,
+# while a child sends it SIGHUP every 100 us: every stop passes the moment the reload handler is
+# put away, where a SIGHUP that met the default action ended the process (129). Prints how many
+# times it stopped and how many reloads it took.
+_RELOADS_WHILE_STOPPING = """
+import asyncio, os, signal, sys, time
+from aiohttp import web
+from gateway.server import Listener, run, serve
+
+loop_name, seconds = sys.argv[1], float(sys.argv[2])
+signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the first serve() takes it
+parent = os.getpid()
+if os.fork() == 0:  # the reloader, until its parent is gone
+    while os.getppid() == parent:
+        os.kill(parent, signal.SIGHUP)
+        pace = time.perf_counter() + 100e-6  # the pace of the reloads, not a wait for anything
+        while time.perf_counter() < pace:
+            pass
+    os._exit(0)
+
+reloads = 0
+
+async def reload():
+    global reloads
+    reloads += 1
+
+stops = 0
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    main = serve([Listener(web.Application(), "127.0.0.1", 0, "gateway")], shutdown_timeout=1,
+                 on_started=lambda _: os.kill(os.getpid(), signal.SIGTERM), on_hangup=reload)
+    run(main) if loop_name == "uvloop" else asyncio.run(main)
+    stops += 1
+print(stops, reloads)
+"""
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+async def test_a_reload_never_meets_the_default_action_of_sighup_while_the_gateway_stops(
+    tmp_path: Path, loop: str
+) -> None:
+    script = tmp_path / "stops.py"
+    script.write_text(_RELOADS_WHILE_STOPPING)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), loop, "1.5", cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(15):
+            out, err = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, f"exit {process.returncode} (-1: SIGHUP's default action)\n{err.decode()}"
+    stops, reloads = map(int, out.split())
+    assert stops > 100 and reloads > 0, (stops, reloads)
