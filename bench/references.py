@@ -68,9 +68,9 @@ def bare_app(upstream: str) -> web.Application:
     upstream pool, the one-write relay of a small answer) and nothing else: no middleware, no access
     log, no tracing, no route table, aiohttp's plain runner. Not a yardstick the issue names; it
     shows what the gateway's layers above the proxy cost."""
-    from gateway.headers import upstream_headers
+    from gateway.headers import response_headers, upstream_headers
     from gateway.pool import TargetPool, exchange
-    from gateway.proxy import _relay_response
+    from gateway.proxy import _relay_response, _whole_response
 
     pool = TargetPool(upstream)
 
@@ -85,6 +85,12 @@ def bare_app(upstream: str) -> web.Application:
                 protocol, method=request.method, target=request.raw_path, headers=headers, body=None,
                 chunked=False, read_timeout=30.0,
             )  # fmt: skip
+            if type(payload) is bytes:  # the whole answer came with its head, as the proxy takes it
+                response = _whole_response(
+                    message.code, message.reason, response_headers(message.headers), payload
+                )
+                pool.release(protocol)
+                return response
             response = await _relay_response(request, message, payload)
         except BaseException:
             protocol.close()
