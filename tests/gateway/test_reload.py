@@ -381,6 +381,15 @@ class Gateway:
         await self.session.close()
         return self.process.returncode
 
+    async def worker_pids(self, count: int) -> set[int]:
+        """The pids of ``count`` workers, as their answers to /metrics name them."""
+        pids: set[int] = set()
+        deadline = time.monotonic() + 15
+        while len(pids) < count:
+            assert time.monotonic() < deadline, f"only saw workers {pids}"
+            pids.add((await self.metrics())["pid"])
+        return pids
+
     async def metrics(self) -> dict[str, Any]:
         """pid -> {sample name + labels: value} of the worker that answered."""
         status, body = await self.get("/metrics")
@@ -467,11 +476,7 @@ async def test_two_workers_answer_reload_and_stop_on_sigterm(
     gateway = gateway_process(config, GATEWAY_WORKERS="2")
     await gateway.ready()
 
-    pids: set[int] = set()
-    deadline = time.monotonic() + 15
-    while len(pids) < 2:
-        assert time.monotonic() < deadline, f"only saw workers {pids}"
-        pids.add((await gateway.metrics())["pid"])
+    pids = await gateway.worker_pids(2)
     for pid in pids:  # both are the supervisor's children, not strays
         assert parent_of(pid) == gateway.process.pid
 
@@ -502,11 +507,7 @@ async def test_a_worker_that_dies_while_serving_is_replaced_with_the_reloaded_ro
     config.write_text(yaml.safe_dump(table({"/a": url})))
     gateway = gateway_process(config, GATEWAY_WORKERS="2")
     await gateway.ready()
-    first: set[int] = set()
-    deadline = time.monotonic() + 15
-    while len(first) < 2:
-        assert time.monotonic() < deadline, f"only saw workers {first}"
-        first.add((await gateway.metrics())["pid"])
+    first = await gateway.worker_pids(2)
 
     # A reload, then a file the reload would refuse: the replacement must serve the routes in
     # force, neither the start-up ones nor the broken file's.
