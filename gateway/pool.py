@@ -324,6 +324,13 @@ class UpstreamProtocol(WriteDeadline, ResponseHandler):
             self._reusable = None
             return
         if payload.is_eof():
+            # The answer ended within this read, in this parser, and whatever the read held after
+            # it (a second answer's first bytes, to nothing) is still in the parser: where the
+            # answer ended in the read is not known here. Reused, the parser would begin the next
+            # answer on this connection, perhaps another client's, with those bytes. The next
+            # response gets a parser of its own (this one stays in place until then); the bytes
+            # die with this one. Answers taken whole never come here.
+            self._reusable = None
             self._whole_missed = False  # whole with its head: the next one may be too
             return
         if message.code < 200 or message.code in _NO_BODY:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import fcntl
 import functools
 import gc
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import time
 import weakref
 from pathlib import Path
@@ -841,3 +844,136 @@ async def test_a_forged_answer_after_a_whole_one_never_reaches_the_next_client(
         assert (response.status, await response.read()) == (200, b"ok")
         assert "Set-Cookie" not in response.headers
     assert connections == 2  # the first connection was dropped, the second kept
+
+
+# -- Bytes after an answer that the response parser ended inside a read ------------------------
+
+# A second answer's first bytes, cut inside a header value: left in a reused response parser, they
+# begin the next answer on the connection, which takes the real one's status line for the value of
+# X-Pad and the rest of its head and body for its own (response queue poisoning).
+_FORGED = (
+    b"HTTP/1.1 302 Found\r\nLocation: https://forged.example/\r\nSet-Cookie: session=first-client\r\nX-Pad: "
+)
+_LARGE = b"b" * (70 * 1024)  # more than WHOLE_LIMIT: never taken whole
+
+
+def _scripted(answers: list[list[bytes]]) -> tuple[Any, asyncio.Queue[None]]:
+    """A raw upstream answering its requests in turn with ``answers``, each a list of pieces; each
+    piece is written when the test puts a token in the returned queue (see ``_in_reads``)."""
+    go: asyncio.Queue[None] = asyncio.Queue()
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for pieces in answers:
+            await reader.readuntil(b"\r\n\r\n")
+            for piece in pieces:
+                await go.get()
+                writer.write(piece)
+                await writer.drain()
+        await reader.read()
+
+    return upstream, go
+
+
+def _unread(fd: int) -> int:
+    """Bytes waiting in the socket's receive queue."""
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+async def _in_reads(protocol: Any, go: asyncio.Queue[None], pieces: list[bytes]) -> None:
+    """Each piece of an answer reaches the protocol in one read of its own, however large: the
+    transport stops reading until the whole piece waits in the socket."""
+    transport = protocol.transport
+    fd = transport.get_extra_info("socket").fileno()
+    for piece in pieces:
+        transport.pause_reading()
+        go.put_nowait(None)
+        size = len(piece)
+        await wait_for(lambda n=size: _unread(fd) == n, what=f"{size} bytes to arrive")
+        transport.resume_reading()
+        await wait_for(lambda: _unread(fd) == 0, what="the piece to be read")
+
+
+async def _scripted_exchange(
+    pool: TargetPool, go: asyncio.Queue[None], pieces: list[bytes]
+) -> tuple[Any, Any, bytes]:
+    protocol = await pool.acquire(2.0)
+    answer = asyncio.create_task(
+        exchange(
+            protocol,
+            method="GET",
+            target="/x",
+            headers=CIMultiDict({"Host": pool.host_header}),
+            body=None,
+            chunked=False,
+            read_timeout=5.0,
+        )
+    )
+    await _in_reads(protocol, go, pieces)
+    message, payload = await answer
+    body = await _read(payload)
+    pool.release(protocol)
+    return protocol, message, body
+
+
+# The next client's answer: chunked, so it goes through the response parser (an answer taken whole
+# is parsed by a parser of its own, and would leave forged bytes lying for a later one).
+_NEXT = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Next: yes\r\n\r\n4\r\nnext\r\n0\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("answers", "body"),
+    [
+        pytest.param(
+            [[b"HTTP/1.1 200 OK\r\nContent-Le", b"ngth: 2\r\n\r\nok" + _FORGED]], b"ok", id="head-split"
+        ),
+        pytest.param(
+            [[b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n", b"\r\nok" + _FORGED]],
+            b"ok",
+            id="head-split-at-blank",
+        ),
+        pytest.param(
+            [[b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s%s" % (len(_LARGE), _LARGE, _FORGED)]],
+            _LARGE,
+            id="body-over-whole-limit",
+        ),
+        pytest.param(
+            [
+                [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"],
+                [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + _FORGED],
+            ],
+            b"ok",
+            id="after-a-chunked-answer",
+        ),
+        pytest.param(
+            [[b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + _FORGED]],
+            b"ok",
+            id="after-an-interim-answer",
+        ),
+        pytest.param([[b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok" + _FORGED]], b"ok", id="bare-lf-head"),
+        pytest.param(
+            [[b"HTTP/1.1 204 No Content\r\nX-A: 1", b"\r\n\r\n" + _FORGED]], b"", id="204-head-split"
+        ),
+        pytest.param(
+            [[b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n" + _FORGED]],
+            b"ok",
+            id="chunked",
+        ),
+    ],
+)
+async def test_a_forged_answer_after_one_the_parser_ended_never_reaches_the_next_client(
+    make_raw_upstream: Any, answers: list[list[bytes]], body: bytes
+) -> None:
+    """An answer that the response parser ends inside a read (not taken whole: its head came in
+    two reads, its body is too large, it followed a chunked or an interim answer, ...) with a
+    second answer's first bytes after it in the same read: the next request on the connection,
+    perhaps another client's, gets its own answer, not one begun by those bytes."""
+    upstream, go = _scripted([*answers, [_NEXT]])
+    pool = TargetPool(await make_raw_upstream(upstream))
+    for pieces in answers:
+        protocol, message, seen = await _scripted_exchange(pool, go, pieces)
+    assert (message.code, seen) == (200 if body else 204, body)
+    again, message, seen = await _scripted_exchange(pool, go, [_NEXT])
+    assert again is protocol  # the connection is kept: only the parser holding those bytes goes
+    assert (message.code, message.headers.get("X-Next"), seen) == (200, "yes", b"next")
+    assert "Set-Cookie" not in message.headers and "X-Pad" not in message.headers
+    pool.close()
