@@ -11,11 +11,12 @@ Upstream failures are translated at this one boundary:
     no socket for it (EMFILE)   -> 503 with Retry-After; the gateway's shortage, target kept
     connect timeout             -> eject target, retry as above, else 504
     read timeout                -> 504, target kept (it is up; one endpoint is slow)
-    closed before the headers   -> retry once if idempotent and nothing was sent, else 502
+    closed before the headers   -> retry once if idempotent (or nothing was sent), else 502
     closed or reset mid-body    -> the client's response is cut off (connection closed)
 
-A WebSocket upgrade follows the same rules up to its 101 (``_ws_connect``): a failed connect is
-retried once elsewhere; no answer to the handshake within the read timeout is a 504, target kept.
+A WebSocket upgrade follows the same rules up to its 101 (``_ws_connect``): a failed connect, or
+a connection closed before any answer (the upgrade is a GET), is retried once elsewhere; no answer
+to the handshake within the read timeout is a 504, target kept.
 """
 
 from __future__ import annotations
@@ -1011,13 +1012,13 @@ async def _ws_connect(
             ) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             connected = handshake is not None and handshake.connected
-            error, kind, sent_nothing = _ws_upgrade_failure(upstream, target, exc, connected=connected)
+            error, kind, retryable = _ws_upgrade_failure(upstream, target, exc, connected=connected)
             if kind != "local":  # the gateway's own shortage is no failure of the upstream's
                 _count_failure(request, kind)
             if span is not None and span.record is not None:
                 span.record.annotate(f"{kind} {target.url}")
             attempts -= 1
-            retry = upstream.pick(exclude=target) if sent_nothing and attempts > 0 else None
+            retry = upstream.pick(exclude=target) if retryable and attempts > 0 else None
             if retry is None:
                 raise error from None
             target = retry
@@ -1031,8 +1032,9 @@ def _ws_upgrade_failure(
     upstream: Upstream, target: Target, exc: BaseException, *, connected: bool
 ) -> tuple[ApiError, str, bool]:
     """Translate a failed upgrade as ``_upstream_failure`` does a failed request: the error, its
-    kind for metrics, and whether nothing was sent (the connect failed; another target may be
-    tried). The target is ejected only when it could not be connected to."""
+    kind for metrics, and whether another target may be tried (the connect failed, so nothing was
+    sent; or the target closed the connection before any answer, as a GET is retried then). The
+    target is ejected only when it could not be connected to."""
     name = upstream.name
     if isinstance(exc, aiohttp.ClientSSLError):  # a ClientConnectorError: before those below
         upstream.eject(target)
@@ -1052,6 +1054,12 @@ def _ws_upgrade_failure(
         # Not ejected: the target took the connection and is up; one slow endpoint must not take
         # the service out of rotation for everyone (a proxied request's read timeout, likewise).
         return ApiError(504, f"Upstream '{name}' timed out"), "timeout", False
+    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):
+        # Closed or reset before any answer (a backend restarting, a worker killed mid-handshake):
+        # the upgrade is a GET, and a GET whose connection ends before its answer's head is tried
+        # once elsewhere, as a proxied one is (nginx: proxy_next_upstream error). The target took
+        # the connection: it is not ejected. aiohttp itself retries a stale pooled connection.
+        return ApiError(502, f"Upstream '{name}' closed the connection"), "reset", True
     return ApiError(502, f"Upstream '{name}' failed the WebSocket upgrade"), "invalid", False
 
 

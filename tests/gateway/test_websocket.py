@@ -415,6 +415,31 @@ async def test_an_upgrade_is_tried_on_two_targets_at_most(
     await _echoes_through(client)  # both refusing targets sit out their cooldown now
 
 
+async def _closes_unanswered(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readuntil(b"\r\n\r\n")  # the upgrade arrived; a backend restarting ends here
+    writer.close()
+
+
+async def test_an_upgrade_whose_connection_closed_unanswered_goes_to_another_target(
+    make_gateway: Any, make_raw_upstream: Any, make_upstream: Any
+) -> None:
+    """The upgrade is a GET: closed before any answer, it is tried once more elsewhere, as a
+    proxied GET is (and nginx's ``proxy_next_upstream error``). It was a 502."""
+    closing = await make_raw_upstream(_closes_unanswered)
+    healthy = await make_upstream(_echo)
+    client = await make_gateway(one_service([closing, healthy.url], prefix="/ws", eject_seconds=60))
+
+    for _ in range(2):  # whichever target the round-robin starts with
+        await _echoes_through(client)
+    assert len(healthy.requests) == 2
+
+    alone = await make_gateway(one_service(closing, prefix="/ws", eject_seconds=60))
+    for _ in range(2):  # not ejected: it took the connection, and is up
+        response = await alone.get("/ws/room", headers=_UPGRADE)
+        assert response.status == 502
+        assert (await response.json())["detail"] == "Upstream 'svc' closed the connection"
+
+
 async def _never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     await reader.read()  # takes the connection and the upgrade, says nothing until the peer leaves
 
