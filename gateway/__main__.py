@@ -127,17 +127,21 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     services = []
     for service in settings.services.values():
         t = service.timeout
-        detail = f"(health {service.health_path}, connect {t.connect:g}s, read {t.read:g}s)"
+        detail = (
+            f"(health {service.health_path}, connect {t.connect:g}s, read {t.read:g}s, "
+            f"eject {service.eject_seconds:g}s)"
+        )
         services.append((service.name, ", ".join(service.urls), detail))
     print("\n".join(_aligned(services)))
     print("\nroutes (longest prefix wins):")
-    routes = [("prefix", "service", "max_body", "rate_limit", "auth", "scopes", "strip")]
+    routes = [("prefix", "service", "max_body", "rate_limit", "auth", "scopes", "strip", "content_types")]
     for route in sorted(settings.routes, key=lambda r: r.prefix):
         max_body = "unlimited" if route.max_body is None else _human(route.max_body)
         rate = str(route.rate_limit) if route.rate_limit else f"{settings.rate_limit_default} (default)"
         scopes = ",".join(route.scopes) or "-"
         strip = "yes" if route.strip_prefix else "no"
-        routes.append((route.prefix, route.service, max_body, rate, route.auth, scopes, strip))
+        types = ",".join(route.content_types)
+        routes.append((route.prefix, route.service, max_body, rate, route.auth, scopes, strip, types))
     print("\n".join(_aligned(routes, right={2})))
     return 0
 

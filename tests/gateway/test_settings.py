@@ -553,6 +553,24 @@ def test_check_config_keeps_its_columns_for_long_prefixes_and_service_names(
     assert [row[auth:].split()[0] for row in rows] == ["none", "required"]
 
 
+def test_check_config_shows_each_services_ejection_and_each_routes_body_types(
+    tmp_path: Path, run_in_process: Any
+) -> None:
+    config = {
+        "services": {"svc": {"url": "http://127.0.0.1:9001", "eject_seconds": 12.5}},
+        "routes": [
+            {"prefix": "/upload", "service": "svc", "content_types": ["image/png", "application/pdf"]},
+            {"prefix": "/api", "service": "svc"},
+        ],
+    }
+    result = run_in_process("gateway", "check-config", write(tmp_path, config))
+    assert result.returncode == 0, result.stderr
+    assert "(health /health, connect 2s, read 30s, eject 12.5s)" in result.stdout
+    table = result.stdout.split("routes (longest prefix wins):\n", 1)[1].splitlines()
+    assert table[0].split()[-1] == "content_types"
+    assert [row.split()[-1] for row in table[1:]] == ["application/json", "image/png,application/pdf"]
+
+
 def test_check_config_of_a_missing_file_names_the_file_not_gateway_config(
     tmp_path: Path, run_in_process: Any
 ) -> None:
