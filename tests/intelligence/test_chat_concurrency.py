@@ -93,7 +93,7 @@ async def test_message_pages_have_no_gaps_or_duplicates_while_writers_append(
             resp = await writer_client.post(
                 url, json={"role": "user", "content": f"{w}:{i}"}, headers=headers(user)
             )
-            assert resp.status == 201
+            assert resp.status == 201, (w, i, resp.status, await resp.text())
 
     async def writers() -> None:
         await asyncio.gather(*(writer(w) for w in range(10)))
@@ -105,6 +105,7 @@ async def test_message_pages_have_no_gaps_or_duplicates_while_writers_append(
         next_url = f"{url}?limit=7"
         while True:
             resp = await reader_client.get(next_url, headers=headers(user))
+            assert resp.status == 200, (next_url, resp.status, await resp.text())
             page = await resp.json()
             seen.extend(m["seq"] for m in page["data"])
             if page["has_more"]:
@@ -125,7 +126,12 @@ async def test_message_pages_have_no_gaps_or_duplicates_while_writers_append(
         seen.extend(m["seq"] for m in page["data"])
         if not page["has_more"]:
             break
-    assert seen == list(range(1, 301))
+    # Said as what went wrong: a diff of 300 numbers does not show a gap or a repeat at a glance.
+    gaps = sorted(set(range(1, 301)) - set(seen))
+    repeats = sorted({seq for seq in seen if seen.count(seq) > 1})
+    assert seen == list(range(1, 301)), (
+        f"missing {gaps}, repeated {repeats}, out of order: {seen != sorted(seen)}"
+    )
 
 
 async def test_session_pages_have_no_gaps_or_duplicates_while_sessions_are_created(
