@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -158,6 +159,16 @@ def rss_kib(pid: int) -> dict[str, int]:
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of one process so far, from /proc (0.0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def child_pids(pid: int) -> list[int]:
     children = []
     for entry in os.listdir("/proc"):
@@ -283,6 +294,7 @@ class Bench:
     gateway: subprocess.Popen[bytes] | None = None
     gateway_workers: int = 1
     results: dict[str, Any] = field(default_factory=dict)
+    nginx_pids: dict[str, int] = field(default_factory=dict)  # name -> master pid
 
     # -- setup ----------------------------------------------------------------------------------
 
@@ -346,6 +358,7 @@ class Bench:
             stderr=open(prefix / "stderr.log", "wb"),
         )
         wait_http(values["PORT"], "/health", proc, f"nginx {name}")
+        self.nginx_pids[name] = proc.pid  # taskset execs nginx: this is its master
 
     def write_gateway_config(self) -> None:
         # auth none and a limit nobody reaches: the benchmark measures the proxy path, but with
@@ -606,8 +619,22 @@ class Bench:
         self.start_gateway(2)
         workers = child_pids(self.gateway.pid) if self.gateway else []
         self.wrk("gateway", "/1k", 128, 1, None)  # warm-up
+        # Where the two CPUs went: the workers share them with the upstream and wrk, whose share
+        # bounds what two workers can do next to one pinned process that had a CPU to itself.
+        upstream = [self.nginx_pids["upstream"], *child_pids(self.nginx_pids["upstream"])]
+        before = {pid: cpu_seconds(pid) for pid in workers + upstream}
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk is the only child reaped
+        started = time.monotonic()
         r = self.wrk("gateway", "/1k", 128, self.args.duration, None)
-        self.results["workers2"] = {"worker_pids": workers, "cpus": all_cpus(), **r}
+        elapsed = time.monotonic() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        used = {pid: cpu_seconds(pid) - before[pid] for pid in before}
+        cpu = {
+            "workers": sum(used[pid] for pid in workers) / elapsed,
+            "upstream": sum(used[pid] for pid in upstream) / elapsed,
+            "wrk": (after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime) / elapsed,
+        }
+        self.results["workers2"] = {"worker_pids": workers, "cpus": all_cpus(), "cpu": cpu, **r}
         self.require_gateway("the GATEWAY_WORKERS=2 run")
         self.stop_gateway()
 
@@ -768,6 +795,14 @@ def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
             f"  {rps} req/s  p50 {ms(w['p50_us'])}  p99 {ms(w['p99_us'])}  "
             f"= {ratio(w['rps'], one.get('rps'))} the single pinned process{notes}"
         )
+        cpu = w.get("cpu")
+        if cpu:
+            per_cpu = f"{w['rps'] / cpu['workers']:.0f}" if w["rps"] and cpu["workers"] else "-"
+            add(
+                f"  CPUs used: workers {cpu['workers']:.2f}, upstream nginx {cpu['upstream']:.2f}, "
+                f"wrk {cpu['wrk']:.2f}; {per_cpu} req/s per worker CPU (the single process: one CPU "
+                f"to itself; two workers can have at most 2 - {cpu['upstream'] + cpu['wrk']:.2f} here)"
+            )
         add("")
 
     mem = results.get("memory")
