@@ -41,8 +41,11 @@ async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
 async def cache_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[settings_key].cache
     async with redis_client(settings) as client:
-        app[cache_key] = ChatCache(client, settings)
-        yield
+        app[cache_key] = cache = ChatCache(client, settings)
+        try:
+            yield
+        finally:
+            await cache.aclose()
 
 
 async def service_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -38,12 +38,15 @@ Correctness rules, all enforced inside Lua scripts so they hold across replicas:
   failure the cache is left alone for ``retry_after`` seconds; PostgreSQL answers meanwhile.
 
 Known window: a replica that did *not* see the outage may serve an entry that a failed write on
-another replica left stale until that replica repairs (its next cache use, or the TTL).
+another replica left stale until that replica repairs: it bumps the generation as soon as Redis
+answers it again (``retry_after`` after the failure, then again each ``retry_after``), whether
+or not it gets more requests; only a replica that dies first leaves the entry to its TTL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -257,6 +260,7 @@ class ChatCache:
         self._stale = redis is not None
         self._bumping = asyncio.Lock()
         self._failures = 0
+        self._repair: asyncio.Task[None] | None = None
         self._op_timeout = settings.socket_timeout * 3
         script = redis.register_script if redis is not None else (lambda _: None)
         self._get: Any = script(_GET)
@@ -292,10 +296,32 @@ class ChatCache:
                 log.warning("cache write lost; cache marked stale until Redis answers again")
             self._stale = True
             self._failures += 1
+            self._repair_soon()
         if exc is not None:
             if time.monotonic() >= self._down_until:
                 log.warning("redis unavailable; serving from PostgreSQL", extra={"error": repr(exc)})
             self._down_until = time.monotonic() + self._cfg.retry_after
+
+    def _repair_soon(self) -> None:
+        """Bump the generation as soon as Redis answers, whether or not this process uses the
+        cache again. The other replicas cannot know that a write of this one was lost: until the
+        bump they serve the entry it left stale (a session's messages without the newest ones),
+        and a replica that gets no more requests would never make it, leaving them the TTL."""
+        if self._repair is None or self._repair.done():
+            self._repair = asyncio.get_running_loop().create_task(self._repair_when_redis_answers())
+
+    async def _repair_when_redis_answers(self) -> None:
+        while self._stale:
+            # _ready waits out the pause after a failure, then bumps (once, however many wait).
+            await asyncio.sleep(max(0.0, self._down_until - time.monotonic()))
+            await self._ready()
+
+    async def aclose(self) -> None:
+        """Stop a repair still waiting for Redis (the next process bumps the generation)."""
+        if self._repair is not None:
+            self._repair.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._repair
 
     def distrust(self, reason: str) -> None:
         """PostgreSQL may no longer hold what the entries were made from: retire them all before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 import uuid
@@ -389,6 +390,91 @@ async def test_entries_left_stale_by_a_slow_redis_are_not_served_when_it_answers
     await wait_until(repaired, what="the cache to be repaired")
     assert (await (await client.get(url, headers=h)).json())["title"] == "B"
     assert int(admin.get(cache(client)._gen_key)) >= 1  # the generation moved on
+
+
+class _Link:
+    """A TCP path to Redis for one replica alone, which the test can cut (a partition between that
+    replica and Redis: its connections are reset and new ones refused) and mend."""
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+        self.cut = False
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/0"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.cut:
+            writer.transport.abort()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._port)
+        self._writers |= {writer, up_writer}
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await source.read(65536):
+                    sink.write(data)
+            sink.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def sever(self) -> None:
+        self.cut = True
+        for writer in self._writers:
+            writer.transport.abort()
+        self._writers.clear()
+
+    async def close(self) -> None:
+        self.sever()
+        if self._server is not None:
+            self._server.close()
+
+
+async def test_a_replica_that_lost_a_write_retires_the_stale_entry_for_the_others_without_more_requests(
+    make_client: Any, private_redis: PrivateRedis, user: str
+) -> None:
+    """Replica A's write-through of a message is lost (A cannot reach Redis); replica B, which
+    saw nothing go wrong, must not go on serving the session's messages without it. A used to
+    retire the entry only at its own next use of the cache: a replica that got no more requests
+    left B serving the stale list for the TTL (five minutes), and a reader paging after the
+    newest seq saw nothing new."""
+    link = _Link(private_redis.port)
+    writer = await make_client(redis_url=await link.start())
+    reader = await make_client(redis_url=private_redis.url)
+    h = headers(user)
+    try:
+        session = await (await writer.post("/api/v1/chat/sessions", json={}, headers=h)).json()
+        url = f"/api/v1/chat/sessions/{session['id']}/messages"
+        await writer.post(url, json={"role": "user", "content": "m1"}, headers=h)
+        assert cache(writer).usable  # written through: m1 is in Redis
+
+        async def contents() -> list[str]:
+            return [m["content"] for m in (await (await reader.get(url, headers=h)).json())["data"]]
+
+        assert await contents() == ["m1"]
+        assert cache(reader).usable  # served from Redis
+
+        link.sever()
+        resp = await writer.post(url, json={"role": "user", "content": "m2"}, headers=h)
+        assert resp.status == 201
+        assert not cache(writer).usable  # the write-through was lost
+        assert await contents() == ["m1"]  # what B holds, as it cannot know yet
+
+        link.cut = False  # A can reach Redis again; no request reaches A any more
+        await wait_until(_has(contents, "m2"), timeout=5, what="the reader to see m2")
+        assert cache(reader).usable and await contents() == ["m1", "m2"]
+    finally:
+        await link.close()
+
+
+def _has(contents: Any, item: str) -> Any:
+    async def check() -> bool:
+        return item in await contents()
+
+    return check
 
 
 async def test_a_hung_redis_costs_a_request_at_most_one_timeout_while_the_cache_is_stale(
