@@ -120,8 +120,8 @@ _BODILESS_STATUS = (b"204", b"304")
 _NOT_WHOLE_STATUS = (b"1", *_BODILESS_STATUS)
 _CR_LF = (ord("\r"), ord("\n"))
 
-# The largest body an answer may have to be taken whole with its head; the proxy's BUFFER_LIMIT,
-# up to which it reads a body whole anyway (a larger one is streamed to the client).
+# The largest body an answer may have to be taken whole with its head; also the proxy's
+# BUFFER_LIMIT, up to which it reads a body whole anyway (a larger one is streamed to the client).
 WHOLE_LIMIT = 64 * 1024
 _CONTENT_LENGTH, _TRANSFER_ENCODING, _KEEP_ALIVE = (
     hdrs.CONTENT_LENGTH,

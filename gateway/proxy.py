@@ -73,6 +73,7 @@ from .middleware.request_id import REQUEST_ID_HEADER
 from .middleware.tracing import ClientSpan, SpanRef, current_trace, downstream_headers, remote_endpoint
 from .pool import (
     LOCAL_SHORTAGES,
+    WHOLE_LIMIT,
     ConnectFailed,
     ConnectTimeout,
     OutOfSockets,
@@ -104,7 +105,9 @@ __all__ = [
 
 log = logging.getLogger("gateway.proxy")
 
-BUFFER_LIMIT = 64 * 1024
+# The largest body read whole (and relayed in one write): the size up to which the pool hands an
+# answer over whole with its head, so one number decides both.
+BUFFER_LIMIT = WHOLE_LIMIT
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 # aiohttp would otherwise invent these; a proxy sends what the client sent and nothing more.
 SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})

@@ -10,7 +10,7 @@ from aiohttp import web
 from gateway.errors import error_middleware
 from gateway.headers import drop_server_banner
 from gateway.keys import tracing_key
-from gateway.middleware.request_id import stamp_request_id
+from gateway.middleware.request_id import set_request_id_header
 from gateway.middleware.tracing import Tracing, tracing_ctx, tracing_middleware
 
 from .api import domain_errors_middleware, setup_api_routes
@@ -59,10 +59,11 @@ async def service_ctx(app: web.Application) -> AsyncIterator[None]:
     await service.abandon_writes()
 
 
-async def _no_server_banner(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: aiohttp's ``Server: Python/3.x aiohttp/3.y`` would reach the
-    gateway's clients through it, naming the versions to look up, as the gateway's own answers
-    do not."""
+async def _stamp_response(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``, one hook as in the gateway: the request id, and no ``Server``
+    banner (aiohttp's ``Python/3.x aiohttp/3.y`` would reach the gateway's clients through it,
+    naming the versions to look up, as the gateway's own answers do not)."""
+    set_request_id_header(request, response)
     drop_server_banner(response)
 
 
@@ -80,8 +81,7 @@ def create_app(settings: IntelligenceSettings) -> web.Application:
     )
     app[settings_key] = settings
     app[tracing_key] = tracing
-    app.on_response_prepare.append(stamp_request_id)
-    app.on_response_prepare.append(_no_server_banner)
+    app.on_response_prepare.append(_stamp_response)
     app.cleanup_ctx.append(partial(tracing_ctx, tracing=tracing))
     app.cleanup_ctx.extend([postgres_ctx, cache_ctx, service_ctx])
     setup_health_routes(app)

@@ -312,8 +312,10 @@ class ChatCache:
 
     async def _repair_when_redis_answers(self) -> None:
         while self._stale:
-            # _ready waits out the pause after a failure, then bumps (once, however many wait).
-            await asyncio.sleep(max(0.0, self._down_until - time.monotonic()))
+            # _ready waits out the pause after a failure, then bumps (once, however many wait). A
+            # millisecond more: uvloop's timers may fire up to one early, and _ready would still
+            # find the pause on, then spin on zero-length sleeps until the clock caught up.
+            await asyncio.sleep(max(0.0, self._down_until - time.monotonic()) + 0.001)
             await self._ready()
 
     async def aclose(self) -> None:

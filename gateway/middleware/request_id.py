@@ -1,6 +1,7 @@
 """Request correlation id: kept when the client's is sane, generated otherwise, echoed always.
 
-The tracing middleware, outermost, assigns it; ``stamp_request_id`` puts it on every response.
+The tracing middleware, outermost, assigns it; ``set_request_id_header``, called from each app's
+``on_response_prepare`` hook, puts it on every response (streamed and error ones alike).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ __all__ = [
     "new_request_id",
     "request_id_for",
     "set_request_id_header",
-    "stamp_request_id",
 ]
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -49,11 +49,6 @@ def request_id_for(request: web.Request) -> str:
     """The client's ``x-request-id`` when it is sane, a new one otherwise."""
     incoming = request.headers.get(REQUEST_ID_HEADER)
     return incoming if incoming and _VALID.fullmatch(incoming) else new_request_id()
-
-
-async def stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: reaches streamed and error responses alike."""
-    set_request_id_header(request, response)
 
 
 def set_request_id_header(request: web.Request, response: web.StreamResponse) -> None:

@@ -27,18 +27,25 @@ from gateway.pool import TargetPool, exchange, keep_alive_limit
 from tests.helpers import wait_for
 
 
-async def _send(pool: TargetPool, method: str = "GET", path: str = "/x") -> tuple[Any, Any, Any]:
-    """One request on a pooled connection: the connection, the response head, its payload."""
-    protocol = await pool.acquire(2.0)
-    message, payload = await exchange(
+def _request(
+    pool: TargetPool, protocol: Any, method: str = "GET", path: str = "/x", read_timeout: float = 5.0
+) -> Any:
+    """A request without a body on ``protocol``: the exchange, to await (head and payload)."""
+    return exchange(
         protocol,
         method=method,
         target=path,
         headers=CIMultiDict({"Host": pool.host_header}),
         body=None,
         chunked=False,
-        read_timeout=5.0,
+        read_timeout=read_timeout,
     )
+
+
+async def _send(pool: TargetPool, method: str = "GET", path: str = "/x") -> tuple[Any, Any, Any]:
+    """One request on a pooled connection: the connection, the response head, its payload."""
+    protocol = await pool.acquire(2.0)
+    message, payload = await _request(pool, protocol, method, path)
     return protocol, message, payload
 
 
@@ -520,15 +527,7 @@ def _trickle(pieces: list[bytes], gap: float, *, answers: int = 1) -> Any:
 
 
 async def _exchange(pool: TargetPool, protocol: Any, read_timeout: float = READ_TIMEOUT) -> Any:
-    message, payload = await exchange(
-        protocol,
-        method="GET",
-        target="/x",
-        headers=CIMultiDict({"Host": pool.host_header}),
-        body=None,
-        chunked=False,
-        read_timeout=read_timeout,
-    )
+    message, payload = await _request(pool, protocol, read_timeout=read_timeout)
     assert message.code == 200
     return payload
 
@@ -897,17 +896,7 @@ async def _scripted_exchange(
     pool: TargetPool, go: asyncio.Queue[None], pieces: list[bytes]
 ) -> tuple[Any, Any, bytes]:
     protocol = await pool.acquire(2.0)
-    answer = asyncio.create_task(
-        exchange(
-            protocol,
-            method="GET",
-            target="/x",
-            headers=CIMultiDict({"Host": pool.host_header}),
-            body=None,
-            chunked=False,
-            read_timeout=5.0,
-        )
-    )
+    answer = asyncio.create_task(_request(pool, protocol))
     await _in_reads(protocol, go, pieces)
     message, payload = await answer
     body = await _read(payload)
