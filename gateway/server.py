@@ -205,6 +205,10 @@ async def serve(
 ) -> None:
     """Serve until SIGTERM or SIGINT, then drain; on SIGHUP run ``on_hangup`` (a reload).
 
+    Without ``on_hangup`` SIGHUP drains and stops too, as a terminal's hangup means (the default
+    action ended the process at once, in-flight requests cut off and ``up``'s embedded PostgreSQL
+    left running), unless it was ignored when the process started (``nohup``).
+
     ``on_listening(listener, port)`` runs as each listener is bound, before the next one is set
     up: a later app may be told where an earlier one listens (port 0 binds an ephemeral port).
     ``on_started`` runs once all are bound, with every listener and its port.
@@ -218,11 +222,14 @@ async def serve(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     hangups: set[asyncio.Task[object]] = set()
-    taking_hangups = on_hangup is not None
-    if on_hangup is not None:
+    taking_hangups = on_hangup is not None or signal.getsignal(signal.SIGHUP) != signal.SIG_IGN
+    if taking_hangups:
 
         def hangup() -> None:
             if not taking_hangups:  # scheduled by a signal that came just before the drain ended
+                return
+            if on_hangup is None:
+                stop.set()
                 return
             task = loop.create_task(on_hangup())  # type: ignore[arg-type]
             hangups.add(task)
@@ -235,8 +242,8 @@ async def serve(
         # on the main thread, where the loop runs; the loop is woken by call_soon_threadsafe (and
         # by the wakeup fd that asyncio and uvloop both set), so an idle gateway reloads at once.
         signal.signal(signal.SIGHUP, lambda _signum, _frame: loop.call_soon_threadsafe(hangup))
-        # A worker is forked with SIGHUP blocked (run_workers): one sent while it started is
-        # delivered now, to the handler, rather than lost.
+        # A worker is forked with SIGHUP blocked (run_workers), and `serve` blocks it as it
+        # starts: one sent meanwhile is delivered now, to the handler, rather than lost.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     runners: list[GatewayRunner] = []
     bound: list[tuple[Listener, int]] = []

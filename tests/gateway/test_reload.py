@@ -466,6 +466,44 @@ async def test_sighup_reloads_the_running_gateway(
     assert not gateway.logged("Traceback") and not gateway.logged("never retrieved")
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_a_reload_sent_while_the_gateway_reads_its_file_at_start_is_applied_once_it_serves(
+    gateway_process: Any, named_upstream: Any, tmp_path: Path, workers: str
+) -> None:
+    """The file is a FIFO: the gateway (the supervisor, with workers) waits in its read at start
+    until the test writes it, and gets SIGHUP there. It used to die of it (SIGHUP's default
+    action); now it starts with what it read and then reloads the file the path names by then."""
+    start_url, _ = await named_upstream("at-start")
+    reload_url, _ = await named_upstream("reloaded")
+    config = tmp_path / "gateway.yaml"
+    os.mkfifo(config)
+    gateway = gateway_process(config, GATEWAY_WORKERS=workers)
+    writer: list[int] = []
+
+    def reading() -> bool:
+        assert gateway.process.poll() is None, gateway.log.read_text()
+        try:  # a FIFO opens for writing only once a reader has it open
+            writer.append(os.open(config, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            return False
+        return True
+
+    await wait_for(reading, 15, "the gateway to open its file")
+    gateway.process.send_signal(signal.SIGHUP)
+    reloaded = tmp_path / "reloaded.yaml"
+    reloaded.write_text(yaml.safe_dump(table({"/reloaded": reload_url})))
+    os.replace(reloaded, config)  # what the reload reads; the FIFO stays open for the start
+    with os.fdopen(writer[0], "wb") as fifo:
+        fifo.write(yaml.safe_dump(table({"/at-start": start_url})).encode())
+
+    await gateway.ready()
+    await wait_for(lambda: gateway.logged("configuration reloaded"), what="the reload")
+    for _ in range(int(workers) * 4):  # every worker, whichever answers
+        assert (await gateway.get("/reloaded/x")) == (200, b'{"upstream": "reloaded"}')
+    assert await gateway.stop() == 0
+    assert not gateway.logged("Traceback")
+
+
 async def test_two_workers_answer_reload_and_stop_on_sigterm(
     gateway_process: Any, named_upstream: Any, tmp_path: Path
 ) -> None:

@@ -1,10 +1,14 @@
-"""Starting ``python -m intelligence`` where it cannot work: one line naming the problem, exit 2."""
+"""Starting ``python -m intelligence`` where it cannot work (one line naming the problem, exit 2),
+and stopping it."""
 
 from __future__ import annotations
 
+import signal
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+from chat_helpers import Service, wait_until
 
 from tests.helpers import program_env, refusal, run_program
 
@@ -36,3 +40,16 @@ def test_serve_with_a_setting_libpq_or_the_migrations_reject_is_one_line(
     env: dict[str, str], line: str, run_in_process: Any
 ) -> None:
     assert refusal(run_in_process("intelligence", **env)) == line
+
+
+async def test_a_hangup_drains_the_chat_api_as_sigterm_does(
+    database: str, service_process: Callable[[dict[str, str]], Service]
+) -> None:
+    """`python -m intelligence` has nothing to reload: SIGHUP (its terminal closed) drains it and
+    it exits 0. It was SIGHUP's default action, which cut off what was in flight (exit -1)."""
+    svc = service_process({"POSTGRES_DSN": database})
+    process = await svc.serving()
+    process.send_signal(signal.SIGHUP)
+    await wait_until(lambda: process.poll() is not None, what="the chat API to exit")
+    assert process.returncode == 0, svc.output()
+    assert "draining" in svc.output() and "Traceback" not in svc.output(), svc.output()

@@ -122,6 +122,79 @@ async def test_ups_first_start_at_the_default_log_level_shows_the_banner_not_pgs
     assert chatter == [], text
 
 
+def _postmaster(data_dir: Path) -> int | None:
+    """The pid of the embedded PostgreSQL running on ``data_dir``, or None."""
+    try:
+        pid = int((data_dir / "postgres" / "postmaster.pid").read_text().split()[0])
+    except (FileNotFoundError, IndexError, ValueError):  # absent, or being written
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    return pid
+
+
+def _stop_leftover_postgres(data_dir: Path) -> None:
+    """Where `up` left its PostgreSQL behind (the failure these tests look for), stop it."""
+    pid = _postmaster(data_dir)
+    if pid is not None:
+        os.kill(pid, signal.SIGTERM)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+async def test_a_stop_signal_while_the_embedded_postgres_starts_stops_it_too(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    """Ctrl-C, SIGTERM or a terminal's hangup while `up` starts its PostgreSQL: `up` exits 0
+    without a traceback, and the server it started is stopped, not left running with nothing to
+    stop it (SIGTERM and SIGHUP ended `up` at once; Ctrl-C raised KeyboardInterrupt in pgserver)."""
+    data_dir, log = tmp_path / "data", tmp_path / "up.log"
+    env = _env(data_dir, free_port(), free_port(), LOG_LEVEL="INFO")
+    with log.open("ab") as out:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "up", cwd=ROOT, env=env, stdout=out, stderr=out
+        )
+    try:
+        await wait_until(
+            lambda: _postmaster(data_dir) is not None, timeout=60, what="the postmaster to start"
+        )
+        process.send_signal(signum)
+        async with asyncio.timeout(30):
+            code = await process.wait()
+        text = log.read_text()
+        assert code == 0, text
+        assert "Traceback" not in text, text
+        assert f'"msg": "stopped while starting", "signal": "{signum.name}"' in text, text
+        assert _postmaster(data_dir) is None, "up exited and left its PostgreSQL running"
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        _stop_leftover_postgres(data_dir)
+
+
+async def test_a_terminals_hangup_drains_up_and_stops_its_postgres(tmp_path: Path) -> None:
+    """SIGHUP (the terminal closed) while `up` serves: it drains and exits 0 as on Ctrl-C, and its
+    PostgreSQL stops with it. It was SIGHUP's default action: no drain, the server left running."""
+    data_dir, log = tmp_path / "data", tmp_path / "up.log"
+    process, _ = await _start(data_dir, free_port(), free_port(), log, LOG_LEVEL="INFO")
+    try:
+        assert _postmaster(data_dir) is not None
+        process.send_signal(signal.SIGHUP)
+        async with asyncio.timeout(30):
+            code = await process.wait()
+        text = log.read_text()
+        assert code == 0, text
+        assert '"msg": "draining"' in text and '"msg": "stopped"' in text, text
+        assert _postmaster(data_dir) is None, "up exited and left its PostgreSQL running"
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        _stop_leftover_postgres(data_dir)
+
+
 async def test_up_reports_the_chat_apis_spans_under_the_gateways(
     tmp_path: Path, database: str, aiohttp_server: Any
 ) -> None:
