@@ -17,7 +17,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import gateway.__main__ as gateway_main
+import gateway.cli as gateway_cli
 from gateway.app import create_app
 
 CORE = ("tracing_middleware", "error_middleware", "routing_middleware")
@@ -31,5 +31,5 @@ def create_core_app(settings: Any) -> Any:
 
 
 if __name__ == "__main__":
-    gateway_main.create_app = create_core_app
-    raise SystemExit(gateway_main.main(["serve"]))
+    gateway_cli.create_app = create_core_app
+    raise SystemExit(gateway_cli.main(["serve"]))

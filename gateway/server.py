@@ -55,7 +55,7 @@ class Listener:
 
 
 class StartupError(Exception):
-    """A problem of the operator's making found while starting, not a bug: ``__main__`` prints
+    """A problem of the operator's making found while starting, not a bug: ``cli`` prints
     the message as one line and exits 2.
 
     StartupError
