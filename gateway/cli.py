@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -65,9 +64,6 @@ def _warn_about(settings: Settings) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    # A reload sent while the gateway starts (reading its file, building its app) is held until
-    # serve(), or the supervisor, can act on it: SIGHUP's default action would end the process.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     settings = _settings()
     configure_logging(settings.log_level, settings.log_format)
     _warn_about(settings)

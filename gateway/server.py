@@ -242,8 +242,8 @@ async def serve(
         # on the main thread, where the loop runs; the loop is woken by call_soon_threadsafe (and
         # by the wakeup fd that asyncio and uvloop both set), so an idle gateway reloads at once.
         signal.signal(signal.SIGHUP, lambda _signum, _frame: loop.call_soon_threadsafe(hangup))
-        # A worker is forked with SIGHUP blocked (run_workers), and `serve` blocks it as it
-        # starts: one sent meanwhile is delivered now, to the handler, rather than lost.
+        # A worker is forked with SIGHUP blocked (run_workers), and `python -m gateway` blocks
+        # it as it starts: one sent meanwhile is delivered now, to the handler, rather than lost.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     runners: list[GatewayRunner] = []
     bound: list[tuple[Listener, int]] = []

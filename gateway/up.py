@@ -142,6 +142,7 @@ def run_up(settings: Settings, environ: Mapping[str, str] | None = None) -> int:
     caught = [s for s in stops.SIGNALS if signal.getsignal(s) != signal.SIG_IGN]
     for signum in caught:
         signal.signal(signum, stops)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # held since python -m gateway
     try:
         return _run_up(settings, os.environ if environ is None else environ, stops)
     except _StoppedWhileStarting as exc:
