@@ -219,8 +219,15 @@ async def serve(
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    # Plain handlers, not loop.add_signal_handler: its removal (ours at the end, or the loop's
+    # when it closes) restores the default actions, and a signal that came between that and the
+    # exit ended a drained process with -15, 129 (SIGHUP) or a KeyboardInterrupt traceback instead
+    # of 0 (and `up` with its embedded PostgreSQL left running): a second Ctrl-C, a reloader's
+    # SIGHUP. A plain handler is replaced by SIG_IGN in one sigaction, so no default action is ever
+    # in force. They run on the main thread, where the loop runs, and call_soon_threadsafe wakes
+    # it, so an idle gateway acts at once.
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        signal.signal(signum, lambda _signum, _frame: loop.call_soon_threadsafe(stop.set))
     hangups: set[asyncio.Task[object]] = set()
     taking_hangups = on_hangup is not None or signal.getsignal(signal.SIGHUP) != signal.SIG_IGN
     if taking_hangups:
@@ -235,12 +242,6 @@ async def serve(
             hangups.add(task)
             task.add_done_callback(hangups.discard)
 
-        # Not loop.add_signal_handler: its removal (ours below, or the loop's when it closes)
-        # restores the default action, and SIGHUP's is to terminate. A reload that came between
-        # that and our SIG_IGN ended a drained process with 129 instead of 0. A plain handler is
-        # replaced by SIG_IGN in one sigaction, so SIGHUP is never left at its default. It runs
-        # on the main thread, where the loop runs; the loop is woken by call_soon_threadsafe (and
-        # by the wakeup fd that asyncio and uvloop both set), so an idle gateway reloads at once.
         signal.signal(signal.SIGHUP, lambda _signum, _frame: loop.call_soon_threadsafe(hangup))
         # A worker is forked with SIGHUP blocked (run_workers), and `python -m gateway` blocks
         # it as it starts: one sent meanwhile is delivered now, to the handler, rather than lost.
@@ -282,13 +283,12 @@ async def serve(
                 listener.app[lifecycle_key].draining = True
         for runner in reversed(runners):
             await runner.cleanup()
-        # Drained: nothing is left to reload. Ignored rather than reset, since the default action
-        # would end the process with 129 instead of 0; and before the loop closes, where the
-        # handler's call_soon_threadsafe would raise.
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        # Drained: nothing is left to reload or stop. Ignored rather than reset, since the default
+        # actions would end the process with 129, -15 or a KeyboardInterrupt instead of 0; and
+        # before the loop closes, where the handlers' call_soon_threadsafe would raise.
+        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_IGN)
         taking_hangups = False
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
     log.info("stopped")
 
 
@@ -366,6 +366,7 @@ def run_workers(
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})  # see start_worker
         stop_with_parent(supervisor)
         serving = False
 
@@ -394,8 +395,10 @@ def run_workers(
         # SIGHUP is held back from the fork until the worker is in the list: a reload that comes
         # meanwhile then reaches it too (the worker inherits the block and takes the signal once
         # its loop can). Forwarded before it was listed, it missed the worker, which kept the
-        # table it was forked with.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        # table it was forked with. So are SIGTERM and SIGINT: a stop that missed a worker left
+        # the supervisor waiting for it forever, and one the worker took before in_worker reset
+        # the handlers ran the supervisor's in it (a traceback).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGTERM, signal.SIGINT})
         try:
             reports, writer = context.Pipe(duplex=False)
             process = context.Process(target=in_worker, args=(writer,), name="gateway-worker", daemon=False)
@@ -406,7 +409,10 @@ def run_workers(
             else:
                 workers[index] = _Worker(process, reports)
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP, signal.SIGTERM, signal.SIGINT})
+        if stopping:  # a stop that came before the fork (or a handler run late) did not reach it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGTERM)
 
     def signal_workers(signum: int) -> None:
         for worker in workers:
@@ -459,9 +465,10 @@ def run_workers(
             start_worker(index)
         if stopping and all(w.process.exitcode is not None for w in workers):
             break
-    # Nothing is left to reload, and the interpreter's exit resets a Python handler to the
-    # default action, which for SIGHUP is to terminate.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Nothing is left to reload or stop, and the interpreter's exit resets a Python handler to
+    # the default action, which would turn the exit code into -15, -2 or 129.
+    for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
     for worker in workers:
         worker.reports.close()
     if failure is not None:

@@ -8,15 +8,17 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import WSMsgType, web
 
 from gateway.keys import lifecycle_key
-from tests.helpers import one_service, running_gateway, wait_for
+from tests.helpers import ROOT, free_port, one_service, running_gateway, wait_for
 from tests.wsframes import CLOSE, close_payload, raw_client, read_frame
 
 SHUTDOWN_TIMEOUT = 1.5  # seconds; the drain waits it out (a stuck request), so it is kept short
@@ -132,6 +134,71 @@ async def test_workers_stop_when_their_supervisor_is_killed(make_upstream: Any, 
             for pid in workers:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("again", ["SIGTERM", "SIGINT"])
+async def test_stop_signals_that_keep_coming_after_the_drain_leave_the_exit_code_0(
+    make_upstream: Any, tmp_path: Path, workers: str, again: str
+) -> None:
+    """An impatient second Ctrl-C, or a second `kill`: after the drain, with the loop's handlers
+    gone, they met the default actions (-15, or a KeyboardInterrupt traceback and -2)."""
+    upstream = await make_upstream()
+    async with running_gateway(
+        one_service(upstream.url), tmp_path, GATEWAY_WORKERS=workers, LOG_LEVEL="WARNING"
+    ) as gateway:
+        gateway.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while gateway.process.returncode is None:
+            assert time.monotonic() < deadline, gateway.log.read_text()
+            with contextlib.suppress(ProcessLookupError):
+                gateway.process.send_signal(getattr(signal, again))
+            with contextlib.suppress(TimeoutError):  # the pace of the signals, not a wait for anything
+                await asyncio.wait_for(gateway.process.wait(), 0.002)
+        log = gateway.log.read_text()
+        assert gateway.process.returncode == 0, log
+        assert "Traceback" not in log, log
+
+
+# A supervisor whose every fork is followed at once by a SIGTERM to itself: the stop comes while
+# a worker is being started, before the supervisor has it in its list.
+_STOPPED_AS_A_WORKER_IS_FORKED = """
+import os, signal, sys
+from aiohttp import web
+from gateway.server import Listener, run, run_workers, serve
+
+port = int(sys.argv[1])
+os.register_at_fork(after_in_parent=lambda: os.kill(os.getpid(), signal.SIGTERM))
+
+def target(ready):
+    listener = Listener(web.Application(), "127.0.0.1", port, "gateway")
+    run(serve([listener], shutdown_timeout=1, reuse_port=True, on_started=lambda _: ready()))
+
+sys.exit(run_workers(2, target))
+"""
+
+
+async def test_a_stop_that_comes_while_a_worker_is_forked_stops_it_too(tmp_path: Path) -> None:
+    """The worker it missed served on, and the supervisor waited for it forever (a SIGTERM soon
+    after `python -m gateway` started with GATEWAY_WORKERS=8 hung it one time in two)."""
+    script = tmp_path / "supervisor.py"
+    script.write_text(_STOPPED_AS_A_WORKER_IS_FORKED)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), str(free_port()), cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(10):
+            _, err = await process.communicate()
+        assert process.returncode == 0, err.decode()
+        assert b"Traceback" not in err, err.decode()
+    finally:
+        if process.returncode is None:
+            for pid in children_of(process.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            process.kill()
+            await process.wait()
 
 
 async def test_each_worker_logs_the_requests_it_drained_before_it_exits(
