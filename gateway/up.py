@@ -112,7 +112,7 @@ def _running(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process by that number: running
-        return True
+        pass
     return True
 
 
