@@ -1,62 +1,12 @@
-"""``python -m intelligence [serve]`` and ``python -m intelligence migrate``."""
-
-from __future__ import annotations
-
-import argparse
-import asyncio
-import sys
-
-from gateway.logs import configure_logging
-from gateway.server import Listener, ListenError, run, serve
-
-from .app import create_app
-from .models import DatabaseUnavailable, MigrationError
-from .schema import apply_migrations, load_migrations, one_line
-from .settings import SettingsError, load_settings
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m intelligence", description="The chat API.")
-    parser.add_argument("command", nargs="?", default="serve", choices=("serve", "migrate"))
-    args = parser.parse_args(argv)
-    try:
-        settings = load_settings()
-    except SettingsError as exc:
-        return _fail(str(exc))
-    configure_logging(settings.log_level, settings.log_format)
-
-    if args.command == "migrate":
-        try:
-            applied = asyncio.run(
-                apply_migrations(settings.postgres.dsn, load_migrations(settings.migrations_dir))
-            )
-        except MigrationError as exc:
-            return _fail(str(exc))
-        except Exception as exc:  # psycopg2's errors: name the problem, no traceback
-            return _fail(f"migration failed: {one_line(exc)}")
-        print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
-        return 0
-
-    listener = Listener(
-        create_app(settings),
-        settings.host,
-        settings.port,
-        "intelligence",
-        "INTELLIGENCE_HOST, INTELLIGENCE_PORT",
-    )
-    try:
-        run(serve([listener], shutdown_timeout=settings.shutdown_timeout))
-    except (MigrationError, DatabaseUnavailable) as exc:
-        return _fail(f"not starting: {exc}")
-    except ListenError as exc:
-        return _fail(str(exc))
-    return 0
-
-
-def _fail(message: str) -> int:
-    print(f"intelligence: {message}", file=sys.stderr, flush=True)
-    return 2
-
+"""``python -m intelligence``: the command line is in ``intelligence/cli.py``."""
 
 if __name__ == "__main__":
+    import signal
+
+    from gateway.startsignals import stop_at_once_while_starting
+
+    # It has nothing to reload: SIGHUP stops it too (serve() drains on it once serving).
+    stop_at_once_while_starting((signal.SIGINT, signal.SIGHUP, signal.SIGTERM))
+    from intelligence.cli import main
+
     raise SystemExit(main())

@@ -287,9 +287,6 @@ async def redis_client() -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
-_CLI = {"gateway": "gateway.cli"}  # whose __main__ only starts it
-
-
 @pytest.fixture
 def run_in_process(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
@@ -308,7 +305,7 @@ def run_in_process(
         for name, value in variables.items():
             monkeypatch.setenv(name, value)
         monkeypatch.chdir(ROOT)
-        main = importlib.import_module(_CLI.get(program, f"{program}.__main__")).main
+        main = importlib.import_module(f"{program}.cli").main
         capsys.readouterr()
         caplog.clear()
         try:
