@@ -135,8 +135,23 @@ def _postmaster(data_dir: Path) -> int | None:
     return pid
 
 
-def _stop_leftover_postgres(data_dir: Path) -> None:
-    """Where `up` left its PostgreSQL behind (the failure these tests look for), stop it."""
+async def _stopped_by(process: asyncio.subprocess.Process, signum: signal.Signals, log: Path) -> str:
+    """Send ``signum``: `up` must exit 0, without a traceback. Returns its log."""
+    process.send_signal(signum)
+    async with asyncio.timeout(30):
+        code = await process.wait()
+    text = log.read_text()
+    assert code == 0, text
+    assert "Traceback" not in text, text
+    return text
+
+
+async def _clean_up(process: asyncio.subprocess.Process, data_dir: Path) -> None:
+    """Kill `up` if it still runs, and stop the PostgreSQL it left behind (the failure these tests
+    look for), if it did."""
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
     pid = _postmaster(data_dir)
     if pid is not None:
         os.kill(pid, signal.SIGTERM)
@@ -159,19 +174,11 @@ async def test_a_stop_signal_while_the_embedded_postgres_starts_stops_it_too(
         await wait_until(
             lambda: _postmaster(data_dir) is not None, timeout=60, what="the postmaster to start"
         )
-        process.send_signal(signum)
-        async with asyncio.timeout(30):
-            code = await process.wait()
-        text = log.read_text()
-        assert code == 0, text
-        assert "Traceback" not in text, text
+        text = await _stopped_by(process, signum, log)
         assert f'"msg": "stopped while starting", "signal": "{signum.name}"' in text, text
         assert _postmaster(data_dir) is None, "up exited and left its PostgreSQL running"
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-        _stop_leftover_postgres(data_dir)
+        await _clean_up(process, data_dir)
 
 
 async def test_a_terminals_hangup_drains_up_and_stops_its_postgres(tmp_path: Path) -> None:
@@ -181,18 +188,11 @@ async def test_a_terminals_hangup_drains_up_and_stops_its_postgres(tmp_path: Pat
     process, _ = await _start(data_dir, free_port(), free_port(), log, LOG_LEVEL="INFO")
     try:
         assert _postmaster(data_dir) is not None
-        process.send_signal(signal.SIGHUP)
-        async with asyncio.timeout(30):
-            code = await process.wait()
-        text = log.read_text()
-        assert code == 0, text
+        text = await _stopped_by(process, signal.SIGHUP, log)
         assert '"msg": "draining"' in text and '"msg": "stopped"' in text, text
         assert _postmaster(data_dir) is None, "up exited and left its PostgreSQL running"
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-        _stop_leftover_postgres(data_dir)
+        await _clean_up(process, data_dir)
 
 
 async def test_an_up_after_one_that_was_killed_still_stops_the_postgres_they_shared(tmp_path: Path) -> None:
@@ -214,10 +214,7 @@ async def test_an_up_after_one_that_was_killed_still_stops_the_postgres_they_sha
         await _stop(process)
         assert _postmaster(data_dir) is None, f"up exited and left its PostgreSQL running:\n{log.read_text()}"
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-        _stop_leftover_postgres(data_dir)
+        await _clean_up(process, data_dir)
 
 
 async def test_up_reports_the_chat_apis_spans_under_the_gateways(
