@@ -1,6 +1,6 @@
 """The chat API's settings: read from the environment once, validated, frozen.
 
-``create_app(settings)`` never reads the environment; ``__main__`` calls ``load_settings()`` once.
+``create_app(settings)`` never reads the environment; ``cli`` calls ``load_settings()`` once.
 """
 
 from __future__ import annotations
