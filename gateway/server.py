@@ -30,10 +30,12 @@ __all__ = [
     "GC_THRESHOLD",
     "MALLOC_MMAP_THRESHOLD",
     "MALLOC_TRIM_THRESHOLD",
+    "PROCESS_SIGNALS",
     "ListenError",
     "Listener",
     "StartupError",
     "WorkerStartError",
+    "ignore_process_signals",
     "run",
     "run_workers",
     "serve",
@@ -182,6 +184,19 @@ def _is_ipv6_any(host: str) -> bool:
     return address.version == 6 and address.is_unspecified
 
 
+# What a serving process answers: stop (SIGTERM, SIGINT) and reload (SIGHUP).
+PROCESS_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
+
+def ignore_process_signals() -> None:
+    """Once nothing is left to stop or reload. Ignored rather than reset: a default action would
+    turn a drained process's exit code into -15, -2 (a KeyboardInterrupt) or 129, and the
+    interpreter's exit resets a Python handler to it. A handler is replaced by SIG_IGN in one
+    sigaction, so no default action is ever in force between the two."""
+    for signum in PROCESS_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def run(main: Coroutine[Any, Any, None]) -> None:
     """Run ``main`` on uvloop when it is installed, on asyncio's loop otherwise."""
     try:
@@ -283,11 +298,8 @@ async def serve(
                 listener.app[lifecycle_key].draining = True
         for runner in reversed(runners):
             await runner.cleanup()
-        # Drained: nothing is left to reload or stop. Ignored rather than reset, since the default
-        # actions would end the process with 129, -15 or a KeyboardInterrupt instead of 0; and
-        # before the loop closes, where the handlers' call_soon_threadsafe would raise.
-        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, signal.SIG_IGN)
+        # Drained; and before the loop closes, where the handlers' call_soon_threadsafe would raise.
+        ignore_process_signals()
         taking_hangups = False
     log.info("stopped")
 
@@ -384,10 +396,7 @@ def run_workers(
             reports.send(str(exc))
             raise SystemExit(2) from None
         finally:
-            # Drained (or failed): a signal now could only turn the exit code it reports into a
-            # default action's (129 for a reload, a KeyboardInterrupt for a second Ctrl-C).
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                signal.signal(signum, signal.SIG_IGN)
+            ignore_process_signals()  # drained (or failed)
             flush_logs()  # a forked process ends in os._exit, without atexit's flush
 
     def start_worker(index: int | None = None) -> None:
@@ -398,7 +407,7 @@ def run_workers(
         # table it was forked with. So are SIGTERM and SIGINT: a stop that missed a worker left
         # the supervisor waiting for it forever, and one the worker took before in_worker reset
         # the handlers ran the supervisor's in it (a traceback).
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGTERM, signal.SIGINT})
+        signal.pthread_sigmask(signal.SIG_BLOCK, PROCESS_SIGNALS)
         try:
             reports, writer = context.Pipe(duplex=False)
             process = context.Process(target=in_worker, args=(writer,), name="gateway-worker", daemon=False)
@@ -409,7 +418,7 @@ def run_workers(
             else:
                 workers[index] = _Worker(process, reports)
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP, signal.SIGTERM, signal.SIGINT})
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, PROCESS_SIGNALS)
         if stopping:  # a stop that came before the fork (or a handler run late) did not reach it
             with contextlib.suppress(ProcessLookupError):
                 os.kill(process.pid, signal.SIGTERM)
@@ -465,10 +474,7 @@ def run_workers(
             start_worker(index)
         if stopping and all(w.process.exitcode is not None for w in workers):
             break
-    # Nothing is left to reload or stop, and the interpreter's exit resets a Python handler to
-    # the default action, which would turn the exit code into -15, -2 or 129.
-    for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, signal.SIG_IGN)
+    ignore_process_signals()  # every worker has exited
     for worker in workers:
         worker.reports.close()
     if failure is not None:

@@ -30,7 +30,7 @@ from .app import create_app
 from .devauth import dev_secret, mint_token
 from .logs import configure_logging
 from .reload import install_table
-from .server import Listener, ListenError, run, serve
+from .server import PROCESS_SIGNALS, Listener, ListenError, ignore_process_signals, run, serve
 from .settings import ServiceSettings, Settings, SettingsError, service_env_name
 
 __all__ = ["embedded_postgres_package", "local_url", "run_up"]
@@ -126,8 +126,6 @@ class _StopsWhileStarting:
     except while the embedded PostgreSQL starts (``held_back``): cut short there, it left a
     server running that nothing would stop, so the signal waits until it has started."""
 
-    SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
-
     def __init__(self) -> None:
         self.holding = False
         self.held: int | None = None
@@ -143,11 +141,11 @@ class _StopsWhileStarting:
         self.holding = True
         # Blocked as well as held: pg_ctl inherits the mask, and it is in the terminal's process
         # group, which a Ctrl-C signals as a whole. (Held too, since another thread may take it.)
-        signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        signal.pthread_sigmask(signal.SIG_BLOCK, PROCESS_SIGNALS)
         try:
             yield
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, PROCESS_SIGNALS)
             self.holding = False
         if self.held is not None:
             raise _StoppedWhileStarting(self.held)
@@ -174,9 +172,9 @@ def run_up(settings: Settings, environ: Mapping[str, str] | None = None) -> int:
     # the embedded PostgreSQL stopped; once serving, serve() drains on each of them. A hangup
     # stays ignored under nohup.
     stops = _StopsWhileStarting()
-    caught = [s for s in stops.SIGNALS if signal.getsignal(s) != signal.SIG_IGN]
-    for signum in caught:
-        signal.signal(signum, stops)
+    for signum in PROCESS_SIGNALS:
+        if signal.getsignal(signum) != signal.SIG_IGN:
+            signal.signal(signum, stops)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # held since python -m gateway
     try:
         return _run_up(settings, os.environ if environ is None else environ, stops)
@@ -186,8 +184,7 @@ def run_up(settings: Settings, environ: Mapping[str, str] | None = None) -> int:
     finally:
         # The embedded PostgreSQL is stopped by atexit, after this returns: a signal must not
         # cut that short either.
-        for signum in caught:
-            signal.signal(signum, signal.SIG_IGN)
+        ignore_process_signals()
 
 
 def _run_up(settings: Settings, env: Mapping[str, str], stops: _StopsWhileStarting) -> int:
