@@ -261,6 +261,7 @@ class ChatCache:
         self._bumping = asyncio.Lock()
         self._failures = 0
         self._repair: asyncio.Task[None] | None = None
+        self._closing = False
         self._op_timeout = settings.socket_timeout * 3
         script = redis.register_script if redis is not None else (lambda _: None)
         self._get: Any = script(_GET)
@@ -311,7 +312,7 @@ class ChatCache:
             self._repair = asyncio.get_running_loop().create_task(self._repair_when_redis_answers())
 
     async def _repair_when_redis_answers(self) -> None:
-        while self._stale:
+        while self._stale and not self._closing:
             # _ready waits out the pause after a failure, then bumps (once, however many wait). A
             # millisecond more: uvloop's timers may fire up to one early, and _ready would still
             # find the pause on, then spin on zero-length sleeps until the clock caught up.
@@ -320,6 +321,10 @@ class ChatCache:
 
     async def aclose(self) -> None:
         """Stop a repair still waiting for Redis (the next process bumps the generation)."""
+        # The flag too, not just the cancel: on Python 3.11 redis-py's asyncio.wait_for (around
+        # each write) swallows a cancel that comes as the write completes, and the loop would go
+        # on retrying a Redis that keeps failing, and this wait with it, for ever.
+        self._closing = True
         if self._repair is not None:
             self._repair.cancel()
             with contextlib.suppress(asyncio.CancelledError):
