@@ -36,6 +36,10 @@ Correctness rules, all enforced inside Lua scripts so they hold across replicas:
   write is refused because of it and Redis is not taken for down.
 * Redis must never make a call fail or slow: short socket timeouts, no retries, and after a
   failure the cache is left alone for ``retry_after`` seconds; PostgreSQL answers meanwhile.
+* A Redis user refused a command the cache needs (INFO, under the common ``-@dangerous``) is not
+  Redis being down: it is logged once at ERROR, saying what to grant, and again only after the
+  refused call has run in between. The cache keeps trying each ``retry_after``, so granting the
+  permission brings it back without a restart. docs/operations.md lists what the user needs.
 
 Known window: a replica that did *not* see the outage may serve an entry that a failed write on
 another replica left stale until that replica repairs: it bumps the generation as soon as Redis
@@ -58,7 +62,7 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoPermissionError, RedisError, ResponseError
 
 from .settings import CacheSettings
 
@@ -75,16 +79,31 @@ RESTART_STEP = 2**20
 
 Epoch = str  # the generation observed before reading PostgreSQL; None when Redis is unusable
 
+# The calls that are not scripts, as a permission refusal records them.
+_BUMP, _EPOCH = "INCR gen", "GET gen"
+
+# How the claim script says that the user may not run INFO. Redis 7.0's refusal inside a script
+# does not name the command ("The user executing the script can't run this command").
+_INFO_REFUSED = "INFO refused"
+
+# What Redis answers when the user's ACL refuses a command or key inside a script: 7.0's words,
+# then 7.2's and Valkey's. Outside a script a refusal is a NOPERM reply (NoPermissionError).
+_SCRIPT_REFUSALS = ("The user executing the script can't", "ACL failure in script")
+
 # KEYS: gen, server; ARGV: step -> {generation, recorded run_id|false} when the server is new,
 # else false. INFO is read here, not by the client: the check and the bump are one atomic step.
 _CLAIM_SERVER = """
-local id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+local info = redis.pcall('INFO', 'server')
+if type(info) == 'table' then
+  return redis.error_reply('NOPERM {refused}: ' .. string.gsub(info.err, '^ERR ', ''))
+end
+local id = string.match(info, 'run_id:(%x+)')
 if not id then return redis.error_reply('ERR no run_id in INFO server') end
 local seen = redis.call('GET', KEYS[2])
 if seen == id then return false end
 redis.call('SET', KEYS[2], id)
 return {redis.call('INCRBY', KEYS[1], ARGV[1]), seen}
-"""
+""".replace("{refused}", _INFO_REFUSED)
 
 # KEYS: gen; ARGV: prefix, suffix -> {gen, version|false, data|false}
 _GET = """
@@ -262,6 +281,11 @@ class ChatCache:
         self._failures = 0
         self._repair: asyncio.Task[None] | None = None
         self._closing = False
+        # The call a logged permission refusal stopped (a script, or _BUMP, _EPOCH), until it runs.
+        self._refused: object = None
+        # For the ACL SETUSER in that line: the user the URL names (Redis calls a user-less
+        # connection's user "default").
+        self._user = (redis.connection_pool.connection_kwargs.get("username") if redis else None) or "default"
         self._op_timeout = settings.socket_timeout * 3
         script = redis.register_script if redis is not None else (lambda _: None)
         self._get: Any = script(_GET)
@@ -288,7 +312,7 @@ class ChatCache:
 
     # -- failure handling ---------------------------------------------------------------------
 
-    def _failed(self, exc: BaseException | None, *, wrote: bool) -> None:
+    def _failed(self, exc: BaseException | None, *, wrote: bool, call: object = None) -> None:
         if self._redis is None:
             return  # no cache configured: nothing can go stale, nothing to report
         if wrote:
@@ -299,9 +323,42 @@ class ChatCache:
             self._failures += 1
             self._repair_soon()
         if exc is not None:
-            if time.monotonic() >= self._down_until:
-                log.warning("redis unavailable; serving from PostgreSQL", extra={"error": repr(exc)})
+            if _is_refusal(exc):
+                self._report_refusal(exc, call)
+            elif time.monotonic() >= self._down_until:
+                log.warning("redis unavailable; serving from PostgreSQL", extra={"error": _describe(exc)})
             self._down_until = time.monotonic() + self._cfg.retry_after
+
+    def _report_refusal(self, exc: BaseException, call: object) -> None:
+        """Once, not on every retry: the refusal lasts until someone changes the user's ACL, and
+        ``_answered`` logs when that has happened, so a repeat would say nothing new."""
+        if self._refused is not None:
+            return
+        self._refused = call
+        if str(exc).startswith(_INFO_REFUSED):
+            log.error(
+                "the Redis user lacks a permission the chat cache needs: INFO, which it reads to notice"
+                " a Redis restart; chats are served from PostgreSQL until it is granted",
+                extra={"error": _describe(exc), "fix": f"ACL SETUSER {self._user} +info (no restart needed)"},
+            )
+        else:
+            log.error(
+                "the Redis user lacks a permission the chat cache needs; chats are served from"
+                " PostgreSQL until it is granted",
+                extra={
+                    "error": _describe(exc),
+                    "fix": f"ACL SETUSER {self._user} with the commands and keys docs/operations.md lists",
+                },
+            )
+
+    def _answered(self, call: object) -> None:
+        """Redis ran the call it refused: the permission was granted. Only that call: a user
+        refused HSET still runs the scripts that read, and each would end the refusal, to be
+        reported again at the next write."""
+        if call != self._refused:
+            return
+        self._refused = None
+        log.warning("the Redis user may now run what the chat cache needs; cache in use again")
 
     def _repair_soon(self) -> None:
         """Bump the generation as soon as Redis answers, whether or not this process uses the
@@ -361,8 +418,10 @@ class ChatCache:
             async with asyncio.timeout(self._op_timeout):
                 gen = await self._redis.incr(self._gen_key)
         except (RedisError, OSError, TimeoutError) as exc:
-            self._failed(exc, wrote=False)
+            self._failed(exc, wrote=False, call=_BUMP)
             return False
+        if self._refused is not None:
+            self._answered(_BUMP)
         if self._failures == failures:  # no write was lost while the bump was on its way
             self._stale = False
         log.info("cache generation bumped", extra={"generation": gen})
@@ -375,10 +434,13 @@ class ChatCache:
             return None
         try:
             async with asyncio.timeout(self._op_timeout):
-                return await script(keys=[self._gen_key], args=list(args))
+                result = await script(keys=[self._gen_key], args=list(args))
         except (RedisError, OSError, TimeoutError) as exc:
-            self._failed(exc, wrote=wrote)
+            self._failed(exc, wrote=wrote, call=script)
             return None
+        if self._refused is not None:
+            self._answered(script)
+        return result
 
     # -- keys ---------------------------------------------------------------------------------
 
@@ -401,8 +463,10 @@ class ChatCache:
             async with asyncio.timeout(self._op_timeout):
                 value = await self._redis.get(self._gen_key)
         except (RedisError, OSError, TimeoutError) as exc:
-            self._failed(exc, wrote=False)
+            self._failed(exc, wrote=False, call=_EPOCH)
             return None
+        if self._refused is not None:
+            self._answered(_EPOCH)
         return _text(value) if value is not None else "0"
 
     async def get_session(self, session_id: str) -> tuple[Epoch | None, str | None]:
@@ -518,6 +582,20 @@ class ChatCache:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _describe(exc: BaseException) -> str:
+    """What failed, readably: redis-py's repr is "server:ResponseError", without the reason. Its
+    texts hold no password: a connection error names the host and port, not the URL."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _is_refusal(exc: BaseException) -> bool:
+    """The user's ACL refused a command or key: Redis answered, and will until it is changed."""
+    return isinstance(exc, NoPermissionError) or (
+        isinstance(exc, ResponseError) and str(exc).startswith(_SCRIPT_REFUSALS)
+    )
 
 
 def _claim_server(prefix: str) -> Any:
