@@ -16,18 +16,21 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Dependencies first: this layer is rebuilt only when setup.cfg changes.
+# Dependencies first: this layer is rebuilt only when setup.cfg changes. Its build leaves the empty
+# placeholder __init__.py files in build/lib, newer than the real ones COPY brings in with their
+# own mtimes, so setuptools would skip copying those and install the empty ones: build/ goes too.
 COPY pyproject.toml setup.cfg README.md ./
 RUN mkdir gateway intelligence migrations \
     && touch gateway/__init__.py intelligence/__init__.py \
     && pip install . \
     && pip uninstall -y k8s-platform-gateway \
-    && rm -rf gateway intelligence
+    && rm -rf gateway intelligence build k8s_platform_gateway.egg-info
 
 COPY gateway ./gateway
 COPY intelligence ./intelligence
 COPY migrations ./migrations
 RUN pip install --no-deps . \
+    && rm -rf build k8s_platform_gateway.egg-info \
     && useradd --system --uid 10001 --no-create-home gateway
 
 USER 10001
