@@ -78,3 +78,11 @@ def test_the_image_installs_the_sources_not_the_dependency_layers_placeholders(t
         if not (site / p).is_file() or (site / p).read_bytes() != (ROOT / p).read_bytes()
     ]
     assert differ == []
+
+
+def test_dockerignore_lets_every_copy_source_through() -> None:
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    assert "*" in ignore
+    sources = [s for op, args in instructions() if op == "COPY" for s in args.split()[:-1]]
+    assert sources
+    assert [s for s in sources if f"!{s}" not in ignore] == []
