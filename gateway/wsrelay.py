@@ -8,6 +8,8 @@ off on both sides):
     data, ping, pong   passed on, payload as sent (a message over MAX_MESSAGE: 1009 both ways)
     Close(code, why)   passed on as sent, an empty one empty (1005 is never put on the wire);
                        the other side's reply, its own code and reason, goes back as the answer
+    Close(1006)        a code no endpoint may send (aiohttp itself fails 1005 and 1015): 1002 to
+                       both sides, as for any protocol error
     no reply in time   CLOSE_TIMEOUT after the first Close, the gateway answers a side itself,
                        echoing its code (RFC 6455 section 5.5.1), and drops both connections
     connection lost    the other side gets 1001 (going away)
@@ -121,6 +123,13 @@ class Session:
             msg = await receive()
             kind = msg.type
             if kind is WSMsgType.CLOSE:
+                if msg.data in _UNSENDABLE:
+                    # 1006, which aiohttp's reader lets through (it rejects 1005 and 1015): a
+                    # protocol error, answered with 1002 and passed on as one (RFC 6455 section
+                    # 7.4.1), as the reader's own errors are.
+                    await self._send_close(source, WSCloseCode.PROTOCOL_ERROR)
+                    await self._send_close(sink, WSCloseCode.PROTOCOL_ERROR)
+                    return
                 source.received = (msg.data, msg.extra or "")
                 await self._send_close(sink, msg.data, msg.extra or "")
                 return

@@ -109,6 +109,52 @@ async def test_a_close_without_a_code_stays_without_one_both_ways(make_gateway: 
     assert reply == (CLOSE, b"")
 
 
+async def test_a_clients_close_with_1006_is_a_protocol_error_on_both_sides(make_gateway: Any) -> None:
+    """1006 is for reporting a lost connection and no endpoint may send it (RFC 6455 section
+    7.4.1); aiohttp's reader lets it through, and the gateway answered the upstream's reply (1000)
+    and told the upstream 1001 (Autobahn case 7.9.5)."""
+    received: list[bytes] = []
+
+    async def answer_in_kind(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _, payload = await read_frame(reader)
+        received.append(payload)
+        writer.write(frame(CLOSE, close_payload(WSCloseCode.OK), masked=False))
+        await writer.drain()
+        await reader.read()
+
+    async with raw_upstream(then=answer_in_kind) as url:
+        client = await make_gateway(one_service(url, prefix="/ws"))
+        async with raw_client(client.port) as (reader, writer):
+            writer.write(frame(CLOSE, close_payload(WSCloseCode.ABNORMAL_CLOSURE), masked=True))
+
+            reply = await read_frame(reader)
+
+            assert reply == (CLOSE, close_payload(WSCloseCode.PROTOCOL_ERROR))
+            await wait_for(lambda: received != [], what="the Close upstream")
+    assert received == [close_payload(WSCloseCode.PROTOCOL_ERROR)]
+
+
+async def test_an_upstreams_close_with_1006_is_a_protocol_error_on_both_sides(make_gateway: Any) -> None:
+    replies: list[bytes] = []
+
+    async def close_with_1006(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(frame(CLOSE, close_payload(WSCloseCode.ABNORMAL_CLOSURE), masked=False))
+        await writer.drain()
+        _, payload = await read_frame(reader)
+        replies.append(payload)
+        await reader.read()
+
+    async with raw_upstream(then=close_with_1006) as url:
+        client = await make_gateway(one_service(url, prefix="/ws"))
+        async with raw_client(client.port) as (reader, writer):
+            closing = await read_frame(reader)
+
+            assert closing == (CLOSE, close_payload(WSCloseCode.PROTOCOL_ERROR))
+            writer.write(frame(CLOSE, close_payload(WSCloseCode.PROTOCOL_ERROR), masked=True))
+            await wait_for(lambda: replies != [], what="the gateway's answer upstream")
+    assert replies == [close_payload(WSCloseCode.PROTOCOL_ERROR)]
+
+
 async def test_pings_cross_both_ways_and_their_pongs_come_back(make_gateway: Any, make_upstream: Any) -> None:
     """The gateway answers no ping itself: each side's liveness check reaches the other side."""
     ended = Ended()
