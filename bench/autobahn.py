@@ -46,8 +46,9 @@ from run import (  # noqa: E402
     wait_http,
 )
 
-# wstest runs on Python 2.7 only; the last virtualenv that runs there makes its venv.
-PY27 = "/root/.pyenv/versions/2.7.18/bin/python"
+# wstest runs on Python 2.7 only; the last virtualenv that runs there makes its venv. The
+# interpreter named in the install line: the one on the PATH, else pyenv's usual place for it.
+PY27 = shutil.which("python2.7") or "~/.pyenv/versions/2.7.18/bin/python"
 INSTALL = (
     f"{PY27} -m pip install 'virtualenv<20.22' && {PY27} -m virtualenv /tmp/ab/venv && "
     "/tmp/ab/venv/bin/pip install autobahntestsuite"
