@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from run import (  # noqa: E402
     free_port,
     git_commit,
     log,
+    stop_on_sigterm,
     wait_http,
 )
 
@@ -320,10 +320,7 @@ def main(argv: list[str] | None = None) -> int:
 
     run = Run(args, wstest)
 
-    def on_signal(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_signal)
+    stop_on_sigterm()
     status = 1
     try:
         run.setup()

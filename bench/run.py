@@ -114,6 +114,15 @@ class Processes:
             self.stop(proc)
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM ends a run as Ctrl-C does: through the ``finally`` that stops what it started."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -914,10 +923,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     bench = Bench(args)
 
-    def on_signal(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_signal)
+    stop_on_sigterm()
     status = 0
     try:
         bench.run()

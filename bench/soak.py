@@ -63,6 +63,7 @@ from run import (  # noqa: E402  (bench/ is not a package; reuse the wrk harness
     free_port,
     git_commit,
     rss_kib,
+    stop_on_sigterm,
     wait_http,
 )
 
@@ -1099,10 +1100,7 @@ def main(argv: list[str] | None = None) -> int:
     soak = Soak(args)
     meta["run_id"] = soak.run_id
 
-    def on_signal(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_signal)
+    stop_on_sigterm()
     status, failure = 0, None
     try:
         soak.run()
