@@ -200,6 +200,14 @@ class HealthChecker:
 
         entry = await _timed(check)
         entry.update(self._fallback_state())
+        refusal = getattr(self._app.get(limiter_key), "refusal", None)
+        if refusal is not None:
+            if entry["status"] == "healthy":
+                # PING passes for a user whose ACL refuses the rate-limit script: Redis answers,
+                # and the gateway cannot use it.
+                entry["status"] = "unhealthy"
+                entry["error"] = f"rate limits: {refusal[0]}"
+            entry["fix"] = refusal[1]
         return entry
 
     def _fallback_state(self) -> Component:

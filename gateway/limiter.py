@@ -4,7 +4,8 @@
     MemoryLimiter      in-process; per process, bounded memory
     RedisLimiter       shared by every gateway process; one EVALSHA per hit
     FailoverLimiter    Redis while it answers, the in-process limiter while it does not
-    LimiterUnavailable raised by RedisLimiter when Redis is down or slow (only FailoverLimiter sees it)
+    LimiterUnavailable raised by RedisLimiter when Redis is down, slow or refuses the gateway's user
+                       (only FailoverLimiter sees it)
 
 The algorithm is GCRA (generic cell rate algorithm), identical in both stores. For a limit of
 ``limit`` requests per ``period`` seconds, each request is worth ``interval = period / limit``
@@ -43,6 +44,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from .redisrefusal import describe, refusal_fix, user_of
 from .settings import RateLimit
 
 __all__ = [
@@ -84,7 +86,13 @@ class Limiter(Protocol):
 
 
 class LimiterUnavailable(Exception):
-    """The shared store did not answer in time; the caller decides what to do instead."""
+    """The shared store did not answer in time, or refused the gateway; the caller decides what to
+    do instead. ``fix`` says what the operator has to change when it refused (see
+    gateway.redisrefusal), and is ``None`` for an outage, which passes by itself."""
+
+    def __init__(self, message: str, fix: str | None = None) -> None:
+        super().__init__(message)
+        self.fix = fix
 
 
 _new_tuple = tuple.__new__
@@ -221,6 +229,7 @@ class RedisLimiter:
         self._prefix = prefix
         self._timeout = timeout
         self._script = client.register_script(_GCRA_LUA)
+        self._user = user_of(client)
 
     @classmethod
     def from_url(
@@ -258,10 +267,7 @@ class RedisLimiter:
                     keys=[self._prefix + key], args=[limit.limit, repr(float(limit.period))]
                 )
         except (RedisError, OSError, TimeoutError) as exc:
-            # str, not repr: redis-py 8's repr is "network:ConnectionError", without the reason.
-            raise LimiterUnavailable(
-                f"redis: {type(exc).__name__}" + (f": {exc}" if str(exc) else "")
-            ) from exc
+            raise LimiterUnavailable(f"redis: {describe(exc)}", refusal_fix(exc, self._user)) from exc
         return _decide(limit, allowed == 1, float(ahead), float(retry_after))
 
     async def close(self) -> None:
@@ -271,7 +277,9 @@ class RedisLimiter:
 class FailoverLimiter:
     """Redis first; while it fails, the in-process limiter with the same limits.
 
-    The switch is logged once each way. While on the fallback, one request per
+    The switch is logged once each way: a warning when Redis is away, an error naming what to
+    change when it refuses the gateway's user (that does not pass by itself), and again if the one
+    turns into the other while on the fallback. While on the fallback, one request per
     ``probe_interval`` tries Redis again (the others do not wait for it); the first answer
     switches back. Buckets are not carried across a switch: each store keeps its own.
     """
@@ -291,6 +299,9 @@ class FailoverLimiter:
         self._next_probe = 0.0
         self.fallback_active = False
         self.fallbacks = 0  # switches to the fallback: an outage between two scrapes still shows
+        # While on the fallback and Redis refuses the gateway's user: the error and what to change,
+        # for /health/detailed (PING may pass where the rate-limit script is refused).
+        self.refusal: tuple[str, str] | None = None
 
     async def hit(self, key: str, limit: RateLimit) -> Decision:
         if self.fallback_active:
@@ -301,16 +312,29 @@ class FailoverLimiter:
         try:
             decision = await self._primary.hit(key, limit)
         except LimiterUnavailable as exc:
+            fix = exc.fix
             if not self.fallback_active:
                 self.fallback_active = True
                 self.fallbacks += 1
                 self._next_probe = self._clock() + self._probe_interval
+            elif (fix is None) == (self.refusal is None):
+                return await self._fallback.hit(key, limit)  # the same trouble: said already
+            if fix is not None:
+                self.refusal = (str(exc), fix)
+                log.error(
+                    "rate limits: Redis refuses the gateway's user; using in-process limits until "
+                    "that is fixed",
+                    extra={"error": str(exc), "fix": fix},
+                )
+            else:
+                self.refusal = None
                 log.warning(
                     "rate limits: Redis unavailable, using in-process limits", extra={"error": str(exc)}
                 )
             return await self._fallback.hit(key, limit)
         if self.fallback_active:
             self.fallback_active = False
+            self.refusal = None
             log.warning("rate limits: Redis is back, shared limits restored")
         return decision
 

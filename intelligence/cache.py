@@ -62,7 +62,9 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoPermissionError, RedisError, ResponseError
+from redis.exceptions import RedisError
+
+from gateway.redisrefusal import describe, is_login_refusal, refusal_fix, user_of
 
 from .settings import CacheSettings
 
@@ -86,9 +88,8 @@ _BUMP, _EPOCH = "INCR gen", "GET gen"
 # does not name the command ("The user executing the script can't run this command").
 _INFO_REFUSED = "INFO refused"
 
-# What Redis answers when the user's ACL refuses a command or key inside a script: 7.0's words,
-# then 7.2's and Valkey's. Outside a script a refusal is a NOPERM reply (NoPermissionError).
-_SCRIPT_REFUSALS = ("The user executing the script can't", "ACL failure in script")
+# What a logged refusal of the login stopped: every call, and any call that runs ends it.
+_LOGIN = "login"
 
 # KEYS: gen, server; ARGV: step -> {generation, recorded run_id|false} when the server is new,
 # else false. INFO is read here, not by the client: the check and the bump are one atomic step.
@@ -281,11 +282,10 @@ class ChatCache:
         self._failures = 0
         self._repair: asyncio.Task[None] | None = None
         self._closing = False
-        # The call a logged permission refusal stopped (a script, or _BUMP, _EPOCH), until it runs.
+        # The call a logged permission refusal stopped (a script, or _BUMP, _EPOCH; _LOGIN for the
+        # login itself), until it runs.
         self._refused: object = None
-        # For the ACL SETUSER in that line: the user the URL names (Redis calls a user-less
-        # connection's user "default").
-        self._user = (redis.connection_pool.connection_kwargs.get("username") if redis else None) or "default"
+        self._user = user_of(redis)  # for the ACL SETUSER in that line
         self._op_timeout = settings.socket_timeout * 3
         script = redis.register_script if redis is not None else (lambda _: None)
         self._get: Any = script(_GET)
@@ -323,42 +323,51 @@ class ChatCache:
             self._failures += 1
             self._repair_soon()
         if exc is not None:
-            if _is_refusal(exc):
-                self._report_refusal(exc, call)
+            fix = refusal_fix(exc, self._user)
+            if fix is not None:
+                self._report_refusal(exc, call, fix)
             elif time.monotonic() >= self._down_until:
-                log.warning("redis unavailable; serving from PostgreSQL", extra={"error": _describe(exc)})
+                log.warning("redis unavailable; serving from PostgreSQL", extra={"error": describe(exc)})
             self._down_until = time.monotonic() + self._cfg.retry_after
 
-    def _report_refusal(self, exc: BaseException, call: object) -> None:
-        """Once, not on every retry: the refusal lasts until someone changes the user's ACL, and
-        ``_answered`` logs when that has happened, so a repeat would say nothing new."""
+    def _report_refusal(self, exc: BaseException, call: object, fix: str) -> None:
+        """Once, not on every retry: the refusal lasts until someone changes the user's password
+        or ACL, and ``_answered`` logs when that has happened, so a repeat would say nothing new."""
         if self._refused is not None:
+            return
+        if is_login_refusal(exc):
+            self._refused = _LOGIN
+            log.error(
+                "Redis refuses the chat cache's login; chats are served from PostgreSQL until that is fixed",
+                extra={"error": describe(exc), "fix": fix},
+            )
             return
         self._refused = call
         if str(exc).startswith(_INFO_REFUSED):
             log.error(
                 "the Redis user lacks a permission the chat cache needs: INFO, which it reads to notice"
                 " a Redis restart; chats are served from PostgreSQL until it is granted",
-                extra={"error": _describe(exc), "fix": f"ACL SETUSER {self._user} +info (no restart needed)"},
+                extra={"error": describe(exc), "fix": f"ACL SETUSER {self._user} +info (no restart needed)"},
             )
         else:
             log.error(
                 "the Redis user lacks a permission the chat cache needs; chats are served from"
                 " PostgreSQL until it is granted",
-                extra={
-                    "error": _describe(exc),
-                    "fix": f"ACL SETUSER {self._user} with the commands and keys docs/operations.md lists",
-                },
+                extra={"error": describe(exc), "fix": fix},
             )
 
     def _answered(self, call: object) -> None:
         """Redis ran the call it refused: the permission was granted. Only that call: a user
         refused HSET still runs the scripts that read, and each would end the refusal, to be
         reported again at the next write."""
-        if call != self._refused:
+        refused = self._refused
+        if call != refused and refused != _LOGIN:
             return
         self._refused = None
-        log.warning("the Redis user may now run what the chat cache needs; cache in use again")
+        if refused == _LOGIN:
+            log.warning("Redis accepts the chat cache's login again; cache in use again")
+        else:
+            log.warning("the Redis user may now run what the chat cache needs; cache in use again")
 
     def _repair_soon(self) -> None:
         """Bump the generation as soon as Redis answers, whether or not this process uses the
@@ -582,20 +591,6 @@ class ChatCache:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def _describe(exc: BaseException) -> str:
-    """What failed, readably: redis-py's repr is "server:ResponseError", without the reason. Its
-    texts hold no password: a connection error names the host and port, not the URL."""
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _is_refusal(exc: BaseException) -> bool:
-    """The user's ACL refused a command or key: Redis answered, and will until it is changed."""
-    return isinstance(exc, NoPermissionError) or (
-        isinstance(exc, ResponseError) and str(exc).startswith(_SCRIPT_REFUSALS)
-    )
 
 
 def _claim_server(prefix: str) -> Any:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -322,3 +323,92 @@ async def poll(predicate: Callable[[], Any], what: str, deadline_s: float = 8.0)
     while not await predicate():
         assert time.monotonic() < deadline, f"timed out after {deadline_s:g}s waiting for {what}"
         await asyncio.sleep(0.05)
+
+
+# -- Redis refusing the gateway's user -----------------------------------------------------------
+
+
+@pytest.fixture
+async def acl_user(redis_client: Any) -> AsyncIterator[Callable[..., Awaitable[tuple[str, str, str]]]]:
+    """``await acl_user(*rules)``: a Redis user of this test's own on every key; its name, password
+    and a URL that logs in as it. Deleted afterwards, which closes its connections."""
+    names: list[str] = []
+
+    async def make(*rules: str) -> tuple[str, str, str]:
+        name, password = f"test-rl-{uuid.uuid4()}", uuid.uuid4().hex
+        names.append(name)
+        await redis_client.execute_command("ACL", "SETUSER", name, "on", f">{password}", "~*", "&*", *rules)
+        return name, password, REDIS_URL.replace("redis://", f"redis://{name}:{password}@", 1)
+
+    yield make
+    if names:
+        await redis_client.execute_command("ACL", "DELUSER", *names)
+
+
+def ratelimit_records(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
+    return [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "gateway.ratelimit"]
+
+
+REFUSED = (
+    logging.ERROR,
+    "rate limits: Redis refuses the gateway's user; using in-process limits until that is fixed",
+)
+
+
+async def test_a_user_refused_the_script_is_one_error_and_unhealthy_though_ping_passes(
+    make_gateway, upstream, acl_user, redis_client, caplog
+):
+    """Redis answered PING for a user refused EVALSHA: ``/health/detailed`` said healthy, and the
+    log said "Redis unavailable", as for an outage."""
+    name, _, url = await acl_user("+@all", "-evalsha", "-eval", "-script")
+    routes = [{"prefix": "/r", "rate_limit": "2/minute", "auth": "none"}]
+    client = await make_gateway(service(upstream.url, routes), {**AUTH_ENV, "REDIS_URL": url})
+    with caplog.at_level(logging.INFO, logger="gateway.ratelimit"):
+        # Answered and limited all the same: the in-process fallback has the same limits.
+        assert [(await client.get("/r/x")).status for _ in range(3)] == [200, 200, 429]
+        assert ratelimit_records(caplog) == [REFUSED]
+        (record,) = [r for r in caplog.records if r.name == "gateway.ratelimit"]
+        assert record.error.startswith("redis: NoPermissionError: "), record.error
+        assert record.fix == f"ACL SETUSER {name} with the commands and keys docs/operations.md lists"
+
+        redis = (await (await client.get("/health/detailed")).json())["components"]["redis"]
+        assert (redis["status"], redis["rate_limit_fallback"]) == ("unhealthy", True)
+        assert redis["error"].startswith("rate limits: redis: NoPermissionError: ")
+        assert redis["fix"] == record.fix
+
+        await redis_client.execute_command("ACL", "SETUSER", name, "+evalsha", "+eval", "+script")
+
+        async def shared_again() -> bool:
+            await client.get("/r/x")  # one request per probe interval tries Redis again
+            return any(
+                m == "rate limits: Redis is back, shared limits restored"
+                for _, m in ratelimit_records(caplog)
+            )
+
+        await poll(shared_again, "rate limits to go back to Redis")
+        assert ratelimit_records(caplog)[:1] == [REFUSED]  # and no second error meanwhile
+
+        async def healthy() -> bool:
+            redis = (await (await client.get("/health/detailed")).json())["components"]["redis"]
+            return redis["status"] == "healthy" and "fix" not in redis
+
+        await poll(healthy, "health to report Redis usable")
+
+
+async def test_a_wrong_password_is_one_error_naming_the_url_and_never_the_password(
+    make_gateway, upstream, acl_user, caplog
+):
+    _, password, right = await acl_user("+@all")
+    wrong = right.replace(password, "wrong-" + password)
+    routes = [{"prefix": "/r", "rate_limit": "2/minute", "auth": "none"}]
+    client = await make_gateway(service(upstream.url, routes), {**AUTH_ENV, "REDIS_URL": wrong})
+    with caplog.at_level(logging.INFO, logger="gateway"):
+        assert [(await client.get("/r/x")).status for _ in range(3)] == [200, 200, 429]
+        redis = (await (await client.get("/health/detailed")).json())["components"]["redis"]
+    assert ratelimit_records(caplog) == [REFUSED]
+    (record,) = [r for r in caplog.records if r.name == "gateway.ratelimit"]
+    assert record.error.startswith("redis: AuthenticationError: invalid username-password pair"), record.error
+    assert record.fix.startswith("check the user and password in REDIS_URL")
+    assert redis["status"] == "unhealthy" and "AuthenticationError" in redis["error"]
+    assert redis["fix"] == record.fix
+    assert password not in str([vars(r) for r in caplog.records]) + str(redis)

@@ -178,23 +178,30 @@ async def test_a_user_refused_a_write_command_gets_one_error_while_its_reads_kee
 
 
 @pytest.mark.parametrize(
-    ("address", "expected"),
+    ("address", "level", "message", "expected"),
     [
         pytest.param(
-            lambda: f"127.0.0.1:{free_port()}", "ConnectionError: Error 111 connecting to", id="refused"
+            lambda: f"127.0.0.1:{free_port()}",
+            logging.WARNING,
+            "redis unavailable; serving from PostgreSQL",
+            "ConnectionError: Error 111 connecting to",
+            id="refused",
         ),
         pytest.param(
             lambda: f"{URL(REDIS_URL).host}:{URL(REDIS_URL).port}",
+            logging.ERROR,
+            "Redis refuses the chat cache's login; chats are served from PostgreSQL until that is fixed",
             "AuthenticationError: invalid username-password pair",
             id="bad-login",
         ),
     ],
 )
 async def test_a_redis_failure_is_logged_with_its_reason_and_without_the_password(
-    address: Callable[[], str], expected: str, caplog: pytest.LogCaptureFixture
+    address: Callable[[], str], level: int, message: str, expected: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The line said ``error="network:ConnectionError"`` (redis-py's repr), not why; the reason
-    it says now must not quote the URL with its password."""
+    it says now must not quote the URL with its password. A login Redis refuses is no outage: it
+    lasts until someone fixes the URL, so it is an error, not "unavailable"."""
     password = f"pw-{secrets.token_hex(8)}"
     settings = CacheSettings(url=f"redis://nobody-{uuid.uuid4()}:{password}@{address()}/0", prefix="unused:")
     async with redis_client(settings) as redis:
@@ -202,7 +209,55 @@ async def test_a_redis_failure_is_logged_with_its_reason_and_without_the_passwor
         with caplog.at_level(logging.WARNING, logger="intelligence.cache"):
             assert await chat_cache.epoch() is None
         await chat_cache.aclose()
-    (record,) = cache_records(caplog, logging.WARNING)
-    assert record.getMessage() == "redis unavailable; serving from PostgreSQL"
+    (record,) = [r for r in caplog.records if r.name == "intelligence.cache"]
+    assert (record.levelno, record.getMessage()) == (level, message)
     assert record.error.startswith(expected), record.error
     assert password not in str(vars(record))
+
+
+async def test_a_wrong_password_is_one_error_until_redis_accepts_it_then_the_cache_is_used_again(
+    acl_user: Callable[..., tuple[str, str]],
+    admin: redis.Redis,
+    make_client: Any,
+    user: str,
+    cache_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A wrong password was logged as "redis unavailable", a warning, again at every retry: as if
+    Redis were down, when it answered and will go on refusing until the URL or the user changes."""
+    name, right_url = acl_user("+@all")
+    wrong_password = f"wrong-{secrets.token_hex(8)}"
+    redis_url = str(URL(right_url).with_password(wrong_password))
+    client = await make_client(redis_url=redis_url, retry_after=0.05)
+    chat_cache, h = cache(client), headers(user)
+    with caplog.at_level(logging.INFO, logger="intelligence.cache"):
+        session = await (await client.post("/api/v1/chat/sessions", json={"title": "A"}, headers=h)).json()
+        url = f"/api/v1/chat/sessions/{session['id']}"
+
+        async def refused_several_times() -> bool:
+            assert (await client.get(url, headers=h)).status == 200
+            return sum(e["count"] for e in admin.acl_log(count=128) if e["username"] == name) >= 5
+
+        await wait_until(refused_several_times, what="the cache to try Redis again and be refused")
+        assert (await client.patch(url, json={"title": "B"}, headers=h)).status == 200
+        assert (await (await client.get(url, headers=h)).json())["title"] == "B"  # from PostgreSQL
+        (error,) = cache_records(caplog, logging.ERROR)
+        assert error.getMessage() == (
+            "Redis refuses the chat cache's login; chats are served from PostgreSQL until that is fixed"
+        )
+        assert error.fix.startswith("check the user and password in REDIS_URL")
+        assert not [r for r in caplog.records if "unavailable" in r.getMessage()]
+        assert wrong_password not in str([vars(r) for r in caplog.records])
+
+        admin.execute_command("ACL", "SETUSER", name, f">{wrong_password}")  # now it is a right one
+
+        async def cache_used_again() -> bool:
+            assert (await client.get(url, headers=h)).status == 200
+            return chat_cache.usable
+
+        await wait_until(cache_used_again, what="the cache to be used again")
+        assert (await client.patch(url, json={"title": "C"}, headers=h)).status == 200
+        assert (await (await client.get(url, headers=h)).json())["title"] == "C"
+        assert any(session["id"].encode() in k for k in admin.keys(f"{cache_prefix}*"))  # through Redis
+        back = [r.getMessage() for r in cache_records(caplog, logging.WARNING)]
+        assert back == ["Redis accepts the chat cache's login again; cache in use again"]

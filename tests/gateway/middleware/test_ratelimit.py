@@ -8,9 +8,11 @@ import re
 import signal
 import time
 import uuid
+from collections.abc import Callable
 
 import jwt
 import pytest
+import redis.asyncio as aioredis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -289,6 +291,69 @@ async def test_the_outage_is_logged_with_what_failed(caplog):
     # Not redis-py's repr ("redis: network:ConnectionError"): an operator needs the reason.
     assert record.error.startswith("redis: ConnectionError: ")
     assert f"connecting to 127.0.0.1:{port}" in record.error
+
+
+async def test_a_redis_back_without_the_gateways_user_is_an_error_after_the_outage_warning(tmp_path, caplog):
+    """A Redis restarted without its ACL file answers again, and refuses the login: that is no
+    longer the outage already logged, and does not pass by itself."""
+    server = PrivateRedis(tmp_path)
+    server.start()
+
+    password = uuid.uuid4().hex
+
+    async def add_user() -> None:
+        admin = aioredis.Redis(port=server.port)
+        await admin.execute_command("ACL", "SETUSER", "gw", "on", f">{password}", "~*", "+@all")
+        await admin.aclose()
+
+    await add_user()
+    limiter = FailoverLimiter(
+        RedisLimiter.from_url(f"redis://gw:{password}@127.0.0.1:{server.port}/0", prefix="t:", timeout=0.1),
+        MemoryLimiter(),
+        probe_interval=0.05,
+    )
+    limit = RateLimit(1000, 60.0)
+
+    def said() -> list[tuple[int, str]]:
+        return [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "gateway.ratelimit"]
+
+    async def hit_until(what: str, done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 5
+        while not done():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            await limiter.hit("k", limit)
+            await asyncio.sleep(0.02)
+
+    outage = (logging.WARNING, "rate limits: Redis unavailable, using in-process limits")
+    refused = (
+        logging.ERROR,
+        "rate limits: Redis refuses the gateway's user; using in-process limits until that is fixed",
+    )
+    back = (logging.WARNING, "rate limits: Redis is back, shared limits restored")
+    try:
+        with caplog.at_level(logging.WARNING, logger="gateway.ratelimit"):
+            await limiter.hit("k", limit)
+            server.stop()
+            await hit_until("the outage", lambda: said() == [outage])
+            server.start()  # same port, no user gw
+            await hit_until("the refusal", lambda: said() == [outage, refused])
+            for _ in range(5):  # refused again at each probe: said once
+                await limiter.hit("k", limit)
+                await asyncio.sleep(0.06)
+            assert said() == [outage, refused]
+            assert limiter.refusal is not None and limiter.refusal[1].startswith(
+                "check the user and password"
+            )
+            await add_user()
+            await hit_until("Redis to be used again", lambda: not limiter.fallback_active)
+        assert said() == [outage, refused, back]
+        assert limiter.refusal is None
+        (error,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert error.error.startswith("redis: AuthenticationError: ")
+        assert password not in str([vars(r) for r in caplog.records])
+    finally:
+        await limiter.close()
+        server.stop()
 
 
 async def test_a_redis_restarted_between_requests_is_no_outage(tmp_path, caplog):
