@@ -812,6 +812,18 @@ def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
                 f"wrk {cpu['wrk']:.2f}; {per_cpu} req/s per worker CPU (the single process: one CPU "
                 f"to itself; two workers can have at most 2 - {cpu['upstream'] + cpu['wrk']:.2f} here)"
             )
+            single = one.get("rps")
+            if w["rps"] and single:
+                # The load side's CPU grows with the requests it drives (c per request), and takes
+                # it from the same two CPUs: with each worker CPU as productive as the single
+                # process's, T = (2 - T c) s, so T / s = 2 / (1 + s c), whatever the gateway does.
+                load = (cpu["upstream"] + cpu["wrk"]) / w["rps"]
+                ceiling = 2 / (1 + single * load)
+                add(
+                    f"  the most two workers can do on these two CPUs, scaling perfectly: "
+                    f"{ceiling:.2f}x (2 / (1 + single req/s x load CPU per request, "
+                    f"{load * 1e6:.0f} us)); measured {w['rps'] / single / ceiling:.2f} of it"
+                )
         add("")
 
     mem = results.get("memory")
