@@ -25,12 +25,14 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from .httpserver import expect_continue
 from .keys import http_client_key, lifecycle_key, limiter_key, route_table_key, settings_key
 from .metrics import metrics_key
 from .middleware.tracing import inject_trace_headers
 from .pool import tls_reason
+from .redisrefusal import describe, refusal_fix, user_of
 from .upstream import Target, Upstream
 
 __all__ = ["CACHE_SECONDS", "CHECK_TIMEOUT", "HealthChecker", "health_checker_key", "setup_health_routes"]
@@ -195,19 +197,22 @@ class HealthChecker:
             }
 
         async def check() -> Component:
-            await redis.ping()
-            return self._fallback_state()
+            try:
+                await redis.ping()
+            except RedisError as exc:
+                fix = refusal_fix(exc, user_of(redis))
+                if fix is None:
+                    raise
+                return {"status": "unhealthy", "error": describe(exc), "fix": fix}
+            return {}
 
         entry = await _timed(check)
         entry.update(self._fallback_state())
         refusal = getattr(self._app.get(limiter_key), "refusal", None)
-        if refusal is not None:
-            if entry["status"] == "healthy":
-                # PING passes for a user whose ACL refuses the rate-limit script: Redis answers,
-                # and the gateway cannot use it.
-                entry["status"] = "unhealthy"
-                entry["error"] = f"rate limits: {refusal[0]}"
-            entry["fix"] = refusal[1]
+        if refusal is not None and entry["status"] == "healthy":
+            # PING passes for a user whose ACL refuses the rate-limit script: Redis answers, and
+            # the gateway cannot use it.
+            entry.update(status="unhealthy", error=f"rate limits: {refusal[0]}", fix=refusal[1])
         return entry
 
     def _fallback_state(self) -> Component:

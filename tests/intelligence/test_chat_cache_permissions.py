@@ -56,6 +56,22 @@ def cache_records(caplog: pytest.LogCaptureFixture, level: int) -> list[logging.
     return [r for r in caplog.records if r.name == "intelligence.cache" and r.levelno == level]
 
 
+async def cache_used_again(
+    client: Any, url: str, h: dict[str, str], admin: redis.Redis, cache_prefix: str, *, title: str
+) -> None:
+    """Wait until the cache is in use again, then check that a write goes through Redis."""
+
+    async def usable() -> bool:
+        assert (await client.get(url, headers=h)).status == 200
+        return cache(client).usable
+
+    await wait_until(usable, what="the cache to be used again")
+    assert (await client.patch(url, json={"title": title}, headers=h)).status == 200
+    assert (await (await client.get(url, headers=h)).json())["title"] == title
+    session_id = url.rsplit("/", 1)[1].encode()
+    assert any(session_id in k for k in admin.keys(f"{cache_prefix}*"))  # through Redis
+
+
 async def test_a_user_refused_info_gets_one_error_saying_what_to_grant_and_chats_come_from_postgresql(
     acl_user: Callable[..., tuple[str, str]],
     admin: redis.Redis,
@@ -108,7 +124,7 @@ async def test_info_granted_at_runtime_brings_the_cache_back_and_a_later_refusal
 ) -> None:
     name, redis_url = acl_user(*LEAST_PRIVILEGE)
     client = await make_client(redis_url=redis_url, retry_after=0.05)
-    chat_cache, h = cache(client), headers(user)
+    h = headers(user)
     with caplog.at_level(logging.INFO, logger="intelligence.cache"):
         session = await (await client.post("/api/v1/chat/sessions", json={"title": "A"}, headers=h)).json()
         url = f"/api/v1/chat/sessions/{session['id']}"
@@ -116,14 +132,7 @@ async def test_info_granted_at_runtime_brings_the_cache_back_and_a_later_refusal
 
         admin.execute_command("ACL", "SETUSER", name, "+info")
 
-        async def cache_used_again() -> bool:
-            assert (await client.get(url, headers=h)).status == 200
-            return chat_cache.usable
-
-        await wait_until(cache_used_again, what="the cache to be used again")
-        assert (await client.patch(url, json={"title": "B"}, headers=h)).status == 200
-        assert (await (await client.get(url, headers=h)).json())["title"] == "B"
-        assert any(session["id"].encode() in k for k in admin.keys(f"{cache_prefix}*"))  # through Redis
+        await cache_used_again(client, url, h, admin, cache_prefix, title="B")
         back = [r for r in cache_records(caplog, logging.WARNING) if "may now run" in r.getMessage()]
         assert [r.getMessage() for r in back] == [
             "the Redis user may now run what the chat cache needs; cache in use again"
@@ -229,14 +238,14 @@ async def test_a_wrong_password_is_one_error_until_redis_accepts_it_then_the_cac
     wrong_password = f"wrong-{secrets.token_hex(8)}"
     redis_url = str(URL(right_url).with_password(wrong_password))
     client = await make_client(redis_url=redis_url, retry_after=0.05)
-    chat_cache, h = cache(client), headers(user)
+    h = headers(user)
     with caplog.at_level(logging.INFO, logger="intelligence.cache"):
         session = await (await client.post("/api/v1/chat/sessions", json={"title": "A"}, headers=h)).json()
         url = f"/api/v1/chat/sessions/{session['id']}"
 
         async def refused_several_times() -> bool:
             assert (await client.get(url, headers=h)).status == 200
-            return sum(e["count"] for e in admin.acl_log(count=128) if e["username"] == name) >= 5
+            return refusals(admin, name) >= 5
 
         await wait_until(refused_several_times, what="the cache to try Redis again and be refused")
         assert (await client.patch(url, json={"title": "B"}, headers=h)).status == 200
@@ -251,13 +260,6 @@ async def test_a_wrong_password_is_one_error_until_redis_accepts_it_then_the_cac
 
         admin.execute_command("ACL", "SETUSER", name, f">{wrong_password}")  # now it is a right one
 
-        async def cache_used_again() -> bool:
-            assert (await client.get(url, headers=h)).status == 200
-            return chat_cache.usable
-
-        await wait_until(cache_used_again, what="the cache to be used again")
-        assert (await client.patch(url, json={"title": "C"}, headers=h)).status == 200
-        assert (await (await client.get(url, headers=h)).json())["title"] == "C"
-        assert any(session["id"].encode() in k for k in admin.keys(f"{cache_prefix}*"))  # through Redis
+        await cache_used_again(client, url, h, admin, cache_prefix, title="C")
         back = [r.getMessage() for r in cache_records(caplog, logging.WARNING)]
         assert back == ["Redis accepts the chat cache's login again; cache in use again"]
