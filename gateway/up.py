@@ -23,7 +23,7 @@ from pathlib import Path
 from types import ModuleType
 
 from intelligence.app import create_app as create_intelligence_app
-from intelligence.schema import apply_migrations, load_migrations, one_line
+from intelligence.schema import apply_migrations, load_migrations, one_line, server_of
 from intelligence.settings import load_settings as load_chat_settings
 
 from .app import create_app
@@ -216,7 +216,9 @@ def _run_up(settings: Settings, env: Mapping[str, str], stops: _StopsWhileStarti
     try:
         run(migrate())
     except Exception as exc:
-        print(f"gateway: cannot prepare the chat database: {one_line(exc)}", file=sys.stderr)
+        print(
+            f"gateway: cannot prepare the chat database at {server_of(dsn)}: {one_line(exc)}", file=sys.stderr
+        )
         return 2
 
     chat_url = local_url(settings.intelligence_host, settings.intelligence_port)

@@ -30,7 +30,7 @@ async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
     migrations = load_migrations(settings.migrations_dir)
     pool = await create_pool(settings.postgres)
     try:
-        await check_migrations(pool, migrations)
+        await check_migrations(pool, migrations, dsn=settings.postgres.dsn)
         app[pool_key] = pool
         yield
     finally:

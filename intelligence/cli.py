@@ -11,7 +11,7 @@ from gateway.server import Listener, ListenError, run, serve
 
 from .app import create_app
 from .models import DatabaseUnavailable, MigrationError
-from .schema import apply_migrations, load_migrations, one_line
+from .schema import apply_migrations, load_migrations, one_line, server_of
 from .settings import SettingsError, load_settings
 
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         except MigrationError as exc:
             return _fail(str(exc))
         except Exception as exc:  # psycopg2's errors: name the problem, no traceback
-            return _fail(f"migration failed: {one_line(exc)}")
+            return _fail(f"migration failed at {server_of(settings.postgres.dsn)}: {one_line(exc)}")
         print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
         return 0
 

@@ -31,6 +31,7 @@ __all__ = [
     "load_migrations",
     "one_line",
     "pending_migrations",
+    "server_of",
 ]
 
 log = logging.getLogger("intelligence.migrate")
@@ -61,8 +62,32 @@ class Migration:
 
 
 def one_line(exc: BaseException) -> str:
-    """psycopg2's messages span lines (with hints); one line for a log or a terminal."""
-    return " ".join(str(exc).split()) or type(exc).__name__
+    """psycopg2's messages span lines (with hints); one line for a log or a terminal. A line that
+    ends without punctuation ends a sentence: "Connection refused. Is the server running ...?"."""
+    text = ""
+    for line in str(exc).splitlines():
+        line = " ".join(line.split())
+        if line:
+            text += ("" if not text else " " if text[-1] in ".,:;?!" else ". ") + line
+    return text or type(exc).__name__
+
+
+def server_of(dsn: str) -> str:
+    """Where a connection string points, for a message: host and port, database and user, never
+    the password. aiopg's connection errors leave out the address libpq's own messages name."""
+    try:
+        parts = psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.ProgrammingError:
+        return "the configured server"
+    host = parts.get("host") or "the local socket"
+    port = parts.get("port") or "5432"
+    where = host if host.startswith("/") or "," in host else f"{host}:{port}"
+    names = [
+        f"{key} {parts[field]}"
+        for key, field in (("database", "dbname"), ("user", "user"))
+        if parts.get(field)
+    ]
+    return where + (f" ({', '.join(names)})" if names else "")
 
 
 def load_migrations(directory: str | Path | None = None) -> tuple[Migration, ...]:
@@ -124,14 +149,18 @@ async def pending_migrations(cur: aiopg.Cursor, migrations: tuple[Migration, ...
     return _compare(migrations, await _applied(cur) or {})
 
 
-async def check_migrations(pool: aiopg.Pool, migrations: tuple[Migration, ...] | None = None) -> None:
-    """Raise MigrationsPending (or MigrationError) unless the schema is up to date."""
+async def check_migrations(
+    pool: aiopg.Pool, migrations: tuple[Migration, ...] | None = None, *, dsn: str | None = None
+) -> None:
+    """Raise MigrationsPending (or MigrationError) unless the schema is up to date; ``dsn`` names
+    the server in the error when PostgreSQL cannot be reached."""
     migrations = load_migrations() if migrations is None else migrations
     try:
         async with pool.acquire() as conn, conn.cursor() as cur:
             pending = await pending_migrations(cur, migrations)
     except (psycopg2.OperationalError, psycopg2.InterfaceError, OSError, TimeoutError) as exc:
-        raise DatabaseUnavailable(f"cannot reach PostgreSQL: {one_line(exc)}") from exc
+        at = f" at {server_of(dsn)}" if dsn else ""
+        raise DatabaseUnavailable(f"cannot reach PostgreSQL{at}: {one_line(exc)}") from exc
     if pending:
         names = ", ".join(m.name for m in pending)
         raise MigrationsPending(

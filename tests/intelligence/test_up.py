@@ -330,6 +330,17 @@ def test_up_stops_with_one_line_on_a_bad_chat_setting(tmp_path: Path, database: 
     assert "Traceback" not in done.stderr
 
 
+def test_up_with_an_unreachable_database_names_it_without_the_password(tmp_path: Path) -> None:
+    port = free_port()
+    dsn = f"postgresql://chat:pw-{tmp_path.name}@127.0.0.1:{port}/chats"
+    env = _env(tmp_path, free_port(), free_port(), POSTGRES_DSN=dsn, LOG_LEVEL="ERROR")
+
+    assert refusal(run_program("gateway", "up", env=env)) == (
+        f"gateway: cannot prepare the chat database at 127.0.0.1:{port} (database chats, user chat): "
+        "Connection refused. Is the server running on that host and accepting TCP/IP connections?"
+    )
+
+
 def test_up_on_a_port_in_use_stops_with_one_line(tmp_path: Path, database: str, busy_port: int) -> None:
     env = _env(tmp_path, busy_port, free_port(), POSTGRES_DSN=database, LOG_LEVEL="ERROR")
 
