@@ -91,6 +91,10 @@ _INFO_REFUSED = "INFO refused"
 # What a logged refusal of the login stopped: every call, and any call that runs ends it.
 _LOGIN = "login"
 
+# While Redis stays away, how often that is said again: the last minute of a replica's log shows
+# the outage, without a line a second from each replica for as long as it lasts.
+OUTAGE_REMINDER = 60.0
+
 # KEYS: gen, server; ARGV: step -> {generation, recorded run_id|false} when the server is new,
 # else false. INFO is read here, not by the client: the check and the bump are one atomic step.
 _CLAIM_SERVER = """
@@ -285,6 +289,8 @@ class ChatCache:
         # The call a logged permission refusal stopped (a script, or _BUMP, _EPOCH; _LOGIN for the
         # login itself), until it runs.
         self._refused: object = None
+        # Since when Redis has been away, and when that was last logged; None while it answers.
+        self._outage: tuple[float, float] | None = None
         self._user = user_of(redis)  # for the ACL SETUSER in that line
         self._op_timeout = settings.socket_timeout * 3
         script = redis.register_script if redis is not None else (lambda _: None)
@@ -324,11 +330,21 @@ class ChatCache:
             self._repair_soon()
         if exc is not None:
             fix = refusal_fix(exc, self._user)
+            now = time.monotonic()
             if fix is not None:
+                self._outage = None  # Redis answered: the refusal's own line says what is wrong now
                 self._report_refusal(exc, call, fix)
-            elif time.monotonic() >= self._down_until:
+            elif self._outage is None:
+                self._outage = (now, now)
                 log.warning("redis unavailable; serving from PostgreSQL", extra={"error": describe(exc)})
-            self._down_until = time.monotonic() + self._cfg.retry_after
+            elif now - self._outage[1] >= OUTAGE_REMINDER:
+                since = self._outage[0]
+                self._outage = (since, now)
+                log.warning(
+                    "redis still unavailable; serving from PostgreSQL",
+                    extra={"error": describe(exc), "for_s": round(now - since)},
+                )
+            self._down_until = now + self._cfg.retry_after
 
     def _report_refusal(self, exc: BaseException, call: object, fix: str) -> None:
         """Once, not on every retry: the refusal lasts until someone changes the user's password
@@ -357,10 +373,17 @@ class ChatCache:
             )
 
     def _answered(self, call: object) -> None:
-        """Redis ran the call it refused: the permission was granted. Only that call: a user
-        refused HSET still runs the scripts that read, and each would end the refusal, to be
-        reported again at the next write."""
+        """Redis ran ``call``: an outage is over, and a refusal of that call (or of the login)
+        too. Only that call: a user refused HSET still runs the scripts that read, and each would
+        end the refusal, to be reported again at the next write."""
+        if self._outage is not None:
+            since, self._outage = self._outage[0], None
+            log.warning(
+                "redis answers again; cache in use", extra={"down_s": round(time.monotonic() - since, 1)}
+            )
         refused = self._refused
+        if refused is None:
+            return
         if call != refused and refused != _LOGIN:
             return
         self._refused = None
@@ -429,7 +452,7 @@ class ChatCache:
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed(exc, wrote=False, call=_BUMP)
             return False
-        if self._refused is not None:
+        if self._refused is not None or self._outage is not None:
             self._answered(_BUMP)
         if self._failures == failures:  # no write was lost while the bump was on its way
             self._stale = False
@@ -447,7 +470,7 @@ class ChatCache:
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed(exc, wrote=wrote, call=script)
             return None
-        if self._refused is not None:
+        if self._refused is not None or self._outage is not None:
             self._answered(script)
         return result
 
@@ -474,7 +497,7 @@ class ChatCache:
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed(exc, wrote=False, call=_EPOCH)
             return None
-        if self._refused is not None:
+        if self._refused is not None or self._outage is not None:
             self._answered(_EPOCH)
         return _text(value) if value is not None else "0"
 

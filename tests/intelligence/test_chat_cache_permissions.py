@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,8 +15,10 @@ import redis
 from chat_helpers import REDIS_URL, cache, free_port, headers, redis_sync, wait_until
 from yarl import URL
 
+import intelligence.cache as cache_module
 from intelligence.cache import ChatCache, redis_client
 from intelligence.settings import CacheSettings
+from tests.helpers import PrivateRedis
 
 # What the common least-privilege ACL leaves out: INFO is one of the @dangerous commands.
 LEAST_PRIVILEGE = ("+@all", "-@dangerous")
@@ -263,3 +267,49 @@ async def test_a_wrong_password_is_one_error_until_redis_accepts_it_then_the_cac
         await cache_used_again(client, url, h, admin, cache_prefix, title="C")
         back = [r.getMessage() for r in cache_records(caplog, logging.WARNING)]
         assert back == ["Redis accepts the chat cache's login again; cache in use again"]
+
+
+async def test_an_outage_is_one_warning_a_reminder_a_minute_and_one_line_when_redis_answers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache said "redis unavailable" again at every retry, a line a second from each replica
+    for as long as Redis was away, and nothing when it came back."""
+    monkeypatch.setattr(cache_module, "OUTAGE_REMINDER", 0.3)  # a minute, in the product
+    server = PrivateRedis(tmp_path)
+    server.start()
+    settings = CacheSettings(url=server.url, prefix="outage:", retry_after=0.02)
+    try:
+        async with redis_client(settings) as redis:
+            chat_cache = ChatCache(redis, settings)
+            assert await chat_cache.epoch() is not None
+            server.stop()
+            retries = 0
+
+            async def said(*lines: str) -> bool:
+                nonlocal retries
+                if time.monotonic() >= chat_cache._down_until:  # the pause after a failure is over
+                    retries += 1
+                    assert await chat_cache.epoch() is None
+                return [r.getMessage() for r in cache_records(caplog, logging.WARNING)] == list(lines)
+
+            with caplog.at_level(logging.WARNING, logger="intelligence.cache"):
+                unavailable = "redis unavailable; serving from PostgreSQL"
+                await wait_until(lambda: said(unavailable), what="the outage to be said")
+                still = "redis still unavailable; serving from PostgreSQL"
+                await wait_until(lambda: said(unavailable, still), what="the reminder")
+                assert retries >= 5, retries  # tried again and again, said twice
+                reminder = cache_records(caplog, logging.WARNING)[1]
+                assert reminder.for_s >= 0 and reminder.error.startswith("ConnectionError: ")
+
+                server.start()
+
+                async def answered() -> bool:
+                    return time.monotonic() >= chat_cache._down_until and await chat_cache.epoch() is not None
+
+                await wait_until(answered, what="the cache to reach Redis again")
+            messages = [r.getMessage() for r in cache_records(caplog, logging.WARNING)]
+            assert messages == [unavailable, still, "redis answers again; cache in use"]
+            assert cache_records(caplog, logging.WARNING)[2].down_s > 0
+            await chat_cache.aclose()
+    finally:
+        server.stop()
