@@ -152,6 +152,8 @@ _COMPONENT = {
         "status": {"type": "string", "enum": ["healthy", "unhealthy", "disabled"]},
         "latency_ms": {"type": "number"},
         "error": {"type": "string"},
+        # Redis refusing the user in REDIS_URL: what the operator has to change.
+        "fix": {"type": "string"},
     },
 }
 _DETAILED = {
