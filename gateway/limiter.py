@@ -279,7 +279,8 @@ class FailoverLimiter:
 
     The switch is logged once each way: a warning when Redis is away, an error naming what to
     change when it refuses the gateway's user (that does not pass by itself), and again if the one
-    turns into the other while on the fallback. While on the fallback, one request per
+    turns into the other while on the fallback; an outage again every ``reminder_interval`` seconds
+    while it lasts, so that the last minute of a log shows it. While on the fallback, one request per
     ``probe_interval`` tries Redis again (the others do not wait for it); the first answer
     switches back. Buckets are not carried across a switch: each store keeps its own.
     """
@@ -290,13 +291,16 @@ class FailoverLimiter:
         fallback: Limiter,
         *,
         probe_interval: float = 1.0,
+        reminder_interval: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._primary = primary
         self._fallback = fallback
         self._probe_interval = probe_interval
+        self._reminder_interval = reminder_interval
         self._clock = clock
         self._next_probe = 0.0
+        self._since = self._said = 0.0  # when the fallback began, and when that was last logged
         self.fallback_active = False
         self.fallbacks = 0  # switches to the fallback: an outage between two scrapes still shows
         # While on the fallback and Redis refuses the gateway's user: the error and what to change,
@@ -312,31 +316,45 @@ class FailoverLimiter:
         try:
             decision = await self._primary.hit(key, limit)
         except LimiterUnavailable as exc:
-            fix = exc.fix
-            if not self.fallback_active:
-                self.fallback_active = True
-                self.fallbacks += 1
-                self._next_probe = self._clock() + self._probe_interval
-            elif (fix is None) == (self.refusal is None):
-                return await self._fallback.hit(key, limit)  # the same trouble: said already
-            if fix is not None:
-                self.refusal = (str(exc), fix)
-                log.error(
-                    "rate limits: Redis refuses the gateway's user; using in-process limits until "
-                    "that is fixed",
-                    extra={"error": str(exc), "fix": fix},
-                )
-            else:
-                self.refusal = None
-                log.warning(
-                    "rate limits: Redis unavailable, using in-process limits", extra={"error": str(exc)}
-                )
+            self._failed(exc)
             return await self._fallback.hit(key, limit)
         if self.fallback_active:
             self.fallback_active = False
             self.refusal = None
-            log.warning("rate limits: Redis is back, shared limits restored")
+            log.warning(
+                "rate limits: Redis is back, shared limits restored",
+                extra={"down_s": round(self._clock() - self._since, 1)},
+            )
         return decision
+
+    def _failed(self, exc: LimiterUnavailable) -> None:
+        now, fix = self._clock(), exc.fix
+        if not self.fallback_active:
+            self.fallback_active = True
+            self.fallbacks += 1
+            self._next_probe = now + self._probe_interval
+            self._since = now
+        elif (fix is None) != (self.refusal is None):
+            self._since = now  # the one trouble turned into the other
+        elif fix is None and now - self._said >= self._reminder_interval:
+            self._said = now
+            log.warning(
+                "rate limits: Redis still unavailable, using in-process limits",
+                extra={"error": str(exc), "for_s": round(now - self._since)},
+            )
+            return
+        else:
+            return  # said already (a refusal once: it is an error until someone fixes it)
+        self._said = now
+        if fix is not None:
+            self.refusal = (str(exc), fix)
+            log.error(
+                "rate limits: Redis refuses the gateway's user; using in-process limits until that is fixed",
+                extra={"error": str(exc), "fix": fix},
+            )
+        else:
+            self.refusal = None
+            log.warning("rate limits: Redis unavailable, using in-process limits", extra={"error": str(exc)})
 
     async def close(self) -> None:
         await self._primary.close()

@@ -356,6 +356,32 @@ async def test_a_redis_back_without_the_gateways_user_is_an_error_after_the_outa
         server.stop()
 
 
+async def test_a_long_outage_is_said_again_once_a_minute_and_its_end_with_its_length(caplog):
+    clock = Clock()
+    port = free_port()  # nothing listens there
+    limiter = FailoverLimiter(
+        RedisLimiter.from_url(f"redis://127.0.0.1:{port}/0", prefix="t:"), MemoryLimiter(), clock=clock
+    )
+    limit = RateLimit(1000, 60.0)
+    said: list[str] = []
+    lengths: list[int] = []
+    try:
+        with caplog.at_level(logging.WARNING, logger="gateway.ratelimit"):
+            for step in (0, 30, 29, 2, 30, 30):  # seconds; a request each, after the first a probe
+                clock.now += step
+                await limiter.hit("k", limit)
+                said.append("; ".join(r.getMessage() for r in caplog.records))
+                lengths += [r.for_s for r in caplog.records if hasattr(r, "for_s")]
+                caplog.clear()
+    finally:
+        await limiter.close()
+    unavailable = "rate limits: Redis unavailable, using in-process limits"
+    still = "rate limits: Redis still unavailable, using in-process limits"
+    assert said == [unavailable, "", "", still, "", still]
+    assert lengths == [61, 121]
+    assert limiter.fallback_active
+
+
 async def test_a_redis_restarted_between_requests_is_no_outage(tmp_path, caplog):
     # The pool's idle connections died with the old server; redis-py (8.x, its maintenance
     # notifications on "auto") hands them out unchecked, and each failed once with "Connection
