@@ -334,17 +334,16 @@ class FailoverLimiter:
             self.fallbacks += 1
             self._next_probe = now + self._probe_interval
             self._since = now
-        elif (fix is None) != (self.refusal is None):
-            self._since = now  # the one trouble turned into the other
-        elif fix is None and now - self._said >= self._reminder_interval:
-            self._said = now
-            log.warning(
-                "rate limits: Redis still unavailable, using in-process limits",
-                extra={"error": str(exc), "for_s": round(now - self._since)},
-            )
+        elif (fix is None) == (self.refusal is None):  # the same trouble, said already
+            if fix is None and now - self._said >= self._reminder_interval:  # a refusal: once
+                self._said = now
+                log.warning(
+                    "rate limits: Redis still unavailable, using in-process limits",
+                    extra={"error": str(exc), "for_s": round(now - self._since)},
+                )
             return
         else:
-            return  # said already (a refusal once: it is an error until someone fixes it)
+            self._since = now  # the one trouble turned into the other
         self._said = now
         if fix is not None:
             self.refusal = (str(exc), fix)

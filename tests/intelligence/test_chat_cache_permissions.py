@@ -60,6 +60,13 @@ def cache_records(caplog: pytest.LogCaptureFixture, level: int) -> list[logging.
     return [r for r in caplog.records if r.name == "intelligence.cache" and r.levelno == level]
 
 
+async def new_session(client: Any, h: dict[str, str], title: str) -> str:
+    """A chat session of the test's user; its URL."""
+    resp = await client.post("/api/v1/chat/sessions", json={"title": title}, headers=h)
+    assert resp.status == 201
+    return f"/api/v1/chat/sessions/{(await resp.json())['id']}"
+
+
 async def cache_used_again(
     client: Any, url: str, h: dict[str, str], admin: redis.Redis, cache_prefix: str, *, title: str
 ) -> None:
@@ -90,8 +97,7 @@ async def test_a_user_refused_info_gets_one_error_saying_what_to_grant_and_chats
     client = await make_client(redis_url=redis_url, retry_after=0.05)
     h = headers(user)
     with caplog.at_level(logging.INFO, logger="intelligence.cache"):
-        session = await (await client.post("/api/v1/chat/sessions", json={"title": "t"}, headers=h)).json()
-        url = f"/api/v1/chat/sessions/{session['id']}"
+        url = await new_session(client, h, "t")
         for content in ("m1", "m2"):
             resp = await client.post(url + "/messages", json={"role": "user", "content": content}, headers=h)
             assert resp.status == 201
@@ -130,8 +136,7 @@ async def test_info_granted_at_runtime_brings_the_cache_back_and_a_later_refusal
     client = await make_client(redis_url=redis_url, retry_after=0.05)
     h = headers(user)
     with caplog.at_level(logging.INFO, logger="intelligence.cache"):
-        session = await (await client.post("/api/v1/chat/sessions", json={"title": "A"}, headers=h)).json()
-        url = f"/api/v1/chat/sessions/{session['id']}"
+        url = await new_session(client, h, "A")
         assert len(cache_records(caplog, logging.ERROR)) == 1
 
         admin.execute_command("ACL", "SETUSER", name, "+info")
@@ -168,8 +173,7 @@ async def test_a_user_refused_a_write_command_gets_one_error_while_its_reads_kee
     client = await make_client(redis_url=redis_url, retry_after=0.05)
     h = headers(user)
     with caplog.at_level(logging.INFO, logger="intelligence.cache"):
-        session = await (await client.post("/api/v1/chat/sessions", json={"title": "t"}, headers=h)).json()
-        url = f"/api/v1/chat/sessions/{session['id']}"
+        url = await new_session(client, h, "t")
 
         async def refused_several_times() -> bool:
             resp = await client.post(url + "/messages", json={"role": "user", "content": "m"}, headers=h)
@@ -244,8 +248,7 @@ async def test_a_wrong_password_is_one_error_until_redis_accepts_it_then_the_cac
     client = await make_client(redis_url=redis_url, retry_after=0.05)
     h = headers(user)
     with caplog.at_level(logging.INFO, logger="intelligence.cache"):
-        session = await (await client.post("/api/v1/chat/sessions", json={"title": "A"}, headers=h)).json()
-        url = f"/api/v1/chat/sessions/{session['id']}"
+        url = await new_session(client, h, "A")
 
         async def refused_several_times() -> bool:
             assert (await client.get(url, headers=h)).status == 200
