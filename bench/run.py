@@ -480,10 +480,25 @@ class Bench:
         parsed["raw"] = text
         return parsed
 
+    def proxy_pid(self, target: str) -> int | None:
+        """The process doing the proxying for ``target``: nginx's worker, or the single gateway."""
+        if target == "nginx":
+            workers = child_pids(self.nginx_pids["proxy"])
+            return workers[0] if len(workers) == 1 else None
+        if target == "gateway" and self.gateway is not None and self.gateway_workers == 1:
+            return self.gateway.pid  # taskset execs python
+        return None
+
     def measure(
         self, key: str, case: str, target: str, path: str, conns: int, script: Path | None, round_: int = 0
     ) -> None:
+        pid = self.proxy_pid(target)
+        cpu_before = cpu_seconds(pid) if pid is not None else 0.0
         r = self.wrk(target, path, conns, self.args.duration, script)
+        if pid is not None and r["requests"]:
+            # What one request costs the proxy, user and system time: under load the costs of
+            # waking up and of cold caches are shared by many requests, at one connection not.
+            r["cpu_us_per_request"] = (cpu_seconds(pid) - cpu_before) / r["requests"] * 1e6
         row = {"case": case, "connections": conns, "target": target, "round": round_, **r}
         self.results.setdefault(key, []).append(row)
         if target == "gateway":
@@ -711,6 +726,17 @@ def _added(key: str) -> Callable[[dict[str, Any], dict[str, Any]], float | None]
     return added
 
 
+def _median_cpu(rows: list[dict[str, Any]], case: str, conns: int, target: str) -> float | None:
+    return median_or_none(
+        [
+            r["cpu_us_per_request"]
+            for r in rows
+            if (r["case"], r["connections"], r["target"]) == (case, conns, target)
+            and "cpu_us_per_request" in r
+        ]
+    )
+
+
 def median_or_none(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
@@ -789,6 +815,16 @@ def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
                 f"{ms(b.get('p50_us')):>9} {ms(b.get('p99_us')):>9} {added99:>9}"
                 + (f"  !! {notes}" if notes else "")
             )
+        costs = []
+        for target in ("gateway", "nginx"):
+            alone = _median_cpu(lat, "GET 1KiB", 1, target)
+            loaded = _median_cpu(rows, "GET 1KiB", 32, target)
+            if alone is not None:
+                costs.append(
+                    f"{target} {ms(alone)}" + (f" (at 32 connections {ms(loaded)})" if loaded else "")
+                )
+        if costs:
+            add(f"  CPU of the proxy per GET 1KiB at one connection, user + system: {'; '.join(costs)}")
         add("")
 
     w = results.get("workers2")
