@@ -496,8 +496,8 @@ class Bench:
         cpu_before = cpu_seconds(pid) if pid is not None else 0.0
         r = self.wrk(target, path, conns, self.args.duration, script)
         if pid is not None and r["requests"]:
-            # What one request costs the proxy, user and system time: under load the costs of
-            # waking up and of cold caches are shared by many requests, at one connection not.
+            # What one request costs the proxy, user and system time: under load a system call
+            # serves several requests and the caches stay warm, at one connection not.
             r["cpu_us_per_request"] = (cpu_seconds(pid) - cpu_before) / r["requests"] * 1e6
         row = {"case": case, "connections": conns, "target": target, "round": round_, **r}
         self.results.setdefault(key, []).append(row)

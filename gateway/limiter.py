@@ -335,7 +335,8 @@ class FailoverLimiter:
             self._next_probe = now + self._probe_interval
             self._since = now
         elif (fix is None) == (self.refusal is None):  # the same trouble, said already
-            if fix is None and now - self._said >= self._reminder_interval:  # a refusal: once
+            # An outage is said again every reminder_interval; a refusal only once.
+            if fix is None and now - self._said >= self._reminder_interval:
                 self._said = now
                 log.warning(
                     "rate limits: Redis still unavailable, using in-process limits",

@@ -81,7 +81,10 @@ def server_of(dsn: str) -> str:
         return "the configured server"
     host = parts.get("host") or "the local socket"
     port = parts.get("port") or "5432"
-    where = host if host.startswith("/") or "," in host else f"{host}:{port}"
+    if host.startswith("/") or "," in host:
+        where = host
+    else:  # an IPv6 address in brackets, as in a URL: ::1:6432 would read as one address
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     names = [
         f"{key} {parts[field]}"
         for key, field in (("database", "dbname"), ("user", "user"))

@@ -70,7 +70,8 @@ def test_an_unreachable_database_is_named_by_address_database_and_user_never_the
         ("host=/var/run/postgresql dbname=chats", "/var/run/postgresql (database chats)"),
         ("host=db1,db2 port=5433,5434 user=chat", "db1,db2 (user chat)"),
         ("dbname=chats user=chat password=secret", "the local socket:5432 (database chats, user chat)"),
-        ("postgresql://[::1]:6432/chats", "::1:6432 (database chats)"),
+        ("postgresql://[::1]:6432/chats", "[::1]:6432 (database chats)"),
+        ("host=fd00::5 dbname=chats", "[fd00::5]:5432 (database chats)"),
     ],
 )
 def test_server_of_names_host_port_database_and_user_only(dsn: str, where: str) -> None:
