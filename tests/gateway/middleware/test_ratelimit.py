@@ -307,21 +307,34 @@ async def test_a_redis_back_without_the_gateways_user_is_an_error_after_the_outa
         await admin.aclose()
 
     await add_user()
+    # The limiter's clock moves one probe interval per hit: every hit while on the fallback probes.
+    now = 0.0
+
+    def clock() -> float:
+        return now
+
     limiter = FailoverLimiter(
         RedisLimiter.from_url(f"redis://gw:{password}@127.0.0.1:{server.port}/0", prefix="t:", timeout=0.1),
         MemoryLimiter(),
-        probe_interval=0.05,
+        probe_interval=1.0,
+        reminder_interval=1e9,  # the outage's reminders are another test's
+        clock=clock,
     )
     limit = RateLimit(1000, 60.0)
 
     def said() -> list[tuple[int, str]]:
         return [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "gateway.ratelimit"]
 
+    async def probe() -> None:
+        nonlocal now
+        now += 1.0
+        await limiter.hit("k", limit)
+
     async def hit_until(what: str, done: Callable[[], bool]) -> None:
         deadline = time.monotonic() + 5
         while not done():
             assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            await limiter.hit("k", limit)
+            await probe()
             await asyncio.sleep(0.02)
 
     outage = (logging.WARNING, "rate limits: Redis unavailable, using in-process limits")
@@ -338,8 +351,7 @@ async def test_a_redis_back_without_the_gateways_user_is_an_error_after_the_outa
             server.start()  # same port, no user gw
             await hit_until("the refusal", lambda: said() == [outage, refused])
             for _ in range(5):  # refused again at each probe: said once
-                await limiter.hit("k", limit)
-                await asyncio.sleep(0.06)
+                await probe()
             assert said() == [outage, refused]
             assert limiter.refusal is not None and limiter.refusal[1].startswith(
                 "check the user and password"
