@@ -197,14 +197,16 @@ def ignore_process_signals() -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
-def run(main: Coroutine[Any, Any, None]) -> None:
-    """Run ``main`` on uvloop when it is installed, on asyncio's loop otherwise."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        loop_factory = None
-    else:
-        loop_factory = uvloop.new_event_loop
+def run(main: Coroutine[Any, Any, None], *, fast_loop: bool = True) -> None:
+    """Run ``main`` on uvloop when it is installed and ``fast_loop``, on asyncio's loop otherwise."""
+    loop_factory = None
+    if fast_loop:
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+            pass
+        else:
+            loop_factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         runner.run(main)
 

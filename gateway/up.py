@@ -278,7 +278,10 @@ def _run_up(settings: Settings, env: Mapping[str, str], stops: _StopsWhileStarti
                 shutdown_timeout=settings.shutdown_timeout,
                 on_listening=chat_bound,
                 on_started=banner,
-            )
+            ),
+            # The chat API's aiopg pool runs here too: asyncio's loop, as in python -m intelligence
+            # (intelligence/cli.py says why uvloop would abort the process).
+            fast_loop=False,
         )
     except ListenError as exc:
         print(f"gateway: {exc}", file=sys.stderr, flush=True)

@@ -45,7 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         "INTELLIGENCE_HOST, INTELLIGENCE_PORT",
     )
     try:
-        run(serve([listener], shutdown_timeout=settings.shutdown_timeout))
+        # asyncio's loop, not uvloop: while PostgreSQL restarts, libpq closes sockets that aiopg
+        # still has the loop watching, and libuv aborts the whole process when a new socket gets
+        # one of those numbers (SIGABRT in epoll_ctl; aiopg issues 856 and 909). asyncio's
+        # selector raises an error there instead, which the store answers with a 503.
+        run(serve([listener], shutdown_timeout=settings.shutdown_timeout), fast_loop=False)
     except (MigrationError, DatabaseUnavailable) as exc:
         return _fail(f"not starting: {exc}")
     except ListenError as exc:
