@@ -61,8 +61,10 @@ async def wait_until(
     *,
     timeout: float = 10.0,  # noqa: ASYNC109 - a polling deadline, not an operation timeout
     what: str = "condition",
+    explain: Callable[[], str] | None = None,
 ) -> None:
-    """Poll ``check`` until it is true; fail after ``timeout`` seconds."""
+    """Poll ``check`` until it is true; fail after ``timeout`` seconds, with ``explain()`` (a
+    process's log, say) in the message."""
     deadline = time.monotonic() + timeout
     while True:
         result = check()
@@ -71,7 +73,9 @@ async def wait_until(
         if result:
             return
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+            pytest.fail(
+                f"timed out after {timeout} s waiting for {what}" + (f":\n{explain()}" if explain else "")
+            )
         await asyncio.sleep(0.02)
 
 

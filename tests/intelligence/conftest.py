@@ -118,6 +118,11 @@ def make_client(aiohttp_client: Any, database: str, cache_prefix: str) -> AppFac
     ) -> Client:
         if redis_url == REDIS_URL:
             redis_sync()  # fail with the hint instead of silently running without a cache
+            # The shared Redis is up: a call that outlasts production's 150 ms is the test machine
+            # stalling (two test workers on two cores), and would mark the cache stale under a test
+            # about something else. Tests of a Redis that hangs or goes away use a private one,
+            # with production's timeout.
+            cache.setdefault("socket_timeout", 2.0)
         settings = make_settings(dsn or database, redis_url, prefix or cache_prefix, **cache)
         return await aiohttp_client(create_app(settings))
 

@@ -170,9 +170,17 @@ async def test_a_stop_signal_while_the_embedded_postgres_starts_stops_it_too(
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gateway", "up", cwd=ROOT, env=env, stdout=out, stderr=out
         )
+
+    def started() -> bool:
+        assert process.returncode is None, f"up exited with {process.returncode}:\n{log.read_text()[-3000:]}"
+        return _postmaster(data_dir) is not None
+
     try:
         await wait_until(
-            lambda: _postmaster(data_dir) is not None, timeout=60, what="the postmaster to start"
+            started,
+            timeout=60,
+            what="the postmaster to start",
+            explain=lambda: f"up's output:\n{log.read_text()[-3000:]}",
         )
         text = await _stopped_by(process, signum, log)
         assert f'"msg": "stopped while starting", "signal": "{signum.name}"' in text, text
