@@ -298,10 +298,12 @@ async def test_sigterm_ends_within_the_drain_bound_while_a_write_waits_on_a_lock
                 )
                 return (await cur.fetchone())[0] > 0
 
-            await wait_until(waits, what="the write to wait on the lock")
+            await wait_until(waits, what="the write to wait on the lock", explain=svc.output)
             proc.send_signal(signal.SIGTERM)
             started = time.monotonic()
-            await wait_until(lambda: proc.poll() is not None, timeout=20, what="the process to exit")
+            await wait_until(
+                lambda: proc.poll() is not None, timeout=20, what="the process to exit", explain=svc.output
+            )
             assert time.monotonic() - started < 10, svc.output()  # the drain bound (1 s), not 30
             await cur.execute("ROLLBACK")
         with contextlib.suppress(aiohttp.ClientError):
