@@ -113,7 +113,7 @@ class Service:
         process = self.start()
 
         async def up() -> bool:
-            assert process.poll() is None, self.output()
+            self.assert_running()
             try:
                 async with aiohttp.ClientSession() as http, http.get(self.url + "/health") as resp:
                     return resp.status == 200
@@ -122,6 +122,11 @@ class Service:
 
         await wait_until(up, timeout=20, what="python -m intelligence to listen")
         return process
+
+    def assert_running(self) -> None:
+        """Fail with its exit code and the end of its output if it has exited."""
+        code = self.process.poll() if self.process is not None else None
+        assert code is None, f"python -m intelligence exited with {code}:\n{self.output()[-3000:]}"
 
     def output(self) -> str:
         return Path(self.log.name).read_text(errors="replace")
