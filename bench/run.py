@@ -748,6 +748,28 @@ def median_or_none(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+# Issue 2's throughput targets (GET 1 KiB, 32 connections) as ratios to nginx, and the two
+# yardsticks it measured on its own machine: the plain aiohttp proxy at 0.14x, aiohttp answering
+# itself at 0.71x. How fast Python runs next to nginx differs from machine to machine more than the
+# gateway changes, so the report also states the gateway against the yardsticks of the same rounds,
+# with the targets in those units (0.25 / 0.14 = 1.79x the plain proxy, and so on).
+ISSUE_TARGET = {"full": 0.20, "core": 0.25}
+ISSUE_YARDSTICKS = {"aioproxy": 0.14, "aioserve": 0.71}
+
+
+def add_yardstick_units(add: Callable[[str], None], rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    target = ISSUE_TARGET["core" if str(meta.get("chain", "full")).startswith("core") else "full"]
+    for reference, measured in ISSUE_YARDSTICKS.items():
+        rounds = per_round(rows, "GET 1KiB", 32, ("gateway", reference), _rps_ratio)
+        if not rounds:
+            continue
+        spread = "  rounds: " + " ".join(f"{x:.2f}" for x in rounds) if len(rounds) > 1 else ""
+        add(
+            f"{'':<11} {'':>5}  {'gw/' + reference:<8} {statistics.median(rounds):>9.2f}x"
+            f"{'':>20}{spread}  (issue 2's target in these units: {target / measured:.2f}x)"
+        )
+
+
 def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
     lines = []
     add = lines.append
@@ -795,6 +817,8 @@ def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
                     f"{'':<11} {'':>5}  {label + '/nginx':<8} {throughput_ratio:>10} "
                     f"{ratio(g['p50_us'], n['p50_us']):>9} {ratio(g['p99_us'], n['p99_us']):>9}{spread}"
                 )
+            if case == "GET 1KiB" and conns == 32:
+                add_yardstick_units(add, rows, meta)
             if find(rows, case, conns, "direct"):
                 add("")
 
