@@ -765,7 +765,7 @@ def add_yardstick_units(add: Callable[[str], None], rows: list[dict[str, Any]], 
             continue
         spread = "  rounds: " + " ".join(f"{x:.2f}" for x in rounds) if len(rounds) > 1 else ""
         add(
-            f"{'':<11} {'':>5}  {'gw/' + reference:<8} {statistics.median(rounds):>9.2f}x"
+            f"{'':<11} {'':>5}  {'gw/' + reference:<8} {statistics.median(rounds):>9.3f}x"
             f"{'':>20}{spread}  (issue 2's target in these units: {target / measured:.2f}x)"
         )
 
@@ -812,7 +812,7 @@ def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
                     continue
                 rounds = per_round(rows, case, conns, (target, "nginx"), _rps_ratio)
                 spread = "  rounds: " + " ".join(f"{x:.2f}" for x in rounds) if len(rounds) > 1 else ""
-                throughput_ratio = f"{statistics.median(rounds):.2f}x" if rounds else "-"
+                throughput_ratio = f"{statistics.median(rounds):.3f}x" if rounds else "-"
                 add(
                     f"{'':<11} {'':>5}  {label + '/nginx':<8} {throughput_ratio:>10} "
                     f"{ratio(g['p50_us'], n['p50_us']):>9} {ratio(g['p99_us'], n['p99_us']):>9}{spread}"
