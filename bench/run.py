@@ -757,13 +757,20 @@ ISSUE_TARGET = {"full": 0.20, "core": 0.25}
 ISSUE_YARDSTICKS = {"aioproxy": 0.14, "aioserve": 0.71}
 
 
-def add_yardstick_units(add: Callable[[str], None], rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+def _spread(rounds: list[float]) -> str:
+    """The per-round figures behind a median, when there is more than one."""
+    return "  rounds: " + " ".join(f"{x:.2f}" for x in rounds) if len(rounds) > 1 else ""
+
+
+def add_yardstick_units(
+    add: Callable[[str], None], rows: list[dict[str, Any]], case: str, conns: int, meta: dict[str, Any]
+) -> None:
     target = ISSUE_TARGET["core" if str(meta.get("chain", "full")).startswith("core") else "full"]
     for reference, measured in ISSUE_YARDSTICKS.items():
-        rounds = per_round(rows, "GET 1KiB", 32, ("gateway", reference), _rps_ratio)
+        rounds = per_round(rows, case, conns, ("gateway", reference), _rps_ratio)
         if not rounds:
             continue
-        spread = "  rounds: " + " ".join(f"{x:.2f}" for x in rounds) if len(rounds) > 1 else ""
+        spread = _spread(rounds)
         add(
             f"{'':<11} {'':>5}  {'gw/' + reference:<8} {statistics.median(rounds):>9.3f}x"
             f"{'':>20}{spread}  (issue 2's target in these units: {target / measured:.2f}x)"
@@ -811,14 +818,14 @@ def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
                 if not (g and n):
                     continue
                 rounds = per_round(rows, case, conns, (target, "nginx"), _rps_ratio)
-                spread = "  rounds: " + " ".join(f"{x:.2f}" for x in rounds) if len(rounds) > 1 else ""
+                spread = _spread(rounds)
                 throughput_ratio = f"{statistics.median(rounds):.3f}x" if rounds else "-"
                 add(
                     f"{'':<11} {'':>5}  {label + '/nginx':<8} {throughput_ratio:>10} "
                     f"{ratio(g['p50_us'], n['p50_us']):>9} {ratio(g['p99_us'], n['p99_us']):>9}{spread}"
                 )
-            if case == "GET 1KiB" and conns == 32:
-                add_yardstick_units(add, rows, meta)
+            if case == "GET 1KiB" and conns == 32:  # where the issue sets its targets
+                add_yardstick_units(add, rows, case, conns, meta)
             if find(rows, case, conns, "direct"):
                 add("")
 
