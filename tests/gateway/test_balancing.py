@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import pytest
 from aiohttp import web
 
-from tests.helpers import one_service
+from tests.helpers import one_service, wait_for
 
 
 def url_of(sock: socket.socket) -> str:
@@ -88,6 +90,39 @@ async def test_a_request_the_upstream_may_have_received_is_retried_only_when_ide
 
     assert [head.split(b" ")[0] for head in received][:2] == [b"POST", b"GET"]  # a GET did meet it
     assert [r.method for r in healthy.requests] == ["GET"] * 4  # the POST was not replayed
+
+
+@pytest.mark.parametrize("framing", ["chunked", "content-length"])
+async def test_a_streamed_body_that_began_to_go_out_is_never_retried(
+    make_gateway: Any, make_upstream: Any, make_raw_upstream: Any, framing: str
+) -> None:
+    """A PUT is idempotent, but a body streamed from the client cannot be sent twice: what already
+    went to the target that hung up is gone. Retried, the other target would get the rest of it,
+    which a chunked body frames as a whole (a truncated upload stored as complete)."""
+    received: list[bytes] = []
+
+    async def hang_up_mid_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append(await reader.readuntil(b"\r\n\r\n"))
+        await reader.readexactly(16 * 1024)
+        writer.close()
+
+    healthy = await make_upstream()
+    client = await make_gateway(
+        one_service(
+            [await make_raw_upstream(hang_up_mid_body), healthy.url], timeout={"connect": 1, "read": 5}
+        )
+    )
+    body = bytes(range(256)) * 1024  # 256 KiB: more than the gateway buffers, so it is streamed
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 32 * 1024):
+            yield body[start : start + 32 * 1024]
+
+    response = await client.put("/upload", data=chunks() if framing == "chunked" else body)
+
+    assert response.status == 502, await response.text()
+    assert received and received[0].startswith(b"PUT /upload ")  # it did go out to the first target
+    assert healthy.requests == []  # and not, in part, to the second
 
 
 async def test_all_targets_down_gives_503_in_the_contract_format(
@@ -190,3 +225,53 @@ async def test_target_that_comes_back_is_used_again_after_the_cooldown(
         await asyncio.sleep(0.02)  # poll interval
 
     assert revived.requests[0].raw_path == "/again"
+
+
+async def test_a_target_that_answers_during_its_cooldown_is_used_again_at_once(
+    make_gateway: Any, make_upstream: Any
+) -> None:
+    """A request already under way on a target answers after another's connect to it was refused
+    (a restart, an accept queue full for a moment): the target is up, and it is back in the
+    rotation now rather than when the cooldown (60 s here) ends."""
+    paths: list[str] = []
+    release = asyncio.Event()
+
+    connections: list[tuple[asyncio.Task[None], asyncio.StreamWriter]] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append((asyncio.current_task(), writer))  # type: ignore[arg-type]
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                path = head.split(b" ")[1].decode()
+                paths.append(path)
+                if path == "/held":
+                    await release.wait()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    healthy = await make_upstream()
+    client = await make_gateway(one_service([f"http://127.0.0.1:{port}", healthy.url], eject_seconds=60))
+    try:
+        held = asyncio.ensure_future(client.get("/held"))  # round-robin: the first target
+        await wait_for(lambda: paths == ["/held"], what="the held request to reach the first target")
+        server.close()  # no longer accepting; the held request's connection stays open
+        assert (await client.get("/second")).status == 200  # the other target, in turn
+        assert (await client.get("/third")).status == 200  # refused by the first: ejected, retried
+        assert [r.raw_path for r in healthy.requests] == ["/second", "/third"]
+
+        server = await asyncio.start_server(answer, "127.0.0.1", port)
+        release.set()
+        assert (await held).status == 200  # the ejected target answered
+
+        assert [(await client.get(f"/after{i}")).status for i in range(2)] == [200, 200]
+        # In the rotation again, long before 60 s: one of the two (which one, the retry's turn
+        # in the round-robin decides).
+        assert paths[0] == "/held" and paths[1:] in (["/after0"], ["/after1"]), paths
+    finally:
+        release.set()
+        server.close()
+        for _, writer in connections:  # ends each handler at its next read
+            writer.close()
+        await asyncio.gather(*(task for task, _ in connections), return_exceptions=True)
