@@ -12,7 +12,16 @@ import pytest
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from tests.helpers import one_service, wait_for
-from tests.wsframes import CLOSE, close_payload, frame, raw_client, raw_upstream, read_frame, read_until_eof
+from tests.wsframes import (
+    CLOSE,
+    TEXT,
+    close_payload,
+    frame,
+    raw_client,
+    raw_upstream,
+    read_frame,
+    read_until_eof,
+)
 
 
 @dataclass
@@ -204,6 +213,35 @@ async def test_a_session_with_no_frame_either_way_for_the_read_timeout_is_closed
             await ended.done.wait()
     assert ended.close == (1001, "idle timeout")
     assert [r for r in caplog.records if "idle" in r.getMessage() and r.idle_timeout_s == 0.3]
+
+
+async def test_nothing_follows_the_gateways_close_to_a_side(make_gateway: Any) -> None:
+    """The gateway closed the session (idle timeout; draining does the same): a message the
+    client sent before it saw that Close is not passed on to the upstream, which has had the
+    gateway's Close already. After a Close, an endpoint sends no more data frames (RFC 6455
+    section 5.5.1), and an upstream may take one that comes anyway for a protocol error."""
+    frames: list[tuple[int, bytes]] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            opcode, payload = await read_frame(reader)
+            frames.append((opcode, payload))
+            if opcode == CLOSE:
+                writer.write(frame(CLOSE, payload, masked=False))  # the reply, at once
+                break
+        frames.append((-1, await read_until_eof(reader)))  # and whatever comes after it
+
+    async with raw_upstream(then=record) as url:
+        client = await make_gateway(one_service(url, prefix="/ws", **IDLE))
+        async with raw_client(client.port) as (reader, writer):
+            idle_close = close_payload(1001, b"idle timeout")
+            assert await read_frame(reader) == (CLOSE, idle_close)
+            writer.write(frame(TEXT, b"late", masked=True))  # sent before it read the Close
+            writer.write(frame(CLOSE, idle_close, masked=True))
+
+            assert await read_until_eof(reader) == b""  # the session ended
+            await wait_for(lambda: len(frames) == 2, what="the upstream's connection to end")
+    assert frames == [(CLOSE, idle_close), (-1, b"")]
 
 
 async def test_pings_keep_a_session_alive_past_the_read_timeout(
