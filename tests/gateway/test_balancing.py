@@ -107,6 +107,8 @@ async def test_a_streamed_body_that_began_to_go_out_is_never_retried(
         writer.close()
 
     healthy = await make_upstream()
+    # A short read timeout: were the rest of a declared-length body retried, the second target
+    # would wait for the bytes that went to the first, and the test for its 504.
     client = await make_gateway(
         one_service(
             [await make_raw_upstream(hang_up_mid_body), healthy.url], timeout={"connect": 1, "read": 5}
@@ -235,7 +237,6 @@ async def test_a_target_that_answers_during_its_cooldown_is_used_again_at_once(
     rotation now rather than when the cooldown (60 s here) ends."""
     paths: list[str] = []
     release = asyncio.Event()
-
     connections: list[tuple[asyncio.Task[None], asyncio.StreamWriter]] = []
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
