@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from tests.helpers import get_request, one_service, parse_responses, raw_exchange
 
@@ -82,3 +83,26 @@ async def test_a_request_id_the_http_parser_refuses_gets_a_json_400_with_a_made_
     assert response.status == 400 and response.headers["Content-Type"] == "application/json"
     assert GENERATED.fullmatch(response.headers["X-Request-ID"])
     assert upstream.requests == []
+
+
+@pytest.mark.parametrize("client_id", ["abc-123", None], ids=["client-sent-one", "gateway-made-one"])
+async def test_an_upstreams_own_request_id_on_its_answer_passes_through_untouched(
+    make_gateway: Any, make_upstream: Any, client_id: str | None
+) -> None:
+    # The contract: "An upstream's own response, error or not, passes through untouched." An
+    # upstream that answers with an id of its own keeps it; the gateway's id went to the upstream
+    # on the request, and the gateway adds it to an answer only when the upstream set none.
+    async def own_id(request: web.Request) -> web.Response:
+        return web.Response(text="ok", headers={"X-Request-ID": "upstream-own-id"})
+
+    upstream = await make_upstream(own_id)
+    gateway = await make_gateway(one_service(upstream.url))
+    headers = [("X-Request-ID", client_id)] if client_id else []
+    (response,) = parse_responses(await raw_exchange(gateway.port, get_request("/x", headers)))
+    assert response.status == 200
+    assert response.headers.getall("X-Request-ID") == ["upstream-own-id"]
+    (arrived,) = upstream.requests[-1].values("x-request-id")
+    if client_id:
+        assert arrived == client_id
+    else:
+        assert GENERATED.fullmatch(arrived), arrived
