@@ -138,6 +138,53 @@ async def test_a_write_through_from_before_a_generation_bump_keeps_an_older_fill
     assert cached is not None and len(cached.items) == 2
 
 
+async def test_a_message_fill_read_before_a_generation_bump_does_not_land_after_it(
+    client: Any, make_client: Any, user: str, cache_prefix: str
+) -> None:
+    """A reader misses, reads the newest messages from PostgreSQL, and the generation moves on
+    before it fills the cache. Under the new generation nothing may be held to refuse the fill as
+    older (the write-through of a message written meanwhile was lost), so the fill itself must be
+    dropped: the message would be missing from every page until the next append or the TTL."""
+    svc, chat_cache = service(client), cache(client)
+    session = await svc.save_session(ChatSession(user_id=user))
+    first = await svc.save_message(ChatMessage(session_id=session.id, role="user", content="one"))
+    reader = await chat_cache.epoch()  # the reader misses and reads message one from PostgreSQL
+    redis_sync().incr(f"{cache_prefix}gen")  # another replica starts
+    writer = service(await make_client(redis_url=None))  # its write-through is lost
+    await writer.save_message(ChatMessage(session_id=session.id, role="user", content="two"))
+    await chat_cache.put_messages(reader, str(session.id), 1, [_dump_message(first)], fill=True)
+    assert [m.content for m in await svc.get_messages(session.id, user_id=user)] == ["one", "two"]
+
+
+async def test_the_cache_holds_a_sessions_newest_messages_and_no_more(
+    make_client: Any, user: str, cache_prefix: str
+) -> None:
+    """``recent_messages`` bounds what Redis holds per session, whether the messages came by
+    append or by a reader's fill; pages reaching further back are read from PostgreSQL."""
+    client = await make_client(recent_messages=3)
+    svc = service(client)
+    session = await svc.save_session(ChatSession(user_id=user))
+    for n in range(1, 8):
+        await svc.save_message(ChatMessage(session_id=session.id, role="user", content=str(n)))
+    redis = redis_sync()
+
+    def held() -> set[str]:
+        key = f"{cache_prefix}{redis.get(f'{cache_prefix}gen').decode()}:m:{session.id}"
+        return {field.decode() for field in redis.hkeys(key)} - {"v", "n"}
+
+    assert held() == {"5", "6", "7"}
+
+    async def page(**kwargs: Any) -> str:
+        return "".join(m.content for m in await svc.get_messages(session.id, user_id=user, **kwargs))
+
+    assert await page() == "1234567"
+    assert await page(after=4) == "567"
+    assert await page(after=2, limit=3) == "345"
+    redis.delete(f"{cache_prefix}{redis.get(f'{cache_prefix}gen').decode()}:m:{session.id}")
+    assert await page(after=5) == "67"  # a miss: read from PostgreSQL, and the window filled again
+    assert held() == {"5", "6", "7"}
+
+
 # (key, field, value) written by hand over a good entry: broken JSON, JSON of another shape, a
 # version that is not a number.
 UNREADABLE = [
