@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from marshmallow import EXCLUDE, Schema, fields
+from marshmallow import EXCLUDE, Schema, fields, validates_schema
 
 from gateway.schemas import SCHEMAS
 from gateway.schemas._common import GatewaySchema
@@ -409,6 +409,25 @@ def test_a_schema_can_choose_to_let_unknown_fields_through() -> None:
     assert validate_body(b'{"future_field": 1}', Lenient()) == [
         {"field": "name", "message": "Field 'name' is required"}
     ]
+
+
+def test_a_schema_that_raises_refuses_the_body_and_never_lets_it_through(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A bug in a schema must neither take the gateway down nor open the door: an empty list would
+    # forward the body unchecked. The client gets one error on the body; the log says which schema.
+    class Broken(GatewaySchema):
+        name = fields.String(required=True)
+
+        @validates_schema
+        def crash(self, data: dict[str, Any], **kwargs: Any) -> None:
+            raise RuntimeError("bug")
+
+    assert validate_body(b'{"name": "a"}', Broken()) == [
+        {"field": "body", "message": "The body could not be validated."}
+    ]
+    (logged,) = [r for r in caplog.records if r.getMessage() == "schema raised while validating"]
+    assert logged.schema == "Broken"  # type: ignore[attr-defined]
 
 
 # -- value echo and redaction ----------------------------------------------------------------------

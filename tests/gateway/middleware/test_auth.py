@@ -486,6 +486,22 @@ async def test_verification_cache_skips_the_signature_check(issuer, keys, monkey
         await verifier.close()
 
 
+async def test_the_verification_cache_keeps_the_most_recently_used_tokens_and_no_more(issuer, keys):
+    # Every distinct valid token a client presents is an entry: the bound is what keeps a flood
+    # of freshly minted tokens from growing the gateway's memory.
+    verifier = TokenVerifier(settings(issuer), cache_size=3)
+    try:
+        tokens = [mint(keys["rsa"], jti=str(n)) for n in range(5)]
+        for token in tokens:
+            await verifier.verify(token)
+        assert [verifier.knows(token) for token in tokens] == [False, False, True, True, True]
+        await verifier.verify(tokens[2])  # used again: now the most recent
+        await verifier.verify(mint(keys["rsa"], jti="5"))
+        assert [verifier.knows(token) for token in tokens[2:]] == [True, False, True]
+    finally:
+        await verifier.close()
+
+
 # -- tokens without a kid --------------------------------------------------------------------------
 
 
