@@ -16,6 +16,7 @@ import gc
 import importlib
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -37,6 +38,16 @@ from tests.helpers import ROOT, Collector, program_env
 
 UpstreamHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A run started in the background by a non-interactive shell (`.ci/run &`, a script's job)
+    # inherits SIGINT ignored, and so would every program the tests start; the programs keep a
+    # signal ignored at start (gateway/startsignals.py), as a background job should, and each
+    # test that stops one with SIGINT, standing in for a terminal's Ctrl-C, timed out. A handler
+    # in this process is reset to the default action in each program it starts (exec).
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
