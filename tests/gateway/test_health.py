@@ -232,6 +232,13 @@ async def test_postgresql_is_judged_through_every_engine_target(
     assert body["components"]["postgresql"]["status"] == "unhealthy"
     assert "HTTP 503" in body["components"]["postgresql"]["error"]
 
+    # The replica listed first cannot reach the database (its own network, its own pool) and says
+    # so; another reaches it: the database is up.
+    cfg["services"][ENGINE] = {"urls": [down.url, engine.url]}
+    client = await make_gateway(cfg)
+    _, body, _ = await detailed(client)
+    assert body["components"]["postgresql"]["status"] == "healthy", body["components"]["postgresql"]
+
 
 async def streaming(request: web.Request) -> web.StreamResponse:
     """A health answer that says 200 at once and never ends (a health_path on a stream or a
