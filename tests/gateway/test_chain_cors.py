@@ -126,7 +126,9 @@ async def test_preflight_on_an_auth_required_route_needs_no_token(client, upstre
     assert {m.strip() for m in headers["Access-Control-Allow-Methods"].split(",")} >= {"GET", "PUT", "DELETE"}
     assert headers["Access-Control-Allow-Headers"] == "authorization, content-type"
     assert headers["Access-Control-Max-Age"] == "600"
-    assert "origin" in headers["Vary"].lower()
+    # The answer echoes what the preflight asked for: a cache in front must key it on all three.
+    vary = {token.strip().lower() for token in headers["Vary"].split(",")}
+    assert vary == {"origin", "access-control-request-method", "access-control-request-headers"}
     assert "RateLimit" not in headers  # answered before the rate limits
     assert upstream.requests == []
 
@@ -261,11 +263,15 @@ async def test_websocket_from_a_disallowed_origin_is_refused_before_the_backend(
     assert upstream.requests == []
 
 
-@pytest.mark.parametrize("origin", [ORIGIN, None, "same-host"])
+@pytest.mark.parametrize("origin", [ORIGIN, None, "same-host", "same-host-other-case"])
 async def test_websocket_from_an_allowed_origin_same_host_or_no_browser_is_relayed(client, origin):
+    headers = {}
     if origin == "same-host":  # a page served through the gateway itself
         origin = f"http://{client.server.host}:{client.server.port}"
-    ws = await client.ws_connect("/ws/feed", origin=origin)
+    elif origin == "same-host-other-case":  # host names are case-insensitive (RFC 3986 3.2.2)
+        origin = f"https://gateway.example:{client.server.port}"
+        headers["Host"] = f"Gateway.Example:{client.server.port}"
+    ws = await client.ws_connect("/ws/feed", origin=origin, headers=headers)
 
     await ws.send_str("ping")
     reply = await ws.receive(timeout=5)
