@@ -285,6 +285,63 @@ def test_span_buffer_is_bounded_and_counts_drops() -> None:
     assert reporter.dropped == 6
 
 
+def _span(n: int) -> Record:
+    context = ZipkinContext(INCOMING_TRACE, None, f"{n:016x}", True, False, False)
+    return Record(context, az.create_endpoint("gateway")).start(1).finish(2)
+
+
+async def _collector(aiohttp_server: Any, statuses: list[int]) -> tuple[str, list[str]]:
+    """A collector that answers each post with the next of ``statuses`` (then 202), and the ids
+    of the spans it accepted."""
+    accepted: list[str] = []
+
+    async def spans(request: web.Request) -> web.Response:
+        body = await request.json()
+        status = statuses.pop(0) if statuses else 202
+        if status < 300:
+            accepted.extend(span["id"] for span in body)
+        return web.Response(status=status)
+
+    app = web.Application()
+    app.router.add_post("/api/v2/spans", spans)
+    server = await aiohttp_server(app)
+    return str(server.make_url("/api/v2/spans")), accepted
+
+
+async def test_the_span_buffers_byte_bound_is_on_what_waits_not_on_all_ever_sent(aiohttp_server: Any) -> None:
+    # The reporter's task sends a batch whenever two spans wait (batch_size), one post at a time.
+    url, accepted = await _collector(aiohttp_server, [])
+    reporter = ZipkinReporter(url, batch_size=2, interval=3600, max_buffer_bytes=2000)
+    await reporter.start()
+    try:
+        for n in range(1, 41):  # some 10 KB of spans in all, never more than a batch waiting
+            reporter.send(_span(n))
+            await wait_for(lambda: not reporter.buffer or len(reporter.buffer) == 1, what="a batch sent")
+        await wait_for(lambda: reporter.sent == 40, what="all forty sent")
+        assert (reporter.dropped, reporter.buffered_bytes) == (0, 0)
+        reporter.send(_span(41))  # the last request before a stop: less than a batch, left waiting
+    finally:
+        await reporter.close()
+    assert accepted == [f"{n:016x}" for n in range(1, 42)]  # all of them, in order
+    assert reporter.dropped == 0
+
+
+async def test_a_collector_failure_loses_the_batch_it_refused_and_no_other(aiohttp_server: Any) -> None:
+    url, accepted = await _collector(aiohttp_server, [503])
+    reporter = ZipkinReporter(url, batch_size=2, interval=3600)
+    await reporter.start()
+    try:
+        for n in range(1, 5):
+            reporter.send(_span(n))
+        # The task's round: the first batch fails and is dropped; the second waits for the next.
+        await wait_for(lambda: reporter.dropped == 2, what="the refused batch dropped")
+        assert len(reporter.buffer) == 2 and accepted == []
+        await reporter.flush()
+        assert accepted == [f"{n:016x}" for n in (3, 4)]
+    finally:
+        await reporter.close()
+
+
 async def test_closing_sends_what_is_left_within_one_timeout_in_all(aiohttp_server: Any) -> None:
     async def slow(request: web.Request) -> web.Response:
         await request.read()
