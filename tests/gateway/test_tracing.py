@@ -314,7 +314,7 @@ async def test_the_span_buffers_byte_bound_is_on_what_waits_not_on_all_ever_sent
     reporter = ZipkinReporter(url, batch_size=2, interval=3600, max_buffer_bytes=2000)
     await reporter.start()
     try:
-        for n in range(1, 41):  # some 10 KB of spans in all, never more than a batch waiting
+        for n in range(1, 41):  # 6 KB of spans in all, never more than a batch waiting
             reporter.send(_span(n))
             await wait_for(lambda: not reporter.buffer or len(reporter.buffer) == 1, what="a batch sent")
         await wait_for(lambda: reporter.sent == 40, what="all forty sent")
