@@ -169,6 +169,7 @@ class Collector:
         # 10 MiB, the OpenTelemetry collector's 20 MiB, the aiohttp app's 1 MiB by default).
         self.max_body = max_body
         self.too_large = 0
+        self.unavailable = 0  # posts still to answer 503, as a collector that is restarting
 
     @property
     def spans(self) -> list[dict[str, Any]]:
@@ -187,6 +188,9 @@ class Collector:
         if self.max_body is not None and len(raw) > self.max_body:
             self.too_large += 1
             return web.Response(status=413)
+        if self.unavailable:
+            self.unavailable -= 1
+            return web.Response(status=503)
         body = json.loads(raw)
         problems += [f"schema: {e.message} at {list(e.absolute_path)}" for e in VALIDATOR.iter_errors(body)]
         for span in body if isinstance(body, list) else []:

@@ -24,7 +24,7 @@ from gateway.keys import tracing_key
 from gateway.middleware.tracing import Tracing, inject_trace_headers, tracing_middleware
 from gateway.settings import load_settings
 from gateway.zipkin import ZipkinReporter
-from tests.helpers import one_service, parse_responses, raw_exchange, wait_for
+from tests.helpers import Collector, one_service, parse_responses, raw_exchange, wait_for
 
 INCOMING_TRACE = "0af7651916cd43dd8448eb211c80319c"
 INCOMING_PARENT = "b7ad6b7169203331"
@@ -276,45 +276,36 @@ async def test_collector_down_never_fails_a_request(
         await client.close()
 
 
+def _span(n: int) -> Record:
+    """A finished SERVER span with id ``n``, of the shape the gateway reports (``Collector`` checks)."""
+    context = ZipkinContext(INCOMING_TRACE, None, f"{n:016x}", True, False, False)
+    now = int(time.time() * 1_000_000)
+    return (
+        Record(context, az.create_endpoint("gateway"))
+        .name("GET /x")
+        .kind(az.SERVER)
+        .start(now)
+        .finish(now + 1000)
+    )
+
+
 def test_span_buffer_is_bounded_and_counts_drops() -> None:
     reporter = ZipkinReporter("http://127.0.0.1:9/api/v2/spans", max_buffer=4, batch_size=1000)
     for n in range(10):
-        context = ZipkinContext(INCOMING_TRACE, None, f"{n + 1:016x}", True, False, False)
-        reporter.send(Record(context, az.create_endpoint("gateway")).start(1).finish(2))
+        reporter.send(_span(n + 1))
     assert len(reporter.buffer) == 4
     assert reporter.dropped == 6
 
 
-def _span(n: int) -> Record:
-    context = ZipkinContext(INCOMING_TRACE, None, f"{n:016x}", True, False, False)
-    return Record(context, az.create_endpoint("gateway")).start(1).finish(2)
-
-
-async def _collector(aiohttp_server: Any, statuses: list[int]) -> tuple[str, list[str]]:
-    """A collector that answers each post with the next of ``statuses`` (then 202), and the ids
-    of the spans it accepted."""
-    accepted: list[str] = []
-
-    async def spans(request: web.Request) -> web.Response:
-        body = await request.json()
-        status = statuses.pop(0) if statuses else 202
-        if status < 300:
-            accepted.extend(span["id"] for span in body)
-        return web.Response(status=status)
-
-    app = web.Application()
-    app.router.add_post("/api/v2/spans", spans)
-    server = await aiohttp_server(app)
-    return str(server.make_url("/api/v2/spans")), accepted
-
-
-async def test_the_span_buffers_byte_bound_is_on_what_waits_not_on_all_ever_sent(aiohttp_server: Any) -> None:
+async def test_the_span_buffers_byte_bound_is_on_what_waits_not_on_all_ever_sent(
+    collector: tuple[Collector, str],
+) -> None:
     # The reporter's task sends a batch whenever two spans wait (batch_size), one post at a time.
-    url, accepted = await _collector(aiohttp_server, [])
+    stub, url = collector
     reporter = ZipkinReporter(url, batch_size=2, interval=3600, max_buffer_bytes=2000)
     await reporter.start()
     try:
-        for n in range(1, 41):  # 6 KB of spans in all, never more than a batch waiting
+        for n in range(1, 41):  # 7.5 KB of spans in all (189 bytes each), never more than a batch waiting
             reporter.send(_span(n))
             await wait_for(lambda: not reporter.buffer or len(reporter.buffer) == 1, what="a batch sent")
         await wait_for(lambda: reporter.sent == 40, what="all forty sent")
@@ -322,12 +313,15 @@ async def test_the_span_buffers_byte_bound_is_on_what_waits_not_on_all_ever_sent
         reporter.send(_span(41))  # the last request before a stop: less than a batch, left waiting
     finally:
         await reporter.close()
-    assert accepted == [f"{n:016x}" for n in range(1, 42)]  # all of them, in order
+    assert [span["id"] for span in stub.spans] == [f"{n:016x}" for n in range(1, 42)]  # all, in order
     assert reporter.dropped == 0
 
 
-async def test_a_collector_failure_loses_the_batch_it_refused_and_no_other(aiohttp_server: Any) -> None:
-    url, accepted = await _collector(aiohttp_server, [503])
+async def test_a_collector_failure_loses_the_batch_it_refused_and_no_other(
+    collector: tuple[Collector, str],
+) -> None:
+    stub, url = collector
+    stub.unavailable = 1
     reporter = ZipkinReporter(url, batch_size=2, interval=3600)
     await reporter.start()
     try:
@@ -335,9 +329,9 @@ async def test_a_collector_failure_loses_the_batch_it_refused_and_no_other(aioht
             reporter.send(_span(n))
         # The task's round: the first batch fails and is dropped; the second waits for the next.
         await wait_for(lambda: reporter.dropped == 2, what="the refused batch dropped")
-        assert len(reporter.buffer) == 2 and accepted == []
+        assert len(reporter.buffer) == 2 and stub.spans == []
         await reporter.flush()
-        assert accepted == [f"{n:016x}" for n in (3, 4)]
+        assert [span["id"] for span in stub.spans] == [f"{n:016x}" for n in (3, 4)]
     finally:
         await reporter.close()
 
@@ -354,8 +348,7 @@ async def test_closing_sends_what_is_left_within_one_timeout_in_all(aiohttp_serv
     reporter = ZipkinReporter(str(zipkin.make_url("/api/v2/spans")), batch_size=1, interval=3600, timeout=0.3)
     await reporter.start()
     for n in range(20):
-        context = ZipkinContext(INCOMING_TRACE, None, f"{n + 1:016x}", True, False, False)
-        reporter.send(Record(context, az.create_endpoint("gateway")).start(1).finish(2))
+        reporter.send(_span(n + 1))
     started = time.monotonic()
     await reporter.close()
     elapsed = time.monotonic() - started
@@ -383,8 +376,7 @@ async def test_a_collector_coming_back_is_logged_once_after_its_failure(
     await reporter.start()
     try:
         for n in range(3):
-            context = ZipkinContext(INCOMING_TRACE, None, f"{n + 1:016x}", True, False, False)
-            reporter.send(Record(context, az.create_endpoint("gateway")).start(1).finish(2))
+            reporter.send(_span(n + 1))
             await reporter.flush()
     finally:
         await reporter.close()
