@@ -166,10 +166,9 @@ async def test_the_cache_holds_a_sessions_newest_messages_and_no_more(
     session = await svc.save_session(ChatSession(user_id=user))
     for n in range(1, 8):
         await svc.save_message(ChatMessage(session_id=session.id, role="user", content=str(n)))
-    redis = redis_sync()
+    redis, key = redis_sync(), f"{cache_prefix}{await cache(client).epoch()}:m:{session.id}"
 
     def held() -> set[str]:
-        key = f"{cache_prefix}{redis.get(f'{cache_prefix}gen').decode()}:m:{session.id}"
         return {field.decode() for field in redis.hkeys(key)} - {"v", "n"}
 
     assert held() == {"5", "6", "7"}
@@ -180,7 +179,7 @@ async def test_the_cache_holds_a_sessions_newest_messages_and_no_more(
     assert await page() == "1234567"
     assert await page(after=4) == "567"
     assert await page(after=2, limit=3) == "345"
-    redis.delete(f"{cache_prefix}{redis.get(f'{cache_prefix}gen').decode()}:m:{session.id}")
+    redis.delete(key)
     assert await page(after=5) == "67"  # a miss: read from PostgreSQL, and the window filled again
     assert held() == {"5", "6", "7"}
 
