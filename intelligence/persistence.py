@@ -37,7 +37,7 @@ from psycopg2.extras import Json
 
 from gateway.middleware.tracing import Tracing, client_span
 
-from .cache import ChatCache
+from .cache import ChatCache, Epoch
 from .models import (
     ChatMessage,
     ChatSession,
@@ -330,7 +330,8 @@ class ChatPersistenceService:
                 raise SessionNotFound(str(session_id))
             return _session(row)
 
-        session = await self._run(update)  # one statement: its own transaction
+        # One statement: its own transaction.
+        session = await self._run(update, changes=(epoch, str(session_id)))
         await self._cache.put_session(epoch, str(session.id), session.version, _dump_session(session))
         return session
 
@@ -346,7 +347,7 @@ class ChatPersistenceService:
 
         # No retry: if the connection broke after the delete committed, a second attempt would
         # find nothing and report a missing session.
-        deleted = await self._run(delete, retry=False)
+        deleted = await self._run(delete, retry=False, changes=(epoch, str(session_id)))
         if deleted:
             await self._cache.forget_session(epoch, str(session_id))
         return deleted
@@ -386,7 +387,7 @@ class ChatPersistenceService:
             return _session(row[:9]), _message(row[9:])
 
         try:
-            session, stored = await self._run(append)
+            session, stored = await self._run(append, changes=(epoch, str(message.session_id)))
         except psycopg2.errors.UniqueViolation as exc:
             if exc.diag.constraint_name != "chat_messages_pkey":
                 raise
@@ -478,19 +479,31 @@ class ChatPersistenceService:
     # -- the one place that talks to the pool -------------------------------------------------
 
     async def _run(
-        self, work: Callable[[aiopg.Cursor], Awaitable[T]], *, begin: str | None = None, retry: bool = True
+        self,
+        work: Callable[[aiopg.Cursor], Awaitable[T]],
+        *,
+        begin: str | None = None,
+        retry: bool = True,
+        changes: tuple[Epoch | None, str] | None = None,
     ) -> T:
+        """Run ``work`` on a pooled connection. ``changes``: the cache's epoch and the session a
+        write changes, whose entries are dropped at once if the write may have been applied unseen."""
         if self._tracing is None:
-            return await self._run_untraced(work, begin=begin, retry=retry)
+            return await self._run_untraced(work, begin=begin, retry=retry, changes=changes)
         # A CLIENT span per logical database call, named for the service method that made it.
         operation = work.__qualname__.split(".<locals>")[0].rpartition(".")[2]
         with client_span(self._tracing, name=f"db {operation}", service="postgresql") as span:
             if span is not None and span.record is not None:
                 span.record.tag("db.system", "postgresql")
-            return await self._run_untraced(work, begin=begin, retry=retry)
+            return await self._run_untraced(work, begin=begin, retry=retry, changes=changes)
 
     async def _run_untraced(
-        self, work: Callable[[aiopg.Cursor], Awaitable[T]], *, begin: str | None, retry: bool
+        self,
+        work: Callable[[aiopg.Cursor], Awaitable[T]],
+        *,
+        begin: str | None,
+        retry: bool,
+        changes: tuple[Epoch | None, str] | None,
     ) -> T:
         attempt = 0
         maybe_applied = False  # by an attempt whose connection broke: its outcome is not known
@@ -542,7 +555,18 @@ class ChatPersistenceService:
                 maybe_applied = maybe_applied or committing or (begin is None and conn is not None)
                 if broken and retry and attempt == 1 and not committing:
                     continue
+                if maybe_applied and changes is not None:
+                    await self._forget_unseen_write(*changes)
                 raise DatabaseUnavailable(_describe(exc), maybe_applied=maybe_applied) from exc
+
+    async def _forget_unseen_write(self, epoch: Epoch | None, session_id: str) -> None:
+        # The 503 tells the client the change may have been applied and to read it back: that read
+        # must come from PostgreSQL, not from entries made before the change (a deleted chat still
+        # served, an old title, a message missing). The rest of the cache is retired too, but only
+        # once PostgreSQL answers again (see above): until then it serves every other session.
+        if epoch is not None:
+            await self._cache.discard_session(epoch, session_id)
+            await self._cache.discard_messages(epoch, session_id)
 
     async def _acquire(self) -> aiopg.Connection:
         refused: list[RuntimeError] = []

@@ -149,6 +149,7 @@ class PostgresProxy:
     ``cut_after(pattern)``: the next query containing ``pattern`` reaches the server, and its
     connection is cut before the answer comes back (the server commits, the client never hears).
     ``gate``: while it is clear, new connections wait before they reach the server.
+    ``refusing``: while true, new connections are closed at once, as by a server that is gone.
     """
 
     def __init__(self, dsn: str) -> None:
@@ -159,6 +160,7 @@ class PostgresProxy:
         self.gate = asyncio.Event()
         self.gate.set()
         self.held = 0  # new connections that waited at the gate
+        self.refusing = False
         self._tasks: set[asyncio.Future[None]] = set()
 
     async def __aenter__(self) -> PostgresProxy:
@@ -183,6 +185,9 @@ class PostgresProxy:
         self._pattern = pattern
 
     async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            client_w.close()
+            return
         if not self.gate.is_set():
             self.held += 1
             await self.gate.wait()

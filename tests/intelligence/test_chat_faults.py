@@ -377,6 +377,65 @@ async def test_a_change_whose_commit_went_unanswered_is_not_said_to_be_lost(
         assert [s["title"] for s in listing["data"]] == ["kept"]
 
 
+async def test_a_delete_whose_answer_was_lost_is_not_said_to_have_stored_nothing(
+    make_client: Any, database: str, user: str
+) -> None:
+    """A DELETE is one statement, outside an explicit transaction, and is not retried (a second
+    try would find nothing): when its connection breaks after the statement went out, PostgreSQL
+    may have carried it out, and here it did."""
+    async with PostgresProxy(database) as proxy:
+        client = await make_client(dsn=proxy.dsn)
+        h = headers(user)
+        session = await (await client.post("/api/v1/chat/sessions", json={"title": "t"}, headers=h)).json()
+        url = f"/api/v1/chat/sessions/{session['id']}"
+        proxy.cut_after(b"DELETE FROM chat_sessions")
+        resp = await client.delete(url, headers=h)
+        assert proxy.cuts == 1
+        assert resp.status == 503, await resp.text()
+        detail = (await resp.json())["detail"]
+        assert "nothing was stored" not in detail and "may have been applied" in detail
+        assert (await client.get(url, headers=h)).status == 404
+
+
+@pytest.mark.parametrize("change", ["patch", "message"])
+async def test_a_change_that_may_have_been_applied_is_read_back_from_postgres(
+    make_client: Any, database: str, user: str, change: str
+) -> None:
+    """The connection breaks after the change reached PostgreSQL, and the retry finds no server:
+    a 503 saying it may have been applied, and to read it back. The cache still held the session
+    from before, so that read served the old title, or the messages without the new one, until
+    PostgreSQL next answered some other request."""
+    async with PostgresProxy(database) as proxy:
+        client = await make_client(dsn=proxy.dsn)
+        h = headers(user)
+        session = await (await client.post("/api/v1/chat/sessions", json={"title": "old"}, headers=h)).json()
+        url = f"/api/v1/chat/sessions/{session['id']}"
+        resp = await client.post(url + "/messages", json={"role": "user", "content": "m1"}, headers=h)
+        assert resp.status == 201
+        assert (await (await client.get(url, headers=h)).json())["title"] == "old"  # cached
+        assert len((await (await client.get(url + "/messages", headers=h)).json())["data"]) == 1
+
+        proxy.cut_after(b"UPDATE chat_sessions")  # the PATCH's statement, and the append's
+        proxy.refusing = True
+        if change == "patch":
+            resp = await client.patch(url, json={"title": "new"}, headers=h)
+        else:
+            resp = await client.post(url + "/messages", json={"role": "user", "content": "m2"}, headers=h)
+        assert proxy.cuts == 1
+        assert resp.status == 503, await resp.text()
+        assert "may have been applied" in (await resp.json())["detail"]
+        proxy.refusing = False
+
+        stored = await (await client.get(url, headers=h)).json()
+        messages = await (await client.get(url + "/messages", headers=h)).json()
+        if change == "patch":
+            assert (stored["title"], stored["message_count"]) == ("new", 1)
+            assert [m["content"] for m in messages["data"]] == ["m1"]
+        else:
+            assert (stored["title"], stored["message_count"]) == ("old", 2)
+            assert [m["content"] for m in messages["data"]] == ["m1", "m2"]
+
+
 async def test_a_free_connection_killed_while_the_pool_opens_another_is_not_a_500(
     make_client: Any, database: str, user: str
 ) -> None:
