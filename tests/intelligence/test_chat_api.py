@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 from chat_helpers import Client, headers, pool
 
+from intelligence.api import MAX_DEPTH, MAX_TITLE, MESSAGES_LIMIT, SESSIONS_LIMIT
+
 # Key order that jsonb would reorder, unicode, nesting, numbers, empties and nulls.
 TOOL_CALLS: list[dict[str, Any]] = [
     {
@@ -95,6 +97,7 @@ async def test_other_users_session_is_404_everywhere(client: Client, user: str) 
     for method, url, body in [
         ("GET", base, None),
         ("PATCH", base, {"title": "stolen"}),
+        ("PATCH", base, {}),  # changes nothing, so answers with the session as it is: not theirs
         ("DELETE", base, None),
         ("GET", base + "/messages", None),
         ("POST", base + "/messages", {"role": "user", "content": "hi"}),
@@ -132,6 +135,8 @@ async def test_missing_subject_is_401_in_the_error_format(client: Client) -> Non
         ("GET", "/sessions?limit=0", None, 422, "limit"),
         ("GET", "/sessions?limit=abc", None, 422, "limit"),
         ("GET", "/sessions?limit=100000", None, 422, "limit"),
+        ("GET", f"/sessions?limit={SESSIONS_LIMIT[1] + 1}", None, 422, "limit"),
+        ("GET", f"/sessions/{ANY_ID}/messages?limit={MESSAGES_LIMIT[1] + 1}", None, 422, "limit"),
         # Only ASCII digits: int() alone would read these as 5.
         ("GET", "/sessions?limit=%D9%A5", None, 422, "limit"),
         ("GET", "/sessions?limit=%205", None, 422, "limit"),
@@ -144,12 +149,20 @@ async def test_missing_subject_is_401_in_the_error_format(client: Client) -> Non
         ("GET", "/sessions?after=" + _cursor(t="2026-11-27T03:59:15", id=ANY_ID), None, 422, "after"),
         ("GET", "/sessions?after=" + _cursor(t="0001-01-01T00:00:00+01:00", id=ANY_ID), None, 422, "after"),
         ("GET", "/sessions?after=" + _cursor(t=1764215955, id=ANY_ID), None, 422, "after"),
+        # A message cursor is a seq: not below 0, and not a boolean (JSON's true is not 1).
+        ("GET", f"/sessions/{ANY_ID}/messages?after=" + _cursor(seq=-1), None, 422, "after"),
+        ("GET", f"/sessions/{ANY_ID}/messages?after=" + _cursor(seq=True), None, 422, "after"),
         ("POST", "/sessions", b"{not json", 422, "body"),
         ("POST", "/sessions", b"[1, 2]", 422, "body"),
         ("POST", "/sessions", b'{"title": NaN}', 422, "body"),
         ("POST", "/sessions", {"title": 5}, 422, "title"),
         ("POST", "/sessions", {"metadata": [1]}, 422, "metadata"),
         ("POST", "/sessions", {"id": "nope"}, 422, "id"),
+        # A number whose digits would spell a UUID is still not one.
+        ("POST", "/sessions", {"id": 12345678901234567890123456789012}, 422, "id"),
+        ("POST", "/sessions", {"title": "x" * (MAX_TITLE + 1)}, 422, "title"),
+        # null would have replaced the metadata with {}: a PATCH replaces it only with an object.
+        ("PATCH", f"/sessions/{ANY_ID}", {"metadata": None}, 422, "metadata"),
         ("POST", "/sessions", {"titel": "typo"}, 422, "titel"),
         ("POST", "/sessions", {"title": "nul \u0000"}, 422, "body"),
         # What PostgreSQL or UTF-8 cannot hold, sent straight to the chat API (the gateway would
@@ -169,6 +182,43 @@ async def test_bad_input_is_rejected_in_the_error_format(
     assert "detail" in payload
     if field is not None:
         assert field in [e["field"] for e in payload["errors"]]
+
+
+async def test_the_largest_limits_title_and_nesting_allowed_are_accepted(client: Client, user: str) -> None:
+    """The other side of the refusals above: each bound itself is allowed."""
+    h = headers(user)
+
+    def nested(containers: int) -> dict[str, Any]:
+        # The body itself is one container, its metadata another: ``containers`` in all.
+        value: dict[str, Any] = {}
+        for _ in range(containers - 2):
+            value = {"a": value}
+        return {"metadata": value}
+
+    resp = await client.post("/api/v1/chat/sessions", json=nested(MAX_DEPTH), headers=h)
+    assert resp.status == 201, await resp.text()
+    resp = await client.post("/api/v1/chat/sessions", json=nested(MAX_DEPTH + 1), headers=h)
+    assert resp.status == 422
+    session = await new_session(client, user, title="x" * MAX_TITLE)
+    assert len(session["title"]) == MAX_TITLE
+    base = "/api/v1/chat/sessions"
+    for url in (
+        f"{base}?limit={SESSIONS_LIMIT[1]}",
+        f"{base}/{session['id']}/messages?limit={MESSAGES_LIMIT[1]}",
+    ):
+        resp = await client.get(url, headers=h)
+        assert resp.status == 200, (url, await resp.text())
+
+
+async def test_an_empty_cursor_is_the_first_page(client: Client, user: str) -> None:
+    """``after=`` with nothing after it (a client that sends back a ``next`` of null as empty)
+    starts from the beginning rather than refusing."""
+    session = await new_session(client, user, title="only")
+    await post_message(client, user, session["id"], role="user", content="first")
+    resp = await client.get("/api/v1/chat/sessions?after=", headers=headers(user))
+    assert [s["id"] for s in (await resp.json())["data"]] == [session["id"]]
+    resp = await client.get(f"/api/v1/chat/sessions/{session['id']}/messages?after=", headers=headers(user))
+    assert [m["content"] for m in (await resp.json())["data"]] == ["first"]
 
 
 @pytest.mark.parametrize(
@@ -220,6 +270,42 @@ async def test_same_message_sent_ten_times_concurrently_is_stored_once(client: C
     assert (status, payload["seq"]) == (201, 2)
 
 
+@pytest.mark.parametrize(
+    ("first", "change"),
+    [
+        ({"role": "assistant", "content": "c", "metadata": {"m": 1}}, {"metadata": {"m": 2}}),
+        ({"role": "assistant", "content": "c", "metadata": {"m": 1}}, {"metadata": {}}),
+        ({"role": "assistant", "content": "c", "tool_calls": TOOL_CALLS}, {"tool_calls": TOOL_CALLS[:1]}),
+        (
+            {"role": "assistant", "content": "c", "tool_calls": TOOL_CALLS},
+            {"role": "user", "tool_calls": None},
+        ),
+        (
+            {"role": "tool", "tool_call_id": "call_1", "tool_results": TOOL_RESULTS},
+            {"tool_call_id": "call_2"},
+        ),
+        ({"role": "tool", "tool_call_id": "call_1", "tool_results": TOOL_RESULTS}, {"tool_results": []}),
+    ],
+    ids=["metadata", "metadata-dropped", "tool_calls", "role", "tool_call_id", "tool_results"],
+)
+async def test_a_message_id_sent_again_with_another_body_is_a_409_and_the_first_is_kept(
+    client: Client, user: str, first: dict[str, Any], change: dict[str, Any]
+) -> None:
+    """Only the same body under the same id is a retry (200); any other field that differs is
+    another message, refused, not taken for the stored one."""
+    session = await new_session(client, user)
+    message_id = str(uuid.uuid4())
+    status, stored = await post_message(client, user, session["id"], id=message_id, **first)
+    assert status == 201, stored
+    status, payload = await post_message(client, user, session["id"], id=message_id, **first)
+    assert (status, payload) == (200, stored)
+    status, payload = await post_message(client, user, session["id"], id=message_id, **{**first, **change})
+    assert status == 409, payload
+    assert [e["field"] for e in payload["errors"]] == ["id"]
+    resp = await client.get(f"/api/v1/chat/sessions/{session['id']}/messages", headers=headers(user))
+    assert (await resp.json())["data"] == [stored]
+
+
 async def test_session_create_with_own_id_is_idempotent(client: Client, user: str) -> None:
     session_id = str(uuid.uuid4())
     first = await client.post(
@@ -231,7 +317,14 @@ async def test_session_create_with_own_id_is_idempotent(client: Client, user: st
     other = await client.post(
         "/api/v1/chat/sessions", json={"id": session_id, "title": "b"}, headers=headers(user)
     )
-    assert (first.status, again.status, other.status) == (201, 200, 409)
+    other_metadata = await client.post(
+        "/api/v1/chat/sessions",
+        json={"id": session_id, "title": "a", "metadata": {"k": 1}},
+        headers=headers(user),
+    )
+    assert (first.status, again.status, other.status, other_metadata.status) == (201, 200, 409, 409)
+    stored = await (await client.get(f"/api/v1/chat/sessions/{session_id}", headers=headers(user))).json()
+    assert (stored["title"], stored["metadata"]) == ("a", {})
 
 
 async def test_patch_then_delete_session(client: Client, user: str) -> None:

@@ -182,6 +182,9 @@ async def test_the_cache_holds_a_sessions_newest_messages_and_no_more(
     redis.delete(key)
     assert await page(after=5) == "67"  # a miss: read from PostgreSQL, and the window filled again
     assert held() == {"5", "6", "7"}
+    redis.delete(key)
+    assert await page(after=4, limit=2) == "56"  # the window read whole, the page no longer than asked
+    assert held() == {"5", "6", "7"}
 
 
 # (key, field, value) written by hand over a good entry: broken JSON, JSON of another shape, a
