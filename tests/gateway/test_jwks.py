@@ -34,6 +34,7 @@ class Issuer:
 
     def __init__(self) -> None:
         self.status = 503
+        self.document: dict[str, Any] = {"keys": [JWK]}
         self.hits = 0
         self.release = asyncio.Event()
         self.release.set()
@@ -44,7 +45,7 @@ class Issuer:
         await self.release.wait()
         if self.status != 200:
             return web.Response(status=self.status)
-        return web.json_response({"keys": [JWK]})
+        return web.json_response(self.document)
 
 
 @pytest.fixture
@@ -284,3 +285,96 @@ async def test_a_key_whose_kty_is_not_a_string_is_skipped(make_cache, aiohttp_se
 
     assert await jwks.get("k1") is not None
     assert set(jwks.keys) == {"k1"}
+
+
+OTHER_KEY = ec.generate_private_key(ec.SECP256R1())
+OTHER_JWK = {**jwt.algorithms.ECAlgorithm.to_jwk(OTHER_KEY.public_key(), as_dict=True), "kid": "k2"}
+
+
+def test_only_public_signature_keys_are_kept() -> None:
+    """An HMAC secret, a private key or an encryption key in a JWKS never becomes a key a token
+    may name (the middleware would refuse each for its alg too; this is the first line)."""
+    private = {**jwt.algorithms.ECAlgorithm.to_jwk(KEY, as_dict=True), "kid": "private"}
+    assert "d" in private
+    document = {
+        "keys": [
+            {"kty": "oct", "k": "c2VjcmV0LWtleS1vZi0zMi1ieXRlcy1hdC1sZWFzdCE", "kid": "hmac"},
+            private,
+            {**JWK, "kid": "encryption", "use": "enc"},
+            JWK,
+        ]
+    }
+    assert set(parse_jwks(document)) == {"k1"}
+
+
+async def test_an_empty_key_set_keeps_the_keys_loaded_before(issuer, make_cache):
+    """An issuer answering ``{"keys": []}`` (a deploy that lost its keys) is a failed fetch once
+    keys were loaded, not a set that refuses every token until it is fixed."""
+    issuer.status = 200
+    jwks = make_cache(issuer.url)
+    assert await jwks.get("k1") is not None
+    issuer.document = {"keys": []}
+    assert await jwks.get("unknown") is None  # an unknown kid refetches: the empty set
+    assert issuer.hits == 2
+    assert jwks.has("k1") and jwks.fetch_errors["invalid"] == 1
+
+
+@pytest.mark.parametrize("status", [201, 206])
+async def test_a_jwks_answered_with_a_status_other_than_200_is_not_used(make_cache, aiohttp_server, status):
+    """206 is a fragment of a document, 201 an answer to something else: only a 200 is a key set."""
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response({"keys": [JWK]}, status=status)
+
+    app = web.Application()
+    app.router.add_get("/jwks", answer)
+    jwks = make_cache(str((await aiohttp_server(app)).make_url("/jwks")))
+    with pytest.raises(JwksUnavailable, match=f"answered {status}"):
+        await jwks.get("k1")
+    assert jwks.fetch_errors["status"] == 1
+
+
+async def test_a_lookup_cancelled_at_a_cold_start_does_not_cancel_the_fetch_others_wait_for(
+    issuer, make_cache
+):
+    issuer.status = 200
+    issuer.release.clear()
+    jwks = make_cache(issuer.url)
+    first = asyncio.ensure_future(jwks.get("k1"))
+    second = asyncio.ensure_future(jwks.get("k1"))
+    await wait_for(lambda: issuer.hits == 1, what="the fetch to reach the issuer")
+    first.cancel()  # its client went away
+    issuer.release.set()
+    assert await second is not None
+    assert issuer.hits == 1
+    assert first.cancelled()
+
+
+async def test_a_sha256_thumbprint_names_a_key_before_a_sha1_one(issuer, make_cache):
+    """A token naming its key by both thumbprints, each matching a different key: the SHA-256 one
+    decides (SHA-1 is the weaker name, and may collide)."""
+    issuer.status = 200
+    issuer.document = {"keys": [{**JWK, "x5t": "c2hhLTE"}, {**OTHER_JWK, "x5t#S256": "c2hhLTI1Ng"}]}
+    jwks = make_cache(issuer.url)
+    named = await jwks.candidates(None, {"x5t": "c2hhLTE", "x5t#S256": "c2hhLTI1Ng"}, "ES256")
+    assert [key._jwk_data["kid"] for key in named] == ["k2"]
+
+
+async def test_keys_older_than_max_age_are_refreshed_behind_the_lookups(issuer, make_cache):
+    """A key the issuer removed (rotated out, revoked) is forgotten within ``max_age`` and one
+    fetch, whether or not a token names an unknown kid meanwhile; lookups never wait for it."""
+    issuer.status = 200
+    clock = Clock()
+    jwks = make_cache(issuer.url, clock=clock, max_age=300)
+    assert await jwks.get("k1") is not None
+    issuer.document = {"keys": [OTHER_JWK]}
+    clock.now += 299
+    assert await jwks.get("k1") is not None
+    assert issuer.hits == 1
+    clock.now += 1
+    issuer.release.clear()
+    assert await jwks.get("k1") is not None  # the stale set still answers while the refresh runs
+    await wait_for(lambda: issuer.hits == 2, what="the refresh to reach the issuer")
+    issuer.release.set()
+    await wait_for(lambda: jwks.has("k2"), what="the refreshed keys")
+    assert not jwks.has("k1")
