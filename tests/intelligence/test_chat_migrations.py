@@ -112,3 +112,38 @@ def test_a_migration_file_that_is_not_utf8_is_a_migration_error(tmp_path: Path) 
     (tmp_path / "0001_latin1.sql").write_bytes("SELECT 1;\n-- caf\xe9\n".encode("latin-1"))
     with pytest.raises(MigrationError, match=r"0001_latin1\.sql: not UTF-8 at byte 16 \(line 2\)$"):
         load_migrations(tmp_path)
+
+
+async def test_a_database_migrated_by_newer_code_is_refused(empty_database: str, tmp_path: Path) -> None:
+    """An older release started against a schema a newer one migrated: it does not know what
+    the later migration changed, so it refuses rather than run on it (a rollback of the code
+    alone). ``serve`` reports it through the same check."""
+    for migration in load_migrations():
+        (tmp_path / migration.name).write_text(migration.sql)
+    (tmp_path / "9999_newer.sql").write_text("CREATE TABLE newer_release (id int);\n")
+    await apply_migrations(empty_database, load_migrations(tmp_path))
+    with pytest.raises(MigrationError, match="migration 9999 applied, which this code does not know"):
+        await apply_migrations(empty_database)
+
+
+@pytest.mark.parametrize(
+    ("names", "problem"),
+    [
+        (["1_init.sql"], r"'1_init\.sql': expected NNNN_description\.sql"),
+        (["0001_Init.sql"], r"'0001_Init\.sql': expected NNNN_description\.sql"),
+        (["0002_a.sql", "0002_b.sql"], r"two migrations share version 2: 0002_a\.sql, 0002_b\.sql"),
+    ],
+)
+def test_a_misnamed_or_duplicate_migration_file_is_a_migration_error(
+    tmp_path: Path, names: list[str], problem: str
+) -> None:
+    for name in names:
+        (tmp_path / name).write_text("SELECT 1;\n")
+    with pytest.raises(MigrationError, match=problem):
+        load_migrations(tmp_path)
+
+
+def test_migrations_run_in_version_order_not_name_order(tmp_path: Path) -> None:
+    for name in ("10000_later.sql", "9999_earlier.sql", "README.txt"):
+        (tmp_path / name).write_text("SELECT 1;\n")
+    assert [m.version for m in load_migrations(tmp_path)] == [9999, 10000]
