@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psycopg2.extensions
 import pytest
 import yaml
 from aiohttp import web
@@ -88,6 +89,32 @@ def write(tmp_path: Path, config: Any) -> str:
             with_change("routes.0.rate_limit", "5/fortnight"), "routes[0].rate_limit", id="bad-period"
         ),
         pytest.param(with_change("routes.1.service", "nope"), "routes[1].service", id="unknown-service"),
+        pytest.param(
+            with_change("services.cluster-registry.urls", ["http://127.0.0.1:9004"]),
+            "services.cluster-registry: give exactly one of url or urls",
+            id="url-and-urls",
+        ),
+        pytest.param(
+            with_change("services.cluster-registry.health_path", "health"),
+            "services.cluster-registry.health_path",
+            id="health-path-not-a-path",
+        ),
+        pytest.param(
+            with_change("services.cluster-registry.timeout", {"connect": 0, "read": 5}),
+            "services.cluster-registry.timeout.connect",
+            id="zero-connect-timeout",
+        ),
+        pytest.param(
+            with_change("routes.0.content_types", []), "routes[0].content_types", id="no-content-types"
+        ),
+        pytest.param(
+            {
+                "services": {"Cluster Registry": {"url": "http://a"}},
+                "routes": [{"prefix": "/", "service": "a"}],
+            },
+            "'Cluster Registry' is not a valid name",
+            id="service-name-not-a-name",
+        ),
         pytest.param(
             with_change("services.cluster-registry.url", "ftp://127.0.0.1"),
             "services.cluster-registry.url",
@@ -436,6 +463,54 @@ def test_cors_origins_are_kept_as_a_browser_sends_them() -> None:
         "http://[::1]",
         "https://xn--bcher-kva.example",
     )
+
+
+@pytest.mark.parametrize(
+    ("env", "problem"),
+    [
+        ({"REDIS_URL": "http://cache:6379/0"}, "REDIS_URL: expected redis://, rediss:// or unix://"),
+        ({"TRACE_SAMPLE_RATE": "1.5"}, "TRACE_SAMPLE_RATE: must be between 0 and 1"),
+        ({"CORS_ALLOW_ORIGINS": "*,https://a.example"}, "CORS_ALLOW_ORIGINS: '*' cannot be combined"),
+        ({"AUTH_ALGORITHMS": "RS256,none"}, "AUTH_ALGORITHMS: 'none' is not a supported signing algorithm"),
+        ({"AUTH_ALGORITHMS": "HS1"}, "AUTH_ALGORITHMS: 'HS1' is not a supported signing algorithm"),
+        ({"LOG_LEVEL": "verbose"}, "LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR"),
+        ({"POSTGRES_HOST": "db", "POSTGRES_PORT": "99999"}, "POSTGRES_PORT"),
+    ],
+)
+def test_a_bad_environment_value_names_the_variable(env: dict[str, str], problem: str) -> None:
+    with pytest.raises(SettingsError) as error:
+        load_settings(env)
+    assert str(error.value).startswith(problem), str(error.value)
+
+
+def test_postgres_parts_with_quotes_and_backslashes_make_a_dsn_libpq_reads_back() -> None:
+    parts = {"host": "db.internal", "user": "chat o'neil", "password": "p'w\\d x=1", "dbname": "chat"}
+    dsn = load_settings(
+        {f"POSTGRES_{k.upper() if k != 'dbname' else 'DB'}": v for k, v in parts.items()}
+    ).postgres_dsn
+    assert dsn is not None
+    assert psycopg2.extensions.parse_dsn(dsn) == parts
+
+
+def test_a_routes_default_body_limit_is_the_default_tables_only_at_a_path_boundary(tmp_path: Path) -> None:
+    """A file's route without ``max_body`` takes the contract's default for its prefix: 64KB for
+    /api/v1/chat and what is under it, not for /api/v1/chatbots, which is another path."""
+    config = {
+        "services": {"a": {"url": "http://127.0.0.1:9001"}},
+        "routes": [
+            {"prefix": p, "service": "a"} for p in ("/api/v1/chat", "/api/v1/chat/x", "/api/v1/chatbots")
+        ],
+    }
+    limits = [route.max_body for route in load_settings({"GATEWAY_CONFIG": write(tmp_path, config)}).routes]
+    assert limits == [64 * 1024, 64 * 1024, 1024 * 1024]
+
+
+def test_the_streaming_service_reads_for_minutes_by_default_the_others_for_seconds() -> None:
+    """An event stream may say nothing for a long while; a request/response backend that does is
+    stuck."""
+    services = load_settings({}).services
+    assert services["realtime-streaming"].timeout.read == 300.0
+    assert services["cluster-registry"].timeout.read == Timeouts.read < 300.0
 
 
 @pytest.mark.parametrize(
