@@ -34,6 +34,7 @@ TRUSTED = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8"))
         # IPv6, normalised; IPv4-mapped IPv6 shown as IPv4.
         ("fd00::1", ["2001:DB8:0:0::7"], TRUSTED, "2001:db8::7"),
         ("::ffff:203.0.113.7", ["1.2.3.4"], TRUSTED, "203.0.113.7"),
+        ("::ffff:203.0.113.7", [], [], "203.0.113.7"),  # with no proxy trusted at all, too
         ("::ffff:10.0.0.1", ["198.51.100.9"], TRUSTED, "198.51.100.9"),
         # Not an IP peer (Unix socket) or none at all.
         ("", ["1.2.3.4"], TRUSTED, "unknown"),

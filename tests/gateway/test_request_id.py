@@ -3,7 +3,9 @@ returned on the response, on the span; hostile values written byte for byte on a
 
 from __future__ import annotations
 
+import os
 import re
+import warnings
 from typing import Any
 
 import pytest
@@ -106,3 +108,29 @@ async def test_an_upstreams_own_request_id_on_its_answer_passes_through_untouche
         assert arrived == client_id
     else:
         assert GENERATED.fullmatch(arrived), arrived
+
+
+def test_a_forked_worker_makes_ids_of_its_own() -> None:
+    """``GATEWAY_WORKERS`` forks its workers: without a new seed each would hand out the ids its
+    siblings do, and one id in the access log would name several requests."""
+    from gateway.middleware.request_id import new_request_id
+
+    new_request_id()
+    read, write = os.pipe()
+    with warnings.catch_warnings():
+        # Python 3.12+ warns that a fork of a process with threads may deadlock in the child: this
+        # child only writes to a pipe and leaves, taking no lock.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: one id, then out without running anything of pytest's
+        os.write(write, new_request_id().encode())
+        os._exit(0)
+    os.close(write)
+    try:
+        child = os.read(read, 256).decode()
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+    parent = new_request_id()
+    assert len(child) == len(parent) == 32
+    assert child[:16] != parent[:16]  # the per-process part
