@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
+import time
 import uuid
 from asyncio.subprocess import PIPE, STDOUT
 from pathlib import Path
@@ -18,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.keys import limiter_key, tracing_key
+from gateway.metrics import Metrics
 from gateway.reload import reload_routes
 from tests.helpers import one_service, parse_responses, raw_exchange, wait_for
 
@@ -29,7 +32,8 @@ async def scrape(client: Any) -> dict[str, dict[tuple[tuple[str, str], ...], flo
     """``{sample name: {sorted label pairs: value}}`` from one scrape."""
     response = await client.get("/metrics")
     assert response.status == 200
-    assert response.content_type == "text/plain"
+    # The text exposition format's own type (Prometheus falls back to it for a bare text/plain).
+    assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
     samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
     for family in text_string_to_metric_families(await response.text()):
         for sample in family.samples:
@@ -69,6 +73,25 @@ async def test_requests_by_route_method_and_status_class(make_gateway: Any, make
     assert value(samples, "gateway_upstream_duration_seconds_count", service="svc") == 4
     assert value(samples, "gateway_requests_in_flight") == 1  # the scrape itself
     assert value(samples, "gateway_process_info", pid=str(os.getpid())) == 1
+
+
+def test_a_duration_on_a_bucket_bound_counts_in_that_bucket_and_labels_stay_bounded() -> None:
+    """Prometheus buckets are upper bounds, inclusive (``le``). A method outside the usual ones and
+    a reason the gateway does not know are not made into labels of their own."""
+    metrics = Metrics()
+    metrics.record_request("/r", "GET", 200, 0.005)
+    metrics.record_request("/r", "PROPFIND", 207, 0.5)
+    metrics.record_rejection("/r", 401, "made-up")
+    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    bucket = "gateway_request_duration_seconds_bucket"
+    assert value(samples, bucket, route="/r", method="GET", le="0.0025") == 0
+    assert value(samples, bucket, route="/r", method="GET", le="0.005") == 1
+    assert value(samples, "gateway_requests_total", route="/r", method="OTHER", status="2xx") == 1
+    assert {dict(labels)["method"] for labels in samples["gateway_requests_total"]} == {"GET", "OTHER"}
+    assert "gateway_auth_failures_total" not in samples
 
 
 async def test_random_paths_methods_hosts_and_request_ids_add_no_series(
@@ -114,6 +137,33 @@ async def test_in_flight_counts_a_slow_request(make_gateway: Any, make_upstream:
     release.set()
     assert (await pending).status == 200
     assert value(await scrape(client), "gateway_requests_in_flight") == 1
+
+
+async def test_a_client_that_leaves_before_its_answer_is_counted_as_4xx_not_5xx(
+    make_gateway: Any, make_upstream: Any
+) -> None:
+    """nginx's 499: the gateway did nothing wrong, and an alert on the 5xx rate must not fire
+    because clients give up on a slow backend."""
+    arrived = asyncio.Event()
+
+    async def never(request: web.Request) -> web.Response:
+        arrived.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    upstream = await make_upstream(never)
+    client = await make_gateway(one_service(upstream.url))
+    leaving = asyncio.ensure_future(client.get("/slow"))
+    await asyncio.wait_for(arrived.wait(), 5)
+    leaving.cancel()  # the client closes its connection
+    with contextlib.suppress(asyncio.CancelledError):
+        await leaving
+
+    deadline = time.monotonic() + 5
+    while value(await scrape(client), "gateway_requests_total", route="/", method="GET", status="4xx") != 1:
+        assert time.monotonic() < deadline, "the abandoned request was never counted"
+        await asyncio.sleep(0.01)
+    assert value(await scrape(client), "gateway_requests_total", route="/", method="GET", status="5xx") == 0
 
 
 async def test_upstream_errors_by_kind(
@@ -176,6 +226,7 @@ async def test_rejections_by_rate_limit_auth_and_validation(make_gateway: Any, m
     ).status == 413
     assert (await client.post(chat, data=b"{}", headers={"Content-Type": "text/plain"})).status == 415
     assert (await client.post(chat, json={"title": 5})).status == 422
+    assert (await client.get("/nowhere")).status == 404  # refused too, but not for its body
 
     samples = await scrape(client)
     assert samples["gateway_ratelimit_rejections_total"] == {(("route", "/limited"),): 1.0}
