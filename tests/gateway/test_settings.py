@@ -600,6 +600,11 @@ def test_check_config_prints_the_table_for_a_good_file(tmp_path: Path) -> None:
     assert "configuration OK" in result.stdout
     for text in ("/api/v1/clusters", "/api/v1/metrics", "cluster-registry", "128KB", "unlimited"):
         assert text in result.stdout
+    assert "100/minute" in result.stdout and "600/minute (default)" in result.stdout
+    # A size shown in the largest unit that holds it whole, never rounded.
+    result = check_config(write(tmp_path, with_change("routes.0.max_body", "1536KB")))
+    (line,) = [line for line in result.stdout.splitlines() if "/api/v1/clusters" in line]
+    assert line.split()[2] == "1536KB", line
 
 
 def test_check_config_keeps_its_columns_for_long_prefixes_and_service_names(

@@ -135,7 +135,75 @@ def test_token_mints_what_the_gateway_accepts(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     claims = jwt.decode(result.stdout.strip(), secret, algorithms=["HS256"])
     assert (claims["sub"], claims["scope"]) == ("alice", "read write")
+    assert claims["exp"] - claims["iat"] == 3600
+    assert "iss" not in claims and "aud" not in claims
     assert not any(tmp_path.iterdir())  # with AUTH_JWT_SECRET the data dir is not touched
+
+
+def test_a_token_carries_its_ttl_and_the_issuer_and_audience_the_gateway_checks(tmp_path: Path) -> None:
+    secret = "a-development-secret-of-at-least-32-bytes"
+    env = program_env(
+        AUTH_JWT_SECRET=secret, AUTH_ISSUER="https://issuer.example", AUTH_AUDIENCE="platform-api"
+    )
+    result = run_program("gateway", "token", "--sub", "alice", "--ttl", "120", env=env)
+
+    assert result.returncode == 0, result.stderr
+    claims = jwt.decode(
+        result.stdout.strip(),
+        secret,
+        algorithms=["HS256"],
+        issuer="https://issuer.example",
+        audience="platform-api",
+    )
+    assert claims["exp"] - claims["iat"] == 120
+
+
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [
+        (["--sub", "alice", "--ttl", "0"], "--ttl must be a positive number of seconds"),
+        (["--sub", "alice", "--ttl", "-5"], "--ttl must be a positive number of seconds"),
+        (["--sub", "al\x01ice"], "--sub: "),  # a control character, as the gateway refuses one
+    ],
+)
+def test_the_token_command_refuses_what_the_gateway_would_refuse(
+    tmp_path: Path, args: list[str], problem: str
+) -> None:
+    result = run_program(
+        "gateway", "token", *args, env=program_env(AUTH_JWT_SECRET="s" * 32, GATEWAY_DATA_DIR=str(tmp_path))
+    )
+    assert refusal(result).startswith(f"gateway: {problem}")
+
+
+def test_a_development_secret_is_made_readable_by_its_owner_only(tmp_path: Path) -> None:
+    """Anyone who can read it can mint tokens the gateway accepts."""
+    result = run_program(
+        "gateway", "token", "--sub", "alice", env=program_env(GATEWAY_DATA_DIR=str(tmp_path))
+    )
+
+    assert result.returncode == 0, result.stderr
+    (secret_file,) = tmp_path.iterdir()
+    assert secret_file.stat().st_mode & 0o777 == 0o600
+    jwt.decode(result.stdout.strip(), secret_file.read_text().strip(), algorithms=["HS256"])
+
+
+@pytest.mark.parametrize(
+    ("env", "warning"),
+    [
+        ({"AUTH_ENABLED": "false"}, "AUTH_ENABLED=false: requests are NOT authenticated"),
+        ({}, "no AUTH_JWKS_URL or AUTH_JWT_SECRET: every route with auth: required answers 401"),
+    ],
+    ids=["auth-off", "no-keys"],
+)
+async def test_a_gateway_that_cannot_authenticate_says_so_at_start(
+    make_upstream: Any, tmp_path: Path, env: dict[str, str], warning: str
+) -> None:
+    upstream = await make_upstream()
+    async with running_gateway(one_service(upstream.url), tmp_path, **env) as gateway:
+        await wait_for(lambda: '"msg": "listening"' in gateway.log.read_text(), what="the listening line")
+        lines = [json.loads(line) for line in gateway.log.read_text().splitlines() if line.startswith("{")]
+    (found,) = [line for line in lines if line["msg"].startswith(warning)]
+    assert found["level"] == "warning"
 
 
 @pytest.mark.parametrize(
