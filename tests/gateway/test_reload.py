@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -144,17 +145,27 @@ async def test_two_reloads_in_quick_succession_leave_the_later_file_in_force(
     # as when a file on a slow volume changes between two SIGHUPs.
     pipe = tmp_path / "slow.yaml"
     os.mkfifo(pipe)
+    written = threading.Event()
+
+    def write_pipe() -> None:
+        if written.is_set():
+            return
+        written.set()
+        with pipe.open("w") as writer:
+            writer.write(yaml.safe_dump(table({"/a": first_url})))
+
+    # A reload that read its file on the event loop would stop the loop in that read, and this
+    # test with it, for good: a thread feeds the pipe after 10 s at the latest, so it fails instead.
+    fallback = threading.Timer(10, write_pipe)
+    fallback.daemon = True
+    fallback.start()
     first = asyncio.ensure_future(reload_routes(client.app, {"GATEWAY_CONFIG": str(pipe)}))
     later = tmp_path / "later.yaml"
     later.write_text(yaml.safe_dump(table({"/a": second_url})))
     second = asyncio.ensure_future(reload_routes(client.app, {"GATEWAY_CONFIG": str(later)}))
     went_ahead, _ = await asyncio.wait([second], timeout=0.2)
-
-    def write_pipe() -> None:
-        with pipe.open("w") as writer:
-            writer.write(yaml.safe_dump(table({"/a": first_url})))
-
     await asyncio.get_running_loop().run_in_executor(None, write_pipe)
+    fallback.cancel()
     assert await asyncio.wait_for(first, 5) is True
     assert await asyncio.wait_for(second, 5) is True
     assert not went_ahead, "the second reload went ahead while the first was still reading its file"
