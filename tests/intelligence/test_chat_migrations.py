@@ -147,3 +147,24 @@ def test_migrations_run_in_version_order_not_name_order(tmp_path: Path) -> None:
     for name in ("10000_later.sql", "9999_earlier.sql", "README.txt"):
         (tmp_path / name).write_text("SELECT 1;\n")
     assert [m.version for m in load_migrations(tmp_path)] == [9999, 10000]
+
+
+def test_migrate_applies_the_migrations_of_intelligence_migrations_dir(
+    empty_database: str, tmp_path: Path
+) -> None:
+    for migration in load_migrations():
+        (tmp_path / migration.name).write_text(migration.sql)
+    (tmp_path / "0002_extra.sql").write_text("CREATE TABLE extra_from_the_operator (id int);\n")
+    env = {
+        "POSTGRES_DSN": empty_database,
+        "PYTHONPATH": str(ROOT),
+        "LOG_LEVEL": "WARNING",
+        "INTELLIGENCE_MIGRATIONS_DIR": str(tmp_path),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "intelligence", "migrate"],
+        cwd=ROOT, env={**_base_env(), **env}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    names = ", ".join([*(m.name for m in load_migrations()), "0002_extra.sql"])
+    assert result.stdout.strip().splitlines()[-1] == f"applied 2 migration(s): {names}"

@@ -37,6 +37,11 @@ def test_settings_from_the_contracts_variables() -> None:
         ({"POSTGRES_DSN": "host=db colour=red"}, 'POSTGRES_DSN: .*"colour"'),
         ({"INTELLIGENCE_MIGRATIONS_DIR": "/nope"}, "INTELLIGENCE_MIGRATIONS_DIR: /nope does not exist"),
         ({"INTELLIGENCE_MIGRATIONS_DIR": __file__}, "INTELLIGENCE_MIGRATIONS_DIR: .* is not a directory"),
+        # A pool of no connections, a connect timeout below libpq's whole second, a cache entry
+        # that expires as it is written.
+        ({"POSTGRES_DSN": "host=db", "POSTGRES_POOL_MAX": "0"}, "POSTGRES_POOL_MAX"),
+        ({"POSTGRES_DSN": "host=db", "POSTGRES_CONNECT_TIMEOUT": "0.5"}, "POSTGRES_CONNECT_TIMEOUT"),
+        ({"POSTGRES_DSN": "host=db", "CHAT_CACHE_TTL": "0"}, "CHAT_CACHE_TTL"),
     ],
 )
 def test_bad_values_name_their_key(env: dict[str, str], key: str) -> None:
@@ -48,3 +53,13 @@ def test_an_unreachable_redis_fails_the_test_with_how_to_start_it() -> None:
     with pytest.raises(pytest.fail.Exception, match="redis-server --daemonize yes"):
         redis_sync("redis://127.0.0.1:1/0")
     assert "pg_ctlcluster --skip-systemctl-redirect" in PG_HINT and REDIS_HINT
+
+
+def test_a_database_found_by_other_means_is_the_address_and_postgres_variables_tune_the_pool() -> None:
+    """``python -m gateway up`` passes its embedded server's address: a stray ``POSTGRES_HOST``
+    must not send the chat elsewhere, while ``POSTGRES_POOL_MAX`` still applies."""
+    settings = load_settings(
+        {"POSTGRES_HOST": "elsewhere", "POSTGRES_POOL_MAX": "5"}, dsn="host=/tmp/embedded dbname=chat"
+    )
+    assert settings.postgres.dsn == "host=/tmp/embedded dbname=chat"
+    assert settings.postgres.pool_max == 5
