@@ -28,17 +28,25 @@ SECRET = "metrics-test-secret-" + "x" * 32
 KEY = ec.generate_private_key(ec.SECP256R1())
 
 
-async def scrape(client: Any) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
-    """``{sample name: {sorted label pairs: value}}`` from one scrape."""
+Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
+
+
+def parse(text: str) -> Samples:
+    """``{sample name: {sorted label pairs: value}}`` from an exposition."""
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+async def scrape(client: Any) -> Samples:
+    """``parse`` of one scrape."""
     response = await client.get("/metrics")
     assert response.status == 200
     # The text exposition format's own type (Prometheus falls back to it for a bare text/plain).
     assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
-    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
-    for family in text_string_to_metric_families(await response.text()):
-        for sample in family.samples:
-            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
-    return samples
+    return parse(await response.text())
 
 
 def value(samples: dict[str, Any], name: str, **labels: str) -> float:
@@ -82,10 +90,7 @@ def test_a_duration_on_a_bucket_bound_counts_in_that_bucket_and_labels_stay_boun
     metrics.record_request("/r", "GET", 200, 0.005)
     metrics.record_request("/r", "PROPFIND", 207, 0.5)
     metrics.record_rejection("/r", 401, "made-up")
-    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
-    for family in text_string_to_metric_families(metrics.render().decode()):
-        for sample in family.samples:
-            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    samples = parse(metrics.render().decode())
     bucket = "gateway_request_duration_seconds_bucket"
     assert value(samples, bucket, route="/r", method="GET", le="0.0025") == 0
     assert value(samples, bucket, route="/r", method="GET", le="0.005") == 1

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from gateway.middleware.request_id import new_request_id
 from tests.helpers import get_request, one_service, parse_responses, raw_exchange
 
 GENERATED = re.compile("[0-9a-f]{32}")
@@ -113,8 +114,6 @@ async def test_an_upstreams_own_request_id_on_its_answer_passes_through_untouche
 def test_a_forked_worker_makes_ids_of_its_own() -> None:
     """``GATEWAY_WORKERS`` forks its workers: without a new seed each would hand out the ids its
     siblings do, and one id in the access log would name several requests."""
-    from gateway.middleware.request_id import new_request_id
-
     new_request_id()
     read, write = os.pipe()
     with warnings.catch_warnings():

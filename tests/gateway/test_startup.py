@@ -187,6 +187,13 @@ def test_a_development_secret_is_made_readable_by_its_owner_only(tmp_path: Path)
     jwt.decode(result.stdout.strip(), secret_file.read_text().strip(), algorithms=["HS256"])
 
 
+async def start_lines(gateway: Any) -> list[dict[str, Any]]:
+    """The JSON lines a gateway logged up to "listening": one thread writes them in order, and
+    the start-up warnings come before that line."""
+    await wait_for(lambda: '"msg": "listening"' in gateway.log.read_text(), what="the listening line")
+    return [json.loads(line) for line in gateway.log.read_text().splitlines() if line.startswith("{")]
+
+
 @pytest.mark.parametrize(
     ("env", "warning"),
     [
@@ -200,8 +207,7 @@ async def test_a_gateway_that_cannot_authenticate_says_so_at_start(
 ) -> None:
     upstream = await make_upstream()
     async with running_gateway(one_service(upstream.url), tmp_path, **env) as gateway:
-        await wait_for(lambda: '"msg": "listening"' in gateway.log.read_text(), what="the listening line")
-        lines = [json.loads(line) for line in gateway.log.read_text().splitlines() if line.startswith("{")]
+        lines = await start_lines(gateway)
     (found,) = [line for line in lines if line["msg"].startswith(warning)]
     assert found["level"] == "warning"
 
@@ -214,9 +220,7 @@ async def test_trusting_every_address_is_warned_about_at_start(
 ) -> None:
     upstream = await make_upstream()
     async with running_gateway(one_service(upstream.url), tmp_path, TRUSTED_PROXIES=trusted) as gateway:
-        # One thread writes the lines in order, and the warning comes before "listening".
-        await wait_for(lambda: '"msg": "listening"' in gateway.log.read_text(), what="the listening line")
-        lines = [json.loads(line) for line in gateway.log.read_text().splitlines() if line.startswith("{")]
+        lines = await start_lines(gateway)
     warnings = [line for line in lines if "TRUSTED_PROXIES" in line["msg"]]
     if warned is None:
         assert warnings == []

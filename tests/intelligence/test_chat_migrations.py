@@ -41,13 +41,22 @@ async def test_concurrent_migrations_on_separate_connections_apply_each_file_onc
     assert await applied_versions(empty_database) == [m.version for m in load_migrations()]
 
 
+def copy_shipped_migrations(directory: Path, *, suffix: str = "") -> None:
+    for migration in load_migrations():
+        (directory / migration.name).write_text(migration.sql + suffix)
+
+
+def migrate_env(dsn: str, **extra: str) -> dict[str, str]:
+    """``python -m intelligence migrate``'s environment: this worktree's code against ``dsn``."""
+    return {**_base_env(), "POSTGRES_DSN": dsn, "PYTHONPATH": str(ROOT), "LOG_LEVEL": "WARNING", **extra}
+
+
 def test_two_migrate_processes_at_once(empty_database: str) -> None:
-    env = {"POSTGRES_DSN": empty_database, "PYTHONPATH": str(ROOT), "LOG_LEVEL": "WARNING"}
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "intelligence", "migrate"],
             cwd=ROOT,
-            env={**_base_env(), **env},
+            env=migrate_env(empty_database),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -73,8 +82,7 @@ def test_serve_refuses_to_start_while_migrations_are_pending(empty_database: str
 
 
 async def test_a_failing_migration_leaves_no_trace(empty_database: str, tmp_path: Path) -> None:
-    for migration in load_migrations():
-        (tmp_path / migration.name).write_text(migration.sql)
+    copy_shipped_migrations(tmp_path)
     (tmp_path / "9999_broken.sql").write_text(
         "CREATE TABLE half_done (id int);\nSELECT no_such_function();\n"
     )
@@ -88,8 +96,7 @@ async def test_a_failing_migration_leaves_no_trace(empty_database: str, tmp_path
 
 async def test_an_applied_migration_that_was_edited_is_refused(empty_database: str, tmp_path: Path) -> None:
     await apply_migrations(empty_database)
-    for migration in load_migrations():
-        (tmp_path / migration.name).write_text(migration.sql + "\n-- edited\n")
+    copy_shipped_migrations(tmp_path, suffix="\n-- edited\n")
     with pytest.raises(MigrationError, match="changed after it was applied"):
         await apply_migrations(empty_database, load_migrations(tmp_path))
 
@@ -118,8 +125,7 @@ async def test_a_database_migrated_by_newer_code_is_refused(empty_database: str,
     """An older release started against a schema a newer one migrated: it does not know what
     the later migration changed, so it refuses rather than run on it (a rollback of the code
     alone). ``serve`` reports it through the same check."""
-    for migration in load_migrations():
-        (tmp_path / migration.name).write_text(migration.sql)
+    copy_shipped_migrations(tmp_path)
     (tmp_path / "9999_newer.sql").write_text("CREATE TABLE newer_release (id int);\n")
     await apply_migrations(empty_database, load_migrations(tmp_path))
     with pytest.raises(MigrationError, match="migration 9999 applied, which this code does not know"):
@@ -152,18 +158,12 @@ def test_migrations_run_in_version_order_not_name_order(tmp_path: Path) -> None:
 def test_migrate_applies_the_migrations_of_intelligence_migrations_dir(
     empty_database: str, tmp_path: Path
 ) -> None:
-    for migration in load_migrations():
-        (tmp_path / migration.name).write_text(migration.sql)
+    copy_shipped_migrations(tmp_path)
     (tmp_path / "0002_extra.sql").write_text("CREATE TABLE extra_from_the_operator (id int);\n")
-    env = {
-        "POSTGRES_DSN": empty_database,
-        "PYTHONPATH": str(ROOT),
-        "LOG_LEVEL": "WARNING",
-        "INTELLIGENCE_MIGRATIONS_DIR": str(tmp_path),
-    }
     result = subprocess.run(
         [sys.executable, "-m", "intelligence", "migrate"],
-        cwd=ROOT, env={**_base_env(), **env}, capture_output=True, text=True, timeout=60,
+        cwd=ROOT, env=migrate_env(empty_database, INTELLIGENCE_MIGRATIONS_DIR=str(tmp_path)),
+        capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     names = ", ".join([*(m.name for m in load_migrations()), "0002_extra.sql"])

@@ -39,9 +39,9 @@ def test_settings_from_the_contracts_variables() -> None:
         ({"INTELLIGENCE_MIGRATIONS_DIR": __file__}, "INTELLIGENCE_MIGRATIONS_DIR: .* is not a directory"),
         # A pool of no connections, a connect timeout below libpq's whole second, a cache entry
         # that expires as it is written.
-        ({"POSTGRES_DSN": "host=db", "POSTGRES_POOL_MAX": "0"}, "POSTGRES_POOL_MAX"),
-        ({"POSTGRES_DSN": "host=db", "POSTGRES_CONNECT_TIMEOUT": "0.5"}, "POSTGRES_CONNECT_TIMEOUT"),
-        ({"POSTGRES_DSN": "host=db", "CHAT_CACHE_TTL": "0"}, "CHAT_CACHE_TTL"),
+        ({"POSTGRES_POOL_MAX": "0"}, "POSTGRES_POOL_MAX"),
+        ({"POSTGRES_CONNECT_TIMEOUT": "0.5"}, "POSTGRES_CONNECT_TIMEOUT"),
+        ({"CHAT_CACHE_TTL": "0"}, "CHAT_CACHE_TTL"),
     ],
 )
 def test_bad_values_name_their_key(env: dict[str, str], key: str) -> None:
