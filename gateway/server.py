@@ -188,6 +188,13 @@ def _is_ipv6_any(host: str) -> bool:
 PROCESS_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 
+def stop_signals_now() -> tuple[signal.Signals, ...]:
+    """The signals that stop the process: SIGTERM, and SIGINT unless it is ignored now."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        return (signal.SIGTERM,)
+    return (signal.SIGTERM, signal.SIGINT)
+
+
 def ignore_process_signals() -> None:
     """Once nothing is left to stop or reload. Ignored rather than reset: a default action would
     turn a drained process's exit code into -15, -2 (a KeyboardInterrupt) or 129, and the
@@ -243,7 +250,9 @@ async def serve(
     # SIGHUP. A plain handler is replaced by SIG_IGN in one sigaction, so no default action is ever
     # in force. They run on the main thread, where the loop runs, and call_soon_threadsafe wakes
     # it, so an idle gateway acts at once.
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    # SIGINT ignored at start stays ignored, as Python itself leaves it: a shell starts a
+    # background job so, and the terminal's Ctrl-C, sent to the whole process group, is not for it.
+    for signum in stop_signals_now():
         signal.signal(signum, lambda _signum, _frame: loop.call_soon_threadsafe(stop.set))
     hangups: set[asyncio.Task[object]] = set()
     taking_hangups = on_hangup is not None or signal.getsignal(signal.SIGHUP) != signal.SIG_IGN
@@ -371,15 +380,15 @@ def run_workers(
     workers: list[_Worker] = []
     stopping = False
     supervisor = os.getpid()
+    stop_signals = stop_signals_now()  # the workers' too: a SIGINT ignored here is ignored there
 
     def in_worker(reports: Connection) -> None:
         # The supervisor's handlers are no use in a worker: stop plainly until serve() installs
         # the worker's own. SIGHUP stays blocked, as it was at the fork, until then (serve): a
         # reload sent while the worker starts is kept pending, not ignored; the worker would
         # otherwise keep the table it was forked with, older than the supervisor's.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        for signum in (*stop_signals, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})  # see start_worker
         stop_with_parent(supervisor)
         serving = False
@@ -442,9 +451,8 @@ def run_workers(
             on_hangup()
         signal_workers(signum)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGHUP, forward)
+    for signum in (*stop_signals, signal.SIGHUP):
+        signal.signal(signum, forward)
     for _ in range(count):
         start_worker()
     failure: str | None = None

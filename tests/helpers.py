@@ -7,6 +7,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -313,8 +314,19 @@ async def wait_ready(
             await asyncio.sleep(0.01)
 
 
-def _limit_open_files(limit: int) -> None:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+def signals_in(pid: int, field: str) -> set[signal.Signals]:
+    """The signals a process has in ``field`` of its /proc status: ``SigCgt`` (caught by a
+    handler), ``SigIgn`` (ignored), ``SigBlk`` (blocked)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(next(line for line in status.splitlines() if line.startswith(f"{field}:")).split()[1], 16)
+    return {s for s in signal.Signals if mask & (1 << (s - 1))}
+
+
+def _in_child(open_files: int | None, sigint_ignored: bool) -> None:
+    if open_files is not None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+    if sigint_ignored:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell starts a background job
 
 
 @dataclass
@@ -341,12 +353,14 @@ async def running_gateway(
     tmp_path: Path,
     *,
     open_files: int | None = None,
+    sigint_ignored: bool = False,
     host: str = "127.0.0.1",
     **env: str,
 ) -> AsyncIterator[GatewayProcess]:
     """``python -m gateway`` with ``config`` as its file and ``env`` added, ready when entered (its
     output in ``log``); killed on the way out unless the test stopped it. ``open_files`` sets the
-    process's RLIMIT_NOFILE (``ulimit -n``); ``host`` is its GATEWAY_HOST."""
+    process's RLIMIT_NOFILE (``ulimit -n``), ``sigint_ignored`` starts it with SIGINT ignored;
+    ``host`` is its GATEWAY_HOST."""
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     port = free_port(host)
@@ -362,7 +376,7 @@ async def running_gateway(
     with log_path.open("wb") as log:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gateway", cwd=ROOT, env=variables, stdout=log, stderr=log,
-            preexec_fn=None if open_files is None else partial(_limit_open_files, open_files),
+            preexec_fn=partial(_in_child, open_files, sigint_ignored) if open_files is not None or sigint_ignored else None,
         )  # fmt: skip
     gateway = GatewayProcess(process, port, log_path, host)
     try:

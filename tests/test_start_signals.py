@@ -6,18 +6,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, program_env
+from tests.helpers import ROOT, program_env, signals_in
 
 
 def _catches_sigterm(pid: int) -> bool:
     """The program has run its ``__main__``'s first lines: SIGTERM's handler, installed last."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
-    return bool(caught & (1 << (signal.SIGTERM - 1)))
+    return signal.SIGTERM in signals_in(pid, "SigCgt")
 
 
 @pytest.mark.parametrize("program", ["gateway", "intelligence"])

@@ -18,7 +18,7 @@ import pytest
 from aiohttp import WSMsgType, web
 
 from gateway.keys import lifecycle_key
-from tests.helpers import ROOT, free_port, one_service, running_gateway, wait_for
+from tests.helpers import ROOT, free_port, one_service, running_gateway, signals_in, wait_for
 from tests.wsframes import CLOSE, close_payload, raw_client, read_frame
 
 SHUTDOWN_TIMEOUT = 1.5  # seconds; the drain waits it out (a stuck request), so it is kept short
@@ -160,6 +160,35 @@ async def test_stop_signals_that_keep_coming_after_the_drain_leave_the_exit_code
         log = gateway.log.read_text()
         assert gateway.process.returncode == 0, log
         assert "Traceback" not in log, log
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_a_gateway_started_with_sigint_ignored_keeps_it_ignored(
+    make_upstream: Any, tmp_path: Path, workers: str
+) -> None:
+    """A shell starts a background job (`python -m gateway &` in a script) with SIGINT ignored:
+    the terminal's Ctrl-C goes to the whole process group and is not for it. The gateway caught
+    it anyway and drained, workers and all. SIGTERM still stops it."""
+    upstream = await make_upstream()
+    async with running_gateway(
+        one_service(upstream.url), tmp_path, sigint_ignored=True, GATEWAY_WORKERS=workers, LOG_LEVEL="WARNING"
+    ) as gateway:
+        supervisor = gateway.process.pid
+        if workers == "2":
+            await wait_for(lambda: len(children_of(supervisor)) == 2, what="both workers")
+        pids = [supervisor, *children_of(supervisor)]
+        # Serving: each has its SIGTERM handler (a worker's, serve()'s; the supervisor's, forward).
+        await wait_for(
+            lambda: all(signal.SIGTERM in signals_in(pid, "SigCgt") for pid in pids), what="the handlers"
+        )
+        for pid in pids:
+            assert signal.SIGINT in signals_in(pid, "SigIgn"), pid
+            assert signal.SIGINT not in signals_in(pid, "SigCgt"), pid
+            os.kill(pid, signal.SIGINT)
+        async with aiohttp.ClientSession() as session, session.get(f"{gateway.base}/health/ready") as ready:
+            assert ready.status == 200
+        gateway.process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(gateway.process.wait(), 15) == 0, gateway.log.read_text()
 
 
 # A supervisor whose every fork is followed at once by a SIGTERM to itself: the stop comes while

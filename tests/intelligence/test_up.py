@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 from chat_helpers import wait_until
 
-from tests.helpers import free_port, refusal, run_program, wait_ready
+from tests.helpers import free_port, refusal, run_program, signals_in, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,14 +34,19 @@ def _env(data_dir: Path, port: int, chat_port: int, **extra: str) -> dict[str, s
     }
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 async def _start(
-    data_dir: Path, port: int, chat_port: int, log: Path, **extra: str
+    data_dir: Path, port: int, chat_port: int, log: Path, *, sigint_ignored: bool = False, **extra: str
 ) -> tuple[asyncio.subprocess.Process, str]:
     env = _env(data_dir, port, chat_port, **extra)
     with log.open("ab") as out:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "up", cwd=ROOT, env=env, stdout=out, stderr=out
-        )
+            sys.executable, "-m", "gateway", "up", cwd=ROOT, env=env, stdout=out, stderr=out,
+            preexec_fn=_ignore_sigint if sigint_ignored else None,
+        )  # fmt: skip
     await wait_ready(f"http://127.0.0.1:{port}", process, log, deadline_s=90)
     match = None
     for _ in range(500):  # the banner follows readiness by a moment (5 s at most)
@@ -87,6 +92,26 @@ async def test_up_keeps_chats_with_tool_calls_across_a_restart(tmp_path: Path) -
             async with session.get(f"{base}/sessions/{session_id}/messages") as response:
                 assert response.status == 200
                 assert (await response.json())["data"] == [written]
+        await _stop(process)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_up_started_with_sigint_ignored_keeps_it_ignored_while_serving(tmp_path: Path) -> None:
+    """`python -m gateway up &` from a script: the terminal's Ctrl-C is not for a background job.
+    Ignored while starting, it was caught once serving, and drained the gateway and the chat API."""
+    port = free_port()
+    process, _ = await _start(tmp_path / "data", port, free_port(), tmp_path / "up.log", sigint_ignored=True)
+    try:
+        assert signal.SIGTERM in signals_in(process.pid, "SigCgt")
+        assert signal.SIGINT in signals_in(process.pid, "SigIgn")
+        assert signal.SIGINT not in signals_in(process.pid, "SigCgt")
+        process.send_signal(signal.SIGINT)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/health/ready") as ready:
+                assert ready.status == 200
         await _stop(process)
     finally:
         if process.returncode is None:
