@@ -61,6 +61,8 @@ CASES = [
                  id="multi-zero-trace-id-is-invalid"),
     pytest.param([("X-B3-TraceId", T128), ("X-B3-Sampled", "0")], NEW, "1", None, "01",
                  id="multi-without-span-id-is-invalid"),
+    pytest.param([("X-B3-TraceId", T128), ("X-B3-SpanId", SPAN), ("X-B3-ParentSpanId", T128),
+                  ("X-B3-Sampled", "0")], NEW, "1", None, "01", id="multi-128-bit-parent-is-invalid"),
     # Single header: {TraceId}-{SpanId}-{SamplingState}-{ParentSpanId}, the last two optional.
     pytest.param([("b3", f"{T128}-{SPAN}")], T128, "1", None, "01", id="single-defer"),
     pytest.param([("b3", f"{T128}-{SPAN}-1")], T128, "1", None, "01", id="single-accept"),
@@ -74,6 +76,7 @@ CASES = [
     pytest.param([("b3", "d")], NEW, None, "1", "01", id="single-debug-only"),
     pytest.param([("b3", f"{T128}-{SPAN}-x")], NEW, "1", None, "01", id="single-bad-state-is-invalid"),
     pytest.param([("b3", f"{T128}-{SPAN}-1-{PARENT}-1")], NEW, "1", None, "01", id="single-five-fields-is-invalid"),
+    pytest.param([("b3", f"{T128}-{SPAN}-0-{T128}")], NEW, "1", None, "01", id="single-128-bit-parent-is-invalid"),
     # Precedence: b3 over x-b3 (the B3 spec), traceparent over both; a format that is present but
     # invalid counts as absent.
     pytest.param([("b3", f"{T128}-{SPAN}-0"), ("X-B3-TraceId", T64), ("X-B3-SpanId", PARENT),
