@@ -16,6 +16,7 @@ from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import validate as validate_spec
 from schemathesis.core.transport import Response as StResponse
 
+from gateway.keys import lifecycle_key
 from gateway.openapi import ERROR_RESPONSES, build_openapi
 from gateway.schemas import SCHEMAS
 from gateway.validation import validate_body
@@ -59,9 +60,10 @@ def test_document_is_plain_json(document: dict[str, Any]) -> None:
     assert json.loads(json.dumps(document)) == document
 
 
-@pytest.mark.parametrize(
-    "path", ["/health", "/health/ready", "/health/detailed", "/metrics", "/openapi.json"]
-)
+GATEWAY_ENDPOINTS = ["/health", "/health/ready", "/health/detailed", "/metrics", "/openapi.json"]
+
+
+@pytest.mark.parametrize("path", GATEWAY_ENDPOINTS)
 def test_gateway_endpoints_are_described_without_auth(document: dict[str, Any], path: str) -> None:
     operation = document["paths"][path]["get"]
     assert operation["security"] == []
@@ -73,6 +75,7 @@ def test_every_validated_body_is_described_with_the_gateway_errors(
     document: dict[str, Any], method: str, path: str
 ) -> None:
     operation = document["paths"][path][method.lower()]
+    assert operation["security"] == [{"bearer": []}]  # the routes' default: a token is required
     assert operation["requestBody"]["required"] is True
     assert body_ref(document, method, path).startswith("#/components/schemas/")
     for status in ("401", "403", "413", "415", "422", "429", "502", "503", "504"):
@@ -100,6 +103,35 @@ async def test_rate_limit_and_auth_responses_document_the_headers_they_send(
     assert {status for status, _ in ERROR_RESPONSES.values()} == {
         "401", "403", "413", "415", "422", "429", "502", "503", "504"
     }  # fmt: skip
+
+
+async def test_the_gateways_own_endpoints_answer_with_a_status_and_type_the_document_names(
+    document: dict[str, Any], make_gateway: Any, make_upstream: Any
+) -> None:
+    """A client generated from the document reads each answer by its status and media type: an
+    undocumented 503 from /health/ready (starting, draining) or a /metrics page in a type the
+    document does not name is an answer it cannot read."""
+    upstream = await make_upstream()
+    client = await make_gateway(one_service(upstream.url, auth="none"))
+    lifecycle = client.app[lifecycle_key]
+
+    async def answer(path: str) -> tuple[str, str]:
+        response = await client.get(path)
+        await response.read()
+        return str(response.status), response.content_type
+
+    answers = {path: [await answer(path)] for path in GATEWAY_ENDPOINTS}
+    lifecycle.ready = False
+    answers["/health/ready"].append(await answer("/health/ready"))
+    lifecycle.ready, lifecycle.draining = True, True
+    answers["/health/ready"].append(await answer("/health/ready"))
+
+    assert [status for status, _ in answers["/health/ready"]] == ["200", "503", "503"]
+    for path, seen in answers.items():
+        responses = document["paths"][path]["get"]["responses"]
+        for status, media in seen:
+            assert status in responses, (path, status)
+            assert media in responses[status]["content"], (path, status, media)
 
 
 def _as_schemathesis(response: Any, body: bytes) -> StResponse:
