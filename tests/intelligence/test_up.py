@@ -8,7 +8,9 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,16 @@ from chat_helpers import wait_until
 from tests.helpers import free_port, refusal, run_program, signals_in, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    """A data dir for an embedded PostgreSQL, outside pytest's temporary tree. Run as root,
+    pgserver opens each directory above its data to the user it runs PostgreSQL as; a pytest
+    session that starts meanwhile (`tox -p`, two runs at once) closes its tree again (0700), and
+    a server starting then could not reach its data ("could not open lock file")."""
+    with tempfile.TemporaryDirectory(prefix="gateway-up-test-", ignore_cleanup_errors=True) as root:
+        yield Path(root, "data")
 
 
 def _env(data_dir: Path, port: int, chat_port: int, **extra: str) -> dict[str, str]:
@@ -64,8 +76,8 @@ async def _stop(process: asyncio.subprocess.Process) -> None:
         assert await process.wait() == 0
 
 
-async def test_up_keeps_chats_with_tool_calls_across_a_restart(tmp_path: Path) -> None:
-    data_dir, log = tmp_path / "data", tmp_path / "up.log"
+async def test_up_keeps_chats_with_tool_calls_across_a_restart(tmp_path: Path, data_dir: Path) -> None:
+    log = tmp_path / "up.log"
     port, chat_port = free_port(), free_port()
     base = f"http://127.0.0.1:{port}/api/v1/chat"
     message = {
@@ -99,11 +111,13 @@ async def test_up_keeps_chats_with_tool_calls_across_a_restart(tmp_path: Path) -
             await process.wait()
 
 
-async def test_up_started_with_sigint_ignored_keeps_it_ignored_while_serving(tmp_path: Path) -> None:
+async def test_up_started_with_sigint_ignored_keeps_it_ignored_while_serving(
+    tmp_path: Path, data_dir: Path
+) -> None:
     """`python -m gateway up &` from a script: the terminal's Ctrl-C is not for a background job.
     Ignored while starting, it was caught once serving, and drained the gateway and the chat API."""
     port = free_port()
-    process, _ = await _start(tmp_path / "data", port, free_port(), tmp_path / "up.log", sigint_ignored=True)
+    process, _ = await _start(data_dir, port, free_port(), tmp_path / "up.log", sigint_ignored=True)
     try:
         assert signal.SIGTERM in signals_in(process.pid, "SigCgt")
         assert signal.SIGINT in signals_in(process.pid, "SigIgn")
@@ -120,14 +134,14 @@ async def test_up_started_with_sigint_ignored_keeps_it_ignored_while_serving(tmp
 
 
 async def test_ups_first_start_at_the_default_log_level_shows_the_banner_not_pgservers_chatter(
-    tmp_path: Path,
+    tmp_path: Path, data_dir: Path
 ) -> None:
     """A new user's first `up` (no LOG_LEVEL, a new data dir): the embedded server's command lines
     and initdb's output are not printed at INFO, where they were most of the screen before the
     banner; `up`'s own lines and the banner are; Ctrl-C ends it with 0."""
     port = free_port()
     log = tmp_path / "up.log"
-    env = _env(tmp_path / "data", port, free_port())
+    env = _env(data_dir, port, free_port())
     del env["LOG_LEVEL"]
     with log.open("ab") as out:
         process = await asyncio.create_subprocess_exec(
@@ -184,12 +198,12 @@ async def _clean_up(process: asyncio.subprocess.Process, data_dir: Path) -> None
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
 async def test_a_stop_signal_while_the_embedded_postgres_starts_stops_it_too(
-    tmp_path: Path, signum: signal.Signals
+    tmp_path: Path, data_dir: Path, signum: signal.Signals
 ) -> None:
     """Ctrl-C, SIGTERM or a terminal's hangup while `up` starts its PostgreSQL: `up` exits 0
     without a traceback, and the server it started is stopped, not left running with nothing to
     stop it (SIGTERM and SIGHUP ended `up` at once; Ctrl-C raised KeyboardInterrupt in pgserver)."""
-    data_dir, log = tmp_path / "data", tmp_path / "up.log"
+    log = tmp_path / "up.log"
     env = _env(data_dir, free_port(), free_port(), LOG_LEVEL="INFO")
     with log.open("ab") as out:
         process = await asyncio.create_subprocess_exec(
@@ -214,10 +228,10 @@ async def test_a_stop_signal_while_the_embedded_postgres_starts_stops_it_too(
         await _clean_up(process, data_dir)
 
 
-async def test_a_terminals_hangup_drains_up_and_stops_its_postgres(tmp_path: Path) -> None:
+async def test_a_terminals_hangup_drains_up_and_stops_its_postgres(tmp_path: Path, data_dir: Path) -> None:
     """SIGHUP (the terminal closed) while `up` serves: it drains and exits 0 as on Ctrl-C, and its
     PostgreSQL stops with it. It was SIGHUP's default action: no drain, the server left running."""
-    data_dir, log = tmp_path / "data", tmp_path / "up.log"
+    log = tmp_path / "up.log"
     process, _ = await _start(data_dir, free_port(), free_port(), log, LOG_LEVEL="INFO")
     try:
         assert _postmaster(data_dir) is not None
@@ -228,12 +242,14 @@ async def test_a_terminals_hangup_drains_up_and_stops_its_postgres(tmp_path: Pat
         await _clean_up(process, data_dir)
 
 
-async def test_an_up_after_one_that_was_killed_still_stops_the_postgres_they_shared(tmp_path: Path) -> None:
+async def test_an_up_after_one_that_was_killed_still_stops_the_postgres_they_shared(
+    tmp_path: Path, data_dir: Path
+) -> None:
     """`up` killed with SIGKILL leaves its PostgreSQL running (nothing can stop it then); the next
     `up` takes that server over. pgserver stops a server only when the exiting process is the last
     one on its list, where the killed one stayed for good: no `up` on that data dir ever stopped
     its PostgreSQL again."""
-    data_dir, log = tmp_path / "data", tmp_path / "up.log"
+    log = tmp_path / "up.log"
     port, chat_port = free_port(), free_port()
     process, _ = await _start(data_dir, port, chat_port, log)
     try:
