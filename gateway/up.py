@@ -76,11 +76,42 @@ def _embedded_postgres(data_dir: str, stops: _StopsWhileStarting) -> str:
     # Its failures are logged at ERROR and still show; LOG_LEVEL=DEBUG shows the rest.
     if not log.isEnabledFor(logging.DEBUG):
         logging.getLogger(pgserver.__name__).setLevel(logging.WARNING)
+    # Its programs, too, are reached through directories above them (a home directory's pyenv).
+    closed = _closed_parents(path) | _closed_parents(Path(pgserver.__file__).resolve())
     # Stopped when this process exits (atexit); the data stays for the next start.
     with stops.held_back():
         _forget_dead_handles(pgserver, path)
         server = pgserver.get_server(path, cleanup_mode="stop")
+    opened = sorted(str(d) for d, mode in closed.items() if _mode(d) not in (None, mode))
+    if opened:
+        # Run as root, pgserver starts PostgreSQL as an unprivileged user of its own, and to let it
+        # reach its data and programs it adds g+rx,o+rx to every directory above them, a home
+        # directory included.
+        # Not undone (the server needs the way in while it runs); said, so it is no surprise.
+        log.warning(
+            "the embedded PostgreSQL runs as the user pgserver: pgserver made these directories "
+            "readable and enterable by every user so that it can reach its data and programs "
+            "(chmod them back once up has stopped, or run up as another user than root)",
+            extra={"directories": opened},
+        )
     return str(server.get_uri())
+
+
+def _closed_parents(path: Path) -> dict[Path, int]:
+    """The directories above ``path`` that other users may not list or enter, with their modes."""
+    closed = {}
+    for parent in path.parents:
+        mode = _mode(parent)
+        if mode is not None and mode & 0o055 != 0o055:
+            closed[parent] = mode
+    return closed
+
+
+def _mode(path: Path) -> int | None:
+    try:
+        return path.stat().st_mode
+    except OSError:
+        return None
 
 
 def _forget_dead_handles(pgserver: ModuleType, path: Path) -> None:

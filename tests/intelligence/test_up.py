@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -159,6 +161,38 @@ async def test_ups_first_start_at_the_default_log_level_shows_the_banner_not_pgs
     assert "export TOKEN=" in text, text
     chatter = [line for line in text.splitlines() if '"logger": "pgserver"' in line or "initdb" in line]
     assert chatter == [], text
+
+
+async def test_up_says_which_directories_pgserver_opened_to_every_user(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """Run as root, pgserver runs PostgreSQL as a user of its own and adds g+rx,o+rx to every
+    directory above the data dir (a home directory included), silently. `up` says which, once;
+    as another user nothing is opened and nothing is said."""
+    closed = data_dir.parent / "private"
+    closed.mkdir(mode=0o700)
+    log = tmp_path / "up.log"
+    process, _ = await _start(closed / "data", free_port(), free_port(), log)
+    try:
+        await _stop(process)
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+        said = [line for line in lines if "pgserver made these directories" in line["msg"]]
+        if os.geteuid() == 0:
+            assert stat.S_IMODE(closed.stat().st_mode) == 0o755
+            assert [line["level"] for line in said] == ["warning"]
+            assert str(closed) in said[0]["directories"]
+            assert str(closed / "data") not in said[0]["directories"]  # made by up, for pgserver
+        else:
+            assert stat.S_IMODE(closed.stat().st_mode) == 0o700
+            assert said == []
+        process, _ = await _start(closed / "data", free_port(), free_port(), log)
+        await _stop(process)
+        again = [line for line in log.read_text().splitlines() if "pgserver made these directories" in line]
+        assert len(again) == len(said)  # opened already: nothing new to say
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
 
 
 def _postmaster(data_dir: Path) -> int | None:
