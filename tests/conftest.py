@@ -120,8 +120,11 @@ async def make_upstream(aiohttp_server: Any) -> AsyncIterator[Callable[..., Awai
                 upstream.requests.append(record_of(request, await request.read()))
             return await reply(request)
 
-        # What arrived on the wire: a compressed body is recorded compressed.
-        app = web.Application(client_max_size=16 * 1024**2, handler_args={"auto_decompress": False})
+        # What arrived on the wire: a compressed body is recorded compressed. More header fields
+        # than the gateway takes (128), as it adds its own (forwarding, ids, trace context).
+        app = web.Application(
+            client_max_size=16 * 1024**2, handler_args={"auto_decompress": False, "max_headers": 256}
+        )
         app.router.add_route("*", "/{tail:.*}", recording)
         if sock is None:
             upstream = Upstream(await aiohttp_server(app, host=host))

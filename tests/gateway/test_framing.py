@@ -194,6 +194,20 @@ async def test_a_malformed_request_is_answered_without_a_server_banner(
     assert "Server" not in response.headers
 
 
+async def test_a_malformed_request_closes_its_connection_even_when_more_follows(
+    two_routes: tuple[Any, Any, Any],
+) -> None:
+    """After a head the parser refused, where the next request starts cannot be known: the 400
+    says `Connection: close` and the connection ends there. Kept open, the bytes after the bad
+    head were read as a request of their own (what request smuggling rides on)."""
+    client, a, b = two_routes
+    data = await raw_exchange(client.port, b"GARBAGE\r\n\r\nGET /a/x HTTP/1.1\r\n" + HOST + b"\r\n")
+    (response,) = parse_responses(data)
+    assert_gateway_error(response, 400)
+    assert response.headers["Connection"] == "close"
+    assert a.requests == [] and b.requests == []
+
+
 async def test_parser_errors_do_not_echo_the_request_bytes(two_routes: tuple[Any, Any, Any]) -> None:
     client, _, _ = two_routes
     data = await raw_exchange(client.port, b"GET /a/x HTTP/1.1\r\n" + HOST + b"X-Secret: s3cr3t\x00\r\n\r\n")

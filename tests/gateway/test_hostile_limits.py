@@ -71,6 +71,28 @@ async def test_headers_at_the_limits_are_forwarded(gateway: tuple[Any, Any]) -> 
     assert upstream.requests[0].values("X-Big") == [value]
 
 
+async def test_a_head_of_max_headers_fields_is_forwarded_and_one_more_gets_431(
+    gateway: tuple[Any, Any],
+) -> None:
+    client, upstream = gateway
+    fields = [b"X-H-%d: 1\r\n" % i for i in range(httpserver.MAX_HEADERS - 2)]  # with Host, Connection
+
+    data = await raw_exchange(
+        client.port, b"GET /x HTTP/1.1\r\n" + HOST + b"".join(fields) + b"Connection: close\r\n\r\n"
+    )
+    (at_limit,) = parse_responses(data)
+    data = await raw_exchange(
+        client.port,
+        b"GET /x HTTP/1.1\r\n" + HOST + b"".join(fields) + b"X-One-More: 1\r\nConnection: close\r\n\r\n",
+    )
+    (over,) = parse_responses(data)
+
+    assert at_limit.status == 200
+    assert upstream.requests[0].values(f"X-H-{httpserver.MAX_HEADERS - 3}") == ["1"]
+    assert over.status == 431 and over.json()["detail"] == "Too many header fields"
+    assert len(upstream.requests) == 1
+
+
 async def test_a_trickled_request_head_is_cut_off_and_others_are_served_meanwhile(
     gateway: tuple[Any, Any],
 ) -> None:
