@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -67,6 +68,12 @@ async def test_access_log_has_one_json_line_per_request_and_no_secrets(
                 f"{base}/api/fetch/http://user:path-password-not-logged@example.com/x"
             ) as response:
                 assert response.status == 200
+        # A quote and a backslash in the path, as sent (HTTP's parser lets both through): the line
+        # must still be JSON.
+        _, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        writer.write(b'GET /api/q"uote\\back HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
+        await wait_for(lambda: "uote" in log_path.read_text(), what="the quoted path's line")
+        writer.close()
         # A client that goes away while the upstream thinks: nginx logs 499, so does the gateway.
         _, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
         writer.write(b"GET /api/hang HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -92,9 +99,9 @@ async def test_access_log_has_one_json_line_per_request_and_no_secrets(
     ]
     assert "path-password-not-logged" not in text
     assert [entry["path"] for entry in access] == [
-        "/api/items", "/nowhere", "/api/fetch/http://***@example.com/x", "/api/hang"
+        "/api/items", "/nowhere", "/api/fetch/http://***@example.com/x", '/api/q"uote\\back', "/api/hang"
     ]  # fmt: skip
-    proxied, missing, _, abandoned = access
+    proxied, missing, _, _, abandoned = access
     assert abandoned["status"] == 499 and abandoned["route"] == "/api"
     assert abandoned["upstream"] == upstream.url and abandoned["bytes_out"] == 0
     assert proxied["method"] == "POST"
@@ -159,6 +166,55 @@ def test_a_url_password_is_hidden_whatever_characters_it_holds(fmt: str) -> None
     line = formatter.format(record)
     assert "ecret" not in line and "it's" not in line
     assert "http://***@127.0.0.1:9411/api/v2/spans" in line
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+@pytest.mark.parametrize(
+    "field",
+    [
+        "authorization",
+        "Authorization",
+        "auth_token",
+        "postgres_dsn",
+        "db_password",
+        "set_cookie",
+        "client_secret",
+    ],
+)
+def test_a_field_whose_name_says_secret_is_redacted(fmt: str, field: str) -> None:
+    """Whatever a log call passes in ``extra`` under such a name (a header, a setting, a DSN)."""
+    formatter = JsonFormatter() if fmt == "json" else _TextFormatter("%(message)s")
+    record = logging.makeLogRecord(
+        {
+            "name": "gateway.test",
+            "levelname": "WARNING",
+            "msg": "calling",
+            field: "s3cr3t-value",
+            "peer": "10.0.0.7",
+        }
+    )
+    line = formatter.format(record)
+    assert "s3cr3t-value" not in line
+    assert "10.0.0.7" in line  # the rest of the line stays
+    if fmt == "json":
+        assert json.loads(line)[field] == "[redacted]"
+    else:
+        assert f"{field}=[redacted]" in line
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_every_url_password_in_a_line_is_hidden(fmt: str) -> None:
+    formatter = JsonFormatter() if fmt == "json" else _TextFormatter("%(message)s")
+    record = logging.makeLogRecord(
+        {
+            "name": "gateway.test",
+            "levelname": "WARNING",
+            "msg": "moved from http://a:first-pass@one.example/x to http://b:second-pass@two.example/y",
+        }
+    )
+    line = formatter.format(record)
+    assert "first-pass" not in line and "second-pass" not in line
+    assert "http://***@one.example/x" in line and "http://***@two.example/y" in line
 
 
 def test_text_lines_carry_the_same_timestamp_as_access_lines() -> None:
@@ -232,6 +288,71 @@ async def test_a_stderr_nobody_reads_holds_bounded_lines_and_the_loss_is_reporte
     assert all(report["level"] == "warning" for report in reports)
     assert sum(report["dropped"] for report in reports) == lines_dropped()
     assert len(lines) - len(reports) + lines_dropped() == 1000
+
+
+async def test_a_batch_of_access_lines_dropped_counts_every_line(
+    unread_stderr: tuple[int, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(logs, "MAX_PENDING", 100_000, raising=False)
+    log = logging.getLogger("gateway.test")
+    for n in range(200):  # 200 KB against a pipe that holds 64 KB: the writer falls behind
+        log.warning("%d %s", n, "x" * 1000)
+    before = lines_dropped()
+    assert before > 0
+    for n in range(logs.ACCESS_BATCH):  # one full batch, handed over at once, and dropped
+        logs._add_access(f'{{"msg": "request", "n": {n}}}')
+    assert lines_dropped() - before == logs.ACCESS_BATCH
+
+
+async def test_a_writer_that_keeps_up_drops_nothing_however_much_is_logged_in_all(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The bound is on lines not yet written: 20 rounds of 50 KB, each written before the next,
+    are 1 MB in all against a bound of 100 KB, and nothing may be dropped."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    read_fd, write_fd = os.pipe()
+    stream = os.fdopen(write_fd, "w")
+    reader = threading.Thread(target=_read_to_end, args=(read_fd,))
+    reader.start()
+    monkeypatch.setattr(sys, "stderr", stream)
+    monkeypatch.setattr(logs, "MAX_PENDING", 100_000, raising=False)
+    configure_logging("INFO", "json")
+    try:
+        log = logging.getLogger("gateway.test")
+        for _ in range(20):
+            for n in range(50):
+                log.warning("%d %s", n, "x" * 1000)
+            logs.flush_logs()
+        assert lines_dropped() == 0
+    finally:
+        assert logs._writer is not None
+        logs._writer.stop()
+        logs._writer = logs.access_entries = None
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+        stream.close()
+        reader.join(timeout=10)
+        os.close(read_fd)
+
+
+def test_access_lines_still_batched_when_the_process_exits_are_written() -> None:
+    """A line is handed to the writer within 50 ms; one made just before the exit was lost."""
+    script = (
+        "import asyncio; from gateway import logs; logs.configure_logging('INFO', 'json')\n"
+        'async def main(): logs._add_access(\'{"msg": "request", "path": "/the-last-one"}\')\n'
+        "asyncio.run(main())\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=program_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert '"path": "/the-last-one"' in result.stderr
 
 
 async def test_a_process_whose_stderr_nobody_reads_still_exits() -> None:
