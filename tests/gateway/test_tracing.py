@@ -362,6 +362,36 @@ async def test_closing_sends_what_is_left_within_one_timeout_in_all(aiohttp_serv
     assert reporter.sent + reporter.dropped == 20  # what was not sent is counted
 
 
+async def test_a_collector_that_hangs_costs_one_timeout_and_the_reporter_goes_on(aiohttp_server: Any) -> None:
+    """A collector that takes the batch and never answers: the post gives up after the
+    reporter's timeout, the batch is counted as dropped, and the next one is delivered."""
+    release = asyncio.Event()
+    posts = 0
+
+    async def collector(request: web.Request) -> web.Response:
+        nonlocal posts
+        await request.read()
+        posts += 1
+        if posts == 1:
+            await release.wait()
+        return web.Response(status=202)
+
+    app = web.Application()
+    app.router.add_post("/api/v2/spans", collector)
+    zipkin = await aiohttp_server(app)
+    reporter = ZipkinReporter(str(zipkin.make_url("/api/v2/spans")), batch_size=1, interval=3600, timeout=0.3)
+    await reporter.start()
+    try:
+        reporter.send(_span(1))  # a full batch: the reporter sends it at once
+        await wait_for(lambda: reporter.dropped == 1, what="the unanswered batch to be given up")
+        reporter.send(_span(2))
+        await wait_for(lambda: reporter.sent == 1, what="the next batch to be delivered")
+    finally:
+        release.set()
+        await reporter.close()
+    assert (reporter.sent, reporter.dropped) == (1, 1)
+
+
 async def test_a_collector_coming_back_is_logged_once_after_its_failure(
     aiohttp_server: Any, caplog: Any
 ) -> None:
