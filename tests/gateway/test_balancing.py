@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from gateway.settings import ServiceSettings
+from gateway.upstream import Upstream
 from tests.helpers import one_service, wait_for
 
 
@@ -276,3 +278,20 @@ async def test_a_target_that_answers_during_its_cooldown_is_used_again_at_once(
         for _, writer in connections:  # ends each handler at its next read
             writer.close()
         await asyncio.gather(*(task for task, _ in connections), return_exceptions=True)
+
+
+def test_a_retry_never_goes_back_to_the_target_that_failed() -> None:
+    """A GET whose connection was reset before its answer is retried elsewhere, and the target
+    that reset it is not ejected (it took the connection): only ``exclude`` keeps the retry off it."""
+    now = 100.0
+    urls = ("http://127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3")
+    upstream = Upstream(ServiceSettings("svc", urls), clock=lambda: now)
+    a, b, c = upstream.targets
+    upstream.eject(c)
+    for _ in range(6):  # every place in the rotation, the ejected target's included
+        first = upstream.pick()
+        assert first is not None
+        assert upstream.pick(exclude=first) not in (first, c, None)
+    upstream.eject(b)
+    assert upstream.pick(exclude=a) is None  # the one target left is the one that failed
+    upstream.close()

@@ -96,6 +96,18 @@ async def test_a_connection_the_upstream_closes_is_not_reused(aiohttp_server: An
     pool.close()
 
 
+async def test_upstream_connections_send_small_writes_at_once(aiohttp_server: Any) -> None:
+    """TCP_NODELAY: with Nagle's algorithm a request head written after a body chunk, or a
+    small write behind an unacknowledged one, waits for the peer's delayed ACK (about 40 ms)."""
+    server, _ = await _upstream(aiohttp_server)
+    pool = TargetPool(f"http://127.0.0.1:{server.port}")
+    protocol, message = await _get(pool)
+    sock = protocol.transport.get_extra_info("socket")
+    assert message.code == 200
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    pool.close()
+
+
 async def test_idle_connections_are_closed_by_the_sweep_after_the_idle_timeout(aiohttp_server: Any) -> None:
     server, _ = await _upstream(aiohttp_server)
     pool = TargetPool(f"http://127.0.0.1:{server.port}", idle_timeout=0.05)
@@ -145,6 +157,40 @@ async def test_an_upstream_keep_alive_timeout_shortens_the_idle_time(aiohttp_ser
     assert time.monotonic() - released >= 0.9
     third, _ = await _get(pool)
     assert third is not second and peers[2] != peers[1]
+    pool.close()
+
+
+async def test_a_connection_past_its_own_idle_limit_is_not_reused_though_the_sweep_missed_it(
+    aiohttp_server: Any,
+) -> None:
+    """The sweep expires idle connections from the cold end only; one with a shorter limit
+    nearer the hot end is left to ``acquire``, which must close it rather than send on it."""
+    peers: list[Any] = []
+
+    async def reply(request: web.Request) -> web.Response:
+        peers.append(request.transport.get_extra_info("peername"))
+        headers = {"Keep-Alive": "timeout=2"} if request.path == "/short" else {}
+        return web.Response(text="ok", headers=headers)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", reply)
+    server = await aiohttp_server(app)
+    pool = TargetPool(f"http://127.0.0.1:{server.port}", idle_timeout=15.0)
+    long_kept, short_kept = await pool.acquire(2.0), await pool.acquire(2.0)
+    for protocol, path in ((long_kept, "/long"), (short_kept, "/short")):
+        _, payload = await _request(pool, protocol, path=path)
+        await _read(payload)
+    pool.release(long_kept)  # the cold end: 15 s
+    pool.release(short_kept)  # the hot end: the upstream's 2 s less the margin, 1 s
+    released = time.monotonic()
+    await wait_for(lambda: time.monotonic() - released > 1.05, what="the short limit to pass")
+    pool.sweep()
+    assert short_kept.is_connected()  # the sweep stopped at the cold end's live connection
+
+    reused = await pool.acquire(2.0)
+
+    assert reused is long_kept
+    assert not short_kept.is_connected()
     pool.close()
 
 
