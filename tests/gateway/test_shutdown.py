@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import json
 import os
 import signal
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +165,50 @@ async def test_stop_signals_that_keep_coming_after_the_drain_leave_the_exit_code
         assert "Traceback" not in log, log
 
 
+# A supervisor whose worker ends as soon as it has said it serves, every time: a worker that
+# crashes on its first request.
+_A_WORKER_THAT_KEEPS_DYING = """
+import sys
+from gateway.logs import configure_logging
+from gateway.server import run_workers
+
+def target(ready):
+    configure_logging("WARNING", "json")  # its own writer thread: the parent's is not forked
+    ready()
+
+configure_logging("WARNING", "json")
+sys.exit(run_workers(1, target))
+"""
+
+
+async def test_a_worker_that_keeps_dying_is_replaced_at_most_once_a_second(tmp_path: Path) -> None:
+    """Replaced at once every time, it was forked in a tight loop, burning a CPU and the log."""
+    script = tmp_path / "supervisor.py"
+    script.write_text(_A_WORKER_THAT_KEEPS_DYING)
+    log = tmp_path / "supervisor.log"
+    with log.open("wb") as out:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, str(script), cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=out
+        )
+
+    def restarts() -> list[datetime]:
+        lines = [line for line in log.read_text().splitlines() if '"worker exited; restarting"' in line]
+        return [datetime.fromisoformat(json.loads(line)["ts"]) for line in lines]
+
+    try:
+        await wait_for(lambda: len(restarts()) >= 3, 10, "three restarts")
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):
+            assert await process.wait() == 0, log.read_text()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    times = restarts()
+    gaps = [(later - earlier).total_seconds() for earlier, later in itertools.pairwise(times)]
+    assert all(gap >= 0.999 for gap in gaps), gaps
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 async def test_a_gateway_started_with_sigint_ignored_keeps_it_ignored(
     make_upstream: Any, tmp_path: Path, workers: str
@@ -198,8 +245,16 @@ import os, signal, sys
 from aiohttp import web
 from gateway.server import Listener, run, run_workers, serve
 
-port = int(sys.argv[1])
-os.register_at_fork(after_in_parent=lambda: os.kill(os.getpid(), signal.SIGTERM))
+port, every_fork = int(sys.argv[1]), sys.argv[2] == "every"
+forks = 0
+
+def stop_after_fork():
+    global forks
+    forks += 1
+    if every_fork or forks == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+os.register_at_fork(after_in_parent=stop_after_fork)
 
 def target(ready):
     listener = Listener(web.Application(), "127.0.0.1", port, "gateway")
@@ -209,13 +264,16 @@ sys.exit(run_workers(2, target))
 """
 
 
-async def test_a_stop_that_comes_while_a_worker_is_forked_stops_it_too(tmp_path: Path) -> None:
+@pytest.mark.parametrize("when", ["every", "first"])
+async def test_a_stop_that_comes_while_a_worker_is_forked_stops_it_too(tmp_path: Path, when: str) -> None:
     """The worker it missed served on, and the supervisor waited for it forever (a SIGTERM soon
-    after `python -m gateway` started with GATEWAY_WORKERS=8 hung it one time in two)."""
+    after `python -m gateway` started with GATEWAY_WORKERS=8 hung it one time in two). "first":
+    one stop, after the first fork, so the second worker is forked after it with no signal to
+    come: the supervisor itself must stop it."""
     script = tmp_path / "supervisor.py"
     script.write_text(_STOPPED_AS_A_WORKER_IS_FORKED)
     process = await asyncio.create_subprocess_exec(
-        sys.executable, str(script), str(free_port()), cwd=ROOT,
+        sys.executable, str(script), str(free_port()), when, cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:

@@ -6,6 +6,7 @@ found only while starting: the listening address, the worker processes.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
@@ -18,7 +19,7 @@ import aiohttp
 import jwt
 import pytest
 
-from gateway.server import Listener, ListenError
+from gateway.server import Listener, ListenError, run
 from tests.helpers import one_service, program_env, refusal, run_program, running_gateway, wait_for
 
 
@@ -250,3 +251,17 @@ async def test_a_short_jwt_secret_is_warned_about_and_every_line_stays_json(
     warnings = [line for line in lines if "AUTH_JWT_SECRET" in line["msg"]]
     assert [(w["level"], w["length"]) for w in warnings] == [("warning", 17)]
     assert secret not in text
+
+
+@pytest.mark.parametrize(("fast_loop", "package"), [(True, "uvloop"), (False, "asyncio")])
+def test_the_gateway_runs_on_uvloop_and_the_chat_api_on_asyncios_loop(fast_loop: bool, package: str) -> None:
+    """The gateway's hot path wants uvloop; the chat API (and `up`) ask for asyncio's loop, as on
+    uvloop a PostgreSQL restart under load could abort the process (README)."""
+    seen: list[str] = []
+
+    async def main() -> None:
+        seen.append(type(asyncio.get_running_loop()).__module__.split(".")[0])
+
+    run(main(), fast_loop=fast_loop)
+
+    assert seen == [package]
