@@ -150,6 +150,8 @@ class PostgresProxy:
     connection is cut before the answer comes back (the server commits, the client never hears).
     ``gate``: while it is clear, new connections wait before they reach the server.
     ``refusing``: while true, new connections are closed at once, as by a server that is gone.
+    ``answering``: while it is clear, nothing the server sends reaches the client (a server that
+    hung, holding its connections).
     """
 
     def __init__(self, dsn: str) -> None:
@@ -161,6 +163,8 @@ class PostgresProxy:
         self.gate.set()
         self.held = 0  # new connections that waited at the gate
         self.refusing = False
+        self.answering = asyncio.Event()
+        self.answering.set()
         self._tasks: set[asyncio.Future[None]] = set()
 
     async def __aenter__(self) -> PostgresProxy:
@@ -171,6 +175,7 @@ class PostgresProxy:
         assert self._server is not None
         self._server.close()
         self.gate.set()
+        self.answering.set()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -209,6 +214,7 @@ class PostgresProxy:
                 if cut.is_set():
                     self.cuts += 1
                     return
+                await self.answering.wait()
                 client_w.write(data)
                 await client_w.drain()
 

@@ -516,3 +516,21 @@ async def test_a_backup_restored_into_a_running_server_is_served_after_the_docum
     assert (await client.patch(url, json={"title": "B"}, headers=h)).status == 200
     assert (await (await client.get(url, headers=h)).json())["title"] == "B"
     assert cache(client).usable
+
+
+async def test_a_database_that_never_answers_makes_health_db_503_within_its_timeout(
+    make_client: Any, database: str
+) -> None:
+    """A PostgreSQL that holds its connections and says nothing (a host hung): /health/db must
+    answer 503 after its own timeout (1 s), not after the pool's (7 s here) nor with a 500. The
+    gateway's /health/detailed waits on it."""
+    async with PostgresProxy(database) as proxy:
+        client = await make_client(dsn=proxy.dsn)
+        assert (await client.get("/health/db")).status == 200
+        proxy.answering.clear()
+        resp = await client.get("/health/db")
+        body = await resp.json()
+        proxy.answering.set()
+    assert resp.status == 503
+    assert body["status"] == "unhealthy" and body["error"] == "no answer within 1 s"
+    assert 1000 <= body["latency_ms"] < 1900

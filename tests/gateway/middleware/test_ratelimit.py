@@ -598,6 +598,12 @@ async def test_a_remembered_refusal_counts_its_reset_down_with_its_retry_after(a
     # The bucket is full 60 s after the three charges, so 50 s from now: not the 60 said before.
     assert again.headers["RateLimit-Reset"] == again.headers["X-RateLimit-Reset"] == "50"
 
+    clock.now += 9.6  # 0.4 s left: rounded up, never a Retry-After of 0 that asks for a retry now
+    last = await client.get("/api/required/x", headers=bad)
+
+    assert last.status == 429
+    assert (last.headers["Retry-After"], last.headers["RateLimit"]) == ("1", '"default";r=0;t=1')
+
 
 async def test_authenticated_clients_are_limited_by_subject_not_address(aiohttp_client):
     client = await aiohttp_client(_auth_app(RateLimit(3, 60.0)))
