@@ -86,12 +86,12 @@ def _embedded_postgres(data_dir: str, stops: _StopsWhileStarting) -> str:
     if opened:
         # Run as root, pgserver starts PostgreSQL as an unprivileged user of its own, and to let it
         # reach its data and programs it adds g+rx,o+rx to every directory above them, a home
-        # directory included.
-        # Not undone (the server needs the way in while it runs); said, so it is no surprise.
+        # directory included. Not undone, as the server needs the way in while it runs (its own
+        # `pg_ctl stop` reads the data dir by its full path); said, so that it is no surprise.
         log.warning(
             "the embedded PostgreSQL runs as the user pgserver: pgserver made these directories "
             "readable and enterable by every user so that it can reach its data and programs "
-            "(chmod them back once up has stopped, or run up as another user than root)",
+            "(chmod them back once up has stopped, or run up as a user other than root)",
             extra={"directories": opened},
         )
     return str(server.get_uri())
