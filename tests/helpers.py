@@ -322,11 +322,16 @@ def signals_in(pid: int, field: str) -> set[signal.Signals]:
     return {s for s in signal.Signals if mask & (1 << (s - 1))}
 
 
+def ignore_sigint() -> None:
+    """In a program about to start (``preexec_fn``): SIGINT ignored, as a shell starts a background job."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _in_child(open_files: int | None, sigint_ignored: bool) -> None:
     if open_files is not None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
     if sigint_ignored:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell starts a background job
+        ignore_sigint()
 
 
 @dataclass

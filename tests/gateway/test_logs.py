@@ -228,10 +228,10 @@ def test_text_lines_carry_the_same_timestamp_as_access_lines() -> None:
     assert access.startswith(f"{stamp} INFO gateway.access: request")
 
 
-@pytest.fixture
-def unread_stderr(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[int, Any]]:
-    """The gateway's real logging set-up, its stderr a pipe whose reading end the test holds;
-    the test's logging restored after."""
+@contextlib.contextmanager
+def _logging_to_a_pipe(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[int, Any]]:
+    """The gateway's real logging set-up, its stderr a pipe whose reading end the caller holds
+    (non-blocking); the test's logging restored after."""
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     read_fd, write_fd = os.pipe()
@@ -239,19 +239,27 @@ def unread_stderr(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[int, Any]]:
     stream = os.fdopen(write_fd, "w")
     monkeypatch.setattr(sys, "stderr", stream)
     configure_logging("INFO", "json")
-    yield read_fd, stream
-    # Whatever the test left unread is read now, so that the writer can stop.
-    os.set_blocking(read_fd, True)
-    reader = threading.Thread(target=_read_to_end, args=(read_fd,))
-    reader.start()
-    assert logs._writer is not None
-    logs._writer.stop()
-    logs._writer = logs.access_entries = None
-    root.handlers[:], _ = saved
-    root.setLevel(saved[1])
-    stream.close()
-    reader.join(timeout=10)
-    os.close(read_fd)
+    try:
+        yield read_fd, stream
+    finally:
+        # Whatever the test left unread is read now, so that the writer can stop.
+        os.set_blocking(read_fd, True)
+        reader = threading.Thread(target=_read_to_end, args=(read_fd,))
+        reader.start()
+        assert logs._writer is not None
+        logs._writer.stop()
+        logs._writer = logs.access_entries = None
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+        stream.close()
+        reader.join(timeout=10)
+        os.close(read_fd)
+
+
+@pytest.fixture
+def unread_stderr(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[int, Any]]:
+    with _logging_to_a_pipe(monkeypatch) as pipe:
+        yield pipe
 
 
 def _read_to_end(fd: int) -> None:
@@ -309,31 +317,18 @@ async def test_a_writer_that_keeps_up_drops_nothing_however_much_is_logged_in_al
 ) -> None:
     """The bound is on lines not yet written: 20 rounds of 50 KB, each written before the next,
     are 1 MB in all against a bound of 100 KB, and nothing may be dropped."""
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    read_fd, write_fd = os.pipe()
-    stream = os.fdopen(write_fd, "w")
-    reader = threading.Thread(target=_read_to_end, args=(read_fd,))
-    reader.start()
-    monkeypatch.setattr(sys, "stderr", stream)
     monkeypatch.setattr(logs, "MAX_PENDING", 100_000, raising=False)
-    configure_logging("INFO", "json")
-    try:
+    with _logging_to_a_pipe(monkeypatch) as (read_fd, _):
+        os.set_blocking(read_fd, True)
+        reader = threading.Thread(target=_read_to_end, args=(read_fd,))  # stderr read as written
+        reader.start()
         log = logging.getLogger("gateway.test")
         for _ in range(20):
             for n in range(50):
                 log.warning("%d %s", n, "x" * 1000)
             logs.flush_logs()
         assert lines_dropped() == 0
-    finally:
-        assert logs._writer is not None
-        logs._writer.stop()
-        logs._writer = logs.access_entries = None
-        root.handlers[:], _ = saved
-        root.setLevel(saved[1])
-        stream.close()
-        reader.join(timeout=10)
-        os.close(read_fd)
+    reader.join(timeout=10)
 
 
 def test_access_lines_still_batched_when_the_process_exits_are_written() -> None:

@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -279,6 +280,13 @@ async def test_collector_down_never_fails_a_request(
         await client.close()
 
 
+async def _collector(aiohttp_server: Any, handler: Callable[[web.Request], Awaitable[web.Response]]) -> str:
+    """A Zipkin collector answering ``handler`` on loopback: its spans URL."""
+    app = web.Application()
+    app.router.add_post("/api/v2/spans", handler)
+    return str((await aiohttp_server(app)).make_url("/api/v2/spans"))
+
+
 def _span(n: int) -> Record:
     """A finished SERVER span with id ``n``, of the shape the gateway reports (``Collector`` checks)."""
     context = ZipkinContext(INCOMING_TRACE, None, f"{n:016x}", True, False, False)
@@ -345,10 +353,8 @@ async def test_closing_sends_what_is_left_within_one_timeout_in_all(aiohttp_serv
         await asyncio.sleep(0.1)  # a collector that takes its time over every batch
         return web.Response(status=202)
 
-    app = web.Application()
-    app.router.add_post("/api/v2/spans", slow)
-    zipkin = await aiohttp_server(app)
-    reporter = ZipkinReporter(str(zipkin.make_url("/api/v2/spans")), batch_size=1, interval=3600, timeout=0.3)
+    url = await _collector(aiohttp_server, slow)
+    reporter = ZipkinReporter(url, batch_size=1, interval=3600, timeout=0.3)
     await reporter.start()
     for n in range(20):
         reporter.send(_span(n + 1))
@@ -376,10 +382,8 @@ async def test_a_collector_that_hangs_costs_one_timeout_and_the_reporter_goes_on
             await release.wait()
         return web.Response(status=202)
 
-    app = web.Application()
-    app.router.add_post("/api/v2/spans", collector)
-    zipkin = await aiohttp_server(app)
-    reporter = ZipkinReporter(str(zipkin.make_url("/api/v2/spans")), batch_size=1, interval=3600, timeout=0.3)
+    url = await _collector(aiohttp_server, collector)
+    reporter = ZipkinReporter(url, batch_size=1, interval=3600, timeout=0.3)
     await reporter.start()
     try:
         reporter.send(_span(1))  # a full batch: the reporter sends it at once
@@ -402,10 +406,8 @@ async def test_a_collector_coming_back_is_logged_once_after_its_failure(
         await request.read()
         return web.Response(status=answers.pop(0))
 
-    app = web.Application()
-    app.router.add_post("/api/v2/spans", collector)
-    zipkin = await aiohttp_server(app)
-    reporter = ZipkinReporter(str(zipkin.make_url("/api/v2/spans")), interval=3600)
+    url = await _collector(aiohttp_server, collector)
+    reporter = ZipkinReporter(url, interval=3600)
     await reporter.start()
     try:
         for n in range(3):
@@ -478,10 +480,8 @@ async def test_a_collector_that_never_answers_does_not_hold_up_requests(
         await stuck.wait()  # answers only when the test ends
         return web.Response(status=202)
 
-    app = web.Application()
-    app.router.add_post("/api/v2/spans", never)
-    zipkin = await aiohttp_server(app)
-    client = await _gateway(tmp_path, upstream[1], ZIPKIN_URL=str(zipkin.make_url("/api/v2/spans")))
+    url = await _collector(aiohttp_server, never)
+    client = await _gateway(tmp_path, upstream[1], ZIPKIN_URL=url)
     try:
         reporter = client.app[tracing_key].reporter
         first = await client.get("/api/v1/clusters")

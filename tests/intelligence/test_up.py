@@ -21,7 +21,7 @@ import pytest
 from aiohttp import web
 from chat_helpers import wait_until
 
-from tests.helpers import free_port, refusal, run_program, signals_in, wait_ready
+from tests.helpers import free_port, ignore_sigint, refusal, run_program, signals_in, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,10 +48,6 @@ def _env(data_dir: Path, port: int, chat_port: int, **extra: str) -> dict[str, s
     }
 
 
-def _ignore_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 async def _start(
     data_dir: Path, port: int, chat_port: int, log: Path, *, sigint_ignored: bool = False, **extra: str
 ) -> tuple[asyncio.subprocess.Process, str]:
@@ -59,7 +55,7 @@ async def _start(
     with log.open("ab") as out:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gateway", "up", cwd=ROOT, env=env, stdout=out, stderr=out,
-            preexec_fn=_ignore_sigint if sigint_ignored else None,
+            preexec_fn=ignore_sigint if sigint_ignored else None,
         )  # fmt: skip
     await wait_ready(f"http://127.0.0.1:{port}", process, log, deadline_s=90)
     match = None
